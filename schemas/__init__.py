@@ -1,0 +1,25 @@
+"""Pydantic models of medexplain's public HTTP API."""
+
+from schemas.api import (
+    DicomInfo,
+    ExplainResponse,
+    Explanation,
+    Health,
+    Heatmap,
+    ImageInfo,
+    InputInfo,
+    ModelInfo,
+    ModelRef,
+    ModelsResponse,
+    Prediction,
+    PredictResponse,
+    Problem,
+    Region,
+    TargetLayerInfo,
+)
+
+__all__ = [
+    "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo", "InputInfo",
+    "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse", "Prediction", "Problem",
+    "Region", "TargetLayerInfo",
+]

@@ -1,0 +1,126 @@
+"""Request and response bodies. Coordinates are always original-image pixels."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+# A model's identity in responses.
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+# Non-identifying DICOM facts echoed for correlation (never patient data).
+class DicomInfo(BaseModel):
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    modality: str | None = None
+    transfer_syntax_uid: str | None = None
+    photometric_interpretation: str | None = None
+    frames: int = 1
+    frame: int = 0
+
+
+# The uploaded image as decoded.
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    format: str = Field(description="png, jpeg or dicom")
+    dicom: DicomInfo | None = None
+
+
+# One label's score.
+class Prediction(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class Heatmap(BaseModel):
+    encoding: str = Field(description="png (8-bit, max-normalised), npy (float32, raw) or "
+                                      "overlay (RGB PNG of the map over the image)")
+    width: int
+    height: int
+    data: str = Field(description="base64 of the encoded map")
+
+
+# A highlighted region: [x0, y0, x1, y1] with x1, y1 exclusive; score = peak of the
+# max-normalised map inside it.
+class Region(BaseModel):
+    box: list[int] = Field(min_length=4, max_length=4)
+    score: float
+
+
+class Explanation(BaseModel):
+    method: str
+    label: str | None = Field(description="the explained label; null for class-agnostic maps")
+    index: int | None = None
+    heatmap: Heatmap
+    regions: list[Region]
+    points: list[list[float]] | None = Field(
+        None, description="image points [x, y] (CNN fixations only)"
+    )
+
+
+class ExplainResponse(BaseModel):
+    model: ModelRef
+    image: ImageInfo
+    predictions: list[Prediction]
+    explanations: list[Explanation]
+    timings_ms: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    image: ImageInfo
+    predictions: list[Prediction]
+    timings_ms: dict[str, float]
+
+
+class InputInfo(BaseModel):
+    size: list[int] = Field(description="[height, width] fed to the network")
+    channels: int
+    mean: list[float]
+    std: list[float]
+    layout: str
+
+
+class TargetLayerInfo(BaseModel):
+    name: str
+    shape: list[int] = Field(description="[channels, height, width]")
+    detected: bool = Field(description="true when auto-detected, false when set in model.toml")
+
+
+# Everything a client needs to know about one served model.
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    description: str
+    default: bool
+    labels: list[str]
+    input: InputInfo
+    activation: str
+    target_layer: TargetLayerInfo
+    methods: list[str]
+    execution_providers: list[str]
+    sha256: str
+
+
+class ModelsResponse(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+# RFC 9457 problem details, with a stable machine-readable code.
+class Problem(BaseModel):
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    code: str

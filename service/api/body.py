@@ -1,0 +1,111 @@
+"""Reading request bodies into memory under a size cap.
+
+Starlette's multipart parser spools files over 1 MB to a temporary file; uploads must never
+touch the disk, so the body is streamed into memory (refused past the cap) and multipart is
+parsed here from those bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from service.errors import EmptyBody, InvalidMultipart, PayloadTooLarge
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or PayloadTooLarge as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body has {int(declared)} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise EmptyBody("the client disconnected before sending the whole body") from exc
+    return b"".join(chunks)
+
+
+@dataclass
+class FilePart:
+    data: bytes
+    content_type: str | None
+    filename: str | None
+
+
+@dataclass
+class Form:
+    fields: dict[str, str] = field(default_factory=dict)
+    file: FilePart | None = None
+
+
+def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file") -> Form:
+    """Parse multipart/form-data held in memory.
+
+    Raises:
+        InvalidMultipart: when the boundary is missing, the body is malformed, or it has no
+            part named ``file_field``.
+    """
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidMultipart("multipart/form-data without a boundary parameter")
+
+    parts: list[tuple[dict[bytes, bytes], bytearray]] = []
+    header_field = bytearray()
+    header_value = bytearray()
+
+    def on_part_begin() -> None:
+        parts.append(({}, bytearray()))
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_field.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        parts[-1][0][bytes(header_field).lower()] = bytes(header_value)
+        header_field.clear()
+        header_value.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1][1].extend(data[start:end])
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+        "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InvalidMultipart(f"malformed multipart body: {exc}") from exc
+
+    form = Form()
+    for headers, data in parts:
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        filename = disposition.get(b"filename")
+        if name == file_field:
+            part_type = headers.get(b"content-type")
+            form.file = FilePart(
+                bytes(data),
+                part_type.decode("latin-1").strip() if part_type else None,
+                filename.decode("utf-8", "replace") if filename else None,
+            )
+        elif name:
+            form.fields[name] = data.decode("utf-8", "replace")
+    if form.file is None:
+        raise InvalidMultipart(f"the multipart body has no part named {file_field!r}")
+    return form

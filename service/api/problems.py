@@ -1,0 +1,91 @@
+"""The HTTP edge of the error hierarchy: status codes and problem+json responses."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from schemas import Problem
+from service import errors
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPE = "application/problem+json"
+
+# Most specific first: the first class an error is an instance of gives its status.
+STATUS: tuple[tuple[type[errors.ServiceError], int], ...] = (
+    (errors.UnsupportedMediaType, 415),
+    (errors.BadInput, 400),
+    (errors.PayloadTooLarge, 413),
+    (errors.InvalidParameter, 422),
+    (errors.UnknownModel, 404),
+    (errors.Unauthorized, 401),
+    (errors.Overloaded, 503),
+)
+
+
+def status_of(exc: errors.ServiceError) -> int:
+    for kind, status in STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+def problem(status: int, title: str, detail: str, code: str,
+            headers: dict[str, str] | None = None) -> JSONResponse:
+    body = Problem(title=title, status=status, detail=detail, code=code)
+    return JSONResponse(body.model_dump(), status_code=status, media_type=MEDIA_TYPE,
+                        headers=headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.ServiceError)
+    status = status_of(exc)
+    headers = None
+    if isinstance(exc, errors.Overloaded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, errors.Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="medexplain"'}
+    log.info("%s %s -> %d %s", request.method, request.url.path, status, exc.code)
+    return problem(status, exc.title, exc.detail, exc.code, headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return problem(422, "Invalid parameter", "; ".join(parts) or "invalid request",
+                   "invalid_parameter")
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return problem(exc.status_code, str(exc.detail), f"{request.method} {request.url.path}: "
+                   f"{exc.detail}", code, dict(exc.headers or {}))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The message may quote input data; log only the type and where it was raised.
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+    log.error("unhandled %s at %s for %s %s", type(exc).__name__, where, request.method,
+              request.url.path)
+    return problem(500, "Internal error", "the service failed to process the request",
+                   "internal_error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(errors.ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,47 @@
+"""GET /models and GET /models/{name}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from schemas import InputInfo, ModelInfo, ModelsResponse, TargetLayerInfo
+from service.api.deps import ApiKey, RepositoryDep
+from service.api.docs import ERRORS
+from service.methods import METHODS
+from service.models.repository import LoadedModel, Repository
+
+router = APIRouter(prefix="/models", tags=["models"], dependencies=[ApiKey])
+
+
+def model_info(model: LoadedModel, repository: Repository) -> ModelInfo:
+    config, split = model.config, model.engine.split
+    spec = config.input
+    return ModelInfo(
+        name=model.name,
+        version=config.version,
+        description=config.description,
+        default=model.name == repository.default,
+        labels=list(config.labels),
+        input=InputInfo(size=[spec.height, spec.width], channels=spec.channels,
+                        mean=list(spec.mean), std=list(spec.std), layout=spec.layout.value),
+        activation=config.activation.value,
+        target_layer=TargetLayerInfo(name=split.target, shape=list(split.target_shape),
+                                     detected=config.target_layer is None),
+        methods=list(METHODS),
+        execution_providers=list(model.engine.providers),
+        sha256=model.sha256,
+    )
+
+
+@router.get("", response_model=ModelsResponse, summary="Every served model")
+async def list_models(repository: RepositoryDep) -> ModelsResponse:
+    return ModelsResponse(
+        default=repository.default,
+        models=[model_info(m, repository) for _, m in sorted(repository.models.items())],
+    )
+
+
+@router.get("/{name}", response_model=ModelInfo, responses={404: ERRORS[404]},
+            summary="One model: labels, input, target layer, methods, execution provider")
+async def get_model(name: str, repository: RepositoryDep) -> ModelInfo:
+    return model_info(repository.get(name), repository)

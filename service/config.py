@@ -1,0 +1,80 @@
+"""All configuration: one Settings class, read from MEDEXPLAIN_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PREFIX = "MEDEXPLAIN_"
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+class Settings(BaseModel):
+    """Service settings. Each field is read from ``MEDEXPLAIN_<FIELD>`` (upper case)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models: Path = Field(BUNDLED_MODELS, description="the model repository folder")
+    default_model: str | None = Field(
+        None, description="default model name; else the only one, or the first by name"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="ONNX Runtime providers; auto = CUDA when a GPU is usable"
+    )
+    # 0 lets ONNX Runtime use every core; a service sharing a machine should set it.
+    threads: int = Field(0, ge=0)
+    # Radiographs as DICOM are ~10-50 MB; 64 MB leaves room for big ones without letting a
+    # client make the service hold arbitrary amounts of memory.
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Pixel cap checked from headers before decoding (decompression bombs).
+    max_pixels: int = Field(50_000_000, ge=1024)
+    # Requests computing at once; more wait in the queue, beyond the queue → 503.
+    max_concurrency: int = Field(2, ge=1)
+    max_queue: int = Field(16, ge=0)
+    # Upper bound of masked/seeded copies per head run (CRM on large target layers).
+    head_batch: int = Field(256, ge=1)
+    api_keys: tuple[str, ...] = Field((), description="accepted API keys; empty = no auth")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        short = [k for k in value if len(k) < 16]
+        if short:
+            raise ValueError("API keys must be at least 16 characters long")
+        return value
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from ``MEDEXPLAIN_*`` variables, then ``overrides`` (CLI flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            key = PREFIX + name.upper()
+            if key in env:
+                values[name] = env[key]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (tests override the dependency instead)."""
+    return Settings.from_env()
+
+
+__all__ = ["Settings", "ValidationError", "get_settings"]

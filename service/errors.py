@@ -1,0 +1,139 @@
+"""The service's error hierarchy.
+
+Errors carry a stable machine-readable ``code`` and a human ``detail``; HTTP status
+codes are assigned only at the edge (``service.api.problems``). Detail strings must never
+contain patient data (names, IDs, dates): they are logged and returned to clients.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Raised for any failure the service reports to a client."""
+
+    code = "service_error"
+    title = "Service error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, detail={self.detail!r})"
+
+
+class BadInput(ServiceError):
+    """Raised when an upload cannot be read as an image."""
+
+    code = "bad_input"
+    title = "Bad input"
+
+
+class EmptyBody(BadInput):
+    """Raised when a request carries no image bytes."""
+
+    code = "empty_body"
+    title = "Empty body"
+
+
+class InvalidImage(BadInput):
+    """Raised when PNG/JPEG bytes cannot be decoded."""
+
+    code = "invalid_image"
+    title = "Invalid image"
+
+
+class InvalidDicom(BadInput):
+    """Raised when a DICOM file is truncated, corrupt or its pixels cannot be decoded."""
+
+    code = "invalid_dicom"
+    title = "Invalid DICOM"
+
+
+class InvalidMultipart(BadInput):
+    """Raised when a multipart/form-data body is malformed or has no file part."""
+
+    code = "invalid_multipart"
+    title = "Invalid multipart body"
+
+
+class UnsupportedMediaType(ServiceError):
+    """Raised when the content type (or sniffed format) is not one the service decodes."""
+
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class DicomWithoutPixels(UnsupportedMediaType):
+    """Raised when a DICOM object has no pixel data (SR, RTPLAN, waveform, ...)."""
+
+    code = "dicom_without_pixels"
+    title = "DICOM object without pixel data"
+
+
+class UnsupportedTransferSyntax(UnsupportedMediaType):
+    """Raised when no installed decoder handles a DICOM transfer syntax."""
+
+    code = "unsupported_transfer_syntax"
+    title = "Unsupported transfer syntax"
+
+
+class PayloadTooLarge(ServiceError):
+    """Raised when an upload exceeds the byte or pixel-count limits."""
+
+    code = "payload_too_large"
+    title = "Payload too large"
+
+
+class InvalidParameter(ServiceError):
+    """Raised when a request parameter has a bad value."""
+
+    code = "invalid_parameter"
+    title = "Invalid parameter"
+
+
+class UnknownLabel(InvalidParameter):
+    """Raised when a requested class is neither a label nor a valid index."""
+
+    code = "unknown_label"
+    title = "Unknown label"
+
+
+class UnknownMethod(InvalidParameter):
+    """Raised when a requested explanation method does not exist or is unavailable."""
+
+    code = "unknown_method"
+    title = "Unknown method"
+
+
+class UnknownModel(ServiceError):
+    """Raised when the requested model is not in the repository."""
+
+    code = "unknown_model"
+    title = "Unknown model"
+
+
+class Unauthorized(ServiceError):
+    """Raised when API keys are configured and the request has none or a wrong one."""
+
+    code = "unauthorized"
+    title = "Unauthorized"
+
+
+class Overloaded(ServiceError):
+    """Raised when the work queue is full; the client should retry later."""
+
+    code = "overloaded"
+    title = "Service overloaded"
+
+    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class ModelError(Exception):
+    """Raised when a model folder cannot be loaded (bad model.toml, bad ONNX, ...)."""
+
+
+class CompileError(ModelError):
+    """Raised when the model compiler cannot build the explanation graphs."""

@@ -1,0 +1,117 @@
+"""Reverse-mode differentiation of ONNX graphs, emitted as ONNX.
+
+``vjp`` takes a model and returns a new model that also reads a seed (the vector in the
+vector-Jacobian product) shaped like one of its tensors and outputs the gradient of
+<seed, tensor> with respect to chosen tensors. Rules live one op family per module and
+meet their op types in ``registry.RULES``; a rule never needs to know where in the
+network its node sits.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import onnx
+from onnx import helper
+
+from service.errors import CompileError
+from service.graph.autodiff.builder import PREFIX, VjpBuilder
+from service.graph.autodiff.registry import RULES
+from service.graph.extract import value_info
+from service.graph.onnx_graph import GraphIndex
+
+SEED = f"{PREFIX}seed"
+
+
+def grad_name(tensor: str) -> str:
+    return f"{PREFIX}grad/{tensor}"
+
+
+def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = False,
+        keep_outputs: bool = True) -> onnx.ModelProto:
+    """Append the gradient of <seed, ``of``> with respect to ``wrt`` to ``model``.
+
+    Args:
+        model: the forward model; not modified.
+        of: the tensor being differentiated; a new graph input ``xai/seed`` of the same
+            shape carries the vector of the vector-Jacobian product.
+        wrt: tensors (graph inputs or intermediate) to differentiate with respect to; each
+            becomes an output named ``grad_name(t)``.
+        guided: apply the guided-backprop rule at rectifiers.
+        keep_outputs: keep the model's own outputs beside the gradients.
+
+    Raises:
+        CompileError: for an op without a rule (naming it and listing the supported ops),
+            or when ``of`` does not depend on a ``wrt`` tensor.
+    """
+    index = GraphIndex(model)
+    builder = VjpBuilder(index, guided=guided)
+
+    upstream = {id(n) for n in index.ancestors([of])}
+    active: set[str] = set(wrt)
+    path: list[onnx.NodeProto] = []
+    for node in index.graph.node:
+        if id(node) in upstream and any(i in active for i in node.input):
+            active.update(o for o in node.output if o)
+            path.append(node)
+    if of not in active:
+        raise CompileError(f"tensor {of!r} does not depend on {', '.join(wrt)}")
+
+    missing = sorted({n.op_type for n in path if n.op_type not in RULES})
+    if missing:
+        where = [f"{n.op_type} ({n.name or n.output[0]})" for n in path if n.op_type in missing]
+        raise CompileError(
+            f"no gradient rule for op type(s) {', '.join(missing)}; nodes: "
+            f"{', '.join(where[:10])}{' ...' if len(where) > 10 else ''}. "
+            f"Supported ops: {', '.join(sorted(RULES))}"
+        )
+
+    grads: dict[str, list[str]] = defaultdict(list)
+    grads[of].append(SEED)
+
+    def total(tensor: str) -> str | None:
+        parts = grads.get(tensor)
+        if not parts:
+            return None
+        if len(parts) > 1:
+            grads[tensor] = [builder.op("Sum", parts, hint="acc")]
+        return grads[tensor][0]
+
+    for node in reversed(path):
+        gys = [total(o) if o else None for o in node.output]
+        if all(g is None for g in gys):
+            continue
+        needs = [bool(i) and i in active and not index.is_constant(i) for i in node.input]
+        gxs = RULES[node.op_type](builder, node, gys, needs)
+        for inp, need, gx in zip(node.input, needs, gxs):
+            if need and gx is not None:
+                grads[inp].append(gx)
+
+    outputs: list[onnx.ValueInfoProto] = list(model.graph.output) if keep_outputs else []
+    for tensor in wrt:
+        g = total(tensor)
+        if g is None:
+            raise CompileError(f"tensor {of!r} does not depend on {tensor!r}")
+        builder.nodes.append(helper.make_node("Identity", [g], [grad_name(tensor)],
+                                              name=builder.fresh("n_out")))
+        info = value_info(index, tensor, batch=False)
+        info.name = grad_name(tensor)
+        outputs.append(info)
+
+    seed_info = value_info(index, of, batch=False)
+    seed_info.name = SEED
+    graph = helper.make_graph(
+        [*model.graph.node, *builder.nodes],
+        f"{model.graph.name}_vjp",
+        [*model.graph.input, seed_info],
+        outputs,
+        initializer=[*model.graph.initializer, *builder.initializers],
+    )
+    out = helper.make_model(graph, opset_imports=list(model.opset_import),
+                            producer_name="medexplain")
+    out.ir_version = model.ir_version
+    return out
+
+
+__all__ = ["RULES", "SEED", "grad_name", "vjp"]

@@ -1,0 +1,71 @@
+"""The model compiler: from one classifier to the graphs the methods run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from service.errors import CompileError
+from service.graph import autodiff
+from service.graph.extract import extract
+from service.graph.onnx_graph import GraphIndex
+from service.graph.target import Split, split
+from service.models.spec import Layout
+
+
+@dataclass(frozen=True)
+class CompiledModel:
+    """The graphs compiled from one classifier.
+
+    Attributes:
+        split: where the classifier was cut.
+        backbone: image → (target activations, logits).
+        head: target activations (batched) → logits.
+        head_vjp: target activations, seed over logits → gradient w.r.t. the activations,
+            plus the logits.
+    """
+
+    split: Split
+    backbone: onnx.ModelProto
+    head: onnx.ModelProto
+    head_vjp: onnx.ModelProto
+
+    def graphs(self) -> dict[str, onnx.ModelProto]:
+        return {"backbone": self.backbone, "head": self.head, "head_vjp": self.head_vjp}
+
+
+def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
+                  activation: str | None = None,
+                  target_layer: str | None = None) -> CompiledModel:
+    """Cut ``model`` at its target layer and differentiate its head.
+
+    Args:
+        model: the classifier.
+        layout: the layout of the image input (model.toml ``input.layout``).
+        activation: model.toml ``output.activation``; must agree with a final
+            Sigmoid/Softmax found in the graph.
+        target_layer: model.toml ``explain.target_layer``, or None to auto-detect.
+
+    Raises:
+        CompileError: when the graph cannot be cut or differentiated.
+    """
+    index = GraphIndex(model)
+    cut = split(index, layout=layout, target_layer=target_layer)
+    if activation is not None and cut.graph_activation != "none" and (
+        activation != cut.graph_activation
+    ):
+        raise CompileError(
+            f"model.toml says output.activation = {activation!r} but the graph ends in "
+            f"{cut.graph_activation}"
+        )
+    backbone = extract(index, [cut.image], [cut.target, cut.logits], name="backbone",
+                       batch=False)
+    head = extract(index, [cut.target], [cut.logits], name="head")
+    head_vjp = autodiff.vjp(head, cut.logits, [cut.target])
+    for name, graph in (("backbone", backbone), ("head", head), ("head_vjp", head_vjp)):
+        try:
+            onnx.checker.check_model(graph)
+        except onnx.checker.ValidationError as exc:
+            raise CompileError(f"the generated {name} graph is invalid: {exc}") from exc
+    return CompiledModel(cut, backbone, head, head_vjp)

@@ -1,0 +1,154 @@
+"""Find the logits and the explanation target layer, and check the cut between them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.errors import CompileError
+from service.graph.onnx_graph import GraphIndex, attr
+from service.models.spec import Layout
+
+# Output activations the compiler recognises at the end of a graph.
+FINAL_ACTIVATIONS = {"Sigmoid": "sigmoid", "Softmax": "softmax"}
+
+# Ops that read their 4-D input as NCHW whatever the model's declared layout.
+_CHANNEL_FIRST_OPS = {
+    "Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+    "BatchNormalization", "InstanceNormalization", "LpPool", "GlobalLpPool",
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    """Where the compiler cuts a classifier.
+
+    Attributes:
+        image: the graph input fed with the image.
+        scores: the graph output.
+        logits: the tensor the scores are computed from (scores itself if the graph has no
+            final activation).
+        graph_activation: "sigmoid", "softmax" or "none": what the graph applies to logits.
+        target: the target layer's tensor name.
+        target_layout: how the target tensor stores its axes.
+        target_shape: (channels, height, width) of the target layer.
+    """
+
+    image: str
+    scores: str
+    logits: str
+    graph_activation: str
+    target: str
+    target_layout: Layout
+    target_shape: tuple[int, int, int]
+
+
+def find_logits(index: GraphIndex) -> tuple[str, str, str]:
+    """Return (scores output, logits tensor, graph activation)."""
+    if not index.graph_outputs:
+        raise CompileError("the model has no outputs")
+    scores = index.graph_outputs[0]
+    node = index.producer.get(scores)
+    if node is not None and node.op_type in FINAL_ACTIVATIONS:
+        return scores, node.input[0], FINAL_ACTIVATIONS[node.op_type]
+    return scores, scores, "none"
+
+
+def tensor_layout(index: GraphIndex, name: str, default: Layout) -> Layout:
+    """Whether a 4-D tensor is NCHW or NHWC, judged by the ops around it."""
+    for consumer in index.consumers.get(name, []):
+        if consumer.op_type in _CHANNEL_FIRST_OPS:
+            return Layout.NCHW
+        if consumer.op_type == "Transpose" and list(attr(consumer, "perm", [])) == [0, 3, 1, 2]:
+            return Layout.NHWC
+        if consumer.op_type in ("ReduceMean", "ReduceMax", "ReduceSum"):
+            axes = attr(consumer, "axes")
+            if axes is None and len(consumer.input) > 1:
+                value = index.constant(consumer.input[1])
+                axes = None if value is None else value.reshape(-1).tolist()
+            if axes is not None:
+                norm = sorted(int(a) % 4 for a in axes)  # type: ignore[union-attr]
+                if norm == [1, 2]:
+                    return Layout.NHWC
+                if norm == [2, 3]:
+                    return Layout.NCHW
+    producer = index.producer.get(name)
+    if producer is not None:
+        if producer.op_type in _CHANNEL_FIRST_OPS:
+            return Layout.NCHW
+        if producer.op_type == "Transpose" and list(attr(producer, "perm", [])) == [0, 2, 3, 1]:
+            return Layout.NHWC
+    return default
+
+
+def _chw(shape: tuple[object, ...], layout: Layout) -> tuple[int, int, int] | None:
+    dims = shape[1:]
+    if layout is Layout.NHWC:
+        dims = (dims[2], dims[0], dims[1])
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return dims  # type: ignore[return-value]
+
+
+def _is_cut(index: GraphIndex, tensor: str, logits: str) -> bool:
+    """True when logits can be computed from ``tensor`` and constants alone."""
+    inputs = set(index.graph_inputs)
+    for node in index.ancestors([logits], stop=[tensor]):
+        if any(i in inputs for i in node.input):
+            return False
+    return True
+
+
+def split(index: GraphIndex, *, layout: Layout, target_layer: str | None = None) -> Split:
+    """Locate image, logits and target layer.
+
+    The target layer is ``target_layer`` when given, else the last 4-D activation on the
+    path to the logits whose spatial size is greater than 1 and through which every path
+    from the image passes.
+
+    Raises:
+        CompileError: when the graph has several image inputs, when no target layer
+            qualifies, or when the named one is not a 4-D cut of the graph.
+    """
+    if len(index.graph_inputs) != 1:
+        raise CompileError(
+            f"expected one image input, the graph has {len(index.graph_inputs)}: "
+            f"{', '.join(index.graph_inputs)}"
+        )
+    image = index.graph_inputs[0]
+    scores, logits, activation = find_logits(index)
+
+    def describe(name: str) -> tuple[Layout, tuple[int, int, int]] | None:
+        shape = index.shape(name)
+        if shape is None or len(shape) != 4:
+            return None
+        tl = tensor_layout(index, name, layout)
+        chw = _chw(shape, tl)
+        return None if chw is None else (tl, chw)
+
+    if target_layer is not None:
+        if target_layer not in index.producer:
+            raise CompileError(f"target layer {target_layer!r} is not a tensor of the graph")
+        info = describe(target_layer)
+        if info is None:
+            raise CompileError(
+                f"target layer {target_layer!r} is not a 4-D tensor with static channel and "
+                "spatial sizes"
+            )
+        if not _is_cut(index, target_layer, logits):
+            raise CompileError(
+                f"target layer {target_layer!r} does not separate the image from the logits: "
+                "some path to the logits goes around it"
+            )
+        return Split(image, scores, logits, activation, target_layer, *info)
+
+    for node in reversed(index.ancestors([logits])):
+        for out in node.output:
+            info = describe(out) if out else None
+            if info is None or info[1][1] * info[1][2] <= 1:
+                continue
+            if _is_cut(index, out, logits):
+                return Split(image, scores, logits, activation, out, *info)
+    raise CompileError(
+        "found no 4-D activation with spatial size > 1 that separates the image from the "
+        "logits; name one with explain.target_layer in model.toml"
+    )

@@ -1,0 +1,68 @@
+"""The FastAPI application: app factory and lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+
+from service import __version__
+from service.api import problems
+from service.api.deps import State
+from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.routes import explain, health, models
+from service.config import Settings, get_settings
+from service.models.repository import load_repository
+from service.runtime.sessions import CPU, requested_providers
+from service.runtime.worker import Limiter
+
+log = logging.getLogger("medexplain")
+
+DESCRIPTION = """\
+Runs ONNX CNN classifiers on medical images (DICOM, PNG, JPEG) and explains every prediction
+with heatmaps: CRM, Grad-CAM (exact gradients generated as ONNX graphs, no training
+framework at run time).
+
+The bundled `demo-cxr` model is trained on **synthetic phantoms**, not patient data: it
+demonstrates the pipeline and is **not for diagnosis**.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; models load and compile once, in the lifespan."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        providers = requested_providers(settings.providers)
+        repository = load_repository(settings.models, default=settings.default_model,
+                                     providers=providers, threads=settings.threads,
+                                     head_batch=settings.head_batch)
+        used = {p for m in repository.models.values() for p in m.engine.providers}
+        if providers[0] != CPU and providers[0] not in used:
+            log.warning("%s was requested but is not usable here; running on %s",
+                        providers[0], CPU)
+        elif providers == [CPU]:
+            log.info("no usable CUDA GPU (or providers=cpu): running on %s", CPU)
+        log.info("serving %d model(s), default %s", len(repository.models), repository.default)
+        yield State(settings=settings, repository=repository,
+                    limiter=Limiter(settings.max_concurrency, settings.max_queue),
+                    metrics=metrics)
+
+    app = FastAPI(title="medexplain", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan)
+    problems.install(app)
+    app.include_router(explain.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

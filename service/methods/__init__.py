@@ -1,0 +1,24 @@
+"""Explanation methods, registered in one place."""
+
+from __future__ import annotations
+
+from service.errors import UnknownMethod
+from service.methods.base import Captures, Method, RawMap, Target
+from service.methods.crm import Crm, CrmCombined
+from service.methods.gradcam import GradCam
+
+METHODS: dict[str, Method] = {m.name: m for m in (Crm(), CrmCombined(), GradCam())}
+
+DEFAULT_METHODS = ("gradcam", "crm")
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnknownMethod(
+            f"unknown method {name!r}; available: {', '.join(METHODS)}"
+        ) from None
+
+
+__all__ = ["DEFAULT_METHODS", "METHODS", "Captures", "Method", "RawMap", "Target", "get_method"]

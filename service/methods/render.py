@@ -1,0 +1,71 @@
+"""Turning raw maps into what clients receive: resized maps, PNG, overlay, .npy."""
+
+from __future__ import annotations
+
+import base64
+import io
+from enum import StrEnum
+
+import cv2
+import numpy as np
+
+from service.errors import InvalidParameter
+
+
+class Encoding(StrEnum):
+    PNG = "png"
+    NPY = "npy"
+    OVERLAY = "overlay"
+
+
+class Size(StrEnum):
+    ORIGINAL = "original"
+    MODEL = "model"
+    FEATURE = "feature"
+
+
+def resize(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a (H, W) map or (H, W, C) image to (height, width)."""
+    if values.shape[:2] == (height, width):
+        return values.astype(np.float32, copy=False)
+    return cv2.resize(values.astype(np.float32), (width, height),
+                      interpolation=cv2.INTER_LINEAR)
+
+
+def normalise(values: np.ndarray) -> np.ndarray:
+    """Scale a non-negative map to [0, 1] by its maximum (all zeros stay zeros)."""
+    peak = float(values.max()) if values.size else 0.0
+    if peak <= 0 or not np.isfinite(peak):
+        return np.zeros_like(values, dtype=np.float32)
+    return (values / peak).astype(np.float32)
+
+
+def _png(array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise InvalidParameter("the heatmap could not be encoded as PNG")
+    return bytes(buf)
+
+
+def overlay(normalised: np.ndarray, image01: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """A JET colour overlay of a normalised map on the image (RGB uint8, same grid)."""
+    grey = image01 if image01.ndim == 2 else image01.mean(axis=2)
+    base = np.repeat((np.clip(grey, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    colour = cv2.applyColorMap((normalised * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
+    weight = (alpha * normalised)[..., None]
+    return (base * (1 - weight) + colour * weight).round().astype(np.uint8)
+
+
+def encode(values: np.ndarray, encoding: Encoding, image01: np.ndarray) -> str:
+    """Base64 of the map in ``encoding``; ``image01`` is the image on the map's grid."""
+    if encoding is Encoding.NPY:
+        buf = io.BytesIO()
+        np.save(buf, values.astype(np.float32), allow_pickle=False)
+        data = buf.getvalue()
+    elif encoding is Encoding.PNG:
+        data = _png((normalise(values) * 255).round().astype(np.uint8))
+    else:
+        rgb = overlay(normalise(values), image01)
+        data = _png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return base64.b64encode(data).decode("ascii")

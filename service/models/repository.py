@@ -1,0 +1,186 @@
+"""The model repository: one folder per model with model.onnx and model.toml."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from service.errors import CompileError, ModelError, UnknownModel
+from service.graph.build import compile_model
+from service.models.activation import Activation
+from service.models.spec import InputSpec, Layout
+from service.runtime.engine import Engine
+from service.runtime.sessions import ORT_ERRORS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What model.toml says about a model."""
+
+    name: str
+    version: str
+    description: str
+    labels: tuple[str, ...]
+    input: InputSpec
+    activation: Activation
+    target_layer: str | None
+    folder: Path
+
+
+def _require(table: dict[str, object], key: str, kind: type, where: str) -> object:
+    if key not in table:
+        raise ModelError(f"{where}: missing key {key!r}")
+    value = table[key]
+    if not isinstance(value, kind):
+        raise ModelError(f"{where}: {key!r} must be a {kind.__name__}")
+    return value
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """Parse and validate ``folder/model.toml``.
+
+    Raises:
+        ModelError: naming the file and the offending key.
+    """
+    path = folder / "model.toml"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path.name} in {folder.name}: {exc}") from exc
+    where = f"{folder.name}/model.toml"
+    labels = _require(data, "labels", list, where)
+    if not labels or not all(isinstance(x, str) and x for x in labels):  # type: ignore[union-attr]
+        raise ModelError(f"{where}: labels must be a non-empty list of names")
+    if len(set(labels)) != len(labels):  # type: ignore[arg-type]
+        raise ModelError(f"{where}: labels must be unique")
+    inp = _require(data, "input", dict, where)
+    size = _require(inp, "size", list, f"{where} [input]")  # type: ignore[arg-type]
+    channels = _require(inp, "channels", int, f"{where} [input]")  # type: ignore[arg-type]
+    if channels not in (1, 3):
+        raise ModelError(f"{where}: input.channels must be 1 or 3")
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):  # type: ignore[arg-type]
+        raise ModelError(f"{where}: input.size must be [height, width]")
+    mean = tuple(float(m) for m in inp.get("mean", [0.0] * channels))  # type: ignore[union-attr]
+    std = tuple(float(s) for s in inp.get("std", [1.0] * channels))  # type: ignore[union-attr]
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise ModelError(f"{where}: input.mean/std need one value per channel, std > 0")
+    try:
+        layout = Layout(inp.get("layout", "NCHW"))  # type: ignore[union-attr]
+        activation = Activation(data.get("output", {}).get("activation", "sigmoid"))
+    except ValueError as exc:
+        raise ModelError(f"{where}: {exc}") from exc
+    target = data.get("explain", {}).get("target_layer")
+    return ModelConfig(
+        name=str(data.get("name", folder.name)),
+        version=str(data.get("version", "1")),
+        description=str(data.get("description", "")),
+        labels=tuple(labels),  # type: ignore[arg-type]
+        input=InputSpec(int(size[0]), int(size[1]), channels, mean, std, layout),  # type: ignore[index]
+        activation=activation,
+        target_layer=str(target) if target else None,
+        folder=folder,
+    )
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to serve."""
+
+    config: ModelConfig
+    engine: Engine
+    sha256: str
+    load_seconds: float
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def load_model(folder: Path, *, providers: list[str], threads: int,
+               head_batch: int) -> LoadedModel:
+    """Read, compile and open one model folder.
+
+    Raises:
+        ModelError: when the folder, its model.toml or its graph is unusable.
+    """
+    start = time.perf_counter()
+    config = read_config(folder)
+    try:
+        raw = (folder / "model.onnx").read_bytes()
+        model = onnx.load_from_string(raw)
+    except (OSError, DecodeError) as exc:
+        raise ModelError(f"{folder.name}/model.onnx: {exc}") from exc
+    compiled = compile_model(model, layout=config.input.layout,
+                             activation=config.activation.value,
+                             target_layer=config.target_layer)
+    outputs = compiled.backbone.graph.output
+    n_out = outputs[1].type.tensor_type.shape.dim[-1].dim_value if len(outputs) > 1 else 0
+    if n_out and n_out != len(config.labels):
+        raise CompileError(
+            f"{folder.name}: the network has {n_out} outputs but model.toml lists "
+            f"{len(config.labels)} labels"
+        )
+    try:
+        engine = Engine(compiled, providers, threads, max_batch=head_batch)
+    except ORT_ERRORS as exc:
+        raise ModelError(f"{folder.name}: ONNX Runtime cannot load the graphs: {exc}") from exc
+    return LoadedModel(config, engine, hashlib.sha256(raw).hexdigest(),
+                       time.perf_counter() - start)
+
+
+class Repository:
+    """The models being served, by name."""
+
+    def __init__(self, models: dict[str, LoadedModel], default: str) -> None:
+        self.models = models
+        self.default = default
+
+    def get(self, name: str | None) -> LoadedModel:
+        key = name or self.default
+        try:
+            return self.models[key]
+        except KeyError:
+            raise UnknownModel(
+                f"no model named {key!r}; available: {', '.join(sorted(self.models))}"
+            ) from None
+
+
+def model_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if (p / "model.toml").is_file())
+
+
+def load_repository(root: Path, *, default: str | None, providers: list[str], threads: int,
+                    head_batch: int) -> Repository:
+    """Load every model folder under ``root``.
+
+    Raises:
+        ModelError: when the folder holds no model, a model fails to load, or the
+            configured default is not among them.
+    """
+    if not root.is_dir():
+        raise ModelError(f"model repository {root} is not a folder")
+    folders = model_folders(root)
+    if not folders:
+        raise ModelError(f"model repository {root} holds no folder with a model.toml")
+    models: dict[str, LoadedModel] = {}
+    for folder in folders:
+        loaded = load_model(folder, providers=providers, threads=threads, head_batch=head_batch)
+        if loaded.name in models:
+            raise ModelError(f"two model folders are named {loaded.name!r}")
+        models[loaded.name] = loaded
+        log.info("loaded model %s (target layer %s, providers %s) in %.2f s", loaded.name,
+                 loaded.engine.split.target, ",".join(loaded.engine.providers),
+                 loaded.load_seconds)
+    name = default or sorted(models)[0]
+    if name not in models:
+        raise ModelError(f"default model {name!r} is not in {', '.join(sorted(models))}")
+    return Repository(models, name)

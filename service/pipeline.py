@@ -1,0 +1,210 @@
+"""One request's work: preprocess, forward, methods, post-processing.
+
+Everything here is synchronous NumPy/ONNX Runtime work; the HTTP layer runs it in a worker
+thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from schemas import (
+    DicomInfo,
+    ExplainResponse,
+    Explanation,
+    Heatmap,
+    ImageInfo,
+    ModelRef,
+    Prediction,
+    PredictResponse,
+    Region,
+)
+from service.errors import InvalidParameter, UnknownLabel
+from service.imaging.base import DecodedImage
+from service.imaging.preprocess import ModelInput, to_model_input
+from service.methods import DEFAULT_METHODS, Captures, RawMap, Target, get_method
+from service.methods.regions import regions
+from service.methods.render import Encoding, Size, encode, normalise, resize
+from service.models.repository import LoadedModel
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """The parsed parameters of /explain."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    classes: tuple[str, ...] | None = None
+    encoding: Encoding = Encoding.PNG
+    size: Size = Size.ORIGINAL
+    target: Target = Target.LOGIT
+    region_threshold: float = 0.5
+    score_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Forward:
+    """The result of the forward pass on one image."""
+
+    model_input: ModelInput
+    captures: Captures
+    scores: np.ndarray
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+        self._last = self._start
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(self.timings.get(name, 0.0) + (now - self._last) * 1e3, 3)
+        self._last = now
+
+    def total(self) -> dict[str, float]:
+        self.timings["total"] = round((time.perf_counter() - self._start) * 1e3, 3)
+        return self.timings
+
+
+def image_info(image: DecodedImage) -> ImageInfo:
+    dicom = None
+    if image.format == "dicom":
+        m = image.meta
+        dicom = DicomInfo(
+            study_instance_uid=_str(m.get("StudyInstanceUID")),
+            series_instance_uid=_str(m.get("SeriesInstanceUID")),
+            sop_instance_uid=_str(m.get("SOPInstanceUID")),
+            modality=_str(m.get("Modality")),
+            transfer_syntax_uid=_str(m.get("TransferSyntaxUID")),
+            photometric_interpretation=_str(m.get("PhotometricInterpretation")),
+            frames=int(m.get("frames", 1)),
+            frame=int(m.get("frame", 0)),
+        )
+    return ImageInfo(width=image.width, height=image.height, format=image.format, dicom=dicom)
+
+
+def _str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def forward(model: LoadedModel, image: DecodedImage, watch: Stopwatch) -> Forward:
+    model_input = to_model_input(image, model.config.input)
+    watch.lap("preprocess")
+    engine = model.engine
+    acts, logits = engine.forward(model_input.tensor)
+    watch.lap("forward")
+    captures = Captures(
+        activations=acts[0],
+        logits=logits[0],
+        activation=model.config.activation,
+        head=engine.head,
+        head_vjp=engine.head_vjp,
+    )
+    return Forward(model_input, captures, model.config.activation.scores(logits)[0])
+
+
+def predictions(model: LoadedModel, scores: np.ndarray) -> list[Prediction]:
+    return [Prediction(label=label, index=i, score=round(float(s), 6))
+            for i, (label, s) in enumerate(zip(model.config.labels, scores))]
+
+
+def predict(model: LoadedModel, image: DecodedImage, watch: Stopwatch) -> PredictResponse:
+    fwd = forward(model, image, watch)
+    return PredictResponse(
+        model=ModelRef(name=model.name, version=model.config.version),
+        image=image_info(image),
+        predictions=predictions(model, fwd.scores),
+        timings_ms=watch.total(),
+    )
+
+
+def resolve_classes(labels: Sequence[str], requested: Sequence[str] | None,
+                    scores: np.ndarray, threshold: float) -> list[int]:
+    """Class indices from labels or indices; default: scores ≥ threshold, at least top-1.
+
+    Raises:
+        UnknownLabel: for a name that is no label (case-insensitive) and no valid index.
+    """
+    if not requested:
+        chosen = [i for i, s in enumerate(scores) if s >= threshold]
+        return chosen or [int(np.argmax(scores))]
+    lowered = {label.lower(): i for i, label in enumerate(labels)}
+    out: list[int] = []
+    for item in requested:
+        if item.lower() in lowered:
+            index = lowered[item.lower()]
+        elif item.lstrip("-").isdigit() and 0 <= int(item) < len(labels):
+            index = int(item)
+        else:
+            raise UnknownLabel(
+                f"unknown class {item!r}; labels are {', '.join(labels)} "
+                f"(or indices 0..{len(labels) - 1})"
+            )
+        if index not in out:
+            out.append(index)
+    return out
+
+
+def explain(model: LoadedModel, image: DecodedImage, options: ExplainOptions,
+            watch: Stopwatch) -> ExplainResponse:
+    methods = [get_method(name) for name in options.methods]
+    if options.size is Size.FEATURE:
+        pixel_methods = [m.name for m in methods if m.grid != "feature"]
+        if pixel_methods:
+            raise InvalidParameter(
+                f"size=feature is only for CAM-type maps; {', '.join(pixel_methods)} "
+                "produce maps on the model's input grid"
+            )
+    labels = model.config.labels
+    fwd = forward(model, image, watch)
+    classes = resolve_classes(labels, options.classes, fwd.scores, options.score_threshold)
+    raw: list[tuple[str, RawMap]] = []
+    for method in methods:
+        for m in method.compute(fwd.captures, classes, options.target):
+            raw.append((method.name, m))
+        watch.lap(method.name)
+    spec = model.config.input
+    explanations = [
+        _post_process(name, m, image, fwd.model_input, (spec.height, spec.width), labels,
+                      options)
+        for name, m in raw
+    ]
+    watch.lap("render")
+    return ExplainResponse(
+        model=ModelRef(name=model.name, version=model.config.version),
+        image=image_info(image),
+        predictions=predictions(model, fwd.scores),
+        explanations=explanations,
+        timings_ms=watch.total(),
+    )
+
+
+def _post_process(method: str, raw: RawMap, image: DecodedImage, model_input: ModelInput,
+                  model_hw: tuple[int, int], labels: Sequence[str],
+                  options: ExplainOptions) -> Explanation:
+    mh, mw = model_hw
+    at_model = resize(raw.values, mh, mw)
+    found = regions(normalise(at_model), options.region_threshold,
+                    image.width / mw, image.height / mh)
+    if options.size is Size.ORIGINAL:
+        values = resize(raw.values, image.height, image.width)
+        backdrop = image.pixels
+    elif options.size is Size.MODEL:
+        values, backdrop = at_model, model_input.image01
+    else:
+        values = raw.values
+        backdrop = resize(model_input.image01, *values.shape)
+    return Explanation(
+        method=method,
+        label=None if raw.index is None else labels[raw.index],
+        index=raw.index,
+        heatmap=Heatmap(encoding=options.encoding.value, width=values.shape[1],
+                        height=values.shape[0],
+                        data=encode(values, options.encoding, backdrop)),
+        regions=[Region(box=list(r.box), score=r.score) for r in found],
+    )
+

@@ -1,0 +1,82 @@
+"""Runs one compiled model: the only place that calls ONNX Runtime for inference."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from service.graph.autodiff import SEED, grad_name
+from service.graph.build import CompiledModel
+from service.models.spec import Layout
+from service.runtime.sessions import ORT_ERRORS, make_session
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Sessions for the backbone, head and head VJP of one model.
+
+    All arrays crossing this class's boundary hold target-layer activations channel-first,
+    (B, C, H, W), whatever the model stores; the head runs in chunks of at most
+    ``max_batch`` copies so CRM's H·W masked copies never need one huge buffer.
+    """
+
+    def __init__(self, compiled: CompiledModel, providers: list[str], threads: int,
+                 max_batch: int = 256) -> None:
+        self.compiled = compiled
+        self.split = compiled.split
+        self._backbone = make_session(compiled.backbone, providers, threads)
+        self._head = make_session(compiled.head, providers, threads)
+        self._head_vjp = make_session(compiled.head_vjp, providers, threads)
+        self.providers = self._backbone.get_providers()
+        self._nhwc = self.split.target_layout is Layout.NHWC
+        self.max_batch = max_batch if self._head_batches() else 1
+
+    def _to_native(self, acts: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(acts.transpose(0, 2, 3, 1)) if self._nhwc else acts
+
+    def _from_native(self, acts: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(acts.transpose(0, 3, 1, 2)) if self._nhwc else acts
+
+    def _head_batches(self) -> bool:
+        """Whether the head graph accepts batches (a Reshape to a fixed batch of 1 cannot)."""
+        c, h, w = self.split.target_shape
+        probe = np.zeros((2, c, h, w), dtype=np.float32)
+        try:
+            out = self._head.run([self.split.logits], {self.split.target: self._to_native(probe)})
+        except ORT_ERRORS as exc:
+            log.info("head of %s does not batch (%s); running copies one at a time",
+                     self.split.logits, type(exc).__name__)
+            return False
+        return bool(out[0].shape[0] == 2)
+
+    def forward(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image tensor (1, ...) → (activations (1, C, H, W), logits (1, K))."""
+        acts, logits = self._backbone.run(
+            [self.split.target, self.split.logits], {self.split.image: tensor}
+        )
+        return self._from_native(acts), logits
+
+    def _chunked(self, fn: Callable[..., np.ndarray], *arrays: np.ndarray) -> np.ndarray:
+        n = arrays[0].shape[0]
+        parts = [fn(*(a[i:i + self.max_batch] for a in arrays))
+                 for i in range(0, n, self.max_batch)]
+        return np.concatenate(parts, axis=0)
+
+    def head(self, acts: np.ndarray) -> np.ndarray:
+        """Activations (B, C, H, W) → logits (B, K)."""
+        def run(a: np.ndarray) -> np.ndarray:
+            return self._head.run([self.split.logits],
+                                  {self.split.target: self._to_native(a)})[0]
+        return self._chunked(run, acts.astype(np.float32, copy=False))
+
+    def head_vjp(self, acts: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        """Σ_k seed[b, k] · ∂logit_k/∂acts[b] for each b: (B, C, H, W)."""
+        def run(a: np.ndarray, s: np.ndarray) -> np.ndarray:
+            out = self._head_vjp.run([grad_name(self.split.target)],
+                                     {self.split.target: self._to_native(a), SEED: s})[0]
+            return self._from_native(out)
+        return self._chunked(run, acts.astype(np.float32, copy=False),
+                             seed.astype(np.float32, copy=False))

@@ -1,0 +1,120 @@
+"""Grad-CAM and CRM against straightforward references written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.graph.build import compile_model
+from service.methods import METHODS, Captures, Target
+from service.models.activation import Activation
+from service.models.spec import Layout
+from service.runtime.engine import Engine
+from tests import handmade
+from tests.handmade import NAMES, TARGET
+
+ACTIVATION = {"linear": "none", "mlp": "sigmoid", "bn_softmax": "softmax", "nhwc": "sigmoid"}
+
+
+def _probability(name: str, logits: np.ndarray) -> np.ndarray:
+    if ACTIVATION[name] == "sigmoid":
+        return 1 / (1 + np.exp(-logits))
+    if ACTIVATION[name] == "softmax":
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    return logits
+
+
+def _captures(name: str, rng: np.random.Generator) -> tuple[Captures, handmade.Handmade]:
+    h = handmade.build(name)
+    engine = Engine(compile_model(h.model, layout=Layout(h.layout), target_layer=TARGET),
+                    ["CPUExecutionProvider"], 1)
+    shape = (1, 2, handmade.H, handmade.W) if h.layout == "NCHW" else (1, handmade.H,
+                                                                        handmade.W, 2)
+    acts, logits = engine.forward(rng.normal(size=shape).astype(np.float32))
+    return Captures(acts[0], logits[0], Activation(ACTIVATION[name]), engine.head,
+                    engine.head_vjp), h
+
+
+def _score(name: str, h: handmade.Handmade, target: Target):  # type: ignore[no-untyped-def]
+    def score(a: np.ndarray) -> np.ndarray:
+        z = h.numpy_head(a)
+        return _probability(name, z) if target is Target.PROBABILITY else z
+    return score
+
+
+@pytest.mark.parametrize("target", list(Target))
+@pytest.mark.parametrize("name", NAMES)
+def test_gradcam_equals_finite_difference_reference(name: str, target: Target,
+                                                     rng: np.random.Generator) -> None:
+    cap, h = _captures(name, rng)
+    acts = cap.activations.astype(np.float64)
+    score = _score(name, h, target)
+    maps = METHODS["gradcam"].compute(cap, [0, 2], target)
+    for raw, cls in zip(maps, [0, 2]):
+        eps = 1e-6
+        grad = np.zeros_like(acts)
+        for i in np.ndindex(acts.shape):
+            up, down = acts.copy(), acts.copy()
+            up[i] += eps
+            down[i] -= eps
+            grad[i] = (score(up[None])[0, cls] - score(down[None])[0, cls]) / (2 * eps)
+        alpha = grad.mean(axis=(1, 2))
+        expected = np.maximum((alpha[:, None, None] * acts).sum(axis=0), 0)
+        assert raw.index == cls
+        scale = max(np.abs(expected).max(), 1e-12)
+        assert np.abs(raw.values - expected).max() / scale <= 1e-4
+
+
+def _brute_force_crm(score, acts: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """(H, W, K): (S − S(l, m))², one masked copy at a time."""
+    base = score(acts[None])[0]
+    out = np.zeros((acts.shape[1], acts.shape[2], base.shape[0]))
+    for l in range(acts.shape[1]):
+        for m in range(acts.shape[2]):
+            masked = acts.copy()
+            masked[:, l, m] = 0.0
+            out[l, m] = (base - score(masked[None])[0]) ** 2
+    return out
+
+
+@pytest.mark.parametrize("target", list(Target))
+@pytest.mark.parametrize("name", NAMES)
+def test_crm_equals_brute_force_reevaluation(name: str, target: Target,
+                                             rng: np.random.Generator) -> None:
+    cap, h = _captures(name, rng)
+    expected = _brute_force_crm(_score(name, h, target), cap.activations.astype(np.float64))
+    per_class = METHODS["crm"].compute(cap, [0, 1, 2], target)
+    for raw in per_class:
+        assert raw.index is not None
+        ref = expected[..., raw.index]
+        np.testing.assert_allclose(raw.values, ref, rtol=2e-3, atol=1e-6 * ref.max() + 1e-9)
+    (combined,) = METHODS["crm_combined"].compute(cap, [0], target)
+    assert combined.index is None
+    ref = expected.sum(axis=-1)
+    np.testing.assert_allclose(combined.values, ref, rtol=2e-3, atol=1e-6 * ref.max() + 1e-9)
+
+
+def test_crm_of_a_linear_head_is_the_squared_cam(rng: np.random.Generator) -> None:
+    # The paper's identity: with GAP → FC, (S_c − S_c(l,m))² = (Σ_k w_ck A_k(l,m) / HW)².
+    cap, h = _captures("linear", rng)
+    weights = next(i for i in h.model.graph.initializer if i.name == "fc_w")
+    w = np.frombuffer(weights.raw_data, dtype=np.float32).reshape(handmade.K, handmade.C)
+    acts = cap.activations.astype(np.float64)
+    for raw in METHODS["crm"].compute(cap, [0, 1, 2], Target.LOGIT):
+        cam = np.einsum("k,khw->hw", w[raw.index], acts) / (handmade.H * handmade.W)
+        np.testing.assert_allclose(raw.values, cam**2, rtol=2e-3, atol=1e-9)
+
+
+def test_crm_of_a_nonlinear_head_is_not_the_seed_shortcut(rng: np.random.Generator) -> None:
+    # The seed project squared a CAM built from the *last* Dense layer: for a hidden layer
+    # that is not CRM. Our maps must follow the real head instead.
+    cap, h = _captures("mlp", rng)
+    (raw,) = METHODS["crm"].compute(cap, [0], Target.LOGIT)
+    reference = _brute_force_crm(h.numpy_head, cap.activations.astype(np.float64))[..., 0]
+    np.testing.assert_allclose(raw.values, reference, rtol=2e-3, atol=1e-9)
+    w2 = next(i for i in h.model.graph.initializer if i.name == "w2")
+    last = np.frombuffer(w2.raw_data, dtype=np.float32).reshape(handmade.K, 8)
+    shortcut = np.einsum("k,khw->hw", last[0, : handmade.C], cap.activations) ** 2
+    corr = np.corrcoef(shortcut.ravel(), reference.ravel())[0, 1]
+    assert corr < 0.99
