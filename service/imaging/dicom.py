@@ -1,0 +1,698 @@
+"""DICOM decoding: one frame, photometric handling and the Modality/VOI LUT pipeline.
+
+Everything happens in memory. The output follows the display pipeline of PS3.4 Annex N:
+stored values -> Modality LUT (Rescale Slope/Intercept or Modality LUT Sequence) -> VOI
+(VOI LUT Sequence, else the first Window Center/Width, or the caller's override) -> 0..1,
+with MONOCHROME1 inverted last so that bone is bright for every radiograph.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import numbers
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Final, Literal, TypeAlias
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    apply_windowing,
+    convert_color_space,
+    get_decoder,
+)
+from pydicom.pixels.decoders.base import Decoder
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
+
+from service.errors import (
+    DicomWithoutPixels,
+    InvalidDicom,
+    InvalidImage,
+    InvalidParameter,
+    PayloadTooLarge,
+    UnsupportedTransferSyntax,
+)
+from service.imaging.base import DecodedImage
+from service.imaging.raster import DEFAULT_MAX_PIXELS, check_pixel_count, jpeg_dimensions
+
+Window: TypeAlias = tuple[float, float] | None | Literal["none"]
+"""None: the file's own VOI; (center, width): that linear window; "none": min-max."""
+
+DICM_OFFSET: Final[int] = 128
+
+# pydicom parses lazily (raw elements are converted on first access) and hands pixel
+# decoding to plugins, so malformed input surfaces as a broad, undocumented set of
+# exceptions: InvalidDicomError / BytesLengthException (pydicom), EOFError / OSError
+# ("No tag to read"), struct.error and zlib.error (binary and deflate parsing),
+# ValueError (bad values, short pixel data), TypeError / KeyError / IndexError /
+# AttributeError (missing or mistyped elements), NotImplementedError (unknown VRs, pixel
+# layouts pydicom does not handle), OverflowError, and RuntimeError (pydicom's "all
+# decoding plugins failed"). Every one of them means "this upload is not usable DICOM".
+_PYDICOM_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    InvalidDicomError,
+    BytesLengthException,
+    EOFError,
+    OSError,
+    struct.error,
+    zlib.error,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+    OverflowError,
+    RuntimeError,
+)
+
+_PIXEL_KEYWORDS: Final[tuple[str, ...]] = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PALETTE_COLOURS: Final[tuple[str, ...]] = ("Red", "Green", "Blue", "Alpha")
+_IMAGE_PIXEL_KEYWORDS: Final[tuple[str, ...]] = ("Rows", "Columns", "BitsAllocated")
+
+_JPEG_SYNTAXES: Final[frozenset[str]] = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    }
+)
+_J2K_SYNTAXES: Final[frozenset[str]] = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+        "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
+_J2K_SOC_SIZ: Final[bytes] = b"\xff\x4f\xff\x51"
+
+# Only these characters may reach a client or a log from a DICOM header: UIDs are digits
+# and dots, Modality / Photometric Interpretation are code strings. Anything else (a
+# hostile file can put a name anywhere) is dropped.
+_UID_RE: Final[re.Pattern[str]] = re.compile(r"[0-9.]{1,64}")
+_CODE_RE: Final[re.Pattern[str]] = re.compile(r"[A-Z0-9_ ]{1,16}")
+
+# Explicit VR elements whose length field is 4 bytes (after 2 reserved bytes), PS3.5 7.1.2.
+_LONG_VRS: Final[frozenset[bytes]] = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+
+
+@dataclass(frozen=True)
+class _Header:
+    """The Image Pixel facts needed before decoding."""
+
+    rows: int
+    columns: int
+    frames: int
+    photometric: str
+    bits_stored: int
+    transfer_syntax: UID
+
+
+def looks_like_dicom(data: bytes) -> bool:
+    """Tell whether bytes are plausibly DICOM, without parsing them.
+
+    True for the DICOM File Format ("DICM" at byte 128) and for bare datasets written
+    without preamble and File Meta Information, which some PACS exports still produce:
+    those are recognised by a first element in group 0x0002 or 0x0008 (either byte order),
+    where every dataset starts.
+
+    Args:
+        data: the upload.
+
+    Returns:
+        Whether the bytes should be handed to the DICOM decoder.
+    """
+    if data[DICM_OFFSET : DICM_OFFSET + 4] == b"DICM":
+        return True
+    if len(data) < 8:
+        return False
+    group_le = int.from_bytes(data[0:2], "little")
+    group_be = int.from_bytes(data[0:2], "big")
+    return group_le in (0x0002, 0x0008) or group_be in (0x0002, 0x0008)
+
+
+def decode_dicom(
+    data: bytes,
+    *,
+    frame: int = 0,
+    window: Window = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DecodedImage:
+    """Decode one frame of a DICOM object to 0..1 display pixels.
+
+    Files without the 128-byte preamble and "DICM" are read with ``force=True`` only when
+    :func:`looks_like_dicom` accepts them; their transfer syntax is then taken from the
+    encoding pydicom detects (implicit/explicit VR, byte order), i.e. a native syntax.
+
+    Args:
+        data: the DICOM file.
+        frame: 0-based frame index; only that frame is decoded.
+        window: None applies the file's VOI LUT Sequence or first Window Center/Width
+            (min-max if it has neither); ``(center, width)`` applies that window to the
+            modality values with LINEAR_EXACT semantics (PS3.3 C.11.2.1.3.2), so any
+            positive width works; ``"none"`` scales the modality values min-max.
+        max_pixels: the largest accepted Rows * Columns, checked before decoding.
+
+    Returns:
+        The decoded frame: (H, W) grey or (H, W, 3) RGB float32 in 0..1, with non-identifying
+        meta (UIDs, Modality, frames, TransferSyntaxUID, PhotometricInterpretation,
+        bit_depth, width, height).
+
+    Raises:
+        InvalidDicom: not DICOM, truncated, corrupt, or pixels that cannot be decoded.
+        DicomWithoutPixels: a valid object without pixel data (SR, RTPLAN, waveform, ...).
+        UnsupportedTransferSyntax: no installed decoder for the transfer syntax.
+        PayloadTooLarge: Rows * Columns (or a compressed frame's own header, or the inflated
+            size of a deflated dataset) exceeds the limit.
+        InvalidParameter: frame out of range, a malformed window, or a window on colour.
+    """
+    window = _check_window(window)
+    ds = _read_dataset(data, max_pixels)
+    header = _read_header(ds)
+    check_pixel_count(header.columns, header.rows, max_pixels, "DICOM")
+    if not _is_index(frame) or not 0 <= frame < header.frames:
+        raise InvalidParameter(
+            f"frame {frame!r:.40} is out of range: the object has {header.frames} frame(s), "
+            f"numbered from 0"
+        )
+    decoder = _decoder_for(header.transfer_syntax)
+    if not decoder.is_native:
+        _check_codestream_size(ds, header, frame, max_pixels)
+
+    # pydicom's RLE plugin: pylibjpeg-rle panics (a BaseException) on corrupt segments.
+    plugin = "pydicom" if header.transfer_syntax == RLELossless else ""
+    try:
+        arr, props = decoder.as_array(ds, index=frame, decoding_plugin=plugin)
+    except _PYDICOM_ERRORS as exc:
+        raise InvalidDicom(
+            f"DICOM pixel data could not be decoded ({header.transfer_syntax.name}; "
+            f"truncated or corrupt)"
+        ) from exc
+    # pydicom converts YBR_FULL(_422) to RGB, and J2K decoders undo YBR_ICT/RCT; the
+    # properties say what the array now holds.
+    photometric = str(props.get("photometric_interpretation", header.photometric))
+    photometric = photometric.strip().upper()
+
+    try:
+        if photometric in ("MONOCHROME1", "MONOCHROME2"):
+            pixels = _monochrome01(arr, _frame_view(ds, frame), window, _padding_mask(ds, arr))
+            if photometric == "MONOCHROME1":
+                pixels = 1.0 - pixels
+        else:
+            if isinstance(window, tuple):
+                raise InvalidParameter(
+                    f"a window applies to MONOCHROME images only, not to {photometric}"
+                )
+            pixels = _colour01(arr, ds, photometric, header.bits_stored)
+        meta = _meta(ds, header)
+    except _PYDICOM_ERRORS as exc:
+        raise InvalidDicom(
+            "DICOM pixel transformations (LUTs) could not be applied (corrupt attributes)"
+        ) from exc
+
+    return DecodedImage(
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32), format="dicom", meta=meta
+    )
+
+
+def _is_index(value: object) -> bool:
+    """An integer (numpy integers included) that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_window(window: object) -> Window:
+    """Validate the caller's window argument."""
+    if window is None:
+        return None
+    if isinstance(window, str) and window == "none":
+        return "none"
+    if isinstance(window, tuple) and len(window) == 2:
+        center, width = window
+        if (
+            all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in window)
+            and math.isfinite(center)
+            and math.isfinite(width)
+            and width > 0
+        ):
+            return (float(center), float(width))
+    raise InvalidParameter(
+        'window must be omitted, "none", or (center, width) with finite numbers and width > 0'
+    )
+
+
+def _read_dataset(data: bytes, max_pixels: int) -> Dataset:
+    """Parse the whole object from memory."""
+    has_preamble = data[DICM_OFFSET : DICM_OFFSET + 4] == b"DICM"
+    if not looks_like_dicom(data):
+        raise InvalidDicom(
+            "data is not DICOM (no 'DICM' marker at byte 128 and no data element at byte 0)"
+        )
+    if has_preamble:
+        _check_inflated_size(data, max_pixels)
+    try:
+        # force only for bare datasets: with a preamble, pydicom validates the File Meta.
+        return pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+    except _PYDICOM_ERRORS as exc:
+        raise InvalidDicom("DICOM data could not be parsed (truncated or corrupt)") from exc
+
+
+def _check_inflated_size(data: bytes, max_pixels: int) -> None:
+    """Bound a deflated dataset's inflated size before pydicom inflates it unbounded."""
+    offset = _deflated_dataset_offset(data)
+    if offset is None:
+        return
+    # Room for one max-size frame at 8 bytes/pixel plus generous header space; deflate
+    # reaches ~1000:1, so without a bound a small upload could expand to gigabytes.
+    limit = 8 * max_pixels + (64 << 20)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(data[offset:], limit)
+    except zlib.error as exc:
+        raise InvalidDicom("deflated DICOM dataset could not be inflated (corrupt)") from exc
+    if inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"deflated DICOM dataset inflates to more than {limit} bytes")
+
+
+def _deflated_dataset_offset(data: bytes) -> int | None:
+    """Return where the dataset starts if the File Meta names the deflated syntax."""
+    pos = DICM_OFFSET + 4
+    syntax = b""
+    # The File Meta group is always explicit VR little endian (PS3.10 7.1).
+    while pos + 8 <= len(data) and data[pos : pos + 2] == b"\x02\x00":
+        element = int.from_bytes(data[pos + 2 : pos + 4], "little")
+        vr = data[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(data):
+                return None
+            length = int.from_bytes(data[pos + 8 : pos + 12], "little")
+            value_at = pos + 12
+        else:
+            length = int.from_bytes(data[pos + 6 : pos + 8], "little")
+            value_at = pos + 8
+        if element == 0x0010:
+            syntax = data[value_at : value_at + length]
+        pos = value_at + length
+    if syntax.rstrip(b"\x00 ") == DeflatedExplicitVRLittleEndian.encode("ascii"):
+        return pos
+    return None
+
+
+def _read_header(ds: Dataset) -> _Header:
+    """Find the pixel data and read the Image Pixel attributes that decoding depends on."""
+    try:
+        if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+            _raise_without_pixels(ds)
+        rows = _positive_int(ds, "Rows")
+        columns = _positive_int(ds, "Columns")
+        frames_value = ds.get("NumberOfFrames")
+        # pydicom treats an absent, empty or zero Number of Frames as one frame, so do we.
+        frames = max(int(frames_value), 1) if frames_value not in (None, "") else 1
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        bits_stored_value = ds.get("BitsStored", ds.get("BitsAllocated"))
+        bits_stored = int(bits_stored_value) if bits_stored_value is not None else 0
+        syntax = _transfer_syntax(ds)
+    except _PYDICOM_ERRORS as exc:
+        raise InvalidDicom(
+            "DICOM Image Pixel attributes are missing or invalid (truncated or corrupt)"
+        ) from exc
+    if not _CODE_RE.fullmatch(photometric):
+        raise InvalidDicom("DICOM Photometric Interpretation is missing or invalid")
+    if not 1 <= bits_stored <= 64:
+        raise InvalidDicom("DICOM Bits Stored is missing or invalid")
+    return _Header(rows, columns, frames, photometric, bits_stored, syntax)
+
+
+def _raise_without_pixels(ds: Dataset) -> None:
+    """Tell a genuine pixel-less object from a truncated image; raise accordingly."""
+    # pydicom keeps what it parsed before an unexpected end of data (and drops the whole
+    # dataset when the cut falls inside a sequence or encapsulated pixel data), so a cut
+    # image looks pixel-less: empty, with Image Pixel attributes or an image SOP Class, or
+    # with a SOP Class UID cut short (then it differs from the intact File Meta copy).
+    sop_class = ds.get("SOPClassUID")
+    media_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+    if (
+        sop_class is None
+        or (media_class is not None and str(media_class) != str(sop_class))
+        or any(keyword in ds for keyword in _IMAGE_PIXEL_KEYWORDS)
+        or "Image Storage" in UID(str(sop_class)).name
+    ):
+        raise InvalidDicom(
+            "DICOM data is truncated or corrupt: no Pixel Data where an image is expected"
+        )
+    sop_text = str(sop_class)
+    sop_detail = UID(sop_text).name if _UID_RE.fullmatch(sop_text) else "unknown"
+    raise DicomWithoutPixels(
+        f"DICOM object has no pixel data to classify (SOP Class: {sop_detail}"
+        f"{_modality_suffix(ds)})"
+    )
+
+
+def _modality_suffix(ds: Dataset) -> str:
+    modality = str(ds.get("Modality", ""))
+    return f", Modality: {modality}" if _CODE_RE.fullmatch(modality) else ""
+
+
+def _positive_int(ds: Dataset, keyword: str) -> int:
+    value = ds.get(keyword)
+    if value is None or int(value) < 1:
+        raise ValueError(f"{keyword} missing or not positive")
+    return int(value)
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    """The file's transfer syntax, or the native one pydicom detected for bare datasets."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax:
+        text = str(syntax).strip()
+        if not _UID_RE.fullmatch(text):
+            raise InvalidDicom("DICOM Transfer Syntax UID is not a valid UID")
+        return UID(text)
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        raise InvalidDicom("DICOM transfer syntax is missing and cannot be inferred")
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _decoder_for(syntax: UID) -> Decoder:
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntax(
+            f"transfer syntax {syntax} ({syntax.name}) is not supported: no pixel decoder"
+        ) from exc
+    if not decoder.is_available:
+        raise UnsupportedTransferSyntax(
+            f"transfer syntax {syntax} ({syntax.name}) is not supported: "
+            f"its decoder plugins are not installed"
+        )
+    return decoder
+
+
+def _check_codestream_size(ds: Dataset, header: _Header, frame: int, max_pixels: int) -> None:
+    """Check a compressed frame's own header: the codec allocates what it declares."""
+    syntax = str(header.transfer_syntax)
+    if syntax not in _JPEG_SYNTAXES and syntax not in _J2K_SYNTAXES:
+        return  # RLE output is sized from Rows/Columns, already checked.
+    try:
+        offsets = None
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        codestream = get_frame(
+            ds.PixelData, frame, extended_offsets=offsets, number_of_frames=header.frames
+        )
+    except _PYDICOM_ERRORS as exc:
+        raise InvalidDicom(
+            f"DICOM encapsulated frame {frame} could not be located (truncated or corrupt)"
+        ) from exc
+    if syntax in _JPEG_SYNTAXES:
+        try:
+            width, height = jpeg_dimensions(codestream)
+        except InvalidImage as exc:
+            raise InvalidDicom(
+                f"DICOM JPEG frame {frame} has no valid frame header (corrupt)"
+            ) from exc
+    else:
+        width, height = _j2k_dimensions(codestream)
+    check_pixel_count(width, height, max_pixels, "DICOM compressed frame")
+
+
+def _j2k_dimensions(codestream: bytes) -> tuple[int, int]:
+    """Read (width, height) from a JPEG 2000 SIZ segment (raw codestream or JP2 file)."""
+    start = codestream.find(_J2K_SOC_SIZ)
+    if start < 0 or start + 24 > len(codestream):
+        raise InvalidDicom("DICOM JPEG 2000 frame has no codestream header (corrupt)")
+    # SOC, SIZ marker, Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz (PS ISO 15444-1 A.5.1).
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", codestream[start + 8 : start + 24])
+    return max(xsiz - xosiz, 0), max(ysiz - yosiz, 0)
+
+
+def _frame_view(ds: Dataset, frame: int) -> Dataset:
+    """The LUT-relevant attributes in effect for one frame.
+
+    Enhanced multi-frame objects keep Rescale and Window values in the Shared and
+    Per-Frame Functional Groups rather than at the top level, where pydicom's LUT
+    functions look; a small view dataset puts the frame's values where they expect them.
+    It also keeps pydicom's in-place edits (apply_windowing rewrites elements) off ``ds``.
+    """
+    view = Dataset()
+    view.file_meta = ds.file_meta  # endianness of OW LUT Data
+    view.set_original_encoding(*ds.original_encoding)
+    for keyword in (
+        "PhotometricInterpretation",
+        "BitsStored",
+        "PixelRepresentation",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "ModalityLUTSequence",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "VOILUTSequence",
+    ):
+        if keyword in ds:
+            view[keyword] = ds[keyword]
+    if view.get("ModalityLUTSequence"):
+        item = view.ModalityLUTSequence[0]
+        entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+        if bits not in (8, 16):
+            # apply_modality_lut builds dtype f"uint{bits}": legal 9..15-bit LUTs (PS3.3
+            # C.11.1.1.1) would raise, so widen them to 16 bits; values are unchanged.
+            widened = Dataset()
+            widened.update(item)
+            widened.LUTDescriptor = [entries, first_mapped, 16]
+            view.ModalityLUTSequence = [widened]
+    groups = [ds.get("SharedFunctionalGroupsSequence")]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and frame < len(per_frame):
+        groups.append([per_frame[frame]])
+    for group in groups:  # shared first, so per-frame values win
+        if not group:
+            continue
+        item = group[0]
+        for sequence, keywords in (
+            ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
+            ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+        ):
+            if item.get(sequence):
+                for keyword in keywords:
+                    if keyword in item[sequence][0]:
+                        view[keyword] = item[sequence][0][keyword]
+    return view
+
+
+def _clip_to_lut_input(stored: np.ndarray, item: Dataset) -> np.ndarray:
+    """Clamp to a LUT's input range in int64.
+
+    pydicom subtracts the first mapped value in the input's own dtype, which wraps for
+    values near the dtype's limits; clamping first gives the same lookup without wrapping.
+    """
+    entries, first_mapped, _ = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    return np.clip(stored.astype(np.int64), first_mapped, first_mapped + entries - 1)
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Pixels equal to Pixel Padding Value (or within its range limit), in stored values."""
+    if stored.ndim != 2 or ds.get("PixelPaddingValue") is None:
+        return None
+    padding = int(ds.PixelPaddingValue)
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None:
+        return stored == padding
+    low, high = sorted((padding, int(limit)))
+    return (stored >= low) & (stored <= high)
+
+
+def _monochrome01(
+    stored: np.ndarray, view: Dataset, window: Window, padding: np.ndarray | None
+) -> np.ndarray:
+    """Modality LUT, then VOI (file, override or none), then 0..1 (before MONOCHROME1)."""
+    if view.get("ModalityLUTSequence"):
+        stored = _clip_to_lut_input(stored, view.ModalityLUTSequence[0])
+    values = apply_modality_lut(stored, view)
+    if isinstance(window, tuple):
+        center, width = window
+        return np.clip((values.astype(np.float64) - center) / width + 0.5, 0.0, 1.0)
+    if window is None:
+        voi = _file_voi01(values, view)
+        if voi is not None:
+            return voi
+    return _min_max01(values, padding)
+
+
+def _file_voi01(values: np.ndarray, view: Dataset) -> np.ndarray | None:
+    """The file's VOI LUT Sequence or first window, scaled by its output range; None if absent."""
+    lut_item = view.VOILUTSequence[0] if view.get("VOILUTSequence") else None
+    if lut_item is not None and "LUTDescriptor" in lut_item and "LUTData" in lut_item:
+        entries, first_mapped, bits = (int(v) for v in lut_item.LUTDescriptor)
+        entries = entries or 65536
+        # apply_voi indexes with integers (it warns on floats) and subtracts first_mapped in
+        # the LUT's unsigned dtype, which wraps for out-of-range inputs: clamp first.
+        indices = np.clip(np.rint(values), first_mapped, first_mapped + entries - 1)
+        mapped = apply_voi(indices.astype(np.int64), view, index=0)
+        # Output range is 0..2^bits-1 (PS3.3 C.11.2.1.1); some writers declare fewer bits
+        # than the data use, so never scale below the LUT's real maximum.
+        top = float(2**bits - 1)
+        peak = float(mapped.max(initial=0))
+        if peak > top:
+            top = float(2 ** int(peak).bit_length() - 1)
+        return mapped.astype(np.float64) / top
+
+    center = _first_number(view, "WindowCenter")
+    width = _first_number(view, "WindowWidth")
+    function = str(view.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if center is None or width is None:
+        return None
+    # An unusable window in the header should not block inference: fall back to min-max
+    # instead of letting apply_windowing raise.
+    if function == "LINEAR":
+        if width < 1:
+            return None
+    elif function in ("LINEAR_EXACT", "SIGMOID"):
+        if width <= 0:
+            return None
+    else:
+        return None
+    windowed = apply_windowing(values, view, index=0)
+    # apply_windowing maps into a range derived from Bits Stored, Pixel Representation,
+    # Rescale and any Modality LUT; reading it back by windowing -inf/+inf keeps this
+    # independent of how pydicom computes it.
+    low, high = apply_windowing(np.array([-np.inf, np.inf]), view, index=0)
+    if not high > low:
+        return None
+    return np.clip((windowed - low) / (high - low), 0.0, 1.0)
+
+
+def _first_number(view: Dataset, keyword: str) -> float | None:
+    """First value of a possibly multi-valued DS element; None when absent or not finite."""
+    element = view.get(keyword)
+    if element is None or element == "":
+        return None
+    value = element[0] if isinstance(element, MultiValue) else element
+    if value is None or value == "":
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _min_max01(values: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
+    """Scale to 0..1 by min and max of the pixels that are not padding."""
+    values = values.astype(np.float64)
+    finite = np.isfinite(values)
+    if padding is not None:
+        finite &= ~padding
+    if not finite.any():
+        finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, dtype=np.float64)
+    low = float(values[finite].min())
+    high = float(values[finite].max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float64)
+    scaled = (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) / (high - low)
+    return np.clip(scaled, 0.0, 1.0)
+
+
+def _colour01(arr: np.ndarray, ds: Dataset, photometric: str, bits_stored: int) -> np.ndarray:
+    """RGB / palette / residual YBR pixels to 0..1 RGB, grey when all channels are equal."""
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, _palette_source(ds))
+        top = float(np.iinfo(rgb.dtype).max)
+    elif photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+        if photometric != "RGB":
+            # pydicom converts these itself (raw=False); kept for a plugin that did not.
+            arr = convert_color_space(arr, photometric, "RGB")
+        rgb = arr
+        top = float(2**bits_stored - 1)
+    else:
+        raise InvalidDicom(f"DICOM Photometric Interpretation {photometric} is not supported")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InvalidDicom(f"DICOM {photometric} pixel data does not have 3 samples per pixel")
+    scaled = np.clip(rgb.astype(np.float64) / top, 0.0, 1.0)
+    if np.array_equal(scaled[:, :, 0], scaled[:, :, 1]) and np.array_equal(
+        scaled[:, :, 1], scaled[:, :, 2]
+    ):
+        return scaled[:, :, 0]
+    return scaled
+
+
+def _palette_source(ds: Dataset) -> Dataset:
+    """The palette module with LUT Data as native-order bytes, as apply_color_lut assumes.
+
+    pydicom 3.0's apply_color_lut reads (non-segmented) LUT Data with np.frombuffer in
+    native byte order, so big endian files come out byte-swapped, and LUT Data read as a
+    list of US values (explicit VR US) is not bytes at all; both are normalised here.
+    """
+    big_endian = ds.original_encoding[1] is False
+    needs_view = big_endian or any(
+        isinstance(ds.get(f"{colour}PaletteColorLookupTableData"), (list, MultiValue))
+        for colour in _PALETTE_COLOURS
+    )
+    if not needs_view:
+        return ds
+    view = Dataset()
+    view.file_meta = ds.file_meta
+    view.set_original_encoding(*ds.original_encoding)
+    for element in ds.group_dataset(0x0028):
+        view.add(element)
+    if "PixelPresentation" in ds:  # apply_color_lut refuses supplemental palettes
+        view["PixelPresentation"] = ds["PixelPresentation"]
+    for colour in _PALETTE_COLOURS:
+        keyword = f"{colour}PaletteColorLookupTableData"
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        entries = int(ds[f"{colour}PaletteColorLookupTableDescriptor"].value[0]) or 65536
+        if isinstance(value, (list, MultiValue)):
+            words = np.asarray(value, dtype=np.uint16)
+        elif len(value) == 2 * entries:
+            words = np.frombuffer(value, dtype=">u2" if big_endian else "<u2")
+        else:
+            continue  # 8-bit entries: byte order does not apply
+        view[keyword] = DataElement(ds[keyword].tag, "OW", words.astype("=u2").tobytes())
+    return view
+
+
+def _meta(ds: Dataset, header: _Header) -> dict[str, str | int]:
+    """Non-identifying facts only: UIDs, Modality, sizes, syntax, photometric, bits."""
+    meta: dict[str, str | int] = {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        text = str(ds.get(keyword, "")).strip()
+        if _UID_RE.fullmatch(text):
+            meta[keyword] = text
+    modality = str(ds.get("Modality", "")).strip()
+    if _CODE_RE.fullmatch(modality):
+        meta["Modality"] = modality
+    meta["frames"] = header.frames
+    meta["TransferSyntaxUID"] = str(header.transfer_syntax)
+    meta["PhotometricInterpretation"] = header.photometric
+    meta["bit_depth"] = header.bits_stored
+    meta["width"] = header.columns
+    meta["height"] = header.rows
+    return meta

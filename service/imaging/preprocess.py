@@ -1,0 +1,118 @@
+"""Decoded image -> network input, and maps back to image grids.
+
+The resize is a plain stretch (no crop, no letterbox), so a point (x, y) of the original
+maps to (x * spec.width / W, y * spec.height / H) on the network grid and back linearly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import cv2
+import numpy as np
+
+from service.imaging.base import DecodedImage
+from service.models.spec import InputSpec, Layout
+
+# ITU-R BT.601 luma weights for R, G, B.
+BT601_LUMA: Final[tuple[float, float, float]] = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What the network gets, plus the same pixels before normalisation.
+
+    Attributes:
+        image01: float32 (spec.height, spec.width, spec.channels), 0..1, before mean/std;
+            what explanations are drawn over.
+        tensor: float32 batch of one, (x - mean) / std per channel, in spec.layout:
+            (1, C, H, W) for NCHW or (1, H, W, C) for NHWC.
+    """
+
+    image01: np.ndarray
+    tensor: np.ndarray
+
+
+def to_model_input(image: DecodedImage, spec: InputSpec) -> ModelInput:
+    """Resize, match channels and normalise a decoded image for the network.
+
+    Args:
+        image: decoded pixels, (H, W) or (H, W, 3), float32 0..1.
+        spec: the network's input description.
+
+    Returns:
+        The network input and the resized 0..1 image.
+
+    Raises:
+        ValueError: the spec or the pixels have an unsupported shape (a programming or
+            model-configuration error, not a client error).
+    """
+    if spec.channels not in (1, 3):
+        raise ValueError(f"only 1- or 3-channel networks are supported, not {spec.channels}")
+    if len(spec.mean) != spec.channels or len(spec.std) != spec.channels:
+        raise ValueError("spec.mean and spec.std need one value per channel")
+
+    resized = _resize(image.pixels.astype(np.float32, copy=False), spec.height, spec.width)
+    image01 = _match_channels(resized, spec.channels)
+
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    normalised = (image01 - mean) / std  # broadcasts over the trailing channel axis
+    if spec.layout == Layout.NCHW:
+        tensor = normalised.transpose(2, 0, 1)[np.newaxis]
+    else:
+        tensor = normalised[np.newaxis]
+    return ModelInput(
+        image01=np.ascontiguousarray(image01, dtype=np.float32),
+        tensor=np.ascontiguousarray(tensor, dtype=np.float32),
+    )
+
+
+def resize_map(m: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinearly resize a 2-D map (heatmap, saliency) to height x width.
+
+    Args:
+        m: 2-D array.
+        height: output rows.
+        width: output columns.
+
+    Returns:
+        float32 (height, width).
+
+    Raises:
+        ValueError: m is not 2-D or the size is not positive.
+    """
+    if m.ndim != 2:
+        raise ValueError(f"resize_map expects a 2-D map, got shape {m.shape}")
+    if height < 1 or width < 1:
+        raise ValueError(f"resize_map needs a positive size, got {height}x{width}")
+    # cv2 takes dsize as (width, height).
+    return cv2.resize(
+        m.astype(np.float32, copy=False), (width, height), interpolation=cv2.INTER_LINEAR
+    )
+
+
+def _resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Stretch to height x width; area averaging only when shrinking both ways."""
+    in_height, in_width = pixels.shape[:2]
+    if (in_height, in_width) == (height, width):
+        return pixels
+    # INTER_AREA antialiases a downscale; for upscales (or mixed) it degenerates to
+    # nearest-like behaviour, where bilinear is the better choice.
+    shrinking = height < in_height and width < in_width
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(pixels, (width, height), interpolation=interpolation)
+
+
+def _match_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W) or (H, W, 3) -> (H, W, channels)."""
+    if pixels.ndim == 2:
+        grey = pixels[:, :, np.newaxis]
+        return np.repeat(grey, 3, axis=2) if channels == 3 else grey
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected (H, W) or (H, W, 3) pixels, got shape {pixels.shape}")
+    if channels == 3:
+        return pixels
+    luma = pixels @ np.asarray(BT601_LUMA, dtype=np.float32)
+    return luma[:, :, np.newaxis].astype(np.float32, copy=False)
