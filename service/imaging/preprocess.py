@@ -69,30 +69,6 @@ def to_model_input(image: DecodedImage, spec: InputSpec) -> ModelInput:
     )
 
 
-def resize_map(m: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinearly resize a 2-D map (heatmap, saliency) to height x width.
-
-    Args:
-        m: 2-D array.
-        height: output rows.
-        width: output columns.
-
-    Returns:
-        float32 (height, width).
-
-    Raises:
-        ValueError: m is not 2-D or the size is not positive.
-    """
-    if m.ndim != 2:
-        raise ValueError(f"resize_map expects a 2-D map, got shape {m.shape}")
-    if height < 1 or width < 1:
-        raise ValueError(f"resize_map needs a positive size, got {height}x{width}")
-    # cv2 takes dsize as (width, height).
-    return cv2.resize(
-        m.astype(np.float32, copy=False), (width, height), interpolation=cv2.INTER_LINEAR
-    )
-
-
 def _resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Stretch to height x width; area averaging only when shrinking both ways."""
     in_height, in_width = pixels.shape[:2]

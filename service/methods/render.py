@@ -50,7 +50,7 @@ def _png(array: np.ndarray) -> bytes:
 def overlay(normalised: np.ndarray, image01: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """A JET colour overlay of a normalised map on the image (RGB uint8, same grid)."""
     grey = image01 if image01.ndim == 2 else image01.mean(axis=2)
-    base = np.repeat((np.clip(grey, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    base = np.repeat((np.clip(grey, 0, 1) * 255).round()[..., None], 3, axis=2)
     colour = cv2.applyColorMap((normalised * 255).astype(np.uint8), cv2.COLORMAP_JET)
     colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
     weight = (alpha * normalised)[..., None]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service.imaging.base import DecodedImage
-from service.imaging.preprocess import BT601_LUMA, ModelInput, resize_map, to_model_input
+from service.imaging.preprocess import BT601_LUMA, ModelInput, to_model_input
 from service.models.spec import InputSpec, Layout
 
 
@@ -117,21 +117,3 @@ def test_rgb_stays_rgb_for_three_channels() -> None:
 def test_bad_specs_are_rejected(spec: InputSpec) -> None:
     with pytest.raises(ValueError):
         to_model_input(_image(np.zeros((2, 2))), spec)
-
-
-def test_resize_map_non_square_orientation_and_values() -> None:
-    ramp = np.tile(np.array([0.0, 1.0, 2.0], dtype=np.float32), (2, 1))  # 2 rows x 3 columns
-    resized = resize_map(ramp, 4, 6)
-    assert resized.shape == (4, 6)
-    assert resized.dtype == np.float32
-    np.testing.assert_allclose(resized, [[0, 0.25, 0.75, 1.25, 1.75, 2]] * 4, atol=1e-6)
-    tall = resize_map(ramp, 5, 2)
-    assert tall.shape == (5, 2)
-    np.testing.assert_allclose(tall, [[0.25, 1.75]] * 5, atol=1e-6)
-
-
-def test_resize_map_rejects_non_2d() -> None:
-    with pytest.raises(ValueError, match="2-D"):
-        resize_map(np.zeros((2, 2, 1), dtype=np.float32), 4, 4)
-    with pytest.raises(ValueError, match="positive"):
-        resize_map(np.zeros((2, 2), dtype=np.float32), 0, 4)
