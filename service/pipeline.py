@@ -30,6 +30,7 @@ from service.methods import DEFAULT_METHODS, Captures, RawMap, Target, get_metho
 from service.methods.regions import regions
 from service.methods.render import Encoding, Size, encode, normalise, resize
 from service.models.repository import LoadedModel
+from service.models.spec import Layout
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,24 @@ def forward(model: LoadedModel, image: DecodedImage, watch: Stopwatch) -> Forwar
         activation=model.config.activation,
         head=engine.head,
         head_vjp=engine.head_vjp,
+        guided=_guided_fn(model, model_input) if engine.has_guided else None,
     )
     return Forward(model_input, captures, model.config.activation.scores(logits)[0])
+
+
+def _guided_fn(model: LoadedModel, model_input: ModelInput):  # type: ignore[no-untyped-def]
+    """Guided gradients w.r.t. the image before normalisation, channel-first."""
+    spec = model.config.input
+    inv_std = 1.0 / np.asarray(spec.std, dtype=np.float32)
+
+    def guided(seeds: np.ndarray) -> np.ndarray:
+        grads = model.engine.guided(model_input.tensor, seeds)
+        if spec.layout is Layout.NHWC:
+            grads = grads.transpose(0, 3, 1, 2)
+        # x_norm = (x − mean) / std, so d/dx = d/dx_norm / std, channel by channel.
+        return grads * inv_std[None, :, None, None]
+
+    return guided
 
 
 def predictions(model: LoadedModel, scores: np.ndarray) -> list[Prediction]:

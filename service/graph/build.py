@@ -13,6 +13,8 @@ from service.graph.onnx_graph import GraphIndex
 from service.graph.target import Split, split
 from service.models.spec import Layout
 
+GUIDED_PREFIX = "xai/guided/"
+
 
 @dataclass(frozen=True)
 class CompiledModel:
@@ -24,15 +26,23 @@ class CompiledModel:
         head: target activations (batched) → logits.
         head_vjp: target activations, seed over logits → gradient w.r.t. the activations,
             plus the logits.
+        guided: image, seed over logits → guided-backprop gradient w.r.t. the image, plus
+            the target activations and logits; None when some op of the backbone has no
+            gradient rule (``guided_error`` says which).
     """
 
     split: Split
     backbone: onnx.ModelProto
     head: onnx.ModelProto
     head_vjp: onnx.ModelProto
+    guided: onnx.ModelProto | None = None
+    guided_error: str | None = None
 
     def graphs(self) -> dict[str, onnx.ModelProto]:
-        return {"backbone": self.backbone, "head": self.head, "head_vjp": self.head_vjp}
+        graphs = {"backbone": self.backbone, "head": self.head, "head_vjp": self.head_vjp}
+        if self.guided is not None:
+            graphs["guided"] = self.guided
+        return graphs
 
 
 def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
@@ -63,9 +73,18 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
                        batch=False)
     head = extract(index, [cut.target], [cut.logits], name="head")
     head_vjp = autodiff.vjp(head, cut.logits, [cut.target])
-    for name, graph in (("backbone", backbone), ("head", head), ("head_vjp", head_vjp)):
+    guided: onnx.ModelProto | None = None
+    guided_error = None
+    try:
+        guided = autodiff.vjp(backbone, cut.logits, [cut.image], guided=True,
+                              prefix=GUIDED_PREFIX)
+    except CompileError as exc:
+        # Grad-CAM and CRM need only the head; the model still serves without guided maps.
+        guided_error = str(exc)
+    compiled = CompiledModel(cut, backbone, head, head_vjp, guided, guided_error)
+    for name, graph in compiled.graphs().items():
         try:
             onnx.checker.check_model(graph)
         except onnx.checker.ValidationError as exc:
             raise CompileError(f"the generated {name} graph is invalid: {exc}") from exc
-    return CompiledModel(cut, backbone, head, head_vjp)
+    return compiled

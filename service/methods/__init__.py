@@ -6,8 +6,11 @@ from service.errors import UnknownMethod
 from service.methods.base import Captures, Method, RawMap, Target
 from service.methods.crm import Crm, CrmCombined
 from service.methods.gradcam import GradCam
+from service.methods.guided import GuidedBackprop, GuidedGradCam
 
-METHODS: dict[str, Method] = {m.name: m for m in (Crm(), CrmCombined(), GradCam())}
+METHODS: dict[str, Method] = {
+    m.name: m for m in (Crm(), CrmCombined(), GradCam(), GuidedBackprop(), GuidedGradCam())
+}
 
 DEFAULT_METHODS = ("gradcam", "crm")
 

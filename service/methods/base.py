@@ -35,6 +35,9 @@ class Captures:
         activation: how logits become probabilities.
         head: (B, C, H, W) activations → (B, K) logits.
         head_vjp: activations (B, C, H, W) and seeds (B, K) → Σ_k seed·∂logit_k/∂A, (B, C, H, W).
+        guided: seeds (B, K) → guided-backprop Σ_k seed·∂logit_k/∂image for the image before
+            normalisation, channel-first (B, C, H, W) at the network's input grid; None when
+            the model has no guided graph.
     """
 
     activations: np.ndarray
@@ -42,6 +45,7 @@ class Captures:
     activation: Activation
     head: Callable[[np.ndarray], np.ndarray]
     head_vjp: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    guided: Callable[[np.ndarray], np.ndarray] | None = None
     # Results shared by methods within one request (CRM and CRM-combined mask the same copies).
     memo: dict[object, object] = field(default_factory=dict, compare=False)
 
@@ -62,10 +66,11 @@ class Captures:
 
 @dataclass(frozen=True)
 class RawMap:
-    """A method's output before post-processing: a non-negative map on its native grid.
+    """A method's output before post-processing: a map on its native grid.
 
     ``grid`` says which grid: "feature" (the target layer's) or "model" (the input's).
-    ``index`` is the explained class, or None for class-agnostic maps.
+    ``index`` is the explained class, or None for class-agnostic maps. CAM-type maps are
+    non-negative; gradient maps are signed.
     """
 
     values: np.ndarray
@@ -80,6 +85,7 @@ class Method(ABC):
     paper: ClassVar[str]
     per_class: ClassVar[bool] = True
     grid: ClassVar[str] = "feature"
+    needs_guided: ClassVar[bool] = False
 
     @abstractmethod
     def compute(self, captures: Captures, classes: Sequence[int],

@@ -33,11 +33,16 @@ def resize(values: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def normalise(values: np.ndarray) -> np.ndarray:
-    """Scale a non-negative map to [0, 1] by its maximum (all zeros stay zeros)."""
-    peak = float(values.max()) if values.size else 0.0
+    """|map| scaled to [0, 1] by its maximum (all zeros stay zeros).
+
+    CAM-type maps are non-negative already; for signed gradient maps the magnitude is what
+    a picture or a region can show.
+    """
+    magnitude = np.abs(values)
+    peak = float(magnitude.max()) if values.size else 0.0
     if peak <= 0 or not np.isfinite(peak):
         return np.zeros_like(values, dtype=np.float32)
-    return (values / peak).astype(np.float32)
+    return (magnitude / peak).astype(np.float32)
 
 
 def _png(array: np.ndarray) -> bytes:

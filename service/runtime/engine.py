@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from service.graph.autodiff import SEED, grad_name
-from service.graph.build import CompiledModel
+from service.graph.build import GUIDED_PREFIX, CompiledModel
 from service.models.spec import Layout
 from service.runtime.sessions import ORT_ERRORS, make_session
 
@@ -30,9 +30,16 @@ class Engine:
         self._backbone = make_session(compiled.backbone, providers, threads)
         self._head = make_session(compiled.head, providers, threads)
         self._head_vjp = make_session(compiled.head_vjp, providers, threads)
+        self._guided = (make_session(compiled.guided, providers, threads)
+                        if compiled.guided is not None else None)
+        self._guided_batches = True
         self.providers = self._backbone.get_providers()
         self._nhwc = self.split.target_layout is Layout.NHWC
         self.max_batch = max_batch if self._head_batches() else 1
+
+    @property
+    def has_guided(self) -> bool:
+        return self._guided is not None
 
     def _to_native(self, acts: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(acts.transpose(0, 2, 3, 1)) if self._nhwc else acts
@@ -80,3 +87,25 @@ class Engine:
             return self._from_native(out)
         return self._chunked(run, acts.astype(np.float32, copy=False),
                              seed.astype(np.float32, copy=False))
+
+    def guided(self, tensor: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """Guided-backprop Σ_k seed[b, k]·∂logit_k/∂input for one image tensor (1, ...).
+
+        Returns (B, ...) shaped like the network input, one row per seed row.
+        """
+        if self._guided is None:
+            raise RuntimeError("this model has no guided graph")
+        name = grad_name(self.split.image, GUIDED_PREFIX)
+        feeds_seed = f"{GUIDED_PREFIX}seed"
+        seeds = seeds.astype(np.float32, copy=False)
+        if self._guided_batches and len(seeds) > 1:
+            copies = np.repeat(tensor, len(seeds), axis=0)
+            try:
+                return self._guided.run([name], {self.split.image: copies, feeds_seed: seeds})[0]
+            except ORT_ERRORS:
+                # A graph with a fixed batch of 1 (e.g. a Reshape to [1, -1]): one at a time.
+                self._guided_batches = False
+        return np.concatenate([
+            self._guided.run([name], {self.split.image: tensor, feeds_seed: s[None]})[0]
+            for s in seeds
+        ])

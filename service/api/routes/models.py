@@ -27,7 +27,8 @@ def model_info(model: LoadedModel, repository: Repository) -> ModelInfo:
         activation=config.activation.value,
         target_layer=TargetLayerInfo(name=split.target, shape=list(split.target_shape),
                                      detected=config.target_layer is None),
-        methods=list(METHODS),
+        methods=[name for name, m in METHODS.items()
+                 if not m.needs_guided or model.engine.has_guided],
         execution_providers=list(model.engine.providers),
         sha256=model.sha256,
     )

@@ -24,29 +24,32 @@ from service.graph.onnx_graph import GraphIndex
 SEED = f"{PREFIX}seed"
 
 
-def grad_name(tensor: str) -> str:
-    return f"{PREFIX}grad/{tensor}"
+def grad_name(tensor: str, prefix: str = PREFIX) -> str:
+    return f"{prefix}grad/{tensor}"
 
 
 def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = False,
-        keep_outputs: bool = True) -> onnx.ModelProto:
+        keep_outputs: bool = True, prefix: str = PREFIX) -> onnx.ModelProto:
     """Append the gradient of <seed, ``of``> with respect to ``wrt`` to ``model``.
 
     Args:
         model: the forward model; not modified.
-        of: the tensor being differentiated; a new graph input ``xai/seed`` of the same
+        of: the tensor being differentiated; a new graph input ``<prefix>seed`` of the same
             shape carries the vector of the vector-Jacobian product.
         wrt: tensors (graph inputs or intermediate) to differentiate with respect to; each
             becomes an output named ``grad_name(t)``.
         guided: apply the guided-backprop rule at rectifiers.
         keep_outputs: keep the model's own outputs beside the gradients.
+        prefix: names of everything generated start with it; differentiating an already
+            differentiated graph again needs a new one (e.g. ``xai/guided/``).
 
     Raises:
         CompileError: for an op without a rule (naming it and listing the supported ops),
             or when ``of`` does not depend on a ``wrt`` tensor.
     """
     index = GraphIndex(model)
-    builder = VjpBuilder(index, guided=guided)
+    builder = VjpBuilder(index, guided=guided, prefix=prefix)
+    seed = f"{prefix}seed"
 
     upstream = {id(n) for n in index.ancestors([of])}
     active: set[str] = set(wrt)
@@ -68,7 +71,7 @@ def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = F
         )
 
     grads: dict[str, list[str]] = defaultdict(list)
-    grads[of].append(SEED)
+    grads[of].append(seed)
 
     def total(tensor: str) -> str | None:
         parts = grads.get(tensor)
@@ -93,14 +96,14 @@ def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = F
         g = total(tensor)
         if g is None:
             raise CompileError(f"tensor {of!r} does not depend on {tensor!r}")
-        builder.nodes.append(helper.make_node("Identity", [g], [grad_name(tensor)],
+        builder.nodes.append(helper.make_node("Identity", [g], [grad_name(tensor, prefix)],
                                               name=builder.fresh("n_out")))
         info = value_info(index, tensor, batch=False)
-        info.name = grad_name(tensor)
+        info.name = grad_name(tensor, prefix)
         outputs.append(info)
 
     seed_info = value_info(index, of, batch=False)
-    seed_info.name = SEED
+    seed_info.name = seed
     graph = helper.make_graph(
         [*model.graph.node, *builder.nodes],
         f"{model.graph.name}_vjp",

@@ -22,13 +22,14 @@ class VjpBuilder:
     emits the opset-specific form of ops whose signature changed across opsets.
     """
 
-    def __init__(self, index: GraphIndex, *, guided: bool = False) -> None:
+    def __init__(self, index: GraphIndex, *, guided: bool = False, prefix: str = PREFIX) -> None:
         if index.opset < 13:
             raise CompileError(
                 f"gradient graphs need ONNX opset >= 13, the model uses opset {index.opset}; "
                 "convert it with onnx.version_converter first"
             )
         self.index = index
+        self.prefix = prefix
         self.opset = index.opset
         self.guided = guided
         self.nodes: list[onnx.NodeProto] = []
@@ -37,7 +38,7 @@ class VjpBuilder:
 
     def fresh(self, hint: str) -> str:
         self._count += 1
-        return f"{PREFIX}{hint}_{self._count}"
+        return f"{self.prefix}{hint}_{self._count}"
 
     def op(self, op_type: str, inputs: Sequence[str], *, outputs: int = 1,
            hint: str | None = None, **attrs: object) -> str:
