@@ -33,7 +33,7 @@ def gemm(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> 
         else:
             gb = b.op("Gemm", [a, gy], alpha=alpha, transA=1 - ta, hint="grad")
     if len(needs) > 2 and needs[2]:
-        scaled = b.op("Mul", [gy, b.float_const(beta, gy)]) if beta != 1.0 else gy
+        scaled = b.op("Mul", [gy, b.float_const(beta, node.output[0])]) if beta != 1.0 else gy
         gc = b.unbroadcast(scaled, node.input[2], node.output[0])
     return [ga, gb, gc][: len(node.input)]
 

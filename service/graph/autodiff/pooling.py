@@ -2,10 +2,10 @@
 dilations, ceil_mode, count_include_pad).
 
 MaxPool: the gradient goes to the arg max of each window, read from the second output
-``Indices`` of a MaxPool with the same attributes. The ONNX spec defines the indices as
-flat over N·C·D1·…·Dn, ONNX Runtime follows it, but the reference evaluator gives indices
-within one (n, c) plane for stride-1 pools; taking them modulo the plane size makes the
-rule right for both. Scattering with reduction="add" (opset ≥ 16) sums overlapping
+``Indices`` of a MaxPool with the same attributes (storage_order 0). The ONNX spec and
+ONNX Runtime make them flat over N·C·D1·…·Dn, pads not counted; the rule takes them modulo
+the plane size and scatters per (n, c) plane, so it is also right for a runtime that
+numbers within a plane. Scattering with reduction="add" (opset ≥ 16) sums overlapping
 windows; opsets 13–15 lack that reduction, so the output positions are split into classes
 whose windows cannot overlap and each class is scattered on its own.
 

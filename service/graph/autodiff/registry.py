@@ -6,7 +6,18 @@ from collections.abc import Callable
 
 import onnx
 
-from service.graph.autodiff import activations, elementwise, linear, normalization, reduce, shape
+from service.graph.autodiff import (
+    activations,
+    constants,
+    conv,
+    elementwise,
+    linear,
+    normalization,
+    pooling,
+    reduce,
+    resize,
+    shape,
+)
 from service.graph.autodiff.builder import VjpBuilder
 
 Rule = Callable[[VjpBuilder, onnx.NodeProto, list[str | None], list[bool]], list[str | None]]
@@ -19,6 +30,40 @@ RULES: dict[str, Rule] = {
     "Tanh": activations.tanh,
     "Softmax": activations.softmax,
     "LogSoftmax": activations.log_softmax,
+    "PRelu": activations.prelu,
+    "Clip": activations.clip,
+    "HardSigmoid": activations.hard_sigmoid,
+    "HardSwish": activations.hard_swish,
+    # constants.py
+    "Cast": constants.cast,
+    "CastLike": constants.cast,
+    "Gather": constants.gather,
+    "Shape": constants.no_gradient,
+    "Size": constants.no_gradient,
+    "Constant": constants.no_gradient,
+    "ConstantOfShape": constants.no_gradient,
+    "Range": constants.no_gradient,
+    "NonZero": constants.no_gradient,
+    "EyeLike": constants.no_gradient,
+    "Equal": constants.no_gradient,
+    "Less": constants.no_gradient,
+    "Greater": constants.no_gradient,
+    "LessOrEqual": constants.no_gradient,
+    "GreaterOrEqual": constants.no_gradient,
+    "Not": constants.no_gradient,
+    "And": constants.no_gradient,
+    "Or": constants.no_gradient,
+    "Xor": constants.no_gradient,
+    "IsNaN": constants.no_gradient,
+    "IsInf": constants.no_gradient,
+    "ArgMax": constants.no_gradient,
+    "ArgMin": constants.no_gradient,
+    "Floor": constants.no_gradient,
+    "Ceil": constants.no_gradient,
+    "Round": constants.no_gradient,
+    "Sign": constants.no_gradient,
+    # conv.py
+    "Conv": conv.conv,
     # elementwise.py
     "Add": elementwise.add,
     "Sub": elementwise.sub,
@@ -30,11 +75,16 @@ RULES: dict[str, Rule] = {
     "MatMul": linear.matmul,
     # normalization.py
     "BatchNormalization": normalization.batch_normalization,
+    # pooling.py
+    "MaxPool": pooling.max_pool,
+    "AveragePool": pooling.average_pool,
     # reduce.py
     "GlobalAveragePool": reduce.global_average_pool,
     "GlobalMaxPool": reduce.global_max_pool,
     "ReduceMean": reduce.reduce_mean,
     "ReduceSum": reduce.reduce_sum,
+    # resize.py
+    "Resize": resize.resize,
     # shape.py
     "Identity": shape.identity,
     "Dropout": shape.identity,
@@ -43,6 +93,11 @@ RULES: dict[str, Rule] = {
     "Squeeze": shape.reshape,
     "Unsqueeze": shape.reshape,
     "Transpose": shape.transpose,
+    "Expand": shape.expand,
+    "Concat": shape.concat,
+    "Split": shape.split,
+    "Slice": shape.slice_,
+    "Pad": shape.pad,
 }
 
 __all__ = ["RULES", "Rule"]

@@ -1,0 +1,735 @@
+"""Every VJP rule against central finite differences in float64, one tiny graph per case.
+
+The gradient graphs run in ONNX's reference evaluator (ONNX Runtime lacks float64 kernels
+for several ops) and, rebuilt in float32, in ONNX Runtime, which must agree with the
+float64 gradient to a relative 1e-4. Inputs keep away from kinks (rectifiers at 0, clip
+bounds, pooling ties) so the finite differences see a smooth function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_max_pool import MaxPool as ReferenceMaxPool
+
+from service.errors import CompileError
+from service.graph.autodiff import RULES, SEED, grad_name, vjp
+
+RNG = np.random.default_rng(20240611)
+
+
+class ConvTranspose(OpRun):
+    """NumPy ConvTranspose for the reference evaluator, whose own one fails for group > 1
+    with more than one output channel per group (it reshapes the weights wrongly).
+
+    Explicit pads only, which is all the rules emit; checked against ORT below.
+    """
+
+    op_domain = ""
+
+    def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None,  # type: ignore[no-untyped-def]
+             kernel_shape=None, output_padding=None, output_shape=None, pads=None,
+             strides=None):
+        rank = x.ndim - 2
+        strides = strides or [1] * rank
+        dilations = dilations or [1] * rank
+        output_padding = output_padding or [0] * rank
+        pads = pads or [0] * (2 * rank)
+        group = group or 1
+        kernel = w.shape[2:]
+        per_in, per_out = x.shape[1] // group, w.shape[1]
+        full = [s * (n - 1) + d * (k - 1) + 1 + p for s, n, d, k, p in
+                zip(strides, x.shape[2:], dilations, kernel, output_padding)]
+        y = np.zeros((x.shape[0], per_out * group, *full), dtype=np.float64)
+        for g in range(group):
+            xs = x[:, g * per_in:(g + 1) * per_in]
+            for tap in np.ndindex(*kernel):
+                contrib = np.einsum("nm...,mc->nc...", xs, w[g * per_in:(g + 1) * per_in, :, *tap])
+                where = tuple(slice(d * t, d * t + s * (n - 1) + 1, s) for d, t, s, n in
+                              zip(dilations, tap, strides, x.shape[2:]))
+                y[(slice(None), slice(g * per_out, (g + 1) * per_out), *where)] += contrib
+        y = y[(slice(None), slice(None),
+               *[slice(pads[i], full[i] - pads[rank + i]) for i in range(rank)])]
+        if b is not None:
+            y += b.reshape(1, -1, *[1] * rank)
+        return (y.astype(x.dtype),)
+
+
+class MaxPool(ReferenceMaxPool):
+    """The reference MaxPool, always on its general path: for stride 1 and dilation 1 it
+    takes a shortcut whose Indices are wrong (neither flat nor per plane); ONNX Runtime's
+    are flat over N·C·H·W as the spec says."""
+
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None,  # type: ignore[no-untyped-def]
+             kernel_shape=None, pads=None, storage_order=None, strides=None):
+        return self._max_pool(x, auto_pad=auto_pad, ceil_mode=ceil_mode,
+                              dilations=dilations or [1] * len(kernel_shape),
+                              kernel_shape=kernel_shape, pads=pads, storage_order=storage_order,
+                              strides=strides or [1] * len(kernel_shape))
+
+
+FIXED_OPS = [ConvTranspose, MaxPool]
+
+
+@dataclass
+class Case:
+    nodes: list[onnx.NodeProto]
+    inputs: dict[str, np.ndarray]
+    inits: dict[str, np.ndarray] = field(default_factory=dict)
+    opset: int = 13
+    wrt: tuple[str, ...] = ("x",)
+    of: str = "y"
+    eps: float = 1e-6
+    tol: float = 1e-6
+    ort: bool = True
+    ort64: bool = False  # run in ORT float64 where the reference evaluator cannot
+
+    def model(self, dtype: type = np.float64, *, batch: str | None = None) -> onnx.ModelProto:
+        """The forward model; ``batch`` makes the first axis of input x symbolic."""
+        def cast(a: np.ndarray) -> np.ndarray:  # Resize scales stay float32
+            return a.astype(dtype) if a.dtype == np.float64 else a
+
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        graph = helper.make_graph(
+            self.nodes, "case",
+            [helper.make_tensor_value_info(
+                k, helper.np_dtype_to_tensor_dtype(cast(v).dtype),
+                (batch, *v.shape[1:]) if batch and k == "x" else v.shape)
+             for k, v in self.inputs.items()],
+            [helper.make_tensor_value_info(self.of, elem, None)],
+            initializer=[numpy_helper.from_array(cast(v), k) for k, v in self.inits.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        model.ir_version = 9
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        model.graph.ClearField("output")
+        model.graph.output.extend(inferred.graph.output)
+        return model
+
+
+def _node(op: str, inputs: list[str], outputs: list[str] | None = None, **attrs: object
+          ) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, outputs or ["y"], **attrs)
+
+
+def _i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _normal(*shape: int) -> np.ndarray:
+    return np.asarray(RNG.normal(size=shape))
+
+
+def _away(a: np.ndarray, *kinks: float, margin: float = 0.05) -> np.ndarray:
+    """``a`` with values within ``margin`` of a kink pushed out to the margin."""
+    for k in kinks:
+        near = np.abs(a - k) < margin
+        a = np.where(near, k + np.where(a >= k, margin, -margin), a)
+    return a
+
+
+def _distinct(*shape: int) -> np.ndarray:
+    """Values at least 0.01 apart, so pooling never sees a tie."""
+    return RNG.permutation(int(np.prod(shape))).reshape(shape) * 0.01 - 0.3
+
+
+def _unary(op: str, x: np.ndarray, opset: int = 13, **attrs: object) -> Case:
+    return Case([_node(op, ["x"], **attrs)], {"x": x}, opset=opset)
+
+
+def _run_ref(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]
+             ) -> list[np.ndarray]:
+    return ReferenceEvaluator(model, new_ops=FIXED_OPS).run(names, feeds)  # type: ignore[return-value]
+
+
+def _forward(case: Case) -> object:
+    """A callable feeds -> <output of the case> in float64."""
+    model = case.model()
+    if case.ort64:
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        return lambda feeds: session.run([case.of], feeds)[0]
+    evaluator = ReferenceEvaluator(model, new_ops=FIXED_OPS)
+    return lambda feeds: evaluator.run([case.of], feeds)[0]
+
+
+def _fd(case: Case, name: str, seed: np.ndarray) -> np.ndarray:
+    forward = _forward(case)
+    out = np.zeros_like(case.inputs[name])
+    for i in np.ndindex(out.shape):
+        values = []
+        for sign in (1, -1):
+            feeds = dict(case.inputs)
+            feeds[name] = feeds[name].copy()
+            feeds[name][i] += sign * case.eps
+            values.append(float(np.sum(seed * forward(feeds))))  # type: ignore[operator]
+        out[i] = (values[0] - values[1]) / (2 * case.eps)
+    return out
+
+
+def _gradients(case: Case, dtype: type = np.float64, *, guided: bool = False,
+               engine: str = "ref", seed: np.ndarray | None = None
+               ) -> tuple[np.ndarray, list[np.ndarray]]:
+    model = vjp(case.model(dtype), case.of, list(case.wrt), guided=guided)
+    feeds = {k: np.asarray(v, dtype=dtype) if v.dtype == np.float64 else v
+             for k, v in case.inputs.items()}
+    if seed is None:
+        y = _forward(case)(case.inputs)  # type: ignore[operator]
+        seed = np.random.default_rng(7).normal(size=y.shape)
+    feeds[SEED] = np.asarray(seed, dtype=dtype)
+    names = [grad_name(w) for w in case.wrt]
+    if engine == "ref" and not case.ort64:
+        return seed, _run_ref(model, names, feeds)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return seed, session.run(names, feeds)  # type: ignore[return-value]
+
+
+def _conv(x: tuple[int, ...], w: tuple[int, ...], bias: bool = True, weights_node: bool = False,
+          **attrs: object) -> Case:
+    inits = {"w": _normal(*w)}
+    inputs = ["x", "w_used" if weights_node else "w"]
+    nodes = [_node("Identity", ["w"], ["w_used"])] if weights_node else []
+    if bias:
+        inits["b"] = _normal(w[0])
+        inputs.append("b")
+    return Case([*nodes, _node("Conv", inputs, **attrs)], {"x": _normal(*x)}, inits)
+
+
+CONV = {
+    "conv_s1_p1": _conv((2, 3, 5, 6), (4, 3, 3, 3), pads=[1, 1, 1, 1]),
+    "conv_s2_pads": _conv((2, 3, 7, 7), (4, 3, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1]),
+    "conv_s2_nopad": _conv((1, 3, 8, 7), (4, 3, 3, 3), strides=[2, 2]),
+    "conv_s2_asym_pads": _conv((1, 2, 7, 6), (3, 2, 3, 2), strides=[2, 2], pads=[0, 1, 2, 1]),
+    "conv_s1_asym_pads": _conv((1, 2, 6, 5), (3, 2, 3, 3), pads=[0, 1, 2, 0]),
+    "conv_s21_mixed": _conv((1, 2, 7, 6), (3, 2, 3, 2), strides=[2, 1], dilations=[1, 2],
+                            pads=[1, 0, 1, 1]),
+    "conv_dilation2": _conv((1, 2, 8, 8), (3, 2, 3, 3), dilations=[2, 2], pads=[2, 2, 2, 2]),
+    "conv_dilation2_s2": _conv((1, 2, 9, 8), (3, 2, 3, 3), dilations=[2, 2], strides=[2, 2],
+                               pads=[1, 1, 1, 1]),
+    "conv_groups2": _conv((1, 4, 5, 5), (6, 2, 3, 3), group=2, pads=[1, 1, 1, 1]),
+    "conv_groups2_s2": _conv((1, 4, 7, 7), (6, 2, 3, 3), group=2, strides=[2, 2],
+                             pads=[1, 1, 1, 1]),
+    "conv_depthwise": _conv((2, 4, 6, 6), (4, 1, 3, 3), group=4, pads=[1, 1, 1, 1]),
+    "conv_depthwise_x2_s2": _conv((1, 3, 7, 7), (6, 1, 3, 3), group=3, strides=[2, 2],
+                                  pads=[1, 1, 1, 1]),
+    "conv_same_upper_s2": _conv((1, 2, 7, 8), (3, 2, 3, 3), auto_pad="SAME_UPPER",
+                                strides=[2, 2]),
+    "conv_same_lower_s2": _conv((1, 2, 7, 8), (3, 2, 4, 3), auto_pad="SAME_LOWER",
+                                strides=[2, 2]),
+    "conv_same_upper_s1": _conv((1, 2, 5, 6), (3, 2, 4, 3), auto_pad="SAME_UPPER"),
+    "conv_valid": _conv((1, 2, 6, 6), (3, 2, 3, 3), auto_pad="VALID", strides=[2, 2]),
+    "conv_1x1": _conv((2, 3, 4, 4), (5, 3, 1, 1)),
+    "conv_1x1_s2_nobias": _conv((1, 3, 5, 5), (4, 3, 1, 1), bias=False, strides=[2, 2]),
+    "conv_nobias": _conv((1, 3, 5, 5), (2, 3, 3, 3), bias=False),
+    "conv_pads_beyond_kernel": _conv((1, 2, 4, 4), (2, 2, 3, 3), pads=[3, 1, 2, 3]),
+    "conv_weights_from_node": _conv((1, 4, 5, 5), (6, 2, 3, 3), group=2, pads=[1, 1, 1, 1],
+                                    weights_node=True),
+    "conv1d_s2": _conv((2, 3, 9), (4, 3, 3), strides=[2], pads=[1, 0]),
+    "conv1d_s1": _conv((2, 3, 9), (4, 3, 3), pads=[1, 2]),
+    "conv3d": _conv((1, 2, 4, 4, 3), (3, 2, 3, 3, 2), pads=[1, 1, 0, 1, 1, 1]),
+    "conv3d_s2": _conv((1, 2, 5, 4, 4), (3, 2, 3, 3, 2), strides=[2, 2, 1], pads=[1] * 6),
+}
+
+
+def _max_pool(shape: tuple[int, ...], opset: int = 13, **attrs: object) -> Case:
+    return Case([_node("MaxPool", ["x"], **attrs)], {"x": _distinct(*shape)}, opset=opset)
+
+
+MAXPOOL = {
+    f"{name}_opset{opset}": _max_pool(shape, opset, **attrs)
+    for opset in (13, 18)
+    for name, shape, attrs in [
+        ("k2s2", (2, 3, 6, 7), {"kernel_shape": [2, 2], "strides": [2, 2]}),
+        ("k3s2p1_overlap", (1, 2, 7, 7),
+         {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+        ("k3s1_overlap", (1, 2, 5, 6), {"kernel_shape": [3, 3]}),
+        ("ceil_pads", (1, 2, 6, 7),
+         {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 0, 0, 1], "ceil_mode": 1}),
+        ("dilation2", (1, 2, 7, 7),
+         {"kernel_shape": [2, 2], "dilations": [2, 2], "strides": [1, 2]}),
+        ("same_upper", (1, 2, 5, 6),
+         {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+        ("1d", (2, 2, 9), {"kernel_shape": [3], "strides": [2], "pads": [1, 1]}),
+    ]
+}
+
+
+def _avg_pool(shape: tuple[int, ...], opset: int = 13, **attrs: object) -> Case:
+    return Case([_node("AveragePool", ["x"], **attrs)], {"x": _normal(*shape)}, opset=opset)
+
+
+AVGPOOL = {
+    "avg_k2s2": _avg_pool((2, 3, 6, 7), kernel_shape=[2, 2], strides=[2, 2]),
+    "avg_k3s2_pads_include": _avg_pool((1, 2, 7, 6), kernel_shape=[3, 3], strides=[2, 2],
+                                       pads=[1, 1, 1, 1], count_include_pad=1),
+    "avg_k3s2_pads_exclude": _avg_pool((1, 2, 7, 6), kernel_shape=[3, 3], strides=[2, 2],
+                                       pads=[1, 1, 1, 1], count_include_pad=0),
+    "avg_ceil_include": _avg_pool((1, 2, 7, 8), kernel_shape=[3, 3], strides=[2, 2],
+                                  pads=[1, 0, 0, 1], ceil_mode=1, count_include_pad=1),
+    "avg_ceil_exclude": _avg_pool((1, 2, 7, 8), kernel_shape=[3, 3], strides=[2, 2],
+                                  pads=[1, 0, 0, 1], ceil_mode=1, count_include_pad=0),
+    "avg_ceil_nopad": _avg_pool((1, 2, 7, 5), kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+    "avg_k2s3": _avg_pool((1, 2, 8, 7), kernel_shape=[2, 2], strides=[3, 3]),
+    "avg_k3s1_overlap": _avg_pool((1, 2, 5, 5), kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    "avg_same_upper": _avg_pool((1, 2, 7, 6), kernel_shape=[3, 3], strides=[2, 2],
+                                auto_pad="SAME_UPPER", count_include_pad=0),
+    "avg_same_lower_include": _avg_pool((1, 2, 6, 7), kernel_shape=[2, 3], strides=[2, 2],
+                                        auto_pad="SAME_LOWER", count_include_pad=1),
+    "avg_dilation_opset19": _avg_pool((1, 2, 7, 7), opset=19, kernel_shape=[2, 2],
+                                      dilations=[2, 2], pads=[1, 1, 0, 0], count_include_pad=1),
+    "avg_1d": _avg_pool((2, 2, 9), kernel_shape=[3], strides=[2], pads=[1, 1]),
+}
+
+
+def _binary(op: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> Case:
+    b = _normal(*shape_b)
+    if op == "Div":
+        b = np.asarray(np.sign(b) * (np.abs(b) + 0.5))
+    return Case([_node(op, ["x", "w"])], {"x": _normal(*shape_a), "w": b}, wrt=("x", "w"))
+
+
+BROADCAST = {
+    f"{op.lower()}_{name}": _binary(op, a, b)
+    for op in ("Add", "Sub", "Mul", "Div")
+    for name, a, b in [
+        ("same", (2, 3, 2, 2), (2, 3, 2, 2)),
+        ("c11", (2, 3, 2, 2), (3, 1, 1)),
+        ("1c11", (2, 3, 2, 2), (1, 3, 1, 1)),
+        ("scalar", (2, 3, 2, 2), ()),
+        ("nc11_se", (2, 3, 2, 2), (2, 3, 1, 1)),
+        ("reversed", (3, 1, 1), (2, 3, 2, 2)),
+    ]
+}
+
+
+def _reduce(op: str, opset: int, keepdims: int, axes: list[int]) -> Case:
+    axes_as_input = opset >= (13 if op == "ReduceSum" else 18)
+    if axes_as_input:
+        node = _node(op, ["x", "axes"], keepdims=keepdims)
+        return Case([node], {"x": _normal(2, 3, 4)}, {"axes": _i64(*axes)}, opset=opset)
+    return Case([_node(op, ["x"], keepdims=keepdims, axes=axes)], {"x": _normal(2, 3, 4)},
+                opset=opset)
+
+
+def _gemm(ta: int, tb: int, beta: float = 1.0) -> Case:
+    a = _normal(4, 3) if ta else _normal(3, 4)
+    b = _normal(5, 4) if tb else _normal(4, 5)
+    return Case([_node("Gemm", ["x", "w", "c"], transA=ta, transB=tb, alpha=0.7, beta=beta)],
+                {"x": a, "w": b, "c": _normal(5)}, wrt=("x", "w", "c"))
+
+
+def _resize(x_shape: tuple[int, ...], scales: list[float] | None = None,
+            sizes: list[int] | None = None, opset: int = 13, **attrs: object) -> Case:
+    inits = {"roi": np.zeros(0)}
+    if scales is not None:
+        inits["scales"] = np.array(scales, dtype=np.float32)
+        inputs = ["x", "roi", "scales"]
+    else:
+        inits["scales"] = np.zeros(0, dtype=np.float32)
+        inits["sizes"] = np.array(sizes, dtype=np.int64)
+        inputs = ["x", "roi", "scales", "sizes"]
+    return Case([_node("Resize", inputs, **attrs)], {"x": _normal(*x_shape)}, inits, opset=opset)
+
+
+def _clip(x: np.ndarray, low: float | None, high: float | None) -> Case:
+    inputs, inits = ["x"], {}
+    inputs.append("lo" if low is not None else "")
+    if low is not None:
+        inits["lo"] = np.array(low)
+    if high is not None:
+        inputs.append("hi")
+        inits["hi"] = np.array(high)
+    return Case([_node("Clip", inputs)], {"x": x}, inits)
+
+
+def _slice(shape: tuple[int, ...], starts: list[int], ends: list[int],
+           axes: list[int] | None = None, steps: list[int] | None = None) -> Case:
+    inits = {"starts": _i64(*starts), "ends": _i64(*ends)}
+    inputs = ["x", "starts", "ends"]
+    if axes is not None:
+        inits["axes"] = _i64(*axes)
+        inputs.append("axes")
+    if steps is not None:
+        inits["steps"] = _i64(*steps)
+        inputs.append("steps")
+    # Multiply so the gradient is not a plain seed copy.
+    nodes = [_node("Slice", inputs, ["s"]), _node("Mul", ["s", "s"])]
+    return Case(nodes, {"x": _normal(*shape)}, inits)
+
+
+def _pad(shape: tuple[int, ...], pads: list[int], mode: str = "constant", opset: int = 13,
+         axes: list[int] | None = None, ort64: bool = False) -> Case:
+    inits = {"pads": _i64(*pads)}
+    inputs = ["x", "pads"]
+    if axes is not None:
+        inits["value"] = np.array(0.5)
+        inits["axes"] = _i64(*axes)
+        inputs += ["value", "axes"]
+    nodes = [_node("Pad", inputs, ["p"], mode=mode), _node("Mul", ["p", "p"])]
+    return Case(nodes, {"x": _normal(*shape)}, inits, opset=opset, ort64=ort64)
+
+
+def _split(opset: int, *, num_outputs: bool = False) -> Case:
+    if num_outputs:
+        node = _node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)
+        inits = {}
+    else:
+        node = _node("Split", ["x", "split"], ["a", "b", "c"], axis=1)
+        inits = {"split": _i64(2, 2, 2)}
+    return Case([node, _node("Mul", ["a", "c"])], {"x": _normal(2, 6, 3)}, inits, opset=opset)
+
+
+def _resize_to_shape_sizes() -> Case:
+    """Resize as PyTorch exports interpolate(size=...): sizes computed from Shape(x)."""
+    nodes = [
+        _node("Shape", ["x"], ["shape"]),
+        _node("Slice", ["shape", "zero", "two"], ["nc"]),
+        _node("Concat", ["nc", "hw"], ["sizes"], axis=0),
+        _node("Resize", ["x", "", "", "sizes"], mode="linear"),
+    ]
+    inits = {"zero": _i64(0), "two": _i64(2), "hw": _i64(5, 7)}
+    return Case(nodes, {"x": _normal(1, 2, 3, 4)}, inits)
+
+
+def _shape_arithmetic() -> Case:
+    """Flatten as PyTorch exports it: the shape path carries no gradient."""
+    nodes = [
+        _node("Shape", ["x"], ["shape"]),
+        _node("Gather", ["shape", "zero"], ["n"], axis=0),
+        _node("Unsqueeze", ["n", "axes0"], ["n1"]),
+        _node("Concat", ["n1", "minus1"], ["target"], axis=0),
+        _node("Reshape", ["x", "target"], ["flat"]),
+        _node("Tanh", ["flat"]),
+    ]
+    inits = {"zero": np.array(0, dtype=np.int64), "axes0": _i64(0), "minus1": _i64(-1)}
+    return Case(nodes, {"x": _normal(2, 3, 2)}, inits)
+
+
+def _size_scaled() -> Case:
+    """x / Cast(Size(x)): Size and the int Cast stop the walk."""
+    nodes = [_node("Size", ["x"], ["n"]), _node("Cast", ["n"], ["nf"], to=TensorProto.DOUBLE),
+             _node("Div", ["x", "nf"], ["d"]), _node("Mul", ["d", "x"])]
+    return Case(nodes, {"x": _normal(2, 3)}, ort=False)
+
+
+def _cast_float() -> Case:
+    x = _normal(2, 3).astype(np.float32)
+    nodes = [_node("Cast", ["x"], ["x64"], to=TensorProto.DOUBLE), _node("Mul", ["x64", "w"])]
+    # The function is linear, so a large step is exact up to float32 rounding of x.
+    return Case(nodes, {"x": x}, {"w": _normal(2, 3)}, eps=1e-2, tol=1e-5, ort=False)
+
+
+def _cast_like() -> Case:
+    # Neg: shape inference leaves CastLike's output shape unknown, which Mul would need.
+    nodes = [_node("CastLike", ["x", "like"], ["x32"]), _node("Neg", ["x32"])]
+    return Case(nodes, {"x": _normal(2, 3)}, {"like": np.zeros(1, dtype=np.float32)},
+                opset=15, eps=1e-2, tol=1e-5, ort=False)
+
+
+def _comparison_mask() -> Case:
+    """x · [x > 0] with the mask built by Greater and Cast: no gradient through the mask."""
+    nodes = [_node("Greater", ["x", "zero"], ["pos"]),
+             _node("Cast", ["pos"], ["mask"], to=TensorProto.DOUBLE),
+             _node("Mul", ["x", "mask"])]
+    return Case(nodes, {"x": _away(_normal(2, 3), 0.0)}, {"zero": np.array(0.0)}, ort=False)
+
+
+def _constant_of_shape() -> Case:
+    """x + ConstantOfShape(Shape(x)): the gradient reaching ConstantOfShape stops there."""
+    one = helper.make_tensor("one", TensorProto.DOUBLE, [1], [1.5])
+    nodes = [_node("Shape", ["x"], ["shape"]),
+             _node("ConstantOfShape", ["shape"], ["c"], value=one),
+             _node("Mul", ["x", "x"], ["sq"]), _node("Add", ["sq", "c"])]
+    return Case(nodes, {"x": _normal(2, 3)}, ort=False)
+
+
+def _gather(indices: np.ndarray, axis: int) -> Case:
+    nodes = [_node("Gather", ["x", "idx"], ["g"], axis=axis), _node("Mul", ["g", "g"])]
+    return Case(nodes, {"x": _normal(3, 4, 2)}, {"idx": indices})
+
+
+OTHER = {
+    # activations
+    "relu": _unary("Relu", _away(_normal(2, 3, 4), 0.0)),
+    "leaky_relu": _unary("LeakyRelu", _away(_normal(2, 3, 4), 0.0), alpha=0.1),
+    "prelu_per_channel": Case([_node("PRelu", ["x", "slope"])],
+                              {"x": _away(_normal(2, 3, 2, 2), 0.0)},
+                              {"slope": RNG.uniform(0.05, 0.5, size=(3, 1, 1))}),
+    "prelu_slope_grad": Case([_node("PRelu", ["x", "slope"])],
+                             {"x": _away(_normal(2, 3, 2, 2), 0.0),
+                              "slope": RNG.uniform(0.05, 0.5, size=(3, 1, 1))},
+                             wrt=("x", "slope")),
+    "sigmoid": _unary("Sigmoid", _normal(2, 5)),
+    "tanh": _unary("Tanh", _normal(2, 5)),
+    "softmax_axis1": _unary("Softmax", _normal(2, 4, 3), axis=1),
+    "softmax_last": _unary("Softmax", _normal(2, 4, 3)),
+    "log_softmax": _unary("LogSoftmax", _normal(2, 5), axis=-1),
+    "clip_relu6": _clip(_away(RNG.uniform(-2, 8, size=(2, 3, 4)), 0.0, 6.0), 0.0, 6.0),
+    "clip_min_only": _clip(_away(_normal(2, 3, 4), -0.5), -0.5, None),
+    "clip_max_only": _clip(_away(_normal(2, 3, 4), 0.3), None, 0.3),
+    "clip_none": _clip(_normal(2, 3), None, None),
+    "hard_sigmoid": _unary("HardSigmoid", _away(RNG.uniform(-4, 4, size=(2, 3, 4)), -2.5, 2.5)),
+    "hard_sigmoid_attrs": _unary("HardSigmoid", _away(RNG.uniform(-3, 3, (2, 9)), -1.25, 1.25),
+                                 alpha=0.4, beta=0.5),
+    "hard_swish": _unary("HardSwish", _away(RNG.uniform(-5, 5, size=(2, 3, 4)), -3.0, 3.0),
+                         opset=14),
+    "neg": _unary("Neg", _normal(2, 3)),
+    # linear
+    "matmul_batch_broadcast": Case([_node("MatMul", ["x", "w"])],
+                                   {"x": _normal(2, 3, 4, 5), "w": _normal(5, 6)},
+                                   wrt=("x", "w")),
+    "matmul_both_batched": Case([_node("MatMul", ["x", "w"])],
+                                {"x": _normal(3, 4, 5), "w": _normal(2, 1, 5, 2)},
+                                wrt=("x", "w")),
+    **{f"gemm_tA{ta}_tB{tb}": _gemm(ta, tb) for ta in (0, 1) for tb in (0, 1)},
+    "batch_norm": Case([_node("BatchNormalization", ["x", "s", "b", "m", "v"], epsilon=1e-3)],
+                       {"x": _normal(2, 3, 2, 2)},
+                       {"s": _normal(3), "b": _normal(3), "m": _normal(3),
+                        "v": RNG.uniform(0.5, 2, 3)},
+                       # The reference BatchNormalization-9 (opset 13) runs in training mode.
+                       opset=15),
+    # reductions and global pools
+    **{f"{op.lower()}_keep{k}_opset{o}": _reduce(op, o, k, [1, -1])
+       for op in ("ReduceMean", "ReduceSum") for o in (13, 18) for k in (0, 1)},
+    "global_average_pool": _unary("GlobalAveragePool", _normal(2, 3, 3, 4)),
+    "global_max_pool": _unary("GlobalMaxPool", _distinct(2, 3, 3, 4)),
+    # moving values around
+    "identity": _unary("Identity", _normal(2, 3)),
+    "dropout": _unary("Dropout", _normal(2, 3)),
+    "transpose": _unary("Transpose", _normal(2, 3, 4), perm=[2, 0, 1]),
+    "transpose_default": _unary("Transpose", _normal(2, 3, 4)),
+    "reshape": Case([_node("Reshape", ["x", "shape"])], {"x": _normal(2, 3, 4)},
+                    {"shape": _i64(4, -1)}),
+    "flatten": _unary("Flatten", _normal(2, 3, 2, 2), axis=2),
+    "squeeze": Case([_node("Squeeze", ["x", "axes"])], {"x": _normal(2, 1, 3)}, {"axes": _i64(1)}),
+    "unsqueeze": Case([_node("Unsqueeze", ["x", "axes"])], {"x": _normal(2, 3)},
+                      {"axes": _i64(0, 3)}),
+    "expand": Case([_node("Expand", ["x", "shape"])], {"x": _normal(3, 1)},
+                   {"shape": _i64(2, 3, 4)}),
+    "concat_axis1": Case([_node("Concat", ["x", "w", "c"], axis=1)],
+                         {"x": _normal(2, 3, 2), "w": _normal(2, 1, 2)},
+                         {"c": _normal(2, 2, 2)}, wrt=("x", "w")),
+    "concat_axis2": Case([_node("Concat", ["x", "w"], axis=-1)],
+                         {"x": _normal(2, 3, 2), "w": _normal(2, 3, 4)}, wrt=("x", "w")),
+    "split_3_one_unused": _split(13),
+    "split_num_outputs_opset18": _split(18, num_outputs=True),
+    "slice_step1": _slice((3, 5, 4), [1, 0], [3, 2**62], axes=[1, 2]),
+    "slice_negative_starts": _slice((3, 6, 4), [-4, -3], [-1, 4], axes=[1, 2]),
+    "slice_steps2_axes_subset": _slice((3, 7, 4), [1], [7], axes=[1], steps=[2]),
+    "slice_negative_steps": _slice((3, 6, 5), [-1, 4], [-2**62, 0], axes=[1, 2], steps=[-2, -1]),
+    "slice_all_axes_default": _slice((4, 5), [1, 1], [3, -1]),
+    "pad_constant": _pad((2, 3, 4), [0, 1, 2, 0, 2, 1]),
+    # The reference evaluator's Pad refuses negative pads.
+    "pad_constant_negative": _pad((2, 5, 4), [0, -1, 2, 0, 2, -1], ort64=True),
+    "pad_constant_axes_opset18": _pad((2, 3, 4), [1, 2, 0, 1], opset=18, axes=[2, 1]),
+    "pad_reflect": _pad((2, 4, 5), [0, 2, 3, 0, 3, 1], mode="reflect"),
+    "pad_edge": _pad((2, 3, 4), [0, 2, 1, 0, 3, 2], mode="edge"),
+    "pad_wrap_opset19": _pad((2, 3, 4), [0, 2, 1, 0, 1, 3], mode="wrap", opset=19),
+    # resize
+    "resize_nearest_x2": _resize((1, 2, 3, 4), [1, 1, 2, 2]),
+    "resize_nearest_asym_floor": _resize((1, 2, 3, 4), [1, 1, 2, 3],
+                                         coordinate_transformation_mode="asymmetric",
+                                         nearest_mode="floor"),
+    "resize_nearest_down_sizes": _resize((1, 2, 6, 7), sizes=[1, 2, 3, 4], mode="nearest"),
+    "resize_linear_x2_half_pixel": _resize((1, 2, 3, 4), [1, 1, 2, 2], mode="linear"),
+    "resize_linear_x2_align_corners": _resize((1, 2, 3, 4), [1, 1, 2, 2], mode="linear",
+                                              coordinate_transformation_mode="align_corners"),
+    "resize_linear_asymmetric": _resize((1, 2, 3, 4), [1, 1, 2, 2], mode="linear",
+                                        coordinate_transformation_mode="asymmetric"),
+    "resize_linear_pytorch_x1_5": _resize((1, 2, 4, 4), [1, 1, 1.5, 1.5], mode="linear",
+                                          coordinate_transformation_mode="pytorch_half_pixel"),
+    "resize_linear_sizes_down": _resize((1, 2, 7, 8), sizes=[1, 2, 3, 5], mode="linear"),
+    "resize_cubic_x2": _resize((1, 2, 4, 5), [1, 1, 2, 2], mode="cubic"),
+    "resize_cubic_exclude_outside": _resize((1, 2, 4, 5), [1, 1, 2, 2], mode="cubic",
+                                            exclude_outside=1, cubic_coeff_a=-0.5),
+    "resize_sizes_from_shape": _resize_to_shape_sizes(),
+    "resize_axes_opset18": _resize((1, 2, 3, 4), [2.0, 3.0], opset=18, axes=[2, 3],
+                                   mode="linear"),
+    # constants, casts and gathers
+    "shape_arithmetic": _shape_arithmetic(),
+    "size_cast_int": _size_scaled(),
+    "cast_float32_to_float64": _cast_float(),
+    "cast_like": _cast_like(),
+    "comparison_mask": _comparison_mask(),
+    "constant_of_shape": _constant_of_shape(),
+    "gather_vector_indices": _gather(_i64(2, 0, 2), axis=1),
+    "gather_matrix_indices": _gather(np.array([[0, -1], [1, 0]], dtype=np.int64), axis=0),
+    "gather_scalar_index": _gather(np.array(1, dtype=np.int64), axis=2),
+    "gather_matrix_indices_axis1": _gather(np.array([[3, 1, 1]], dtype=np.int64), axis=1),
+}
+
+CASES = {**CONV, **MAXPOOL, **AVGPOOL, **BROADCAST, **OTHER}
+# Float32 runs in ONNX Runtime, for a spread of ops.
+ORT_IDS = [name for name, case in CASES.items() if case.ort]
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_vjp_equals_finite_differences(case: Case) -> None:
+    seed, grads = _gradients(case)
+    for name, grad in zip(case.wrt, grads):
+        expected = _fd(case, name, seed)
+        assert grad.shape == expected.shape
+        np.testing.assert_allclose(grad, expected, rtol=case.tol, atol=case.tol, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ORT_IDS)
+def test_float32_onnxruntime_matches_float64(name: str) -> None:
+    case = CASES[name]
+    seed, exact = _gradients(case)
+    _, fast = _gradients(case, np.float32, engine="ort", seed=seed)
+    for w, g64, g32 in zip(case.wrt, exact, fast):
+        assert g32.shape == g64.shape
+        err = np.abs(g32 - g64).max() / max(np.abs(g64).max(), 1e-12)
+        assert err <= 1e-4, f"{name}/{w}: relative error {err:.2e}"
+
+
+def test_gemm_beta_float64() -> None:
+    test_vjp_equals_finite_differences(_gemm(0, 1, beta=1.3))
+
+
+def test_gemm_beta_float32_onnxruntime() -> None:
+    case = _gemm(1, 0, beta=1.3)
+    seed = np.random.default_rng(7).normal(size=(3, 5))
+    _, grads = _gradients(case, np.float32, engine="ort", seed=seed)
+    for name, grad in zip(case.wrt, grads):
+        np.testing.assert_allclose(grad, _fd(case, name, seed), rtol=1e-4, atol=1e-5)
+
+
+# What the compiled graphs look like: a symbolic batch axis.
+SYMBOLIC_BATCH = sorted({
+    name for name in CASES
+    if name.split("_")[0] in {"conv", "conv1d", "conv3d", "k2s2", "k3s2p1", "k3s1", "ceil",
+                              "dilation2", "same", "1d", "avg", "relu", "leaky", "prelu",
+                              "clip", "hard", "softmax", "concat", "split", "slice", "pad",
+                              "resize", "global", "reducemean", "reducesum", "flatten",
+                              "transpose", "batch", "expand"}
+    or name in {"gather_vector_indices", "gather_matrix_indices_axis1", "add_c11",
+                "mul_1c11", "sub_scalar", "div_c11", "shape_arithmetic"}
+} - {
+    "expand",  # x's first axis is broadcast, not a batch
+    "slice_all_axes_default",  # slices the batch axis
+    "pad_constant_axes_opset18",  # shape inference renames the batch axis at Pad-18
+    "resize_nearest_down_sizes", "resize_linear_sizes_down",  # constant sizes fix the batch
+})
+
+
+@pytest.mark.parametrize("name", SYMBOLIC_BATCH)
+def test_symbolic_batch_axis(name: str) -> None:
+    case = CASES[name]
+    seed, exact = _gradients(case)
+    model = vjp(case.model(np.float32, batch="N"), case.of, list(case.wrt))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {k: np.asarray(v, dtype=np.float32) if v.dtype == np.float64 else v
+             for k, v in case.inputs.items()}
+    feeds[SEED] = seed.astype(np.float32)
+    fast = session.run([grad_name(w) for w in case.wrt], feeds)
+    for w, g64, g32 in zip(case.wrt, exact, fast):
+        err = np.abs(g32 - g64).max() / max(np.abs(g64).max(), 1e-12)
+        assert err <= 1e-4, f"{name}/{w}: relative error {err:.2e}"
+
+
+def test_every_rule_is_covered() -> None:
+    tested = {n.op_type for case in CASES.values() for n in case.nodes}
+    untested = set(RULES) - tested - {
+        # the same no-gradient rule as Shape, Size, Greater and ConstantOfShape
+        "Constant", "Range", "NonZero", "EyeLike", "Equal", "Less", "LessOrEqual",
+        "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin",
+        "Floor", "Ceil", "Round", "Sign",
+    }
+    assert not untested
+
+
+# Guided backprop ------------------------------------------------------------------------
+
+GUIDED = {
+    "relu": (OTHER["relu"], None),
+    "leaky_relu": (OTHER["leaky_relu"], None),
+    "prelu": (OTHER["prelu_per_channel"], None),
+    "clip_relu6": (OTHER["clip_relu6"], 6.0),
+}
+
+
+@pytest.mark.parametrize(("case", "high"), list(GUIDED.values()), ids=list(GUIDED))
+def test_guided_rectifiers(case: Case, high: float | None) -> None:
+    seed, (grad,) = _gradients(case, guided=True)
+    x = case.inputs["x"]
+    expected = np.maximum(seed, 0) * (x > 0)
+    if high is not None:
+        expected = expected * (x < high)
+    np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-12)
+    _, (fast,) = _gradients(case, np.float32, guided=True, engine="ort", seed=seed)
+    np.testing.assert_allclose(fast, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "conv_s2_pads", "clip_min_only", "hard_swish",
+                                  "k3s2p1_overlap_opset13", "avg_k3s2_pads_include"])
+def test_guided_keeps_other_derivatives(name: str) -> None:
+    case = CASES[name]
+    seed, plain = _gradients(case)
+    _, guided = _gradients(case, guided=True, seed=seed)
+    np.testing.assert_allclose(guided[0], plain[0], rtol=1e-12, atol=1e-12)
+
+
+def test_guided_chain_masks_each_rectifier() -> None:
+    """Conv -> Relu -> Conv: guided masks at the Relu only, the Convs keep their gradient."""
+    w1, w2 = _normal(3, 2, 3, 3), _normal(2, 3, 3, 3)
+    nodes = [_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), _node("Relu", ["h"], ["r"]),
+             _node("Conv", ["r", "w2"], pads=[1, 1, 1, 1])]
+    case = Case(nodes, {"x": _normal(1, 2, 5, 5)}, {"w1": w1, "w2": w2})
+    seed, (grad,) = _gradients(case, guided=True)
+    h = _run_ref(case.model(), ["h"], case.inputs)[0]
+    probe = Case([_node("Conv", ["r", "w2"], pads=[1, 1, 1, 1])], {"r": np.maximum(h, 0)},
+                 {"w2": w2}, wrt=("r",))
+    _, (g_r,) = _gradients(probe, seed=seed)
+    masked = np.maximum(g_r, 0) * (h > 0)
+    first = Case([_node("Conv", ["x", "w1"], pads=[1, 1, 1, 1])], case.inputs, {"w1": w1})
+    _, (expected,) = _gradients(first, seed=masked)
+    np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+# Refusals -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    (Case([_node("Conv", ["x", "w"], strides=[2, 2])], {"x": _normal(1, 2, 5, 5),
+          "w": _normal(3, 2, 3, 3)}, wrt=("x", "w")), "gradients of the weights"),
+    (_resize((1, 2, 3, 4), [1, 1, 2, 2], coordinate_transformation_mode="tf_crop_and_resize"),
+     "tf_crop_and_resize"),
+    (Case([_node("Gather", ["x", "i"])], {"x": _normal(3, 2)}, {}, wrt=("x",)), None),
+    (Case([_node("Erf", ["x"])], {"x": _normal(2, 2)}), r"no gradient rule for op type\(s\) Erf"),
+], ids=["conv_weight_grad", "resize_tf_crop", "gather_runtime_indices", "erf_no_rule"])
+def test_unsupported_cases_are_refused(case: Case, message: str | None) -> None:
+    if message is None:  # runtime indices: an int graph input
+        case.inputs["i"] = _i64(0, 1)
+        message = "needs constant indices"
+    with pytest.raises(CompileError, match=message):
+        vjp(case.model(), case.of, list(case.wrt))
+
+
+def test_numpy_conv_transpose_matches_onnxruntime() -> None:
+    """The reference-evaluator override used above agrees with ORT's ConvTranspose."""
+    node = _node("ConvTranspose", ["x", "w"], group=2, strides=[2, 3], dilations=[1, 2],
+                 pads=[1, 0, 0, 2], output_padding=[1, 2])
+    case = Case([node], {"x": _normal(1, 4, 3, 4)}, {"w": _normal(4, 3, 2, 3)})
+    (ours,) = _run_ref(case.model(), ["y"], case.inputs)
+    session = ort.InferenceSession(case.model(np.float32).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (theirs,) = session.run(["y"], {"x": case.inputs["x"].astype(np.float32)})
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_generated_graphs_pass_the_full_checker() -> None:
+    for name in ["conv_s2_pads", "conv_weights_from_node", "k3s2p1_overlap_opset13",
+                 "k3s2p1_overlap_opset18", "avg_ceil_exclude", "slice_negative_steps",
+                 "pad_reflect", "resize_linear_x2_half_pixel", "split_3_one_unused",
+                 "gather_matrix_indices", "cast_float32_to_float64", "hard_swish"]:
+        case = CASES[name]
+        model = vjp(case.model(), case.of, list(case.wrt))
+        onnx.checker.check_model(model, full_check=True)
