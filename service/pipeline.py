@@ -92,11 +92,24 @@ def _str(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def forward(model: LoadedModel, image: DecodedImage, watch: Stopwatch) -> Forward:
-    model_input = to_model_input(image, model.config.input)
+def forward(model: LoadedModel, image: DecodedImage, watch: Stopwatch,
+            guided_classes: Sequence[int] = ()) -> Forward:
+    """Preprocess and run the network once.
+
+    With ``guided_classes``, the forward pass is the guided-backprop graph's, seeded for
+    those classes' logits, so the guided maps come with it at no extra forward pass.
+    """
+    spec = model.config.input
+    model_input = to_model_input(image, spec)
     watch.lap("preprocess")
     engine = model.engine
-    acts, logits = engine.forward(model_input.tensor)
+    prefetched: dict[bytes, np.ndarray] = {}
+    if guided_classes and engine.has_guided:
+        seeds = np.eye(len(model.config.labels), dtype=np.float32)[list(guided_classes)]
+        acts, logits, grads = engine.guided(model_input.tensor, seeds)
+        prefetched[seeds.tobytes()] = grads
+    else:
+        acts, logits = engine.forward(model_input.tensor)
     watch.lap("forward")
     captures = Captures(
         activations=acts[0],
@@ -104,18 +117,22 @@ def forward(model: LoadedModel, image: DecodedImage, watch: Stopwatch) -> Forwar
         activation=model.config.activation,
         head=engine.head,
         head_vjp=engine.head_vjp,
-        guided=_guided_fn(model, model_input) if engine.has_guided else None,
+        guided=_guided_fn(model, model_input, prefetched) if engine.has_guided else None,
     )
     return Forward(model_input, captures, model.config.activation.scores(logits)[0])
 
 
-def _guided_fn(model: LoadedModel, model_input: ModelInput):  # type: ignore[no-untyped-def]
+def _guided_fn(model: LoadedModel, model_input: ModelInput,
+               prefetched: dict[bytes, np.ndarray]):  # type: ignore[no-untyped-def]
     """Guided gradients w.r.t. the image before normalisation, channel-first."""
     spec = model.config.input
     inv_std = 1.0 / np.asarray(spec.std, dtype=np.float32)
 
     def guided(seeds: np.ndarray) -> np.ndarray:
-        grads = model.engine.guided(model_input.tensor, seeds)
+        seeds = seeds.astype(np.float32, copy=False)
+        grads = prefetched.get(seeds.tobytes())
+        if grads is None:
+            grads = model.engine.guided(model_input.tensor, seeds)[2]
         if spec.layout is Layout.NHWC:
             grads = grads.transpose(0, 3, 1, 2)
         # x_norm = (x − mean) / std, so d/dx = d/dx_norm / std, channel by channel.
@@ -140,13 +157,14 @@ def predict(model: LoadedModel, image: DecodedImage, watch: Stopwatch) -> Predic
 
 
 def resolve_classes(labels: Sequence[str], requested: Sequence[str] | None,
-                    scores: np.ndarray, threshold: float) -> list[int]:
+                    scores: np.ndarray | None, threshold: float) -> list[int]:
     """Class indices from labels or indices; default: scores ≥ threshold, at least top-1.
 
     Raises:
         UnknownLabel: for a name that is no label (case-insensitive) and no valid index.
     """
     if not requested:
+        assert scores is not None, "default classes need the scores"
         chosen = [i for i, s in enumerate(scores) if s >= threshold]
         return chosen or [int(np.argmax(scores))]
     lowered = {label.lower(): i for i, label in enumerate(labels)}
@@ -177,8 +195,13 @@ def explain(model: LoadedModel, image: DecodedImage, options: ExplainOptions,
                 "produce maps on the model's input grid"
             )
     labels = model.config.labels
-    fwd = forward(model, image, watch)
-    classes = resolve_classes(labels, options.classes, fwd.scores, options.score_threshold)
+    # Guided maps of known classes' logits come out of the guided graph's own forward pass.
+    known = (resolve_classes(labels, options.classes, None, options.score_threshold)
+             if options.classes and options.target is Target.LOGIT
+             and any(m.needs_guided for m in methods) else [])
+    fwd = forward(model, image, watch, guided_classes=known)
+    classes = known or resolve_classes(labels, options.classes, fwd.scores,
+                                       options.score_threshold)
     raw: list[tuple[str, RawMap]] = []
     for method in methods:
         for m in method.compute(fwd.captures, classes, options.target):

@@ -88,24 +88,30 @@ class Engine:
         return self._chunked(run, acts.astype(np.float32, copy=False),
                              seed.astype(np.float32, copy=False))
 
-    def guided(self, tensor: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        """Guided-backprop Σ_k seed[b, k]·∂logit_k/∂input for one image tensor (1, ...).
+    def guided(self, tensor: np.ndarray,
+               seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Guided backprop for one image tensor (1, ...), with its forward pass.
 
-        Returns (B, ...) shaped like the network input, one row per seed row.
+        Returns (activations (1, C, H, W), logits (1, K), gradients (B, ...)), the gradients
+        being Σ_k seed[b, k]·∂logit_k/∂input under the guided rule, shaped like the input.
+        The graph computes the forward pass anyway, so callers that know their classes
+        up front need no separate ``forward``.
         """
         if self._guided is None:
             raise RuntimeError("this model has no guided graph")
-        name = grad_name(self.split.image, GUIDED_PREFIX)
-        feeds_seed = f"{GUIDED_PREFIX}seed"
+        outputs = [self.split.target, self.split.logits, grad_name(self.split.image, GUIDED_PREFIX)]
+        seed_name = f"{GUIDED_PREFIX}seed"
         seeds = seeds.astype(np.float32, copy=False)
         if self._guided_batches and len(seeds) > 1:
             copies = np.repeat(tensor, len(seeds), axis=0)
             try:
-                return self._guided.run([name], {self.split.image: copies, feeds_seed: seeds})[0]
+                acts, logits, grads = self._guided.run(
+                    outputs, {self.split.image: copies, seed_name: seeds})
+                return self._from_native(acts[:1]), logits[:1], grads
             except ORT_ERRORS:
                 # A graph with a fixed batch of 1 (e.g. a Reshape to [1, -1]): one at a time.
                 self._guided_batches = False
-        return np.concatenate([
-            self._guided.run([name], {self.split.image: tensor, feeds_seed: s[None]})[0]
-            for s in seeds
-        ])
+        runs = [self._guided.run(outputs, {self.split.image: tensor, seed_name: s[None]})
+                for s in seeds]
+        return (self._from_native(runs[0][0]), runs[0][1],
+                np.concatenate([r[2] for r in runs]))

@@ -68,7 +68,10 @@ def test_guided_backprop_equals_numpy_reference(name: str, rng: np.random.Genera
     nonzero = 0
     for _ in range(4):
         image = rng.normal(size=(1, 2, H, W)).astype(np.float32)
-        grads = engine.guided(image, np.eye(K, dtype=np.float32))
+        acts, logits, grads = engine.guided(image, np.eye(K, dtype=np.float32))
+        plain_acts, plain_logits = engine.forward(image)
+        np.testing.assert_allclose(acts, plain_acts, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(logits, plain_logits, rtol=1e-6, atol=1e-6)
         for cls in range(K):
             expected = _reference(name, image[0].astype(np.float64), cls)
             scale = np.abs(expected).max()
@@ -84,7 +87,7 @@ def test_guided_methods(rng: np.random.Generator) -> None:
     acts, logits = engine.forward(image)
     std = np.array([0.5, 0.25], np.float32)
     cap = Captures(acts[0], logits[0], Activation.SIGMOID, engine.head, engine.head_vjp,
-                   guided=lambda s: engine.guided(image, s) / std[None, :, None, None])
+                   guided=lambda s: engine.guided(image, s)[2] / std[None, :, None, None])
     guided = METHODS["guided_backprop"].compute(cap, [0, 2], Target.LOGIT)
     gradcam = METHODS["gradcam"].compute(cap, [0, 2], Target.LOGIT)
     fused = METHODS["guided_gradcam"].compute(cap, [0, 2], Target.LOGIT)
