@@ -40,6 +40,46 @@ def _openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compile(args: argparse.Namespace) -> int:
+    import time
+
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from service.errors import CompileError
+    from service.graph import report
+    from service.graph.build import compile_model
+    from service.models.spec import Layout
+
+    try:
+        model = onnx.load(args.model)
+    except (OSError, DecodeError) as exc:
+        print(f"medexplain compile: cannot read {args.model}: {exc}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        compiled = compile_model(model, layout=Layout(args.layout), activation=args.activation,
+                                 target_layer=args.target_layer)
+    except CompileError as exc:
+        print(f"medexplain compile: {exc}", file=sys.stderr)
+        return 1
+    summary = report.report(model, compiled, time.perf_counter() - start)
+    out = Path(args.out)
+    written = report.write(out, compiled)
+    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    target = summary["target_layer"]
+    print(f"target layer {target['name']} ({target['layout']}, C×H×W "
+          f"{'×'.join(map(str, target['shape_chw']))}); compiled in "
+          f"{summary['compile_seconds']} s")
+    for name, info in summary["graphs"].items():
+        print(f"  {name}.onnx: {info['nodes']} nodes ({info['generated_nodes']} generated), "
+              f"outputs {', '.join(info['outputs'])}")
+    if compiled.guided is None:
+        print(f"  no guided graph: {compiled.guided_error}")
+    print(f"wrote {len(written)} graphs and report.json to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medexplain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--models", default=None,
                        help="model repository folder (default: the bundled models/)")
     serve.set_defaults(run=_serve)
+    comp = sub.add_parser("compile", help="write the graphs the service would run for a model")
+    comp.add_argument("model", help="an ONNX classifier")
+    comp.add_argument("--out", required=True, help="folder for the graphs and report.json")
+    comp.add_argument("--target-layer", default=None,
+                      help="ONNX tensor to explain at (default: auto-detected)")
+    comp.add_argument("--layout", default="NCHW", choices=["NCHW", "NHWC"],
+                      help="layout of the image input")
+    comp.add_argument("--activation", default=None, choices=["sigmoid", "softmax", "none"],
+                      help="how logits become scores, if the graph does not end in one")
+    comp.set_defaults(run=_compile)
     spec = sub.add_parser("openapi", help="print or write the OpenAPI document")
     spec.add_argument("--out", default=None, help="file to write (default: stdout)")
     spec.set_defaults(run=_openapi)

@@ -40,6 +40,9 @@ class Settings(BaseModel):
     max_queue: int = Field(16, ge=0)
     # Upper bound of masked/seeded copies per head run (CRM on large target layers).
     head_batch: int = Field(256, ge=1)
+    # Compiled graphs are always cached in memory by model hash; a folder here also keeps
+    # them across restarts (off by default: the service writes nothing unless told to).
+    compile_cache: Path | None = None
     api_keys: tuple[str, ...] = Field((), description="accepted API keys; empty = no auth")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

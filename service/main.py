@@ -15,6 +15,7 @@ from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import explain, health, models
 from service.config import Settings, get_settings
+from service.graph.cache import CompileCache
 from service.models.repository import load_repository
 from service.runtime.sessions import CPU, requested_providers
 from service.runtime.worker import Limiter
@@ -41,7 +42,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         providers = requested_providers(settings.providers)
         repository = load_repository(settings.models, default=settings.default_model,
                                      providers=providers, threads=settings.threads,
-                                     head_batch=settings.head_batch)
+                                     head_batch=settings.head_batch,
+                                     cache=(CompileCache(settings.compile_cache)
+                                            if settings.compile_cache else None))
         used = {p for m in repository.models.values() for p in m.engine.providers}
         if providers[0] != CPU and providers[0] not in used:
             log.warning("%s was requested but is not usable here; running on %s",

@@ -13,7 +13,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from service.errors import CompileError, ModelError, UnknownModel
-from service.graph.build import compile_model
+from service.graph.cache import CompileCache
 from service.models.activation import Activation
 from service.models.spec import InputSpec, Layout
 from service.runtime.engine import Engine
@@ -105,8 +105,11 @@ class LoadedModel:
         return self.config.name
 
 
-def load_model(folder: Path, *, providers: list[str], threads: int,
-               head_batch: int) -> LoadedModel:
+_DEFAULT_CACHE = CompileCache()
+
+
+def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: int,
+               cache: CompileCache | None = None) -> LoadedModel:
     """Read, compile and open one model folder.
 
     Raises:
@@ -119,9 +122,9 @@ def load_model(folder: Path, *, providers: list[str], threads: int,
         model = onnx.load_from_string(raw)
     except (OSError, DecodeError) as exc:
         raise ModelError(f"{folder.name}/model.onnx: {exc}") from exc
-    compiled = compile_model(model, layout=config.input.layout,
-                             activation=config.activation.value,
-                             target_layer=config.target_layer)
+    compiled = (cache or _DEFAULT_CACHE).compile(
+        raw, model, layout=config.input.layout, activation=config.activation.value,
+        target_layer=config.target_layer)
     outputs = compiled.backbone.graph.output
     n_out = outputs[1].type.tensor_type.shape.dim[-1].dim_value if len(outputs) > 1 else 0
     if n_out and n_out != len(config.labels):
@@ -159,7 +162,7 @@ def model_folders(root: Path) -> list[Path]:
 
 
 def load_repository(root: Path, *, default: str | None, providers: list[str], threads: int,
-                    head_batch: int) -> Repository:
+                    head_batch: int, cache: CompileCache | None = None) -> Repository:
     """Load every model folder under ``root``.
 
     Raises:
@@ -173,7 +176,8 @@ def load_repository(root: Path, *, default: str | None, providers: list[str], th
         raise ModelError(f"model repository {root} holds no folder with a model.toml")
     models: dict[str, LoadedModel] = {}
     for folder in folders:
-        loaded = load_model(folder, providers=providers, threads=threads, head_batch=head_batch)
+        loaded = load_model(folder, providers=providers, threads=threads, head_batch=head_batch,
+                            cache=cache)
         if loaded.name in models:
             raise ModelError(f"two model folders are named {loaded.name!r}")
         models[loaded.name] = loaded

@@ -1,0 +1,96 @@
+"""Compiled graphs cached by model hash: in memory always, on disk when a folder is given.
+
+The key covers the model's bytes, the compile options and the compiler's own source, so a
+changed rule never serves a stale graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from functools import cache
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from service.graph.build import CompiledModel, compile_model
+from service.graph.target import Split
+from service.models.spec import Layout
+
+log = logging.getLogger(__name__)
+
+_GRAPHS = ("backbone", "head", "head_vjp", "guided")
+
+
+@cache
+def compiler_fingerprint() -> str:
+    """A hash of the compiler's source files."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class CompileCache:
+    """At most ``capacity`` compiled models in memory, plus an optional disk folder."""
+
+    def __init__(self, folder: Path | None = None, capacity: int = 8) -> None:
+        self.folder = folder
+        self.capacity = capacity
+        self._memory: OrderedDict[str, CompiledModel] = OrderedDict()
+
+    @staticmethod
+    def key(raw: bytes, layout: Layout, activation: str | None, target_layer: str | None) -> str:
+        digest = hashlib.sha256(raw)
+        digest.update(f"|{layout}|{activation}|{target_layer}|{compiler_fingerprint()}".encode())
+        return digest.hexdigest()
+
+    def compile(self, raw: bytes, model: onnx.ModelProto, *, layout: Layout,
+                activation: str | None, target_layer: str | None) -> CompiledModel:
+        key = self.key(raw, layout, activation, target_layer)
+        hit = self._memory.get(key) or self._load(key)
+        if hit is None:
+            hit = compile_model(model, layout=layout, activation=activation,
+                                target_layer=target_layer)
+            self._store(key, hit)
+        self._memory[key] = hit
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.capacity:
+            self._memory.popitem(last=False)
+        return hit
+
+    def _load(self, key: str) -> CompiledModel | None:
+        if self.folder is None:
+            return None
+        entry = self.folder / key
+        try:
+            meta = json.loads((entry / "split.json").read_text(encoding="utf-8"))
+            graphs = {name: onnx.load(entry / f"{name}.onnx") for name in _GRAPHS
+                      if (entry / f"{name}.onnx").exists()}
+        except (OSError, ValueError, DecodeError):
+            return None
+        split = Split(**{**meta["split"], "target_layout": Layout(meta["split"]["target_layout"]),
+                         "target_shape": tuple(meta["split"]["target_shape"])})
+        return CompiledModel(split, graphs["backbone"], graphs["head"], graphs["head_vjp"],
+                             graphs.get("guided"), meta.get("guided_error"))
+
+    def _store(self, key: str, compiled: CompiledModel) -> None:
+        if self.folder is None:
+            return
+        entry = self.folder / key
+        try:
+            entry.mkdir(parents=True, exist_ok=True)
+            for name, graph in compiled.graphs().items():
+                onnx.save(graph, entry / f"{name}.onnx")
+            split = {**compiled.split.__dict__, "target_layout": compiled.split.target_layout.value,
+                     "target_shape": list(compiled.split.target_shape)}
+            # split.json last: its presence marks a complete entry.
+            (entry / "split.json").write_text(
+                json.dumps({"split": split, "guided_error": compiled.guided_error}),
+                encoding="utf-8")
+        except OSError as exc:
+            # A read-only file system only costs the next start a recompilation.
+            log.warning("cannot write the compile cache in %s: %s", self.folder, exc.strerror)

@@ -1,0 +1,80 @@
+"""`medexplain compile` and the compile cache."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from service import cli
+from service.graph import cache as cache_module
+from service.graph.cache import CompileCache
+from service.models.spec import Layout
+
+ZOO = Path(__file__).resolve().parents[1] / "data" / "zoo"
+
+
+def test_compile_writes_graphs_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = json.loads((ZOO / "manifest.json").read_text())
+    assert cli.main(["compile", str(ZOO / "resnet.onnx"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    source = onnx.load(ZOO / "resnet.onnx")
+    assert report["source"]["ops"] == dict(Counter(n.op_type for n in source.graph.node))
+    assert report["target_layer"]["name"] == manifest["resnet"]["target"]
+    assert report["target_layer"]["name"] in out
+    assert report["graphs"]["guided"]["outputs"][-1] == "xai/guided/grad/image"
+    for name in ("backbone", "head", "head_vjp", "guided"):
+        graph = onnx.load(tmp_path / f"{name}.onnx")
+        onnx.checker.check_model(graph, full_check=True)
+        assert report["graphs"][name]["nodes"] == len(graph.graph.node)
+    # The written guided graph runs on its own and yields the reference guided gradient.
+    ref = np.load(ZOO / "resnet.npz")
+    session = ort.InferenceSession(str(tmp_path / "guided.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    seed = np.eye(ref["logits"].shape[-1], dtype=np.float32)[:1]
+    (grad,) = session.run(["xai/guided/grad/image"],
+                          {"image": ref["x"].astype(np.float32), "xai/guided/seed": seed})
+    expected = ref["guided_input"][0]
+    assert np.abs(grad[0] - expected).max() / np.abs(expected).max() < 1e-4
+
+
+def test_compile_reports_unsupported_ops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = onnx.load(ZOO / "resnet.onnx")
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    out_name = gemm.output[0]
+    gemm.output[0] = "pre_erf"
+    model.graph.node.append(onnx.helper.make_node("Erf", ["pre_erf"], [out_name]))
+    path = tmp_path / "erf.onnx"
+    onnx.save(model, path)
+    assert cli.main(["compile", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert "no gradient rule for op type(s) Erf" in capsys.readouterr().err
+
+
+def test_cache_hits_memory_then_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = (ZOO / "densenet.onnx").read_bytes()
+    model = onnx.load_from_string(raw)
+    first = CompileCache(tmp_path).compile(raw, model, layout=Layout.NCHW, activation=None,
+                                           target_layer=None)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("compiled again despite the cache")
+
+    monkeypatch.setattr(cache_module, "compile_model", refuse)
+    again = CompileCache(tmp_path).compile(raw, model, layout=Layout.NCHW, activation=None,
+                                           target_layer=None)
+    assert again.split == first.split
+    for name, graph in first.graphs().items():
+        assert again.graphs()[name].SerializeToString() == graph.SerializeToString()
+    memory = CompileCache(None)
+    with pytest.raises(AssertionError, match="compiled again"):
+        memory.compile(raw, model, layout=Layout.NCHW, activation=None, target_layer=None)
+    # Another target layer is another entry.
+    with pytest.raises(AssertionError, match="compiled again"):
+        CompileCache(tmp_path).compile(raw, model, layout=Layout.NCHW, activation=None,
+                                       target_layer=first.split.logits)
