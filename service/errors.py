@@ -78,6 +78,13 @@ class UnsupportedTransferSyntax(UnsupportedMediaType):
     title = "Unsupported transfer syntax"
 
 
+class NotAcceptable(ServiceError):
+    """Raised when no representation the route produces matches the request's Accept header."""
+
+    code = "not_acceptable"
+    title = "Not acceptable"
+
+
 class PayloadTooLarge(ServiceError):
     """Raised when an upload exceeds the byte or pixel-count limits."""
 

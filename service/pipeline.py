@@ -7,7 +7,7 @@ thread.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ from schemas import (
     Region,
 )
 from service.errors import InvalidParameter, UnknownLabel
+from service.graph.fixations import FixationPlan
 from service.imaging.base import DecodedImage
 from service.imaging.preprocess import ModelInput, to_model_input
 from service.methods import DEFAULT_METHODS, Captures, RawMap, Target, get_method
@@ -118,6 +119,7 @@ def forward(model: LoadedModel, image: DecodedImage, watch: Stopwatch,
         head=engine.head,
         head_vjp=engine.head_vjp,
         guided=_guided_fn(model, model_input, prefetched) if engine.has_guided else None,
+        fixations=_fixations_fn(model, model_input) if engine.has_fixations else None,
     )
     return Forward(model_input, captures, model.config.activation.scores(logits)[0])
 
@@ -139,6 +141,20 @@ def _guided_fn(model: LoadedModel, model_input: ModelInput,
         return grads * inv_std[None, :, None, None]
 
     return guided
+
+
+def _fixations_fn(model: LoadedModel, model_input: ModelInput):  # type: ignore[no-untyped-def]
+    """The activations CNN Fixations walks, run once on first use."""
+    found: list[tuple[Mapping[str, np.ndarray], FixationPlan]] = []
+
+    def fixations() -> tuple[Mapping[str, np.ndarray], FixationPlan]:
+        if not found:
+            plan = model.engine.compiled.fixations_plan
+            assert plan is not None
+            found.append((model.engine.all_activations(model_input.tensor), plan))
+        return found[0]
+
+    return fixations
 
 
 def predictions(model: LoadedModel, scores: np.ndarray) -> list[Prediction]:
@@ -246,5 +262,19 @@ def _post_process(method: str, raw: RawMap, image: DecodedImage, model_input: Mo
                         height=values.shape[0],
                         data=encode(values, options.encoding, backdrop)),
         regions=[Region(box=list(r.box), score=r.score) for r in found],
+        points=None if raw.points is None else _to_image(raw.points, image, model_hw),
     )
+
+
+def _to_image(points: np.ndarray, image: DecodedImage,
+              model_hw: tuple[int, int]) -> list[list[float]]:
+    """Model-grid pixel indices (x, y) → original-image pixels, through the plain stretch.
+
+    Pixel centres map onto pixel centres, as in cv2's resize: (i + 0.5)·scale − 0.5.
+    """
+    mh, mw = model_hw
+    scale = np.array([image.width / mw, image.height / mh])
+    xy = (points.astype(np.float64) + 0.5) * scale - 0.5
+    xy = np.clip(xy, 0, [image.width - 1, image.height - 1])
+    return [[round(float(x), 3), round(float(y), 3)] for x, y in xy]
 

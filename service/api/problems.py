@@ -20,6 +20,7 @@ MEDIA_TYPE = "application/problem+json"
 # Most specific first: the first class an error is an instance of gives its status.
 STATUS: tuple[tuple[type[errors.ServiceError], int], ...] = (
     (errors.UnsupportedMediaType, 415),
+    (errors.NotAcceptable, 406),
     (errors.BadInput, 400),
     (errors.PayloadTooLarge, 413),
     (errors.InvalidParameter, 422),

@@ -8,6 +8,7 @@ import onnx
 
 from service.errors import CompileError
 from service.graph import autodiff
+from service.graph import fixations as fixation_plan
 from service.graph.extract import extract
 from service.graph.onnx_graph import GraphIndex
 from service.graph.target import Split, split
@@ -29,6 +30,10 @@ class CompiledModel:
         guided: image, seed over logits → guided-backprop gradient w.r.t. the image, plus
             the target activations and logits; None when some op of the backbone has no
             gradient rule (``guided_error`` says which).
+        fixations: image → logits plus the activations CNN Fixations reads; None when some
+            op on the path has no back-tracking rule (``fixations_error`` says which).
+        fixations_plan: the walk over ``fixations``; rebuilt from the graph when not given
+            (e.g. by the compile cache).
     """
 
     split: Split
@@ -37,11 +42,21 @@ class CompiledModel:
     head_vjp: onnx.ModelProto
     guided: onnx.ModelProto | None = None
     guided_error: str | None = None
+    fixations: onnx.ModelProto | None = None
+    fixations_error: str | None = None
+    fixations_plan: fixation_plan.FixationPlan | None = None
+
+    def __post_init__(self) -> None:
+        if self.fixations is not None and self.fixations_plan is None:
+            plan = fixation_plan.plan_from_graph(self.fixations, self.split)
+            object.__setattr__(self, "fixations_plan", plan)
 
     def graphs(self) -> dict[str, onnx.ModelProto]:
         graphs = {"backbone": self.backbone, "head": self.head, "head_vjp": self.head_vjp}
         if self.guided is not None:
             graphs["guided"] = self.guided
+        if self.fixations is not None:
+            graphs["fixations"] = self.fixations
         return graphs
 
 
@@ -81,7 +96,17 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
     except CompileError as exc:
         # Grad-CAM and CRM need only the head; the model still serves without guided maps.
         guided_error = str(exc)
-    compiled = CompiledModel(cut, backbone, head, head_vjp, guided, guided_error)
+    fixations: onnx.ModelProto | None = None
+    plan: fixation_plan.FixationPlan | None = None
+    fixations_error = None
+    try:
+        plan = fixation_plan.build_plan(model, cut, layout)
+        fixations = fixation_plan.expose(model, plan)
+    except CompileError as exc:
+        # Only CNN Fixations needs it; the model still serves every other method.
+        fixations_error = str(exc)
+    compiled = CompiledModel(cut, backbone, head, head_vjp, guided, guided_error, fixations,
+                             fixations_error, plan)
     for name, graph in compiled.graphs().items():
         try:
             onnx.checker.check_model(graph)

@@ -22,7 +22,7 @@ from service.models.spec import Layout
 
 log = logging.getLogger(__name__)
 
-_GRAPHS = ("backbone", "head", "head_vjp", "guided")
+_GRAPHS = ("backbone", "head", "head_vjp", "guided", "fixations")
 
 
 @cache
@@ -75,7 +75,8 @@ class CompileCache:
         split = Split(**{**meta["split"], "target_layout": Layout(meta["split"]["target_layout"]),
                          "target_shape": tuple(meta["split"]["target_shape"])})
         return CompiledModel(split, graphs["backbone"], graphs["head"], graphs["head_vjp"],
-                             graphs.get("guided"), meta.get("guided_error"))
+                             graphs.get("guided"), meta.get("guided_error"),
+                             graphs.get("fixations"), meta.get("fixations_error"))
 
     def _store(self, key: str, compiled: CompiledModel) -> None:
         if self.folder is None:
@@ -89,7 +90,8 @@ class CompileCache:
                      "target_shape": list(compiled.split.target_shape)}
             # split.json last: its presence marks a complete entry.
             (entry / "split.json").write_text(
-                json.dumps({"split": split, "guided_error": compiled.guided_error}),
+                json.dumps({"split": split, "guided_error": compiled.guided_error,
+                            "fixations_error": compiled.fixations_error}),
                 encoding="utf-8")
         except OSError as exc:
             # A read-only file system only costs the next start a recompilation.

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 
 @dataclass(frozen=True)
@@ -18,11 +22,15 @@ class DecodedImage:
         format: "png", "jpeg" or "dicom".
         meta: non-identifying facts about the source (DICOM UIDs, modality, frame count,
             bit depth). Never patient names, IDs or dates.
+        source: DICOM only (None for PNG/JPEG): the source header, every element but the
+            pixel data, so that derived objects can join the source study. It holds patient
+            data: never log, print or return it (``repr`` leaves it out).
     """
 
     pixels: np.ndarray
     format: str
     meta: dict[str, str | int] = field(default_factory=dict)
+    source: Dataset | None = field(default=None, repr=False, compare=False)
 
     @property
     def height(self) -> int:

@@ -235,8 +235,20 @@ def decode_dicom(
         ) from exc
 
     return DecodedImage(
-        pixels=np.ascontiguousarray(pixels, dtype=np.float32), format="dicom", meta=meta
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32), format="dicom", meta=meta,
+        source=_without_pixels(ds),
     )
+
+
+def _without_pixels(ds: Dataset) -> Dataset:
+    """Every element but the pixel data group (7FE0), left unparsed (raw elements stay raw)."""
+    header = Dataset()
+    header.file_meta = ds.file_meta
+    header.set_original_encoding(*ds.original_encoding)
+    for element in ds.elements():
+        if element.tag.group != 0x7FE0:
+            header[element.tag] = element
+    return header
 
 
 def _is_index(value: object) -> bool:

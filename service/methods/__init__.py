@@ -5,11 +5,13 @@ from __future__ import annotations
 from service.errors import UnknownMethod
 from service.methods.base import Captures, Method, RawMap, Target
 from service.methods.crm import Crm, CrmCombined
+from service.methods.fixations import CnnFixations
 from service.methods.gradcam import GradCam
 from service.methods.guided import GuidedBackprop, GuidedGradCam
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (Crm(), CrmCombined(), GradCam(), GuidedBackprop(), GuidedGradCam())
+    m.name: m for m in (Crm(), CrmCombined(), GradCam(), GuidedBackprop(), GuidedGradCam(),
+                        CnnFixations())
 }
 
 DEFAULT_METHODS = ("gradcam", "crm")

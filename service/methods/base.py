@@ -8,14 +8,17 @@ functions in :class:`Captures`, which the runtime provides.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from service.models.activation import Activation
+
+if TYPE_CHECKING:
+    from service.graph.fixations import FixationPlan
 
 
 class Target(StrEnum):
@@ -38,6 +41,8 @@ class Captures:
         guided: seeds (B, K) → guided-backprop Σ_k seed·∂logit_k/∂image for the image before
             normalisation, channel-first (B, C, H, W) at the network's input grid; None when
             the model has no guided graph.
+        fixations: () → (the values of ``plan.needed`` for this image, the plan): what CNN
+            Fixations walks; None when the model has no fixations graph.
     """
 
     activations: np.ndarray
@@ -46,6 +51,7 @@ class Captures:
     head: Callable[[np.ndarray], np.ndarray]
     head_vjp: Callable[[np.ndarray, np.ndarray], np.ndarray]
     guided: Callable[[np.ndarray], np.ndarray] | None = None
+    fixations: Callable[[], tuple[Mapping[str, np.ndarray], FixationPlan]] | None = None
     # Results shared by methods within one request (CRM and CRM-combined mask the same copies).
     memo: dict[object, object] = field(default_factory=dict, compare=False)
 
@@ -70,12 +76,14 @@ class RawMap:
 
     ``grid`` says which grid: "feature" (the target layer's) or "model" (the input's).
     ``index`` is the explained class, or None for class-agnostic maps. CAM-type maps are
-    non-negative; gradient maps are signed.
+    non-negative; gradient maps are signed. ``points`` are (x, y) pixel indices on the
+    model's input grid, float (N, 2), for methods that point (CNN Fixations).
     """
 
     values: np.ndarray
     index: int | None
     grid: str
+    points: np.ndarray | None = None
 
 
 class Method(ABC):
@@ -86,6 +94,7 @@ class Method(ABC):
     per_class: ClassVar[bool] = True
     grid: ClassVar[str] = "feature"
     needs_guided: ClassVar[bool] = False
+    needs_fixations: ClassVar[bool] = False
 
     @abstractmethod
     def compute(self, captures: Captures, classes: Sequence[int],

@@ -33,6 +33,8 @@ class Engine:
         self._guided = (make_session(compiled.guided, providers, threads)
                         if compiled.guided is not None else None)
         self._guided_batches = True
+        self._fixations = (make_session(compiled.fixations, providers, threads)
+                           if compiled.fixations is not None else None)
         self.providers = self._backbone.get_providers()
         self._nhwc = self.split.target_layout is Layout.NHWC
         self.max_batch = max_batch if self._head_batches() else 1
@@ -40,6 +42,23 @@ class Engine:
     @property
     def has_guided(self) -> bool:
         return self._guided is not None
+
+    @property
+    def has_fixations(self) -> bool:
+        return self._fixations is not None
+
+    def all_activations(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """The tensors CNN Fixations reads (``fixations_plan.needed``) for one image (1, ...),
+        each in the model's own layout; the image itself is ``tensor``."""
+        plan = self.compiled.fixations_plan
+        if self._fixations is None or plan is None:
+            raise RuntimeError("this model has no fixations graph")
+        names = [n for n in plan.needed if n != plan.image]
+        values = self._fixations.run(names, {plan.image: tensor}) if names else []
+        found = dict(zip(names, values))
+        if plan.image in plan.needed:
+            found[plan.image] = tensor
+        return found
 
     def _to_native(self, acts: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(acts.transpose(0, 2, 3, 1)) if self._nhwc else acts

@@ -28,7 +28,8 @@ def model_info(model: LoadedModel, repository: Repository) -> ModelInfo:
         target_layer=TargetLayerInfo(name=split.target, shape=list(split.target_shape),
                                      detected=config.target_layer is None),
         methods=[name for name, m in METHODS.items()
-                 if not m.needs_guided or model.engine.has_guided],
+                 if (not m.needs_guided or model.engine.has_guided)
+                 and (not m.needs_fixations or model.engine.has_fixations)],
         execution_providers=list(model.engine.providers),
         sha256=model.sha256,
     )

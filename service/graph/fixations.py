@@ -1,0 +1,429 @@
+"""CNN Fixations at compile time: the plan of the walk, and the graph that feeds it.
+
+The walk (``service.methods.fixations``) goes from the explained logit back to the image,
+one node at a time. :func:`build_plan` turns the ONNX nodes on that path into
+:class:`Step` records holding everything the walk needs from the graph (the back-tracking
+rule, resolved attributes, constant weights, static shapes) and lists the few tensors whose
+values it reads. :func:`expose` is the pure pass that cuts image → logits out of the model
+with exactly those tensors as extra outputs.
+
+Mopuri, Garg, Babu, "CNN Fixations: An unraveling approach to visualize the discriminative
+image regions", IEEE TIP 2019, https://arxiv.org/abs/1708.06670
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from service.errors import CompileError
+from service.graph.autodiff.conv import explicit_pads, window_attrs
+from service.graph.extract import extract
+from service.graph.onnx_graph import GraphIndex, attr
+from service.graph.target import Split, tensor_layout
+from service.models.spec import Layout
+
+# Where :func:`expose` records the image layout, so a cached graph rebuilds the same plan.
+LAYOUT_KEY = "medexplain.fixations.image_layout"
+
+# Ops that keep every point where it is (activations, normalisation, regularisers).
+PASS_THROUGH = frozenset({
+    "BatchNormalization", "InstanceNormalization", "LRN", "Relu", "LeakyRelu", "PRelu",
+    "Clip", "Dropout", "Identity", "Sigmoid", "Softmax", "LogSoftmax", "HardSwish",
+    "HardSigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus", "Gelu", "Mish", "Cast",
+})
+RESHAPES = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze"})
+ELEMENTWISE = frozenset({"Add", "Sum", "Sub", "Mul", "Div"})
+POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
+REDUCES = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ReduceMean",
+                     "ReduceMax", "ReduceSum"})
+SUPPORTED = (PASS_THROUGH | RESHAPES | ELEMENTWISE | POOLS | REDUCES
+             | {"Conv", "Gemm", "MatMul", "Concat", "Transpose", "Pad", "Resize", "Upsample"})
+
+_COORDINATE_MODES = frozenset({"half_pixel", "pytorch_half_pixel", "align_corners",
+                               "asymmetric", "tf_half_pixel_for_nn"})
+
+StaticShape = tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """One node of the path, as the walk sees it.
+
+    Attributes:
+        rule: the back-tracking rule: "pass", "broadcast", "add", "mul", "concat",
+            "reshape", "transpose", "pad", "resize", "fc", "conv", "pool" or "reduce".
+        op_type: the ONNX op.
+        name: the node's name (or its output's, when unnamed), for messages.
+        output: the tensor whose points the step consumes.
+        inputs: the tensors that receive points (image-dependent inputs only).
+        input_shapes: static shapes of ``inputs``.
+        output_shape: static shape of ``output``.
+        attrs: the rule's resolved parameters (pads, strides, axes, offsets, ...).
+        weight: constant weights: Conv (M, C/g, kH, kW); Gemm/MatMul (out, in).
+        reads: tensors whose values the rule needs.
+    """
+
+    rule: str
+    op_type: str
+    name: str
+    output: str
+    inputs: tuple[str, ...]
+    input_shapes: tuple[StaticShape, ...]
+    output_shape: StaticShape
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    weight: np.ndarray | None = None
+    reads: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class FixationPlan:
+    """The walk from the logits back to the image.
+
+    Attributes:
+        image: the image input.
+        image_layout: how ``image`` stores its axes.
+        image_shape: its static shape (batch of one).
+        logits: where the walk starts.
+        logits_shape: its static shape (batch of one).
+        steps: the path's nodes in reverse topological order.
+        needed: tensors whose values the walk reads, in graph order.
+    """
+
+    image: str
+    image_layout: Layout
+    image_shape: StaticShape
+    logits: str
+    logits_shape: StaticShape
+    steps: tuple[Step, ...]
+    needed: tuple[str, ...]
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) of the model's input grid."""
+        if self.image_layout is Layout.NHWC:
+            return self.image_shape[1], self.image_shape[2]
+        return self.image_shape[2], self.image_shape[3]
+
+
+def build_plan(model: onnx.ModelProto, split: Split, layout: Layout) -> FixationPlan:
+    """The steps from ``split.logits`` back to ``split.image``.
+
+    Raises:
+        CompileError: when an op on the path has no fixation rule, when a weight is not a
+            constant, or when a shape on the path is not static.
+    """
+    index = GraphIndex(model)
+    dynamic = _image_dependent(index, split.image)
+    if split.logits not in dynamic:
+        raise CompileError(f"fixations: the logits {split.logits!r} do not depend on the image")
+    image_shape = _static(index, split.image)
+    if len(image_shape) != 4:
+        raise CompileError(f"fixations: the image {split.image!r} is not 4-D: {image_shape}")
+    reached = {split.logits}
+    steps: list[Step] = []
+    for node in reversed(index.graph.node):
+        hit = [o for o in node.output if o in reached]
+        if not hit:
+            continue
+        if hit != [node.output[0]]:
+            raise CompileError(
+                f"fixations: {node.op_type} node {_name(node)!r}: only its first output can "
+                "be traced back"
+            )
+        step = _step(index, node, dynamic, layout)
+        steps.append(step)
+        reached.update(step.inputs)
+    if split.image not in reached:
+        raise CompileError("fixations: no path traced back from the logits reaches the image")
+    reads = {t for s in steps for t in s.reads}
+    needed = tuple(t for t in [split.image, *(o for n in index.graph.node for o in n.output)]
+                   if t in reads)
+    return FixationPlan(split.image, layout, image_shape, split.logits,
+                        _static(index, split.logits), tuple(steps), needed)
+
+
+def expose(model: onnx.ModelProto, plan: FixationPlan) -> onnx.ModelProto:
+    """Image → logits plus the tensors the walk reads, as a new model (``model`` untouched).
+
+    The graph input itself is never an output: the engine hands back the tensor it fed.
+    """
+    index = GraphIndex(model)
+    outputs = [plan.logits, *(t for t in plan.needed if t not in (plan.image, plan.logits))]
+    exposed = extract(index, [plan.image], outputs, name="fixations", batch=False)
+    onnx.helper.set_model_props(exposed, {LAYOUT_KEY: plan.image_layout.value})
+    return exposed
+
+
+def plan_from_graph(graph: onnx.ModelProto, split: Split) -> FixationPlan:
+    """Rebuild the plan from a graph made by :func:`expose` (e.g. read from a cache)."""
+    props = {p.key: p.value for p in graph.metadata_props}
+    layout = Layout(props.get(LAYOUT_KEY, Layout.NCHW.value))
+    return build_plan(graph, split, layout)
+
+
+def _name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def _image_dependent(index: GraphIndex, image: str) -> set[str]:
+    dynamic = {image}
+    for node in index.graph.node:
+        if any(i in dynamic for i in node.input if i):
+            dynamic.update(o for o in node.output if o)
+    return dynamic
+
+
+def _static(index: GraphIndex, name: str) -> StaticShape:
+    """The shape of ``name`` with a symbolic batch axis read as 1."""
+    shape = index.shape(name)
+    if shape is None:
+        raise CompileError(f"fixations: the shape of tensor {name!r} is unknown")
+    dims = []
+    for axis, d in enumerate(shape):
+        if isinstance(d, int):
+            dims.append(d)
+        elif axis == 0:
+            dims.append(1)
+        else:
+            raise CompileError(f"fixations: tensor {name!r} has a non-static shape {shape}")
+    return tuple(dims)
+
+
+def _constant(index: GraphIndex, node: onnx.NodeProto, name: str, what: str) -> np.ndarray:
+    value = index.constant(name)
+    if value is None:
+        raise CompileError(
+            f"fixations: {node.op_type} node {_name(node)!r}: its {what} {name!r} is not a "
+            "constant"
+        )
+    return value
+
+
+def _step(index: GraphIndex, node: onnx.NodeProto, dynamic: set[str],
+          layout: Layout) -> Step:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or op not in SUPPORTED:
+        raise CompileError(
+            f"fixations: {op} node {_name(node)!r} has no back-tracking rule (supported: "
+            f"{', '.join(sorted(SUPPORTED))})"
+        )
+    out = node.output[0]
+    x = node.input[0]
+
+    def make(rule: str, inputs: list[str], attrs: dict[str, Any] | None = None,
+             weight: np.ndarray | None = None, reads: tuple[str, ...] = ()) -> Step:
+        return Step(rule, op, _name(node), out, tuple(inputs),
+                    tuple(_static(index, i) for i in inputs), _static(index, out),
+                    attrs or {}, weight, reads)
+
+    if op in PASS_THROUGH or op in RESHAPES:
+        if x not in dynamic:
+            raise CompileError(f"fixations: {op} node {_name(node)!r}: its data input is "
+                               "constant but another input depends on the image")
+        return make("pass" if op in PASS_THROUGH else "reshape", [x])
+    if op == "Transpose":
+        rank = len(_static(index, x))
+        given = attr(node, "perm", None)
+        perm = [int(p) for p in given or range(rank - 1, -1, -1)]  # type: ignore[union-attr]
+        return make("transpose", [x], {"perm": perm})
+    if op in ELEMENTWISE:
+        return _elementwise(index, node, dynamic, make)
+    if op == "Concat":
+        rank = len(_static(index, out))
+        axis = int(attr(node, "axis")) % rank  # type: ignore[arg-type]
+        offsets, inputs, start = [], [], 0
+        for name in node.input:
+            size = _static(index, name)[axis]
+            if name in dynamic:
+                inputs.append(name)
+                offsets.append(start)
+            start += size
+        return make("concat", inputs, {"axis": axis, "offsets": offsets})
+    if op == "Conv":
+        return _conv(index, node, make)
+    if op in POOLS:
+        return _pool(index, node, make)
+    if op in REDUCES:
+        return _reduce(index, node, make)
+    if op in ("Gemm", "MatMul"):
+        return _fc(index, node, dynamic, layout, make)
+    if op == "Pad":
+        return _pad(index, node, make)
+    return _resize(index, node, make)
+
+
+def _elementwise(index: GraphIndex, node: onnx.NodeProto, dynamic: set[str],
+                 make: Any) -> Step:
+    op = node.op_type
+    inputs = [i for i in node.input if i in dynamic]
+    if len(inputs) == 1:
+        return make("broadcast", inputs)
+    if op in ("Add", "Sum"):
+        # Each point goes to the summand with the larger value (the authors' res()).
+        return make("add", inputs, reads=tuple(inputs))
+    if op == "Mul":
+        # SE-style gating: the full-resolution operand carries the points, the gate none.
+        # Both operands at full resolution (e.g. Swish x·σ(x)): both get them.
+        full = _static(index, node.output[0])
+        wide = [i for i in inputs if _static(index, i) == full]
+        return make("mul", wide or inputs)
+    raise CompileError(
+        f"fixations: {op} node {_name(node)!r} of two image-dependent tensors has no "
+        "back-tracking rule"
+    )
+
+
+def _window(index: GraphIndex, node: onnx.NodeProto, kernel: list[int]) -> dict[str, Any]:
+    x = node.input[0]
+    strides, dilations = window_attrs(node, len(kernel))
+    # explicit_pads reads only ``.shape`` of its first argument: the index has it.
+    begin, _ = explicit_pads(index, node, x, kernel, strides, dilations)  # type: ignore[arg-type]
+    return {"kernel": kernel, "strides": strides, "dilations": dilations, "pads": begin}
+
+
+def _conv(index: GraphIndex, node: onnx.NodeProto, make: Any) -> Step:
+    x = node.input[0]
+    weight = _constant(index, node, node.input[1], "weight")
+    if weight.ndim != 4 or len(_static(index, x)) != 4:
+        raise CompileError(f"fixations: Conv node {_name(node)!r}: only 2-D convolutions are "
+                           "supported")
+    kernel = [int(k) for k in weight.shape[2:]]
+    attrs = _window(index, node, kernel)
+    attrs["group"] = int(attr(node, "group", 1))  # type: ignore[arg-type]
+    return make("conv", [x], attrs, weight=weight, reads=(x,))
+
+
+def _pool(index: GraphIndex, node: onnx.NodeProto, make: Any) -> Step:
+    x = node.input[0]
+    kernel = [int(k) for k in attr(node, "kernel_shape")]  # type: ignore[union-attr]
+    if len(kernel) != 2:
+        raise CompileError(f"fixations: {node.op_type} node {_name(node)!r}: only 2-D pools "
+                           "are supported")
+    # ceil_mode only changes the output size, which the static shapes already say.
+    return make("pool", [x], _window(index, node, kernel), reads=(x,))
+
+
+def _reduce(index: GraphIndex, node: onnx.NodeProto, make: Any) -> Step:
+    x = node.input[0]
+    rank = len(_static(index, x))
+    if node.op_type.startswith("Global"):
+        axes, keepdims = list(range(2, rank)), True
+    else:
+        raw = attr(node, "axes")
+        if raw is None and len(node.input) > 1 and node.input[1]:
+            raw = _constant(index, node, node.input[1], "axes").reshape(-1).tolist()
+        keepdims = bool(attr(node, "keepdims", 1))
+        if raw is None or len(raw) == 0:  # type: ignore[arg-type]
+            if attr(node, "noop_with_empty_axes", 0):
+                return make("pass", [x])
+            raw = list(range(rank))
+        axes = sorted(int(a) % rank for a in raw)  # type: ignore[union-attr]
+    return make("reduce", [x], {"axes": axes, "keepdims": keepdims}, reads=(x,))
+
+
+_LOOK_THROUGH = PASS_THROUGH | RESHAPES | {"Transpose"}
+
+
+def _from_spatial_map(index: GraphIndex, name: str, dynamic: set[str], layout: Layout) -> bool:
+    """Whether ``name`` is a 4-D map with H·W > 1, looking through reshapes and
+    element-wise ops (fixations.md, pitfall 4)."""
+    while True:
+        shape = _static(index, name)
+        if len(shape) == 4:
+            tl = tensor_layout(index, name, layout)
+            hw = shape[1] * shape[2] if tl is Layout.NHWC else shape[2] * shape[3]
+            return hw > 1
+        node = index.producer.get(name)
+        if node is None:
+            return False
+        inputs = [i for i in node.input if i in dynamic]
+        if node.op_type in _LOOK_THROUGH:
+            name = node.input[0]
+        elif node.op_type in ELEMENTWISE and len(inputs) == 1:
+            name = inputs[0]
+        else:
+            return False
+
+
+def _fc(index: GraphIndex, node: onnx.NodeProto, dynamic: set[str], layout: Layout,
+        make: Any) -> Step:
+    x, w = node.input[0], node.input[1]
+    if x not in dynamic or w in dynamic:
+        raise CompileError(f"fixations: {node.op_type} node {_name(node)!r}: only image "
+                           "data times constant weights is supported")
+    weight = _constant(index, node, w, "weight").astype(np.float32)
+    if weight.ndim != 2:
+        raise CompileError(f"fixations: {node.op_type} node {_name(node)!r}: the weight is "
+                           f"not a matrix: {weight.shape}")
+    if node.op_type == "Gemm":
+        if attr(node, "transA", 0):
+            raise CompileError(f"fixations: Gemm node {_name(node)!r}: transA=1 is not "
+                               "supported")
+        # transB=1: B is (out, in) already, as PyTorch exports; alpha scales every product.
+        weight = weight if attr(node, "transB", 0) else weight.T
+        weight = weight * np.float32(attr(node, "alpha", 1.0))  # type: ignore[arg-type]
+    else:
+        weight = weight.T  # MatMul's B is (K, M)
+    spatial = _from_spatial_map(index, x, dynamic, layout)
+    return make("fc", [x], {"spatial": spatial}, weight=np.ascontiguousarray(weight),
+                reads=(x,))
+
+
+def _pad(index: GraphIndex, node: onnx.NodeProto, make: Any) -> Step:
+    x = node.input[0]
+    rank = len(_static(index, x))
+    if len(node.input) > 1 and node.input[1]:
+        pads = _constant(index, node, node.input[1], "pads").reshape(-1).tolist()
+    else:
+        pads = list(attr(node, "pads", []))  # type: ignore[call-overload]
+    axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        axes = [int(a) % rank for a in _constant(index, node, node.input[3], "axes").tolist()]
+    begin = [0] * rank
+    for axis, p in zip(axes, pads[:len(axes)]):
+        begin[axis] = int(p)
+    mode = str(attr(node, "mode", "constant"))
+    if mode not in ("constant", "edge", "reflect"):
+        raise CompileError(f"fixations: Pad node {_name(node)!r}: mode {mode!r} is not "
+                           "supported")
+    return make("pad", [x], {"begin": begin, "mode": mode})
+
+
+def _resize(index: GraphIndex, node: onnx.NodeProto, make: Any) -> Step:
+    x, out = node.input[0], node.output[0]
+    in_shape, out_shape = _static(index, x), _static(index, out)
+    scales: list[float] | None = None
+    if node.op_type == "Upsample":
+        mode, ctm, nearest = str(attr(node, "mode", "nearest")), "asymmetric", "floor"
+        raw = attr(node, "scales")
+        if raw is None and len(node.input) > 1:
+            raw = _constant(index, node, node.input[1], "scales").tolist()
+        scales = [float(s) for s in raw]  # type: ignore[union-attr]
+    else:
+        mode = str(attr(node, "mode", "nearest"))
+        ctm = str(attr(node, "coordinate_transformation_mode", "half_pixel"))
+        nearest = str(attr(node, "nearest_mode", "round_prefer_floor"))
+        if index.opset < 11:
+            ctm, nearest = "asymmetric", "floor"
+        scales_name = node.input[2] if len(node.input) > 2 else (
+            node.input[1] if index.opset < 11 and len(node.input) > 1 else "")
+        if scales_name:
+            value = _constant(index, node, scales_name, "scales").reshape(-1)
+            if value.size:
+                axes = attr(node, "axes") or range(len(in_shape))
+                full = [1.0] * len(in_shape)
+                for axis, s in zip(axes, value.tolist()):  # type: ignore[call-overload]
+                    full[int(axis) % len(in_shape)] = float(s)
+                scales = full
+    if ctm not in _COORDINATE_MODES:
+        raise CompileError(f"fixations: {node.op_type} node {_name(node)!r}: "
+                           f"coordinate_transformation_mode {ctm!r} is not supported")
+    if scales is None:  # sizes given: ONNX Runtime's scale is out / in
+        scales = [o / i for o, i in zip(out_shape, in_shape)]
+    return make("resize", [x], {"mode": mode, "coordinate_mode": ctm, "nearest_mode": nearest,
+                                "scales": scales})

@@ -1,0 +1,424 @@
+"""CNN Fixations: back-track the explained logit to the image pixels that drove it.
+
+The walk starts from the class's logit and goes through the network in reverse
+topological order (:class:`service.graph.fixations.FixationPlan`), mapping the set of
+"fixated" neurons of each tensor onto its inputs, as in the authors' code
+(val-iisc/cnn-fixations, ``demo/layers.py``; the rules are collected in
+``shared/research/fixations.md``):
+
+- FC on a vector: every input j with a_j·w_ij > 0. FC on a flattened C×H×W map: only the
+  argmax of a_j·w_ij.
+- Conv: the input channel with the largest contribution Σ_window a·w summed over the
+  receptive field (padding, stride, dilation and groups honoured; padded taps add 0).
+- Max/Average pooling: the argmax of the activation in the window; GlobalAveragePool and
+  ReduceMean over H, W: the argmax over the map. Out-of-range taps are never chosen.
+- Add: the larger summand (ties: the first input). Concat: the branch owning the channel.
+  SE-style Mul: the full-resolution operand. Pad, Resize, Flatten, Reshape, Transpose:
+  index mapping. BN and activations: unchanged.
+
+**Position rule of the Conv step: argmax contribution.** Within the chosen channel the
+new position is the in-range tap with the largest a·w, as in the PyTorch port
+(StianHanssen/CNN-Fixations-PyTorch); when no tap contributes positively (a dead window)
+it is the centre tap, clipped into the in-range taps. Why this one:
+
+- It applies the paper's criterion, "follow what contributes most to the traced neuron",
+  to the position as well as to the channel, with the same numbers.
+- The centre tap (the authors' ``conv()``) makes every stride-1 conv a no-op for
+  positions, so in networks without pooling before the head (most modern ones, and the
+  DenseNet/ResNet stems downsample by strided convs) the image points snap to a lattice
+  of the total stride, and only pooling and FC argmaxes localise.
+- The activation argmax (the authors' ``res()``) ignores the weight's sign: a strongly
+  activated tap the kernel suppresses can be chosen.
+- The centre fallback keeps dead windows from drifting to their top-left corner (what
+  ``np.argmax`` of all-equal values would give).
+
+Every rule works on all points of a tensor at once: points are int64 rows
+``[tag, *index]`` (``tag`` = position of the class in the request, ``index`` = the full
+index into the tensor, batch axis included), windows are gathered by fancy indexing, FC
+rows are processed in chunks, and ``np.unique(axis=0)`` sorts and deduplicates the points
+of each tensor once all its consumers have contributed. Contributions are float64 (the
+products of float32 values are exact), so ties break the same way in any summation order.
+
+Mopuri, Garg, Babu, "CNN Fixations: An unraveling approach to visualize the discriminative
+image regions", IEEE TIP 2019, https://arxiv.org/abs/1708.06670
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from service.errors import UnknownMethod
+from service.graph.fixations import FixationPlan, Step
+from service.methods.base import Captures, Method, RawMap, Target
+from service.models.spec import Layout
+
+# Elements per gathered block: bounds the walk's temporary memory (16 MiB of float64).
+CHUNK = 1 << 21
+# The authors' heatmap: σ = 20 px on ImageNet-sized images; we scale it from 224 px.
+SIGMA_PX = 20.0
+SIGMA_REFERENCE = 224
+# Outlier removal: neighbours within 10 % of the image diagonal, kept above 5 % of points.
+RADIUS_FRACTION = 0.1
+MIN_NEIGHBOUR_FRACTION = 0.05
+
+Points = np.ndarray
+Rule = Callable[[Step, Points, Mapping[str, np.ndarray]], list[tuple[str, Points]]]
+
+
+def walk(plan: FixationPlan, activations: Mapping[str, np.ndarray], classes: Sequence[int],
+         *, trace: bool = False) -> dict[str, Points]:
+    """Back-track ``classes``' logits to the image.
+
+    Args:
+        plan: the compiled path.
+        activations: the values of ``plan.needed`` for one image (batch of one).
+        classes: logit indices; the points of ``classes[k]`` carry tag k.
+        trace: keep the points of every tensor, not only the image's.
+
+    Returns:
+        Sorted unique points, int64 rows ``[tag, *index]``, keyed by tensor name: the
+        image's always (possibly empty), every reached tensor's with ``trace``.
+    """
+    start = np.zeros((len(classes), 1 + len(plan.logits_shape)), dtype=np.int64)
+    start[:, 0] = np.arange(len(classes))
+    if len(classes):
+        start[:, 2:] = np.stack(np.unravel_index(np.asarray(classes, dtype=np.int64),
+                                                 plan.logits_shape[1:]), axis=1)
+    pending: dict[str, list[Points]] = defaultdict(list)
+    pending[plan.logits].append(start)
+    seen: dict[str, Points] = {}
+    for step in plan.steps:
+        parts = pending.pop(step.output, None)
+        if not parts:
+            continue
+        points = _unique(parts, len(classes), step.output_shape)
+        if trace:
+            seen[step.output] = points
+        for name, mapped in RULES[step.rule](step, points, activations):
+            if len(mapped):
+                pending[name].append(mapped)
+    image = pending.get(plan.image)
+    seen[plan.image] = (_unique(image, len(classes), plan.image_shape) if image else
+                        np.zeros((0, 1 + len(plan.image_shape)), dtype=np.int64))
+    return seen
+
+
+def _unique(parts: list[Points], tags: int, shape: Sequence[int]) -> Points:
+    """Sorted unique rows, as ``np.unique(axis=0)`` gives, via one int64 key per row."""
+    points = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    dims = (tags, *shape)
+    keys = np.unique(np.ravel_multi_index(tuple(points.T), dims))
+    return np.stack(np.unravel_index(keys, dims), axis=1)
+
+
+def _with(points: Points, index: np.ndarray) -> Points:
+    """Rows [tag, *index] from ``points``' tags and a new (N, rank) index."""
+    return np.concatenate([points[:, :1], index], axis=1)
+
+
+def _broadcast_index(points: Points, shape: Sequence[int]) -> np.ndarray:
+    """The index into an operand of ``shape`` that numpy broadcasting reads for each point."""
+    index = points[:, points.shape[1] - len(shape):].copy()
+    index[:, [d for d, size in enumerate(shape) if size == 1]] = 0
+    return index
+
+
+def _pass(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    return [(step.inputs[0], points)]
+
+
+def _broadcast(step: Step, points: Points,
+               acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    return [(name, _with(points, _broadcast_index(points, shape)))
+            for name, shape in zip(step.inputs, step.input_shapes)]
+
+
+def _add(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    indices = [_broadcast_index(points, shape) for shape in step.input_shapes]
+    values = np.stack([acts[name][tuple(index.T)] for name, index in zip(step.inputs, indices)],
+                      axis=1)
+    choice = values.argmax(axis=1)  # ties: the first summand
+    return [(name, _with(points[choice == k], index[choice == k]))
+            for k, (name, index) in enumerate(zip(step.inputs, indices))]
+
+
+def _concat(step: Step, points: Points,
+            acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    column = 1 + step.attrs["axis"]
+    out = []
+    for name, shape, offset in zip(step.inputs, step.input_shapes, step.attrs["offsets"]):
+        position = points[:, column]
+        mine = points[(position >= offset) & (position < offset + shape[step.attrs["axis"]])]
+        mine = mine.copy()
+        mine[:, column] -= offset
+        out.append((name, mine))
+    return out
+
+
+def _reshape(step: Step, points: Points,
+             acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    flat = np.ravel_multi_index(tuple(points[:, 1:].T), step.output_shape)
+    index = np.stack(np.unravel_index(flat, step.input_shapes[0]), axis=1)
+    return [(step.inputs[0], _with(points, index))]
+
+
+def _transpose(step: Step, points: Points,
+               acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    index = np.empty_like(points[:, 1:])
+    index[:, step.attrs["perm"]] = points[:, 1:]
+    return [(step.inputs[0], _with(points, index))]
+
+
+def _pad(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    shape = np.asarray(step.input_shapes[0])
+    index = points[:, 1:] - np.asarray(step.attrs["begin"])
+    mode = step.attrs["mode"]
+    if mode == "constant":  # points on the padding have no source
+        inside = np.all((index >= 0) & (index < shape), axis=1)
+        return [(step.inputs[0], _with(points[inside], index[inside]))]
+    if mode == "reflect":
+        index = np.abs(index)
+        index = np.where(index >= shape, 2 * (shape - 1) - index, index)
+    return [(step.inputs[0], _with(points, np.clip(index, 0, shape - 1)))]
+
+
+def _resize_source(out: np.ndarray, n_in: int, n_out: int, scale: float,
+                   attrs: Mapping[str, object]) -> np.ndarray:
+    o = out.astype(np.float64)
+    mode = attrs["coordinate_mode"]
+    if mode in ("pytorch_half_pixel", "align_corners") and n_out == 1:
+        x = np.zeros_like(o)
+    elif mode in ("half_pixel", "pytorch_half_pixel"):
+        x = (o + 0.5) / scale - 0.5
+    elif mode == "align_corners":
+        x = o * (n_in - 1) / (n_out - 1)
+    elif mode == "asymmetric":
+        x = o / scale
+    else:  # tf_half_pixel_for_nn
+        x = (o + 0.5) / scale
+    rounding = attrs["nearest_mode"] if attrs["mode"] == "nearest" else "round_prefer_ceil"
+    if rounding == "floor":
+        source = np.floor(x)
+    elif rounding == "ceil":
+        source = np.ceil(x)
+    elif rounding == "round_prefer_ceil":
+        source = np.floor(x + 0.5)
+    else:  # round_prefer_floor
+        source = np.ceil(x - 0.5)
+    return np.clip(source, 0, n_in - 1).astype(np.int64)
+
+
+def _resize(step: Step, points: Points,
+            acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    index = points[:, 1:].copy()
+    for d, (n_in, n_out, scale) in enumerate(zip(step.input_shapes[0], step.output_shape,
+                                                 step.attrs["scales"])):
+        if n_in != n_out:
+            index[:, d] = _resize_source(index[:, d], n_in, n_out, scale, step.attrs)
+    return [(step.inputs[0], _with(points, index))]
+
+
+def _taps(origin_at: np.ndarray, stride: int, pad: int, kernel: int, dilation: int,
+          size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, k) input coordinates of a window's taps, and whether each is in range."""
+    taps = (origin_at * stride - pad)[:, None] + np.arange(kernel) * dilation
+    return taps, (taps >= 0) & (taps < size)
+
+
+def _pool(step: Step, points: Points,
+          acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    x = acts[step.inputs[0]]
+    a = step.attrs
+    (kh, kw), (sy, sx), (dy, dx), (py, px) = a["kernel"], a["strides"], a["dilations"], a["pads"]
+    out = []
+    per = max(1, CHUNK // (kh * kw))
+    for lo in range(0, len(points), per):
+        p = points[lo:lo + per]
+        b, c = p[:, 1], p[:, 2]
+        ys, vy = _taps(p[:, 3], sy, py, kh, dy, x.shape[2])
+        xs, vx = _taps(p[:, 4], sx, px, kw, dx, x.shape[3])
+        pixel = (np.clip(ys, 0, x.shape[2] - 1) * x.shape[3])[:, :, None] + np.clip(
+            xs, 0, x.shape[3] - 1)[:, None, :]
+        plane = (b * x.shape[1] + c) * (x.shape[2] * x.shape[3])
+        values = x.reshape(-1).take(plane[:, None, None] + pixel)
+        valid = vy[:, :, None] & vx[:, None, :]
+        best = np.where(valid, values, -np.inf).reshape(len(p), -1).argmax(axis=1)
+        rows = np.arange(len(p))
+        ky, kx = np.divmod(best, kw)
+        keep = vy.any(axis=1) & vx.any(axis=1)
+        index = np.stack([b, c, ys[rows, ky], xs[rows, kx]], axis=1)
+        out.append(_with(p, index)[keep])
+    return [(step.inputs[0], np.concatenate(out))]
+
+
+def _centre(kernel: int, valid: np.ndarray) -> np.ndarray:
+    """The centre tap, clipped into the (contiguous) in-range taps of each window."""
+    first = valid.argmax(axis=1)
+    last = kernel - 1 - valid[:, ::-1].argmax(axis=1)
+    return np.clip((kernel - 1) // 2, first, last)
+
+
+def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    x = acts[step.inputs[0]]
+    w = step.weight
+    assert w is not None
+    a = step.attrs
+    (sy, sx), (dy, dx), (py, px) = a["strides"], a["dilations"], a["pads"]
+    m_total, cg, kh, kw = w.shape
+    per_group = m_total // a["group"]
+    height, width = x.shape[2], x.shape[3]
+    out = []
+    per = max(1, CHUNK // (cg * kh * kw))
+    for lo in range(0, len(points), per):
+        p = points[lo:lo + per]
+        n, rows = len(p), np.arange(len(p))
+        b, m = p[:, 1], p[:, 2]
+        ys, vy = _taps(p[:, 3], sy, py, kh, dy, height)
+        xs, vx = _taps(p[:, 4], sx, px, kw, dx, width)
+        valid = vy[:, :, None] & vx[:, None, :]  # (n, kh, kw)
+        first = (m // per_group) * cg  # the group's first input channel
+        plane = (b * x.shape[1] + first)[:, None] + np.arange(cg)  # (n, cg)
+        pixel = (np.clip(ys, 0, height - 1) * width)[:, :, None] + np.clip(xs, 0, width - 1)[
+            :, None, :]  # (n, kh, kw)
+        flat = (plane * (height * width))[:, :, None, None] + pixel[:, None]
+        window = x.reshape(-1).take(flat).astype(np.float64)
+        window *= valid[:, None]  # zero padding
+        kernels = w[m]
+        channel = np.einsum("nckl,nckl->nc", window, kernels).argmax(axis=1)
+        contribution = np.where(valid, window[rows, channel] * kernels[rows, channel], -np.inf)
+        taps = contribution.reshape(n, -1)
+        best = taps.argmax(axis=1)
+        ky, kx = np.divmod(best, kw)
+        dead = ~(taps[rows, best] > 0)
+        ky = np.where(dead, _centre(kh, vy), ky)
+        kx = np.where(dead, _centre(kw, vx), kx)
+        keep = vy.any(axis=1) & vx.any(axis=1)
+        index = np.stack([b, first + channel, ys[rows, ky], xs[rows, kx]], axis=1)
+        out.append(_with(p, index)[keep])
+    return [(step.inputs[0], np.concatenate(out))]
+
+
+def _reduce(step: Step, points: Points,
+            acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    x = acts[step.inputs[0]]
+    axes = list(step.attrs["axes"])
+    kept = [d for d in range(x.ndim) if d not in axes]
+    kept_index = points[:, 1:][:, kept] if step.attrs["keepdims"] else points[:, 1:]
+    kept_dims = tuple(x.shape[d] for d in kept)
+    reduced_dims = tuple(x.shape[d] for d in axes)
+    table = np.transpose(x, kept + axes).reshape(int(np.prod(kept_dims)), -1)
+    row = np.ravel_multi_index(tuple(kept_index.T), kept_dims) if kept else np.zeros(
+        len(points), dtype=np.int64)
+    per = max(1, CHUNK // table.shape[1])
+    column = np.concatenate([table[row[lo:lo + per]].argmax(axis=1)
+                             for lo in range(0, len(points), per)])
+    index = np.empty((len(points), x.ndim), dtype=np.int64)
+    index[:, kept] = kept_index
+    index[:, axes] = np.stack(np.unravel_index(column, reduced_dims), axis=1)
+    return [(step.inputs[0], _with(points, index))]
+
+
+def _fc(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    x = acts[step.inputs[0]]
+    w = step.weight
+    assert w is not None
+    table = x.reshape(-1, x.shape[-1])
+    rows = np.ravel_multi_index(tuple(points[:, 1:-1].T), x.shape[:-1])
+    neurons = points[:, -1]
+    spatial = step.attrs["spatial"]
+    per = max(1, CHUNK // x.shape[-1])
+    out = []
+    for row in np.unique(rows):
+        mine = np.flatnonzero(rows == row)
+        inputs = table[row].astype(np.float64)
+        for lo in range(0, len(mine), per):
+            sel = mine[lo:lo + per]
+            contribution = w[neurons[sel]] * inputs  # (n, in): exact float64 products
+            if spatial:  # a flattened map: only the strongest contribution
+                which, j = np.arange(len(sel)), contribution.argmax(axis=1)
+            else:  # a vector: every positive contribution
+                which, j = np.nonzero(contribution > 0)
+            src = points[sel[which]]
+            out.append(np.concatenate([src[:, :-1], j[:, None]], axis=1))
+    return [(step.inputs[0], np.concatenate(out))]
+
+
+RULES: dict[str, Rule] = {
+    "pass": _pass, "broadcast": _broadcast, "add": _add, "mul": _broadcast,
+    "concat": _concat, "reshape": _reshape, "transpose": _transpose, "pad": _pad,
+    "resize": _resize, "pool": _pool, "conv": _conv, "reduce": _reduce, "fc": _fc,
+}
+
+
+def image_points(plan: FixationPlan, points: Points, tag: int) -> np.ndarray:
+    """(N, 2) int64 (x, y) on the model's input grid for the points tagged ``tag``; one row
+    per image point, so a pixel fixated in several channels appears several times."""
+    mine = points[points[:, 0] == tag]
+    if plan.image_layout is Layout.NHWC:  # [tag, b, y, x, c]
+        return mine[:, [3, 2]]
+    return mine[:, [4, 3]]  # [tag, b, c, y, x]
+
+
+def inliers(xy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Which points have more than 5 % of all points (themselves included) closer than
+    0.1 × the image diagonal (the authors' ``out_rem``)."""
+    n = len(xy)
+    radius2 = (RADIUS_FRACTION * np.hypot(height, width)) ** 2
+    pts = xy.astype(np.float64)
+    per = max(1, CHUNK // max(n, 1))
+    counts = np.concatenate([
+        np.count_nonzero(((pts[lo:lo + per, None, :] - pts[None]) ** 2).sum(axis=2) < radius2,
+                         axis=1)
+        for lo in range(0, n, per)
+    ]) if n else np.zeros(0, dtype=np.int64)
+    return counts > MIN_NEIGHBOUR_FRACTION * n
+
+
+def density(xy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Point counts blurred by a Gaussian (the authors' ``heatmap``), scaled to max 1.
+
+    σ = 20 px at 224 px, scaled to the grid's shorter side; the kernel spans that side
+    (rounded down to odd); cv2's default border (REFLECT_101).
+    """
+    counts = np.zeros((height, width), dtype=np.float64)
+    np.add.at(counts, (xy[:, 1], xy[:, 0]), 1.0)
+    short = min(height, width)
+    k = short if short % 2 == 1 else short - 1
+    sigma = SIGMA_PX * short / SIGMA_REFERENCE
+    blurred = cv2.GaussianBlur(counts, (k, k), sigma)
+    peak = float(blurred.max())
+    return (blurred / peak if peak > 0 else blurred).astype(np.float32)
+
+
+class CnnFixations(Method):
+    """CNN Fixations: the image points the explained logit traces back to, and their
+    Gaussian density (see the module docstring for the rules).
+
+    Mopuri, Garg, Babu, IEEE TIP 2019, https://arxiv.org/abs/1708.06670
+    """
+
+    name = "fixations"
+    paper = "https://arxiv.org/abs/1708.06670"
+    grid = "model"
+    needs_fixations = True
+
+    def compute(self, captures: Captures, classes: Sequence[int],
+                target: Target) -> list[RawMap]:
+        # The walk starts at the logit whatever ``target`` says: it follows signs of
+        # contributions, which a monotone sigmoid/softmax does not change.
+        if captures.fixations is None:
+            raise UnknownMethod("this model has no fixations graph (see GET /models)")
+        activations, plan = captures.fixations()
+        traced = walk(plan, activations, classes)[plan.image]
+        height, width = plan.image_hw
+        maps = []
+        for tag, cls in enumerate(classes):
+            xy = image_points(plan, traced, tag)
+            kept = xy[inliers(xy, height, width)]
+            maps.append(RawMap(density(kept, height, width), cls, self.grid,
+                               points=np.unique(kept, axis=0).astype(np.float32)))
+        return maps

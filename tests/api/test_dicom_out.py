@@ -1,0 +1,224 @@
+"""POST /explain answering DICOM: content negotiation and the Secondary Captures it returns."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from service.api.routes.explain import Representation, negotiate
+from service.imaging import decode
+from service.imaging.secondary_capture import PATIENT_STUDY_KEYWORDS
+from service.methods.render import normalise, overlay
+from tests.api.conftest import DATA, assert_problem, phantom_bytes
+
+DICOM = "application/dicom"
+MULTIPART = 'multipart/related; type="application/dicom"'
+PHANTOM = DATA / "dicom" / "phantom_nodule.dcm"
+
+
+def _post(client: TestClient, data: bytes, accept: str | None, **params: str):  # type: ignore[no-untyped-def]
+    headers = {"content-type": DICOM}
+    if accept is not None:
+        headers["accept"] = accept
+    return client.post("/explain", content=data, headers=headers, params=params)
+
+
+def _read(data: bytes) -> Dataset:
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def _parts(response) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """The bodies of a multipart/related response, each checked to be application/dicom."""
+    content_type = response.headers["content-type"]
+    assert content_type.startswith(MULTIPART + "; boundary=")
+    boundary = re.search(r"boundary=([^;]+)", content_type)
+    assert boundary is not None
+    delimiter = b"--" + boundary.group(1).encode()
+    body = response.content
+    assert body.endswith(delimiter + b"--\r\n")
+    chunks = body[: -len(delimiter + b"--\r\n")].split(delimiter)
+    assert chunks[0] == b""
+    parts = []
+    for chunk in chunks[1:]:
+        head, _, payload = chunk.partition(b"\r\n\r\n")
+        assert head.strip() == b"Content-Type: application/dicom"
+        assert payload.endswith(b"\r\n")
+        parts.append(payload[:-2])
+    return parts
+
+
+def _npy(data: str) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
+
+
+def test_accept_dicom_gives_a_secondary_capture_in_the_source_study(client: TestClient) -> None:
+    data = PHANTOM.read_bytes()
+    source = _read(data)
+    params = {"methods": "gradcam", "classes": "Nodule"}
+    r = _post(client, data, DICOM, **params)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == DICOM
+    assert r.headers["vary"] == "Accept"
+    sc = _read(r.content)
+
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        assert sc.get(keyword) == source.get(keyword), keyword
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.SOPInstanceUID not in (source.SOPInstanceUID, sc.SeriesInstanceUID)
+    (reference,) = sc.SourceImageSequence
+    assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert reference.ReferencedSOPClassUID == source.SOPClassUID
+    assert sc.SeriesDescription == "medexplain gradcam Nodule"
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel) == ("RGB", 3)
+
+    # The image part is the overlay of the same map the JSON answer gives, on the
+    # decoded image; where the map is zero it is the grey image itself.
+    json = _post(client, data, None, heatmap="npy", **params).json()
+    heat = _npy(json["explanations"][0]["heatmap"]["data"])
+    image = decode(data, DICOM)
+    rgb = sc.pixel_array
+    assert rgb.shape == (rgb.shape[0], source.Columns, 3) and rgb.shape[0] > source.Rows
+    picture = rgb[: source.Rows]
+    np.testing.assert_array_equal(picture, overlay(normalise(heat), image.pixels))
+    zero = normalise(heat) == 0
+    grey = np.round(image.pixels * 255)
+    if zero.any():
+        for channel in range(3):
+            np.testing.assert_allclose(picture[zero][:, channel], grey[zero], atol=0.5)
+    peak = np.unravel_index(np.argmax(heat), heat.shape)
+    assert len(set(picture[peak].tolist())) > 1, "the map's peak is coloured"
+
+    # The caption panel: text and a colour bar, far from a flat strip.
+    panel = rgb[source.Rows :].reshape(-1, 3).astype(int)
+    assert len(np.unique(panel, axis=0)) > 50
+    assert ((panel[:, 0] > 200) & (panel[:, 1] < 60) & (panel[:, 2] < 60)).any()
+    assert ((panel[:, 2] > 150) & (panel[:, 0] < 40) & (panel[:, 1] < 40)).any()
+
+
+def test_multipart_gives_one_capture_per_explanation(client: TestClient) -> None:
+    data = PHANTOM.read_bytes()
+    params = {"methods": "gradcam,crm", "classes": "Nodule,Cardiomegaly"}
+    explanations = _post(client, data, None, **params).json()["explanations"]
+    r = _post(client, data, MULTIPART, **params)
+    assert r.status_code == 200, r.text
+    captures = [_read(part) for part in _parts(r)]
+    assert len(captures) == len(explanations) == 4
+    source = _read(data)
+    assert {sc.StudyInstanceUID for sc in captures} == {source.StudyInstanceUID}
+    (series,) = {sc.SeriesInstanceUID for sc in captures}
+    assert series != source.SeriesInstanceUID
+    assert len({sc.SOPInstanceUID for sc in captures}) == 4
+    assert [sc.InstanceNumber for sc in captures] == [1, 2, 3, 4]
+    for sc, e in zip(captures, explanations, strict=True):
+        assert f"{e['method']} explanation of {e['label']}" in sc.DerivationDescription
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_real_compressed_radiograph(client: TestClient) -> None:
+    path = get_testdata_file("RG1_J2KR.dcm", download=False)
+    assert path is not None
+    data = Path(path).read_bytes()
+    r = _post(client, data, DICOM, methods="crm_combined")
+    assert r.status_code == 200, r.text
+    sc, source = _read(r.content), _read(data)
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.PatientName == source.PatientName == "CompressedSamples^RG1"
+    assert sc.PatientOrientation == source.PatientOrientation
+    assert sc.pixel_array.shape[1:] == (source.Columns, 3)
+    assert sc.SeriesDescription == "medexplain crm_combined all"
+
+
+@pytest.mark.parametrize("accept", [None, "", "*/*", "application/json", "application/*",
+                                    "application/json, application/dicom",
+                                    "text/html, application/json;q=0.1"])
+def test_json_stays_the_default(client: TestClient, accept: str | None) -> None:
+    r = _post(client, PHANTOM.read_bytes(), accept, methods="gradcam")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["vary"] == "Accept"
+    assert r.json()["explanations"]
+
+
+@pytest.mark.parametrize("accept", ["text/html", "image/png, text/*",
+                                    "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50",
+                                    'multipart/related; type="image/jpeg"',
+                                    "application/json;q=0, application/dicom;q=0"])
+def test_unsatisfiable_accept_is_406(client: TestClient, accept: str) -> None:
+    body = assert_problem(_post(client, PHANTOM.read_bytes(), accept), 406, "not_acceptable")
+    assert "application/dicom" in str(body["detail"])
+    # Refused before the body is read: an empty body gives 406, not 400.
+    assert_problem(_post(client, b"", accept), 406, "not_acceptable")
+
+
+def test_dicom_output_needs_a_dicom_upload(client: TestClient) -> None:
+    png = phantom_bytes("normal.png")
+    r = client.post("/explain", content=png, headers={"content-type": "image/png",
+                                                      "accept": DICOM})
+    body = assert_problem(r, 406, "not_acceptable")
+    assert "this upload is png" in str(body["detail"])
+    # With JSON acceptable too, a PNG gets JSON.
+    r = client.post("/explain", content=png, headers={"content-type": "image/png",
+                                                      "accept": f"{DICOM}, */*;q=0.1"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("accept", "dicom", "expected"),
+    [
+        (None, True, Representation.JSON),
+        ("*/*", True, Representation.JSON),
+        ("application/dicom", True, Representation.DICOM),
+        ("application/dicom", False, None),
+        ("application/dicom; transfer-syntax=*", True, Representation.DICOM),
+        ("application/dicom; transfer-syntax=1.2.840.10008.1.2.1", True, Representation.DICOM),
+        ("application/dicom; transfer-syntax=1.2.840.10008.1.2.4.90", True, None),
+        ('multipart/related; type="application/dicom"', True, Representation.MULTIPART),
+        ("multipart/related", True, Representation.MULTIPART),
+        ("multipart/*", True, Representation.MULTIPART),
+        ("multipart/related; type=application/dicom+json", True, None),
+        ("application/dicom;q=0.5, application/json;q=0.4", True, Representation.DICOM),
+        ("application/dicom;q=0.5, application/json;q=0.4", False, Representation.JSON),
+        ("application/dicom, */*;q=0.1", True, Representation.DICOM),
+        ("*/*;q=0.1, multipart/related;q=0.2", True, Representation.MULTIPART),
+        ("application/dicom, application/json", True, Representation.JSON),
+        ("application/*;q=0.5, application/json;q=0", True, Representation.DICOM),
+        ("text/html", True, None),
+        ("application/dicom;q=abc, text/html", True, None),
+        ("garbage", True, None),
+    ],
+)
+def test_negotiate(accept: str | None, dicom: bool, expected: Representation | None) -> None:
+    assert negotiate(accept, dicom=dicom) is expected
+
+
+def test_dicom3tools_and_dcmtk_accept_the_capture(client: TestClient, tmp_path: Path) -> None:
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy not installed (Debian package dicom3tools; .ci/run installs it)")
+    r = _post(client, PHANTOM.read_bytes(), DICOM, methods="gradcam")
+    assert r.status_code == 200, r.text
+    out = tmp_path / "sc.dcm"
+    out.write_bytes(r.content)
+    result = subprocess.run(["dciodvfy", str(out)], check=False, capture_output=True,
+                            text=True, timeout=60)
+    report = result.stdout + result.stderr
+    assert "SCImage" in report
+    assert not [line for line in report.splitlines() if line.startswith("Error")], report
+    if shutil.which("dcmdump") is not None:
+        dump = subprocess.run(["dcmdump", str(out)], check=False, capture_output=True,
+                              text=True, timeout=60)
+        assert dump.returncode == 0, dump.stderr
+        assert "SecondaryCaptureImageStorage" in dump.stdout

@@ -1,0 +1,202 @@
+"""/explain and /predict over HTTP, with values checked against in-process references."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import cv2
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.data import get_testdata_file
+
+from service.imaging import decode
+from service.imaging.preprocess import to_model_input
+from service.models.repository import load_model
+from tests.api.conftest import DATA, MODELS, phantom_bytes
+
+LABELS = ["Cardiomegaly", "Nodule", "Pleural Effusion", "Pneumothorax"]
+
+
+def _png(data: str) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def _npy(data: str) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
+
+
+@pytest.fixture(scope="module")
+def demo():  # type: ignore[no-untyped-def]
+    return load_model(MODELS / "demo-cxr", providers=["CPUExecutionProvider"], threads=1,
+                      head_batch=256)
+
+
+def test_multipart_png_gives_scores_and_heatmaps(client: TestClient, phantoms) -> None:  # type: ignore[no-untyped-def]
+    item = next(p for p in phantoms if "Nodule" in p["findings"])
+    r = client.post("/explain", files={"file": (item["file"], phantom_bytes(item["file"]),
+                                                "image/png")},
+                    data={"classes": "Nodule"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [p["label"] for p in body["predictions"]] == LABELS
+    assert body["image"] == {"width": 256, "height": 256, "format": "png", "dicom": None}
+    assert [(e["method"], e["label"]) for e in body["explanations"]] == [
+        ("gradcam", "Nodule"), ("crm", "Nodule")]
+    for e in body["explanations"]:
+        heat = _png(e["heatmap"]["data"])
+        assert heat.shape == (256, 256) and heat.dtype == np.uint8
+        assert heat.max() == 255
+        assert e["regions"], "a non-empty map has at least one region"
+    assert body["timings_ms"]["total"] >= body["timings_ms"]["forward"] > 0
+
+
+def test_raw_body_equals_multipart(client: TestClient, phantoms) -> None:  # type: ignore[no-untyped-def]
+    name = phantoms[1]["file"]
+    data = phantom_bytes(name)
+    params = {"methods": "crm,gradcam", "classes": "0,3", "heatmap": "npy", "size": "feature"}
+    raw = client.post("/explain", content=data, params=params,
+                      headers={"content-type": "image/png"}).json()
+    form = client.post("/explain", files={"file": ("a.png", data, "image/png")},
+                       data=params).json()
+    assert [p["score"] for p in raw["predictions"]] == [p["score"] for p in form["predictions"]]
+    for a, b in zip(raw["explanations"], form["explanations"]):
+        np.testing.assert_array_equal(_npy(a["heatmap"]["data"]), _npy(b["heatmap"]["data"]))
+
+
+def test_npy_maps_equal_brute_force_references(client: TestClient, demo, phantoms) -> None:  # type: ignore[no-untyped-def]
+    name = next(p for p in phantoms if "Cardiomegaly" in p["findings"])["file"]
+    data = phantom_bytes(name)
+    r = client.post("/explain", content=data, headers={"content-type": "image/png"},
+                    params={"methods": "crm,crm_combined,gradcam", "classes": "Cardiomegaly",
+                            "heatmap": "npy", "size": "feature"})
+    assert r.status_code == 200, r.text
+    maps = {e["method"]: _npy(e["heatmap"]["data"]) for e in r.json()["explanations"]}
+
+    engine = demo.engine
+    x = to_model_input(decode(data, "image/png"), demo.config.input)
+    acts, logits = engine.forward(x.tensor)
+    a = acts[0].astype(np.float64)
+    c, h, w = a.shape
+    # CRM: zero each location, one copy at a time, through the real head.
+    crm = np.zeros((h, w))
+    combined = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            masked = acts.copy()
+            masked[0, :, i, j] = 0
+            delta = (logits[0].astype(np.float64) - engine.head(masked)[0]) ** 2
+            crm[i, j] = delta[0]
+            combined[i, j] = delta.sum()
+    np.testing.assert_allclose(maps["crm"], crm, rtol=1e-3, atol=1e-6 * crm.max())
+    np.testing.assert_allclose(maps["crm_combined"], combined, rtol=1e-3,
+                               atol=1e-6 * combined.max())
+    # Grad-CAM from a central-difference gradient of the head (float32 head, so eps is large
+    # and the check loose; the exact checks live in tests/graph and tests/methods).
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=a.shape)
+    eps = 1e-2
+    up = engine.head((a + eps * direction)[None].astype(np.float32))[0, 0]
+    down = engine.head((a - eps * direction)[None].astype(np.float32))[0, 0]
+    seed = np.zeros((1, len(LABELS)), np.float32)
+    seed[0, 0] = 1
+    grad = engine.head_vjp(acts, seed)[0].astype(np.float64)
+    assert abs((up - down) / (2 * eps) - (grad * direction).sum()) < 2e-3 * np.abs(grad).sum()
+    alpha = grad.mean(axis=(1, 2))
+    expected = np.maximum(np.einsum("c,chw->hw", alpha, a), 0)
+    np.testing.assert_allclose(maps["gradcam"], expected, rtol=1e-4, atol=1e-6 * expected.max())
+
+
+def test_sizes_and_encodings(client: TestClient) -> None:
+    data = (DATA / "raster" / "nodule_pleural-effusion_400x512.png").read_bytes()
+    def one(**params: str) -> dict:  # type: ignore[type-arg]
+        r = client.post("/explain", content=data, headers={"content-type": "image/png"},
+                        params={"methods": "gradcam", "classes": "Nodule", **params})
+        assert r.status_code == 200, r.text
+        return r.json()["explanations"][0]  # type: ignore[no-any-return]
+
+    original = one()
+    assert (original["heatmap"]["width"], original["heatmap"]["height"]) == (400, 512)
+    assert _png(original["heatmap"]["data"]).shape == (512, 400)
+    model = one(size="model")
+    assert _png(model["heatmap"]["data"]).shape == (256, 256)
+    feature = one(size="feature", heatmap="npy")
+    raw = _npy(feature["heatmap"]["data"])
+    assert raw.shape == (16, 16) and raw.dtype == np.float32
+    # The PNG map is the raw map, bilinearly resized and max-normalised to 8 bits.
+    resized = cv2.resize(raw, (256, 256), interpolation=cv2.INTER_LINEAR)
+    expected = np.round(resized / resized.max() * 255)
+    assert np.abs(_png(model["heatmap"]["data"]).astype(float) - expected).max() <= 1
+    overlay = _png(one(heatmap="overlay", size="model")["heatmap"]["data"])
+    assert overlay.shape == (256, 256, 3)
+    # Regions are in original pixels: inside the 400×512 image.
+    for region in original["regions"]:
+        x0, y0, x1, y1 = region["box"]
+        assert 0 <= x0 < x1 <= 400 and 0 <= y0 < y1 <= 512
+
+
+def test_default_classes_are_those_over_threshold(client: TestClient, phantoms) -> None:  # type: ignore[no-untyped-def]
+    name = phantoms[0]["file"]
+    body = client.post("/explain", content=phantom_bytes(name),
+                       headers={"content-type": "image/png"},
+                       params={"methods": "gradcam", "score_threshold": "0.5"}).json()
+    over = [p["label"] for p in body["predictions"] if p["score"] >= 0.5]
+    top = max(body["predictions"], key=lambda p: p["score"])["label"]
+    assert [e["label"] for e in body["explanations"]] == (over or [top])
+
+
+def test_probability_target_changes_gradcam_scale_only(client: TestClient, phantoms) -> None:  # type: ignore[no-untyped-def]
+    # For a sigmoid output, d p/dA = p(1 − p) · d z/dA: the same map, scaled.
+    data = phantom_bytes(phantoms[2]["file"])
+    def gradcam(target: str) -> np.ndarray:
+        r = client.post("/explain", content=data, headers={"content-type": "image/png"},
+                        params={"methods": "gradcam", "classes": "0", "heatmap": "npy",
+                                "size": "feature", "target": target})
+        return _npy(r.json()["explanations"][0]["heatmap"]["data"]), r.json()["predictions"][0]["score"]
+    logit_map, p = gradcam("logit")
+    prob_map, _ = gradcam("probability")
+    np.testing.assert_allclose(prob_map, logit_map * p * (1 - p), rtol=2e-3,
+                               atol=1e-6 * logit_map.max())
+
+
+def test_phantom_dicom(client: TestClient) -> None:
+    data = (DATA / "dicom" / "phantom_nodule.dcm").read_bytes()
+    r = client.post("/explain", content=data, headers={"content-type": "application/dicom"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image"]["format"] == "dicom"
+    assert body["image"]["dicom"]["study_instance_uid"]
+    nodule = body["predictions"][1]
+    assert nodule["label"] == "Nodule" and nodule["score"] > 0.5
+    mono1 = client.post("/predict", content=(DATA / "dicom" / "phantom_nodule_mono1.dcm")
+                        .read_bytes(), headers={"content-type": "application/dicom"}).json()
+    # MONOCHROME1 is inverted on decoding: the same scores as the MONOCHROME2 original.
+    np.testing.assert_allclose([p["score"] for p in mono1["predictions"]],
+                               [p["score"] for p in body["predictions"]], atol=1e-4)
+
+
+def test_real_radiograph_from_pydicom_data(client: TestClient) -> None:
+    path = get_testdata_file("RG1_J2KR.dcm", download=False)
+    assert path is not None
+    with open(path, "rb") as f:
+        data = f.read()
+    r = client.post("/explain", files={"file": ("rg1.dcm", data, "application/dicom")},
+                    data={"methods": "gradcam,crm_combined"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image"]["format"] == "dicom"
+    assert body["image"]["dicom"]["modality"] == "CR"
+    assert len(body["predictions"]) == 4
+    for e in body["explanations"]:
+        heat = _png(e["heatmap"]["data"])
+        assert heat.shape == (body["image"]["height"], body["image"]["width"])
+
+
+def test_predict(client: TestClient, phantoms) -> None:  # type: ignore[no-untyped-def]
+    r = client.post("/predict", files={"file": ("p.png", phantom_bytes(phantoms[0]["file"]))})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"model", "image", "predictions", "timings_ms"}
+    assert body["model"] == {"name": "demo-cxr", "version": "1"}
+    assert all(0 <= p["score"] <= 1 for p in body["predictions"])

@@ -1,0 +1,209 @@
+"""Secondary Captures without a model: rendering, study membership, copied attributes."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import config
+from pydicom.data import get_testdata_file
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from service.errors import NotAcceptable
+from service.imaging import decode
+from service.imaging.base import DecodedImage
+from service.imaging.secondary_capture import (
+    PATIENT_STUDY_KEYWORDS,
+    Caption,
+    Explained,
+    capture_series,
+    is_capturable,
+    render,
+)
+from service.methods.render import normalise, overlay
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+PHANTOM = DATA / "dicom" / "phantom_nodule.dcm"
+CAPTION = Caption("gradcam", "Nodule", 0.873, "demo-cxr", "1", "0.1.0", not_for_diagnosis=True)
+
+
+def _blob(height: int, width: int) -> np.ndarray:
+    """A map that is zero outside one blob, like a CAM after ReLU."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    blob = 3.0 - np.hypot((yy - 0.4 * height) / (0.08 * height),
+                          (xx - 0.6 * width) / (0.08 * width))
+    return np.maximum(blob, 0).astype(np.float32)
+
+
+def _write(data: bytes) -> DecodedImage:
+    return decode(data, "application/dicom")
+
+
+def _with(path: Path | str, **changes: object) -> bytes:
+    """The file with some values replaced, invalid ones included (no validation)."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in changes.items():
+        tag = tag_for_keyword(keyword)
+        ds[tag] = DataElement(tag, dictionary_VR(tag), value, validation_mode=config.IGNORE)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _capture(image: DecodedImage, *items: Explained) -> list[Dataset]:
+    parts = capture_series(image, list(items) or [Explained(_blob(image.height, image.width),
+                                                            CAPTION)],
+                           software_version="0.1.0")
+    return [pydicom.dcmread(io.BytesIO(p)) for p in parts]
+
+
+def test_render_is_the_overlay_above_a_caption_panel() -> None:
+    image = _write(PHANTOM.read_bytes())
+    heat = _blob(image.height, image.width)
+    rgb = render(image.pixels, heat, CAPTION)
+    assert rgb.dtype == np.uint8 and rgb.shape[1:] == (image.width, 3)
+    assert rgb.shape[0] > image.height
+    np.testing.assert_array_equal(rgb[: image.height], overlay(normalise(heat), image.pixels))
+    grey = np.round(image.pixels * 255)
+    zero = heat == 0
+    assert zero.mean() > 0.5
+    for channel in range(3):
+        np.testing.assert_allclose(rgb[: image.height][zero][:, channel], grey[zero], atol=0.5)
+    panel = rgb[image.height :].reshape(-1, 3).astype(int)
+    assert len(np.unique(panel, axis=0)) > 50
+    assert ((panel[:, 0] > 200) & (panel[:, 1] < 60) & (panel[:, 2] < 60)).any(), "red end"
+    assert ((panel[:, 2] > 150) & (panel[:, 0] < 40) & (panel[:, 1] < 40)).any(), "blue end"
+    assert (panel.min(axis=1) > 200).sum() > 20, "white caption text"
+
+
+def test_render_refuses_a_map_on_another_grid() -> None:
+    with pytest.raises(ValueError, match="grids differ"):
+        render(np.zeros((8, 8)), np.zeros((4, 4)), CAPTION)
+
+
+def test_capture_joins_the_source_study_in_a_new_series() -> None:
+    source = pydicom.dcmread(PHANTOM)
+    image = _write(PHANTOM.read_bytes())
+    (sc,) = _capture(image)
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage
+    assert sc.file_meta.MediaStorageSOPClassUID == SecondaryCaptureImageStorage
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.SOPInstanceUID not in (source.SOPInstanceUID, sc.SeriesInstanceUID)
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        assert sc.get(keyword) == source.get(keyword), keyword
+    (ref,) = sc.SourceImageSequence
+    assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert ref.ReferencedSOPClassUID == source.SOPClassUID
+    assert "ReferencedFrameNumber" not in ref
+    assert sc.PatientOrientation == source.PatientOrientation
+    assert (sc.Modality, sc.Manufacturer, sc.SeriesDescription) == (
+        "OT", "medexplain", "medexplain gradcam Nodule")
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("RGB", 3, 8)
+    assert sc.BurnedInAnnotation == "NO"
+    assert (sc.Columns, sc.Rows > source.Rows) == (source.Columns, True)
+
+
+def test_one_series_for_several_captures() -> None:
+    image = _write(PHANTOM.read_bytes())
+    heat = _blob(image.height, image.width)
+    second = Caption("crm", None, None, "demo-cxr", "1", "0.1.0")
+    a, b = _capture(image, Explained(heat, CAPTION), Explained(heat, second))
+    assert a.SeriesInstanceUID == b.SeriesInstanceUID
+    assert a.SOPInstanceUID != b.SOPInstanceUID
+    assert (a.InstanceNumber, b.InstanceNumber) == (1, 2)
+    assert a.SeriesDescription == "medexplain gradcam,crm Nodule,all"
+    assert "crm explanation of all classes" in b.DerivationDescription
+
+
+def test_multi_frame_source_is_referenced_by_frame() -> None:
+    path = get_testdata_file("emri_small.dcm", download=False)
+    assert path is not None
+    image = decode(Path(path).read_bytes(), "application/dicom", frame=3)
+    (part,) = capture_series(image, [Explained(_blob(image.height, image.width), CAPTION)],
+                             software_version="0.1.0", frame=3)
+    sc = pydicom.dcmread(io.BytesIO(part))
+    assert sc.SourceImageSequence[0].ReferencedFrameNumber == 4
+    assert sc.StudyInstanceUID == pydicom.dcmread(path).StudyInstanceUID
+
+
+def test_values_are_copied_without_validation_or_warnings(
+        recwarn: pytest.WarningsRecorder) -> None:
+    # Invalid values (a date that is no date, a code string in lower case, an over-long
+    # ID) are the source's business: copied as they are, and never quoted in a warning.
+    data = _with(PHANTOM, PatientBirthDate="CANARY-BD", PatientSex="canary",
+                 PatientID="CANARY-ID" * 10, PatientName="CANARY-NAME")
+    parts = capture_series(_write(data), [Explained(np.ones((256, 256)), CAPTION)],
+                           software_version="0.1.0")
+    assert not [str(w.message) for w in recwarn]
+    sc = pydicom.dcmread(io.BytesIO(parts[0]))
+    values = [sc[k].value for k in ("PatientBirthDate", "PatientSex", "PatientID")]
+    assert values == ["CANARY-BD", "canary", "CANARY-ID" * 10]
+
+
+def test_non_ascii_names_are_kept() -> None:
+    data = _with(PHANTOM, SpecificCharacterSet="ISO_IR 100", PatientName="Müller^Jürgen")
+    (sc,) = _capture(_write(data))
+    assert sc.SpecificCharacterSet == "ISO_IR 192"
+    assert str(sc.PatientName) == "Müller^Jürgen"
+
+
+def test_unknown_orientation_is_left_empty() -> None:
+    data = _with(PHANTOM, PatientOrientation="X\\Y")
+    (sc,) = _capture(_write(data))
+    assert "PatientOrientation" in sc and not sc.PatientOrientation
+
+
+def test_only_dicom_with_valid_uids_is_capturable() -> None:
+    assert is_capturable(_write(PHANTOM.read_bytes()))
+    png = decode((DATA / "phantoms" / "normal.png").read_bytes(), "image/png")
+    assert png.source is None and not is_capturable(png)
+    assert not is_capturable(_write(_with(PHANTOM, StudyInstanceUID="not a uid")))
+    with pytest.raises(ValueError, match="no DICOM source study"):
+        capture_series(png, [], software_version="0")
+
+
+def test_source_header_has_no_pixel_data_and_stays_out_of_repr() -> None:
+    image = _write(PHANTOM.read_bytes())
+    assert image.source is not None
+    assert "PixelData" not in image.source and "PatientName" in image.source
+    assert "PHANTOM" not in repr(image)
+
+
+@pytest.mark.parametrize("name", ["phantom", "RG1_J2KR.dcm"])
+def test_dicom3tools_finds_no_errors(tmp_path: Path, name: str) -> None:
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy not installed (Debian package dicom3tools)")
+    path = PHANTOM if name == "phantom" else get_testdata_file(name, download=False)
+    assert path is not None
+    image = _write(Path(path).read_bytes())
+    out = tmp_path / "sc.dcm"
+    out.write_bytes(capture_series(image, [Explained(_blob(image.height, image.width),
+                                                     CAPTION)], software_version="0.1.0")[0])
+    result = subprocess.run(["dciodvfy", str(out)], check=False, capture_output=True,
+                            text=True, timeout=60)
+    report = result.stdout + result.stderr
+    assert "SCImage" in report
+    errors = [line for line in report.splitlines() if line.startswith("Error")]
+    assert not errors, report
+    if shutil.which("dcmdump") is not None:
+        dump = subprocess.run(["dcmdump", str(out)], check=False, capture_output=True,
+                              text=True, timeout=60)
+        assert dump.returncode == 0, dump.stderr
+        assert "SecondaryCaptureImageStorage" in dump.stdout
+
+
+def test_too_tall_for_a_capture_is_not_acceptable() -> None:
+    tall = DecodedImage(pixels=np.zeros((65500, 4), np.float32), format="dicom",
+                        meta=_write(PHANTOM.read_bytes()).meta,
+                        source=_write(PHANTOM.read_bytes()).source)
+    with pytest.raises(NotAcceptable, match="65535"):
+        capture_series(tall, [Explained(np.zeros((65500, 4)), CAPTION)], software_version="0")

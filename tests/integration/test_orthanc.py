@@ -1,0 +1,227 @@
+"""A real PACS round trip: Orthanc + the Python-plugin bridge + medexplain over loopback.
+
+Orthanc (Debian packages ``orthanc`` and ``orthanc-python``; ``.ci/run`` installs them) runs
+with ``deploy/orthanc/orthanc.json`` on a free loopback port, a temporary storage folder and
+the DICOM server off; the service runs as ``medexplain serve`` in a subprocess. Radiographs
+uploaded through Orthanc's REST API come back as Secondary Captures in their own study.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from service.imaging import decode
+from service.imaging.secondary_capture import PATIENT_STUDY_KEYWORDS
+from service.methods.render import normalise, overlay
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy" / "orthanc"
+# Debian installs it in sbin, which is not on every user's PATH.
+ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+START_TIMEOUT_S = 90.0
+ROUND_TRIP_TIMEOUT_S = 60.0
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (Debian packages "
+                                               "orthanc and orthanc-python; .ci/run installs "
+                                               "them)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _request(url: str, data: bytes | None = None, timeout: float = 10.0) -> bytes:
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return bytes(response.read())
+
+
+def _request_with(url: str, data: bytes, headers: dict[str, str]) -> bytes:
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return bytes(response.read())
+
+
+def _get_json(url: str) -> Any:
+    return json.loads(_request(url))
+
+
+def _wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{url} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            _request(url, timeout=2)
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.25)
+    pytest.fail(f"{url} did not come up in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """``medexplain serve`` on a free loopback port, with its log file."""
+    if not (ROOT / "models" / "demo-cxr" / "model.onnx").exists():
+        pytest.fail("models/demo-cxr/model.onnx is missing (tools/train_demo_model.py)")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("medexplain") / "service.log"
+    env = {**os.environ, "MEDEXPLAIN_THREADS": "1", "MEDEXPLAIN_LOG_LEVEL": "debug"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(f"{url}/readyz", process, log)
+        yield url, log
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="module")
+def orthanc(service: tuple[str, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """Orthanc with the bridge pointed at the service, on a free loopback port."""
+    folder = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    config = json.loads((DEPLOY / "orthanc.json").read_text())
+    config.update({
+        "Name": "medexplain-test",
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "storage"),
+        "PythonScript": str(DEPLOY / "medexplain_bridge.py"),
+    })
+    assert config["RemoteAccessAllowed"] is False and config["AuthenticationEnabled"] is False
+    plugin = Path(config["Plugins"][0])
+    assert plugin.exists(), f"{plugin} is missing: install the Debian package orthanc-python"
+    (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
+    log = folder / "orthanc.log"
+    env = {**os.environ, "MEDEXPLAIN_URL": service[0], "PYTHONDONTWRITEBYTECODE": "1"}
+    with log.open("wb") as out:
+        assert ORTHANC is not None
+        process = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], cwd=folder,
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(f"{url}/system", process, log)
+        yield url, log
+    finally:
+        _stop(process)
+
+
+def _radiographs() -> list[tuple[str, bytes]]:
+    rg1 = get_testdata_file("RG1_UNCR.dcm", download=False)
+    assert rg1 is not None
+    return [("phantom", (ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm").read_bytes()),
+            ("RG1_UNCR", Path(rg1).read_bytes())]
+
+
+def _captures(orthanc_url: str, study: str) -> list[str]:
+    """Instance IDs of the Secondary Captures in a study."""
+    found = []
+    for series in _get_json(f"{orthanc_url}/studies/{study}/series"):
+        if series["MainDicomTags"].get("Modality") == "OT":
+            found += series["Instances"]
+    return found
+
+
+@pytest.mark.parametrize("name", ["phantom", "RG1_UNCR"])
+def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
+                                                  service: tuple[str, Path], name: str) -> None:
+    url, orthanc_log = orthanc
+    data = dict(_radiographs())[name]
+    source = pydicom.dcmread(io.BytesIO(data))
+    started = time.monotonic()
+    stored = json.loads(_request(f"{url}/instances", data))
+    assert stored["Status"] in ("Success", "AlreadyStored")
+    study = stored["ParentStudy"]
+
+    deadline = started + ROUND_TRIP_TIMEOUT_S
+    captures: list[str] = []
+    while not captures and time.monotonic() < deadline:
+        time.sleep(0.25)
+        captures = _captures(url, study)
+    assert captures, (f"no Secondary Capture after {ROUND_TRIP_TIMEOUT_S} s:\n"
+                      f"{orthanc_log.read_text()[-3000:]}")
+
+    (capture,) = captures
+    sc = pydicom.dcmread(io.BytesIO(_request(f"{url}/instances/{capture}/file")))
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.SOPInstanceUID != source.SOPInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        assert sc.get(keyword) == source.get(keyword), keyword
+
+    # Pixels: the image part is the colour overlay of the map the service's JSON answer
+    # gives for the same request, on the decoded radiograph; where the map is zero it is
+    # the grey radiograph itself.
+    explained = json.loads(_request_with(
+        f"{service[0]}/explain?methods=gradcam&heatmap=npy", data,
+        {"Content-Type": "application/dicom", "Accept": "application/json"}))
+    first = explained["explanations"][0]
+    assert sc.SeriesDescription == f"medexplain gradcam {first['label']}"
+    heat = normalise(np.load(io.BytesIO(base64.b64decode(first["heatmap"]["data"]))))
+    image = decode(data, "application/dicom").pixels
+    picture = sc.pixel_array[: source.Rows]
+    np.testing.assert_array_equal(picture, overlay(heat, image))
+    grey = np.round(image * 255)
+    for channel in range(3):
+        assert np.abs(picture[..., channel][heat == 0] - grey[heat == 0]).max(initial=0) <= 0.5
+    grey_pixels = (picture[..., 0] == picture[..., 1]) & (picture[..., 1] == picture[..., 2])
+    assert not grey_pixels[heat > 0.5].any(), "coloured where the map is"
+
+    # The bridge skipped its own output: one series more than the source, no more, even a
+    # moment later.
+    time.sleep(2)
+    series = _get_json(f"{url}/studies/{study}/series")
+    assert len(series) == 2
+    assert _captures(url, study) == [capture]
+
+    # Neither the bridge nor the service logged patient data.
+    bridge = [line for line in orthanc_log.read_text().splitlines() if "medexplain" in line]
+    assert any(f"-> secondary capture {capture}" in line for line in bridge)
+    served = service[1].read_text()
+    for keyword in ("PatientName", "PatientID", "AccessionNumber"):
+        value = str(source.get(keyword) or "")
+        if value:
+            assert not [line for line in bridge if value in line], keyword
+            assert value not in served, keyword
