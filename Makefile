@@ -24,6 +24,7 @@ run: $(VENV)/.installed
 	$(BIN)/medexplain serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-test
+	bash scripts/system-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # PyTorch for tools/ (training the demo model, fixtures); never needed to serve or test.
