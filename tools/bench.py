@@ -123,7 +123,8 @@ def main() -> None:
     p = sub.add_parser("pointing")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--tolerance", type=int, default=8)
+    p.add_argument("--tolerance", type=int, default=17,
+                   help="px at 256² (15 px at 224², the usual pointing-game tolerance)")
     p.set_defaults(run=pointing)
     args = parser.parse_args()
     args.run(args)
