@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from service import cli
 from service.graph import cache as cache_module
 from service.graph.cache import CompileCache
 from service.models.spec import Layout
+from service.runtime.sessions import make_session
 
 ZOO = Path(__file__).resolve().parents[1] / "data" / "zoo"
 
@@ -35,8 +35,7 @@ def test_compile_writes_graphs_and_report(tmp_path: Path, capsys: pytest.Capture
         assert report["graphs"][name]["nodes"] == len(graph.graph.node)
     # The written guided graph runs on its own and yields the reference guided gradient.
     ref = np.load(ZOO / "resnet.npz")
-    session = ort.InferenceSession(str(tmp_path / "guided.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = make_session(str(tmp_path / "guided.onnx"), ["CPUExecutionProvider"], 1)
     seed = np.eye(ref["logits"].shape[-1], dtype=np.float32)[:1]
     (grad,) = session.run(["xai/guided/grad/image"],
                           {"image": ref["x"].astype(np.float32), "xai/guided/seed": seed})

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -21,7 +20,9 @@ from onnx.reference.ops.op_max_pool import MaxPool as ReferenceMaxPool
 
 from service.errors import CompileError
 from service.graph.autodiff import RULES, SEED, grad_name, vjp
+from service.runtime.sessions import make_session
 
+CPU = ["CPUExecutionProvider"]
 RNG = np.random.default_rng(20240611)
 
 
@@ -153,8 +154,7 @@ def _forward(case: Case) -> object:
     """A callable feeds -> <output of the case> in float64."""
     model = case.model()
     if case.ort64:
-        session = ort.InferenceSession(model.SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
+        session = make_session(model, CPU, 1)
         return lambda feeds: session.run([case.of], feeds)[0]
     evaluator = ReferenceEvaluator(model, new_ops=FIXED_OPS)
     return lambda feeds: evaluator.run([case.of], feeds)[0]
@@ -187,7 +187,7 @@ def _gradients(case: Case, dtype: type = np.float64, *, guided: bool = False,
     names = [grad_name(w) for w in case.wrt]
     if engine == "ref" and not case.ort64:
         return seed, _run_ref(model, names, feeds)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = make_session(model, CPU, 1)
     return seed, session.run(names, feeds)  # type: ignore[return-value]
 
 
@@ -625,7 +625,7 @@ def test_symbolic_batch_axis(name: str) -> None:
     case = CASES[name]
     seed, exact = _gradients(case)
     model = vjp(case.model(np.float32, batch="N"), case.of, list(case.wrt))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = make_session(model, CPU, 1)
     feeds = {k: np.asarray(v, dtype=np.float32) if v.dtype == np.float64 else v
              for k, v in case.inputs.items()}
     feeds[SEED] = seed.astype(np.float32)
@@ -719,8 +719,7 @@ def test_numpy_conv_transpose_matches_onnxruntime() -> None:
                  pads=[1, 0, 0, 2], output_padding=[1, 2])
     case = Case([node], {"x": _normal(1, 4, 3, 4)}, {"w": _normal(4, 3, 2, 3)})
     (ours,) = _run_ref(case.model(), ["y"], case.inputs)
-    session = ort.InferenceSession(case.model(np.float32).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    session = make_session(case.model(np.float32), CPU, 1)
     (theirs,) = session.run(["y"], {"x": case.inputs["x"].astype(np.float32)})
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 

@@ -1,12 +1,13 @@
-"""CNN Fixations cost as a ratio to one plain forward pass, measured in the same run.
+"""Each method's cost for one class as a ratio to one plain forward pass, in the same run.
 
     .venv/bin/python tools/make_fixtures.py --bench --bench-out /tmp/densenet121.onnx
-    .venv/bin/python tools/bench_fixations.py [--model /tmp/densenet121.onnx] [--threads 2]
+    .venv/bin/python tools/bench_methods.py [--model /tmp/densenet121.onnx] [--threads 2]
 
-Fixations = the all-activations run (``Engine.all_activations``) + the walk for one class;
-forward = ``Engine.forward`` (the backbone graph). Medians over ``--repeat`` interleaved
-rounds after one warm-up, on this machine's CPU with ONNX Runtime; no HTTP, no pre- or
-post-processing.
+forward = ONNX Runtime on the unmodified model file. gradcam = the backbone run + the
+head's VJP + the map; guided_gradcam = the guided graph (which is also the forward pass) +
+Grad-CAM's head VJP + the product; fixations = the all-activations run + the walk. Medians
+over ``--repeat`` interleaved rounds after one warm-up, on this machine's CPU; no HTTP,
+no pre- or post-processing.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.graph.build import compile_model  # noqa: E402
+from service.methods import METHODS, Captures, Target  # noqa: E402
 from service.methods.fixations import walk  # noqa: E402
+from service.models.activation import Activation  # noqa: E402
 from service.runtime.engine import Engine  # noqa: E402
+from service.runtime.sessions import make_session  # noqa: E402
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
@@ -51,8 +55,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile the walk")
     args = ap.parse_args()
 
+    source = onnx.load(str(args.model))
     start = time.perf_counter()
-    compiled = compile_model(onnx.load(str(args.model)))
+    compiled = compile_model(source)
     compile_s = time.perf_counter() - start
     plan = compiled.fixations_plan
     if plan is None:
@@ -63,16 +68,34 @@ def main() -> None:
     image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     cls = int(np.argmax(engine.forward(image)[1][0]))
     acts = engine.all_activations(image)
+    plain = make_session(source, ["CPUExecutionProvider"], args.threads)
+    n_classes = engine.forward(image)[1].shape[1]
+    seed = np.eye(n_classes, dtype=np.float32)[[cls]]
+
+    def captures(a: np.ndarray, logits: np.ndarray, guided_grads: np.ndarray | None) -> Captures:
+        return Captures(a[0], logits[0], Activation.NONE, engine.head, engine.head_vjp,
+                        guided=None if guided_grads is None else (lambda s: guided_grads))
+
+    def gradcam() -> object:
+        a, logits = engine.forward(image)
+        return METHODS["gradcam"].compute(captures(a, logits, None), [cls], Target.LOGIT)
+
+    def guided_gradcam() -> object:
+        a, logits, grads = engine.guided(image, seed)
+        return METHODS["guided_gradcam"].compute(captures(a, logits, grads), [cls],
+                                                 Target.LOGIT)
 
     # Interleaved, so a neighbour's load on the CPU hits every measurement alike.
     times = _interleaved({
-        "forward": lambda: engine.forward(image),
+        "forward": lambda: plain.run(None, {compiled.split.image: image}),
+        "gradcam": gradcam,
+        "guided_gradcam": guided_gradcam,
         "all activations": lambda: engine.all_activations(image),
         "walk": lambda: walk(plan, acts, [cls]),
         "fixations": lambda: walk(plan, engine.all_activations(image), [cls]),
     }, args.repeat)
-    forward, run, walk_ms, total = (statistics.median(times[k]) for k in times)
-    ratios = [f / b for f, b in zip(times["fixations"], times["forward"])]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    forward = med["forward"]
     points = walk(plan, acts, [cls])[plan.image]
     exposed = sum(a.nbytes for a in acts.values()) / 2**20
 
@@ -81,11 +104,10 @@ def main() -> None:
           f"{compile_s:.1f} s")
     print(f"machine: {platform.processor() or platform.machine()}, ONNX Runtime "
           f"{ort.__version__}, {args.threads} threads, median of {args.repeat}")
-    print(f"  forward          {forward:8.1f} ms")
-    print(f"  all activations  {run:8.1f} ms")
-    print(f"  walk             {walk_ms:8.1f} ms")
-    print(f"  fixations        {total:8.1f} ms  = {total / forward:.2f} x forward "
-          f"(median of per-round ratios {statistics.median(ratios):.2f})")
+    print(f"  {'call':16s} {'ms':>8s} {'÷ forward':>10s} {'median of per-round ratios':>28s}")
+    for name, ms in med.items():
+        ratio = statistics.median(t / f for t, f in zip(times[name], times["forward"]))
+        print(f"  {name:16s} {ms:8.1f} {ms / forward:10.2f} {ratio:28.2f}")
     if args.profile:
         import cProfile
         import pstats
