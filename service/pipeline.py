@@ -29,7 +29,7 @@ from service.imaging.base import DecodedImage
 from service.imaging.preprocess import ModelInput, to_model_input
 from service.methods import DEFAULT_METHODS, Captures, RawMap, Target, get_method
 from service.methods.regions import regions
-from service.methods.render import Encoding, Size, encode, normalise, resize
+from service.methods.render import Encoding, Size, encode, normalise, resize, smooth
 from service.models.repository import LoadedModel
 from service.models.spec import Layout
 
@@ -244,8 +244,12 @@ def _post_process(method: str, raw: RawMap, image: DecodedImage, model_input: Mo
                   options: ExplainOptions) -> Explanation:
     mh, mw = model_hw
     at_model = resize(raw.values, mh, mw)
-    found = regions(normalise(at_model), options.region_threshold,
-                    image.width / mw, image.height / mh)
+    strength = normalise(at_model)
+    if raw.grid == "model":
+        # Pixel-level gradient maps are speckle; boxes around single pixels tell nothing.
+        # Regions come from their local energy instead (σ = 2 % of the input's diagonal).
+        strength = normalise(smooth(strength, 0.02 * float(np.hypot(mh, mw))))
+    found = regions(strength, options.region_threshold, image.width / mw, image.height / mh)
     if options.size is Size.ORIGINAL:
         values = resize(raw.values, image.height, image.width)
         backdrop = image.pixels

@@ -32,6 +32,11 @@ def resize(values: np.ndarray, height: int, width: int) -> np.ndarray:
                       interpolation=cv2.INTER_LINEAR)
 
 
+def smooth(values: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a 2-D map (kernel ±3σ, reflected borders)."""
+    return cv2.GaussianBlur(values.astype(np.float32), (0, 0), sigmaX=sigma, sigmaY=sigma)
+
+
 def normalise(values: np.ndarray) -> np.ndarray:
     """|map| scaled to [0, 1] by its maximum (all zeros stay zeros).
 

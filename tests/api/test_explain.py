@@ -200,3 +200,20 @@ def test_predict(client: TestClient, phantoms) -> None:  # type: ignore[no-untyp
     assert set(body) == {"model", "image", "predictions", "timings_ms"}
     assert body["model"] == {"name": "demo-cxr", "version": "1"}
     assert all(0 <= p["score"] <= 1 for p in body["predictions"])
+
+
+def test_gradient_maps_give_regions_not_pixels(client: TestClient) -> None:
+    data = (DATA / "dicom" / "phantom_nodule.dcm").read_bytes()
+    r = client.post("/explain", content=data, headers={"content-type": "application/dicom"},
+                    params={"methods": "guided_backprop,guided_gradcam", "classes": "Nodule"})
+    assert r.status_code == 200, r.text
+    mask = cv2.imread(str(DATA / "phantoms" / "nodule.mask-nodule.png"), cv2.IMREAD_GRAYSCALE)
+    ys, xs = np.nonzero(mask)
+    for e in r.json()["explanations"]:
+        regions = e["regions"]
+        assert 1 <= len(regions) <= 3, (e["method"], regions)
+        x0, y0, x1, y1 = regions[0]["box"]
+        assert x1 - x0 >= 5 and y1 - y0 >= 5
+        # The strongest region of Guided Grad-CAM covers the nodule's centre.
+        if e["method"] == "guided_gradcam":
+            assert x0 <= xs.mean() < x1 and y0 <= ys.mean() < y1
