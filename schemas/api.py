@@ -93,19 +93,23 @@ class TargetLayerInfo(BaseModel):
     detected: bool = Field(description="true when auto-detected, false when set in model.toml")
 
 
-# Everything a client needs to know about one served model.
+# Everything a client needs to know about one served model (a network or an ensemble).
 class ModelInfo(BaseModel):
     name: str
     version: str
     description: str
     default: bool
     labels: list[str]
-    input: InputInfo
-    activation: str
-    target_layer: TargetLayerInfo
+    input: InputInfo | None = Field(description="null for an ensemble: see its members")
+    activation: str | None = Field(description="null for an ensemble: see its members")
+    target_layer: TargetLayerInfo | None = Field(
+        description="null for an ensemble: see its members")
     methods: list[str]
     execution_providers: list[str]
     sha256: str
+    members: list[str] | None = Field(
+        None, description="an ensemble's member models (scores and max-normalised maps "
+                          "averaged over them); null for a single network")
 
 
 class ModelsResponse(BaseModel):

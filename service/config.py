@@ -35,6 +35,11 @@ class Settings(BaseModel):
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Pixel cap checked from headers before decoding (decompression bombs).
     max_pixels: int = Field(50_000_000, ge=1024)
+    # Frame cap of multi-frame DICOM, checked from the header before decoding. One frame
+    # is explained per request, but the whole object is parsed and, without an offset
+    # table, every fragment before the frame is walked; cine loops and tomosynthesis run
+    # to a few hundred frames, so 1000 refuses only the pathological ones.
+    max_frames: int = Field(1000, ge=1)
     # Requests computing at once; more wait in the queue, beyond the queue → 503.
     max_concurrency: int = Field(2, ge=1)
     max_queue: int = Field(16, ge=0)

@@ -99,6 +99,13 @@ class InvalidParameter(ServiceError):
     title = "Invalid parameter"
 
 
+class TooManyFrames(InvalidParameter):
+    """Raised when a DICOM object has more frames than the service accepts."""
+
+    code = "too_many_frames"
+    title = "Too many frames"
+
+
 class UnknownLabel(InvalidParameter):
     """Raised when a requested class is neither a label nor a valid index."""
 

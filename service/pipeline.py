@@ -30,7 +30,7 @@ from service.imaging.preprocess import ModelInput, to_model_input
 from service.methods import DEFAULT_METHODS, Captures, RawMap, Target, get_method
 from service.methods.regions import regions
 from service.methods.render import Encoding, Size, encode, normalise, resize, smooth
-from service.models.repository import LoadedModel
+from service.models.repository import LoadedModel, Served
 from service.models.spec import Layout
 
 
@@ -157,17 +157,17 @@ def _fixations_fn(model: LoadedModel, model_input: ModelInput):  # type: ignore[
     return fixations
 
 
-def predictions(model: LoadedModel, scores: np.ndarray) -> list[Prediction]:
+def predictions(model: Served, scores: np.ndarray) -> list[Prediction]:
     return [Prediction(label=label, index=i, score=round(float(s), 6))
             for i, (label, s) in enumerate(zip(model.config.labels, scores))]
 
 
-def predict(model: LoadedModel, image: DecodedImage, watch: Stopwatch) -> PredictResponse:
-    fwd = forward(model, image, watch)
+def predict(model: Served, image: DecodedImage, watch: Stopwatch) -> PredictResponse:
+    scores = model.combine_scores([forward(m, image, watch).scores for m in model.members])
     return PredictResponse(
         model=ModelRef(name=model.name, version=model.config.version),
         image=image_info(image),
-        predictions=predictions(model, fwd.scores),
+        predictions=predictions(model, scores),
         timings_ms=watch.total(),
     )
 
@@ -200,8 +200,10 @@ def resolve_classes(labels: Sequence[str], requested: Sequence[str] | None,
     return out
 
 
-def explain(model: LoadedModel, image: DecodedImage, options: ExplainOptions,
+def explain(model: Served, image: DecodedImage, options: ExplainOptions,
             watch: Stopwatch) -> ExplainResponse:
+    """Scores and maps of one image; for an ensemble, every member runs and the results
+    are combined by ``model.combine_scores`` / ``model.combine_maps``."""
     methods = [get_method(name) for name in options.methods]
     if options.size is Size.FEATURE:
         pixel_methods = [m.name for m in methods if m.grid != "feature"]
@@ -210,30 +212,35 @@ def explain(model: LoadedModel, image: DecodedImage, options: ExplainOptions,
                 f"size=feature is only for CAM-type maps; {', '.join(pixel_methods)} "
                 "produce maps on the model's input grid"
             )
+        if len(model.members) > 1:
+            raise InvalidParameter(
+                f"size=feature needs one network; the members of ensemble {model.name!r} "
+                "each have their own feature grid (use size=model or size=original)"
+            )
     labels = model.config.labels
     # Guided maps of known classes' logits come out of the guided graph's own forward pass.
     known = (resolve_classes(labels, options.classes, None, options.score_threshold)
              if options.classes and options.target is Target.LOGIT
              and any(m.needs_guided for m in methods) else [])
-    fwd = forward(model, image, watch, guided_classes=known)
-    classes = known or resolve_classes(labels, options.classes, fwd.scores,
+    fwds = [forward(m, image, watch, guided_classes=known) for m in model.members]
+    scores = model.combine_scores([f.scores for f in fwds])
+    classes = known or resolve_classes(labels, options.classes, scores,
                                        options.score_threshold)
     raw: list[tuple[str, RawMap]] = []
     for method in methods:
-        for m in method.compute(fwd.captures, classes, options.target):
-            raw.append((method.name, m))
+        per_member = [method.compute(f.captures, classes, options.target) for f in fwds]
+        for maps in zip(*per_member):
+            raw.append((method.name, model.combine_maps(maps)))
         watch.lap(method.name)
-    spec = model.config.input
     explanations = [
-        _post_process(name, m, image, fwd.model_input, (spec.height, spec.width), labels,
-                      options)
+        _post_process(name, m, image, fwds[0].model_input, model.grid, labels, options)
         for name, m in raw
     ]
     watch.lap("render")
     return ExplainResponse(
         model=ModelRef(name=model.name, version=model.config.version),
         image=image_info(image),
-        predictions=predictions(model, fwd.scores),
+        predictions=predictions(model, scores),
         explanations=explanations,
         timings_ms=watch.total(),
     )
@@ -252,7 +259,8 @@ def _post_process(method: str, raw: RawMap, image: DecodedImage, model_input: Mo
     found = regions(strength, options.region_threshold, image.width / mw, image.height / mh)
     if options.size is Size.ORIGINAL:
         values = resize(raw.values, image.height, image.width)
-        backdrop = image.pixels
+        # image.pixels may be a reduced-resolution decode: bring it onto the map's grid.
+        backdrop = resize(image.pixels, image.height, image.width)
     elif options.size is Size.MODEL:
         values, backdrop = at_model, model_input.image01
     else:

@@ -1,18 +1,24 @@
-"""Benchmarks of the demo model: explanation cost as a ratio to prediction, and the pointing game.
+"""Benchmarks of the demo model: explanation cost as a ratio to prediction, the pointing
+game, and explanation quality against the phantoms' exact masks.
 
     python tools/bench.py speed [--repeat 30]
     python tools/bench.py pointing [--n 300] [--seed 7]
+    python tools/bench.py quality [--n 200] [--seed 11] [--plot docs/quality.png]
+                                  [--gallery docs/gallery.png]
 
-Both run in-process (no HTTP) on this machine's CPU with ONNX Runtime; NumPy + OpenCV only.
+All run in-process (no HTTP) on this machine's CPU with ONNX Runtime; NumPy + OpenCV only.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +28,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 import phantoms  # noqa: E402
+import quality as metrics  # noqa: E402
 
 from service import pipeline  # noqa: E402
 from service.imaging.base import DecodedImage  # noqa: E402
-from service.methods import Target, get_method  # noqa: E402
-from service.methods.render import Encoding, Size, resize  # noqa: E402
+from service.imaging.preprocess import to_model_input  # noqa: E402
+from service.methods import RawMap, Target, get_method  # noqa: E402
+from service.methods.render import (  # noqa: E402
+    Encoding,
+    Size,
+    normalise,
+    overlay,
+    resize,
+    smooth,
+)
 from service.models.repository import LoadedModel, load_model  # noqa: E402
 
 METHODS = ("gradcam", "crm", "crm_combined")
@@ -73,13 +88,9 @@ def speed(args: argparse.Namespace) -> None:
 
 def pointing(args: argparse.Namespace) -> None:
     """Hit when the map's maximum (at the model grid) lies within ``tolerance`` px of the mask."""
-    import cv2
-
     model = _model(args.threads)
     rng = np.random.default_rng(args.seed)
     hits = {(m, label): [0, 0] for m in METHODS for label in phantoms.LABELS}
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE,
-                                       (2 * args.tolerance + 1, 2 * args.tolerance + 1))
     for _ in range(args.n):
         ph = phantoms.generate(rng)
         if not ph.masks:
@@ -93,11 +104,10 @@ def pointing(args: argparse.Namespace) -> None:
         for method in METHODS:
             for raw in get_method(method).compute(fwd.captures, present, options.target):
                 values = resize(raw.values, 256, 256)
-                y, x = np.unravel_index(int(np.argmax(values)), values.shape)
                 for cls in ([raw.index] if raw.index is not None else present):
                     label = phantoms.LABELS[cls]
-                    mask = cv2.dilate(ph.masks[label].astype(np.uint8), kernel) > 0
-                    hits[(method, label)][0] += int(mask[y, x])
+                    hit = metrics.pointing_hit(values, ph.masks[label], args.tolerance)
+                    hits[(method, label)][0] += int(hit)
                     hits[(method, label)][1] += 1
     print(f"pointing game: {args.n} phantoms (seed {args.seed}), tolerance {args.tolerance} px "
           "at 256², hit = map maximum inside the dilated finding mask")
@@ -110,6 +120,216 @@ def pointing(args: argparse.Namespace) -> None:
             total[1] += n
             row.append(f"{h / n:.3f} ({h}/{n})" if n else "-")
         print(f"{method:14s}" + "".join(f"{r:>18s}" for r in row) + f"{total[0] / total[1]:8.3f}")
+
+
+QUALITY_METHODS = ("gradcam", "crm", "crm_combined", "guided_backprop", "guided_gradcam",
+                   "fixations")
+RANDOM = "random"
+METRICS = ("pointing", "energy", "box_iou", "deletion", "insertion")
+# Deletion and insertion baseline: the image blurred with σ = 16 px at 256² (1/16 of the
+# width): a nodule or a pneumothorax's pleural line is gone, the anatomy's layout stays.
+BLUR_SIGMA_FRACTION = 1 / 16
+GALLERY_METHODS = ("gradcam", "crm", "guided_gradcam", "fixations")
+# Gradient maps are drawn as their magnitude blurred by this σ (px at 256²), else invisible.
+GALLERY_SMOOTH_PX = 3.0
+
+
+def _predictor(model: LoadedModel):  # type: ignore[no-untyped-def]
+    """(B, H, W) grey images on the model grid, 0..1 → probabilities (B, K), in chunks."""
+    spec = model.config.input
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), 64):
+            batch = np.repeat(images[start:start + 64, :, :, None], spec.channels, axis=3)
+            tensor = (batch - mean) / std
+            if spec.layout.value == "NCHW":
+                tensor = tensor.transpose(0, 3, 1, 2)
+            logits = model.engine.forward(np.ascontiguousarray(tensor, dtype=np.float32))[1]
+            out.append(model.config.activation.scores(logits))
+        return np.concatenate(out)
+
+    return predict
+
+
+def _npy(data: str) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
+
+
+def quality(args: argparse.Namespace) -> None:
+    """Every method (and uniform random maps) against the masks of held-out phantoms."""
+    import cv2
+
+    model = _model(args.threads)
+    spec = model.config.input
+    grid = (spec.height, spec.width)
+    predict = _predictor(model)
+    rng = np.random.default_rng(args.seed)
+    noise = np.random.default_rng(args.seed + 1)  # random maps and tie-breaking
+    names = (*QUALITY_METHODS, RANDOM)
+    found: dict[tuple[str, str], list[float]] = {}
+    per_label: dict[tuple[str, str, str], list[float]] = {}
+    options = pipeline.ExplainOptions(methods=QUALITY_METHODS, size=Size.MODEL,
+                                      encoding=Encoding.NPY, target=Target.LOGIT)
+    start = time.perf_counter()
+    for _ in range(args.n):
+        ph = phantoms.generate(rng)
+        if not ph.masks:
+            continue
+        image = DecodedImage(ph.image, "png")
+        present = [phantoms.LABELS.index(k) for k in ph.masks]
+        result = pipeline.explain(model, image, replace(options, classes=tuple(map(str, present))),
+                                  pipeline.Stopwatch())
+        model_input = to_model_input(image, spec)
+        random = pipeline._post_process(  # the service's own region code, for a random map
+            RANDOM, RawMap(noise.random(grid, dtype=np.float32), None, "model"), image,
+            model_input, grid, model.config.labels, options)
+        grey = model_input.image01.mean(axis=2)
+        baseline = cv2.GaussianBlur(grey, (0, 0), BLUR_SIGMA_FRACTION * spec.width)
+        for e in [*result.explanations, random]:
+            values = _npy(e.heatmap.data)
+            deletion, insertion = metrics.deletion_insertion(grey, baseline, values, predict,
+                                                             args.steps, noise)
+            for cls in ([e.index] if e.index is not None else present):
+                label = phantoms.LABELS[cls]
+                mask = cv2.resize(ph.masks[label].astype(np.uint8), grid[::-1],
+                                  interpolation=cv2.INTER_NEAREST) > 0
+                box = tuple(e.regions[0].box) if e.regions else (0, 0, 0, 0)
+                scores = {
+                    "pointing": float(metrics.pointing_hit(values, mask, args.tolerance)),
+                    "energy": metrics.energy_fraction(values, mask),
+                    "box_iou": metrics.box_iou(box, metrics.mask_box(mask)),  # type: ignore[arg-type]
+                    "deletion": float(deletion[cls]),
+                    "insertion": float(insertion[cls]),
+                }
+                for metric, v in scores.items():
+                    found.setdefault((e.method, metric), []).append(v)
+                    per_label.setdefault((e.method, metric, label), []).append(v)
+    seconds = time.perf_counter() - start
+    n_found = len(found[(RANDOM, "pointing")])
+    print(f"explanation quality: {args.n} phantoms (seed {args.seed}), {n_found} findings, "
+          f"demo-cxr, logit target, maps at the model grid {grid[0]}×{grid[1]}; "
+          f"{seconds:.0f} s, onnxruntime {ort.__version__}, numpy {np.__version__}")
+    print(f"pointing: max within {args.tolerance} px of the mask; energy: Σ|map| in mask; "
+          "box_iou: first region vs mask box; deletion/insertion: RISE AUC, "
+          f"{100 / args.steps:g} % of the pixels per step, baseline = image blurred with "
+          f"σ = {BLUR_SIGMA_FRACTION * spec.width:g} px")
+    header = "| method | " + " | ".join(METRICS) + " |"
+    print(header)
+    print("|---|" + "---:|" * len(METRICS))
+    means = {(m, k): float(np.mean(found[(m, k)])) for m in names for k in METRICS}
+    for m in names:
+        print(f"| {m} | " + " | ".join(f"{means[(m, k)]:.3f}" for k in METRICS) + " |")
+    for metric in ("pointing", "deletion", "insertion"):
+        print(f"\n{metric} by label")
+        print("| method | " + " | ".join(phantoms.LABELS) + " |")
+        print("|---|" + "---:|" * len(phantoms.LABELS))
+        for m in names:
+            cells = []
+            for label in phantoms.LABELS:
+                v = per_label.get((m, metric, label), [])
+                cells.append(f"{np.mean(v):.3f} (n={len(v)})" if v else "-")
+            print(f"| {m} | " + " | ".join(cells) + " |")
+    if args.plot:
+        _save(args.plot, _plot(means, names))
+    if args.gallery:
+        _save(args.gallery, _gallery(model, args.seed))
+
+
+def _save(path: str, image: np.ndarray) -> None:
+    import cv2
+
+    out = ROOT / path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    print(f"wrote {path} ({out.stat().st_size / 1024:.0f} KiB)")
+
+
+_FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+            (140, 86, 75), (127, 127, 127)]
+
+
+def _text(img: np.ndarray, text: str, xy: tuple[int, int], scale: float = 0.45,
+          colour: tuple[int, int, int] = (0, 0, 0)) -> None:
+    import cv2
+
+    cv2.putText(img, text, xy, _FONT, scale, colour, 1, cv2.LINE_AA)
+
+
+def _plot(means: dict[tuple[str, str], float], names: tuple[str, ...]) -> np.ndarray:
+    """One bar panel per metric, a bar per method, values printed; RGB uint8."""
+    import cv2
+
+    titles = {"pointing": "pointing game (higher better)", "energy": "energy in mask (higher)",
+              "box_iou": "box IoU (higher)", "deletion": "deletion AUC (lower better)",
+              "insertion": "insertion AUC (higher)"}
+    pw, ph, top, bottom = 250, 230, 28, 20
+    img = np.full((ph + 60, pw * len(METRICS), 3), 255, dtype=np.uint8)
+    bar = (pw - 30) // len(names)
+    for p, metric in enumerate(METRICS):
+        x0 = p * pw + 15
+        _text(img, titles[metric], (p * pw + 8, 18), 0.42)
+        base = ph - bottom
+        cv2.line(img, (x0, base), (x0 + bar * len(names), base), (0, 0, 0), 1)
+        for i, m in enumerate(names):
+            v = means[(m, metric)]
+            h = int(round(v * (base - top - 14)))
+            x = x0 + i * bar
+            cv2.rectangle(img, (x + 2, base - h), (x + bar - 3, base), _COLOURS[i], -1)
+            _text(img, f"{v:.2f}"[1:] if v < 1 else "1.0", (x + 1, base - h - 4), 0.33)
+    for i, m in enumerate(names):  # legend
+        x = 10 + i * (pw * len(METRICS) - 20) // len(names)
+        cv2.rectangle(img, (x, ph + 22), (x + 14, ph + 36), _COLOURS[i], -1)
+        _text(img, m, (x + 18, ph + 34), 0.45)
+    return img
+
+
+def _gallery(model: LoadedModel, seed: int, cell: int = 120) -> np.ndarray:
+    """Rows: one phantom per finding; columns: the image and overlays; mask outline white;
+    fixations points as white dots; gradient maps as |map| blurred (σ 3 px)."""
+    import cv2
+
+    rng = np.random.default_rng(seed + 2)
+    columns = ("original", *GALLERY_METHODS)
+    label_w, head = 118, 22
+    img = np.full((head + cell * len(phantoms.LABELS), label_w + cell * len(columns), 3), 255,
+                  dtype=np.uint8)
+    for c, name in enumerate(columns):
+        _text(img, name, (label_w + c * cell + 6, 16))
+    for r, label in enumerate(phantoms.LABELS):
+        ph = phantoms.generate(rng, findings=[label])
+        image = DecodedImage(ph.image, "png")
+        options = pipeline.ExplainOptions(methods=GALLERY_METHODS, classes=(label,),
+                                          size=Size.MODEL, encoding=Encoding.NPY)
+        result = pipeline.explain(model, image, options, pipeline.Stopwatch())
+        image01 = to_model_input(image, model.config.input).image01
+        grey = np.repeat(image01.mean(axis=2, keepdims=True), 3, axis=2)
+        tiles = [(np.clip(grey, 0, 1) * 255).round().astype(np.uint8)]
+        for e in result.explanations:
+            values = normalise(_npy(e.heatmap.data))
+            if get_method(e.method).needs_guided:  # pixel speckle: show its local energy
+                values = normalise(smooth(values, GALLERY_SMOOTH_PX))
+            tile = overlay(values, image01, alpha=0.6)
+            for x, y in e.points or []:
+                cv2.circle(tile, (int(round(x)), int(round(y))), 2, (255, 255, 255), -1)
+            tiles.append(tile)
+        mask = cv2.resize(ph.masks[label].astype(np.uint8), image01.shape[1::-1],
+                          interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        y0 = head + r * cell
+        score = result.predictions[phantoms.LABELS.index(label)].score
+        _text(img, label, (6, y0 + cell // 2 - 4), 0.42)
+        _text(img, f"p = {score:.2f}", (6, y0 + cell // 2 + 14), 0.42)
+        for c, tile in enumerate(tiles):
+            tile = np.ascontiguousarray(tile)
+            cv2.drawContours(tile, contours, -1, (255, 255, 255), 1)
+            small = cv2.resize(tile, (cell, cell), interpolation=cv2.INTER_AREA)
+            img[y0:y0 + cell, label_w + c * cell:label_w + (c + 1) * cell] = small
+    return img
 
 
 def main() -> None:
@@ -126,6 +346,16 @@ def main() -> None:
     p.add_argument("--tolerance", type=int, default=17,
                    help="px at 256² (15 px at 224², the usual pointing-game tolerance)")
     p.set_defaults(run=pointing)
+    q = sub.add_parser("quality", help="pointing game, energy in mask, box IoU, deletion and "
+                                       "insertion AUC for every method and random maps")
+    q.add_argument("--n", type=int, default=200)
+    q.add_argument("--seed", type=int, default=11)
+    q.add_argument("--tolerance", type=int, default=17, help="pointing game, px at 256²")
+    q.add_argument("--steps", type=int, default=25,
+                   help="deletion/insertion steps over all pixels (25: 4 %% per step)")
+    q.add_argument("--plot", default="docs/quality.png", help="bar charts ('' for none)")
+    q.add_argument("--gallery", default="docs/gallery.png", help="overlays ('' for none)")
+    q.set_defaults(run=quality)
     args = parser.parse_args()
     args.run(args)
 

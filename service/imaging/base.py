@@ -25,17 +25,33 @@ class DecodedImage:
         source: DICOM only (None for PNG/JPEG): the source header, every element but the
             pixel data, so that derived objects can join the source study. It holds patient
             data: never log, print or return it (``repr`` leaves it out).
+        original_size: (height, width) of the source image when ``pixels`` were decoded at
+            a reduced resolution (JPEG 2000 for a small network input); None when
+            ``pixels`` are the full image. ``width``/``height`` always give the original:
+            maps, regions and points are in original pixel coordinates.
     """
 
     pixels: np.ndarray
     format: str
     meta: dict[str, str | int] = field(default_factory=dict)
     source: Dataset | None = field(default=None, repr=False, compare=False)
+    original_size: tuple[int, int] | None = None
 
     @property
     def height(self) -> int:
+        """The original image's height (Rows), whatever resolution ``pixels`` have."""
+        if self.original_size is not None:
+            return int(self.original_size[0])
         return int(self.pixels.shape[0])
 
     @property
     def width(self) -> int:
+        """The original image's width (Columns), whatever resolution ``pixels`` have."""
+        if self.original_size is not None:
+            return int(self.original_size[1])
         return int(self.pixels.shape[1])
+
+    @property
+    def reduced(self) -> bool:
+        """Whether ``pixels`` are smaller than the original image."""
+        return self.original_size is not None and self.pixels.shape[:2] != self.original_size

@@ -48,8 +48,10 @@ from service.errors import (
     InvalidImage,
     InvalidParameter,
     PayloadTooLarge,
+    TooManyFrames,
     UnsupportedTransferSyntax,
 )
+from service.imaging import j2k
 from service.imaging.base import DecodedImage
 from service.imaging.raster import DEFAULT_MAX_PIXELS, check_pixel_count, jpeg_dimensions
 
@@ -57,6 +59,8 @@ Window: TypeAlias = tuple[float, float] | None | Literal["none"]
 """None: the file's own VOI; (center, width): that linear window; "none": min-max."""
 
 DICM_OFFSET: Final[int] = 128
+# Cine loops and breast tomosynthesis run to a few hundred frames; see Settings.max_frames.
+DEFAULT_MAX_FRAMES: Final[int] = 1000
 
 # pydicom parses lazily (raw elements are converted on first access) and hands pixel
 # decoding to plugins, so malformed input surfaces as a broad, undocumented set of
@@ -161,6 +165,8 @@ def decode_dicom(
     frame: int = 0,
     window: Window = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    min_size: tuple[int, int] | None = None,
 ) -> DecodedImage:
     """Decode one frame of a DICOM object to 0..1 display pixels.
 
@@ -176,10 +182,15 @@ def decode_dicom(
             modality values with LINEAR_EXACT semantics (PS3.3 C.11.2.1.3.2), so any
             positive width works; ``"none"`` scales the modality values min-max.
         max_pixels: the largest accepted Rows * Columns, checked before decoding.
+        max_frames: the largest accepted Number of Frames, checked before decoding.
+        min_size: (height, width) the pixels are needed at, e.g. a network's input. With
+            it, JPEG 2000 frames are decoded at the smallest power-of-two reduction still
+            at least that large in both axes (see :mod:`service.imaging.j2k`); the image's
+            ``original_size`` then keeps Rows x Columns. None: always full resolution.
 
     Returns:
         The decoded frame: (H, W) grey or (H, W, 3) RGB float32 in 0..1, with non-identifying
-        meta (UIDs, Modality, frames, TransferSyntaxUID, PhotometricInterpretation,
+        meta (UIDs, Modality, frames, frame, TransferSyntaxUID, PhotometricInterpretation,
         bit_depth, width, height).
 
     Raises:
@@ -189,10 +200,16 @@ def decode_dicom(
         PayloadTooLarge: Rows * Columns (or a compressed frame's own header, or the inflated
             size of a deflated dataset) exceeds the limit.
         InvalidParameter: frame out of range, a malformed window, or a window on colour.
+        TooManyFrames: Number of Frames exceeds ``max_frames``.
     """
     window = _check_window(window)
+    min_size = _check_min_size(min_size)
     ds = _read_dataset(data, max_pixels)
     header = _read_header(ds)
+    if header.frames > max_frames:
+        raise TooManyFrames(
+            f"the DICOM object has {header.frames} frames; the limit is {max_frames}"
+        )
     check_pixel_count(header.columns, header.rows, max_pixels, "DICOM")
     if not _is_index(frame) or not 0 <= frame < header.frames:
         raise InvalidParameter(
@@ -200,21 +217,28 @@ def decode_dicom(
             f"numbered from 0"
         )
     decoder = _decoder_for(header.transfer_syntax)
+    codestream = None
     if not decoder.is_native:
-        _check_codestream_size(ds, header, frame, max_pixels)
+        codestream = _check_codestream_size(ds, header, frame, max_pixels)
 
-    # pydicom's RLE plugin: pylibjpeg-rle panics (a BaseException) on corrupt segments.
-    plugin = "pydicom" if header.transfer_syntax == RLELossless else ""
-    try:
-        arr, props = decoder.as_array(ds, index=frame, decoding_plugin=plugin)
-    except _PYDICOM_ERRORS as exc:
-        raise InvalidDicom(
-            f"DICOM pixel data could not be decoded ({header.transfer_syntax.name}; "
-            f"truncated or corrupt)"
-        ) from exc
-    # pydicom converts YBR_FULL(_422) to RGB, and J2K decoders undo YBR_ICT/RCT; the
-    # properties say what the array now holds.
-    photometric = str(props.get("photometric_interpretation", header.photometric))
+    reduced = None
+    if min_size is not None and codestream is not None:
+        reduced = _decode_reduced(ds, header, codestream, min_size)
+    if reduced is not None:
+        arr, photometric = reduced
+    else:
+        # pydicom's RLE plugin: pylibjpeg-rle panics (a BaseException) on corrupt segments.
+        plugin = "pydicom" if header.transfer_syntax == RLELossless else ""
+        try:
+            arr, props = decoder.as_array(ds, index=frame, decoding_plugin=plugin)
+        except _PYDICOM_ERRORS as exc:
+            raise InvalidDicom(
+                f"DICOM pixel data could not be decoded ({header.transfer_syntax.name}; "
+                f"truncated or corrupt)"
+            ) from exc
+        # pydicom converts YBR_FULL(_422) to RGB, and J2K decoders undo YBR_ICT/RCT; the
+        # properties say what the array now holds.
+        photometric = str(props.get("photometric_interpretation", header.photometric))
     photometric = photometric.strip().upper()
 
     try:
@@ -228,7 +252,7 @@ def decode_dicom(
                     f"a window applies to MONOCHROME images only, not to {photometric}"
                 )
             pixels = _colour01(arr, ds, photometric, header.bits_stored)
-        meta = _meta(ds, header)
+        meta = _meta(ds, header, frame)
     except _PYDICOM_ERRORS as exc:
         raise InvalidDicom(
             "DICOM pixel transformations (LUTs) could not be applied (corrupt attributes)"
@@ -237,7 +261,53 @@ def decode_dicom(
     return DecodedImage(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32), format="dicom", meta=meta,
         source=_without_pixels(ds),
+        original_size=(header.rows, header.columns) if reduced is not None else None,
     )
+
+
+def _check_min_size(min_size: object) -> tuple[int, int] | None:
+    """Validate the caller's min_size argument: None or two positive integers."""
+    if min_size is None:
+        return None
+    if (
+        isinstance(min_size, tuple)
+        and len(min_size) == 2
+        and all(_is_index(v) and v > 0 for v in min_size)
+    ):
+        return (int(min_size[0]), int(min_size[1]))
+    raise ValueError("min_size must be None or (height, width) with positive integers")
+
+
+def _decode_reduced(
+    ds: Dataset, header: _Header, codestream: bytes, min_size: tuple[int, int]
+) -> tuple[np.ndarray, str] | None:
+    """A JPEG 2000 frame at reduced resolution, with its photometric; None: decode fully.
+
+    Only when the codestream agrees with Rows/Columns, so that the reduced grid is an
+    exact power-of-two reduction of the image the caller maps results back onto.
+    """
+    if str(header.transfer_syntax) not in j2k.REDUCIBLE_SYNTAXES:
+        return None
+    stream = j2k.parse(codestream)
+    if stream is None or (stream.height, stream.width) != (header.rows, header.columns):
+        return None
+    r = j2k.reduce_factor(stream, min_size)
+    if r == 0:
+        return None
+    photometric = header.photometric
+    if stream.components == 1:
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            return None
+    elif photometric in ("YBR_ICT", "YBR_RCT"):
+        photometric = "RGB"  # OpenJPEG undoes the component transform, as pydicom says
+    elif photometric != "RGB":
+        return None
+    try:
+        pixel_representation = int(ds.get("PixelRepresentation", 0) or 0)
+    except _PYDICOM_ERRORS:
+        return None
+    arr = j2k.decode_reduced(codestream, stream, r, pixel_representation)
+    return None if arr is None else (arr, photometric)
 
 
 def _without_pixels(ds: Dataset) -> Dataset:
@@ -426,11 +496,17 @@ def _decoder_for(syntax: UID) -> Decoder:
     return decoder
 
 
-def _check_codestream_size(ds: Dataset, header: _Header, frame: int, max_pixels: int) -> None:
-    """Check a compressed frame's own header: the codec allocates what it declares."""
+def _check_codestream_size(
+    ds: Dataset, header: _Header, frame: int, max_pixels: int
+) -> bytes | None:
+    """Check a compressed frame's own header: the codec allocates what it declares.
+
+    Returns:
+        The frame's codestream (JPEG, JPEG-LS, JPEG 2000); None for other syntaxes.
+    """
     syntax = str(header.transfer_syntax)
     if syntax not in _JPEG_SYNTAXES and syntax not in _J2K_SYNTAXES:
-        return  # RLE output is sized from Rows/Columns, already checked.
+        return None  # RLE output is sized from Rows/Columns, already checked.
     try:
         offsets = None
         if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
@@ -452,6 +528,7 @@ def _check_codestream_size(ds: Dataset, header: _Header, frame: int, max_pixels:
     else:
         width, height = _j2k_dimensions(codestream)
     check_pixel_count(width, height, max_pixels, "DICOM compressed frame")
+    return codestream
 
 
 def _j2k_dimensions(codestream: bytes) -> tuple[int, int]:
@@ -691,8 +768,8 @@ def _palette_source(ds: Dataset) -> Dataset:
     return view
 
 
-def _meta(ds: Dataset, header: _Header) -> dict[str, str | int]:
-    """Non-identifying facts only: UIDs, Modality, sizes, syntax, photometric, bits."""
+def _meta(ds: Dataset, header: _Header, frame: int) -> dict[str, str | int]:
+    """Non-identifying facts only: UIDs, Modality, frames, sizes, syntax, photometric, bits."""
     meta: dict[str, str | int] = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         text = str(ds.get(keyword, "")).strip()
@@ -702,6 +779,7 @@ def _meta(ds: Dataset, header: _Header) -> dict[str, str | int]:
     if _CODE_RE.fullmatch(modality):
         meta["Modality"] = modality
     meta["frames"] = header.frames
+    meta["frame"] = int(frame)
     meta["TransferSyntaxUID"] = str(header.transfer_syntax)
     meta["PhotometricInterpretation"] = header.photometric
     meta["bit_depth"] = header.bits_stored

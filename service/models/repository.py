@@ -1,4 +1,5 @@
-"""The model repository: one folder per model with model.onnx and model.toml."""
+"""The model repository: one folder per model with model.onnx and model.toml, and
+ensembles (folders with ensemble.toml, see :mod:`service.models.ensemble`)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import hashlib
 import logging
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
 from service.errors import CompileError, ModelError, UnknownModel
 from service.graph.cache import CompileCache
+from service.methods.base import RawMap
 from service.models.activation import Activation
+from service.models.ensemble import ENSEMBLE_TOML, Ensemble, ensemble_name, load_ensemble
 from service.models.spec import InputSpec, Layout
 from service.runtime.engine import Engine
 from service.runtime.sessions import ORT_ERRORS
@@ -104,6 +109,27 @@ class LoadedModel:
     def name(self) -> str:
         return self.config.name
 
+    # What the pipeline asks of any served model (see Ensemble): one network is an
+    # ensemble of itself whose combination is the identity.
+    @property
+    def members(self) -> tuple[LoadedModel, ...]:
+        return (self,)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(height, width) of the network's input, where model-grid maps live."""
+        return self.config.input.height, self.config.input.width
+
+    def combine_scores(self, scores: Sequence[np.ndarray]) -> np.ndarray:
+        return scores[0]
+
+    def combine_maps(self, maps: Sequence[RawMap]) -> RawMap:
+        return maps[0]
+
+
+# A served model: one network, or an ensemble of networks.
+Served = LoadedModel | Ensemble
+
 
 _DEFAULT_CACHE = CompileCache()
 
@@ -141,19 +167,28 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
 
 
 class Repository:
-    """The models being served, by name."""
+    """The models being served, by name: networks (``models``) and ``ensembles``."""
 
-    def __init__(self, models: dict[str, LoadedModel], default: str) -> None:
+    def __init__(self, models: dict[str, LoadedModel], default: str,
+                 ensembles: dict[str, Ensemble] | None = None) -> None:
         self.models = models
+        self.ensembles = ensembles or {}
         self.default = default
 
-    def get(self, name: str | None) -> LoadedModel:
+    @property
+    def served(self) -> dict[str, Served]:
+        """Every served model, networks and ensembles, sorted by name."""
+        both: dict[str, Served] = {**self.models, **self.ensembles}
+        return dict(sorted(both.items()))
+
+    def get(self, name: str | None) -> Served:
         key = name or self.default
+        served = self.served
         try:
-            return self.models[key]
+            return served[key]
         except KeyError:
             raise UnknownModel(
-                f"no model named {key!r}; available: {', '.join(sorted(self.models))}"
+                f"no model named {key!r}; available: {', '.join(served)}"
             ) from None
 
 
@@ -161,13 +196,30 @@ def model_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / "model.toml").is_file())
 
 
-def load_repository(root: Path, *, default: str | None, providers: list[str], threads: int,
-                    head_batch: int, cache: CompileCache | None = None) -> Repository:
-    """Load every model folder under ``root``.
+def ensemble_folders(root: Path) -> list[Path]:
+    """Folders with an ensemble.toml.
 
     Raises:
-        ModelError: when the folder holds no model, a model fails to load, or the
-            configured default is not among them.
+        ModelError: for a folder holding both a model.toml and an ensemble.toml.
+    """
+    found = sorted(p for p in root.iterdir() if (p / ENSEMBLE_TOML).is_file())
+    for folder in found:
+        if (folder / "model.toml").is_file():
+            raise ModelError(f"{folder.name} holds both model.toml and {ENSEMBLE_TOML}; "
+                             "a folder is either a model or an ensemble")
+    return found
+
+
+def load_repository(root: Path, *, default: str | None, providers: list[str], threads: int,
+                    head_batch: int, cache: CompileCache | None = None) -> Repository:
+    """Load every model folder under ``root``, then the ensembles of those models.
+
+    The default, when not configured, is the first plain model by name (adding an
+    ensemble never changes it); a configured default may name an ensemble.
+
+    Raises:
+        ModelError: when the folder holds no model, a model or ensemble fails to load, two
+            share a name, or the configured default is not among them.
     """
     if not root.is_dir():
         raise ModelError(f"model repository {root} is not a folder")
@@ -184,7 +236,17 @@ def load_repository(root: Path, *, default: str | None, providers: list[str], th
         log.info("loaded model %s (target layer %s, providers %s) in %.2f s", loaded.name,
                  loaded.engine.split.target, ",".join(loaded.engine.providers),
                  loaded.load_seconds)
-    name = default or sorted(models)[0]
-    if name not in models:
-        raise ModelError(f"default model {name!r} is not in {', '.join(sorted(models))}")
-    return Repository(models, name)
+    folders = ensemble_folders(root)
+    names = [ensemble_name(folder) for folder in folders]
+    ensembles: dict[str, Ensemble] = {}
+    for folder, ens_name in zip(folders, names):
+        if ens_name in models or ens_name in ensembles:
+            raise ModelError(f"two model folders are named {ens_name!r}")
+        ensembles[ens_name] = load_ensemble(folder, models, names)
+        log.info("loaded ensemble %s of %s", ens_name,
+                 ", ".join(ensembles[ens_name].config.members))
+    repository = Repository(models, default or sorted(models)[0], ensembles)
+    if repository.default not in repository.served:
+        raise ModelError(f"default model {repository.default!r} is not in "
+                         f"{', '.join(repository.served)}")
+    return repository

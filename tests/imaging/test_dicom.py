@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -25,8 +26,10 @@ from service.errors import (
     InvalidParameter,
     PayloadTooLarge,
     ServiceError,
+    TooManyFrames,
     UnsupportedTransferSyntax,
 )
+from service.imaging import j2k
 from service.imaging.base import DecodedImage
 from service.imaging.dicom import decode_dicom
 
@@ -38,6 +41,7 @@ ALLOWED_META = {
     "SOPInstanceUID",
     "Modality",
     "frames",
+    "frame",
     "TransferSyntaxUID",
     "PhotometricInterpretation",
     "bit_depth",
@@ -339,6 +343,7 @@ def test_multiframe_decodes_the_requested_frame(variant: str) -> None:
     assert stored.shape == (10, 64, 64)
     image = _decode(variant, frame=3)
     assert image.meta["frames"] == 10
+    assert image.meta["frame"] == 3
     np.testing.assert_allclose(image.pixels, _min_max01(stored[3]), atol=TOL, rtol=0)
 
 
@@ -521,6 +526,125 @@ def test_deflate_bomb_refused_before_inflating() -> None:
         decode_dicom(data[:meta_end] + bomb, max_pixels=1000)
 
 
+def test_frame_limit_is_checked_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _decode("emri_small.dcm", frame=9, max_frames=10).meta["frames"] == 10
+    monkeypatch.setattr(Decoder, "as_array", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(TooManyFrames, match="has 10 frames; the limit is 9") as caught:
+        _decode("emri_small_jpeg_2k_lossless.dcm", max_frames=9)
+    assert caught.value.code == "too_many_frames"
+
+
+# ---- JPEG 2000 at reduced resolution ------------------------------------------------
+
+J2K_FILES = [
+    "RG1_J2KR.dcm",  # 15-bit MONOCHROME1
+    "RG1_J2KI.dcm",
+    "RG3_J2KR.dcm",  # 10-bit
+    "MR2_J2KI.dcm",  # 12-bit
+    "693_J2KR.dcm",  # signed, codestream precision 14 < Bits Stored 16
+    "US1_J2KR.dcm",  # YBR_RCT
+    "US1_J2KI.dcm",  # YBR_ICT
+    "emri_small_jpeg_2k_lossless.dcm",  # multi-frame
+]
+
+
+@pytest.mark.parametrize("name", J2K_FILES)
+def test_reduced_decoder_stored_values_equal_pydicom_at_full_resolution(name: str) -> None:
+    # The value conversion (Pillow's scaling undone, sign correction) is exactly pydicom's.
+    ds = _dataset(name)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    codestream = pydicom.encaps.get_frame(ds.PixelData, frames - 1, number_of_frames=frames)
+    stream = j2k.parse(codestream)
+    assert stream is not None
+    expected = ds.pixel_array[frames - 1] if frames > 1 else ds.pixel_array
+    got = j2k.decode_reduced(codestream, stream, 0, int(ds.PixelRepresentation))
+    assert got is not None and got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_reduce_factor_is_the_largest_that_keeps_the_target_size() -> None:
+    stream = j2k.Codestream(width=1841, height=1955, components=1, precision=15,
+                            signed=False, levels=5)
+    # Each level halves each side, rounding up: 1955 -> 978 -> 489 -> 245; 1841 -> ... 231.
+    assert j2k.reduce_factor(stream, (256, 256)) == 2
+    assert j2k.reduce_factor(stream, (489, 461)) == 2
+    assert j2k.reduce_factor(stream, (490, 256)) == 1
+    assert j2k.reduce_factor(stream, (2000, 2000)) == 0
+    assert j2k.reduce_factor(stream, (1, 1)) == 5  # never more than the codestream has
+
+
+def test_rg1_reduced_is_close_to_an_area_downscale(rg1: dict[str, np.ndarray]) -> None:
+    image = _decode("RG1_J2KR.dcm", min_size=(256, 256))
+    assert image.pixels.shape == (489, 461) and image.pixels.dtype == np.float32
+    # Results map onto the original grid: width/height stay Columns/Rows.
+    assert (image.width, image.height) == (1841, 1955)
+    assert image.original_size == (1955, 1841) and image.reduced
+    assert image.meta["width"] == 1841 and image.meta["height"] == 1955
+    area = cv2.resize(rg1["j2kr"], (461, 489), interpolation=cv2.INTER_AREA)
+    diff = np.abs(image.pixels - area)
+    # The 5/3 wavelet's low-pass band is not a box filter (and 1955/489 is not exactly 4):
+    # measured mean 0.0045 and 99th percentile 0.029 on the 0..1 scale, the size of the
+    # difference between cv2's own INTER_AREA and INTER_LINEAR downscales (0.0027, 0.011).
+    assert diff.mean() < 0.01
+    assert np.quantile(diff, 0.99) < 0.05
+    # Windowing and MONOCHROME1 inversion still apply: bright bone, dark background.
+    np.testing.assert_allclose(image.pixels.mean(), rg1["j2kr"].mean(), atol=0.005)
+
+
+def test_reduced_colour_and_multiframe() -> None:
+    full = _decode("US1_J2KR.dcm")
+    image = _decode("US1_J2KR.dcm", min_size=(100, 100))
+    assert image.pixels.shape == (120, 160, 3)
+    assert (image.width, image.height) == (640, 480)
+    area = cv2.resize(full.pixels, (160, 120), interpolation=cv2.INTER_AREA)
+    # RGB in the right order (OpenJPEG undid the RCT); speckle and burnt-in text make the
+    # wavelet band and the box filter differ at edges (mean 0.05), not elsewhere.
+    np.testing.assert_allclose(image.pixels.mean(axis=(0, 1)), area.mean(axis=(0, 1)),
+                               atol=0.01)
+    assert np.median(np.abs(image.pixels - area)) < 0.01
+    # The requested frame is the one reduced: it matches that frame best (r = 1 of a
+    # 64 x 64 MR; min-max scaling follows the reduced image's own extremes).
+    image = _decode("emri_small_jpeg_2k_lossless.dcm", frame=3, min_size=(32, 32))
+    assert image.pixels.shape == (32, 32) and image.meta["frame"] == 3
+    stored = _stored("emri_small.dcm")
+    correlations = [
+        np.corrcoef(
+            image.pixels.ravel(),
+            cv2.resize(_min_max01(f).astype(np.float32), (32, 32),
+                       interpolation=cv2.INTER_AREA).ravel(),
+        )[0, 1]
+        for f in stored
+    ]
+    assert int(np.argmax(correlations)) == 3 and correlations[3] > 0.9  # measured 0.949
+
+
+@pytest.mark.parametrize(
+    ("name", "min_size"),
+    [
+        ("RG1_UNCR.dcm", (256, 256)),  # not JPEG 2000
+        ("SC_rgb_jpeg_dcmtk.dcm", (8, 8)),  # JPEG
+        ("RG1_J2KR.dcm", None),  # no size asked for
+        ("RG1_J2KR.dcm", (1000, 1000)),  # a reduction would be smaller than asked
+    ],
+)
+def test_no_reduction(name: str, min_size: tuple[int, int] | None) -> None:
+    image = _decode(name, min_size=min_size)
+    assert image.original_size is None and not image.reduced
+    assert image.pixels.shape[:2] == (image.height, image.width)
+
+
+def test_reduction_falls_back_to_a_full_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(j2k, "decode_reduced", lambda *a, **k: None)
+    image = _decode("MR2_J2KR.dcm", min_size=(256, 256))
+    assert image.pixels.shape == (1024, 1024) and image.original_size is None
+
+
+@pytest.mark.parametrize("min_size", [(0, 256), (256,), (256.0, 256), "256"])
+def test_bad_min_size_is_a_programming_error(min_size: object) -> None:
+    with pytest.raises(ValueError, match="min_size"):
+        _decode("MR2_J2KR.dcm", min_size=min_size)
+
+
 # ---- Files without preamble ---------------------------------------------------------
 
 
@@ -552,6 +676,7 @@ def test_meta_is_non_identifying() -> None:
         "SOPInstanceUID": ds.SOPInstanceUID,
         "Modality": "CT",
         "frames": 1,
+        "frame": 0,
         "TransferSyntaxUID": "1.2.840.10008.1.2.1",
         "PhotometricInterpretation": "MONOCHROME2",
         "bit_depth": 16,

@@ -38,6 +38,7 @@ from service.imaging.base import DecodedImage
 from service.imaging.secondary_capture import Caption, Explained
 from service.methods.render import Encoding, Size
 from service.models.repository import LoadedModel
+from service.models.repository import Served
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 
@@ -163,9 +164,20 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def _decode(data: bytes, media_type: str | None, options: DecodeOptions,
-            settings: Settings) -> DecodedImage:
+            settings: Settings, min_size: tuple[int, int] | None = None) -> DecodedImage:
     return imaging.decode(data, media_type, frame=options.frame, window=options.window,
-                          max_pixels=settings.max_pixels)
+                          max_pixels=settings.max_pixels, max_frames=settings.max_frames,
+                          min_size=min_size)
+
+
+def _input_size(model: Served) -> tuple[int, int]:
+    """(height, width) the pixels are needed at: the largest input of the model's networks.
+
+    Big JPEG 2000 radiographs are then decoded at a reduced resolution no smaller than
+    that; results stay in original pixels (DecodedImage.width/height).
+    """
+    specs = [member.config.input for member in model.members]
+    return max(s.height for s in specs), max(s.width for s in specs)
 
 
 @router.post("/explain", response_model=ExplainResponse, responses=EXPLAIN_RESPONSES,
@@ -187,7 +199,10 @@ async def explain(request: Request, response: Response, settings: SettingsDep,
 
     def work() -> tuple[ExplainResponse, pipeline.ExplainOptions, Representation, list[bytes]]:
         watch = pipeline.Stopwatch()
-        image = _decode(upload.data, upload.media_type, decoding, settings)
+        # Secondary Captures show the image at full resolution: reduce only for JSON.
+        json_only = negotiate(accept, dicom=True) is Representation.JSON
+        image = _decode(upload.data, upload.media_type, decoding, settings,
+                        _input_size(model) if json_only else None)
         watch.lap("decode")
         wanted = negotiate(accept, dicom=secondary_capture.is_capturable(image))
         if wanted is None:
@@ -265,7 +280,8 @@ async def predict(request: Request, settings: SettingsDep, repository: Repositor
 
     def work() -> PredictResponse:
         watch = pipeline.Stopwatch()
-        image = _decode(upload.data, upload.media_type, decoding, settings)
+        image = _decode(upload.data, upload.media_type, decoding, settings,
+                        _input_size(model))
         watch.lap("decode")
         return pipeline.predict(model, image, watch)
 

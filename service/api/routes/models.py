@@ -8,12 +8,21 @@ from schemas import InputInfo, ModelInfo, ModelsResponse, TargetLayerInfo
 from service.api.deps import ApiKey, RepositoryDep
 from service.api.docs import ERRORS
 from service.methods import METHODS
-from service.models.repository import LoadedModel, Repository
+from service.models.ensemble import Ensemble
+from service.models.repository import LoadedModel, Repository, Served
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[ApiKey])
 
 
-def model_info(model: LoadedModel, repository: Repository) -> ModelInfo:
+def _methods(model: LoadedModel) -> list[str]:
+    return [name for name, m in METHODS.items()
+            if (not m.needs_guided or model.engine.has_guided)
+            and (not m.needs_fixations or model.engine.has_fixations)]
+
+
+def model_info(model: Served, repository: Repository) -> ModelInfo:
+    if isinstance(model, Ensemble):
+        return ensemble_info(model, repository)
     config, split = model.config, model.engine.split
     spec = config.input
     return ModelInfo(
@@ -27,11 +36,29 @@ def model_info(model: LoadedModel, repository: Repository) -> ModelInfo:
         activation=config.activation.value,
         target_layer=TargetLayerInfo(name=split.target, shape=list(split.target_shape),
                                      detected=config.target_layer is None),
-        methods=[name for name, m in METHODS.items()
-                 if (not m.needs_guided or model.engine.has_guided)
-                 and (not m.needs_fixations or model.engine.has_fixations)],
+        methods=_methods(model),
         execution_providers=list(model.engine.providers),
         sha256=model.sha256,
+    )
+
+
+def ensemble_info(model: Ensemble, repository: Repository) -> ModelInfo:
+    """Methods: those every member offers; providers: every member's, first use first."""
+    available = [set(_methods(m)) for m in model.members]
+    providers = [p for m in model.members for p in m.engine.providers]
+    return ModelInfo(
+        name=model.name,
+        version=model.config.version,
+        description=model.config.description,
+        default=model.name == repository.default,
+        labels=list(model.config.labels),
+        input=None,
+        activation=None,
+        target_layer=None,
+        methods=[name for name in METHODS if all(name in a for a in available)],
+        execution_providers=list(dict.fromkeys(providers)),
+        sha256=model.sha256,
+        members=list(model.config.members),
     )
 
 
@@ -39,7 +66,7 @@ def model_info(model: LoadedModel, repository: Repository) -> ModelInfo:
 async def list_models(repository: RepositoryDep) -> ModelsResponse:
     return ModelsResponse(
         default=repository.default,
-        models=[model_info(m, repository) for _, m in sorted(repository.models.items())],
+        models=[model_info(m, repository) for m in repository.served.values()],
     )
 
 
