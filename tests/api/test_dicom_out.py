@@ -18,7 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from service.api.routes.explain import Representation, negotiate
+from service.api.negotiation import Representation, negotiate
 from service.imaging import decode
 from service.imaging.secondary_capture import PATIENT_STUDY_KEYWORDS
 from service.methods.render import normalise, overlay

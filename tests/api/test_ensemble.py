@@ -170,3 +170,19 @@ def test_a_folder_is_a_model_or_an_ensemble(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="a holds both model.toml and ensemble.toml"):
         with TestClient(create_app(Settings(models=tmp_path, threads=1))):
             pass
+
+
+def test_ensemble_answers_with_dicom_too(ens_client: TestClient) -> None:
+    import pydicom  # noqa: PLC0415
+
+    from tests.api.conftest import DATA  # noqa: PLC0415
+
+    source = DATA / "dicom" / "phantom_nodule.dcm"
+    r = ens_client.post("/explain", content=source.read_bytes(),
+                        params={"methods": "gradcam", "classes": "Nodule"},
+                        headers={"content-type": "application/dicom",
+                                 "accept": "application/dicom"})
+    assert r.status_code == 200, r.text
+    capture = pydicom.dcmread(io.BytesIO(r.content))
+    assert capture.StudyInstanceUID == pydicom.dcmread(source).StudyInstanceUID
+    assert "gradcam Nodule" in capture.SeriesDescription

@@ -297,3 +297,24 @@ def test_big_jpeg2000_radiograph_is_decoded_reduced_but_answered_in_original_pix
                             headers={"content-type": "application/dicom"}).json()
     assert [p["score"] for p in predicted["predictions"]] == \
         [p["score"] for p in body["predictions"]]
+
+
+def test_fixations_points_equal_the_in_process_walk(client: TestClient, demo, phantoms) -> None:  # type: ignore[no-untyped-def]
+    item = next(p for p in phantoms if p["findings"])
+    data = phantom_bytes(item["file"])
+    r = client.post("/explain", content=data, headers={"content-type": "image/png"},
+                    params={"methods": "fixations", "classes": "0,1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [e["method"] for e in body["explanations"]] == ["fixations", "fixations"]
+    from service import pipeline  # noqa: PLC0415
+    from service.methods import METHODS, Target  # noqa: PLC0415
+
+    fwd = pipeline.forward(demo, decode(data, "image/png"), pipeline.Stopwatch())
+    expected = METHODS["fixations"].compute(fwd.captures, [0, 1], Target.LOGIT)
+    for e, raw in zip(body["explanations"], expected):
+        # A 256² phantom on a 256² network: image pixels are model pixels.
+        assert raw.points is not None and len(raw.points)
+        np.testing.assert_allclose(np.asarray(e["points"]), raw.points.astype(float))
+        heat = _png(e["heatmap"]["data"])
+        assert heat.shape == (256, 256) and heat.max() == 255

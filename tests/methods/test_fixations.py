@@ -8,13 +8,11 @@ checks; it shares nothing with ``service.graph.fixations`` or the vectorised wal
 
 from __future__ import annotations
 
-import base64
 import json
 from collections import defaultdict
 from functools import cache
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnx
 import pytest
@@ -28,8 +26,6 @@ from service.methods.fixations import density, image_points, inliers, walk
 from service.models.spec import Layout
 from service.runtime.engine import Engine
 from service.runtime.sessions import make_session
-# The API fixtures, imported so the HTTP test at the end can use them from this folder.
-from tests.api.conftest import MODELS, client, phantom_bytes, phantoms, settings  # noqa: F401
 
 ZOO = Path(__file__).resolve().parent.parent / "data" / "zoo"
 MANIFEST: dict[str, dict[str, object]] = json.loads((ZOO / "manifest.json").read_text())
@@ -493,30 +489,3 @@ def test_density_is_a_reflect101_gaussian_of_point_counts(rng: np.random.Generat
     assert got.shape == (height, width) and got.dtype == np.float32
     np.testing.assert_allclose(got, _reference_density(xy, height, width), atol=1e-6)
     assert not density(np.zeros((0, 2), dtype=np.int64), height, width).any()
-
-
-# --- (d) over HTTP on the demo model ------------------------------------------------------
-
-DEMO = MODELS / "demo-cxr" / "model.onnx"
-
-
-@pytest.mark.skipif(not DEMO.exists(), reason="the demo model has not been trained yet")
-def test_fixations_over_http(client, phantoms) -> None:  # type: ignore[no-untyped-def]
-    models = client.get("/models").json()["models"]
-    assert "fixations" in next(m for m in models if m["name"] == "demo-cxr")["methods"]
-    item = next(p for p in phantoms if p["findings"])
-    r = client.post("/explain", content=phantom_bytes(item["file"]),
-                    headers={"content-type": "image/png"},
-                    params={"methods": "fixations", "classes": "0,1"})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    width, height = body["image"]["width"], body["image"]["height"]
-    assert [e["method"] for e in body["explanations"]] == ["fixations", "fixations"]
-    for e in body["explanations"]:
-        heat = cv2.imdecode(np.frombuffer(base64.b64decode(e["heatmap"]["data"]), np.uint8),
-                            cv2.IMREAD_UNCHANGED)
-        assert heat.shape == (height, width)
-        points = np.asarray(e["points"], dtype=np.float64).reshape(-1, 2)
-        assert ((points >= 0) & (points <= [width - 1, height - 1])).all()
-        if len(points):
-            assert heat.max() == 255

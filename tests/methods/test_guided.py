@@ -11,7 +11,7 @@ from service.methods.render import resize
 from service.models.activation import Activation
 from service.runtime.engine import Engine
 from tests import handmade
-from tests.handmade import C, H, K, TARGET, W
+from tests.handmade import TARGET, H, K, W
 
 
 def _weights(model, *names: str) -> list[np.ndarray]:  # type: ignore[no-untyped-def]

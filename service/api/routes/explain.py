@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import base64
 import io
-import re
-import secrets
-from dataclasses import dataclass, replace
-from enum import Enum
-from typing import Any, Final
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -23,6 +20,14 @@ from schemas import ExplainResponse, Explanation, PredictResponse, Problem
 from service import __version__, imaging, pipeline
 from service.api.deps import ApiKey, LimiterDep, MetricsDep, RepositoryDep, SettingsDep
 from service.api.docs import ERRORS, upload_operation
+from service.api.negotiation import (
+    DICOM,
+    MULTIPART_DICOM,
+    Representation,
+    accept_header,
+    multipart_related,
+    negotiate,
+)
 from service.api.params import (
     DECODE_PARAMS,
     EXPLAIN_PARAMS,
@@ -37,109 +42,9 @@ from service.imaging import secondary_capture
 from service.imaging.base import DecodedImage
 from service.imaging.secondary_capture import Caption, Explained
 from service.methods.render import Encoding, Size
-from service.models.repository import LoadedModel
 from service.models.repository import Served
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
-
-DICOM: Final[str] = "application/dicom"
-MULTIPART_DICOM: Final[str] = 'multipart/related; type="application/dicom"'
-# The only transfer syntax the captures are written in.
-_EXPLICIT_VR_LITTLE_ENDIAN: Final[str] = "1.2.840.10008.1.2.1"
-
-
-class Representation(Enum):
-    """What /explain can answer with, in the server's order of preference."""
-
-    JSON = "application/json"
-    DICOM = DICOM
-    MULTIPART = MULTIPART_DICOM
-
-
-@dataclass(frozen=True)
-class _MediaRange:
-    type: str
-    subtype: str
-    params: dict[str, str]
-    q: float
-
-
-# Comma- and semicolon-separated lists whose items may hold quoted strings.
-_LIST_ITEM = re.compile(r'(?:[^,"]|"[^"]*")+')
-_PARAM_ITEM = re.compile(r'(?:[^;"]|"[^"]*")+')
-
-
-def _media_ranges(accept: str) -> list[_MediaRange]:
-    """Parse an Accept header (RFC 9110 12.5.1); malformed ranges are skipped."""
-    ranges = []
-    for item in _LIST_ITEM.findall(accept):
-        pieces = [p.strip() for p in _PARAM_ITEM.findall(item)]
-        if not pieces or pieces[0].count("/") != 1:
-            continue
-        kind, subtype = (x.strip().lower() for x in pieces[0].split("/"))
-        params: dict[str, str] = {}
-        for piece in pieces[1:]:
-            name, _, value = piece.partition("=")
-            params[name.strip().lower()] = value.strip().strip('"').lower()
-        try:
-            q = float(params.pop("q", "1"))
-        except ValueError:
-            continue
-        if kind and subtype and 0 <= q <= 1:
-            ranges.append(_MediaRange(kind, subtype, params, q))
-    return ranges
-
-
-def _specificity(media: _MediaRange, offer: Representation) -> int | None:
-    """How closely a media range matches an offer (higher is closer); None: no match."""
-    kind, _, subtype = offer.value.split(";")[0].partition("/")
-    if media.type == "*" and media.subtype == "*":
-        return 0
-    if media.type != kind:
-        return None
-    if media.subtype == "*":
-        return 1
-    if media.subtype != subtype:
-        return None
-    if offer is Representation.JSON:
-        return 2
-    if offer is Representation.MULTIPART and media.params.get("type", DICOM) != DICOM:
-        return None
-    if media.params.get("transfer-syntax", "*") not in ("*", _EXPLICIT_VR_LITTLE_ENDIAN):
-        return None
-    return 2 + len(media.params)
-
-
-def negotiate(accept: str | None, *, dicom: bool) -> Representation | None:
-    """The representation to answer with, or None when the Accept header allows none.
-
-    Each offer gets the quality of its most specific matching range; the highest quality
-    wins, ties go to the server's order (JSON first). No or an empty Accept header is JSON.
-
-    Args:
-        accept: the request's Accept header(s), comma-joined; None when absent.
-        dicom: whether DICOM output is possible (a DICOM upload with a study to join).
-    """
-    if accept is None or not accept.strip():
-        return Representation.JSON
-    ranges = _media_ranges(accept)
-    offers = [o for o in Representation if dicom or o is Representation.JSON]
-    best, best_q = None, 0.0
-    for offer in offers:
-        matches = [(spec, r.q) for r in ranges
-                   if (spec := _specificity(r, offer)) is not None]
-        if not matches:
-            continue
-        q = max(matches)[1]
-        if q > best_q:
-            best, best_q = offer, q
-    return best
-
-
-def _accept(request: Request) -> str | None:
-    values = request.headers.getlist("accept")
-    return ", ".join(values) if values else None
-
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
@@ -186,7 +91,7 @@ def _input_size(model: Served) -> tuple[int, int]:
 async def explain(request: Request, response: Response, settings: SettingsDep,
                   repository: RepositoryDep, limiter: LimiterDep,
                   metrics: MetricsDep) -> ExplainResponse | Response:
-    accept = _accept(request)
+    accept = accept_header(request)
     if negotiate(accept, dicom=True) is None:
         raise NotAcceptable(
             "the Accept header allows none of application/json, application/dicom, "
@@ -231,7 +136,7 @@ async def explain(request: Request, response: Response, settings: SettingsDep,
     if wanted is Representation.DICOM:
         return Response(parts[0], media_type=DICOM, headers=headers)
     if wanted is Representation.MULTIPART:
-        body, boundary = _multipart(parts)
+        body, boundary = multipart_related(parts)
         return Response(body, media_type=f"{MULTIPART_DICOM}; boundary={boundary}",
                         headers=headers)
     response.headers.update(headers)
@@ -239,7 +144,7 @@ async def explain(request: Request, response: Response, settings: SettingsDep,
 
 
 def _explained(explanation: Explanation, result: ExplainResponse,
-               model: LoadedModel) -> Explained:
+               model: Served) -> Explained:
     """A capture's inputs from one explanation of a heatmap=npy, size=original response."""
     heatmap = np.load(io.BytesIO(base64.b64decode(explanation.heatmap.data)),
                       allow_pickle=False)
@@ -254,19 +159,6 @@ def _explained(explanation: Explanation, result: ExplainResponse,
         software_version=__version__,
         not_for_diagnosis="synthetic" in description or "not for diagnosis" in description,
     ))
-
-
-def _multipart(parts: list[bytes]) -> tuple[bytes, str]:
-    """A multipart/related body (RFC 2387) of DICOM parts, and its boundary."""
-    boundary = secrets.token_hex(16)
-    while any(boundary.encode() in part for part in parts):
-        boundary = secrets.token_hex(16)
-    chunks = []
-    for part in parts:
-        chunks += [b"--", boundary.encode(), b"\r\nContent-Type: ", DICOM.encode(),
-                   b"\r\n\r\n", part, b"\r\n"]
-    chunks += [b"--", boundary.encode(), b"--\r\n"]
-    return b"".join(chunks), boundary
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS,
