@@ -221,8 +221,8 @@ def test_gradient_maps_give_regions_not_pixels(client: TestClient) -> None:
 
 def _pydicom_data(name: str) -> bytes:
     path = get_testdata_file(name, download=False)
-    if path is None:
-        pytest.skip(f"{name} is not in the installed pydicom-data")
+    # pydicom-data is a pinned test dependency: a missing file is a broken install.
+    assert path is not None, f"{name} is not in the installed pydicom-data"
     with open(path, "rb") as f:
         return f.read()
 
