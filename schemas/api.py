@@ -105,6 +105,10 @@ class ModelInfo(BaseModel):
     target_layer: TargetLayerInfo | None = Field(
         description="null for an ensemble: see its members")
     methods: list[str]
+    unavailable_methods: dict[str, str] = Field(
+        default_factory=dict,
+        description="methods this model cannot serve, each with the reason (e.g. an op "
+                    "without a gradient rule in the backbone)")
     execution_providers: list[str]
     sha256: str
     members: list[str] | None = Field(

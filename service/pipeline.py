@@ -23,7 +23,7 @@ from schemas import (
     PredictResponse,
     Region,
 )
-from service.errors import InvalidParameter, UnknownLabel
+from service.errors import InvalidParameter, UnknownLabel, UnknownMethod
 from service.graph.fixations import FixationPlan
 from service.imaging.base import DecodedImage
 from service.imaging.preprocess import ModelInput, to_model_input
@@ -205,6 +205,11 @@ def explain(model: Served, image: DecodedImage, options: ExplainOptions,
     """Scores and maps of one image; for an ensemble, every member runs and the results
     are combined by ``model.combine_scores`` / ``model.combine_maps``."""
     methods = [get_method(name) for name in options.methods]
+    for member in model.members:
+        for name in options.methods:
+            if name in member.unavailable:
+                raise UnknownMethod(f"method {name!r} is not available for model "
+                                    f"{member.name!r}: {member.unavailable[name]}")
     if options.size is Size.FEATURE:
         pixel_methods = [m.name for m in methods if m.grid != "feature"]
         if pixel_methods:

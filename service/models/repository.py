@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from service.errors import CompileError, ModelError, UnknownModel
 from service.graph.cache import CompileCache
+from service.methods import METHODS
 from service.methods.base import RawMap
 from service.models.activation import Activation
 from service.models.ensemble import ENSEMBLE_TOML, Ensemble, ensemble_name, load_ensemble
@@ -122,6 +123,18 @@ class LoadedModel:
 
     def combine_scores(self, scores: Sequence[np.ndarray]) -> np.ndarray:
         return scores[0]
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Methods this network cannot serve, with the compiler's reason."""
+        compiled = self.engine.compiled
+        out: dict[str, str] = {}
+        for name, method in METHODS.items():
+            if method.needs_guided and compiled.guided is None:
+                out[name] = f"no guided-backprop graph: {compiled.guided_error}"
+            elif method.needs_fixations and compiled.fixations is None:
+                out[name] = f"no CNN Fixations plan: {compiled.fixations_error}"
+        return out
 
     def combine_maps(self, maps: Sequence[RawMap]) -> RawMap:
         return maps[0]
@@ -236,6 +249,8 @@ def load_repository(root: Path, *, default: str | None, providers: list[str], th
         log.info("loaded model %s (target layer %s, providers %s) in %.2f s", loaded.name,
                  loaded.engine.split.target, ",".join(loaded.engine.providers),
                  loaded.load_seconds)
+        for method, reason in loaded.unavailable.items():
+            log.warning("model %s: %s is unavailable (%s)", loaded.name, method, reason)
     folders = ensemble_folders(root)
     names = [ensemble_name(folder) for folder in folders]
     ensembles: dict[str, Ensemble] = {}

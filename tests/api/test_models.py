@@ -109,3 +109,34 @@ def test_service_never_imports_torch() -> None:
     code = ("import sys, service.main, service.cli, service.pipeline, tools.phantoms;"
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_methods_a_model_cannot_serve_are_listed_with_the_reason(tmp_path: Path) -> None:
+    import onnx  # noqa: PLC0415
+    from onnx import helper  # noqa: PLC0415
+
+    root = _repo(tmp_path, ["erf"])
+    path = root / "erf" / "model.onnx"
+    model = onnx.load(path)
+    # An op without a gradient rule (or a fixations rule) early in the backbone: the head
+    # still compiles, so Grad-CAM and CRM serve; the whole-network methods cannot.
+    first = next(n for n in model.graph.node if n.op_type == "Relu")
+    first.input[0], original = "erf_out", first.input[0]
+    model.graph.node.insert(list(model.graph.node).index(first),
+                            helper.make_node("Erf", [original], ["erf_out"], name="the_erf"))
+    onnx.save(model, path)
+    with TestClient(create_app(Settings(models=root, threads=1))) as c:
+        info = c.get("/models/erf").json()
+        assert info["methods"] == ["crm", "crm_combined", "gradcam"]
+        assert set(info["unavailable_methods"]) == {"guided_backprop", "guided_gradcam",
+                                                    "fixations"}
+        assert "Erf (the_erf)" in info["unavailable_methods"]["guided_backprop"]
+        assert "Erf" in info["unavailable_methods"]["fixations"]
+        image = (ROOT / "tests/data/phantoms/nodule.png").read_bytes()
+        ok = c.post("/explain", params={"methods": "gradcam"}, content=image,
+                    headers={"content-type": "image/png"})
+        assert ok.status_code == 200
+        r = c.post("/explain", params={"methods": "gradcam,guided_gradcam"}, content=image,
+                   headers={"content-type": "image/png"})
+        assert r.status_code == 422 and r.json()["code"] == "unknown_method"
+        assert "no gradient rule for op type(s) Erf" in r.json()["detail"]

@@ -15,9 +15,8 @@ router = APIRouter(prefix="/models", tags=["models"], dependencies=[ApiKey])
 
 
 def _methods(model: LoadedModel) -> list[str]:
-    return [name for name, m in METHODS.items()
-            if (not m.needs_guided or model.engine.has_guided)
-            and (not m.needs_fixations or model.engine.has_fixations)]
+    unavailable = model.unavailable
+    return [name for name in METHODS if name not in unavailable]
 
 
 def model_info(model: Served, repository: Repository) -> ModelInfo:
@@ -37,6 +36,7 @@ def model_info(model: Served, repository: Repository) -> ModelInfo:
         target_layer=TargetLayerInfo(name=split.target, shape=list(split.target_shape),
                                      detected=config.target_layer is None),
         methods=_methods(model),
+        unavailable_methods=model.unavailable,
         execution_providers=list(model.engine.providers),
         sha256=model.sha256,
     )
@@ -56,6 +56,8 @@ def ensemble_info(model: Ensemble, repository: Repository) -> ModelInfo:
         activation=None,
         target_layer=None,
         methods=[name for name in METHODS if all(name in a for a in available)],
+        unavailable_methods={name: f"member {m.name}: {reason}" for m in model.members
+                             for name, reason in m.unavailable.items()},
         execution_providers=list(dict.fromkeys(providers)),
         sha256=model.sha256,
         members=list(model.config.members),
