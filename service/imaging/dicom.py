@@ -253,14 +253,18 @@ def decode_dicom(
                 )
             pixels = _colour01(arr, ds, photometric, header.bits_stored)
         meta = _meta(ds, header, frame)
+        # Copying the header parses elements the decoding never touched (a corrupt VR in
+        # the patient module shows up only here).
+        source = _without_pixels(ds)
     except _PYDICOM_ERRORS as exc:
         raise InvalidDicom(
-            "DICOM pixel transformations (LUTs) could not be applied (corrupt attributes)"
+            "DICOM attributes could not be read or pixel transformations (LUTs) applied "
+            "(corrupt attributes)"
         ) from exc
 
     return DecodedImage(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32), format="dicom", meta=meta,
-        source=_without_pixels(ds),
+        source=source,
         original_size=(header.rows, header.columns) if reduced is not None else None,
     )
 
