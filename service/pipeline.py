@@ -29,7 +29,15 @@ from service.imaging.base import DecodedImage
 from service.imaging.preprocess import ModelInput, to_model_input
 from service.methods import DEFAULT_METHODS, Captures, RawMap, Target, get_method
 from service.methods.regions import regions
-from service.methods.render import Encoding, Size, encode, normalise, resize, smooth
+from service.methods.render import (
+    Encoding,
+    Size,
+    display_sigma,
+    encode,
+    normalise,
+    resize,
+    smooth,
+)
 from service.models.repository import LoadedModel, Served
 from service.models.spec import Layout
 
@@ -271,13 +279,14 @@ def _post_process(method: str, raw: RawMap, image: DecodedImage, model_input: Mo
     else:
         values = raw.values
         backdrop = resize(model_input.image01, *values.shape)
+    overlay_sigma = display_sigma(values.shape, raw.grid)
     return Explanation(
         method=method,
         label=None if raw.index is None else labels[raw.index],
         index=raw.index,
         heatmap=Heatmap(encoding=options.encoding.value, width=values.shape[1],
                         height=values.shape[0],
-                        data=encode(values, options.encoding, backdrop)),
+                        data=encode(values, options.encoding, backdrop, overlay_sigma)),
         regions=[Region(box=list(r.box), score=r.score) for r in found],
         points=None if raw.points is None else _to_image(raw.points, image, model_hw),
     )

@@ -1,11 +1,17 @@
-"""Content negotiation for /explain: JSON, one DICOM, or multipart/related DICOM."""
+"""Content negotiation for /explain: JSON, one DICOM, or multipart/related DICOM.
+
+Which DICOM object is chosen by the ``dicom`` parameter, not by the Accept header: both a
+Secondary Capture and a Structured Report are ``application/dicom`` (there is no registered
+media type per SOP class), so the Accept header picks the packaging and ``dicom=sc|sr``
+the object.
+"""
 
 from __future__ import annotations
 
 import re
 import secrets
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Final
 
 from starlette.requests import Request
@@ -22,6 +28,23 @@ class Representation(Enum):
     JSON = "application/json"
     DICOM = DICOM
     MULTIPART = MULTIPART_DICOM
+
+
+class DicomObject(StrEnum):
+    """The ``dicom`` parameter: what a DICOM answer holds (default: Secondary Captures)."""
+
+    SC = "sc"  # Secondary Capture(s): the maps over the image
+    SR = "sr"  # one Comprehensive 3D SR (TID 1500): scores and regions of every explanation
+
+
+def dicom_object(value: str | None) -> DicomObject | None:
+    """The parsed ``dicom`` parameter (empty or absent: SC); None for an unknown value."""
+    if value is None or not value.strip():
+        return DicomObject.SC
+    try:
+        return DicomObject(value.strip().lower())
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

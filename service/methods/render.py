@@ -37,6 +37,12 @@ def smooth(values: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(values.astype(np.float32), (0, 0), sigmaX=sigma, sigmaY=sigma)
 
 
+def display_sigma(shape: tuple[int, ...], grid: str) -> float:
+    """σ (pixels) for drawing a map: pixel-level gradient maps ("model" grid) are shown as
+    their local magnitude, σ = 1 % of the map's diagonal; CAM-type maps as they are."""
+    return 0.01 * float(np.hypot(shape[0], shape[1])) if grid == "model" else 0.0
+
+
 def normalise(values: np.ndarray) -> np.ndarray:
     """|map| scaled to [0, 1] by its maximum (all zeros stay zeros).
 
@@ -67,8 +73,14 @@ def overlay(normalised: np.ndarray, image01: np.ndarray, alpha: float = 0.45) ->
     return (base * (1 - weight) + colour * weight).round().astype(np.uint8)
 
 
-def encode(values: np.ndarray, encoding: Encoding, image01: np.ndarray) -> str:
-    """Base64 of the map in ``encoding``; ``image01`` is the image on the map's grid."""
+def encode(values: np.ndarray, encoding: Encoding, image01: np.ndarray,
+           overlay_sigma: float = 0.0) -> str:
+    """Base64 of the map in ``encoding``; ``image01`` is the image on the map's grid.
+
+    ``overlay_sigma`` > 0 makes the overlay show the map's local magnitude (a Gaussian of
+    that σ in pixels): a pixel-level gradient map is otherwise a faint speckle over the
+    image. PNG and NPY always carry the map itself.
+    """
     if encoding is Encoding.NPY:
         buf = io.BytesIO()
         np.save(buf, values.astype(np.float32), allow_pickle=False)
@@ -76,6 +88,7 @@ def encode(values: np.ndarray, encoding: Encoding, image01: np.ndarray) -> str:
     elif encoding is Encoding.PNG:
         data = _png((normalise(values) * 255).round().astype(np.uint8))
     else:
-        rgb = overlay(normalise(values), image01)
+        shown = smooth(np.abs(values), overlay_sigma) if overlay_sigma > 0 else values
+        rgb = overlay(normalise(shown), image01)
         data = _png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     return base64.b64encode(data).decode("ascii")

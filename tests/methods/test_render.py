@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from service.methods.regions import regions
-from service.methods.render import Encoding, encode, normalise, overlay, resize
+from service.methods.render import Encoding, encode, normalise, overlay, resize, smooth
 
 
 def test_resize_non_square_orientation_and_values() -> None:
@@ -64,3 +64,22 @@ def test_regions_boxes_in_original_pixels() -> None:
 def test_diagonal_pixels_join_one_region() -> None:
     (region,) = regions(np.eye(4, dtype=np.float32), 0.5, 1, 1)
     assert region.box == (0, 0, 4, 4)
+
+
+def test_overlay_of_gradient_maps_shows_local_magnitude() -> None:
+    speckle = np.zeros((64, 64), np.float32)
+    speckle[30:34:2, 30:34:2] = [[1.0, -1.0], [-1.0, 1.0]]  # sparse, signed, like a gradient
+    image = np.full((64, 64), 0.5, np.float32)
+
+    def decoded(sigma: float) -> np.ndarray:
+        data = base64.b64decode(encode(speckle, Encoding.OVERLAY, image, overlay_sigma=sigma))
+        return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                            cv2.COLOR_BGR2RGB)
+
+    raw, smoothed = decoded(0.0), decoded(3.0)
+    np.testing.assert_array_equal(raw, overlay(normalise(speckle), image))
+    expected = overlay(normalise(smooth(np.abs(speckle), 3.0)), image)
+    np.testing.assert_array_equal(smoothed, expected)
+    # The smoothed overlay colours a neighbourhood, the raw one only the four pixels.
+    grey = np.all(raw == 128, axis=2).sum(), np.all(smoothed == 128, axis=2).sum()
+    assert grey[0] == 64 * 64 - 4 and grey[1] < grey[0] - 50

@@ -3,7 +3,10 @@
 /explain negotiates its response by the Accept header: JSON (the default, also for ``*/*``),
 ``application/dicom`` (one Secondary Capture of the first explanation), or
 ``multipart/related; type="application/dicom"`` (one Secondary Capture per explanation,
-DICOMweb style). DICOM output needs a DICOM upload, whose study the captures join.
+DICOMweb style). The ``dicom`` parameter picks the DICOM object: ``sc`` (default, Secondary
+Captures) or ``sr`` (one Structured Report, TID 1500, of every explanation's scores and
+regions, as the whole body or the only part). DICOM output needs a DICOM upload, whose study
+the captures or the report join.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from service.api.docs import ERRORS, upload_operation
 from service.api.negotiation import (
     DICOM,
     MULTIPART_DICOM,
+    DicomObject,
     Representation,
     accept_header,
+    dicom_object,
     multipart_related,
     negotiate,
 )
@@ -37,16 +42,38 @@ from service.api.params import (
     read_upload,
 )
 from service.config import Settings
-from service.errors import NotAcceptable
-from service.imaging import secondary_capture
+from service.errors import InvalidParameter, NotAcceptable
+from service.imaging import secondary_capture, structured_report
 from service.imaging.base import DecodedImage
 from service.imaging.secondary_capture import Caption, Explained
-from service.methods.render import Encoding, Size
+from service.imaging.structured_report import Finding, Region, Report
+from service.methods import METHODS
+from service.methods.render import Encoding, Size, display_sigma, smooth
 from service.models.repository import Served
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+# /explain's own parameter, next to the shared ones (service.api.docs, service.api.params).
+_DICOM_PARAM: dict[str, Any] = {
+    "type": "string", "enum": [o.value for o in DicomObject], "default": "sc",
+    "description": "the DICOM object of a DICOM answer (Accept: application/dicom or "
+                   "multipart/related; type=\"application/dicom\"): sc: Secondary "
+                   "Capture(s) of the maps; sr: one Comprehensive 3D SR (TID 1500) with a "
+                   "measurement group per region. Ignored for JSON.",
+}
+_PARAMS = (*EXPLAIN_PARAMS, "dicom")
+
+
+def _operation() -> dict[str, Any]:
+    operation = upload_operation(EXPLAIN_PARAMS)
+    operation["parameters"].append(
+        {"name": "dicom", "in": "query", "required": False, "schema": _DICOM_PARAM})
+    form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    form["properties"]["dicom"] = _DICOM_PARAM
+    return operation
+
 
 EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
@@ -57,13 +84,23 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
                        "the source study: same Study Instance UID and patient/study "
                        "attributes, a new series, referencing the source instance. With "
                        "Accept: multipart/related; type=\"application/dicom\", one such "
-                       "capture per explanation, all in one new series. DICOM output needs a "
-                       "DICOM upload; heatmap and size do not apply to it.",
+                       "capture per explanation, all in one new series. With dicom=sr, the "
+                       "DICOM object is instead one Comprehensive 3D SR (TID 1500 Measurement "
+                       "Report) in a new series of the source study: one measurement group "
+                       "per region of every explanation (a closed POLYLINE rectangle on the "
+                       "source image: box [x0,y0,x1,y1] as (column,row) points "
+                       "(x0,y0),(x1,y0),(x1,y1),(x0,y1),(x0,y0), pixel edges with the top-left "
+                       "pixel centre at (0.5,0.5)), the label's score and the region's peak "
+                       "score (UCUM 1), labels and methods coded in 99MEDEXPLAIN, the model as "
+                       "algorithm identification; the whole body for application/dicom, the "
+                       "only part for multipart/related. DICOM output needs a DICOM upload; "
+                       "heatmap and size do not apply to it.",
         "content": {DICOM: _BINARY, MULTIPART_DICOM: _BINARY},
     },
     406: {"model": Problem, "description": "the Accept header allows no representation "
                                            "(not_acceptable); DICOM output for a PNG/JPEG "
-                                           "upload or a DICOM without valid UIDs",
+                                           "upload or a DICOM without valid UIDs (Study, "
+                                           "SOP Instance; dicom=sr: Series too)",
           "content": {"application/problem+json": {}}},
 }
 
@@ -86,7 +123,7 @@ def _input_size(model: Served) -> tuple[int, int]:
 
 
 @router.post("/explain", response_model=ExplainResponse, responses=EXPLAIN_RESPONSES,
-             openapi_extra=upload_operation(EXPLAIN_PARAMS),
+             openapi_extra=_operation(),
              summary="Scores for every label and heatmaps explaining the chosen ones")
 async def explain(request: Request, response: Response, settings: SettingsDep,
                   repository: RepositoryDep, limiter: LimiterDep,
@@ -97,26 +134,43 @@ async def explain(request: Request, response: Response, settings: SettingsDep,
             "the Accept header allows none of application/json, application/dicom, "
             f"{MULTIPART_DICOM}"
         )
-    upload = await read_upload(request, settings, EXPLAIN_PARAMS)
+    upload = await read_upload(request, settings, _PARAMS)
+    kind = dicom_object(upload.params.get("dicom"))
+    if kind is None:
+        raise InvalidParameter(f"dicom={upload.params['dicom']!r} is not one of sc, sr")
+    report = kind is DicomObject.SR
     options = explain_options(upload.params)
     decoding = decode_options(upload.params)
     model = repository.get(upload.params.get("model"))
 
     def work() -> tuple[ExplainResponse, pipeline.ExplainOptions, Representation, list[bytes]]:
         watch = pipeline.Stopwatch()
-        # Secondary Captures show the image at full resolution: reduce only for JSON.
-        json_only = negotiate(accept, dicom=True) is Representation.JSON
+        # Secondary Captures show the image at full resolution: reduce only for JSON and
+        # reports (whose regions are in original pixels, as JSON's).
+        reduce = report or negotiate(accept, dicom=True) is Representation.JSON
         image = _decode(upload.data, upload.media_type, decoding, settings,
-                        _input_size(model) if json_only else None)
+                        _input_size(model) if reduce else None)
         watch.lap("decode")
-        wanted = negotiate(accept, dicom=secondary_capture.is_capturable(image))
+        possible = (structured_report.is_reportable(image) if report
+                    else secondary_capture.is_capturable(image))
+        wanted = negotiate(accept, dicom=possible)
         if wanted is None:
+            needs, joins = (("Study, Series and SOP Instance UIDs", "Structured Report")
+                            if report else
+                            ("Study and SOP Instance UIDs", "Secondary Capture"))
             raise NotAcceptable(
-                "DICOM output needs a DICOM upload with valid Study and SOP Instance UIDs "
-                f"(the Secondary Capture joins its study); this upload is {image.format}"
+                f"DICOM output needs a DICOM upload with valid {needs} (the {joins} joins "
+                f"its study); this upload is {image.format}"
             )
         if wanted is Representation.JSON:
             return pipeline.explain(model, image, options, watch), options, wanted, []
+        if report:
+            # The same computation as JSON's: the report's regions are the JSON regions.
+            result = pipeline.explain(model, image, options, watch)
+            sr = structured_report.structured_report(
+                image, [_finding(e, result) for e in result.explanations],
+                _report(model), frame=decoding.frame)
+            return result, options, wanted, [sr]
         # Captures need the raw maps on the image's own grid; one capture needs one method.
         used = replace(options, encoding=Encoding.NPY, size=Size.ORIGINAL,
                        methods=(options.methods[:1] if wanted is Representation.DICOM
@@ -148,8 +202,10 @@ def _explained(explanation: Explanation, result: ExplainResponse,
     """A capture's inputs from one explanation of a heatmap=npy, size=original response."""
     heatmap = np.load(io.BytesIO(base64.b64decode(explanation.heatmap.data)),
                       allow_pickle=False)
+    sigma = display_sigma(heatmap.shape, METHODS[explanation.method].grid)
+    if sigma > 0:
+        heatmap = smooth(np.abs(heatmap), sigma)
     index = explanation.index
-    description = model.config.description.lower()
     return Explained(heatmap, Caption(
         method=explanation.method,
         label=explanation.label,
@@ -157,8 +213,31 @@ def _explained(explanation: Explanation, result: ExplainResponse,
         model=model.name,
         model_version=model.config.version,
         software_version=__version__,
-        not_for_diagnosis="synthetic" in description or "not for diagnosis" in description,
+        not_for_diagnosis=_not_for_diagnosis(model),
     ))
+
+
+def _not_for_diagnosis(model: Served) -> bool:
+    """Whether the model's description marks it as a demo, not for diagnosis."""
+    description = model.config.description.lower()
+    return "synthetic" in description or "not for diagnosis" in description
+
+
+def _finding(explanation: Explanation, result: ExplainResponse) -> Finding:
+    """A report's finding from one explanation of the response."""
+    index = explanation.index
+    return Finding(
+        method=explanation.method,
+        label=explanation.label,
+        score=None if index is None else result.predictions[index].score,
+        regions=[Region((r.box[0], r.box[1], r.box[2], r.box[3]), r.score)
+                 for r in explanation.regions],
+    )
+
+
+def _report(model: Served) -> Report:
+    return Report(model=model.name, model_version=model.config.version,
+                  software_version=__version__, not_for_diagnosis=_not_for_diagnosis(model))
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS,

@@ -1,0 +1,273 @@
+"""DICOM Structured Report of explanation scores and regions, filed into the source study.
+
+One Comprehensive 3D SR per request, following TID 1500 (Measurement Report): a device
+observer (medexplain and the model), and one TID 1410 measurement group (Planar ROI
+Measurements and Qualitative Evaluations) per explanation region, each with:
+
+- the region as a closed ``POLYLINE`` rectangle (SCOORD) on the source image (Source Image
+  For Region: its SOP Class / Instance UIDs, and the frame of a multi-frame source);
+- a finding type coded in the local scheme ``99MEDEXPLAIN`` (value and meaning: the label,
+  or ``all classes`` for a class-agnostic map); no SNOMED code is implied;
+- the explanation method as the group's method, coded in ``99MEDEXPLAIN`` too;
+- the model as Algorithm Identification (TID 4019: name and version);
+- measurements ``score`` (the model's score of the label; absent for class-agnostic maps)
+  and ``peak score`` (the peak of the max-normalised map inside the region), unitless
+  (UCUM ``1``).
+
+An explanation without a region (an all-zero map) gets one image-level TID 1501 group
+(Measurement and Qualitative Evaluation Group, Source Image: the source) with its score, so
+every explanation appears in the report.
+
+Coordinates: a region box ``[x0, y0, x1, y1]`` (original pixels, x1 and y1 exclusive)
+covers pixels x0..x1-1 and y0..y1-1. DICOM pixel coordinates (PS3.3 C.18.6.1.1) are
+(column, row) with the top-left corner of the top-left pixel at (0, 0) and its centre at
+(0.5, 0.5), so the outline of those whole pixels is exactly the polyline
+(x0, y0) (x1, y0) (x1, y1) (x0, y1) (x0, y0): the box numbers, unchanged.
+
+The SR joins the source study like the Secondary Captures (same Study Instance UID, Patient
+and General Study attributes copied element by element by
+:mod:`service.imaging.secondary_capture`'s helpers), in a new series. highdicom copies
+patient attributes from its ``evidence`` with validation that logs values, so it is given
+a header of UIDs only and the patient/study attributes are copied afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import highdicom
+import numpy as np
+from highdicom.sr import (
+    AlgorithmIdentification,
+    Comprehensive3DSR,
+    DeviceObserverIdentifyingAttributes,
+    GraphicTypeValues,
+    ImageRegion,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    SourceImageForMeasurementGroup,
+    SourceImageForRegion,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from service.imaging.base import DecodedImage
+from service.imaging.secondary_capture import (
+    MANUFACTURER,
+    _ascii,
+    _copy_patient_and_study,
+    _uid,
+    is_capturable,
+)
+
+__all__ = [
+    "SCHEME",
+    "SERIES_NUMBER",
+    "Finding",
+    "Region",
+    "Report",
+    "is_reportable",
+    "rectangle",
+    "structured_report",
+]
+
+SCHEME: Final[str] = "99MEDEXPLAIN"
+"""Local coding scheme designator of labels, methods and measurement names."""
+
+# After the Secondary Captures' 9901: derived series sort after the acquired ones.
+SERIES_NUMBER: Final[int] = 9902
+
+SCORE: Final[Code] = Code("score", SCHEME, "score")
+PEAK_SCORE: Final[Code] = Code("peak", SCHEME, "peak score")
+ALL_CLASSES: Final[Code] = Code("all", SCHEME, "all classes")
+NOT_FOR_DIAGNOSIS: Final[str] = "synthetic demo model, not for diagnosis"
+
+_SERIES_DESCRIPTION: Final[str] = f"{MANUFACTURER} findings"
+
+
+@dataclass(frozen=True)
+class Region:
+    """[x0, y0, x1, y1] in original pixels (x1, y1 exclusive) and the map's peak in it."""
+
+    box: tuple[int, int, int, int]
+    peak: float
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One explanation: its method, label (None: class-agnostic), the label's score."""
+
+    method: str
+    label: str | None
+    score: float | None
+    regions: Sequence[Region]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the SR says besides the findings."""
+
+    model: str
+    model_version: str
+    software_version: str
+    not_for_diagnosis: bool = False
+
+
+def is_reportable(image: DecodedImage) -> bool:
+    """Whether an SR can join the image's study: as for a capture, plus a Series UID.
+
+    The SR's evidence (Current Requested Procedure Evidence) names the source's series.
+    """
+    return is_capturable(image) and "SeriesInstanceUID" in image.meta
+
+
+def rectangle(box: Sequence[int]) -> np.ndarray:
+    """The closed polyline (column, row) outlining a box's pixels; see the module doc."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
+
+
+def structured_report(image: DecodedImage, findings: Sequence[Finding], report: Report, *,
+                      frame: int = 0) -> bytes:
+    """A Comprehensive 3D SR (TID 1500) of the findings, in a new series of the source study.
+
+    Args:
+        image: the decoded DICOM upload; :func:`is_reportable` must hold.
+        findings: the explanations, in order; each region becomes one measurement group.
+        report: model and software identification.
+        frame: the 0-based frame that was decoded, referenced when the source has several.
+
+    Returns:
+        The SR as a DICOM file (Part 10, Explicit VR Little Endian).
+    """
+    if not is_reportable(image):
+        raise ValueError("the image has no DICOM source study and series to join")
+    source = image.source
+    assert source is not None
+    evidence = _evidence(source, image.meta)
+    frames = int(image.meta.get("frames", 1))
+    reference = SourceImageForRegion(
+        referenced_sop_class_uid=evidence.SOPClassUID,
+        referenced_sop_instance_uid=evidence.SOPInstanceUID,
+        referenced_frame_numbers=[frame + 1] if frames > 1 else None,
+    )
+    algorithm = AlgorithmIdentification(name=_lo(report.model),
+                                        version=_lo(report.model_version))
+    groups: list[PlanarROIMeasurementsAndQualitativeEvaluations
+                 | MeasurementsAndQualitativeEvaluations] = []
+    for finding in findings:
+        finding_type = ALL_CLASSES if finding.label is None else _code(finding.label)
+        scores = [] if finding.score is None else [
+            Measurement(name=SCORE, value=finding.score, unit=codes.UCUM.NoUnits,
+                        algorithm_id=algorithm)]
+        name = f"{finding.method} {finding_type.meaning}"
+        for number, region in enumerate(finding.regions, start=1):
+            peak = Measurement(name=PEAK_SCORE, value=region.peak, unit=codes.UCUM.NoUnits,
+                               algorithm_id=algorithm)
+            groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(f"{name} region {number}"),
+                referenced_region=ImageRegion(
+                    graphic_type=GraphicTypeValues.POLYLINE,
+                    graphic_data=rectangle(region.box),
+                    source_image=reference,
+                ),
+                finding_type=finding_type,
+                method=_code(finding.method),
+                algorithm_id=algorithm,
+                measurements=[*scores, peak],
+            ))
+        if not finding.regions:
+            groups.append(MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(f"{name} image"),
+                finding_type=finding_type,
+                method=_code(finding.method),
+                algorithm_id=algorithm,
+                measurements=scores or None,
+                source_images=[SourceImageForMeasurementGroup(
+                    referenced_sop_class_uid=evidence.SOPClassUID,
+                    referenced_sop_instance_uid=evidence.SOPInstanceUID,
+                    referenced_frame_numbers=[frame + 1] if frames > 1 else None,
+                )],
+            ))
+    if not groups:
+        raise ValueError("no explanation to report")
+    observer = DeviceObserverIdentifyingAttributes(
+        # Stable per model and version: the same "device" across reports.
+        uid=generate_uid(entropy_srcs=[MANUFACTURER, report.model, report.model_version]),
+        name=_lo(f"{MANUFACTURER} {report.model}"),
+        manufacturer_name=MANUFACTURER,
+        model_name=_lo(report.model),
+    )
+    content = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=ObserverContext(
+            observer_type=codes.cid270.Device,
+            observer_identifying_attributes=observer,
+        )),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    description = _SERIES_DESCRIPTION
+    if report.not_for_diagnosis:
+        description = f"{description} - {NOT_FOR_DIAGNOSIS}"
+    sr = Comprehensive3DSR(
+        evidence=[evidence],
+        content=content,
+        series_instance_uid=highdicom.UID(),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=highdicom.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=_lo(report.model),
+        software_versions=_lo(f"{report.software_version} model {report.model_version}"),
+        series_description=description[:64],
+        is_complete=True,
+    )
+    # Local coding schemes are identified in the SOP Common Module (PS3.3 C.12.1.1.1).
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "medexplain labels, methods and measurements"
+    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    _copy_patient_and_study(source, sr)
+    buf = io.BytesIO()
+    dcmwrite(buf, sr, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _evidence(source: Dataset, meta: dict[str, str | int]) -> Dataset:
+    """The source's UIDs only, with empty patient/study attributes for highdicom to copy."""
+    evidence = Dataset()
+    evidence.StudyInstanceUID = str(meta["StudyInstanceUID"])
+    evidence.SeriesInstanceUID = str(meta["SeriesInstanceUID"])
+    evidence.SOPInstanceUID = str(meta["SOPInstanceUID"])
+    evidence.SOPClassUID = _uid(source, "SOPClassUID")
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName"):
+        setattr(evidence, keyword, None)
+    return evidence
+
+
+def _tracking(identifier: str) -> TrackingIdentifier:
+    return TrackingIdentifier(uid=highdicom.UID(), identifier=_lo(identifier))
+
+
+def _code(text: str) -> Code:
+    """A local code: value and meaning both the text (SH value, LO meaning)."""
+    value = _ascii(text).strip() or "?"
+    return Code(value, SCHEME, value[:64])
+
+
+def _lo(text: str) -> str:
+    return _ascii(text)[:64]
