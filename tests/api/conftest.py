@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 
@@ -34,6 +36,18 @@ def phantoms() -> list[dict[str, object]]:
 
 def phantom_bytes(name: str) -> bytes:
     return (DATA / "phantoms" / name).read_bytes()
+
+
+def post_dicom(client: TestClient, data: bytes, accept: str | None, **params: str):  # type: ignore[no-untyped-def]
+    """POST a DICOM body to /explain with an optional Accept header."""
+    headers = {"content-type": "application/dicom"}
+    if accept is not None:
+        headers["accept"] = accept
+    return client.post("/explain", content=data, headers=headers, params=params)
+
+
+def read_dicom(data: bytes):  # type: ignore[no-untyped-def]
+    return pydicom.dcmread(io.BytesIO(data))
 
 
 def assert_problem(response, status: int, code: str) -> dict[str, object]:  # type: ignore[no-untyped-def]

@@ -10,33 +10,23 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from service.api.negotiation import Representation, negotiate
 from service.imaging import decode
 from service.imaging.secondary_capture import PATIENT_STUDY_KEYWORDS
 from service.methods.render import normalise, overlay
-from tests.api.conftest import DATA, assert_problem, phantom_bytes
+from tests.api.conftest import DATA, assert_problem, phantom_bytes, post_dicom, read_dicom
 
 DICOM = "application/dicom"
 MULTIPART = 'multipart/related; type="application/dicom"'
 PHANTOM = DATA / "dicom" / "phantom_nodule.dcm"
 
 
-def _post(client: TestClient, data: bytes, accept: str | None, **params: str):  # type: ignore[no-untyped-def]
-    headers = {"content-type": DICOM}
-    if accept is not None:
-        headers["accept"] = accept
-    return client.post("/explain", content=data, headers=headers, params=params)
-
-
-def _read(data: bytes) -> Dataset:
-    return pydicom.dcmread(io.BytesIO(data))
+_post, _read = post_dicom, read_dicom
 
 
 def _parts(response) -> list[bytes]:  # type: ignore[no-untyped-def]

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import highdicom
 import numpy as np
-import pydicom
 import pytest
 from fastapi.testclient import TestClient
-from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 
 from service.imaging import decode
@@ -25,7 +23,7 @@ from service.imaging.structured_report import (
     rectangle,
     structured_report,
 )
-from tests.api.conftest import DATA, assert_problem, phantom_bytes
+from tests.api.conftest import DATA, assert_problem, phantom_bytes, post_dicom, read_dicom
 from tests.api.test_dicom_out import _parts
 from tests.api.test_privacy import (  # noqa: F401  (sink is a fixture)
     Sink,
@@ -41,15 +39,7 @@ PHANTOM = DATA / "dicom" / "phantom_nodule.dcm"
 PARAMS = {"methods": "gradcam,crm,crm_combined", "classes": "Nodule,Cardiomegaly"}
 
 
-def _post(client: TestClient, data: bytes, accept: str | None, **params: str):  # type: ignore[no-untyped-def]
-    headers = {"content-type": DICOM}
-    if accept is not None:
-        headers["accept"] = accept
-    return client.post("/explain", content=data, headers=headers, params=params)
-
-
-def _read(data: bytes) -> Dataset:
-    return pydicom.dcmread(io.BytesIO(data))
+_post, _read = post_dicom, read_dicom
 
 
 def _srread(data: bytes) -> highdicom.sr.Comprehensive3DSR:
