@@ -212,6 +212,13 @@ def explain(model: Served, image: DecodedImage, options: ExplainOptions,
             watch: Stopwatch) -> ExplainResponse:
     """Scores and maps of one image; for an ensemble, every member runs and the results
     are combined by ``model.combine_scores`` / ``model.combine_maps``."""
+    return explain_with_maps(model, image, options, watch)[0]
+
+
+def explain_with_maps(model: Served, image: DecodedImage, options: ExplainOptions,
+                      watch: Stopwatch) -> tuple[ExplainResponse, list[np.ndarray]]:
+    """:func:`explain`, plus each explanation's map as an array on the ``options.size``
+    grid (what the heatmap encodes), for outputs that draw the maps themselves (DICOM)."""
     methods = [get_method(name) for name in options.methods]
     for member in model.members:
         for name in options.methods:
@@ -245,23 +252,24 @@ def explain(model: Served, image: DecodedImage, options: ExplainOptions,
         for maps in zip(*per_member):
             raw.append((method.name, model.combine_maps(maps)))
         watch.lap(method.name)
-    explanations = [
+    rendered = [
         _post_process(name, m, image, fwds[0].model_input, model.grid, labels, options)
         for name, m in raw
     ]
     watch.lap("render")
-    return ExplainResponse(
+    response = ExplainResponse(
         model=ModelRef(name=model.name, version=model.config.version),
         image=image_info(image),
         predictions=predictions(model, scores),
-        explanations=explanations,
+        explanations=[explanation for explanation, _ in rendered],
         timings_ms=watch.total(),
     )
+    return response, [values for _, values in rendered]
 
 
 def _post_process(method: str, raw: RawMap, image: DecodedImage, model_input: ModelInput,
                   model_hw: tuple[int, int], labels: Sequence[str],
-                  options: ExplainOptions) -> Explanation:
+                  options: ExplainOptions) -> tuple[Explanation, np.ndarray]:
     mh, mw = model_hw
     at_model = resize(raw.values, mh, mw)
     strength = normalise(at_model)
@@ -273,14 +281,16 @@ def _post_process(method: str, raw: RawMap, image: DecodedImage, model_input: Mo
     if options.size is Size.ORIGINAL:
         values = resize(raw.values, image.height, image.width)
         # image.pixels may be a reduced-resolution decode: bring it onto the map's grid.
-        backdrop = resize(image.pixels, image.height, image.width)
+        source = image.pixels
     elif options.size is Size.MODEL:
-        values, backdrop = at_model, model_input.image01
+        values, source = at_model, model_input.image01
     else:
-        values = raw.values
-        backdrop = resize(model_input.image01, *values.shape)
+        values, source = raw.values, model_input.image01
+    # Only an overlay draws the image; a big radiograph is not resized for nothing.
+    backdrop = (resize(source, *values.shape[:2]) if options.encoding is Encoding.OVERLAY
+                else None)
     overlay_sigma = display_sigma(values.shape, raw.grid)
-    return Explanation(
+    explanation = Explanation(
         method=method,
         label=None if raw.index is None else labels[raw.index],
         index=raw.index,
@@ -290,6 +300,7 @@ def _post_process(method: str, raw: RawMap, image: DecodedImage, model_input: Mo
         regions=[Region(box=list(r.box), score=r.score) for r in found],
         points=None if raw.points is None else _to_image(raw.points, image, model_hw),
     )
+    return explanation, values
 
 
 def _to_image(points: np.ndarray, image: DecodedImage,

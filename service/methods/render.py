@@ -73,9 +73,10 @@ def overlay(normalised: np.ndarray, image01: np.ndarray, alpha: float = 0.45) ->
     return (base * (1 - weight) + colour * weight).round().astype(np.uint8)
 
 
-def encode(values: np.ndarray, encoding: Encoding, image01: np.ndarray,
+def encode(values: np.ndarray, encoding: Encoding, image01: np.ndarray | None,
            overlay_sigma: float = 0.0) -> str:
-    """Base64 of the map in ``encoding``; ``image01`` is the image on the map's grid.
+    """Base64 of the map in ``encoding``; ``image01`` is the image on the map's grid (an
+    overlay needs it, the other encodings do not).
 
     ``overlay_sigma`` > 0 makes the overlay show the map's local magnitude (a Gaussian of
     that σ in pixels): a pixel-level gradient map is otherwise a faint speckle over the
@@ -88,6 +89,8 @@ def encode(values: np.ndarray, encoding: Encoding, image01: np.ndarray,
     elif encoding is Encoding.PNG:
         data = _png((normalise(values) * 255).round().astype(np.uint8))
     else:
+        if image01 is None:
+            raise ValueError("an overlay needs the image")
         shown = smooth(np.abs(values), overlay_sigma) if overlay_sigma > 0 else values
         rgb = overlay(normalise(shown), image01)
         data = _png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))

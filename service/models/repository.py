@@ -9,6 +9,7 @@ import time
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,7 @@ class LoadedModel:
     def combine_scores(self, scores: Sequence[np.ndarray]) -> np.ndarray:
         return scores[0]
 
-    @property
+    @cached_property
     def unavailable(self) -> dict[str, str]:
         """Methods this network cannot serve, with the compiler's reason."""
         compiled = self.engine.compiled

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from service.imaging import decode
 from service.imaging.secondary_capture import PATIENT_STUDY_KEYWORDS
 from service.methods.render import normalise, overlay
 from tests.api.conftest import DATA, assert_problem, phantom_bytes, post_dicom, read_dicom
+from tests.dicom_tools import dciodvfy, dcmdump
 
 DICOM = "application/dicom"
 MULTIPART = 'multipart/related; type="application/dicom"'
@@ -196,19 +195,12 @@ def test_negotiate(accept: str | None, dicom: bool, expected: Representation | N
 
 
 def test_dicom3tools_and_dcmtk_accept_the_capture(client: TestClient, tmp_path: Path) -> None:
-    assert shutil.which("dciodvfy"), ("dciodvfy is not installed: `bash scripts/system-deps.sh` "
-                                      "(run by `make test`) installs dicom3tools")
     r = _post(client, PHANTOM.read_bytes(), DICOM, methods="gradcam")
     assert r.status_code == 200, r.text
-    out = tmp_path / "sc.dcm"
-    out.write_bytes(r.content)
-    result = subprocess.run(["dciodvfy", str(out)], check=False, capture_output=True,
-                            text=True, timeout=60)
-    report = result.stdout + result.stderr
+    report = dciodvfy(r.content, tmp_path, "sc.dcm")
     assert "SCImage" in report
     assert not [line for line in report.splitlines() if line.startswith("Error")], report
-    if shutil.which("dcmdump") is not None:
-        dump = subprocess.run(["dcmdump", str(out)], check=False, capture_output=True,
-                              text=True, timeout=60)
+    dump = dcmdump(tmp_path / "sc.dcm")
+    if dump is not None:
         assert dump.returncode == 0, dump.stderr
         assert "SecondaryCaptureImageStorage" in dump.stdout

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom
@@ -32,6 +30,7 @@ from tests.api.test_privacy import (  # noqa: F401  (sink is a fixture)
     _valid,
     sink,
 )
+from tests.dicom_tools import dciodvfy
 
 DICOM = "application/dicom"
 MULTIPART = 'multipart/related; type="application/dicom"'
@@ -195,15 +194,9 @@ def test_region_coordinates_and_region_less_findings() -> None:
 
 
 def test_dciodvfy_accepts_the_sr(client: TestClient, tmp_path: Path) -> None:
-    assert shutil.which("dciodvfy"), ("dciodvfy is not installed: `bash scripts/system-deps.sh` "
-                                      "(run by `make test`) installs dicom3tools")
     r = _post(client, PHANTOM.read_bytes(), DICOM, dicom="sr", **PARAMS)
     assert r.status_code == 200, r.text
-    out = tmp_path / "sr.dcm"
-    out.write_bytes(r.content)
-    result = subprocess.run(["dciodvfy", str(out)], check=False, capture_output=True,
-                            text=True, timeout=60)
-    report = result.stdout + result.stderr
+    report = dciodvfy(r.content, tmp_path, "sr.dcm")
     assert "Comprehensive3DSR" in report
     assert not [line for line in report.splitlines() if "Error" in line], report
 

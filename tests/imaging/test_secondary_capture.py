@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from service.imaging.secondary_capture import (
     render,
 )
 from service.methods.render import normalise, overlay
+from tests.dicom_tools import dciodvfy, dcmdump
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PHANTOM = DATA / "dicom" / "phantom_nodule.dcm"
@@ -180,23 +179,17 @@ def test_source_header_has_no_pixel_data_and_stays_out_of_repr() -> None:
 
 @pytest.mark.parametrize("name", ["phantom", "RG1_J2KR.dcm"])
 def test_dicom3tools_finds_no_errors(tmp_path: Path, name: str) -> None:
-    assert shutil.which("dciodvfy"), ("dciodvfy is not installed: `bash scripts/system-deps.sh` "
-                                      "(run by `make test`) installs dicom3tools")
     path = PHANTOM if name == "phantom" else get_testdata_file(name, download=False)
     assert path is not None
     image = _write(Path(path).read_bytes())
-    out = tmp_path / "sc.dcm"
-    out.write_bytes(capture_series(image, [Explained(_blob(image.height, image.width),
-                                                     CAPTION)], software_version="0.1.0")[0])
-    result = subprocess.run(["dciodvfy", str(out)], check=False, capture_output=True,
-                            text=True, timeout=60)
-    report = result.stdout + result.stderr
+    capture = capture_series(image, [Explained(_blob(image.height, image.width), CAPTION)],
+                             software_version="0.1.0")[0]
+    report = dciodvfy(capture, tmp_path, "sc.dcm")
     assert "SCImage" in report
     errors = [line for line in report.splitlines() if line.startswith("Error")]
     assert not errors, report
-    if shutil.which("dcmdump") is not None:
-        dump = subprocess.run(["dcmdump", str(out)], check=False, capture_output=True,
-                              text=True, timeout=60)
+    dump = dcmdump(tmp_path / "sc.dcm")
+    if dump is not None:
         assert dump.returncode == 0, dump.stderr
         assert "SecondaryCaptureImageStorage" in dump.stdout
 

@@ -11,8 +11,6 @@ the captures or the report join.
 
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import replace
 from typing import Any
 
@@ -171,15 +169,15 @@ async def explain(request: Request, response: Response, settings: SettingsDep,
                 image, [_finding(e, result) for e in result.explanations],
                 _report(model), frame=decoding.frame)
             return result, options, wanted, [sr]
-        # Captures need the raw maps on the image's own grid; one capture needs one method.
+        # Captures draw the maps on the image's own grid; one capture needs one method.
         used = replace(options, encoding=Encoding.NPY, size=Size.ORIGINAL,
                        methods=(options.methods[:1] if wanted is Representation.DICOM
                                 else options.methods))
-        result = pipeline.explain(model, image, used, watch)
-        chosen = result.explanations[:1] if wanted is Representation.DICOM else \
-            result.explanations
+        result, maps = pipeline.explain_with_maps(model, image, used, watch)
+        count = 1 if wanted is Representation.DICOM else len(maps)
         parts = secondary_capture.capture_series(
-            image, [_explained(e, result, model) for e in chosen],
+            image, [_explained(e, m, result, model)
+                    for e, m in zip(result.explanations[:count], maps[:count])],
             software_version=__version__, frame=decoding.frame)
         return result, used, wanted, parts
 
@@ -197,11 +195,9 @@ async def explain(request: Request, response: Response, settings: SettingsDep,
     return result
 
 
-def _explained(explanation: Explanation, result: ExplainResponse,
+def _explained(explanation: Explanation, heatmap: np.ndarray, result: ExplainResponse,
                model: Served) -> Explained:
-    """A capture's inputs from one explanation of a heatmap=npy, size=original response."""
-    heatmap = np.load(io.BytesIO(base64.b64decode(explanation.heatmap.data)),
-                      allow_pickle=False)
+    """A capture's inputs: one explanation and its map on the image's own grid."""
     sigma = display_sigma(heatmap.shape, METHODS[explanation.method].grid)
     if sigma > 0:
         heatmap = smooth(np.abs(heatmap), sigma)

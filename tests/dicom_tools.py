@@ -1,0 +1,26 @@
+"""DICOM validators from Debian's dicom3tools and DCMTK, as the tests run them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def dciodvfy(data: bytes, folder: Path, name: str = "object.dcm") -> str:
+    """dciodvfy's report (stdout and stderr) on ``data``, written to ``folder/name``."""
+    assert shutil.which("dciodvfy"), ("dciodvfy is not installed: `bash scripts/system-deps.sh` "
+                                      "(run by `make test`) installs dicom3tools")
+    path = folder / name
+    path.write_bytes(data)
+    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True,
+                            text=True, timeout=60)
+    return result.stdout + result.stderr
+
+
+def dcmdump(path: Path) -> subprocess.CompletedProcess[str] | None:
+    """DCMTK's dump of ``path``, or None where DCMTK is not installed."""
+    if shutil.which("dcmdump") is None:
+        return None
+    return subprocess.run(["dcmdump", str(path)], check=False, capture_output=True,
+                          text=True, timeout=60)
