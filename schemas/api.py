@@ -38,9 +38,13 @@ class Prediction(BaseModel):
     score: float
 
 
+# A map as delivered: on the grid `size` asked for (width x height), which a client stretches
+# onto the image (image.width x image.height) when they differ.
 class Heatmap(BaseModel):
-    encoding: str = Field(description="png (8-bit, max-normalised), npy (float32, raw) or "
-                                      "overlay (RGB PNG of the map over the image)")
+    encoding: str = Field(description="png (8-bit, max-normalised magnitude), npy (float32, "
+                                      "raw) or overlay (the map in colour over the image)")
+    media_type: str = Field(description="what `data` decodes to: image/png, "
+                                        "application/x-npy or image/jpeg (overlay)")
     width: int
     height: int
     data: str = Field(description="base64 of the encoded map")

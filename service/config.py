@@ -40,6 +40,11 @@ class Settings(BaseModel):
     # table, every fragment before the frame is walked; cine loops and tomosynthesis run
     # to a few hundred frames, so 1000 refuses only the pathological ones.
     max_frames: int = Field(1000, ge=1)
+    # JPEG 2000 frames decoded at the smallest power-of-two reduction still as large as the
+    # network input: ~14x faster on a 2k radiograph, but the pixels (hence the scores) are
+    # no longer those of the full image, so a lossless file would stop matching its
+    # uncompressed twin. Off by default; see BENCHMARKS.md for the measured trade.
+    j2k_reduced_resolution: bool = False
     # Requests computing at once; more wait in the queue, beyond the queue → 503.
     max_concurrency: int = Field(2, ge=1)
     max_queue: int = Field(16, ge=0)

@@ -1,58 +1,81 @@
-"""One request's work: preprocess, forward, methods, post-processing.
+"""One request's computation: preprocess, forward, methods, regions — arrays in, arrays out.
 
 Everything here is synchronous NumPy/ONNX Runtime work; the HTTP layer runs it in a worker
-thread.
+thread and hands the :class:`Result` to an output (service.outputs), which encodes it.
+Nothing here encodes.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from schemas import (
-    DicomInfo,
-    ExplainResponse,
-    Explanation,
-    Heatmap,
-    ImageInfo,
-    ModelRef,
-    Prediction,
-    PredictResponse,
-    Region,
-)
-from service.errors import InvalidParameter, UnknownLabel, UnknownMethod
+from service.errors import UnknownLabel, UnknownMethod
 from service.graph.fixations import FixationPlan
 from service.imaging.base import DecodedImage
 from service.imaging.preprocess import ModelInput, to_model_input
-from service.methods import DEFAULT_METHODS, Captures, RawMap, Target, get_method
-from service.methods.regions import regions
-from service.methods.render import (
-    Encoding,
-    Size,
-    display_sigma,
-    encode,
-    normalise,
-    resize,
-    smooth,
-)
+from service.methods import Captures, Target, get_method
+from service.methods.regions import Region, map_regions
 from service.models.repository import LoadedModel, Served
 from service.models.spec import Layout
 
 
 @dataclass(frozen=True)
 class ExplainOptions:
-    """The parsed parameters of /explain."""
+    """What to compute for /explain (the request model, service.api.request, holds the
+    defaults; outputs may narrow it, e.g. one Secondary Capture explains one method)."""
 
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    classes: tuple[str, ...] | None = None
-    encoding: Encoding = Encoding.PNG
-    size: Size = Size.ORIGINAL
-    target: Target = Target.LOGIT
-    region_threshold: float = 0.5
-    score_threshold: float = 0.5
+    methods: tuple[str, ...]
+    classes: tuple[str, ...] | None
+    target: Target
+    region_threshold: float
+    score_threshold: float
+
+
+@dataclass(frozen=True)
+class Map:
+    """One explanation as arrays: what every output draws or reports from.
+
+    Attributes:
+        method: the method's name.
+        index: the explained class, or None for class-agnostic maps.
+        values: the raw map on its native grid: the target layer's for CAM-type maps of a
+            single network, the network input's for gradient maps and ensembles.
+        gradient: whether it is a signed pixel-level gradient map (drawn as its magnitude,
+            locally smoothed) rather than a non-negative CAM-type map.
+        regions: boxes in original-image pixels, found on the network's input grid.
+        points: (N, 2) image points (x, y) in original-image pixels (CNN Fixations), or None.
+    """
+
+    method: str
+    index: int | None
+    values: np.ndarray
+    gradient: bool
+    regions: list[Region]
+    points: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """Everything computed for one image: scores for every label and the maps asked for.
+
+    ``image01`` is the (first) network's input before normalisation, (h, w, C): the
+    backdrop of model-grid overlays. ``watch`` keeps timing until the output is written.
+    """
+
+    model: Served
+    image: DecodedImage
+    scores: np.ndarray
+    image01: np.ndarray
+    maps: tuple[Map, ...]
+    watch: Stopwatch
+
+    def label(self, index: int | None) -> str | None:
+        return None if index is None else self.model.config.labels[index]
 
 
 @dataclass(frozen=True)
@@ -78,27 +101,6 @@ class Stopwatch:
     def total(self) -> dict[str, float]:
         self.timings["total"] = round((time.perf_counter() - self._start) * 1e3, 3)
         return self.timings
-
-
-def image_info(image: DecodedImage) -> ImageInfo:
-    dicom = None
-    if image.format == "dicom":
-        m = image.meta
-        dicom = DicomInfo(
-            study_instance_uid=_str(m.get("StudyInstanceUID")),
-            series_instance_uid=_str(m.get("SeriesInstanceUID")),
-            sop_instance_uid=_str(m.get("SOPInstanceUID")),
-            modality=_str(m.get("Modality")),
-            transfer_syntax_uid=_str(m.get("TransferSyntaxUID")),
-            photometric_interpretation=_str(m.get("PhotometricInterpretation")),
-            frames=int(m.get("frames", 1)),
-            frame=int(m.get("frame", 0)),
-        )
-    return ImageInfo(width=image.width, height=image.height, format=image.format, dicom=dicom)
-
-
-def _str(value: object) -> str | None:
-    return None if value is None else str(value)
 
 
 def forward(model: LoadedModel, image: DecodedImage, watch: Stopwatch,
@@ -165,19 +167,11 @@ def _fixations_fn(model: LoadedModel, model_input: ModelInput):  # type: ignore[
     return fixations
 
 
-def predictions(model: Served, scores: np.ndarray) -> list[Prediction]:
-    return [Prediction(label=label, index=i, score=round(float(s), 6))
-            for i, (label, s) in enumerate(zip(model.config.labels, scores))]
-
-
-def predict(model: Served, image: DecodedImage, watch: Stopwatch) -> PredictResponse:
-    scores = model.combine_scores([forward(m, image, watch).scores for m in model.members])
-    return PredictResponse(
-        model=ModelRef(name=model.name, version=model.config.version),
-        image=image_info(image),
-        predictions=predictions(model, scores),
-        timings_ms=watch.total(),
-    )
+def predict(model: Served, image: DecodedImage, watch: Stopwatch) -> Result:
+    """Scores only: one forward pass per network."""
+    fwds = [forward(m, image, watch) for m in model.members]
+    return Result(model, image, model.combine_scores([f.scores for f in fwds]),
+                  fwds[0].model_input.image01, (), watch)
 
 
 def resolve_classes(labels: Sequence[str], requested: Sequence[str] | None,
@@ -196,11 +190,12 @@ def resolve_classes(labels: Sequence[str], requested: Sequence[str] | None,
     for item in requested:
         if item.lower() in lowered:
             index = lowered[item.lower()]
-        elif item.lstrip("-").isdigit() and 0 <= int(item) < len(labels):
+        # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
+        elif _INDEX.fullmatch(item) and int(item) < len(labels):
             index = int(item)
         else:
             raise UnknownLabel(
-                f"unknown class {item!r}; labels are {', '.join(labels)} "
+                f"unknown class {item[:100]!r}; labels are {', '.join(labels)} "
                 f"(or indices 0..{len(labels) - 1})"
             )
         if index not in out:
@@ -208,35 +203,19 @@ def resolve_classes(labels: Sequence[str], requested: Sequence[str] | None,
     return out
 
 
+_INDEX = re.compile(r"[0-9]{1,6}")
+
+
 def explain(model: Served, image: DecodedImage, options: ExplainOptions,
-            watch: Stopwatch) -> ExplainResponse:
-    """Scores and maps of one image; for an ensemble, every member runs and the results
-    are combined by ``model.combine_scores`` / ``model.combine_maps``."""
-    return explain_with_maps(model, image, options, watch)[0]
-
-
-def explain_with_maps(model: Served, image: DecodedImage, options: ExplainOptions,
-                      watch: Stopwatch) -> tuple[ExplainResponse, list[np.ndarray]]:
-    """:func:`explain`, plus each explanation's map as an array on the ``options.size``
-    grid (what the heatmap encodes), for outputs that draw the maps themselves (DICOM)."""
+            watch: Stopwatch) -> Result:
+    """Scores and maps of one image, as arrays; for an ensemble, every member runs and the
+    results are combined by ``model.combine_scores`` / ``model.combine_maps``."""
     methods = [get_method(name) for name in options.methods]
     for member in model.members:
         for name in options.methods:
             if name in member.unavailable:
                 raise UnknownMethod(f"method {name!r} is not available for model "
                                     f"{member.name!r}: {member.unavailable[name]}")
-    if options.size is Size.FEATURE:
-        pixel_methods = [m.name for m in methods if m.grid != "feature"]
-        if pixel_methods:
-            raise InvalidParameter(
-                f"size=feature is only for CAM-type maps; {', '.join(pixel_methods)} "
-                "produce maps on the model's input grid"
-            )
-        if len(model.members) > 1:
-            raise InvalidParameter(
-                f"size=feature needs one network; the members of ensemble {model.name!r} "
-                "each have their own feature grid (use size=model or size=original)"
-            )
     labels = model.config.labels
     # Guided maps of known classes' logits come out of the guided graph's own forward pass.
     known = (resolve_classes(labels, options.classes, None, options.score_threshold)
@@ -246,65 +225,26 @@ def explain_with_maps(model: Served, image: DecodedImage, options: ExplainOption
     scores = model.combine_scores([f.scores for f in fwds])
     classes = known or resolve_classes(labels, options.classes, scores,
                                        options.score_threshold)
-    raw: list[tuple[str, RawMap]] = []
+    image_hw = (image.height, image.width)
+    maps: list[Map] = []
     for method in methods:
         per_member = [method.compute(f.captures, classes, options.target) for f in fwds]
-        for maps in zip(*per_member):
-            raw.append((method.name, model.combine_maps(maps)))
+        for raw in (model.combine_maps(m) for m in zip(*per_member)):
+            maps.append(Map(
+                method=method.name,
+                index=raw.index,
+                values=raw.values,
+                gradient=raw.grid == "model",
+                regions=map_regions(raw, model.grid, image_hw, options.region_threshold),
+                points=None if raw.points is None else _to_image(raw.points, image,
+                                                                 model.grid),
+            ))
         watch.lap(method.name)
-    rendered = [
-        _post_process(name, m, image, fwds[0].model_input, model.grid, labels, options)
-        for name, m in raw
-    ]
-    watch.lap("render")
-    response = ExplainResponse(
-        model=ModelRef(name=model.name, version=model.config.version),
-        image=image_info(image),
-        predictions=predictions(model, scores),
-        explanations=[explanation for explanation, _ in rendered],
-        timings_ms=watch.total(),
-    )
-    return response, [values for _, values in rendered]
-
-
-def _post_process(method: str, raw: RawMap, image: DecodedImage, model_input: ModelInput,
-                  model_hw: tuple[int, int], labels: Sequence[str],
-                  options: ExplainOptions) -> tuple[Explanation, np.ndarray]:
-    mh, mw = model_hw
-    at_model = resize(raw.values, mh, mw)
-    strength = normalise(at_model)
-    if raw.grid == "model":
-        # Pixel-level gradient maps are speckle; boxes around single pixels tell nothing.
-        # Regions come from their local energy instead (σ = 2 % of the input's diagonal).
-        strength = normalise(smooth(strength, 0.02 * float(np.hypot(mh, mw))))
-    found = regions(strength, options.region_threshold, image.width / mw, image.height / mh)
-    if options.size is Size.ORIGINAL:
-        values = resize(raw.values, image.height, image.width)
-        # image.pixels may be a reduced-resolution decode: bring it onto the map's grid.
-        source = image.pixels
-    elif options.size is Size.MODEL:
-        values, source = at_model, model_input.image01
-    else:
-        values, source = raw.values, model_input.image01
-    # Only an overlay draws the image; a big radiograph is not resized for nothing.
-    backdrop = (resize(source, *values.shape[:2]) if options.encoding is Encoding.OVERLAY
-                else None)
-    overlay_sigma = display_sigma(values.shape, raw.grid)
-    explanation = Explanation(
-        method=method,
-        label=None if raw.index is None else labels[raw.index],
-        index=raw.index,
-        heatmap=Heatmap(encoding=options.encoding.value, width=values.shape[1],
-                        height=values.shape[0],
-                        data=encode(values, options.encoding, backdrop, overlay_sigma)),
-        regions=[Region(box=list(r.box), score=r.score) for r in found],
-        points=None if raw.points is None else _to_image(raw.points, image, model_hw),
-    )
-    return explanation, values
+    return Result(model, image, scores, fwds[0].model_input.image01, tuple(maps), watch)
 
 
 def _to_image(points: np.ndarray, image: DecodedImage,
-              model_hw: tuple[int, int]) -> list[list[float]]:
+              model_hw: tuple[int, int]) -> np.ndarray:
     """Model-grid pixel indices (x, y) → original-image pixels, through the plain stretch.
 
     Pixel centres map onto pixel centres, as in cv2's resize: (i + 0.5)·scale − 0.5.
@@ -312,6 +252,4 @@ def _to_image(points: np.ndarray, image: DecodedImage,
     mh, mw = model_hw
     scale = np.array([image.width / mw, image.height / mh])
     xy = (points.astype(np.float64) + 0.5) * scale - 0.5
-    xy = np.clip(xy, 0, [image.width - 1, image.height - 1])
-    return [[round(float(x), 3), round(float(y), 3)] for x, y in xy]
-
+    return np.clip(xy, 0, [image.width - 1, image.height - 1])

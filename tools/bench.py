@@ -12,8 +12,6 @@ All run in-process (no HTTP) on this machine's CPU with ONNX Runtime; NumPy + Op
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import platform
 import statistics
 import sys
@@ -31,18 +29,15 @@ import phantoms  # noqa: E402
 import quality as metrics  # noqa: E402
 
 from service import pipeline  # noqa: E402
+from service.api.request import ExplainParams  # noqa: E402
 from service.imaging.base import DecodedImage  # noqa: E402
 from service.imaging.preprocess import to_model_input  # noqa: E402
 from service.methods import RawMap, Target, get_method  # noqa: E402
-from service.methods.render import (  # noqa: E402
-    Encoding,
-    Size,
-    normalise,
-    overlay,
-    resize,
-    smooth,
-)
+from service.methods.maps import normalise, resize, smooth  # noqa: E402
+from service.methods.regions import map_regions  # noqa: E402
 from service.models.repository import LoadedModel, load_model  # noqa: E402
+from service.outputs import JSON_OUTPUT, Packaging  # noqa: E402
+from service.outputs import render as drawing  # noqa: E402
 
 METHODS = ("gradcam", "crm", "crm_combined")
 
@@ -72,8 +67,14 @@ def speed(args: argparse.Namespace) -> None:
         pipeline.predict(model, image, pipeline.Stopwatch())
 
     def explain(methods: tuple[str, ...]):  # type: ignore[no-untyped-def]
-        options = pipeline.ExplainOptions(methods=methods, classes=labels, size=Size.MODEL)
-        return lambda: pipeline.explain(model, image, options, pipeline.Stopwatch())
+        # What /explain does after decoding: compute, then the JSON output's PNG maps.
+        params = ExplainParams(methods=methods, classes=labels)
+
+        def run() -> None:
+            result = pipeline.explain(model, image, params.options(), pipeline.Stopwatch())
+            JSON_OUTPUT.render(result, params, Packaging.JSON)
+
+        return run
 
     rows = [("predict", _median_ms(predict, args.repeat))]
     for methods in (("gradcam",), ("crm",), ("gradcam", "crm")):
@@ -97,9 +98,7 @@ def pointing(args: argparse.Namespace) -> None:
             continue
         image = DecodedImage(ph.image, "png")
         present = [phantoms.LABELS.index(k) for k in ph.masks]
-        options = pipeline.ExplainOptions(methods=METHODS, classes=tuple(map(str, present)),
-                                          size=Size.MODEL, encoding=Encoding.NPY,
-                                          target=Target.LOGIT)
+        options = ExplainParams(methods=METHODS, classes=tuple(map(str, present))).options()
         fwd = pipeline.forward(model, image, pipeline.Stopwatch())
         for method in METHODS:
             for raw in get_method(method).compute(fwd.captures, present, options.target):
@@ -154,10 +153,6 @@ def _predictor(model: LoadedModel):  # type: ignore[no-untyped-def]
     return predict
 
 
-def _npy(data: str) -> np.ndarray:
-    return np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
-
-
 def quality(args: argparse.Namespace) -> None:
     """Every method (and uniform random maps) against the masks of held-out phantoms."""
     import cv2
@@ -171,8 +166,7 @@ def quality(args: argparse.Namespace) -> None:
     names = (*QUALITY_METHODS, RANDOM)
     found: dict[tuple[str, str], list[float]] = {}
     per_label: dict[tuple[str, str, str], list[float]] = {}
-    options = pipeline.ExplainOptions(methods=QUALITY_METHODS, size=Size.MODEL,
-                                      encoding=Encoding.NPY, target=Target.LOGIT)
+    options = ExplainParams(methods=QUALITY_METHODS, target=Target.LOGIT).options()
     start = time.perf_counter()
     for _ in range(args.n):
         ph = phantoms.generate(rng)
@@ -183,13 +177,14 @@ def quality(args: argparse.Namespace) -> None:
         result = pipeline.explain(model, image, replace(options, classes=tuple(map(str, present))),
                                   pipeline.Stopwatch())
         model_input = to_model_input(image, spec)
-        random = pipeline._post_process(  # the service's own region code, for a random map
-            RANDOM, RawMap(noise.random(grid, dtype=np.float32), None, "model"), image,
-            model_input, grid, model.config.labels, options)
+        noise_map = RawMap(noise.random(grid, dtype=np.float32), None, "model")
+        random = pipeline.Map(  # the service's own region code, for a random map
+            RANDOM, None, noise_map.values, True,
+            map_regions(noise_map, grid, image.pixels.shape[:2], options.region_threshold))
         grey = model_input.image01.mean(axis=2)
         baseline = cv2.GaussianBlur(grey, (0, 0), BLUR_SIGMA_FRACTION * spec.width)
-        for e in [*result.explanations, random]:
-            values = _npy(e.heatmap.data)
+        for e in [*result.maps, random]:
+            values = resize(e.values, *grid)
             deletion, insertion = metrics.deletion_insertion(grey, baseline, values, predict,
                                                              args.steps, noise)
             for cls in ([e.index] if e.index is not None else present):
@@ -303,18 +298,19 @@ def _gallery(model: LoadedModel, seed: int, cell: int = 120) -> np.ndarray:
     for r, label in enumerate(phantoms.LABELS):
         ph = phantoms.generate(rng, findings=[label])
         image = DecodedImage(ph.image, "png")
-        options = pipeline.ExplainOptions(methods=GALLERY_METHODS, classes=(label,),
-                                          size=Size.MODEL, encoding=Encoding.NPY)
+        options = ExplainParams(methods=GALLERY_METHODS, classes=(label,)).options()
         result = pipeline.explain(model, image, options, pipeline.Stopwatch())
         image01 = to_model_input(image, model.config.input).image01
         grey = np.repeat(image01.mean(axis=2, keepdims=True), 3, axis=2)
         tiles = [(np.clip(grey, 0, 1) * 255).round().astype(np.uint8)]
-        for e in result.explanations:
-            values = normalise(_npy(e.heatmap.data))
+        for e in result.maps:
+            values = normalise(resize(e.values, *image01.shape[:2]))
             if get_method(e.method).needs_guided:  # pixel speckle: show its local energy
                 values = normalise(smooth(values, GALLERY_SMOOTH_PX))
-            tile = overlay(values, image01, alpha=0.6)
-            for x, y in e.points or []:
+            levels = drawing.to_uint8(values, *values.shape)
+            tile = drawing.overlay(levels, drawing.grey_uint8(image01, *values.shape),
+                                   rgb=True, alpha=0.6)
+            for x, y in (e.points if e.points is not None else []):
                 cv2.circle(tile, (int(round(x)), int(round(y))), 2, (255, 255, 255), -1)
             tiles.append(tile)
         mask = cv2.resize(ph.masks[label].astype(np.uint8), image01.shape[1::-1],

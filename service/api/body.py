@@ -44,7 +44,7 @@ class FilePart:
 
 @dataclass
 class Form:
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: list[tuple[str, str]] = field(default_factory=list)
     file: FilePart | None = None
 
 
@@ -105,7 +105,7 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
                 filename.decode("utf-8", "replace") if filename else None,
             )
         elif name:
-            form.fields[name] = data.decode("utf-8", "replace")
+            form.fields.append((name, data.decode("utf-8", "replace")))
     if form.file is None:
         raise InvalidMultipart(f"the multipart body has no part named {file_field!r}")
     return form

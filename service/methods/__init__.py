@@ -14,8 +14,6 @@ METHODS: dict[str, Method] = {
                         CnnFixations())
 }
 
-DEFAULT_METHODS = ("gradcam", "crm")
-
 
 def get_method(name: str) -> Method:
     try:
@@ -26,4 +24,4 @@ def get_method(name: str) -> Method:
         ) from None
 
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "Captures", "Method", "RawMap", "Target", "get_method"]
+__all__ = ["METHODS", "Captures", "Method", "RawMap", "Target", "get_method"]

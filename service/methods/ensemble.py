@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from service.methods.base import RawMap
-from service.methods.render import normalise, resize
+from service.methods.maps import normalise, resize
 
 
 def mean_scores(scores: Sequence[np.ndarray]) -> np.ndarray:

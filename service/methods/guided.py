@@ -9,7 +9,7 @@ import numpy as np
 from service.errors import UnknownMethod
 from service.methods.base import Captures, Method, RawMap, Target
 from service.methods.gradcam import GradCam
-from service.methods.render import resize
+from service.methods.maps import resize
 
 
 def guided_maps(captures: Captures, classes: Sequence[int], target: Target) -> np.ndarray:

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from service.methods.base import RawMap
+from service.methods.maps import normalise, resize, smooth
+
 MAX_REGIONS = 10
 
 
@@ -42,3 +45,23 @@ def regions(normalised: np.ndarray, threshold: float, scale_x: float,
         found.append(Region(box, round(peak, 4)))
     found.sort(key=lambda r: -r.score)
     return found[:MAX_REGIONS]
+
+
+def map_regions(raw: RawMap, model_hw: tuple[int, int], image_hw: tuple[int, int],
+                threshold: float) -> list[Region]:
+    """The regions of a method's map, found on the network's input grid.
+
+    Pixel-level gradient maps are speckle, and boxes around single pixels tell nothing:
+    their regions come from the map's local energy (σ = 2 % of the input's diagonal).
+
+    Args:
+        raw: the map on its native grid.
+        model_hw: (height, width) of the network's input.
+        image_hw: (height, width) of the original image, where boxes are given.
+        threshold: the cut on the max-normalised map.
+    """
+    mh, mw = model_hw
+    strength = normalise(resize(raw.values, mh, mw))
+    if raw.grid == "model":
+        strength = normalise(smooth(strength, 0.02 * float(np.hypot(mh, mw))))
+    return regions(strength, threshold, image_hw[1] / mw, image_hw[0] / mh)

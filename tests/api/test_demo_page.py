@@ -6,7 +6,7 @@ import re
 
 from fastapi.testclient import TestClient
 
-from service.api.params import EXPLAIN_PARAMS
+from service.api.request import ExplainParams
 
 
 def test_demo_page_is_served(client: TestClient) -> None:
@@ -20,7 +20,8 @@ def test_demo_page_uses_only_what_the_api_offers(client: TestClient) -> None:
     page = client.get("/").text
     fields = set(re.findall(r'data\.append\("([a-z_]+)"', page))
     assert fields >= {"file", "model", "methods", "heatmap"}
-    assert fields - {"file"} <= set(EXPLAIN_PARAMS), "the page sends a parameter /explain refuses"
+    assert fields - {"file"} <= set(ExplainParams.model_fields), \
+        "the page sends a parameter /explain refuses"
     paths = set(re.findall(r'fetch\("([^"]+)"', page))
     assert paths and paths <= set(client.get("/openapi.json").json()["paths"])
     # The values the page sends are ones the API accepts.

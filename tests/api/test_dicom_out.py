@@ -13,12 +13,13 @@ from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from service.api.negotiation import Representation, negotiate
+from service.api.negotiation import negotiate
 from service.imaging import decode
-from service.imaging.secondary_capture import PATIENT_STUDY_KEYWORDS
-from service.methods.render import normalise, overlay
+from service.outputs.base import Packaging
+from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
 from tests.api.conftest import DATA, assert_problem, phantom_bytes, post_dicom, read_dicom
 from tests.dicom_tools import dciodvfy, dcmdump
+from tests.outputs import reference as drawing
 
 DICOM = "application/dicom"
 MULTIPART = 'multipart/related; type="application/dicom"'
@@ -74,16 +75,18 @@ def test_accept_dicom_gives_a_secondary_capture_in_the_source_study(client: Test
     assert sc.SeriesDescription == "medexplain gradcam Nodule"
     assert (sc.PhotometricInterpretation, sc.SamplesPerPixel) == ("RGB", 3)
 
-    # The image part is the overlay of the same map the JSON answer gives, on the
-    # decoded image; where the map is zero it is the grey image itself.
-    json = _post(client, data, None, heatmap="npy", **params).json()
-    heat = _npy(json["explanations"][0]["heatmap"]["data"])
+    # The image part is the overlay of the same map the JSON answer gives (on its own grid),
+    # on the decoded image; where the map is zero it is the grey image itself.
+    json = _post(client, data, None, heatmap="npy", size="feature", **params).json()
+    cam = _npy(json["explanations"][0]["heatmap"]["data"])
     image = decode(data, DICOM)
     rgb = sc.pixel_array
     assert rgb.shape == (rgb.shape[0], source.Columns, 3) and rgb.shape[0] > source.Rows
     picture = rgb[: source.Rows]
-    np.testing.assert_array_equal(picture, overlay(normalise(heat), image.pixels))
-    zero = normalise(heat) == 0
+    levels = drawing.strength(cam, source.Rows, source.Columns)
+    assert np.abs(picture.astype(int) - drawing.overlay(levels, image.pixels)).max() <= 1
+    heat = levels.astype(np.float32)
+    zero = levels == 0
     grey = np.round(image.pixels * 255)
     if zero.any():
         for channel in range(3):
@@ -168,30 +171,32 @@ def test_dicom_output_needs_a_dicom_upload(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("accept", "dicom", "expected"),
     [
-        (None, True, Representation.JSON),
-        ("*/*", True, Representation.JSON),
-        ("application/dicom", True, Representation.DICOM),
+        (None, True, Packaging.JSON),
+        ("*/*", True, Packaging.JSON),
+        ("application/dicom", True, Packaging.DICOM),
         ("application/dicom", False, None),
-        ("application/dicom; transfer-syntax=*", True, Representation.DICOM),
-        ("application/dicom; transfer-syntax=1.2.840.10008.1.2.1", True, Representation.DICOM),
+        ("application/dicom; transfer-syntax=*", True, Packaging.DICOM),
+        ("application/dicom; transfer-syntax=1.2.840.10008.1.2.1", True, Packaging.DICOM),
         ("application/dicom; transfer-syntax=1.2.840.10008.1.2.4.90", True, None),
-        ('multipart/related; type="application/dicom"', True, Representation.MULTIPART),
-        ("multipart/related", True, Representation.MULTIPART),
-        ("multipart/*", True, Representation.MULTIPART),
+        ('multipart/related; type="application/dicom"', True, Packaging.MULTIPART),
+        ("multipart/related", True, Packaging.MULTIPART),
+        ("multipart/*", True, Packaging.MULTIPART),
         ("multipart/related; type=application/dicom+json", True, None),
-        ("application/dicom;q=0.5, application/json;q=0.4", True, Representation.DICOM),
-        ("application/dicom;q=0.5, application/json;q=0.4", False, Representation.JSON),
-        ("application/dicom, */*;q=0.1", True, Representation.DICOM),
-        ("*/*;q=0.1, multipart/related;q=0.2", True, Representation.MULTIPART),
-        ("application/dicom, application/json", True, Representation.JSON),
-        ("application/*;q=0.5, application/json;q=0", True, Representation.DICOM),
+        ("application/dicom;q=0.5, application/json;q=0.4", True, Packaging.DICOM),
+        ("application/dicom;q=0.5, application/json;q=0.4", False, Packaging.JSON),
+        ("application/dicom, */*;q=0.1", True, Packaging.DICOM),
+        ("*/*;q=0.1, multipart/related;q=0.2", True, Packaging.MULTIPART),
+        ("application/dicom, application/json", True, Packaging.JSON),
+        ("application/*;q=0.5, application/json;q=0", True, Packaging.DICOM),
         ("text/html", True, None),
         ("application/dicom;q=abc, text/html", True, None),
         ("garbage", True, None),
     ],
 )
-def test_negotiate(accept: str | None, dicom: bool, expected: Representation | None) -> None:
-    assert negotiate(accept, dicom=dicom) is expected
+def test_negotiate(accept: str | None, dicom: bool, expected: Packaging | None) -> None:
+    """The best packaging allowed, when DICOM is possible (dicom) or not."""
+    allowed = [p for p in negotiate(accept) if dicom or p is Packaging.JSON]
+    assert (allowed[0] if allowed else None) is expected
 
 
 def test_dicom3tools_and_dcmtk_accept_the_capture(client: TestClient, tmp_path: Path) -> None:

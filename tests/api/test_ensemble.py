@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from service.config import Settings
 from service.errors import ModelError
 from service.main import create_app
-from service.methods.render import normalise
+from service.methods.maps import normalise
 from tests.api.conftest import MODELS, assert_problem, phantom_bytes
 
 IMAGE = "all-findings.png"

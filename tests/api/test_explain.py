@@ -15,6 +15,7 @@ from service.imaging import decode
 from service.imaging.preprocess import to_model_input
 from service.models.repository import load_model
 from tests.api.conftest import DATA, MODELS, phantom_bytes
+from tests.outputs import reference as drawing
 
 LABELS = ["Cardiomegaly", "Nodule", "Pleural Effusion", "Pneumothorax"]
 
@@ -47,7 +48,8 @@ def test_multipart_png_gives_scores_and_heatmaps(client: TestClient, phantoms) -
     for e in body["explanations"]:
         heat = _png(e["heatmap"]["data"])
         assert heat.shape == (256, 256) and heat.dtype == np.uint8
-        assert heat.max() == 255
+        # Max-normalised on the 16×16 grid: the upsampled peak falls between grid centres.
+        assert 245 <= heat.max() <= 255
         assert e["regions"], "a non-empty map has at least one region"
     assert body["timings_ms"]["total"] >= body["timings_ms"]["forward"] > 0
 
@@ -116,20 +118,37 @@ def test_sizes_and_encodings(client: TestClient) -> None:
         assert r.status_code == 200, r.text
         return r.json()["explanations"][0]  # type: ignore[no-any-return]
 
-    original = one()
-    assert (original["heatmap"]["width"], original["heatmap"]["height"]) == (400, 512)
-    assert _png(original["heatmap"]["data"]).shape == (512, 400)
-    model = one(size="model")
-    assert _png(model["heatmap"]["data"]).shape == (256, 256)
+    # By default maps come on the network's input grid, for the client to stretch.
+    default = one()
+    assert default["heatmap"] | {"data": None} == {
+        "encoding": "png", "media_type": "image/png", "width": 256, "height": 256,
+        "data": None}
     feature = one(size="feature", heatmap="npy")
+    assert feature["heatmap"]["media_type"] == "application/x-npy"
     raw = _npy(feature["heatmap"]["data"])
     assert raw.shape == (16, 16) and raw.dtype == np.float32
-    # The PNG map is the raw map, bilinearly resized and max-normalised to 8 bits.
-    resized = cv2.resize(raw, (256, 256), interpolation=cv2.INTER_LINEAR)
-    expected = np.round(resized / resized.max() * 255)
-    assert np.abs(_png(model["heatmap"]["data"]).astype(float) - expected).max() <= 1
-    overlay = _png(one(heatmap="overlay", size="model")["heatmap"]["data"])
-    assert overlay.shape == (256, 256, 3)
+    # The PNG map is the raw map max-normalised on its own grid, bilinearly upsampled once
+    # to the asked grid and rounded to 8 bits.
+    np.testing.assert_allclose(_png(default["heatmap"]["data"]),
+                               drawing.strength(raw, 256, 256), atol=1)
+    original = one(size="original")
+    assert (original["heatmap"]["width"], original["heatmap"]["height"]) == (400, 512)
+    np.testing.assert_allclose(_png(original["heatmap"]["data"]),
+                               drawing.strength(raw, 512, 400), atol=1)
+    assert original["regions"] == default["regions"], "regions do not depend on the size"
+    npy = _npy(one(size="original", heatmap="npy")["heatmap"]["data"])
+    np.testing.assert_allclose(npy, cv2.resize(raw, (400, 512), interpolation=cv2.INTER_LINEAR),
+                               rtol=1e-6, atol=1e-6 * float(raw.max()))
+    # Overlays are JPEG pictures of the same 8-bit map over the image.
+    image01 = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) / 255
+    for size, (h, w) in (("model", (256, 256)), ("original", (512, 400))):
+        heatmap = one(heatmap="overlay", size=size)["heatmap"]
+        assert (heatmap["media_type"], heatmap["width"], heatmap["height"]) == (
+            "image/jpeg", w, h)
+        picture = cv2.cvtColor(_png(heatmap["data"]), cv2.COLOR_BGR2RGB).astype(float)
+        backdrop = cv2.resize(image01, (w, h), interpolation=cv2.INTER_AREA)
+        expected = drawing.overlay(drawing.strength(raw, h, w), backdrop)
+        assert np.abs(picture - expected).mean() < 2.5, "JPEG q90 of the reference overlay"
     # Regions are in original pixels: inside the 400×512 image.
     for region in original["regions"]:
         x0, y0, x1, y1 = region["box"]
@@ -188,9 +207,34 @@ def test_real_radiograph_from_pydicom_data(client: TestClient) -> None:
     assert body["image"]["format"] == "dicom"
     assert body["image"]["dicom"]["modality"] == "CR"
     assert len(body["predictions"]) == 4
+    assert (body["image"]["width"], body["image"]["height"]) == (1841, 1955)
     for e in body["explanations"]:
-        heat = _png(e["heatmap"]["data"])
-        assert heat.shape == (body["image"]["height"], body["image"]["width"])
+        assert _png(e["heatmap"]["data"]).shape == (256, 256), "maps on the model grid"
+
+
+def test_default_answer_for_a_real_radiograph_is_small(client: TestClient) -> None:
+    """No default ever ships full-size maps: the default answer stays under 400 kB."""
+    data = _pydicom_data("RG1_UNCR.dcm")
+    r = client.post("/explain", content=data, headers={"content-type": "application/dicom"},
+                    params={"classes": "0,1,2,3"})  # every label: the most maps by default
+    assert r.status_code == 200, r.text
+    assert len(r.json()["explanations"]) == 8
+    assert len(r.content) <= 400_000, len(r.content)
+    full = client.post("/explain", content=data, headers={"content-type": "application/dicom"},
+                       params={"classes": "0", "methods": "gradcam", "size": "original"})
+    assert _png(full.json()["explanations"][0]["heatmap"]["data"]).shape == (1955, 1841)
+
+
+def test_a_parameter_given_twice_is_refused(client: TestClient) -> None:
+    png = phantom_bytes("normal.png")
+    r = client.post("/explain", files={"file": ("a.png", png, "image/png")},
+                    data={"methods": "crm"}, params={"methods": "gradcam"})
+    body = r.json()
+    assert (r.status_code, body["code"]) == (422, "invalid_parameter")
+    assert body["detail"].startswith("parameter 'methods' is given more than once")
+    r = client.post("/explain?size=model&size=original", content=png,
+                    headers={"content-type": "image/png"})
+    assert (r.status_code, r.json()["code"]) == (422, "invalid_parameter")
 
 
 def test_predict(client: TestClient, phantoms) -> None:  # type: ignore[no-untyped-def]

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from pydicom.uid import Comprehensive3DSRStorage
 
 from service.imaging import decode
-from service.imaging.secondary_capture import PATIENT_STUDY_KEYWORDS
-from service.imaging.structured_report import (
+from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
+from service.outputs.structured_report import (
     SCHEME,
     Finding,
     Region,

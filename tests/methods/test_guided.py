@@ -7,7 +7,7 @@ import pytest
 
 from service.graph.build import compile_model
 from service.methods import METHODS, Captures, Target
-from service.methods.render import resize
+from service.methods.maps import resize
 from service.models.activation import Activation
 from service.runtime.engine import Engine
 from tests import handmade

@@ -12,7 +12,7 @@ import pytest
 from service import pipeline
 from service.imaging import decode
 from service.methods import METHODS, Target
-from service.methods.render import resize
+from service.methods.maps import resize
 from service.models.repository import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,77 +1,34 @@
 """POST /explain and POST /predict.
 
-/explain negotiates its response by the Accept header: JSON (the default, also for ``*/*``),
-``application/dicom`` (one Secondary Capture of the first explanation), or
-``multipart/related; type="application/dicom"`` (one Secondary Capture per explanation,
-DICOMweb style). The ``dicom`` parameter picks the DICOM object: ``sc`` (default, Secondary
-Captures) or ``sr`` (one Structured Report, TID 1500, of every explanation's scores and
-regions, as the whole body or the only part). DICOM output needs a DICOM upload, whose study
-the captures or the report join.
+The route reads the parameters (service.api.request), negotiates the answer's packaging
+once from the Accept header, decodes, computes (service.pipeline: arrays only) and hands
+the result to the chosen output (service.outputs), which writes the body. JSON is the
+default (also for ``*/*``); ``application/dicom`` and ``multipart/related;
+type="application/dicom"`` answer with the DICOM object the ``dicom`` parameter names.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from schemas import ExplainResponse, Explanation, PredictResponse, Problem
-from service import __version__, imaging, pipeline
+from schemas import ExplainResponse, PredictResponse, Problem
+from service import imaging, outputs, pipeline
 from service.api.deps import ApiKey, LimiterDep, MetricsDep, RepositoryDep, SettingsDep
 from service.api.docs import ERRORS, upload_operation
-from service.api.negotiation import (
-    DICOM,
-    MULTIPART_DICOM,
-    DicomObject,
-    Representation,
-    accept_header,
-    dicom_object,
-    multipart_related,
-    negotiate,
-)
-from service.api.params import (
-    DECODE_PARAMS,
-    EXPLAIN_PARAMS,
-    DecodeOptions,
-    decode_options,
-    explain_options,
-    read_upload,
-)
+from service.api.negotiation import accept_header, negotiate
+from service.api.request import ExplainParams, PredictParams, read_upload
 from service.config import Settings
-from service.errors import InvalidParameter, NotAcceptable
-from service.imaging import secondary_capture, structured_report
+from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
-from service.imaging.secondary_capture import Caption, Explained
-from service.imaging.structured_report import Finding, Region, Report
-from service.methods import METHODS
-from service.methods.render import Encoding, Size, display_sigma, smooth
 from service.models.repository import Served
+from service.outputs.base import DICOM, MULTIPART_DICOM
+from service.outputs.json_maps import predict_response
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-
-# /explain's own parameter, next to the shared ones (service.api.docs, service.api.params).
-_DICOM_PARAM: dict[str, Any] = {
-    "type": "string", "enum": [o.value for o in DicomObject], "default": "sc",
-    "description": "the DICOM object of a DICOM answer (Accept: application/dicom or "
-                   "multipart/related; type=\"application/dicom\"): sc: Secondary "
-                   "Capture(s) of the maps; sr: one Comprehensive 3D SR (TID 1500) with a "
-                   "measurement group per region. Ignored for JSON.",
-}
-_PARAMS = (*EXPLAIN_PARAMS, "dicom")
-
-
-def _operation() -> dict[str, Any]:
-    operation = upload_operation(EXPLAIN_PARAMS)
-    operation["parameters"].append(
-        {"name": "dicom", "in": "query", "required": False, "schema": _DICOM_PARAM})
-    form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
-    form["properties"]["dicom"] = _DICOM_PARAM
-    return operation
-
 
 EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
@@ -103,153 +60,78 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _decode(data: bytes, media_type: str | None, options: DecodeOptions,
-            settings: Settings, min_size: tuple[int, int] | None = None) -> DecodedImage:
-    return imaging.decode(data, media_type, frame=options.frame, window=options.window,
+def _decode(data: bytes, media_type: str | None, params: PredictParams,
+            settings: Settings, min_size: tuple[int, int] | None) -> DecodedImage:
+    return imaging.decode(data, media_type, frame=params.frame, window=params.window,
                           max_pixels=settings.max_pixels, max_frames=settings.max_frames,
                           min_size=min_size)
 
 
-def _input_size(model: Served) -> tuple[int, int]:
-    """(height, width) the pixels are needed at: the largest input of the model's networks.
+def _input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
+    """(height, width) the pixels are needed at: the largest input of the model's networks,
+    when reduced-resolution JPEG 2000 decoding is enabled; else None (full resolution).
 
     Big JPEG 2000 radiographs are then decoded at a reduced resolution no smaller than
     that; results stay in original pixels (DecodedImage.width/height).
     """
+    if not settings.j2k_reduced_resolution:
+        return None
     specs = [member.config.input for member in model.members]
     return max(s.height for s in specs), max(s.width for s in specs)
 
 
 @router.post("/explain", response_model=ExplainResponse, responses=EXPLAIN_RESPONSES,
-             openapi_extra=_operation(),
+             openapi_extra=upload_operation(ExplainParams),
              summary="Scores for every label and heatmaps explaining the chosen ones")
-async def explain(request: Request, response: Response, settings: SettingsDep,
-                  repository: RepositoryDep, limiter: LimiterDep,
-                  metrics: MetricsDep) -> ExplainResponse | Response:
-    accept = accept_header(request)
-    if negotiate(accept, dicom=True) is None:
+async def explain(request: Request, settings: SettingsDep, repository: RepositoryDep,
+                  limiter: LimiterDep, metrics: MetricsDep) -> Response:
+    packagings = negotiate(accept_header(request))
+    if not packagings:
         raise NotAcceptable(
-            "the Accept header allows none of application/json, application/dicom, "
-            f"{MULTIPART_DICOM}"
-        )
-    upload = await read_upload(request, settings, _PARAMS)
-    kind = dicom_object(upload.params.get("dicom"))
-    if kind is None:
-        raise InvalidParameter(f"dicom={upload.params['dicom']!r} is not one of sc, sr")
-    report = kind is DicomObject.SR
-    options = explain_options(upload.params)
-    decoding = decode_options(upload.params)
-    model = repository.get(upload.params.get("model"))
+            f"the Accept header allows none of application/json, {DICOM}, {MULTIPART_DICOM}")
+    upload = await read_upload(request, settings, ExplainParams)
+    params: ExplainParams = upload.params
+    model = repository.get(params.model)
+    # Best first; an output that cannot answer for this upload (DICOM for a PNG) gives way
+    # to the next one the client accepts.
+    candidates = [(outputs.for_packaging(p, params.dicom), p) for p in packagings]
+    first, packaging = candidates[0]
+    options = first.options(params, model, packaging)
 
-    def work() -> tuple[ExplainResponse, pipeline.ExplainOptions, Representation, list[bytes]]:
+    def work() -> tuple[Response, pipeline.Result]:
         watch = pipeline.Stopwatch()
-        # Secondary Captures show the image at full resolution: reduce only for JSON and
-        # reports (whose regions are in original pixels, as JSON's).
-        reduce = report or negotiate(accept, dicom=True) is Representation.JSON
-        image = _decode(upload.data, upload.media_type, decoding, settings,
-                        _input_size(model) if reduce else None)
+        image = _decode(upload.data, upload.media_type, params, settings,
+                        None if first.full_resolution else _input_size(model, settings))
         watch.lap("decode")
-        possible = (structured_report.is_reportable(image) if report
-                    else secondary_capture.is_capturable(image))
-        wanted = negotiate(accept, dicom=possible)
-        if wanted is None:
-            needs, joins = (("Study, Series and SOP Instance UIDs", "Structured Report")
-                            if report else
-                            ("Study and SOP Instance UIDs", "Secondary Capture"))
-            raise NotAcceptable(
-                f"DICOM output needs a DICOM upload with valid {needs} (the {joins} joins "
-                f"its study); this upload is {image.format}"
-            )
-        if wanted is Representation.JSON:
-            return pipeline.explain(model, image, options, watch), options, wanted, []
-        if report:
-            # The same computation as JSON's: the report's regions are the JSON regions.
-            result = pipeline.explain(model, image, options, watch)
-            sr = structured_report.structured_report(
-                image, [_finding(e, result) for e in result.explanations],
-                _report(model), frame=decoding.frame)
-            return result, options, wanted, [sr]
-        # Captures draw the maps on the image's own grid; one capture needs one method.
-        used = replace(options, encoding=Encoding.NPY, size=Size.ORIGINAL,
-                       methods=(options.methods[:1] if wanted is Representation.DICOM
-                                else options.methods))
-        result, maps = pipeline.explain_with_maps(model, image, used, watch)
-        count = 1 if wanted is Representation.DICOM else len(maps)
-        parts = secondary_capture.capture_series(
-            image, [_explained(e, m, result, model)
-                    for e, m in zip(result.explanations[:count], maps[:count])],
-            software_version=__version__, frame=decoding.frame)
-        return result, used, wanted, parts
+        chosen = next(((o, p) for o, p in candidates if o.accepts(image)), None)
+        if chosen is None:
+            raise NotAcceptable(f"DICOM output needs {first.needs}; this upload is "
+                                f"{image.format}")
+        output, used = chosen
+        wanted = options if output is first else output.options(params, model, used)
+        result = pipeline.explain(model, image, wanted, watch)
+        return output.render(result, params, used), result
 
-    result, used, wanted, parts = await limiter.run(work)
-    for name in used.methods:
-        metrics.method_latency.labels(model.name, name).observe(result.timings_ms[name] / 1e3)
-    headers = {"Vary": "Accept"}
-    if wanted is Representation.DICOM:
-        return Response(parts[0], media_type=DICOM, headers=headers)
-    if wanted is Representation.MULTIPART:
-        body, boundary = multipart_related(parts)
-        return Response(body, media_type=f"{MULTIPART_DICOM}; boundary={boundary}",
-                        headers=headers)
-    response.headers.update(headers)
-    return result
-
-
-def _explained(explanation: Explanation, heatmap: np.ndarray, result: ExplainResponse,
-               model: Served) -> Explained:
-    """A capture's inputs: one explanation and its map on the image's own grid."""
-    sigma = display_sigma(heatmap.shape, METHODS[explanation.method].grid)
-    if sigma > 0:
-        heatmap = smooth(np.abs(heatmap), sigma)
-    index = explanation.index
-    return Explained(heatmap, Caption(
-        method=explanation.method,
-        label=explanation.label,
-        score=None if index is None else result.predictions[index].score,
-        model=model.name,
-        model_version=model.config.version,
-        software_version=__version__,
-        not_for_diagnosis=_not_for_diagnosis(model),
-    ))
-
-
-def _not_for_diagnosis(model: Served) -> bool:
-    """Whether the model's description marks it as a demo, not for diagnosis."""
-    description = model.config.description.lower()
-    return "synthetic" in description or "not for diagnosis" in description
-
-
-def _finding(explanation: Explanation, result: ExplainResponse) -> Finding:
-    """A report's finding from one explanation of the response."""
-    index = explanation.index
-    return Finding(
-        method=explanation.method,
-        label=explanation.label,
-        score=None if index is None else result.predictions[index].score,
-        regions=[Region((r.box[0], r.box[1], r.box[2], r.box[3]), r.score)
-                 for r in explanation.regions],
-    )
-
-
-def _report(model: Served) -> Report:
-    return Report(model=model.name, model_version=model.config.version,
-                  software_version=__version__, not_for_diagnosis=_not_for_diagnosis(model))
+    answer, result = await limiter.run(work)
+    for m in dict.fromkeys(m.method for m in result.maps):
+        metrics.method_latency.labels(model.name, m).observe(result.watch.timings[m] / 1e3)
+    return answer
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS,
-             openapi_extra=upload_operation(DECODE_PARAMS),
+             openapi_extra=upload_operation(PredictParams),
              summary="Scores for every label, no explanation")
 async def predict(request: Request, settings: SettingsDep, repository: RepositoryDep,
-                  limiter: LimiterDep) -> PredictResponse:
-    upload = await read_upload(request, settings, DECODE_PARAMS)
-    decoding = decode_options(upload.params)
-    model = repository.get(upload.params.get("model"))
+                  limiter: LimiterDep) -> Response:
+    upload = await read_upload(request, settings, PredictParams)
+    params: PredictParams = upload.params
+    model = repository.get(params.model)
 
-    def work() -> PredictResponse:
+    def work() -> Response:
         watch = pipeline.Stopwatch()
-        image = _decode(upload.data, upload.media_type, decoding, settings,
-                        _input_size(model))
+        image = _decode(upload.data, upload.media_type, params, settings,
+                        _input_size(model, settings))
         watch.lap("decode")
-        return pipeline.predict(model, image, watch)
+        return predict_response(pipeline.predict(model, image, watch))
 
     return await limiter.run(work)

@@ -1,7 +1,8 @@
 """DICOM Secondary Capture of explanations, filed into the source study.
 
 Each explanation becomes one RGB Secondary Capture Image (PS3.3 A.8.1): the map in colour
-over the image at the image's own pixel grid (``render.overlay``), above a caption panel
+over the image at the image's own pixel grid (``render.Canvas.overlay``, the same picture as
+a JSON overlay at ``size=original``), above a caption panel
 with the method, label, score, model and a colour bar. The instances of one request form one
 new series in the source study: same Study Instance UID and Patient / General Study
 attributes, new Series and SOP Instance UIDs, and a Source Image Sequence pointing at the
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar, Final
 
 import cv2
 import highdicom
@@ -32,15 +33,24 @@ from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.valuerep import PersonName
+from starlette.responses import Response
 
+from service import __version__
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
-from service.methods.render import normalise, overlay
+from service.outputs.base import Output, Packaging, dicom_response, not_for_diagnosis
+from service.outputs.render import Canvas
+from service.pipeline import ExplainOptions, Map, Result
+
+if TYPE_CHECKING:
+    from service.api.request import ExplainParams
+    from service.models.repository import Served
 
 __all__ = [
     "MANUFACTURER",
     "Caption",
     "Explained",
+    "SecondaryCaptures",
     "capture_series",
     "is_capturable",
     "render",
@@ -108,10 +118,12 @@ class Caption:
 
 @dataclass(frozen=True)
 class Explained:
-    """One explanation to capture: the raw map on the image's grid and its caption."""
+    """One explanation to capture: the raw map on its own grid, its caption, and whether
+    it is a pixel-level gradient map (drawn as its local magnitude)."""
 
     heatmap: np.ndarray
     caption: Caption
+    gradient: bool = False
 
 
 def is_capturable(image: DecodedImage) -> bool:
@@ -128,22 +140,12 @@ def is_capturable(image: DecodedImage) -> bool:
     )
 
 
-def render(image01: np.ndarray, heatmap: np.ndarray, caption: Caption) -> np.ndarray:
-    """The map in colour over the image, above the caption panel.
-
-    Args:
-        image01: the image on the 0..1 display scale, (H, W) or (H, W, 3).
-        heatmap: the raw map on the same (H, W) grid; it is max-normalised here.
-        caption: the text to burn in.
+def render(picture: np.ndarray, caption: Caption) -> np.ndarray:
+    """The picture (RGB uint8, the map over the image) above the caption panel.
 
     Returns:
-        RGB uint8 of shape (H + panel height, W, 3); the first H rows are
-        ``render.overlay`` of the normalised map, so pixels where the map is zero are the
-        grey image itself.
+        RGB uint8 of shape (H + panel height, W, 3); the first H rows are ``picture``.
     """
-    if heatmap.shape != image01.shape[:2]:
-        raise ValueError(f"map {heatmap.shape} and image {image01.shape[:2]} grids differ")
-    picture = overlay(normalise(heatmap), image01)
     return np.vstack([picture, _panel(picture.shape[1], caption)])
 
 
@@ -153,7 +155,7 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
 
     Args:
         image: the decoded DICOM upload; :func:`is_capturable` must hold.
-        explained: the maps (on the image's grid) and captions, in instance order.
+        explained: the maps (each on its own grid) and captions, in instance order.
         software_version: the service version, for Software Versions.
         frame: the 0-based frame that was decoded, referenced when the source has several.
 
@@ -170,9 +172,13 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
     series_uid = highdicom.UID()
     description = _series_description([e.caption for e in explained])
     frames = int(image.meta.get("frames", 1))
+    # The image's own grid only: no model-grid backdrop is ever drawn on.
+    canvas = Canvas(image, image.pixels)
     out = []
     for number, item in enumerate(explained, start=1):
-        rgb = render(image.pixels, item.heatmap, item.caption)
+        picture = canvas.overlay(item.heatmap, item.gradient, image.height, image.width,
+                                 rgb=True)
+        rgb = render(picture, item.caption)
         if rgb.shape[0] > _MAX_ROWS:
             raise NotAcceptable(
                 f"a Secondary Capture of this image would have {rgb.shape[0]} rows "
@@ -377,3 +383,45 @@ def _fit(text: str, scale: float, thickness: int, width: int) -> float:
     if text_width <= width or text_width == 0:
         return scale
     return scale * width / text_width
+
+
+class SecondaryCaptures(Output):
+    """``dicom=sc``: the maps over the image as Secondary Captures in the source study."""
+
+    name: ClassVar[str] = "sc"
+    summary: ClassVar[str] = ("Secondary Capture(s) of the maps over the image, with a caption "
+                              "and colour bar")
+    packagings: ClassVar[frozenset[Packaging]] = frozenset({Packaging.DICOM,
+                                                            Packaging.MULTIPART})
+    full_resolution: ClassVar[bool] = True
+    needs: ClassVar[str] = ("a DICOM upload with valid Study and SOP Instance UIDs (the "
+                            "Secondary Capture joins its study)")
+
+    def accepts(self, image: DecodedImage) -> bool:
+        return is_capturable(image)
+
+    def options(self, params: ExplainParams, model: Served,
+                packaging: Packaging) -> ExplainOptions:
+        options = params.options()
+        if packaging is Packaging.DICOM:  # one object: the first method's first map
+            options = replace(options, methods=options.methods[:1])
+        return options
+
+    def render(self, result: Result, params: ExplainParams, packaging: Packaging) -> Response:
+        maps = result.maps[:1] if packaging is Packaging.DICOM else result.maps
+        parts = capture_series(result.image, [_explained(m, result) for m in maps],
+                               software_version=__version__, frame=params.frame)
+        result.watch.lap("render")
+        return dicom_response(parts, packaging)
+
+
+def _explained(m: Map, result: Result) -> Explained:
+    return Explained(m.values, Caption(
+        method=m.method,
+        label=result.label(m.index),
+        score=None if m.index is None else round(float(result.scores[m.index]), 6),
+        model=result.model.name,
+        model_version=result.model.config.version,
+        software_version=__version__,
+        not_for_diagnosis=not_for_diagnosis(result.model),
+    ), m.gradient)

@@ -26,7 +26,7 @@ covers pixels x0..x1-1 and y0..y1-1. DICOM pixel coordinates (PS3.3 C.18.6.1.1) 
 
 The SR joins the source study like the Secondary Captures (same Study Instance UID, Patient
 and General Study attributes copied element by element by
-:mod:`service.imaging.secondary_capture`'s helpers), in a new series. highdicom copies
+:mod:`service.outputs.secondary_capture`'s helpers), in a new series. highdicom copies
 patient attributes from its ``evidence`` with validation that logs values, so it is given
 a header of UIDs only and the patient/study attributes are copied afterwards.
 """
@@ -36,7 +36,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 import highdicom
 import numpy as np
@@ -61,15 +61,23 @@ from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
+from starlette.responses import Response
 
+from service import __version__
 from service.imaging.base import DecodedImage
-from service.imaging.secondary_capture import (
+from service.methods.regions import Region
+from service.outputs.base import Output, Packaging, dicom_response, not_for_diagnosis
+from service.outputs.secondary_capture import (
     MANUFACTURER,
     _ascii,
     _copy_patient_and_study,
     _uid,
     is_capturable,
 )
+from service.pipeline import Result
+
+if TYPE_CHECKING:
+    from service.api.request import ExplainParams
 
 __all__ = [
     "SCHEME",
@@ -77,6 +85,7 @@ __all__ = [
     "Finding",
     "Region",
     "Report",
+    "StructuredReport",
     "is_reportable",
     "rectangle",
     "structured_report",
@@ -97,16 +106,9 @@ _SERIES_DESCRIPTION: Final[str] = f"{MANUFACTURER} findings"
 
 
 @dataclass(frozen=True)
-class Region:
-    """[x0, y0, x1, y1] in original pixels (x1, y1 exclusive) and the map's peak in it."""
-
-    box: tuple[int, int, int, int]
-    peak: float
-
-
-@dataclass(frozen=True)
 class Finding:
-    """One explanation: its method, label (None: class-agnostic), the label's score."""
+    """One explanation: its method, label (None: class-agnostic), the label's score, and
+    its regions (box in original pixels, x1 and y1 exclusive; score: the map's peak)."""
 
     method: str
     label: str | None
@@ -173,7 +175,7 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
                         algorithm_id=algorithm)]
         name = f"{finding.method} {finding_type.meaning}"
         for number, region in enumerate(finding.regions, start=1):
-            peak = Measurement(name=PEAK_SCORE, value=region.peak, unit=codes.UCUM.NoUnits,
+            peak = Measurement(name=PEAK_SCORE, value=region.score, unit=codes.UCUM.NoUnits,
                                algorithm_id=algorithm)
             groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=_tracking(f"{name} region {number}"),
@@ -271,3 +273,32 @@ def _code(text: str) -> Code:
 
 def _lo(text: str) -> str:
     return _ascii(text)[:64]
+
+
+class StructuredReport(Output):
+    """``dicom=sr``: one Comprehensive 3D SR (TID 1500) of every explanation's regions."""
+
+    name: ClassVar[str] = "sr"
+    summary: ClassVar[str] = ("one Comprehensive 3D SR (TID 1500) with a measurement group "
+                              "per region")
+    packagings: ClassVar[frozenset[Packaging]] = frozenset({Packaging.DICOM,
+                                                            Packaging.MULTIPART})
+    needs: ClassVar[str] = ("a DICOM upload with valid Study, Series and SOP Instance UIDs "
+                            "(the Structured Report joins its study)")
+
+    def accepts(self, image: DecodedImage) -> bool:
+        return is_reportable(image)
+
+    def render(self, result: Result, params: ExplainParams, packaging: Packaging) -> Response:
+        findings = [Finding(
+            method=m.method,
+            label=result.label(m.index),
+            score=None if m.index is None else round(float(result.scores[m.index]), 6),
+            regions=m.regions,
+        ) for m in result.maps]
+        report = Report(model=result.model.name, model_version=result.model.config.version,
+                        software_version=__version__,
+                        not_for_diagnosis=not_for_diagnosis(result.model))
+        sr = structured_report(result.image, findings, report, frame=params.frame)
+        result.watch.lap("render")
+        return dicom_response([sr], packaging)

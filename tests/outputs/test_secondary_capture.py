@@ -18,7 +18,8 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from service.errors import NotAcceptable
 from service.imaging import decode
 from service.imaging.base import DecodedImage
-from service.imaging.secondary_capture import (
+from service.outputs.render import Canvas
+from service.outputs.secondary_capture import (
     PATIENT_STUDY_KEYWORDS,
     Caption,
     Explained,
@@ -26,8 +27,8 @@ from service.imaging.secondary_capture import (
     is_capturable,
     render,
 )
-from service.methods.render import normalise, overlay
 from tests.dicom_tools import dciodvfy, dcmdump
+from tests.outputs import reference
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PHANTOM = DATA / "dicom" / "phantom_nodule.dcm"
@@ -67,10 +68,15 @@ def _capture(image: DecodedImage, *items: Explained) -> list[Dataset]:
 def test_render_is_the_overlay_above_a_caption_panel() -> None:
     image = _write(PHANTOM.read_bytes())
     heat = _blob(image.height, image.width)
-    rgb = render(image.pixels, heat, CAPTION)
+    picture = Canvas(image, image.pixels).overlay(heat, False, image.height, image.width,
+                                                  rgb=True)
+    rgb = render(picture, CAPTION)
     assert rgb.dtype == np.uint8 and rgb.shape[1:] == (image.width, 3)
     assert rgb.shape[0] > image.height
-    np.testing.assert_array_equal(rgb[: image.height], overlay(normalise(heat), image.pixels))
+    np.testing.assert_array_equal(rgb[: image.height], picture)
+    expected = reference.overlay(reference.strength(heat, image.height, image.width),
+                                 image.pixels)
+    assert np.abs(picture.astype(int) - expected).max() <= 1
     grey = np.round(image.pixels * 255)
     zero = heat == 0
     assert zero.mean() > 0.5
@@ -83,9 +89,14 @@ def test_render_is_the_overlay_above_a_caption_panel() -> None:
     assert (panel.min(axis=1) > 200).sum() > 20, "white caption text"
 
 
-def test_render_refuses_a_map_on_another_grid() -> None:
-    with pytest.raises(ValueError, match="grids differ"):
-        render(np.zeros((8, 8)), np.zeros((4, 4)), CAPTION)
+def test_capture_draws_a_map_of_its_own_grid_upsampled_once() -> None:
+    image = _write(PHANTOM.read_bytes())
+    cam = _blob(16, 16)
+    (sc,) = _capture(image, Explained(cam, CAPTION))
+    picture = sc.pixel_array[: image.height]
+    expected = reference.overlay(reference.strength(cam, image.height, image.width),
+                                 image.pixels)
+    assert np.abs(picture.astype(int) - expected).max() <= 1
 
 
 def test_capture_joins_the_source_study_in_a_new_series() -> None:

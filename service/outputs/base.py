@@ -1,0 +1,103 @@
+"""What an output is: it turns one :class:`~service.pipeline.Result` into an HTTP answer.
+
+Each output declares what it needs from the request path (full-resolution pixels, a DICOM
+source study), may narrow what is computed (:meth:`Output.options`), and writes the body.
+The route picks one by content negotiation and never looks inside.
+"""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar, Final
+
+from starlette.responses import Response
+
+from service.imaging.base import DecodedImage
+from service.pipeline import ExplainOptions, Result
+
+if TYPE_CHECKING:
+    from service.api.request import ExplainParams
+    from service.models.repository import Served
+
+DICOM: Final[str] = "application/dicom"
+MULTIPART_DICOM: Final[str] = 'multipart/related; type="application/dicom"'
+JSON: Final[str] = "application/json"
+
+
+class Packaging(Enum):
+    """How an answer travels, as negotiated from the Accept header (server order first)."""
+
+    JSON = JSON
+    DICOM = DICOM  # one DICOM object as the whole body
+    MULTIPART = MULTIPART_DICOM  # DICOM objects as the parts of multipart/related
+
+
+class Output(ABC):
+    """One kind of answer to /explain.
+
+    Class attributes:
+        name: the registry key (for DICOM outputs, the ``dicom`` parameter's value).
+        summary: one line for the docs.
+        packagings: the packagings it answers in.
+        full_resolution: whether it draws on the image's full-resolution pixels (then a
+            JPEG 2000 upload is never decoded at a reduced resolution for it).
+        needs: what an upload must be for this output, for the 406 when it is not.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    packagings: ClassVar[frozenset[Packaging]]
+    full_resolution: ClassVar[bool] = False
+    needs: ClassVar[str] = ""
+
+    def accepts(self, image: DecodedImage) -> bool:
+        """Whether this output can answer for the decoded upload."""
+        return True
+
+    def options(self, params: ExplainParams, model: Served,
+                packaging: Packaging) -> ExplainOptions:
+        """What the pipeline computes for this output.
+
+        Raises:
+            InvalidParameter: for parameters this output cannot honour.
+        """
+        return params.options()
+
+    @abstractmethod
+    def render(self, result: Result, params: ExplainParams, packaging: Packaging) -> Response:
+        """The HTTP answer."""
+
+
+def dicom_response(parts: list[bytes], packaging: Packaging) -> Response:
+    """DICOM objects as one body (the first) or as multipart/related (RFC 2387)."""
+    headers = {"Vary": "Accept"}
+    if packaging is Packaging.DICOM:
+        return Response(parts[0], media_type=DICOM, headers=headers)
+    body, boundary = multipart_related(parts)
+    return Response(body, media_type=f"{MULTIPART_DICOM}; boundary={boundary}",
+                    headers=headers)
+
+
+def multipart_related(parts: list[bytes]) -> tuple[bytes, str]:
+    """A multipart/related body of DICOM parts, and its boundary."""
+    boundary = secrets.token_hex(16)
+    while any(boundary.encode() in part for part in parts):
+        boundary = secrets.token_hex(16)
+    chunks = []
+    for part in parts:
+        chunks += [b"--", boundary.encode(), b"\r\nContent-Type: ", DICOM.encode(),
+                   b"\r\n\r\n", part, b"\r\n"]
+    chunks += [b"--", boundary.encode(), b"--\r\n"]
+    return b"".join(chunks), boundary
+
+
+def not_for_diagnosis(model: Served) -> bool:
+    """Whether the model's description marks it as a demo, not for diagnosis."""
+    description = model.config.description.lower()
+    return "synthetic" in description or "not for diagnosis" in description
+
+
+__all__ = ["DICOM", "JSON", "MULTIPART_DICOM", "Output", "Packaging", "dicom_response",
+           "multipart_related", "not_for_diagnosis"]
