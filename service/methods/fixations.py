@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -383,15 +384,36 @@ def density(xy: np.ndarray, height: int, width: int) -> np.ndarray:
 
     σ = 20 px at 224 px, scaled to the grid's shorter side; the kernel spans that side
     (rounded down to odd); cv2's default border (REFLECT_101).
+
+    The blur is separable and linear, and the counts are a few hundred points on a grid of
+    tens of thousands of pixels, so it is evaluated as Ky[:, ys]·diag(counts)·Kx[:, xs]ᵀ
+    with the two 1-D blur operators as matrices: the same values as convolving the count
+    image (a 255-tap kernel over a 256² grid, ~10 ms), in well under a millisecond.
     """
-    counts = np.zeros((height, width), dtype=np.float64)
-    np.add.at(counts, (xy[:, 1], xy[:, 0]), 1.0)
     short = min(height, width)
     k = short if short % 2 == 1 else short - 1
     sigma = SIGMA_PX * short / SIGMA_REFERENCE
-    blurred = cv2.GaussianBlur(counts, (k, k), sigma)
+    if len(xy) == 0:
+        return np.zeros((height, width), dtype=np.float32)
+    pixels, counts = np.unique(xy[:, 1] * width + xy[:, 0], return_counts=True)
+    ys, xs = np.divmod(pixels, width)
+    rows = _blur_operator(height, k, sigma)[:, ys] * counts
+    blurred = rows @ _blur_operator(width, k, sigma)[:, xs].T
     peak = float(blurred.max())
     return (blurred / peak if peak > 0 else blurred).astype(np.float32)
+
+
+@lru_cache(maxsize=16)
+def _blur_operator(n: int, k: int, sigma: float) -> np.ndarray:
+    """(n, n) matrix of cv2's 1-D Gaussian blur (k taps, σ) with REFLECT_101 borders: row i
+    holds the weight of every source pixel in output pixel i. Needs k // 2 < n."""
+    taps = cv2.getGaussianKernel(k, sigma, cv2.CV_64F)[:, 0]
+    source = np.abs(np.arange(n)[:, None] + np.arange(k)[None, :] - k // 2)  # … 2 1 | 0 1 …
+    source = np.where(source > n - 1, 2 * (n - 1) - source, source)  # … n-2 n-1 | n-2 …
+    operator = np.zeros((n, n))
+    np.add.at(operator, (np.repeat(np.arange(n), k), source.ravel()), np.tile(taps, n))
+    operator.flags.writeable = False
+    return operator
 
 
 class CnnFixations(Method):

@@ -13,6 +13,7 @@ from collections import defaultdict
 from functools import cache
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -489,3 +490,16 @@ def test_density_is_a_reflect101_gaussian_of_point_counts(rng: np.random.Generat
     assert got.shape == (height, width) and got.dtype == np.float32
     np.testing.assert_allclose(got, _reference_density(xy, height, width), atol=1e-6)
     assert not density(np.zeros((0, 2), dtype=np.int64), height, width).any()
+
+
+@pytest.mark.parametrize(("height", "width"), [(256, 256), (224, 300), (1, 5)])
+def test_density_equals_cv2s_blur_of_the_count_image(rng: np.random.Generator, height: int,
+                                                      width: int) -> None:
+    """The separable-operator evaluation against the convolution it replaces."""
+    xy = np.stack([rng.integers(0, width, 400), rng.integers(0, height, 400)], axis=1)
+    counts = np.zeros((height, width))
+    np.add.at(counts, (xy[:, 1], xy[:, 0]), 1.0)
+    short = min(height, width)
+    k = short if short % 2 else short - 1
+    blurred = cv2.GaussianBlur(counts, (k, k), 20.0 * short / 224)
+    np.testing.assert_allclose(density(xy, height, width), blurred / blurred.max(), atol=1e-6)
