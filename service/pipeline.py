@@ -77,6 +77,10 @@ class Result:
     def label(self, index: int | None) -> str | None:
         return None if index is None else self.model.config.labels[index]
 
+    def score(self, index: int | None) -> float | None:
+        """A label's score as every answer reports it (6 decimals); None for no label."""
+        return None if index is None else round(float(self.scores[index]), 6)
+
 
 @dataclass(frozen=True)
 class Forward:

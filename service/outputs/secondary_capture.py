@@ -419,7 +419,7 @@ def _explained(m: Map, result: Result) -> Explained:
     return Explained(m.values, Caption(
         method=m.method,
         label=result.label(m.index),
-        score=None if m.index is None else round(float(result.scores[m.index]), 6),
+        score=result.score(m.index),
         model=result.model.name,
         model_version=result.model.config.version,
         software_version=__version__,

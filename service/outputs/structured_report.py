@@ -293,7 +293,7 @@ class StructuredReport(Output):
         findings = [Finding(
             method=m.method,
             label=result.label(m.index),
-            score=None if m.index is None else round(float(result.scores[m.index]), 6),
+            score=result.score(m.index),
             regions=m.regions,
         ) for m in result.maps]
         report = Report(model=result.model.name, model_version=result.model.config.version,
