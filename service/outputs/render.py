@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 from enum import StrEnum
+from functools import lru_cache
 from typing import Final
 
 import cv2
@@ -47,10 +48,11 @@ MEDIA_TYPES: Final[dict[Encoding, str]] = {
 # Share of the colour at a map's peak; elsewhere it fades with the map.
 ALPHA: Final[float] = 0.45
 JPEG_QUALITY: Final[int] = 90
-# Level 1 with run-length strategy: 2-3× faster than the default on a 2k map, and smooth
-# maps deflate to about the same size.
-_PNG_FLAGS: Final[list[int]] = [cv2.IMWRITE_PNG_COMPRESSION, 1,
-                                cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+# Deflate level 1 after the Sub filter: smooth maps are nearly constant along rows, so this
+# is both faster and smaller than OpenCV's defaults (measured on a 1841×1955 map: 14 ms and
+# 300 kB against 18 ms and 530 kB; at 256²: 15 kB against 20 kB).
+_PNG_FLAGS: Final[list[int]] = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB,
+                                cv2.IMWRITE_PNG_COMPRESSION, 1]
 _JET_BGR: Final[np.ndarray] = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None],
                                                 cv2.COLORMAP_JET)
 _JET_RGB: Final[np.ndarray] = np.ascontiguousarray(_JET_BGR[:, :, ::-1])
@@ -83,16 +85,30 @@ def overlay(strength: np.ndarray, grey: np.ndarray, *, rgb: bool = False,
             alpha: float = ALPHA) -> np.ndarray:
     """JET colour of an 8-bit map blended over an 8-bit grey image of the same grid.
 
-    Each pixel is grey·(1 − w) + colour·w with w = alpha · strength / 255, so where the map
-    is zero the picture is the image itself. Returns (H, W, 3) uint8, BGR (what OpenCV's
-    encoders take) unless ``rgb``.
+    Each pixel is round(grey·(1 − w) + colour·w) with w = alpha · strength / 255, so where
+    the map is zero the picture is the image itself. Returns (H, W, 3) uint8, BGR (what
+    OpenCV's encoders take) unless ``rgb``.
     """
     if strength.shape != grey.shape:
         raise ValueError(f"map {strength.shape} and image {grey.shape} grids differ")
-    colour = cv2.applyColorMap(strength, _JET_RGB if rgb else _JET_BGR)
-    weight = np.multiply(strength, np.float32(alpha / 255.0), dtype=np.float32)
-    return cv2.blendLinear(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR), colour,
-                           np.float32(1.0) - weight, weight)
+    # Both inputs are 8-bit, so the blend is a table of all 256 × 256 (strength, grey)
+    # pairs: one lookup per pixel instead of colour mapping and float arithmetic over
+    # three channels (12 ms against 27 ms on a 2k radiograph), and exactly the formula.
+    index = strength.astype(np.uint16)
+    index <<= 8
+    index |= grey
+    return _blend_table(alpha, rgb).take(index, axis=0)
+
+
+@lru_cache(maxsize=8)
+def _blend_table(alpha: float, rgb: bool) -> np.ndarray:
+    """(65536, 3) uint8: row strength·256 + grey holds that pair's blended colour."""
+    weight = alpha * np.arange(256, dtype=np.float64)[:, None, None] / 255
+    grey = np.arange(256, dtype=np.float64)[None, :, None]
+    colour = (_JET_RGB if rgb else _JET_BGR)[:, 0][:, None, :].astype(np.float64)
+    table = np.round(grey * (1 - weight) + colour * weight).astype(np.uint8).reshape(-1, 3)
+    table.flags.writeable = False
+    return table
 
 
 class Canvas:
