@@ -122,6 +122,7 @@ class ExplainParams(PredictParams):
     def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
             return cls.model_fields["methods"].default  # type: ignore[no-any-return]
+        value = tuple(name.lower() for name in value)  # as enum values: case-insensitive
         for name in value:
             if name not in METHODS:
                 raise PydanticCustomError(
@@ -213,8 +214,10 @@ def parameter_schemas(kind: type[PredictParams]) -> dict[str, dict[str, Any]]:
             target = dict(definitions[ref.rsplit("/", 1)[1]])
             target.pop("title", None)
             schema = {**target, **schema}
-        if isinstance(schema.get("default"), list):
+        if isinstance(schema.get("default"), list):  # a comma list travels as one string
             schema["default"] = ",".join(schema["default"])
+        if schema.get("default", "") is None:  # absent means "the service decides"
+            del schema["default"]
         out[name] = schema
     return out
 
