@@ -14,8 +14,9 @@ default 2; any other ``MEDEXPLAIN_*`` variable of the caller's environment is dr
 the child imports that checkout's ``service`` package, whatever is installed.
 
 How it is run: every server gets two untimed warm-up passes of every request; then, for each
-round, each request is sent once to each server, the order of the servers rotated every
-round, so that slow drifts of the machine hit every checkout alike. The connection is
+round, each request is sent once to each server, the order of the servers and of the
+requests rotated every round, so that slow drifts of the machine hit every checkout alike
+and no request always follows the same one. The connection is
 re-opened, untimed, when the server has closed it while idle.
 
 How to read it: medians over the rounds, per server and request: wall ms (what a client
@@ -46,7 +47,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -454,7 +457,7 @@ def send_safely(server: Server, req: Request, payload: tuple[bytes, str], round_
         return Sample(server.label, req.name, round_, 0, 0.0, 0, error=repr(exc))
 
 
-def rotated(items: list[Server], round_: int) -> list[Server]:
+def rotated(items: list[T], round_: int) -> list[T]:
     """``items`` rotated left by ``round_`` places."""
     if not items:
         return []
@@ -480,7 +483,9 @@ def run_rounds(servers: list[Server], requests: list[Request],
     for round_ in range(rounds):
         start = time.monotonic()
         order = rotated(servers, round_)
-        for req in requests:
+        # Requests rotate too: a request sent after a long one (a server idle for seconds)
+        # runs colder, and that must not always be the same request, least of all predict.
+        for req in rotated(requests, round_):
             for server in order:
                 samples.append(send_safely(server, req, payloads[req.name], round_))
         round_seconds.append(time.monotonic() - start)
