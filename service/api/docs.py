@@ -8,7 +8,7 @@ from typing import Any
 from schemas import Problem
 from service.api.request import PredictParams, parameter_schemas
 
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
 def upload_operation(kind: type[PredictParams]) -> dict[str, Any]:
@@ -31,9 +31,9 @@ def upload_operation(kind: type[PredictParams]) -> dict[str, Any]:
             "content": {
                 "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                                    "properties": form_props}},
-                "application/dicom": _BINARY,
-                "image/png": _BINARY,
-                "image/jpeg": _BINARY,
+                "application/dicom": BINARY,
+                "image/png": BINARY,
+                "image/jpeg": BINARY,
             },
         },
     }

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from schemas import ExplainResponse, PredictResponse, Problem
 from service import imaging, outputs, pipeline
 from service.api.deps import ApiKey, LimiterDep, MetricsDep, RepositoryDep, SettingsDep
-from service.api.docs import ERRORS, upload_operation
+from service.api.docs import BINARY, ERRORS, upload_operation
 from service.api.negotiation import accept_header, negotiate
 from service.api.request import ExplainParams, PredictParams, read_upload
 from service.config import Settings
@@ -27,8 +27,6 @@ from service.outputs.base import DICOM, MULTIPART_DICOM
 from service.outputs.json_maps import predict_response
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
-
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
@@ -50,7 +48,7 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
                        "algorithm identification; the whole body for application/dicom, the "
                        "only part for multipart/related. DICOM output needs a DICOM upload; "
                        "heatmap and size do not apply to it.",
-        "content": {DICOM: _BINARY, MULTIPART_DICOM: _BINARY},
+        "content": {DICOM: BINARY, MULTIPART_DICOM: BINARY},
     },
     406: {"model": Problem, "description": "the Accept header allows no representation "
                                            "(not_acceptable); DICOM output for a PNG/JPEG "
