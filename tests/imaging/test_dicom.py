@@ -360,22 +360,26 @@ def test_only_the_requested_frame_is_decoded(monkeypatch: pytest.MonkeyPatch) ->
     assert indices == [9]
 
 
+def functional_group(sequence: str, **values: object) -> Dataset:
+    """A functional group item holding one ``sequence`` of one item with ``values``."""
+    inner = Dataset()
+    for keyword, value in values.items():
+        setattr(inner, keyword, value)
+    outer = Dataset()
+    setattr(outer, sequence, [inner])
+    return outer
+
+
 def test_enhanced_multiframe_functional_groups_are_applied_per_frame() -> None:
     ds = _dataset("emri_small.dcm")
     stored = ds.pixel_array
 
-    def item(sequence: str, **values: object) -> Dataset:
-        inner = Dataset()
-        for keyword, value in values.items():
-            setattr(inner, keyword, value)
-        outer = Dataset()
-        setattr(outer, sequence, [inner])
-        return outer
-
-    shared = item("PixelValueTransformationSequence", RescaleSlope=2, RescaleIntercept=-10)
+    shared = functional_group("PixelValueTransformationSequence", RescaleSlope=2,
+                              RescaleIntercept=-10)
     ds.SharedFunctionalGroupsSequence = [shared]
-    per_frame = [item("FrameVOILUTSequence", WindowCenter=300, WindowWidth=200)] * 10
-    per_frame[2] = item("FrameVOILUTSequence", WindowCenter=100, WindowWidth=50)
+    per_frame = [functional_group("FrameVOILUTSequence", WindowCenter=300,
+                                  WindowWidth=200)] * 10
+    per_frame[2] = functional_group("FrameVOILUTSequence", WindowCenter=100, WindowWidth=50)
     ds.PerFrameFunctionalGroupsSequence = per_frame
     data = _to_bytes(ds)
     for frame, (center, width) in ((2, (100, 50)), (5, (300, 200))):

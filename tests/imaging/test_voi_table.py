@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from service.imaging import dicom, j2k
 from service.imaging.dicom import Window, decode_dicom
 from tests.imaging import reference_voi
+from tests.imaging.test_dicom import functional_group
 
 # Every pydicom-data image the rest of the suite decodes (grep tests/ for the names), plus
 # RG3_UNCR.dcm, the uncompressed twin of RG3_J2KR.dcm.
@@ -306,19 +307,13 @@ def _thirty_two_bit() -> bytes:
 def _enhanced_multiframe() -> bytes:
     ds = pydicom.dcmread(io.BytesIO(_bytes("emri_small.dcm")))
 
-    def item(sequence: str, **values: object) -> Dataset:
-        inner = Dataset()
-        for keyword, value in values.items():
-            setattr(inner, keyword, value)
-        outer = Dataset()
-        setattr(outer, sequence, [inner])
-        return outer
-
     ds.SharedFunctionalGroupsSequence = [
-        item("PixelValueTransformationSequence", RescaleSlope=2, RescaleIntercept=-10)
+        functional_group("PixelValueTransformationSequence", RescaleSlope=2,
+                         RescaleIntercept=-10)
     ]
-    per_frame = [item("FrameVOILUTSequence", WindowCenter=300, WindowWidth=200)] * 10
-    per_frame[2] = item("FrameVOILUTSequence", WindowCenter=100, WindowWidth=50,
+    per_frame = [functional_group("FrameVOILUTSequence", WindowCenter=300,
+                                  WindowWidth=200)] * 10
+    per_frame[2] = functional_group("FrameVOILUTSequence", WindowCenter=100, WindowWidth=50,
                         VOILUTFunction="SIGMOID")
     ds.PerFrameFunctionalGroupsSequence = per_frame
     buffer = io.BytesIO()
