@@ -52,6 +52,7 @@ def _compile(args: argparse.Namespace) -> int:
     from service.errors import CompileError
     from service.graph import report
     from service.graph.build import compile_model
+    from service.graph.target import detect_layout
     from service.models.spec import Layout
 
     try:
@@ -59,9 +60,14 @@ def _compile(args: argparse.Namespace) -> int:
     except (OSError, DecodeError) as exc:
         print(f"medexplain compile: cannot read {args.model}: {exc}", file=sys.stderr)
         return 2
+    layout = Layout(args.layout) if args.layout else detect_layout(model)
+    if layout is None:
+        print("medexplain compile: the graph does not show whether its image input is NCHW "
+              "or NHWC; give --layout", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
-        compiled = compile_model(model, layout=Layout(args.layout), activation=args.activation,
+        compiled = compile_model(model, layout=layout, activation=args.activation,
                                  target_layer=args.target_layer)
     except CompileError as exc:
         print(f"medexplain compile: {exc}", file=sys.stderr)
@@ -71,6 +77,7 @@ def _compile(args: argparse.Namespace) -> int:
     written = report.write(out, compiled)
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     target = summary["target_layer"]
+    print(f"image input {layout.value}" + ("" if args.layout else " (as the graph shows it)"))
     print(f"target layer {target['name']} ({target['layout']}, C×H×W "
           f"{'×'.join(map(str, target['shape_chw']))}); compiled in "
           f"{summary['compile_seconds']} s")
@@ -97,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--out", required=True, help="folder for the graphs and report.json")
     comp.add_argument("--target-layer", default=None,
                       help="ONNX tensor to explain at (default: auto-detected)")
-    comp.add_argument("--layout", default="NCHW", choices=["NCHW", "NHWC"],
-                      help="layout of the image input")
+    comp.add_argument("--layout", default=None, choices=["NCHW", "NHWC"],
+                      help="layout of the image input (default: as the graph shows it)")
     comp.add_argument("--activation", default=None, choices=["sigmoid", "softmax", "none"],
                       help="how logits become scores, if the graph does not end in one")
     comp.set_defaults(run=_compile)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import onnx
+
 from service.errors import CompileError
 from service.graph.onnx_graph import GraphIndex, attr
 from service.models.spec import Layout
@@ -80,6 +82,49 @@ def tensor_layout(index: GraphIndex, name: str, default: Layout) -> Layout:
     return default
 
 
+def _looks_like_an_image(shape: tuple[object, ...] | None) -> bool:
+    """4-D with at least two axes after the batch that are not 1 (or unknown): an image,
+    not a broadcast constant such as a (1, 1, 1, 3) mean."""
+    if shape is None or len(shape) != 4:
+        return False
+    return sum(1 for d in shape[1:] if not (isinstance(d, int) and d == 1)) >= 2
+
+
+def detect_layout(model: onnx.ModelProto) -> Layout | None:
+    """The image input's layout as the graph shows it; None when it does not tell.
+
+    The first ops on the image decide (a Conv reads NCHW; a Transpose to channels-first
+    means NHWC); else its declared shape: channels (1 or 3) on axis 1 or on axis 3 but not
+    both. Read from the proto alone, no shape inference: it runs before compiling.
+    """
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers and _looks_like_an_image(
+        tuple(d.dim_value if d.HasField("dim_value") else d.dim_param
+              for d in i.type.tensor_type.shape.dim))]
+    if len(inputs) != 1:
+        return None
+    image = inputs[0]
+    for node in model.graph.node:
+        if image.name not in node.input:
+            continue
+        if node.op_type in _CHANNEL_FIRST_OPS:
+            return Layout.NCHW
+        if node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+            if perm == [0, 3, 1, 2]:
+                return Layout.NHWC
+            if perm == [0, 1, 2, 3]:
+                return Layout.NCHW
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in image.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        return None
+    first, last = dims[1] in (1, 3), dims[3] in (1, 3)
+    if first != last:
+        return Layout.NCHW if first else Layout.NHWC
+    return None
+
+
 def _chw(shape: tuple[object, ...], layout: Layout) -> tuple[int, int, int] | None:
     dims = shape[1:]
     if layout is Layout.NHWC:
@@ -110,6 +155,17 @@ def split(index: GraphIndex, *, layout: Layout, target_layer: str | None = None)
             qualifies, or when the named one is not a 4-D cut of the graph.
     """
     if len(index.graph_inputs) != 1:
+        images = [n for n in index.graph_inputs if _looks_like_an_image(index.shape(n))]
+        others = [n for n in index.graph_inputs if n not in images]
+        if len(images) == 1 and others:
+            raise CompileError(
+                f"the graph has inputs without values besides the image {images[0]!r}: "
+                f"{', '.join(others)}. Keras 3's model.export(format=\"onnx\") writes the "
+                "constants of Normalization (and similar) layers that way, and the file "
+                "does not hold them. Export with tf2onnx (tf2onnx.convert.from_keras), or "
+                "remove the Normalization layer before exporting and put its mean and std "
+                "into model.toml's [input]"
+            )
         raise CompileError(
             f"expected one image input, the graph has {len(index.graph_inputs)}: "
             f"{', '.join(index.graph_inputs)}"

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from service.errors import CompileError, ModelError, UnknownModel
 from service.graph.cache import CompileCache
+from service.graph.target import FINAL_ACTIVATIONS, detect_layout
 from service.methods import METHODS
 from service.methods.base import RawMap
 from service.models.activation import Activation
@@ -52,11 +53,16 @@ def _require(table: dict[str, object], key: str, kind: type, where: str) -> obje
     return value
 
 
-def read_config(folder: Path) -> ModelConfig:
-    """Parse and validate ``folder/model.toml``.
+def read_config(folder: Path, model: onnx.ModelProto) -> ModelConfig:
+    """Parse and validate ``folder/model.toml`` against the graph it describes.
+
+    ``input.layout`` and ``output.activation`` may be left out when the graph shows them:
+    the layout from the ops reading the image (or its shape), the activation from a final
+    Sigmoid/Softmax. Written, they override (and the compiler checks the activation).
 
     Raises:
-        ModelError: naming the file and the offending key.
+        ModelError: naming the file and the offending key, or what to write when the
+            graph does not tell.
     """
     path = folder / "model.toml"
     try:
@@ -81,10 +87,23 @@ def read_config(folder: Path) -> ModelConfig:
     if len(mean) != channels or len(std) != channels or min(std) <= 0:
         raise ModelError(f"{where}: input.mean/std need one value per channel, std > 0")
     try:
-        layout = Layout(inp.get("layout", "NCHW"))  # type: ignore[union-attr]
-        activation = Activation(data.get("output", {}).get("activation", "sigmoid"))
+        layout_text = inp.get("layout")  # type: ignore[union-attr]
+        layout = Layout(layout_text) if layout_text is not None else detect_layout(model)
+        activation_text = data.get("output", {}).get("activation")
+        activation = (Activation(activation_text) if activation_text is not None
+                      else _final_activation(model))
     except ValueError as exc:
         raise ModelError(f"{where}: {exc}") from exc
+    if layout is None:
+        raise ModelError(
+            f"{where}: the graph does not show whether its image input is NCHW or NHWC; "
+            'write input.layout = "NCHW" or "NHWC"')
+    if activation is None:
+        raise ModelError(
+            f"{where}: the graph ends in raw logits, and whether they are multi-label or "
+            "one label per image cannot be told from it; write [output] activation = "
+            '"sigmoid" (independent labels), "softmax" (one label per image) or "none" '
+            "(the outputs are the scores)")
     target = data.get("explain", {}).get("target_layer")
     return ModelConfig(
         name=str(data.get("name", folder.name)),
@@ -156,12 +175,12 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
         ModelError: when the folder, its model.toml or its graph is unusable.
     """
     start = time.perf_counter()
-    config = read_config(folder)
     try:
         raw = (folder / "model.onnx").read_bytes()
         model = onnx.load_from_string(raw)
     except (OSError, DecodeError) as exc:
         raise ModelError(f"{folder.name}/model.onnx: {exc}") from exc
+    config = read_config(folder, model)
     compiled = (cache or _DEFAULT_CACHE).compile(
         raw, model, layout=config.input.layout, activation=config.activation.value,
         target_layer=config.target_layer)
@@ -176,8 +195,34 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
         engine = Engine(compiled, providers, threads, max_batch=head_batch)
     except ORT_ERRORS as exc:
         raise ModelError(f"{folder.name}: ONNX Runtime cannot load the graphs: {exc}") from exc
+    _check_input(folder, config, engine)
     return LoadedModel(config, engine, hashlib.sha256(raw).hexdigest(),
                        time.perf_counter() - start)
+
+
+def _final_activation(model: onnx.ModelProto) -> Activation | None:
+    """The activation a graph ends in (its first output's producer), None for raw logits."""
+    if not model.graph.output:
+        return None
+    scores = model.graph.output[0].name
+    producer = next((n for n in model.graph.node if scores in n.output), None)
+    name = FINAL_ACTIVATIONS.get(producer.op_type) if producer is not None else None
+    return Activation(name) if name is not None else None
+
+
+def _check_input(folder: Path, config: ModelConfig, engine: Engine) -> None:
+    """One forward pass of a blank image shaped as model.toml says, at load: a wrong size,
+    channel count or layout stops the start-up with the graph's own words instead of
+    failing every request."""
+    spec = config.input
+    shape = ((1, spec.channels, spec.height, spec.width) if spec.layout is Layout.NCHW
+             else (1, spec.height, spec.width, spec.channels))
+    try:
+        engine.forward(np.zeros(shape, dtype=np.float32))
+    except ORT_ERRORS as exc:
+        raise ModelError(
+            f"{folder.name}: the network does not take the input model.toml describes "
+            f"({spec.layout.value} {'×'.join(map(str, shape))}): {exc}") from exc
 
 
 class Repository:

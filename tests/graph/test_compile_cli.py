@@ -77,3 +77,12 @@ def test_cache_hits_memory_then_disk(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(AssertionError, match="compiled again"):
         CompileCache(tmp_path).compile(raw, model, layout=Layout.NCHW, activation=None,
                                        target_layer=first.split.logits)
+
+
+def test_compile_reads_the_layout_from_the_graph(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """No --layout: the NHWC zoo network is compiled as NHWC, as the service loads it."""
+    assert cli.main(["compile", str(ZOO / "nhwc.onnx"), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["target_layer"]["layout"] == Layout.NHWC.value
+    assert "image input NHWC (as the graph shows it)" in capsys.readouterr().out

@@ -1,0 +1,129 @@
+"""model.toml against the graph: what may be left out, and start-up errors that say what
+to write."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from fastapi.testclient import TestClient
+from onnx import TensorProto, helper
+
+from service.config import Settings
+from service.errors import CompileError, ModelError
+from service.graph.target import detect_layout
+from service.main import create_app
+from service.models.activation import Activation
+from service.models.repository import load_model
+from service.models.spec import Layout
+
+ROOT = Path(__file__).resolve().parents[2]
+ZOO = ROOT / "tests" / "data" / "zoo"
+MANIFEST = json.loads((ZOO / "manifest.json").read_text())
+
+
+def _folder(tmp_path: Path, zoo: str, *, layout: str | None = None,
+            activation: str | None = None, size: tuple[int, int] | None = None) -> Path:
+    """A model folder holding a zoo network and a model.toml with only the given keys."""
+    meta = MANIFEST[zoo]
+    folder = tmp_path / zoo
+    folder.mkdir(parents=True)
+    shutil.copy(ZOO / f"{zoo}.onnx", folder / "model.onnx")
+    shape = meta["input_shape"]
+    channels, hw = (shape[2], shape[:2]) if meta["layout"] == "NHWC" else (shape[0], shape[1:])
+    hw = list(size) if size else hw
+    lines = [f"labels = {json.dumps([f'c{i}' for i in range(meta['classes'])])}",
+             "[input]", f"size = {hw}", f"channels = {channels}"]
+    if layout:
+        lines.append(f'layout = "{layout}"')
+    if activation:
+        lines += ["[output]", f'activation = "{activation}"']
+    (folder / "model.toml").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _load(folder: Path):  # type: ignore[no-untyped-def]
+    return load_model(folder, providers=["CPUExecutionProvider"], threads=1, head_batch=64)
+
+
+def test_layout_and_activation_come_from_the_graph(tmp_path: Path) -> None:
+    """The NHWC zoo network ends in Softmax: model.toml need name neither."""
+    loaded = _load(_folder(tmp_path, "nhwc"))
+    assert loaded.config.input.layout is Layout.NHWC
+    assert loaded.config.activation is Activation.SOFTMAX
+    with TestClient(create_app(Settings(models=tmp_path, threads=1))) as client:
+        png = (ROOT / "tests" / "data" / "phantoms" / "normal.png").read_bytes()
+        r = client.post("/explain", content=png, headers={"content-type": "image/png"},
+                        params={"methods": "gradcam,guided_backprop", "classes": "0"})
+        assert r.status_code == 200, r.text
+        assert abs(sum(p["score"] for p in r.json()["predictions"]) - 1) < 1e-4
+
+
+def test_raw_logits_need_the_activation_written(tmp_path: Path) -> None:
+    assert MANIFEST["resnet"]["final_activation"] == "none"
+    with pytest.raises(ModelError, match='ends in raw logits.*write \\[output\\] activation = '
+                                         '"sigmoid" \\(independent labels\\), "softmax"'):
+        _load(_folder(tmp_path, "resnet"))
+    assert _load(_folder(tmp_path / "ok", "resnet", activation="sigmoid")).config.activation \
+        is Activation.SIGMOID
+
+
+def test_a_written_layout_overrides_and_a_wrong_one_stops_the_start_up(tmp_path: Path) -> None:
+    assert _load(_folder(tmp_path, "resnet", layout="NCHW", activation="none"))
+    with pytest.raises(ModelError, match=r"resnet: the network does not take the input "
+                                         r"model.toml describes \(NHWC 1×64×64×3\)"):
+        _load(_folder(tmp_path / "wrong", "resnet", layout="NHWC", activation="none"))
+    with pytest.raises(ModelError, match=r"does not take the input model.toml describes "
+                                         r"\(NCHW 1×3×32×32\)"):
+        _load(_folder(tmp_path / "small", "resnet", activation="none", size=(32, 32)))
+
+
+def _graph(first: onnx.NodeProto | None, shape: list[int | str]) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    node = first or helper.make_node("Relu", ["x"], ["y"])
+    return helper.make_model(helper.make_graph([node], "g", [x], [y]))
+
+
+@pytest.mark.parametrize(("node", "shape", "expected"), [
+    (helper.make_node("Conv", ["x", "w"], ["y"]), [1, 3, 64, 64], Layout.NCHW),
+    (helper.make_node("Transpose", ["x"], ["y"], perm=[0, 3, 1, 2]), [1, 64, 64, 3],
+     Layout.NHWC),
+    (None, [1, 224, 224, 3], Layout.NHWC),  # shape alone: channels last
+    (None, ["N", 1, 256, 256], Layout.NCHW),
+    (None, [1, 3, 3, 3], None),  # cannot tell
+    (None, [1, 224, 224], None),
+])
+def test_detect_layout(node: onnx.NodeProto | None, shape: list[int | str],
+                       expected: Layout | None) -> None:
+    assert detect_layout(_graph(node, shape)) is expected
+
+
+def test_an_undetectable_layout_must_be_written(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "resnet", activation="none")
+    model = _graph(None, [1, 3, 3, 3])
+    onnx.save(model, str(folder / "model.onnx"))
+    with pytest.raises(ModelError, match='write input.layout = "NCHW" or "NHWC"'):
+        _load(folder)
+
+
+def test_keras_constant_inputs_are_named_with_the_fix(tmp_path: Path) -> None:
+    """Keras 3's export leaves a Normalization layer's mean and variance as bare inputs."""
+    folder = _folder(tmp_path, "nhwc")
+    model = onnx.load(str(folder / "model.onnx"))
+    image = model.graph.input[0].name
+    mean = helper.make_tensor_value_info("normalization/mean", TensorProto.FLOAT, [1, 1, 1, 3])
+    model.graph.input.append(mean)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == image:
+                node.input[i] = "centred"
+    model.graph.node.insert(0, helper.make_node("Sub", [image, "normalization/mean"],
+                                                ["centred"]))
+    onnx.save(model, str(folder / "model.onnx"))
+    with pytest.raises(CompileError, match=r"inputs without values besides the image "
+                                           r".*: normalization/mean\. Keras 3's model.export"):
+        _load(folder)
