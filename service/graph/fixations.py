@@ -42,7 +42,8 @@ POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
 REDUCES = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ReduceMean",
                      "ReduceMax", "ReduceSum"})
 SUPPORTED = (PASS_THROUGH | RESHAPES | ELEMENTWISE | POOLS | REDUCES
-             | {"Conv", "Gemm", "MatMul", "Concat", "Transpose", "Pad", "Resize", "Upsample"})
+             | {"Conv", "Gemm", "MatMul", "Concat", "Transpose", "Pad", "Resize", "Upsample",
+                "Slice", "Split"})
 
 _COORDINATE_MODES = frozenset({"half_pixel", "pytorch_half_pixel", "align_corners",
                                "asymmetric", "tf_half_pixel_for_nn"})
@@ -56,7 +57,8 @@ class Step:
 
     Attributes:
         rule: the back-tracking rule: "pass", "broadcast", "add", "mul", "concat",
-            "reshape", "transpose", "pad", "resize", "fc", "conv", "pool" or "reduce".
+            "reshape", "transpose", "pad", "resize", "slice", "fc", "conv", "pool" or
+            "reduce".
         op_type: the ONNX op.
         name: the node's name (or its output's, when unnamed), for messages.
         output: the tensor whose points the step consumes.
@@ -90,7 +92,8 @@ class FixationPlan:
         image_shape: its static shape (batch of one).
         logits: where the walk starts.
         logits_shape: its static shape (batch of one).
-        steps: the path's nodes in reverse topological order.
+        steps: the path's nodes in reverse topological order; a Split has one step per
+            traced output.
         needed: tensors whose values the walk reads, in graph order.
     """
 
@@ -130,14 +133,15 @@ def build_plan(model: onnx.ModelProto, split: Split, layout: Layout) -> Fixation
         hit = [o for o in node.output if o in reached]
         if not hit:
             continue
-        if hit != [node.output[0]]:
+        if hit != [node.output[0]] and node.op_type != "Split":
             raise CompileError(
                 f"fixations: {node.op_type} node {_name(node)!r}: only its first output can "
                 "be traced back"
             )
-        step = _step(index, node, dynamic, layout)
-        steps.append(step)
-        reached.update(step.inputs)
+        for out in hit:  # a Split: one step per traced output, each onto the same input
+            step = _step(index, node, dynamic, layout, out)
+            steps.append(step)
+            reached.update(step.inputs)
     if split.image not in reached:
         raise CompileError("fixations: no path traced back from the logits reaches the image")
     reads = {t for s in steps for t in s.reads}
@@ -205,14 +209,14 @@ def _constant(index: GraphIndex, node: onnx.NodeProto, name: str, what: str) -> 
 
 
 def _step(index: GraphIndex, node: onnx.NodeProto, dynamic: set[str],
-          layout: Layout) -> Step:
+          layout: Layout, out: str) -> Step:
+    """The step consuming ``out``, one of ``node``'s outputs (the first but for Split)."""
     op = node.op_type
     if node.domain not in ("", "ai.onnx") or op not in SUPPORTED:
         raise CompileError(
             f"fixations: {op} node {_name(node)!r} has no back-tracking rule (supported: "
             f"{', '.join(sorted(SUPPORTED))})"
         )
-    out = node.output[0]
     x = node.input[0]
 
     def make(rule: str, inputs: list[str], attrs: dict[str, Any] | None = None,
@@ -221,10 +225,14 @@ def _step(index: GraphIndex, node: onnx.NodeProto, dynamic: set[str],
                     tuple(_static(index, i) for i in inputs), _static(index, out),
                     attrs or {}, weight, reads)
 
-    if op in PASS_THROUGH or op in RESHAPES:
+    if op in PASS_THROUGH or op in RESHAPES or op in ("Slice", "Split"):
         if x not in dynamic:
             raise CompileError(f"fixations: {op} node {_name(node)!r}: its data input is "
                                "constant but another input depends on the image")
+        if op == "Slice":
+            return make("slice", [x], _slice(index, node))
+        if op == "Split":
+            return make("slice", [x], _split(index, node, out))
         return make("pass" if op in PASS_THROUGH else "reshape", [x])
     if op == "Transpose":
         rank = len(_static(index, x))
@@ -392,6 +400,96 @@ def _pad(index: GraphIndex, node: onnx.NodeProto, make: Any) -> Step:
         raise CompileError(f"fixations: Pad node {_name(node)!r}: mode {mode!r} is not "
                            "supported")
     return make("pad", [x], {"begin": begin, "mode": mode})
+
+
+def _ints(index: GraphIndex, node: onnx.NodeProto, position: int, name: str,
+          ) -> list[int] | None:
+    """Integers from optional input ``position`` (a constant), else from attribute ``name``
+    (the form before the input existed); None when neither is given."""
+    if len(node.input) > position and node.input[position]:
+        return [int(v) for v in _constant(index, node, node.input[position],
+                                          name).reshape(-1).tolist()]
+    raw = attr(node, name)
+    return None if raw is None else [int(v) for v in raw]  # type: ignore[union-attr]
+
+
+def _axis(node: onnx.NodeProto, axis: int, rank: int) -> int:
+    if not -rank <= axis < rank:
+        raise CompileError(f"fixations: {node.op_type} node {_name(node)!r}: axis {axis} is "
+                           f"out of range for rank {rank}")
+    return axis % rank
+
+
+def slice_axis(start: int, end: int, step: int, dim: int) -> tuple[int, int]:
+    """(first index, count) that ONNX Slice selects along an axis of size ``dim``: negative
+    starts/ends count from the end, then both are clamped ([0, dim] for a positive step,
+    start to [0, dim − 1] and end to [−1, dim − 1] for a negative one)."""
+    start += dim if start < 0 else 0
+    end += dim if end < 0 else 0
+    if step > 0:
+        start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+    else:
+        start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+    return start, len(range(start, end, step))
+
+
+def _slice(index: GraphIndex, node: onnx.NodeProto) -> dict[str, Any]:
+    """Output index o along each axis comes from input index first + o·step: the per-axis
+    first indices and steps over the whole rank (0 and 1 where the axis is not sliced).
+
+    starts/ends/axes/steps are constant inputs from opset 10, attributes before.
+    """
+    x, out = node.input[0], node.output[0]
+    shape, out_shape = _static(index, x), _static(index, out)
+    rank = len(shape)
+    starts, ends = _ints(index, node, 1, "starts"), _ints(index, node, 2, "ends")
+    if starts is None or ends is None or len(starts) != len(ends):
+        raise CompileError(f"fixations: Slice node {_name(node)!r}: starts and ends must be "
+                           "given, one per axis")
+    axes = _ints(index, node, 3, "axes")
+    axes = list(range(len(starts))) if axes is None else [_axis(node, a, rank) for a in axes]
+    steps = _ints(index, node, 4, "steps") or [1] * len(starts)
+    if len(axes) != len(starts) or len(steps) != len(starts) or len(set(axes)) != len(axes):
+        raise CompileError(f"fixations: Slice node {_name(node)!r}: starts, ends, axes and "
+                           "steps must have one entry per distinct axis")
+    first, stride = [0] * rank, [1] * rank
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        if step == 0:
+            raise CompileError(f"fixations: Slice node {_name(node)!r}: a step is 0")
+        first[axis], count = slice_axis(start, end, step, shape[axis])
+        stride[axis] = step
+        if count != out_shape[axis]:
+            raise CompileError(f"fixations: Slice node {_name(node)!r} selects {count} "
+                               f"elements on axis {axis}, its output has {out_shape[axis]}")
+    return {"starts": first, "steps": stride}
+
+
+def _split(index: GraphIndex, node: onnx.NodeProto, out: str) -> dict[str, Any]:
+    """Output k is the input from offset Σ sizes[:k] along the axis (the "slice" rule).
+
+    The sizes: ``split`` (an input from opset 13, an attribute before), else opset 18's
+    ``num_outputs`` (chunks of ⌈dim / n⌉, the last one smaller), else equal parts.
+    """
+    x = node.input[0]
+    shape = _static(index, x)
+    axis = _axis(node, int(attr(node, "axis", 0)), len(shape))  # type: ignore[arg-type]
+    dim, n = shape[axis], len(node.output)
+    sizes = _ints(index, node, 1, "split")
+    if sizes is None and attr(node, "num_outputs") is not None:
+        chunk = -(-dim // n)
+        sizes = [chunk] * (n - 1) + [dim - chunk * (n - 1)]
+    elif sizes is None:
+        sizes = [dim // n] * n if dim % n == 0 else []
+    if len(sizes) != n or sum(sizes) != dim or min(sizes) < 0:
+        raise CompileError(f"fixations: Split node {_name(node)!r}: cannot split {dim} "
+                           f"elements on axis {axis} into {n} outputs (sizes {sizes})")
+    k = list(node.output).index(out)
+    if _static(index, out)[axis] != sizes[k]:
+        raise CompileError(f"fixations: Split node {_name(node)!r}: output {out!r} has "
+                           f"{_static(index, out)[axis]} elements on axis {axis}, not {sizes[k]}")
+    first = [0] * len(shape)
+    first[axis] = sum(sizes[:k])
+    return {"starts": first, "steps": [1] * len(shape)}
 
 
 def _resize(index: GraphIndex, node: onnx.NodeProto, make: Any) -> Step:

@@ -13,8 +13,9 @@ topological order (:class:`service.graph.fixations.FixationPlan`), mapping the s
 - Max/Average pooling: the argmax of the activation in the window; GlobalAveragePool and
   ReduceMean over H, W: the argmax over the map. Out-of-range taps are never chosen.
 - Add: the larger summand (ties: the first input). Concat: the branch owning the channel.
-  SE-style Mul: the full-resolution operand. Pad, Resize, Flatten, Reshape, Transpose:
-  index mapping. BN and activations: unchanged.
+  SE-style Mul: the full-resolution operand. Pad, Resize, Flatten, Reshape, Transpose,
+  Slice and every output of Split: index mapping (a Slice or Split output element has
+  exactly one source: first + index · step per axis). BN and activations: unchanged.
 
 **Position rule of the Conv step: argmax contribution.** Within the chosen channel the
 new position is the in-range tap with the largest a·w, as in the PyTorch port
@@ -171,6 +172,13 @@ def _transpose(step: Step, points: Points,
                acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
     index = np.empty_like(points[:, 1:])
     index[:, step.attrs["perm"]] = points[:, 1:]
+    return [(step.inputs[0], _with(points, index))]
+
+
+def _slice(step: Step, points: Points,
+           acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    """Slice, or one Split output: input index = first + output index · step, per axis."""
+    index = points[:, 1:] * np.asarray(step.attrs["steps"]) + np.asarray(step.attrs["starts"])
     return [(step.inputs[0], _with(points, index))]
 
 
@@ -351,7 +359,8 @@ def _fc(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tupl
 RULES: dict[str, Rule] = {
     "pass": _pass, "broadcast": _broadcast, "add": _add, "mul": _broadcast,
     "concat": _concat, "reshape": _reshape, "transpose": _transpose, "pad": _pad,
-    "resize": _resize, "pool": _pool, "conv": _conv, "reduce": _reduce, "fc": _fc,
+    "resize": _resize, "slice": _slice, "pool": _pool, "conv": _conv, "reduce": _reduce,
+    "fc": _fc,
 }
 
 

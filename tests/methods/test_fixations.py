@@ -19,11 +19,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from service.errors import CompileError
 from service.graph.build import compile_model
 from service.graph.fixations import FixationPlan, build_plan, expose, plan_from_graph
 from service.graph.target import Split
-from service.methods import METHODS
+from service.methods import METHODS, Captures, Target
 from service.methods.fixations import density, image_points, inliers, walk
+from service.models.activation import Activation
 from service.models.spec import Layout
 from service.runtime.engine import Engine
 from service.runtime.sessions import make_session
@@ -36,15 +38,19 @@ NAMES = list(MANIFEST)
 # --- (a) graphs small enough to work out by hand ---------------------------------------
 
 def _graph(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray],
-           image: list[int], logits: list[int]) -> onnx.ModelProto:
+           image: list[int], logits: list[int], opset: int = 17,
+           ints: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The float initializers ``inits`` and int64 ones ``ints``."""
     graph = helper.make_graph(
         nodes, "hand",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, image)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits)],
-        initializer=[numpy_helper.from_array(np.asarray(v, dtype=np.float32), k)
-                     for k, v in inits.items()],
+        initializer=[*(numpy_helper.from_array(np.asarray(v, dtype=np.float32), k)
+                       for k, v in inits.items()),
+                     *(numpy_helper.from_array(np.asarray(v, dtype=np.int64), k)
+                       for k, v in (ints or {}).items())],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -198,9 +204,14 @@ def _attrs(node: onnx.NodeProto) -> dict[str, object]:
 
 
 class ReferenceWalker:
-    """CNN Fixations one point at a time, straight from the ONNX nodes."""
+    """CNN Fixations one point at a time, straight from the ONNX nodes.
+
+    Slice and Split, which only move elements, are run by ONNX Runtime on an "iota" (each
+    element holding its own flat index), so the value at an output point names its source.
+    """
 
     def __init__(self, model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
+        self.model = model
         self.graph = model.graph
         self.values = values
         self.weights = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
@@ -209,20 +220,22 @@ class ReferenceWalker:
         for node in self.graph.node:
             if any(i in self.dynamic for i in node.input):
                 self.dynamic.update(node.output)
+        self.iotas: dict[int, list[np.ndarray]] = {}
 
     def walk(self, logits: str, cls: int) -> dict[str, set[tuple[int, ...]]]:
         pending: dict[str, set[tuple[int, ...]]] = defaultdict(set)
         pending[logits].add((0, cls))
         seen = {}
         for node in reversed(self.graph.node):
-            points = pending.pop(node.output[0], set())
-            if not points:
-                continue
-            seen[node.output[0]] = points
-            for point in sorted(points):
-                for name, source in self.step(node, point):
-                    if name in self.dynamic:
-                        pending[name].add(source)
+            for k, out in enumerate(node.output):
+                points = pending.pop(out, set())
+                if not points:
+                    continue
+                seen[out] = points
+                for point in sorted(points):
+                    for name, source in self.step(node, point, k):
+                        if name in self.dynamic:
+                            pending[name].add(source)
         image = self.graph.input[0].name
         seen[image] = pending.get(image, set())
         return seen
@@ -230,10 +243,41 @@ class ReferenceWalker:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.values[name].shape)
 
-    def step(self, node: onnx.NodeProto, p: tuple[int, ...]) -> list[tuple[str, tuple]]:
+    def moved(self, node: onnx.NodeProto, k: int, p: tuple[int, ...]) -> tuple[int, ...]:
+        """The source of output ``k``'s element ``p``: ``node`` run on an iota."""
+        if id(node) not in self.iotas:
+            x = node.input[0]
+            nodes, inits = [], []
+            for name in node.input[1:]:
+                if not name:
+                    continue
+                if name in self.weights:
+                    inits.append(numpy_helper.from_array(self.weights[name], name))
+                elif self.producer[name].op_type == "Constant":
+                    nodes.append(self.producer[name])
+                else:
+                    inits.append(numpy_helper.from_array(self.values[name], name))
+            graph = helper.make_graph(
+                [*nodes, node], "iota",
+                [helper.make_tensor_value_info(x, TensorProto.INT64, self.shape(x))],
+                [helper.make_tensor_value_info(o, TensorProto.INT64, None)
+                 for o in node.output], initializer=inits)
+            single = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+            single.ir_version = self.model.ir_version
+            iota = np.arange(int(np.prod(self.shape(x))), dtype=np.int64).reshape(self.shape(x))
+            session = make_session(single, ["CPUExecutionProvider"], 1)
+            self.iotas[id(node)] = session.run(list(node.output), {x: iota})
+        flat = self.iotas[id(node)][k][p]
+        return tuple(int(i) for i in np.unravel_index(int(flat), self.shape(node.input[0])))
+
+    def step(self, node: onnx.NodeProto, p: tuple[int, ...],
+             k: int = 0) -> list[tuple[str, tuple]]:
         op, a, x = node.op_type, _attrs(node), node.input[0]
+        assert k == 0 or op == "Split", f"output {k} of {op} traced"
         if op in PASS:
             return [(x, p)]
+        if op in ("Slice", "Split"):
+            return [(x, self.moved(node, k, p))]
         if op in ("Flatten", "Reshape"):
             flat = np.ravel_multi_index(p, self.shape(node.output[0]))
             return [(x, tuple(int(i) for i in np.unravel_index(flat, self.shape(x))))]
@@ -440,6 +484,275 @@ def test_cached_graph_rebuilds_the_same_plan() -> None:
     a = walk(again, values, [0, 1])[again.image]
     b = walk(compiled.fixations_plan, values, [0, 1])[again.image]
     np.testing.assert_array_equal(a, b)
+
+
+# --- (b2) Slice and every Split output: index arithmetic, against the reference ---------
+
+INT64_MAX = int(np.iinfo(np.int64).max)
+INT64_MIN = int(np.iinfo(np.int64).min)
+BODY = (1, 4, 6, 7)  # what the op under test reads: Conv 3×3 → Relu of a (1, 2, 6, 7) image
+
+
+def _moving(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray],
+            opset: int) -> onnx.ModelProto:
+    """image (1, 2, 6, 7) → Conv 3×3 pad 1 → Relu → "body" → ``nodes`` → "moved" → Flatten
+    → logits: every logit is one element of "moved", so tracing every class traces every
+    element of the op's output(s)."""
+    weights = np.random.default_rng(3).normal(size=(4, 2, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["conv"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["conv"], ["body"]), *nodes,
+         helper.make_node("Flatten", ["moved"], ["logits"])], "moving",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 2, 6, 7])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(weights, "w"),
+                     *(numpy_helper.from_array(v, k) for k, v in inits.items())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    if not inferred.graph.output[0].type.tensor_type.HasField("shape"):
+        # ONNX infers no shape for opset-1 Slice: write the shapes ONNX Runtime computes
+        # into value_info, as exporters do.
+        full = _with_all_outputs(model)
+        x = np.zeros((1, 2, 6, 7), dtype=np.float32)
+        session = make_session(full, ["CPUExecutionProvider"], 1)
+        names = [o.name for o in full.graph.output]
+        model.graph.ClearField("output")
+        for name, value in zip(names, session.run(names, {"image": x})):
+            info = helper.make_tensor_value_info(name, TensorProto.FLOAT, value.shape)
+            (model.graph.output if name == "logits" else model.graph.value_info).append(info)
+    else:
+        model.graph.ClearField("output")
+        model.graph.output.extend(inferred.graph.output)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _walks_like_the_reference(model: onnx.ModelProto, x: np.ndarray, logits: str,
+                              classes: list[int], traced: dict[str, np.ndarray]) -> None:
+    full = _with_all_outputs(model)
+    session = make_session(full, ["CPUExecutionProvider"], 1)
+    names = [o.name for o in full.graph.output]
+    values = dict(zip(names, session.run(names, {model.graph.input[0].name: x})))
+    reference = ReferenceWalker(model, values | {model.graph.input[0].name: x})
+    reached: set[str] = set()
+    for tag, cls in enumerate(classes):
+        want = reference.walk(logits, cls)
+        assert want[model.graph.input[0].name], "the class traces back to some image pixels"
+        reached |= set(want)
+        for tensor in set(want) | set(traced):
+            assert _points(traced, tensor, tag) == want.get(tensor, set()), (cls, tensor)
+    assert reached == set(traced)
+
+
+def _i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _slice(starts: list[int], ends: list[int], axes: list[int] | None = None,
+           steps: list[int] | None = None, opset: int = 13) -> onnx.ModelProto:
+    if opset < 10:  # starts, ends, axes as attributes, no steps
+        extra = {} if axes is None else {"axes": axes}
+        return _moving([helper.make_node("Slice", ["body"], ["moved"], starts=starts,
+                                         ends=ends, **extra)], {}, opset)
+    inits = {"starts": _i64(*starts), "ends": _i64(*ends)}
+    inputs = ["body", "starts", "ends"]
+    if axes is not None or steps is not None:
+        inputs.append("" if axes is None else "axes")
+        if axes is not None:
+            inits["axes"] = _i64(*axes)
+    if steps is not None:
+        inputs.append("steps")
+        inits["steps"] = _i64(*steps)
+    return _moving([helper.make_node("Slice", inputs, ["moved"])], inits, opset)
+
+
+def _constant_int32_slice() -> onnx.ModelProto:
+    """starts/ends as int32 Constant nodes rather than initializers, axes negative."""
+    def const(name: str, *values: int) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+            np.array(values, dtype=np.int32), name))
+    return _moving([const("s", 2, -6), const("e", -1, 3), const("a", -1, -3),
+                    helper.make_node("Slice", ["body", "s", "e", "a"], ["moved"])], {}, 13)
+
+
+def _split(order: list[int], opset: int, axis: int, sizes: list[int] | None = None,
+           outputs: int | None = None, num_outputs: bool = False) -> onnx.ModelProto:
+    """Split "body", then Concat the outputs in ``order`` (outputs missing from it unused)."""
+    n = outputs or len(sizes or [])
+    parts = [f"part{k}" for k in range(n)]
+    inits, inputs, attrs = {}, ["body"], {"axis": axis}
+    if sizes is not None and opset >= 13:
+        inits["split"] = _i64(*sizes)
+        inputs.append("split")
+    elif sizes is not None:
+        attrs["split"] = sizes
+    if num_outputs:
+        attrs["num_outputs"] = n
+    nodes = [helper.make_node("Split", inputs, parts, **attrs),
+             helper.make_node("Concat", [parts[k] for k in order], ["moved"], axis=axis)]
+    return _moving(nodes, inits, opset)
+
+
+MOVES = {
+    "crop_hw_cropping2d": lambda: _slice([1, 1], [-1, -2], [2, 3]),
+    "first_channels_ghostnet": lambda: _slice([0], [3], [1]),
+    "negative_steps": lambda: _slice([-1, 5], [INT64_MIN, 0], [3, 2], [-2, -1]),
+    "step_2_end_past_the_axis": lambda: _slice([1], [INT64_MAX], [-2], [2]),
+    "no_axes_leading_axes": lambda: _slice([0, 1, 2], [1, 3, 5]),
+    "clamped_out_of_range": lambda: _slice([-100, 100], [100, -100], [1, 3], [1, -3]),
+    "batch_axis_whole": lambda: _slice([0, 2], [INT64_MAX, 5], [0, 2], opset=18),
+    "opset9_attributes": lambda: _slice([1, 0], [5, 6], [3, 2], opset=9),
+    "opset9_attributes_no_axes": lambda: _slice([0, 1, 1], [1, 4, -1], opset=9),
+    "constant_nodes_int32": _constant_int32_slice,
+    "split_input_opset13": lambda: _split([1, 0], 13, 1, sizes=[1, 3]),
+    "split_attribute_opset11": lambda: _split([2, 0, 1], 11, 3, sizes=[2, 4, 1]),
+    "split_equal_parts": lambda: _split([2, 1, 0], 13, 2, outputs=3),
+    "split_equal_parts_opset11": lambda: _split([1, 0], 11, 1, outputs=2),
+    "split_num_outputs_uneven_opset18": lambda: _split([1, 2, 0], 18, -1, outputs=3,
+                                                       num_outputs=True),
+    "split_input_opset18": lambda: _split([0, 1], 18, 2, sizes=[4, 2]),
+    "split_some_outputs_unused": lambda: _split([2, 1], 13, 3, sizes=[3, 2, 2]),
+}
+
+
+@pytest.mark.parametrize("name", list(MOVES), ids=list(MOVES))
+def test_slice_and_split_move_every_point_like_the_reference(name: str) -> None:
+    model = MOVES[name]()
+    x = np.random.default_rng(5).normal(size=(1, 2, 6, 7)).astype(np.float32)
+    n = int(np.prod(_shape(model, "logits")[1:]))
+    plan, traced = _trace(model, x, list(range(n)))
+    assert {s.rule for s in plan.steps} >= {"slice"}
+    # Every element of the output has exactly one source in "body".
+    for tag in range(n):
+        assert len(_points(traced, "body", tag)) == 1
+    _walks_like_the_reference(model, x, "logits", list(range(n)), traced)
+
+
+def _shape(model: onnx.ModelProto, name: str) -> tuple[int, ...]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        if vi.name == name:
+            return tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+    raise KeyError(name)
+
+
+def test_slice_with_negative_steps_by_hand() -> None:
+    # y = x[:, :, ::-1, 3::-2] of a 3×4 image: y[i, j] = x[2 − i, 3 − 2j].
+    x = np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4)
+    model = _graph([
+        helper.make_node("Slice", ["image", "s", "e", "a", "st"], ["moved"]),
+        helper.make_node("Flatten", ["moved"], ["logits"]),
+    ], {}, [1, 1, 3, 4], [1, 6], ints={"s": _i64(-1, 3), "e": _i64(INT64_MIN, -5),
+                                       "a": _i64(2, 3), "st": _i64(-1, -2)})
+    plan, traced = _trace(model, x, list(range(6)))
+    assert plan.steps[-1].attrs == {"starts": [0, 0, 2, 3], "steps": [1, 1, -1, -2]}
+    for tag in range(6):
+        i, j = divmod(tag, 2)
+        assert _points(traced, "image", tag) == {(0, 0, 2 - i, 3 - 2 * j)}
+
+
+def test_split_output_k_is_offset_by_the_sizes_before_it() -> None:
+    # Split [2, 3] along W, Concat(part1, part0): logits = [x2, x3, x4, x0, x1].
+    x = np.arange(5, dtype=np.float32).reshape(1, 1, 1, 5)
+    model = _graph([
+        helper.make_node("Split", ["image", "sizes"], ["p0", "p1"], axis=3),
+        helper.make_node("Concat", ["p1", "p0"], ["moved"], axis=3),
+        helper.make_node("Flatten", ["moved"], ["logits"]),
+    ], {}, [1, 1, 1, 5], [1, 5], ints={"sizes": _i64(2, 3)})
+    plan, traced = _trace(model, x, list(range(5)))
+    assert [(s.op_type, s.output) for s in plan.steps][-2:] == [("Split", "p0"),
+                                                                 ("Split", "p1")]
+    assert [_points(traced, "image", tag) for tag in range(5)] == [
+        {(0, 0, 0, c)} for c in (2, 3, 4, 0, 1)]
+
+
+def test_slice_with_starts_computed_at_run_time_is_refused() -> None:
+    # starts = Shape(image)[3] − 2: not a constant for the plan (specialisation folds it).
+    model = _graph([
+        helper.make_node("Shape", ["image"], ["shape"]),
+        helper.make_node("Gather", ["shape", "three"], ["width"], axis=0),
+        helper.make_node("Sub", ["width", "two"], ["start"]),
+        helper.make_node("Slice", ["image", "start", "end", "axes"], ["moved"]),
+        helper.make_node("Flatten", ["moved"], ["logits"]),
+    ], {}, [1, 1, 1, 5], [1, 2], ints={"three": _i64(3), "two": _i64(2),
+                                       "end": _i64(INT64_MAX), "axes": _i64(3)})
+    model.graph.value_info.append(  # even where the output's shape is known
+        helper.make_tensor_value_info("moved", TensorProto.FLOAT, [1, 1, 1, 2]))
+    split = Split("image", "logits", "logits", "none", "image", Layout.NCHW, (1, 1, 1))
+    with pytest.raises(CompileError, match="its starts 'start' is not a constant"):
+        build_plan(model, split, Layout.NCHW)
+
+
+def _small_network() -> onnx.ModelProto:
+    """A ShuffleNet-V2 unit (Split, channel shuffle), a GhostNet module (Concat, then a
+    channel Slice) and a Keras Cropping2D (an NHWC Slice), then GAP → Gemm."""
+    rng = np.random.default_rng(11)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.normal(size=shape) * 0.5).astype(np.float32)
+
+    inits = {
+        "stem_w": w(8, 3, 3, 3), "stem_b": w(8), "b1_w": w(4, 4, 1, 1), "b2_w": w(4, 1, 3, 3),
+        "b3_w": w(4, 4, 1, 1), "b3_b": w(4), "halves": _i64(4, 4),
+        "shuffle1": _i64(1, 2, 4, 12, 12), "shuffle2": _i64(1, 8, 12, 12),
+        "ghost_w": w(3, 8, 1, 1), "cheap_w": w(3, 1, 3, 3), "ghost_s": _i64(0),
+        "ghost_e": _i64(5), "ghost_a": _i64(1), "crop_s": _i64(1, 2), "crop_e": _i64(-1, -1),
+        "crop_a": _i64(1, 2), "fc_w": w(4, 5), "fc_b": w(4),
+    }
+    nodes = [
+        helper.make_node("Conv", ["image", "stem_w", "stem_b"], ["stem_c"], pads=[1] * 4),
+        helper.make_node("Relu", ["stem_c"], ["stem"]),
+        helper.make_node("Split", ["stem", "halves"], ["left", "right"], axis=1),
+        helper.make_node("Conv", ["right", "b1_w"], ["r1"]),
+        helper.make_node("Relu", ["r1"], ["r1r"]),
+        helper.make_node("Conv", ["r1r", "b2_w"], ["r2"], pads=[1] * 4, group=4),
+        helper.make_node("Conv", ["r2", "b3_w", "b3_b"], ["r3"]),
+        helper.make_node("Relu", ["r3"], ["r3r"]),
+        helper.make_node("Concat", ["left", "r3r"], ["unit"], axis=1),
+        helper.make_node("Reshape", ["unit", "shuffle1"], ["groups"]),
+        helper.make_node("Transpose", ["groups"], ["swapped"], perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["swapped", "shuffle2"], ["shuffled"]),
+        helper.make_node("Conv", ["shuffled", "ghost_w"], ["primary_c"]),
+        helper.make_node("Relu", ["primary_c"], ["primary"]),
+        helper.make_node("Conv", ["primary", "cheap_w"], ["cheap_c"], pads=[1] * 4, group=3),
+        helper.make_node("Relu", ["cheap_c"], ["cheap"]),
+        helper.make_node("Concat", ["primary", "cheap"], ["ghosts"], axis=1),
+        helper.make_node("Slice", ["ghosts", "ghost_s", "ghost_e", "ghost_a"], ["ghost"]),
+        helper.make_node("Transpose", ["ghost"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Slice", ["nhwc", "crop_s", "crop_e", "crop_a"], ["cropped"]),
+        helper.make_node("Transpose", ["cropped"], ["features"], perm=[0, 3, 1, 2]),
+        helper.make_node("GlobalAveragePool", ["features"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
+    ]
+    return _graph(nodes, {k: v for k, v in inits.items() if v.dtype == np.float32},
+                  [1, 3, 12, 12], [1, 4],
+                  ints={k: v for k, v in inits.items() if v.dtype == np.int64})
+
+
+def test_small_network_with_slices_and_splits_walks_like_the_reference() -> None:
+    model = _small_network()
+    compiled = compile_model(model, target_layer="features")
+    assert compiled.fixations_error is None and compiled.guided_error is None
+    plan = compiled.fixations_plan
+    assert plan is not None
+    assert {(s.op_type, s.output) for s in plan.steps if s.rule == "slice"} == {
+        ("Split", "left"), ("Split", "right"), ("Slice", "ghost"), ("Slice", "cropped")}
+    engine = Engine(compiled, ["CPUExecutionProvider"], 1)
+    x = np.random.default_rng(12).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    acts = engine.all_activations(x)
+    classes = [0, 1, 2, 3]
+    traced = walk(plan, acts, classes, trace=True)
+    assert len(traced["left"]) and len(traced["right"]), "both Split outputs are traced"
+    _walks_like_the_reference(model, x, "logits", classes, traced)
+    # And the method end to end: points on the image grid, a density map.
+    captures = Captures(np.zeros((5, 10, 9), np.float32), np.zeros(4, np.float32),
+                        Activation.NONE, lambda a: a, lambda a, s: a,
+                        fixations=lambda: (acts, plan))
+    maps = METHODS["fixations"].compute(captures, classes, Target.LOGIT)
+    for raw in maps:
+        assert raw.values.shape == (12, 12) and raw.points is not None and len(raw.points)
 
 
 # --- (c) outlier removal and the density map --------------------------------------------
