@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx
 
 from service.graph.autodiff.builder import VjpBuilder
-from service.graph.onnx_graph import attr
+from service.graph.onnx_graph import GraphIndex, attr
 
 Grads = list[str | None]
 
@@ -105,15 +105,95 @@ def _clip_bounds(b: VjpBuilder, node: onnx.NodeProto) -> tuple[str | None, str |
     return bounds[0], bounds[1]
 
 
+# An affine map by a one-element constant, as hard-sigmoids and hard-swishes are written.
+_AFFINE = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def _scalar(index: GraphIndex, name: str) -> float | None:
+    """The value of a one-element constant, else None."""
+    value = index.constant(name) if name else None
+    if value is None or value.size != 1:
+        return None
+    return float(value.reshape(-1)[0])
+
+
+def _scalar_operand(index: GraphIndex, node: onnx.NodeProto) -> tuple[str, float] | None:
+    """(the other operand, the constant) when ``node`` is an affine map of one tensor by a
+    one-element constant: Add, Sub (either order), Mul, or Div by the constant."""
+    if node.op_type not in _AFFINE or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    a, c = node.input
+    value_a, value_c = _scalar(index, a), _scalar(index, c)
+    if value_c is not None and value_a is None:
+        return a, value_c
+    if node.op_type != "Div" and value_a is not None and value_c is None:
+        return c, value_a
+    return None
+
+
+def clip_is_rectifier(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Whether guided backprop gates this Clip as a rectifier (ReLU, ReLU6, ReLU-n).
+
+    A Clip is a rectifier when all of:
+
+    1. its min is a constant 0 and its max is absent or a constant > 0 (one element each;
+       inputs from opset 11, attributes before);
+    2. its input is not shifted: going up from it through Add/Sub/Mul/Div by one-element
+       constants (a·x + c), no Add/Sub has a non-zero constant. Hard-sigmoids shift before
+       clipping: Keras ``relu6(x + 3) / 6``, ``clip(x / 6 + 0.5, 0, 1)``,
+       ``clip(0.2·x + 0.5, 0, 1)``;
+    3. its output is not multiplied by its own input: going down from it through Mul/Div
+       by one-element constants, no Mul takes as its other operand a tensor of the chain
+       of step 2 (hard-swish ``x · relu6(x + 3) / 6`` in any order of the Mul and the /6).
+
+    Any other Clip keeps its true derivative, gy · (min < x < max), under guided backprop
+    too. A shift by a per-channel constant (a bias) is not a hard-sigmoid: ``Add(x, b)``
+    followed by Clip(0, 6) is a ReLU6 (but a one-element bias, a layer of one unit, reads
+    as a shift).
+    """
+    bounds = []
+    for position, name in ((1, "min"), (2, "max")):
+        if len(node.input) > position and node.input[position]:
+            bounds.append((True, _scalar(index, node.input[position])))
+        elif attr(node, name) is not None:
+            bounds.append((True, float(attr(node, name))))  # type: ignore[arg-type]
+        else:
+            bounds.append((False, None))
+    (_, low), (has_high, high) = bounds
+    if low != 0.0 or (has_high and (high is None or high <= 0.0)):
+        return False
+    chain = [node.input[0]]
+    while (producer := index.producer.get(chain[-1])) is not None:
+        affine = _scalar_operand(index, producer)
+        if affine is None:
+            break
+        if producer.op_type in ("Add", "Sub") and affine[1] != 0.0:
+            return False  # shifted before clipping: a hard-sigmoid
+        chain.append(affine[0])
+    pending, seen = [node.output[0]], set()
+    while pending:
+        tensor = pending.pop()
+        seen.add(tensor)
+        for consumer in index.consumers.get(tensor, []):
+            others = [i for i in consumer.input if i != tensor]
+            if consumer.op_type == "Mul" and any(o in chain for o in others):
+                return False  # multiplied by its own input: a hard-swish
+            affine = _scalar_operand(index, consumer)
+            if (affine is not None and consumer.op_type in ("Mul", "Div")
+                    and consumer.output[0] not in seen):
+                pending.append(consumer.output[0])
+    return True
+
+
 def clip(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
-    """gx = gy · (min < x < max); guided at a rectifier (min == 0, e.g. ReLU6)."""
+    """gx = gy · (min < x < max); guided only at a rectifier (:func:`clip_is_rectifier`:
+    ReLU6 and the like, not the Clip inside a hard-sigmoid or hard-swish)."""
     x, gy = node.input[0], gys[0]
     assert gy is not None
     low, high = _clip_bounds(b, node)
     to = b.index.elem_type(x) or onnx.TensorProto.FLOAT
     masks = []
-    low_value = b.index.constant(low) if low is not None else None
-    rectifier = low_value is not None and low_value.size == 1 and float(low_value) == 0.0
+    rectifier = clip_is_rectifier(b.index, node)
     if rectifier:
         masks.append(b.mask_positive(x))
     elif low is not None:
