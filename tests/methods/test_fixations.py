@@ -286,10 +286,11 @@ class ReferenceWalker:
             for k, axis in enumerate(a["perm"]):  # type: ignore[arg-type]
                 source[axis] = p[k]
             return [(x, tuple(source))]
-        if op in ("Add", "Mul"):
+        if op in ("Add", "Sub", "Mul", "Div"):
             dyn = [i for i in node.input if i in self.dynamic]
             if len(dyn) == 1:
                 return [(dyn[0], self.broadcast(p, self.shape(dyn[0])))]
+            assert op in ("Add", "Mul"), f"{op} of two image-dependent tensors"
             if op == "Mul":
                 full = [i for i in dyn if self.shape(i) == self.shape(node.output[0])]
                 return [(i, self.broadcast(p, self.shape(i))) for i in full or dyn]
@@ -324,9 +325,13 @@ class ReferenceWalker:
 
     def spatial_argmax(self, node: onnx.NodeProto, p: tuple[int, ...]) -> tuple[int, ...]:
         x = self.values[node.input[0]]
-        nhwc = node.op_type == "ReduceMean"  # the zoo reduces NHWC maps over axes 1, 2
-        if nhwc:
-            assert list(_attrs(node)["axes"]) == [1, 2]  # type: ignore[call-overload]
+        axes = [2, 3]
+        if node.op_type == "ReduceMean":  # axes an attribute, an input from opset 18
+            given = _attrs(node).get("axes")
+            axes = sorted(int(a) % x.ndim for a in (  # type: ignore[union-attr]
+                given if given is not None else self.weights[node.input[1]].tolist()))
+        assert axes in ([1, 2], [2, 3]), axes
+        nhwc = axes == [1, 2]  # the zoo reduces NHWC maps over axes 1, 2
         b, c = p[0], p[-1] if nhwc else p[1]
         height, width = (x.shape[1], x.shape[2]) if nhwc else (x.shape[2], x.shape[3])
         best, where = -np.inf, (0, 0)
