@@ -31,7 +31,8 @@ class GraphIndex:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(_without_weights(model),
+                                                         data_prop=True)
         except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
             raise CompileError(f"ONNX shape inference failed: {exc}") from exc
         self.model = model
@@ -52,19 +53,22 @@ class GraphIndex:
         self._types: dict[str, onnx.TypeProto] = {}
         for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
             self._types[vi.name] = vi.type
-        self._constants: dict[str, np.ndarray] = {
-            name: numpy_helper.to_array(init) for name, init in self.initializers.items()
-        }
+        # Initializer values are converted when first asked for: most rules read a few
+        # small ones, and converting every weight of a big network up front cost seconds
+        # and a copy of all its weights per index.
+        self._constants: dict[str, np.ndarray] = {}
+        self._constant_nodes: dict[str, onnx.NodeProto] = {}
         for node in self.graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                value = _constant_node_value(node)
-                if value is not None:
-                    self._constants[node.output[0]] = value
+                self._constant_nodes[node.output[0]] = node
 
     def shape(self, name: str) -> Shape | None:
         """The inferred shape of a tensor, or None when its rank is unknown."""
-        if name in self._constants:
-            return tuple(int(d) for d in self._constants[name].shape)
+        if name in self.initializers:
+            return tuple(int(d) for d in self.initializers[name].dims)
+        if name in self._constant_nodes:
+            value = self.constant(name)
+            return None if value is None else tuple(int(d) for d in value.shape)
         t = self._types.get(name)
         if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
             return None
@@ -88,10 +92,20 @@ class GraphIndex:
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant output, else None."""
-        return self._constants.get(name)
+        if name not in self._constants:
+            if name in self.initializers:
+                self._constants[name] = numpy_helper.to_array(self.initializers[name])
+            elif name in self._constant_nodes:
+                value = _constant_node_value(self._constant_nodes[name])
+                if value is None:
+                    return None
+                self._constants[name] = value
+            else:
+                return None
+        return self._constants[name]
 
     def is_constant(self, name: str) -> bool:
-        return name in self._constants
+        return self.constant(name) is not None
 
     def ancestors(self, names: Iterable[str], stop: Iterable[str] = ()) -> list[onnx.NodeProto]:
         """Nodes needed to compute ``names``, not looking past ``stop``; in graph order."""
@@ -110,6 +124,35 @@ class GraphIndex:
             needed.add(id(node))
             pending.extend(i for i in node.input if i and i not in stop_set)
         return [n for n in self.graph.node if id(n) in needed]
+
+
+# Initializers up to this size keep their values for shape inference: shape arithmetic
+# (Reshape targets, Slice bounds) reads them; weights are only ever shapes to it.
+_INFERENCE_VALUE_BYTES = 1024
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers turned into typed graph inputs, for shape
+    inference: it serialises the model it is given, and on a 500 MB network that copy
+    cost more than everything else the compiler does."""
+    keep, declared = [], []
+    for init in model.graph.initializer:
+        size = len(init.raw_data) if init.HasField("raw_data") else init.ByteSize()
+        if size <= _INFERENCE_VALUE_BYTES:
+            keep.append(init)
+        else:
+            declared.append(onnx.helper.make_tensor_value_info(init.name, init.data_type,
+                                                               list(init.dims)))
+    if not declared:
+        return model
+    inputs = [i for i in model.graph.input if i.name not in {d.name for d in declared}]
+    graph = onnx.helper.make_graph(list(model.graph.node), model.graph.name,
+                                   [*inputs, *declared], list(model.graph.output),
+                                   initializer=keep, value_info=list(model.graph.value_info))
+    light = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+    light.ir_version = model.ir_version
+    light.functions.extend(model.functions)
+    return light
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
