@@ -84,8 +84,12 @@ def _compile(args: argparse.Namespace) -> int:
     for name, info in summary["graphs"].items():
         print(f"  {name}.onnx: {info['nodes']} nodes ({info['generated_nodes']} generated), "
               f"outputs {', '.join(info['outputs'])}")
+    if compiled.head_vjp is None:
+        print(f"  no head VJP graph (no Grad-CAM, Guided Grad-CAM): {compiled.head_vjp_error}")
     if compiled.guided is None:
         print(f"  no guided graph: {compiled.guided_error}")
+    if compiled.fixations is None:
+        print(f"  no CNN Fixations graph: {compiled.fixations_error}")
     print(f"wrote {len(written)} graphs and report.json to {out}")
     return 0
 

@@ -131,7 +131,7 @@ def forward(model: LoadedModel, image: DecodedImage, watch: Stopwatch,
         logits=logits[0],
         activation=model.config.activation,
         head=engine.head,
-        head_vjp=engine.head_vjp,
+        head_vjp=engine.head_vjp if engine.has_head_vjp else None,
         guided=_guided_fn(model, model_input, prefetched) if engine.has_guided else None,
         fixations=_fixations_fn(model, model_input) if engine.has_fixations else None,
     )

@@ -26,7 +26,8 @@ class CompiledModel:
         backbone: image → (target activations, logits).
         head: target activations (batched) → logits.
         head_vjp: target activations, seed over logits → gradient w.r.t. the activations,
-            plus the logits.
+            plus the logits; None when some op of the head has no gradient rule
+            (``head_vjp_error`` says which): the model still predicts and serves CRM.
         guided: image, seed over logits → guided-backprop gradient w.r.t. the image, plus
             the target activations and logits; None when some op of the backbone has no
             gradient rule (``guided_error`` says which).
@@ -34,17 +35,19 @@ class CompiledModel:
             op on the path has no back-tracking rule (``fixations_error`` says which).
         fixations_plan: the walk over ``fixations``; rebuilt from the graph when not given
             (e.g. by the compile cache).
+        head_vjp_error: why there is no ``head_vjp``.
     """
 
     split: Split
     backbone: onnx.ModelProto
     head: onnx.ModelProto
-    head_vjp: onnx.ModelProto
+    head_vjp: onnx.ModelProto | None
     guided: onnx.ModelProto | None = None
     guided_error: str | None = None
     fixations: onnx.ModelProto | None = None
     fixations_error: str | None = None
     fixations_plan: fixation_plan.FixationPlan | None = None
+    head_vjp_error: str | None = None
 
     def __post_init__(self) -> None:
         if self.fixations is not None and self.fixations_plan is None:
@@ -52,7 +55,9 @@ class CompiledModel:
             object.__setattr__(self, "fixations_plan", plan)
 
     def graphs(self) -> dict[str, onnx.ModelProto]:
-        graphs = {"backbone": self.backbone, "head": self.head, "head_vjp": self.head_vjp}
+        graphs = {"backbone": self.backbone, "head": self.head}
+        if self.head_vjp is not None:
+            graphs["head_vjp"] = self.head_vjp
         if self.guided is not None:
             graphs["guided"] = self.guided
         if self.fixations is not None:
@@ -72,8 +77,11 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
             Sigmoid/Softmax found in the graph.
         target_layer: model.toml ``explain.target_layer``, or None to auto-detect.
 
+    A graph that cannot be differentiated (an op without a rule) leaves its graph None
+    with the reason beside it; the model keeps the forward graphs, hence predictions and CRM.
+
     Raises:
-        CompileError: when the graph cannot be cut or differentiated.
+        CompileError: when the graph cannot be cut, or a generated graph is invalid.
     """
     index = GraphIndex(model)
     cut = split(index, layout=layout, target_layer=target_layer)
@@ -87,7 +95,14 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
     backbone = extract(index, [cut.image], [cut.target, cut.logits], name="backbone",
                        batch=False)
     head = extract(index, [cut.target], [cut.logits], name="head")
-    head_vjp = autodiff.vjp(head, cut.logits, [cut.target])
+    head_vjp: onnx.ModelProto | None = None
+    head_vjp_error = None
+    try:
+        head_vjp = autodiff.vjp(head, cut.logits, [cut.target])
+    except CompileError as exc:
+        # Only Grad-CAM (and Guided Grad-CAM) differentiate the head; predictions and CRM
+        # run the forward graphs, which ONNX Runtime runs whatever the ops.
+        head_vjp_error = str(exc)
     guided: onnx.ModelProto | None = None
     guided_error = None
     try:
@@ -106,7 +121,7 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
         # Only CNN Fixations needs it; the model still serves every other method.
         fixations_error = str(exc)
     compiled = CompiledModel(cut, backbone, head, head_vjp, guided, guided_error, fixations,
-                             fixations_error, plan)
+                             fixations_error, plan, head_vjp_error=head_vjp_error)
     for name, graph in compiled.graphs().items():
         try:
             onnx.checker.check_model(graph)

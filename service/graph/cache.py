@@ -74,9 +74,12 @@ class CompileCache:
             return None
         split = Split(**{**meta["split"], "target_layout": Layout(meta["split"]["target_layout"]),
                          "target_shape": tuple(meta["split"]["target_shape"])})
-        return CompiledModel(split, graphs["backbone"], graphs["head"], graphs["head_vjp"],
+        if "head_vjp" not in graphs and not meta.get("head_vjp_error"):
+            return None  # its head_vjp.onnx went missing: compile again
+        return CompiledModel(split, graphs["backbone"], graphs["head"], graphs.get("head_vjp"),
                              graphs.get("guided"), meta.get("guided_error"),
-                             graphs.get("fixations"), meta.get("fixations_error"))
+                             graphs.get("fixations"), meta.get("fixations_error"),
+                             head_vjp_error=meta.get("head_vjp_error"))
 
     def _store(self, key: str, compiled: CompiledModel) -> None:
         if self.folder is None:
@@ -90,7 +93,8 @@ class CompileCache:
                      "target_shape": list(compiled.split.target_shape)}
             # split.json last: its presence marks a complete entry.
             (entry / "split.json").write_text(
-                json.dumps({"split": split, "guided_error": compiled.guided_error,
+                json.dumps({"split": split, "head_vjp_error": compiled.head_vjp_error,
+                            "guided_error": compiled.guided_error,
                             "fixations_error": compiled.fixations_error}),
                 encoding="utf-8")
         except OSError as exc:

@@ -33,7 +33,9 @@ def report(source: onnx.ModelProto, compiled: CompiledModel, seconds: float) -> 
         "graph_activation": split.graph_activation,
         "target_layer": {"name": split.target, "layout": split.target_layout.value,
                          "shape_chw": list(split.target_shape)},
+        "head_vjp": None if compiled.head_vjp is not None else compiled.head_vjp_error,
         "guided": None if compiled.guided is not None else compiled.guided_error,
+        "fixations": None if compiled.fixations is not None else compiled.fixations_error,
         "source": graph_summary(source),
         "graphs": {name: graph_summary(g) for name, g in compiled.graphs().items()},
     }

@@ -37,7 +37,8 @@ class Captures:
         logits: (K,).
         activation: how logits become probabilities.
         head: (B, C, H, W) activations → (B, K) logits.
-        head_vjp: activations (B, C, H, W) and seeds (B, K) → Σ_k seed·∂logit_k/∂A, (B, C, H, W).
+        head_vjp: activations (B, C, H, W) and seeds (B, K) → Σ_k seed·∂logit_k/∂A, (B, C, H, W);
+            None when the model has no head VJP graph (an op of its head has no rule).
         guided: seeds (B, K) → guided-backprop Σ_k seed·∂logit_k/∂image for the image before
             normalisation, channel-first (B, C, H, W) at the network's input grid; None when
             the model has no guided graph.
@@ -49,7 +50,7 @@ class Captures:
     logits: np.ndarray
     activation: Activation
     head: Callable[[np.ndarray], np.ndarray]
-    head_vjp: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    head_vjp: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
     guided: Callable[[np.ndarray], np.ndarray] | None = None
     fixations: Callable[[], tuple[Mapping[str, np.ndarray], FixationPlan]] | None = None
     # Results shared by methods within one request (CRM and CRM-combined mask the same copies).
@@ -93,6 +94,9 @@ class Method(ABC):
     paper: ClassVar[str]
     per_class: ClassVar[bool] = True
     grid: ClassVar[str] = "feature"
+    # The compiled graphs a method runs beyond the forward ones (backbone, head); a model
+    # whose compiler could not build one lists the method in ``unavailable_methods``.
+    needs_head_vjp: ClassVar[bool] = False
     needs_guided: ClassVar[bool] = False
     needs_fixations: ClassVar[bool] = False
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from service.errors import UnknownMethod
 from service.methods.base import Captures, Method, RawMap, Target
 
 
@@ -21,9 +22,12 @@ class GradCam(Method):
 
     name = "gradcam"
     paper = "https://arxiv.org/abs/1610.02391"
+    needs_head_vjp = True
 
     def compute(self, captures: Captures, classes: Sequence[int],
                 target: Target) -> list[RawMap]:
+        if captures.head_vjp is None:
+            raise UnknownMethod("this model has no head VJP graph (see GET /models)")
         acts = captures.activations
         seeds = np.stack([captures.score_seed(c, target) for c in classes])
         copies = np.broadcast_to(acts, (len(classes), *acts.shape))

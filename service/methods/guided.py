@@ -51,6 +51,7 @@ class GuidedGradCam(Method):
     name = "guided_gradcam"
     paper = "https://arxiv.org/abs/1610.02391"
     grid = "model"
+    needs_head_vjp = True
     needs_guided = True
 
     def compute(self, captures: Captures, classes: Sequence[int],

@@ -150,7 +150,9 @@ class LoadedModel:
         compiled = self.engine.compiled
         out: dict[str, str] = {}
         for name, method in METHODS.items():
-            if method.needs_guided and compiled.guided is None:
+            if method.needs_head_vjp and compiled.head_vjp is None:
+                out[name] = f"no head VJP graph: {compiled.head_vjp_error}"
+            elif method.needs_guided and compiled.guided is None:
                 out[name] = f"no guided-backprop graph: {compiled.guided_error}"
             elif method.needs_fixations and compiled.fixations is None:
                 out[name] = f"no CNN Fixations plan: {compiled.fixations_error}"

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """Sessions for the backbone, head and head VJP of one model.
+    """Sessions for the backbone, head and head VJP of one model (and the guided and
+    fixations graphs); a graph the compiler could not build gets no session.
 
     All arrays crossing this class's boundary hold target-layer activations channel-first,
     (B, C, H, W), whatever the model stores; the head runs in chunks of at most
@@ -29,7 +30,8 @@ class Engine:
         self.split = compiled.split
         self._backbone = make_session(compiled.backbone, providers, threads)
         self._head = make_session(compiled.head, providers, threads)
-        self._head_vjp = make_session(compiled.head_vjp, providers, threads)
+        self._head_vjp = (make_session(compiled.head_vjp, providers, threads)
+                          if compiled.head_vjp is not None else None)
         self._guided = (make_session(compiled.guided, providers, threads)
                         if compiled.guided is not None else None)
         self._guided_batches = True
@@ -38,6 +40,10 @@ class Engine:
         self.providers = self._backbone.get_providers()
         self._nhwc = self.split.target_layout is Layout.NHWC
         self.max_batch = max_batch if self._head_batches() else 1
+
+    @property
+    def has_head_vjp(self) -> bool:
+        return self._head_vjp is not None
 
     @property
     def has_guided(self) -> bool:
@@ -100,9 +106,13 @@ class Engine:
 
     def head_vjp(self, acts: np.ndarray, seed: np.ndarray) -> np.ndarray:
         """Σ_k seed[b, k] · ∂logit_k/∂acts[b] for each b: (B, C, H, W)."""
+        session = self._head_vjp
+        if session is None:
+            raise RuntimeError("this model has no head VJP graph")
+
         def run(a: np.ndarray, s: np.ndarray) -> np.ndarray:
-            out = self._head_vjp.run([grad_name(self.split.target)],
-                                     {self.split.target: self._to_native(a), SEED: s})[0]
+            out = session.run([grad_name(self.split.target)],
+                              {self.split.target: self._to_native(a), SEED: s})[0]
             return self._from_native(out)
         return self._chunked(run, acts.astype(np.float32, copy=False),
                              seed.astype(np.float32, copy=False))

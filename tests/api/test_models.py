@@ -115,23 +115,30 @@ def test_methods_a_model_cannot_serve_are_listed_with_the_reason(tmp_path: Path)
     import onnx  # noqa: PLC0415
     from onnx import helper  # noqa: PLC0415
 
-    root = _repo(tmp_path, ["erf"])
-    path = root / "erf" / "model.onnx"
+    root = _repo(tmp_path, ["contrib"])
+    path = root / "contrib" / "model.onnx"
     model = onnx.load(path)
-    # An op without a gradient rule (or a fixations rule) early in the backbone: the head
-    # still compiles, so Grad-CAM and CRM serve; the whole-network methods cannot.
+    # An op without a gradient rule (or a fixations rule) early in the backbone: a contrib
+    # op ONNX Runtime runs (and shape inference does not know, hence the value_info). The
+    # head still compiles, so Grad-CAM and CRM serve; the whole-network methods cannot.
     first = next(n for n in model.graph.node if n.op_type == "Relu")
-    first.input[0], original = "erf_out", first.input[0]
+    first.input[0], original = "gelu_out", first.input[0]
+    inferred = onnx.shape_inference.infer_shapes(model)
+    (info,) = [v for v in inferred.graph.value_info if v.name == original]
+    info.name = "gelu_out"
+    model.graph.value_info.append(info)
     model.graph.node.insert(list(model.graph.node).index(first),
-                            helper.make_node("Erf", [original], ["erf_out"], name="the_erf"))
+                            helper.make_node("Gelu", [original], ["gelu_out"], name="the_gelu",
+                                             domain="com.microsoft"))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, path)
     with TestClient(create_app(Settings(models=root, threads=1))) as c:
-        info = c.get("/models/erf").json()
+        info = c.get("/models/contrib").json()
         assert info["methods"] == ["crm", "crm_combined", "gradcam"]
         assert set(info["unavailable_methods"]) == {"guided_backprop", "guided_gradcam",
                                                     "fixations"}
-        assert "Erf (the_erf)" in info["unavailable_methods"]["guided_backprop"]
-        assert "Erf" in info["unavailable_methods"]["fixations"]
+        assert "com.microsoft:Gelu (the_gelu)" in info["unavailable_methods"]["guided_backprop"]
+        assert "Gelu" in info["unavailable_methods"]["fixations"]
         image = (ROOT / "tests/data/phantoms/nodule.png").read_bytes()
         ok = c.post("/explain", params={"methods": "gradcam"}, content=image,
                     headers={"content-type": "image/png"})
@@ -139,4 +146,57 @@ def test_methods_a_model_cannot_serve_are_listed_with_the_reason(tmp_path: Path)
         r = c.post("/explain", params={"methods": "gradcam,guided_gradcam"}, content=image,
                    headers={"content-type": "image/png"})
         assert r.status_code == 422 and r.json()["code"] == "unknown_method"
-        assert "no gradient rule for op type(s) Erf" in r.json()["detail"]
+        assert "no gradient rule for op type(s) com.microsoft:Gelu" in r.json()["detail"]
+
+
+def test_a_head_without_gradient_rules_still_predicts_and_serves_crm(tmp_path: Path) -> None:
+    """An op ONNX Runtime runs but no rule differentiates, in the head: the model loads,
+    predicts and serves CRM; the methods that differentiate are listed with the op."""
+    import base64  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    import onnx  # noqa: PLC0415
+
+    from tests import handmade  # noqa: PLC0415
+
+    h = handmade.build("contrib_head")
+    folder = tmp_path / "contrib"
+    folder.mkdir()
+    onnx.save(h.model, folder / "model.onnx")
+    (folder / "model.toml").write_text(
+        'labels = ["a", "b", "c"]\n[input]\nsize = [5, 4]\nchannels = 3\n'
+        '[output]\nactivation = "sigmoid"\n')
+    image = (ROOT / "tests/data/phantoms/nodule.png").read_bytes()
+    png = {"content-type": "image/png"}
+    with TestClient(create_app(Settings(models=tmp_path, threads=1))) as c:
+        info = c.get("/models/contrib").json()
+        assert info["methods"] == ["crm", "crm_combined"]
+        unavailable = info["unavailable_methods"]
+        assert set(unavailable) == {"gradcam", "guided_backprop", "guided_gradcam", "fixations"}
+        for name in ("gradcam", "guided_gradcam"):
+            assert unavailable[name].startswith("no head VJP graph: no gradient rule")
+            assert "com.microsoft:Gelu (fused_gelu)" in unavailable[name]
+        assert "com.microsoft:Gelu (fused_gelu)" in unavailable["guided_backprop"]
+
+        predicted = c.post("/predict", content=image, headers=png)
+        assert predicted.status_code == 200, predicted.text
+        scores = [p["score"] for p in predicted.json()["predictions"]]
+        assert len(scores) == 3 and all(0 < s < 1 for s in scores)
+
+        r = c.post("/explain", params={"methods": "crm,crm_combined", "heatmap": "npy",
+                                       "size": "feature", "classes": "a,c"},
+                   content=image, headers=png)
+        assert r.status_code == 200, r.text
+        maps = r.json()["explanations"]
+        assert [(m["method"], m["label"]) for m in maps] == [
+            ("crm", "a"), ("crm", "c"), ("crm_combined", None)]
+        for m in maps:
+            values = np.load(io.BytesIO(base64.b64decode(m["heatmap"]["data"])),
+                             allow_pickle=False)
+            assert values.shape == (handmade.H, handmade.W) and np.isfinite(values).all()
+
+        refused = c.post("/explain", params={"methods": "gradcam"}, content=image, headers=png)
+        assert refused.status_code == 422 and refused.json()["code"] == "unknown_method"
+        assert "no head VJP graph" in refused.json()["detail"]
+        assert "com.microsoft:Gelu" in refused.json()["detail"]

@@ -15,6 +15,7 @@ from service.graph import cache as cache_module
 from service.graph.cache import CompileCache
 from service.models.spec import Layout
 from service.runtime.sessions import make_session
+from tests import handmade
 
 ZOO = Path(__file__).resolve().parents[1] / "data" / "zoo"
 
@@ -43,16 +44,48 @@ def test_compile_writes_graphs_and_report(tmp_path: Path, capsys: pytest.Capture
     assert np.abs(grad[0] - expected).max() / np.abs(expected).max() < 1e-4
 
 
-def test_compile_reports_unsupported_ops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compile_reports_a_head_without_gradient_rules(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An op no rule covers after the logits' Gemm: the compile succeeds without the
+    gradient graphs, and says why."""
     model = onnx.load(ZOO / "resnet.onnx")
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
     out_name = gemm.output[0]
-    gemm.output[0] = "pre_erf"
-    model.graph.node.append(onnx.helper.make_node("Erf", ["pre_erf"], [out_name]))
-    path = tmp_path / "erf.onnx"
+    gemm.output[0] = "pre_gelu"
+    model.graph.node.append(onnx.helper.make_node("Gelu", ["pre_gelu"], [out_name],
+                                                  domain="com.microsoft", name="fused"))
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    path = tmp_path / "contrib.onnx"
     onnx.save(model, path)
-    assert cli.main(["compile", str(path), "--out", str(tmp_path / "out")]) == 1
-    assert "no gradient rule for op type(s) Erf" in capsys.readouterr().err
+    assert cli.main(["compile", str(path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "no head VJP graph (no Grad-CAM, Guided Grad-CAM): no gradient rule for op type(s) " \
+           "com.microsoft:Gelu; nodes: com.microsoft:Gelu (fused)" in out
+    assert "no guided graph: no gradient rule" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "com.microsoft:Gelu (fused)" in report["head_vjp"]
+    assert "com.microsoft:Gelu (fused)" in report["guided"]
+    assert report["fixations"]
+    assert set(report["graphs"]) == {"backbone", "head"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "backbone.onnx", "head.onnx", "report.json"]
+
+
+def test_cache_keeps_a_missing_head_vjp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model without a head VJP comes back from the disk cache without one, with the
+    reason."""
+    h = handmade.build("contrib_head")
+    raw = h.model.SerializeToString()
+    first = CompileCache(tmp_path).compile(raw, h.model, layout=Layout.NCHW, activation=None,
+                                           target_layer=None)
+    assert first.head_vjp is None and first.head_vjp_error
+    monkeypatch.setattr(cache_module, "compile_model", None)  # a call would raise
+    again = CompileCache(tmp_path).compile(raw, h.model, layout=Layout.NCHW, activation=None,
+                                           target_layer=None)
+    assert again.head_vjp is None and again.head_vjp_error == first.head_vjp_error
+    assert set(again.graphs()) == set(first.graphs()) == {"backbone", "head"}
+    assert again.guided_error == first.guided_error
+    assert again.fixations_error == first.fixations_error
 
 
 def test_cache_hits_memory_then_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

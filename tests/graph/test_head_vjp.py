@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from service.errors import CompileError
+from service.errors import CompileError, UnknownMethod
 from service.graph.autodiff import SEED, grad_name
 from service.graph.build import compile_model
+from service.methods import METHODS, Captures, Target
+from service.models.activation import Activation
 from service.models.spec import Layout
 from service.runtime.engine import Engine
 from tests import handmade
@@ -145,7 +149,35 @@ def test_op_without_rule_is_named() -> None:
     for node in model.graph.node:
         if node.op_type == "Gemm":
             node.output[0] = "gemm_out"
-    model.graph.node.append(helper.make_node("Erf", ["gemm_out"], ["scores"], name="the_erf"))
-    with pytest.raises(CompileError, match=r"no gradient rule for op type\(s\) Erf; nodes: "
-                                           r"Erf \(the_erf\).*Supported ops: .*Gemm"):
-        compile_model(model, target_layer=TARGET)
+    model.graph.node.append(helper.make_node("Gelu", ["gemm_out"], ["scores"], name="the_gelu",
+                                             domain="com.microsoft"))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    compiled = compile_model(model, target_layer=TARGET)
+    assert compiled.head_vjp is None
+    assert re.fullmatch(r"no gradient rule for op type\(s\) com.microsoft:Gelu; nodes: "
+                        r"com.microsoft:Gelu \(the_gelu\)\. Supported ops: .*Gemm.*",
+                        str(compiled.head_vjp_error))
+
+
+def test_head_without_rules_keeps_the_forward_graphs(rng: np.random.Generator) -> None:
+    """No head VJP (an op no rule covers): no session for it, the head runs, and Grad-CAM
+    refuses with the reason instead of failing inside ONNX Runtime."""
+    h = handmade.build("contrib_head")
+    compiled = compile_model(h.model)
+    assert compiled.head_vjp is None and compiled.guided is None
+    assert "com.microsoft:Gelu (fused_gelu)" in str(compiled.head_vjp_error)
+    engine = Engine(compiled, ["CPUExecutionProvider"], 1)
+    assert not engine.has_head_vjp and engine.max_batch > 1
+    acts = np.abs(rng.normal(size=(3, handmade.C, handmade.H, handmade.W))).astype(np.float32)
+    np.testing.assert_allclose(engine.head(acts), h.numpy_head(acts.astype(np.float64)),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no head VJP graph"):
+        engine.head_vjp(acts, np.eye(3, handmade.K, dtype=np.float32))
+    captures = Captures(acts[0], engine.head(acts[:1])[0], Activation.SIGMOID, engine.head, None)
+    with pytest.raises(UnknownMethod, match="no head VJP graph"):
+        METHODS["gradcam"].compute(captures, [0], Target.LOGIT)
+    with pytest.raises(UnknownMethod, match="no guided-backprop graph"):
+        METHODS["guided_gradcam"].compute(captures, [0], Target.LOGIT)
+    assert [m.name for m in METHODS.values() if m.needs_head_vjp] == ["gradcam", "guided_gradcam"]
+    crm = METHODS["crm"].compute(captures, [0, 2], Target.PROBABILITY)
+    assert [m.index for m in crm] == [0, 2] and all(np.isfinite(m.values).all() for m in crm)

@@ -17,7 +17,7 @@ from onnx import helper
 
 from service.errors import CompileError
 from service.graph.autodiff.builder import PREFIX, VjpBuilder
-from service.graph.autodiff.registry import RULES
+from service.graph.autodiff.registry import RULES, Rule
 from service.graph.extract import value_info
 from service.graph.onnx_graph import GraphIndex
 
@@ -26,6 +26,20 @@ SEED = f"{PREFIX}seed"
 
 def grad_name(tensor: str, prefix: str = PREFIX) -> str:
     return f"{prefix}grad/{tensor}"
+
+
+def rule(node: onnx.NodeProto) -> Rule | None:
+    """The VJP rule of a node's op, or None. The rules are those of the standard ONNX ops:
+    an op of another domain (com.microsoft's Gelu, a model-local function) may share a name
+    with one but not its meaning."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    return RULES.get(node.op_type)
+
+
+def op_name(node: onnx.NodeProto) -> str:
+    """The op type, qualified by its domain when that is not the standard one."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
 
 
 def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = False,
@@ -61,9 +75,9 @@ def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = F
     if of not in active:
         raise CompileError(f"tensor {of!r} does not depend on {', '.join(wrt)}")
 
-    missing = sorted({n.op_type for n in path if n.op_type not in RULES})
+    missing = sorted({op_name(n) for n in path if rule(n) is None})
     if missing:
-        where = [f"{n.op_type} ({n.name or n.output[0]})" for n in path if n.op_type in missing]
+        where = [f"{op_name(n)} ({n.name or n.output[0]})" for n in path if op_name(n) in missing]
         raise CompileError(
             f"no gradient rule for op type(s) {', '.join(missing)}; nodes: "
             f"{', '.join(where[:10])}{' ...' if len(where) > 10 else ''}. "
@@ -86,7 +100,7 @@ def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = F
         if all(g is None for g in gys):
             continue
         needs = [bool(i) and i in active and not index.is_constant(i) for i in node.input]
-        gxs = RULES[node.op_type](builder, node, gys, needs)
+        gxs = rule(node)(builder, node, gys, needs)  # type: ignore[misc]
         for inp, need, gx in zip(node.input, needs, gxs):
             if need and gx is not None:
                 grads[inp].append(gx)
@@ -117,4 +131,4 @@ def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = F
     return out
 
 
-__all__ = ["RULES", "SEED", "grad_name", "vjp"]
+__all__ = ["RULES", "SEED", "grad_name", "op_name", "rule", "vjp"]
