@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -11,6 +12,7 @@ from service.graph import autodiff
 from service.graph import fixations as fixation_plan
 from service.graph.extract import extract
 from service.graph.onnx_graph import GraphIndex
+from service.graph.specialise import specialise
 from service.graph.target import Split, split
 from service.models.spec import Layout
 
@@ -67,7 +69,8 @@ class CompiledModel:
 
 def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
                   activation: str | None = None,
-                  target_layer: str | None = None) -> CompiledModel:
+                  target_layer: str | None = None,
+                  input_shape: Sequence[int] | None = None) -> CompiledModel:
     """Cut ``model`` at its target layer and differentiate its head.
 
     Args:
@@ -76,6 +79,10 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
         activation: model.toml ``output.activation``; must agree with a final
             Sigmoid/Softmax found in the graph.
         target_layer: model.toml ``explain.target_layer``, or None to auto-detect.
+        input_shape: the image input's full shape (batch of one first, in ``layout``), from
+            model.toml's input size and channels; when given, the model is specialised to it
+            first (:func:`service.graph.specialise.specialise`: shape arithmetic folded,
+            fixed-batch reshapes made batch-agnostic).
 
     A graph that cannot be differentiated (an op without a rule) leaves its graph None
     with the reason beside it; the model keeps the forward graphs, hence predictions and CRM.
@@ -83,6 +90,8 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
     Raises:
         CompileError: when the graph cannot be cut, or a generated graph is invalid.
     """
+    if input_shape is not None:
+        model = specialise(model, input_shape)
     index = GraphIndex(model)
     cut = split(index, layout=layout, target_layer=target_layer)
     if activation is not None and cut.graph_activation != "none" and (
