@@ -7,8 +7,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.config import Settings, ValidationError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from service.models.spec import Layout
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -65,19 +71,26 @@ def _compile(args: argparse.Namespace) -> int:
         print("medexplain compile: the graph does not show whether its image input is NCHW "
               "or NHWC; give --layout", file=sys.stderr)
         return 2
+    shape, problem = _input_shape(model, layout, args.input_size, args.channels)
+    if problem is not None:
+        print(f"medexplain compile: {problem}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         compiled = compile_model(model, layout=layout, activation=args.activation,
-                                 target_layer=args.target_layer)
+                                 target_layer=args.target_layer, input_shape=shape)
     except CompileError as exc:
         print(f"medexplain compile: {exc}", file=sys.stderr)
         return 1
     summary = report.report(model, compiled, time.perf_counter() - start)
+    summary["input_shape"] = list(shape) if shape is not None else None
     out = Path(args.out)
     written = report.write(out, compiled)
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     target = summary["target_layer"]
-    print(f"image input {layout.value}" + ("" if args.layout else " (as the graph shows it)"))
+    print(f"image input {layout.value}" + ("" if args.layout else " (as the graph shows it)")
+          + (f", specialised to {'×'.join(map(str, shape))}" if shape is not None else
+             ", not specialised (the graph leaves its size open: give --input-size H W)"))
     print(f"target layer {target['name']} ({target['layout']}, C×H×W "
           f"{'×'.join(map(str, target['shape_chw']))}); compiled in "
           f"{summary['compile_seconds']} s")
@@ -92,6 +105,36 @@ def _compile(args: argparse.Namespace) -> int:
         print(f"  no CNN Fixations graph: {compiled.fixations_error}")
     print(f"wrote {len(written)} graphs and report.json to {out}")
     return 0
+
+
+def _input_shape(model: onnx.ModelProto, layout: Layout, size: list[int] | None,
+                 channels: int | None) -> tuple[tuple[int, ...] | None, str | None]:
+    """(the shape to specialise the graph to, or None; a problem to report, or None).
+
+    ``--input-size`` and ``--channels`` win; what they leave out is read from the graph's
+    image input where it is static. Neither given and the graph's size open: no
+    specialisation.
+    """
+    from service.graph.specialise import contradiction, declared_input_shape, image_shape
+    from service.models.spec import Layout
+
+    declared = declared_input_shape(model)
+    if declared is None or len(declared) != 4:
+        declared = [None] * 4
+    if size is None and channels is None and None in declared[1:]:
+        return None, None
+    c, h, w = (3, 1, 2) if layout is Layout.NHWC else (1, 2, 3)
+    height, width = size if size is not None else (declared[h], declared[w])
+    chans = channels if channels is not None else declared[c]
+    if height is None or width is None:
+        return None, "the graph leaves the image size open; give --input-size H W"
+    if chans is None:
+        return None, "the graph leaves the channel count open; give --channels C"
+    if min(height, width, chans) <= 0:
+        return None, "--input-size and --channels must be positive"
+    shape = image_shape(layout, height, width, chans)
+    problem = contradiction(model, shape)
+    return (None, problem) if problem is not None else (shape, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="layout of the image input (default: as the graph shows it)")
     comp.add_argument("--activation", default=None, choices=["sigmoid", "softmax", "none"],
                       help="how logits become scores, if the graph does not end in one")
+    comp.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                      help="image height and width to specialise the graph to, as model.toml "
+                           "input.size (default: the graph's, when static)")
+    comp.add_argument("--channels", type=int, default=None,
+                      help="image channels, as model.toml input.channels (default: the "
+                           "graph's, when static)")
     comp.set_defaults(run=_compile)
     spec = sub.add_parser("openapi", help="print or write the OpenAPI document")
     spec.add_argument("--out", default=None, help="file to write (default: stdout)")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -43,18 +44,22 @@ class CompileCache:
         self._memory: OrderedDict[str, CompiledModel] = OrderedDict()
 
     @staticmethod
-    def key(raw: bytes, layout: Layout, activation: str | None, target_layer: str | None) -> str:
+    def key(raw: bytes, layout: Layout, activation: str | None, target_layer: str | None,
+            input_shape: Sequence[int] | None = None) -> str:
         digest = hashlib.sha256(raw)
-        digest.update(f"|{layout}|{activation}|{target_layer}|{compiler_fingerprint()}".encode())
+        shape = None if input_shape is None else "x".join(str(int(d)) for d in input_shape)
+        digest.update(f"|{layout}|{activation}|{target_layer}|{shape}|"
+                      f"{compiler_fingerprint()}".encode())
         return digest.hexdigest()
 
     def compile(self, raw: bytes, model: onnx.ModelProto, *, layout: Layout,
-                activation: str | None, target_layer: str | None) -> CompiledModel:
-        key = self.key(raw, layout, activation, target_layer)
+                activation: str | None, target_layer: str | None,
+                input_shape: Sequence[int] | None = None) -> CompiledModel:
+        key = self.key(raw, layout, activation, target_layer, input_shape)
         hit = self._memory.get(key) or self._load(key)
         if hit is None:
             hit = compile_model(model, layout=layout, activation=activation,
-                                target_layer=target_layer)
+                                target_layer=target_layer, input_shape=input_shape)
             self._store(key, hit)
         self._memory[key] = hit
         self._memory.move_to_end(key)

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from service.errors import CompileError, ModelError, UnknownModel
 from service.graph.cache import CompileCache
+from service.graph.specialise import image_shape
 from service.graph.target import FINAL_ACTIVATIONS, detect_layout
 from service.methods import METHODS
 from service.methods.base import RawMap
@@ -183,9 +184,11 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
     except (OSError, DecodeError) as exc:
         raise ModelError(f"{folder.name}/model.onnx: {exc}") from exc
     config = read_config(folder, model)
+    spec = config.input
     compiled = (cache or _DEFAULT_CACHE).compile(
-        raw, model, layout=config.input.layout, activation=config.activation.value,
-        target_layer=config.target_layer)
+        raw, model, layout=spec.layout, activation=config.activation.value,
+        target_layer=config.target_layer,
+        input_shape=image_shape(spec.layout, spec.height, spec.width, spec.channels))
     outputs = compiled.backbone.graph.output
     n_out = outputs[1].type.tensor_type.shape.dim[-1].dim_value if len(outputs) > 1 else 0
     if n_out and n_out != len(config.labels):

@@ -10,8 +10,10 @@ graph.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,8 +21,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from service import cli
 from service.graph.autodiff import SEED, grad_name, vjp
 from service.graph.build import CompiledModel, compile_model
+from service.graph.cache import CompileCache
 from service.graph.extract import extract
 from service.graph.onnx_graph import GraphIndex
 from service.graph.specialise import (
@@ -29,6 +33,7 @@ from service.graph.specialise import (
     specialise,
     static_input_shape,
 )
+from service.models.repository import load_model
 from service.models.spec import Layout
 from service.runtime.engine import Engine
 from service.runtime.sessions import make_session
@@ -271,6 +276,9 @@ def test_fixed_and_computed_batches_become_copies_of_the_batch() -> None:
     dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
             for v in (special.graph.input[0], special.graph.output[0])]
     assert dims == [["N", IN, H, W], ["N", K]]
+    info = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in special.graph.value_info}
+    assert info["flat"] == ["N", C] and info[TARGET] == ["N", C, H, W]
 
 
 def _equal_graph_outputs(a: onnx.ModelProto, b: onnx.ModelProto,
@@ -397,3 +405,54 @@ def test_a_contradicting_shape_is_left_to_the_start_up_check() -> None:
     assert static_input_shape(_open_size(chunk())) is None
     assert image_shape(Layout.NHWC, 5, 4, 3) == (1, 5, 4, 3)
     assert image_shape(Layout.NCHW, 5, 4, 3) == (1, 3, 5, 4)
+
+
+def test_the_cache_key_includes_the_input_shape() -> None:
+    raw = dynamo().SerializeToString()
+    keys = {CompileCache.key(raw, Layout.NCHW, None, None, shape)
+            for shape in (None, SHAPE, (1, IN, H, W + 1))}
+    assert len(keys) == 3
+
+
+def test_compile_cli_reads_the_size_from_the_graph_or_the_options(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "dynamo.onnx"
+    onnx.save(dynamo(), path)
+    assert cli.main(["compile", str(path), "--out", str(tmp_path / "a")]) == 0
+    assert f"specialised to 1×{IN}×{H}×{W}" in capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["input_shape"] == list(SHAPE)
+    head = onnx.load(tmp_path / "a" / "head.onnx")
+    assert _reshape_targets(head) == {"flat": [0, C]}
+
+    # A graph with an open size: specialised only when told it.
+    path = tmp_path / "open.onnx"
+    onnx.save(_open_size(chunk()), path)
+    args = ["compile", str(path), "--target-layer", TARGET, "--activation", "none"]
+    assert cli.main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert "not specialised" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["input_shape"] is None
+    # --input-size alone: the channels come from the graph.
+    assert cli.main([*args, "--out", str(tmp_path / "c"), "--input-size", str(H),
+                     str(W)]) == 0
+    assert f"specialised to 1×{IN}×{H}×{W}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["guided"] is None
+    assert cli.main([*args, "--out", str(tmp_path / "d"), "--input-size", str(H), str(W),
+                     "--channels", "3"]) == 2
+    assert "has shape [?, 2, ?, ?], not [1, 3, 5, 4]" in capsys.readouterr().err
+    assert cli.main([*args, "--out", str(tmp_path / "e"), "--channels", str(IN)]) == 2
+    assert "give --input-size H W" in capsys.readouterr().err
+
+
+def test_load_model_specialises_to_model_toml(tmp_path: Path) -> None:
+    folder = tmp_path / "dynamo"
+    folder.mkdir()
+    onnx.save(dynamo(channels=3), folder / "model.onnx")
+    (folder / "model.toml").write_text(
+        'labels = ["a", "b", "c"]\n[input]\n'
+        f"size = [{H}, {W}]\nchannels = 3\n"
+        '[output]\nactivation = "sigmoid"\n'
+        f'[explain]\ntarget_layer = "{TARGET}"\n', encoding="utf-8")
+    loaded = load_model(folder, providers=["CPUExecutionProvider"], threads=1, head_batch=16)
+    assert loaded.engine.max_batch == 16
+    assert _reshape_targets(loaded.engine.compiled.head) == {"flat": [0, C]}
