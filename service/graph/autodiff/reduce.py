@@ -1,4 +1,10 @@
-"""VJP rules for global pooling and reductions."""
+"""VJP rules for global pooling and reductions.
+
+Every reduction's gradient is gy brought back to x's rank (Unsqueeze when keepdims=0)
+times the local derivative, which broadcasts it over the reduced axes: 1 (ReduceSum), 1/n
+(ReduceMean), 2x (ReduceSumSquare), x/y (ReduceL2), sign(x) (ReduceL1), e^(x−y)
+(ReduceLogSumExp), and the tie-shared indicator of the extremum (ReduceMax, ReduceMin).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from service.graph.onnx_graph import attr
 Grads = list[str | None]
 
 
-def _count(b: VjpBuilder, x: str, axes: list[int]) -> str:
+def reduced_count(b: VjpBuilder, x: str, axes: list[int]) -> str:
     """The number of elements reduced over ``axes`` of x, as a float scalar tensor."""
     shape = b.shape(x)
     if shape is not None and all(isinstance(shape[a], int) for a in axes):
@@ -27,7 +33,7 @@ def global_average_pool(b: VjpBuilder, node: onnx.NodeProto, gys: Grads,
     x, gy = node.input[0], gys[0]
     assert gy is not None
     spatial = list(range(2, b.rank(x)))
-    scaled = b.op("Div", [gy, _count(b, x, spatial)])
+    scaled = b.op("Div", [gy, reduced_count(b, x, spatial)])
     return [b.op("Expand", [scaled, b.shape_of(x)], hint="grad")]
 
 
@@ -75,7 +81,7 @@ def _reduce(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, mean: bool) -> Grad
     if not int(attr(node, "keepdims", 1)):  # type: ignore[arg-type]
         gy = b.unsqueeze(gy, axes)
     if mean:
-        gy = b.op("Div", [gy, _count(b, x, axes)])
+        gy = b.op("Div", [gy, reduced_count(b, x, axes)])
     return [b.op("Expand", [gy, b.shape_of(x)], hint="grad")] + [None] * (len(node.input) - 1)
 
 
@@ -85,3 +91,72 @@ def reduce_mean(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[boo
 
 def reduce_sum(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
     return _reduce(b, node, gys, mean=False)
+
+
+def _kept(b: VjpBuilder, node: onnx.NodeProto, t: str) -> tuple[str, list[int]]:
+    """A reduced tensor (the output or its gradient) at x's rank, and the reduced axes."""
+    x = node.input[0]
+    axes = _reduce_axes(b, node)
+    if axes is None:
+        axes = list(range(b.rank(x)))
+    if not axes:
+        # The spec leaves what e.g. ReduceSumSquare does then unclear; no exporter writes it.
+        raise CompileError(f"{node.op_type} node {node.name!r}: a reduction over no axes "
+                           "(noop_with_empty_axes) is not supported")
+    if not int(attr(node, "keepdims", 1)):  # type: ignore[arg-type]
+        t = b.unsqueeze(t, axes)
+    return t, axes
+
+
+def _grad(node: onnx.NodeProto, gx: str) -> Grads:
+    return [gx] + [None] * (len(node.input) - 1)
+
+
+def reduce_sum_square(b: VjpBuilder, node: onnx.NodeProto, gys: Grads,
+                      needs: list[bool]) -> Grads:
+    """y = Σ x²: gx = 2x · gy."""
+    x, gy = node.input[0], gys[0]
+    assert gy is not None
+    g, _ = _kept(b, node, gy)
+    return _grad(node, b.op("Mul", [b.op("Mul", [x, b.float_const(2.0, x)]), g], hint="grad"))
+
+
+def reduce_l2(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
+    """y = √Σ x²: gx = gy · x / y; 0 where y = 0 (then x = 0 there), as torch's norm does."""
+    x, gy = node.input[0], gys[0]
+    assert gy is not None
+    g, _ = _kept(b, node, gy)
+    y, _ = _kept(b, node, node.output[0])
+    zero = b.float_const(0.0, x)
+    safe = b.op("Where", [b.op("Equal", [y, zero]), b.float_const(1.0, x), y])
+    return _grad(node, b.op("Mul", [x, b.op("Div", [g, safe])], hint="grad"))
+
+
+def reduce_l1(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
+    """y = Σ |x|: gx = gy · sign(x) (0 at x = 0)."""
+    x, gy = node.input[0], gys[0]
+    assert gy is not None
+    g, _ = _kept(b, node, gy)
+    return _grad(node, b.op("Mul", [b.op("Sign", [x]), g], hint="grad"))
+
+
+def reduce_log_sum_exp(b: VjpBuilder, node: onnx.NodeProto, gys: Grads,
+                       needs: list[bool]) -> Grads:
+    """y = ln Σ eˣ: gx = gy · e^(x − y) (the softmax over the reduced axes)."""
+    x, gy = node.input[0], gys[0]
+    assert gy is not None
+    g, _ = _kept(b, node, gy)
+    y, _ = _kept(b, node, node.output[0])
+    return _grad(node, b.op("Mul", [b.op("Exp", [b.op("Sub", [x, y])]), g], hint="grad"))
+
+
+def reduce_extremum(b: VjpBuilder, node: onnx.NodeProto, gys: Grads,
+                    needs: list[bool]) -> Grads:
+    """ReduceMax / ReduceMin: gy to the extremum, ties sharing it (as GlobalMaxPool)."""
+    x, gy = node.input[0], gys[0]
+    assert gy is not None
+    g, axes = _kept(b, node, gy)
+    y, _ = _kept(b, node, node.output[0])
+    hit = b.op("Cast", [b.op("Equal", [x, y])], to=b.index.elem_type(x) or 1)
+    ties = b.reduce("ReduceSum", hit, axes, keepdims=True)
+    return _grad(node, b.op("Mul", [hit, b.op("Div", [g, ties])], hint="grad"))

@@ -1,5 +1,5 @@
 """VJP rules for ops that only move values around: Identity, Dropout, reshapes, Transpose,
-Expand, Concat, Split, Slice and Pad.
+Expand, Tile, Concat, Split, Slice and Pad.
 
 Slice with steps != 1 and Pad in reflect, edge and wrap modes are linear maps along each
 axis; their gradients are MatMuls with the transposed 0/1 selection matrix, built with
@@ -82,6 +82,38 @@ def zeros_like(b: VjpBuilder, t: str) -> str:
 def expand(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
     assert gys[0] is not None
     return _only_first(b.unbroadcast(gys[0], node.input[0], node.output[0]), node)
+
+
+def tile(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
+    """y = x repeated r_i times along each axis i (copy-major: y[t·d + j] = x[j]).
+
+    Reshape gy to (r_0, d_0, r_1, d_1, ...) and sum the r axes. Needs constant repeats and
+    static sizes on every repeated axis; at most one other axis may be symbolic (-1).
+    """
+    x, gy = node.input[0], gys[0]
+    assert gy is not None
+    repeats = _constant_input(b, node, 1, "repeats")
+    assert repeats is not None
+    reps = [int(r) for r in repeats.reshape(-1)]
+    if all(r == 1 for r in reps):
+        return _only_first(gy, node)
+    shape = b.shape(x)
+    if shape is None:
+        raise CompileError(f"Tile node {node.name!r}: the shape of {x!r} is unknown")
+    target: list[int] = []
+    summed: list[int] = []
+    for dim, r in zip(shape, reps):
+        if r != 1:
+            if not isinstance(dim, int):
+                raise CompileError(f"Tile node {node.name!r}: a repeated axis of {x!r} has no "
+                                   "static size")
+            summed.append(len(target))
+            target.append(r)
+        target.append(dim if isinstance(dim, int) else -1)
+    if target.count(-1) > 1:
+        raise CompileError(f"Tile node {node.name!r}: {x!r} has more than one symbolic axis")
+    split = b.op("Reshape", [gy, b.const(np.array(target, dtype=np.int64))])
+    return _only_first(b.reduce("ReduceSum", split, summed, keepdims=False), node)
 
 
 def concat(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
