@@ -15,7 +15,9 @@ model.toml. :func:`specialise` is the pure pass that uses it:
 * a Reshape whose target depends on the batch (``view(x.size(0), -1)``) or fixes it to one
   (dynamo's ``[1, C]``, while its data's first axis is the batch) gets a constant target
   that copies the batch (``0``, or ``-1`` when ``allowzero`` is set); an Expand whose
-  shape depends on the batch gets ``1`` on the axes it keeps from its input;
+  shape depends on the batch gets ``1`` on the axes it keeps from its input; a Resize to
+  sizes that fix or copy the batch (dynamo writes ``[1, C, 2H, 2W]``) resizes only the
+  other axes (opset 18's ``axes``);
 * shape-only nodes nobody reads any more are removed; value_info is rewritten from the
   inferred shapes, the batch axis symbolic.
 
@@ -24,8 +26,8 @@ for each node, ONNX's own per-node shape inference (``infer_node_outputs``, fed 
 already known) gives its output types at both sizes, and a node whose inputs are all known
 is evaluated with ``onnx.reference`` (the operator specification's reference
 implementation). A value equal at both sizes is folded; one that differs depends on the
-batch and stays computed at run time (only Reshape and Expand are rewritten so as not to
-need it). Rewriting as the walk goes means a chain of fixed-batch Reshapes is seen whole:
+batch and stays computed at run time (only Reshape, Expand and Resize are rewritten so as
+not to need it). Rewriting as the walk goes means a chain of fixed-batch Reshapes is seen whole:
 the shapes downstream of the first rewritten one already carry the batch. At batch one no
 value changes anywhere (a fold is the value the node computes; a rewritten Reshape yields
 the same shape); every rewrite is checked against both probes before it is kept.
@@ -50,6 +52,7 @@ left to ONNX Runtime's own folding.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -179,7 +182,7 @@ def specialise(model: onnx.ModelProto, input_shape: Sequence[int]) -> onnx.Model
 
 
 def _numel(dims: Iterable[int]) -> int:
-    return int(np.prod(list(dims), dtype=np.int64))
+    return math.prod(int(d) for d in dims)
 
 
 def _type_of(value: np.ndarray) -> onnx.TypeProto:
@@ -267,27 +270,21 @@ def _batch_agnostic_reshape(data: Sequence[Dims], targets: Sequence[np.ndarray],
         return None
     else:
         desired = [o for o in outs if o is not None]
-    # The original entries where they do not depend on the batch, else the resolved sizes;
-    # an entry that changes with the batch copies it (0) or is inferred (-1).
-    given = [[int(v) for v in t.reshape(-1)] for t in targets]
-    for resolve in (False, True):
-        target = []
-        for axis, column in enumerate(zip(*desired)):
-            entries = {g[axis] for g in given}
-            if not resolve and len(entries) == 1 and not (fixed and axis == 0):
-                target.append(given[0][axis])
-            elif len(set(column)) == 1:
-                target.append(column[0])
-            elif not allowzero and all(axis < len(d) and d[axis] == c
-                                       for d, c in zip(data, column)):
-                target.append(0)
-            else:
-                target.append(-1)
-        result = np.array(target, dtype=np.int64)
-        if target.count(-1) <= 1 and all(_reshaped(d, result, allowzero) == o
-                                         for d, o in zip(data, desired)):
-            return result
-    return None
+    # Static sizes where they do not depend on the batch (the rules and ONNX's own shape
+    # inference read them); an entry that changes with it copies it (0) or is inferred (-1).
+    target = []
+    for axis, column in enumerate(zip(*desired)):
+        if len(set(column)) == 1:
+            target.append(column[0])
+        elif not allowzero and all(axis < len(d) and d[axis] == c for d, c in zip(data, column)):
+            target.append(0)
+        else:
+            target.append(-1)
+    result = np.array(target, dtype=np.int64)
+    if target.count(-1) > 1 or any(_reshaped(d, result, allowzero) != o
+                                   for d, o in zip(data, desired)):
+        return None
+    return result
 
 
 def _batch_agnostic_expand(data: Sequence[Dims],
@@ -393,7 +390,7 @@ class _Specialiser:
         """``name``'s value for shape inference, when known and small."""
         if not self.known(p, name):
             return None
-        cache = self._data[p]
+        cache = self._data[0 if name in self.constants or name in self.inits else p]
         if name not in cache:
             value = self.value(p, name)
             if value.size > FOLD_LIMIT or value.dtype == object:
@@ -433,12 +430,15 @@ class _Specialiser:
             self.constant(node)
             self.nodes.append(node)
             return
-        inferred = [self.infer(p, node) for p in range(len(PROBES))]
+        inferred: list[dict[str, onnx.TypeProto]] = []
         results: list[list[np.ndarray] | None] = []
+        invariant = self.invariant(node)
         for p in range(len(PROBES)):
-            if p and results[0] is not None and self.invariant(node):
+            if p and invariant:  # the same inputs give the same types and values
+                inferred.append(inferred[0])
                 results.append(results[0])
             else:
+                inferred.append(self.infer(p, node))
                 results.append(self.evaluate(p, node, inferred[p]))
         outs = [o for o in node.output if o]
         if all(r is not None for r in results) and outs and not self.outputs & set(outs) and all(
@@ -449,7 +449,7 @@ class _Specialiser:
                 for types in self.types:
                     types[out] = _type_of(results[0][k])  # type: ignore[index]
             return
-        if default and node.op_type in ("Reshape", "Expand") and len(node.input) > 1:
+        if default and node.op_type in ("Reshape", "Expand", "Resize") and len(node.input) > 1:
             rewritten = self.rewrite(node)
             if rewritten is not node:
                 node = rewritten
@@ -469,8 +469,9 @@ class _Specialiser:
         if tensor is not None:
             for types in self.types:
                 types[out] = helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims))
-            if _numel(tensor.dims) > FOLD_LIMIT:
-                return
+            if _numel(tensor.dims) <= FOLD_LIMIT:
+                self.constants[out] = numpy_helper.to_array(tensor)
+            return
         value = self.evaluate(0, node)
         if value is not None:
             self.constants[out] = value[0]
@@ -563,18 +564,28 @@ class _Specialiser:
         return values
 
     def rewrite(self, node: onnx.NodeProto) -> onnx.NodeProto:
-        """A Reshape or Expand with a batch-agnostic constant shape, or ``node`` itself."""
-        data, shape = node.input[0], node.input[1]
+        """A Reshape, Expand or Resize whose shape input no longer depends on the batch, or
+        ``node`` itself."""
+        position = 3 if node.op_type == "Resize" else 1
+        data = node.input[0]
+        shape = node.input[position] if len(node.input) > position else ""
         dims = [_dims(self.type(p, data)) for p in range(len(PROBES))]
-        if any(d is None for d in dims) or not all(self.known(p, shape)
-                                                  for p in range(len(PROBES))):
+        if not shape or any(d is None for d in dims) or not all(
+            self.known(p, shape) for p in range(len(PROBES))
+        ):
             return node
         targets = [self.value(p, shape) for p in range(len(PROBES))]
+        axes: list[int] | None = None
         if node.op_type == "Reshape":
             allowzero = self.opset >= 14 and bool(attr(node, "allowzero", 0))
             new = _batch_agnostic_reshape(dims, targets, allowzero)  # type: ignore[arg-type]
-        else:
+        elif node.op_type == "Expand":
             new = _batch_agnostic_expand(dims, targets)  # type: ignore[arg-type]
+        else:
+            found = self.resize(node, dims, targets)  # type: ignore[arg-type]
+            if found is None:
+                return node
+            axes, new = found
         if new is None:
             return node
         name = self.fresh(f"{shape}/any_batch")
@@ -583,8 +594,36 @@ class _Specialiser:
             types[name] = _type_of(new)
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        copy.input[1] = name
+        copy.input[position] = name
+        if axes is not None:
+            kept = [a for a in copy.attribute if a.name != "axes"]
+            del copy.attribute[:]
+            copy.attribute.extend([*kept, helper.make_attribute("axes", axes)])
         return copy
+
+    def resize(self, node: onnx.NodeProto, data: Sequence[Dims],
+               targets: Sequence[np.ndarray]) -> tuple[list[int], np.ndarray] | None:
+        """(axes, sizes) for a Resize to sizes that fix or copy the batch: the same sizes
+        without the batch axis, which opset 18's ``axes`` then leaves as it is."""
+        rank = len(data[0])
+        if self.opset < 18 or str(attr(node, "keep_aspect_ratio_policy", "stretch")) != (
+            "stretch"
+        ) or any(len(d) != rank for d in data):
+            return None
+        axes = [int(a) % rank for a in attr(node, "axes", None) or range(rank)]  # type: ignore[union-attr]
+        sizes = [[int(v) for v in t.reshape(-1)] for t in targets]
+        if 0 not in axes or any(len(s) != len(axes) for s in sizes):
+            return None
+        k = axes.index(0)
+        rest = [[v for i, v in enumerate(s) if i != k] for s in sizes]
+        if any(r != rest[0] for r in rest):
+            return None  # another axis depends on the batch
+        batch_first = all(d[0] == b for d, b in zip(data, PROBES))
+        copies = all(s[k] == d[0] for s, d in zip(sizes, data))
+        fixed = batch_first and all(s[k] == 1 for s in sizes)
+        if not (copies or fixed) or (copies and _same(list(targets))):
+            return None  # sizes constant and right at every batch already, or not the batch
+        return [a for a in axes if a != 0], np.array(rest[0], dtype=np.int64)
 
     def fresh(self, base: str) -> str:
         name, k = base, 1

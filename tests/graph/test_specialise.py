@@ -133,6 +133,18 @@ def dynamo(dtype: type = np.float32, channels: int = IN, allowzero: int = 0) -> 
     return g.model([1, channels, H, W], [1, K], opset=20, info=info)
 
 
+def upsample(dtype: type = np.float32, channels: int = IN) -> onnx.ModelProto:
+    """dynamo's ``interpolate(scale_factor=2)``: Resize to constant sizes, batch of one
+    included, then a Reshape to [1, -1] that batches only once the Resize does."""
+    g = _Graph(5, dtype, channels)
+    g.node("Relu", ["conv"], ["r"])
+    g.node("Resize", ["r", "", "", g.const("sizes", _ints(1, C, 2 * H, 2 * W))], [TARGET],
+           mode="nearest")
+    g.head(TARGET, lambda: g.node("Reshape", ["gap", g.const("flat_shape", _ints(1, -1))],
+                                  ["flat"]))
+    return g.model([1, channels, H, W], [1, K], opset=20)
+
+
 def shuffle(dtype: type = np.float32, channels: int = IN) -> onnx.ModelProto:
     """A channel shuffle and a flatten with ``view(x.size(0), ...)`` (Shape + Concat)."""
     g = _Graph(2, dtype, channels)
@@ -188,13 +200,14 @@ def static(dtype: type = np.float32, channels: int = IN) -> onnx.ModelProto:
 
 
 BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
-    "chunk": chunk, "dynamo": dynamo, "shuffle": shuffle, "pad_same": pad_same,
-    "static": static,
+    "chunk": chunk, "dynamo": dynamo, "upsample": upsample, "shuffle": shuffle,
+    "pad_same": pad_same, "static": static,
 }
 # What each graph lacks before the pass.
 BLOCKED = {
     "chunk": {"guided", "fixations"},
     "dynamo": {"head_batches"},
+    "upsample": {"head_batches"},
     "shuffle": {"fixations"},
     "pad_same": {"guided", "fixations"},
     "static": set(),
@@ -245,7 +258,10 @@ def test_only_shape_arithmetic_goes_and_every_other_name_stays(case: str) -> Non
         if node.output[0] in data:
             same = kept.get(node.output[0])
             assert same is not None, f"{node.op_type} {node.output[0]!r} was removed"
-            assert (same.name, same.op_type, list(same.output), list(same.attribute)) == (
+            # (A Resize to sizes that fix the batch gets axes without it.)
+            attrs = [a for a in same.attribute if not (a.name == "axes" and "axes" not in {
+                b.name for b in node.attribute})]
+            assert (same.name, same.op_type, list(same.output), attrs) == (
                 node.name, node.op_type, list(node.output), list(node.attribute))
             assert [i for i in same.input if i in data] == [i for i in node.input if i in data]
     assert not any(n.op_type == "Shape" for n in special.graph.node)
@@ -270,7 +286,15 @@ def test_fixed_and_computed_batches_become_copies_of_the_batch() -> None:
     # allowzero=1 reads 0 as an empty axis: the batch is inferred instead.
     assert _reshape_targets(specialise(dynamo(allowzero=1), SHAPE)) == {"flat": [-1, C]}
     assert _reshape_targets(specialise(shuffle(), SHAPE)) == {
-        "r5": [0, 2, C // 2, H, W], TARGET: [0, -1, H, W], "flat": [0, -1]}
+        "r5": [0, 2, C // 2, H, W], TARGET: [0, C, H, W], "flat": [0, C]}
+    # A Resize to sizes with the batch fixed resizes the other axes only; the Reshape after
+    # it is then seen to read the batch.
+    special = specialise(upsample(), SHAPE)
+    assert _reshape_targets(special) == {"flat": [0, C]}
+    resize = next(n for n in special.graph.node if n.op_type == "Resize")
+    assert helper.get_attribute_value(next(a for a in resize.attribute if a.name == "axes")) \
+        == [1, 2, 3]
+    assert GraphIndex(special).constant(resize.input[3]).tolist() == [C, 2 * H, 2 * W]  # type: ignore[union-attr]
     # The dynamo graph's declared batch of one is open afterwards, outputs included.
     special = specialise(dynamo(), SHAPE)
     dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
