@@ -559,6 +559,14 @@ def _gelu_decomposed() -> Case:
     return Case(nodes, {"x": 2 * _normal(2, 3, 4)}, inits)
 
 
+def _gather_flat(indices: np.ndarray, opset: int = 13) -> Case:
+    """torch dynamo's as_strided: Reshape(x, [-1]) → Gather; with a symbolic batch the flat
+    size is known only at run time."""
+    nodes = [_node("Reshape", ["x", "minus1"], ["flat"]),
+             _node("Gather", ["flat", "idx"], ["g"], axis=0), _node("Mul", ["g", "g"])]
+    return Case(nodes, {"x": _normal(2, 3)}, {"minus1": _i64(-1), "idx": indices}, opset=opset)
+
+
 def _positive(*shape: int) -> np.ndarray:
     return np.asarray(RNG.uniform(0.5, 2.0, size=shape))
 
@@ -707,6 +715,8 @@ OTHER = {
     "gather_matrix_indices": _gather(np.array([[0, -1], [1, 0]], dtype=np.int64), axis=0),
     "gather_scalar_index": _gather(np.array(1, dtype=np.int64), axis=2),
     "gather_matrix_indices_axis1": _gather(np.array([[3, 1, 1]], dtype=np.int64), axis=1),
+    "gather_flat": _gather_flat(np.array([[[0]], [[4]], [[1]], [[5]]], dtype=np.int64)),
+    "gather_flat_repeats_opset16": _gather_flat(_i64(0, 4, 4, 1), opset=16),
     # layer normalisation
     "layer_norm_last_axis_all_grads": _layer_norm((2, 3, 5), -1, grads=True),
     "layer_norm_axis1_chw_eps": _layer_norm((2, 3, 2, 2), 1, epsilon=1e-2),
@@ -819,7 +829,7 @@ SYMBOLIC_BATCH = sorted({
                 "layer_norm_channels_last", "layer_norm_decomposed_opset18", "gelu_tanh",
                 "gelu_decomposed", "where_scalar_branch", "max_binary_broadcast",
                 "reducel2_keep0_opset18", "reducemax_keep1_opset18", "pow_exponent_grad",
-                "mod_fmod"}
+                "mod_fmod", "gather_flat", "gather_flat_repeats_opset16"}
 } - {
     "expand",  # x's first axis is broadcast, not a batch
     "slice_all_axes_default",  # slices the batch axis
@@ -925,6 +935,13 @@ def test_guided_chain_masks_each_rectifier() -> None:
 def test_unsupported_cases_are_refused(case: Case, message: str) -> None:
     with pytest.raises(CompileError, match=message):
         vjp(case.model(), case.of, list(case.wrt))
+
+
+def test_gather_on_a_runtime_size_needs_what_scattering_needs() -> None:
+    for indices, opset in ((_i64(0, -1), 16), (_i64(0, 4, 4), 13)):
+        case = _gather_flat(indices, opset)
+        with pytest.raises(CompileError, match="axis 0 of 'flat' has no static size"):
+            vjp(case.model(batch="N"), case.of, list(case.wrt))
 
 
 def test_numpy_conv_transpose_matches_onnxruntime() -> None:

@@ -13,7 +13,7 @@ import onnx
 
 from service.errors import CompileError
 from service.graph.autodiff.builder import VjpBuilder
-from service.graph.autodiff.shape import along_axis
+from service.graph.autodiff.shape import along_axis, zeros_like
 from service.graph.onnx_graph import attr
 
 Grads = list[str | None]
@@ -40,7 +40,8 @@ def cast(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> 
 
 def gather(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
     """Float data, constant indices: y = M·x along the axis with a one-hot M (K × dim),
-    so gx = Mᵀ·gy, which also sums repeated indices. Gathers on shapes carry nothing."""
+    so gx = Mᵀ·gy, which also sums repeated indices; where the axis has no static size, a
+    ScatterND into zeros (:func:`_scatter_back`). Gathers on shapes carry nothing."""
     data, indices, gy = node.input[0], node.input[1], gys[0]
     if gy is None or not needs[0] or b.index.elem_type(data) not in FLOAT_TYPES:
         return [None, None]
@@ -52,8 +53,12 @@ def gather(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -
     shape = b.shape(data)
     dim = shape[axis] if shape is not None else None
     if not isinstance(dim, int):
-        raise CompileError(f"Gather node {node.name!r}: axis {axis} of {data!r} has no "
-                           "static size")
+        scattered = _scatter_back(b, data, value, axis, gy)
+        if scattered is None:
+            raise CompileError(f"Gather node {node.name!r}: axis {axis} of {data!r} has no "
+                               "static size (the gradient then needs axis 0, indices >= 0, "
+                               "and opset >= 16 if one repeats)")
+        return [scattered, None]
     flat = value.reshape(-1).astype(np.int64) % dim
     matrix = np.zeros((flat.size, dim))
     matrix[np.arange(flat.size), flat] = 1.0
@@ -76,3 +81,24 @@ def gather(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -
             ], axis=0)
         g = b.op("Reshape", [g, target])
     return [along_axis(b, g, axis, rank, matrix, data), None]
+
+
+def _scatter_back(b: VjpBuilder, data: str, indices: np.ndarray, axis: int,
+                  gy: str) -> str | None:
+    """gx for a Gather along axis 0 whose size is only known at run time: gy scattered
+    into zeros shaped like the data at the (constant) indices, repeated ones adding up.
+
+    torch's dynamo export writes ``as_strided`` as Reshape(x, [-1]) → Gather(indices): the
+    flat size follows the batch axis, which the compiled graphs leave symbolic. Needs
+    non-negative indices (their meaning does not depend on the size then) and, when an
+    index repeats, ScatterND's reduction (opset 16).
+    """
+    flat = indices.reshape(-1)
+    if axis != 0 or (flat < 0).any():
+        return None
+    repeats = np.unique(flat).size < flat.size
+    if repeats and b.opset < 16:
+        return None
+    where = b.const(indices.astype(np.int64)[..., None])
+    attrs = {"reduction": "add"} if repeats else {}
+    return b.op("ScatterND", [zeros_like(b, data), where, gy], hint="grad", **attrs)
