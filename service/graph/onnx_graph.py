@@ -31,7 +31,7 @@ class GraphIndex:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         try:
-            inferred = onnx.shape_inference.infer_shapes(_without_weights(model),
+            inferred = onnx.shape_inference.infer_shapes(without_weights(model),
                                                          data_prop=True)
         except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
             raise CompileError(f"ONNX shape inference failed: {exc}") from exc
@@ -131,7 +131,7 @@ class GraphIndex:
 _INFERENCE_VALUE_BYTES = 1024
 
 
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with its large initializers turned into typed graph inputs, for shape
     inference: it serialises the model it is given, and on a 500 MB network that copy
     cost more than everything else the compiler does."""
