@@ -73,7 +73,9 @@ class CompileCache:
         entry = self.folder / key
         try:
             meta = json.loads((entry / "split.json").read_text(encoding="utf-8"))
-            graphs = {name: onnx.load(entry / f"{name}.onnx") for name in _GRAPHS
+            # Weights held outside the graphs stay references: the loader supplies them.
+            graphs = {name: onnx.load(entry / f"{name}.onnx", load_external_data=False)
+                      for name in _GRAPHS
                       if (entry / f"{name}.onnx").exists()}
         except (OSError, ValueError, DecodeError):
             return None

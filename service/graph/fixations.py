@@ -364,7 +364,9 @@ def _fc(index: GraphIndex, node: onnx.NodeProto, dynamic: set[str], layout: Layo
     if x not in dynamic or w in dynamic:
         raise CompileError(f"fixations: {node.op_type} node {_name(node)!r}: only image "
                            "data times constant weights is supported")
-    weight = _constant(index, node, w, "weight").astype(np.float32)
+    # No copy where the weight is float32 already: a big FC layer's matrix (VGG's is
+    # 411 MB) is the model's own read-only array, shared with the sessions.
+    weight = _constant(index, node, w, "weight").astype(np.float32, copy=False)
     if weight.ndim != 2:
         raise CompileError(f"fixations: {node.op_type} node {_name(node)!r}: the weight is "
                            f"not a matrix: {weight.shape}")
@@ -374,7 +376,9 @@ def _fc(index: GraphIndex, node: onnx.NodeProto, dynamic: set[str], layout: Layo
                                "supported")
         # transB=1: B is (out, in) already, as PyTorch exports; alpha scales every product.
         weight = weight if attr(node, "transB", 0) else weight.T
-        weight = weight * np.float32(attr(node, "alpha", 1.0))  # type: ignore[arg-type]
+        alpha = float(attr(node, "alpha", 1.0))  # type: ignore[arg-type]
+        if alpha != 1.0:
+            weight = weight * np.float32(alpha)
     else:
         weight = weight.T  # MatMul's B is (K, M)
     spatial = _from_spatial_map(index, x, dynamic, layout)

@@ -10,6 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from service.errors import CompileError
+from service.graph import weights
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
@@ -94,7 +95,7 @@ class GraphIndex:
         """The value of an initializer or Constant output, else None."""
         if name not in self._constants:
             if name in self.initializers:
-                self._constants[name] = numpy_helper.to_array(self.initializers[name])
+                self._constants[name] = weights.to_array(self.initializers[name])
             elif name in self._constant_nodes:
                 value = _constant_node_value(self._constant_nodes[name])
                 if value is None:
@@ -138,7 +139,7 @@ def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     keep, declared = [], []
     for init in model.graph.initializer:
         size = len(init.raw_data) if init.HasField("raw_data") else init.ByteSize()
-        if size <= _INFERENCE_VALUE_BYTES:
+        if size <= _INFERENCE_VALUE_BYTES and not weights.is_offloaded(init):
             keep.append(init)
         else:
             declared.append(onnx.helper.make_tensor_value_info(init.name, init.data_type,

@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx
 
+from service.graph import weights
 from service.graph.build import CompiledModel
 
 
@@ -47,6 +48,6 @@ def write(out: Path, compiled: CompiledModel) -> list[Path]:
     paths = []
     for name, graph in compiled.graphs().items():
         path = out / f"{name}.onnx"
-        onnx.save(graph, path)
+        onnx.save(weights.embed(graph), path)  # self-contained: the weights inline
         paths.append(path)
     return paths

@@ -64,6 +64,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from service.errors import CompileError
+from service.graph import weights
 from service.graph.onnx_graph import attr, default_opset
 from service.models.spec import Layout
 
@@ -382,7 +383,7 @@ class _Specialiser:
         if found is None:
             found = self.values[p].get(name)
         if found is None:
-            found = numpy_helper.to_array(self.inits[name])
+            found = weights.to_array(self.inits[name])
             self.constants[name] = found
         return found
 

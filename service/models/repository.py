@@ -17,6 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from service.errors import CompileError, ModelError, UnknownModel
+from service.graph import weights
 from service.graph.cache import CompileCache
 from service.graph.specialise import image_shape
 from service.graph.target import FINAL_ACTIVATIONS, detect_layout
@@ -180,8 +181,10 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
     start = time.perf_counter()
     try:
         raw = (folder / "model.onnx").read_bytes()
-        model = onnx.load_from_string(raw)
-    except (OSError, DecodeError) as exc:
+        digest = hashlib.sha256(raw).hexdigest()
+        # The weights are held once, outside every graph the compiler makes of this one.
+        model, _weights = weights.offload(raw, folder, "model.onnx", digest)
+    except (OSError, DecodeError, ValueError, IndexError) as exc:
         raise ModelError(f"{folder.name}/model.onnx: {exc}") from exc
     config = read_config(folder, model)
     spec = config.input
@@ -189,6 +192,7 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
         raw, model, layout=spec.layout, activation=config.activation.value,
         target_layer=config.target_layer,
         input_shape=image_shape(spec.layout, spec.height, spec.width, spec.channels))
+    del raw  # the weights live in their own buffer now
     outputs = compiled.backbone.graph.output
     n_out = outputs[1].type.tensor_type.shape.dim[-1].dim_value if len(outputs) > 1 else 0
     if n_out and n_out != len(config.labels):
@@ -201,8 +205,7 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
     except ORT_ERRORS as exc:
         raise ModelError(f"{folder.name}: ONNX Runtime cannot load the graphs: {exc}") from exc
     _check_input(folder, config, engine)
-    return LoadedModel(config, engine, hashlib.sha256(raw).hexdigest(),
-                       time.perf_counter() - start)
+    return LoadedModel(config, engine, digest, time.perf_counter() - start)
 
 
 def _final_activation(model: onnx.ModelProto) -> Activation | None:

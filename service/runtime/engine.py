@@ -29,13 +29,16 @@ class Engine:
         self.compiled = compiled
         self.split = compiled.split
         self._backbone = make_session(compiled.backbone, providers, threads)
-        self._head = make_session(compiled.head, providers, threads)
-        self._head_vjp = (make_session(compiled.head_vjp, providers, threads)
+        # The backbone runs on every request and keeps ONNX Runtime's repacked weights; the
+        # other graphs share the plain ones (a private packed copy each cost the size of
+        # the network's weights again, per graph).
+        self._head = make_session(compiled.head, providers, threads, prepack=False)
+        self._head_vjp = (make_session(compiled.head_vjp, providers, threads, prepack=False)
                           if compiled.head_vjp is not None else None)
-        self._guided = (make_session(compiled.guided, providers, threads)
+        self._guided = (make_session(compiled.guided, providers, threads, prepack=False)
                         if compiled.guided is not None else None)
         self._guided_batches = True
-        self._fixations = (make_session(compiled.fixations, providers, threads)
+        self._fixations = (make_session(compiled.fixations, providers, threads, prepack=False)
                            if compiled.fixations is not None else None)
         self.providers = self._backbone.get_providers()
         self._nhwc = self.split.target_layout is Layout.NHWC

@@ -10,6 +10,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from service.graph import weights
+
 log = logging.getLogger(__name__)
 
 # ONNX Runtime's own exception types (they derive straight from Exception).
@@ -68,13 +70,33 @@ def _ensure_thread_pool(threads: int) -> None:
 
 
 def make_session(model: onnx.ModelProto | bytes | str, providers: list[str],
-                 threads: int) -> ort.InferenceSession:
-    """A session on the shared thread pool; ``model`` as a proto, bytes or a file path."""
+                 threads: int, *, prepack: bool = True) -> ort.InferenceSession:
+    """A session on the shared thread pool; ``model`` as a proto, bytes or a file path.
+
+    A proto whose weights are held outside it (service.graph.weights) gets them as
+    shared initializers: every session of a model uses the same memory. ``prepack=False``
+    keeps ONNX Runtime from repacking the weights of MatMul/Gemm/Conv for its kernels, a
+    private copy per session: worth it for the graph that runs on every request, not for
+    the ones a few methods use.
+    """
     _ensure_thread_pool(threads)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.use_per_session_threads = False
     # Severity 3 = errors only: the generated graphs trigger harmless shape-merge warnings.
     options.log_severity_level = 3
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    shared = None
+    if isinstance(model, onnx.ModelProto):
+        model, shared = weights.for_session(model)
+        if shared is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(shared.folder))
+            for tensor in weights.offloaded(model):
+                options.add_initializer(tensor.name, shared.ort_value(tensor.name))
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(source, sess_options=options, providers=providers)
+    session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    # The session reads the shared arrays for as long as it lives.
+    session.shared_weights = shared  # type: ignore[attr-defined]
+    return session

@@ -1,0 +1,239 @@
+"""A model's weights held once, outside the graph protos the compiler passes around.
+
+The compiler builds five graphs from one classifier (backbone, head, head VJP, guided,
+all activations), each a ModelProto of its own. With the weights inside, every graph
+carried a copy of them, every pass serialised them (shape inference, the checker, each
+session's bytes), and every ONNX Runtime session held one more: VGG-16 (537 MB) took over
+100 s and 9 GB to load. Here each large initializer's bytes are copied once into one
+aligned buffer, and the protos keep only a reference: the tensor is marked as external
+data whose ``location`` names this process's :class:`Weights` (a registry key), with
+the offset and length of the bytes in the model file itself. Sessions get the shared
+arrays through ``SessionOptions.add_initializer`` (ONNX Runtime then uses that memory and
+reads nothing), the external reference pointing at the real model file so that it stays
+a truthful one; :func:`embed` puts the bytes back for graphs written to disk.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+# Initializers of at least this many bytes are held outside the protos; smaller ones
+# (shapes, scalars, biases of small layers) stay inline where every pass can read them.
+MIN_BYTES: Final[int] = 4096
+_TAG: Final[str] = "medexplain-weights:"
+_ALIGN: Final[int] = 64  # cache line: SIMD kernels read weights aligned
+
+_registry: weakref.WeakValueDictionary[str, Weights] = weakref.WeakValueDictionary()
+_registry_lock = threading.Lock()
+
+
+@dataclass(eq=False)
+class Weights:
+    """The large initializers of one model file, by name, as read-only arrays.
+
+    Attributes:
+        key: the registry key (the model file's SHA-256): what offloaded tensors name.
+        folder: where the model file is, and ``file`` its name, for ONNX Runtime's check
+            that an external reference points at a real file.
+        arrays: read-only views into one aligned buffer.
+        spans: (offset, length) of each tensor's bytes in the model file.
+    """
+
+    key: str
+    folder: Path
+    file: str
+    arrays: dict[str, np.ndarray]
+    spans: dict[str, tuple[int, int]]
+    _values: dict[str, ort.OrtValue] = field(default_factory=dict, repr=False)
+
+    def ort_value(self, name: str) -> ort.OrtValue:
+        """One OrtValue per tensor, shared by every session of the model."""
+        if name not in self._values:
+            self._values[name] = ort.OrtValue.ortvalue_from_numpy(self.arrays[name])
+        return self._values[name]
+
+
+def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelProto, Weights]:
+    """Parse a model file into a proto whose large initializers are references, and the
+    :class:`Weights` they refer to (registered until nothing holds it).
+
+    Args:
+        raw: the model file's bytes.
+        folder, file: where the file is.
+        key: a name unique to this file's content (its SHA-256).
+    """
+    model = onnx.load_from_string(raw)
+    spans = [span for span in _initializer_spans(memoryview(raw))]
+    initializers = model.graph.initializer
+    big = [(tensor, span) for tensor, (name, span) in zip(initializers, spans, strict=True)
+           if span is not None and span[1] >= MIN_BYTES and tensor.name == name]
+    total = sum(_aligned(length) for _, (_, length) in big)
+    storage = np.empty(total + _ALIGN, dtype=np.uint8)
+    start = -storage.ctypes.data % _ALIGN
+    buffer = storage[start:start + total]
+    arrays: dict[str, np.ndarray] = {}
+    placed: dict[str, tuple[int, int]] = {}
+    position = 0
+    for tensor, (offset, length) in big:
+        slot = buffer[position:position + length]
+        slot[:] = np.frombuffer(raw, dtype=np.uint8, count=length, offset=offset)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        array = slot.view(dtype).reshape(tuple(tensor.dims))
+        array.flags.writeable = False
+        arrays[tensor.name] = array
+        placed[tensor.name] = (offset, length)
+        position += _aligned(length)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for k, v in (("location", _TAG + key), ("offset", str(offset)),
+                     ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = k, v
+    weights = Weights(key, folder, file, arrays, placed)
+    with _registry_lock:
+        _registry[key] = weights
+    # A parsed message keeps its cleared bytes in its arena until it is freed: a copy
+    # holds only what is left.
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    return skeleton, weights
+
+
+def is_offloaded(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and _location(tensor).startswith(
+        _TAG)
+
+
+def owner(tensor: onnx.TensorProto) -> Weights:
+    """The :class:`Weights` an offloaded tensor refers to.
+
+    Raises:
+        LookupError: when they are no longer held by anything.
+    """
+    key = _location(tensor)[len(_TAG):]
+    with _registry_lock:
+        weights = _registry.get(key)
+    if weights is None:
+        raise LookupError(f"the weights of initializer {tensor.name!r} are no longer loaded")
+    return weights
+
+
+def to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's value, offloaded or inline."""
+    if is_offloaded(tensor):
+        return owner(tensor).arrays[tensor.name]
+    return numpy_helper.to_array(tensor)
+
+
+def offloaded(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for tensor in model.graph.initializer:
+        if is_offloaded(tensor):
+            yield tensor
+
+
+def for_session(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Weights | None]:
+    """A copy ONNX Runtime accepts, and the weights to hand it with add_initializer.
+
+    The references are rewritten to the model file itself (a real file, at the real
+    offsets), so ONNX Runtime's check of external data paths passes; the shared arrays
+    given with add_initializer are what it then uses.
+    """
+    tensors = list(offloaded(model))
+    if not tensors:
+        return model, None
+    weights = owner(tensors[0])
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in offloaded(copy):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = weights.file
+    return copy, weights
+
+
+def embed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every offloaded tensor's bytes inline again (for writing to disk)."""
+    if not any(True for _ in offloaded(model)):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in list(offloaded(copy)):
+        value = owner(tensor).arrays[tensor.name]
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = value.tobytes()
+    return copy
+
+
+def _location(tensor: onnx.TensorProto) -> str:
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
+
+
+def _aligned(length: int) -> int:
+    return -(-length // _ALIGN) * _ALIGN
+
+
+# --- where each initializer's raw_data lies in the file (protobuf wire format) ---------
+# ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.name = 8, .raw_data = 9.
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, value start, value end) of the length-delimited fields in a message."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            yield number, pos, pos + length
+            pos += length
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+
+
+def _initializer_spans(buf: memoryview) -> Iterator[tuple[str, tuple[int, int] | None]]:
+    """Each top-level initializer in file order: its name and its raw_data's span."""
+    for number, start, end in _fields(buf, 0, len(buf)):
+        if number != 7:
+            continue
+        for inner, t_start, t_end in _fields(buf, start, end):
+            if inner != 5:
+                continue
+            name, span = "", None
+            for tensor_field, v_start, v_end in _fields(buf, t_start, t_end):
+                if tensor_field == 8:
+                    name = bytes(buf[v_start:v_end]).decode("utf-8", "replace")
+                elif tensor_field == 9:
+                    span = (v_start, v_end - v_start)
+            yield name, span
+
+
+__all__ = ["MIN_BYTES", "Weights", "embed", "for_session", "is_offloaded", "offload",
+           "offloaded", "owner", "to_array"]

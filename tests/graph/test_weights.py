@@ -1,0 +1,119 @@
+"""Weights held once outside the graph protos: the bytes, the references, shared sessions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from service.graph import weights
+from service.graph.build import compile_model
+from service.graph.cache import CompileCache
+from service.graph.report import write
+from service.models.spec import Layout
+from service.runtime.sessions import make_session
+
+ZOO = Path(__file__).resolve().parents[1] / "data" / "zoo"
+MANIFEST = json.loads((ZOO / "manifest.json").read_text())
+
+
+def _offload(name: str = "vgg") -> tuple[bytes, onnx.ModelProto, weights.Weights]:
+    raw = (ZOO / f"{name}.onnx").read_bytes()
+    skeleton, held = weights.offload(raw, ZOO, f"{name}.onnx", hashlib.sha256(raw).hexdigest())
+    return raw, skeleton, held
+
+
+def test_offload_keeps_every_value_and_only_references_in_the_proto() -> None:
+    raw, skeleton, held = _offload()
+    original = onnx.load_from_string(raw)
+    big = [t for t in original.graph.initializer if len(t.raw_data) >= weights.MIN_BYTES]
+    assert big and set(held.arrays) == {t.name for t in big}
+    for tensor, kept in zip(original.graph.initializer, skeleton.graph.initializer,
+                            strict=True):
+        expected = numpy_helper.to_array(tensor)
+        np.testing.assert_array_equal(weights.to_array(kept), expected)
+        if tensor.name in held.arrays:
+            assert weights.is_offloaded(kept) and not kept.HasField("raw_data")
+            array = held.arrays[tensor.name]
+            assert not array.flags.writeable and array.ctypes.data % 64 == 0
+            offset, length = held.spans[tensor.name]
+            # The reference is the truth: those bytes of the file are the tensor's.
+            assert raw[offset:offset + length] == tensor.raw_data
+        else:
+            assert not weights.is_offloaded(kept)
+    offloaded_bytes = sum(len(t.raw_data) for t in big)
+    assert skeleton.ByteSize() < len(raw) - offloaded_bytes + 200 * len(big)  # the refs
+    assert weights.owner(next(weights.offloaded(skeleton))) is held
+
+
+def test_embed_restores_a_self_contained_model() -> None:
+    raw, skeleton, _held = _offload()
+    restored = weights.embed(skeleton)
+    assert not any(True for _ in weights.offloaded(restored))
+    original = onnx.load_from_string(raw)
+    for a, b in zip(original.graph.initializer, restored.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    onnx.checker.check_model(restored, full_check=True)
+
+
+def test_sessions_share_the_arrays_and_compute_the_same() -> None:
+    raw, skeleton, held = _offload()
+    x = np.random.default_rng(0).normal(size=(2, *MANIFEST["vgg"]["input_shape"]))
+    x = x.astype(np.float32)
+    reference = make_session(raw, ["CPUExecutionProvider"], 1).run(None, {"image": x})[0]
+    first = make_session(skeleton, ["CPUExecutionProvider"], 1)
+    second = make_session(skeleton, ["CPUExecutionProvider"], 1, prepack=False)
+    assert first.shared_weights is held and second.shared_weights is held
+    for session in (first, second):
+        np.testing.assert_allclose(session.run(None, {"image": x})[0], reference,
+                                   rtol=1e-5, atol=1e-6)
+    name = next(iter(held.arrays))
+    # No copy on our side: the OrtValue every session gets is the array's own memory.
+    assert held.ort_value(name).data_ptr() == held.arrays[name].ctypes.data
+
+
+def test_compiled_graphs_from_offloaded_weights_equal_the_inline_ones(
+        tmp_path: Path) -> None:
+    raw, skeleton, held = _offload()
+    shape = (1, *MANIFEST["vgg"]["input_shape"])
+    inline = compile_model(onnx.load_from_string(raw), layout=Layout.NCHW, input_shape=shape)
+    light = CompileCache(tmp_path).compile(raw, skeleton, layout=Layout.NCHW, activation=None,
+                                           target_layer=None, input_shape=shape)
+    for name, graph in light.graphs().items():
+        for tensor in graph.graph.initializer:
+            # The model's own weights are references in every graph; only what a rule
+            # computes from them (a Conv's flipped kernel for its input gradient) is inline.
+            assert weights.is_offloaded(tensor) == (tensor.name in held.arrays), name
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    seed = np.eye(MANIFEST["vgg"]["classes"], dtype=np.float32)[:1]
+    feeds = {"image": x, "xai/guided/seed": seed}
+    a = make_session(inline.guided, ["CPUExecutionProvider"], 1).run(None, feeds)
+    b = make_session(light.guided, ["CPUExecutionProvider"], 1).run(None, feeds)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_allclose(v, u, rtol=1e-5, atol=1e-6)
+    # The disk cache keeps the references, and the loader's weights fill them again.
+    again = CompileCache(tmp_path).compile(raw, skeleton, layout=Layout.NCHW, activation=None,
+                                           target_layer=None, input_shape=shape)
+    c = make_session(again.guided, ["CPUExecutionProvider"], 1).run(None, feeds)
+    np.testing.assert_array_equal(c[-1], b[-1])
+    # Written graphs are self-contained.
+    for path in write(tmp_path / "out", light):
+        written = onnx.load(path)
+        assert not any(True for _ in weights.offloaded(written))
+        onnx.checker.check_model(written)
+    assert held.arrays
+
+
+def test_weights_no_longer_held_are_a_clear_error() -> None:
+    _raw, skeleton, held = _offload("resnet")
+    tensor = next(weights.offloaded(skeleton))
+    del held
+    import gc  # noqa: PLC0415
+    gc.collect()
+    with pytest.raises(LookupError, match="are no longer loaded"):
+        weights.to_array(tensor)
