@@ -131,6 +131,9 @@ def test_methods_and_failure_cells() -> None:
     assert len(em.failure_reason(failed)) <= 110
     assert em.compiles_cell(failed) == "**no**"
     assert em.compiles_cell(_row(export_error="TorchExportError: boom")) == "export fails"
+    crashed = _row(service_error="ValidationError: data should be stored in model.onnx.data")
+    assert em.compiles_cell(crashed) == "**crash**"
+    assert em.failure_reason(crashed).startswith("ValidationError: data should")
 
 
 def test_render_markdown() -> None:

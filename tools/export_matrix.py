@@ -280,6 +280,8 @@ def compiles_cell(row: dict[str, object]) -> str:
         return "yes"
     if row.get("compiles") is False:
         return "**no**"
+    if row.get("service_error"):
+        return "**crash**"  # the loader raised something other than a ModelError
     return "?"
 
 

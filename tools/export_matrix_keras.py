@@ -68,13 +68,18 @@ def _env() -> None:
 
 
 def build(name: str, floatx: str):  # type: ignore[no-untyped-def]
+    """The application with seeded random weights, computing in ``floatx``."""
     import keras
     keras.config.set_floatx(floatx)
+    keras.config.set_dtype_policy(floatx)  # floatx alone leaves the layers in float32
     keras.utils.set_random_seed(SEED)
     ctor = getattr(keras.applications, name)
-    model = ctor(weights=None, classes=len(em.LABELS), classifier_activation=None,
-                 input_shape=(SIZE, SIZE, 3))
-    keras.config.set_floatx("float32")
+    try:
+        model = ctor(weights=None, classes=len(em.LABELS), classifier_activation=None,
+                     input_shape=(SIZE, SIZE, 3))
+    finally:
+        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy("float32")
     return model
 
 
@@ -178,48 +183,61 @@ def guided_patch(model) -> tuple[int, int]:  # type: ignore[no-untyped-def]
 
 
 def tf_refs(model, x, cls: int, acts):  # type: ignore[no-untyped-def]
-    import keras
+    """Grad-CAM at the Keras tensor matching ``acts`` (C, H, W), the guided input gradient
+    and the logits for class ``cls``, in the model's dtype.
+
+    The graph is run node by node (``Functional._run_through_graph``, what ``Model.call``
+    does) so the tensors of the target's shape are the very ones fed downstream, watched
+    by the tape: their gradient is the one the head gives them.
+    """
     import numpy as np
     import tensorflow as tf
+    from keras.src.models.functional import operation_fn as keras_operation_fn
     c, h, w = acts.shape
-    ops, outs = [], []
-    for op in model.operations:
-        try:
-            out = op.output
-        except (AttributeError, ValueError):
-            continue
-        if not hasattr(out, "shape") or len(out.shape) != 4:
-            continue
-        if tuple(out.shape[1:]) in ((h, w, c), (c, h, w)):
-            ops.append(op)
-            outs.append(out)
-    res: dict[str, object] = {"candidates": len(ops)}
+    res: dict[str, object] = {}
+    found: list[tuple[str, str, object]] = []
     xt = tf.constant(x, dtype=model.inputs[0].dtype)
-    probe = keras.Model(model.inputs, [*outs, model.outputs[0]])
-    with tf.GradientTape() as tape:
-        got = probe(xt, training=False)
-        z = got[-1]
+
+    def wrap(op):  # type: ignore[no-untyped-def]
+        call = keras_operation_fn(op, training=False)
+
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            out = call(*args, **kwargs)
+            if tf.is_tensor(out) and len(out.shape) == 4 and \
+                    tuple(out.shape[1:]) in ((h, w, c), (c, h, w)):
+                tape.watch(out)
+                found.append((op.name, type(op).__name__, out))
+            return out
+        return run
+
+    with tf.GradientTape(persistent=True) as tape:
+        outs = model._run_through_graph([xt], operation_fn=wrap)
+        z = outs[0] if isinstance(outs, (list, tuple)) else outs
+        selected = z[0, cls]  # inside the tape: the slice is part of what it differentiates
+    res["candidates"] = len(found)
     res["logits"] = np.asarray(z[0], dtype=np.float64)
     best = None
-    for i, (op, t) in enumerate(zip(ops, got[:-1])):
+    for i, (name, kind, t) in enumerate(found):
         v = np.asarray(t[0], dtype=np.float64)
         if v.shape != (c, h, w):
             v = v.transpose(2, 0, 1)
         err = em.rel_err(v, acts)
-        if best is None or err <= best[0]:
-            best = (err, i, op.name, type(op).__name__, v)
+        if best is None or err <= best[0]:  # the closest; among equals, the latest
+            best = (err, i, name, kind, v)
     if best is not None:
         err, i, name, kind, v = best
         res["target_act_err"] = err
         res["tf_target"] = f"{name} ({kind})"
-        if err <= em.ACT_TOL:
-            ga = np.asarray(tape.gradient(z[0, cls], got[i])[0], dtype=np.float64)
+        grad = tape.gradient(selected, found[i][2])
+        if err <= em.ACT_TOL and grad is not None:
+            ga = np.asarray(grad[0], dtype=np.float64)
             if ga.shape != (c, h, w):
                 ga = ga.transpose(2, 0, 1)
             weights = ga.mean(axis=(1, 2))
             res["gradcam"] = np.maximum(np.einsum("c,chw->hw", weights, v), 0.0)
-    else:
-        del tape
+        elif grad is None:
+            res["target_note"] = f"no gradient reaches {name}"
+    del tape
     res["guided_gated"], res["guided_skipped"] = guided_patch(model)
     xg = tf.Variable(xt)
     with tf.GradientTape() as tape:
