@@ -39,21 +39,21 @@ _registry_lock = threading.Lock()
 
 @dataclass(eq=False)
 class Weights:
-    """The large initializers of one model file, by name, as read-only arrays.
+    """The large initializers of one model, by name, as read-only arrays.
 
     Attributes:
         key: the registry key (the model file's SHA-256): what offloaded tensors name.
-        folder: where the model file is, and ``file`` its name, for ONNX Runtime's check
-            that an external reference points at a real file.
+        folder: the model's folder, for ONNX Runtime's check that an external reference
+            points at a real file.
         arrays: read-only views into one aligned buffer.
-        spans: (offset, length) of each tensor's bytes in the model file.
+        sources: (file, offset, length) of each tensor's bytes: in the model file, or in
+            the external data file the exporter wrote beside it.
     """
 
     key: str
     folder: Path
-    file: str
     arrays: dict[str, np.ndarray]
-    spans: dict[str, tuple[int, int]]
+    sources: dict[str, tuple[str, int, int]]
     _values: dict[str, ort.OrtValue] = field(default_factory=dict, repr=False)
 
     def ort_value(self, name: str) -> ort.OrtValue:
@@ -67,31 +67,48 @@ def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelPr
     """Parse a model file into a proto whose large initializers are references, and the
     :class:`Weights` they refer to (registered until nothing holds it).
 
+    Initializers stored as external data (torch's dynamo exporter writes its weights to
+    ``model.onnx.data`` beside the model by default) are read from those files.
+
     Args:
         raw: the model file's bytes.
         folder, file: where the file is.
         key: a name unique to this file's content (its SHA-256).
+
+    Raises:
+        ValueError: an external data reference outside ``folder`` or past its file's end.
+        OSError: an external data file that cannot be read.
     """
     model = onnx.load_from_string(raw)
-    spans = [span for span in _initializer_spans(memoryview(raw))]
-    initializers = model.graph.initializer
-    big = [(tensor, span) for tensor, (name, span) in zip(initializers, spans, strict=True)
-           if span is not None and span[1] >= MIN_BYTES and tensor.name == name]
-    total = sum(_aligned(length) for _, (_, length) in big)
+    spans = list(_initializer_spans(memoryview(raw)))
+    chosen: list[tuple[onnx.TensorProto, tuple[str, int, int]]] = []
+    for tensor, (name, span) in zip(model.graph.initializer, spans, strict=True):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            chosen.append((tensor, _external_source(tensor, folder)))
+        elif span is not None and span[1] >= MIN_BYTES and tensor.name == name:
+            chosen.append((tensor, (file, *span)))
+    total = sum(_aligned(length) for _, (_, _, length) in chosen)
     storage = np.empty(total + _ALIGN, dtype=np.uint8)
     start = -storage.ctypes.data % _ALIGN
     buffer = storage[start:start + total]
     arrays: dict[str, np.ndarray] = {}
-    placed: dict[str, tuple[int, int]] = {}
+    sources: dict[str, tuple[str, int, int]] = {}
+    files: dict[str, np.ndarray] = {file: np.frombuffer(raw, dtype=np.uint8)}
     position = 0
-    for tensor, (offset, length) in big:
+    for tensor, (source, offset, length) in chosen:
+        if source not in files:
+            files[source] = np.memmap(folder / source, dtype=np.uint8, mode="r")
+        data = files[source]
+        if offset + length > data.size:
+            raise ValueError(f"initializer {tensor.name!r}: its data runs past the end of "
+                             f"{source}")
         slot = buffer[position:position + length]
-        slot[:] = np.frombuffer(raw, dtype=np.uint8, count=length, offset=offset)
+        slot[:] = data[offset:offset + length]
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
         array = slot.view(dtype).reshape(tuple(tensor.dims))
         array.flags.writeable = False
         arrays[tensor.name] = array
-        placed[tensor.name] = (offset, length)
+        sources[tensor.name] = (source, offset, length)
         position += _aligned(length)
         tensor.ClearField("raw_data")
         tensor.data_location = onnx.TensorProto.EXTERNAL
@@ -100,7 +117,8 @@ def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelPr
                      ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = k, v
-    weights = Weights(key, folder, file, arrays, placed)
+    del files
+    weights = Weights(key, folder, arrays, sources)
     with _registry_lock:
         _registry[key] = weights
     # A parsed message keeps its cleared bytes in its arena until it is freed: a copy
@@ -108,6 +126,20 @@ def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelPr
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     return skeleton, weights
+
+
+def _external_source(tensor: onnx.TensorProto, folder: Path) -> tuple[str, int, int]:
+    """(file, offset, length) of an exporter's external data reference, inside ``folder``."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    path = (folder / location).resolve()
+    if not location or folder.resolve() not in path.parents:
+        raise ValueError(f"initializer {tensor.name!r}: external data {location!r} is not a "
+                         "file beside the model")
+    offset = int(info.get("offset", 0))
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    default = int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return str(path.relative_to(folder.resolve())), offset, int(info.get("length", default))
 
 
 def is_offloaded(tensor: onnx.TensorProto) -> bool:
@@ -158,7 +190,7 @@ def for_session(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Weights | None
     for tensor in offloaded(copy):
         for entry in tensor.external_data:
             if entry.key == "location":
-                entry.value = weights.file
+                entry.value = weights.sources[tensor.name][0]
     return copy, weights
 
 

@@ -24,7 +24,8 @@ MANIFEST = json.loads((ZOO / "manifest.json").read_text())
 
 def _offload(name: str = "vgg") -> tuple[bytes, onnx.ModelProto, weights.Weights]:
     raw = (ZOO / f"{name}.onnx").read_bytes()
-    skeleton, held = weights.offload(raw, ZOO, f"{name}.onnx", hashlib.sha256(raw).hexdigest())
+    skeleton, held = weights.offload(raw, ZOO, f"{name}.onnx",
+                                     hashlib.sha256(raw).hexdigest())
     return raw, skeleton, held
 
 
@@ -41,7 +42,7 @@ def test_offload_keeps_every_value_and_only_references_in_the_proto() -> None:
             assert weights.is_offloaded(kept) and not kept.HasField("raw_data")
             array = held.arrays[tensor.name]
             assert not array.flags.writeable and array.ctypes.data % 64 == 0
-            offset, length = held.spans[tensor.name]
+            _file, offset, length = held.sources[tensor.name]
             # The reference is the truth: those bytes of the file are the tensor's.
             assert raw[offset:offset + length] == tensor.raw_data
         else:
@@ -117,3 +118,35 @@ def test_weights_no_longer_held_are_a_clear_error() -> None:
     gc.collect()
     with pytest.raises(LookupError, match="are no longer loaded"):
         weights.to_array(tensor)
+
+
+def test_weights_in_an_external_data_file_beside_the_model(tmp_path: Path) -> None:
+    """torch's dynamo exporter writes model.onnx plus model.onnx.data by default."""
+    original = onnx.load(ZOO / "vgg.onnx")
+    onnx.save(onnx.load(ZOO / "vgg.onnx"), tmp_path / "model.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    raw = (tmp_path / "model.onnx").read_bytes()
+    assert len(raw) < 20_000
+    skeleton, held = weights.offload(raw, tmp_path, "model.onnx", "external-test")
+    for tensor in original.graph.initializer:
+        kept = next(t for t in skeleton.graph.initializer if t.name == tensor.name)
+        np.testing.assert_array_equal(weights.to_array(kept), numpy_helper.to_array(tensor))
+    assert {source for source, _, _ in held.sources.values()} == {"model.onnx.data"}
+    x = np.ones((1, *MANIFEST["vgg"]["input_shape"]), np.float32)
+    expected = make_session(original, ["CPUExecutionProvider"], 1).run(None, {"image": x})
+    got = make_session(skeleton, ["CPUExecutionProvider"], 1).run(None, {"image": x})
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path) -> None:
+    original = onnx.load(ZOO / "vgg.onnx")
+    (tmp_path / "m").mkdir()
+    onnx.save(original, tmp_path / "m" / "model.onnx", save_as_external_data=True,
+              location="weights.bin", size_threshold=1024)
+    model = onnx.load(tmp_path / "m" / "model.onnx", load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    with pytest.raises(ValueError, match="is not a file beside the model"):
+        weights.offload(model.SerializeToString(), tmp_path / "m", "model.onnx", "escape")

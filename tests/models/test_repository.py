@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from fastapi.testclient import TestClient
@@ -127,3 +128,18 @@ def test_keras_constant_inputs_are_named_with_the_fix(tmp_path: Path) -> None:
     with pytest.raises(CompileError, match=r"inputs without values besides the image "
                                            r".*: normalization/mean\. Keras 3's model.export"):
         _load(folder)
+
+
+def test_a_model_with_its_weights_in_an_external_data_file(tmp_path: Path) -> None:
+    """torch's dynamo exporter writes model.onnx and model.onnx.data by default."""
+    folder = _folder(tmp_path, "resnet", activation="none")
+    onnx.save(onnx.load(str(folder / "model.onnx")), str(folder / "model.onnx"),
+              save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    assert (folder / "model.onnx.data").stat().st_size > (folder / "model.onnx").stat().st_size
+    inline = _load(_folder(tmp_path / "inline", "resnet", activation="none"))
+    external = _load(folder)
+    x = np.random.default_rng(0).normal(size=(1, *MANIFEST["resnet"]["input_shape"]))
+    x = x.astype(np.float32)
+    np.testing.assert_allclose(external.engine.forward(x)[1], inline.engine.forward(x)[1],
+                               rtol=1e-6, atol=1e-6)
+    assert sorted(external.unavailable) == sorted(inline.unavailable)
