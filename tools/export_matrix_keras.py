@@ -379,7 +379,9 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     service_python = str(Path(args.service_python).resolve()) if args.service_python else \
         str(ROOT / ".venv" / "bin" / "python")
-    versions = _versions(sys.executable)
+    # ONNX Runtime only counts in the service's environment: it runs every model.
+    versions = {k: v for k, v in _versions(sys.executable).items()
+                if not k.startswith("onnxruntime")}
     versions.update({f"service {k}": v for k, v in _versions(service_python).items()
                      if k in ("onnx", "onnxruntime-gpu", "onnxruntime", "numpy")})
     meta: dict[str, object] = {
