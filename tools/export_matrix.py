@@ -671,31 +671,12 @@ def export(model, x, path: Path, exporter: str, static_batch: bool) -> None:  # 
 _RECT_SKIP = re.compile(r"hard.?(sig|swish)|h_?sig|h_?swish|hsig|hswish", re.IGNORECASE)
 
 
-class _Guided:  # namespace for the autograd function (built lazily: torch is imported late)
-    fn = None
-
-
 def _guided_fn():  # type: ignore[no-untyped-def]
-    if _Guided.fn is None:
-        import torch
+    """make_fixtures' guided rectifier (imported late: only the torch processes need it)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_fixtures import _GuidedRectifier
 
-        class GuidedRectifier(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x, fn, high):  # type: ignore[no-untyped-def]
-                ctx.save_for_backward(x)
-                ctx.high = high
-                return fn(x)
-
-            @staticmethod
-            def backward(ctx, gy):  # type: ignore[no-untyped-def]
-                (x,) = ctx.saved_tensors
-                mask = x > 0
-                if ctx.high is not None:
-                    mask = mask & (x < ctx.high)
-                return gy.clamp(min=0) * mask.to(gy.dtype), None, None
-
-        _Guided.fn = GuidedRectifier
-    return _Guided.fn
+    return _GuidedRectifier
 
 
 def make_mode(*, guided: bool, shapes: Sequence[tuple[int, ...]] = ()):  # type: ignore[no-untyped-def]
