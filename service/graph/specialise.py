@@ -410,6 +410,12 @@ class _Specialiser:
 
     def declared_as_specialised(self) -> bool:
         """Whether the graph's inputs and outputs already say what :meth:`build` would."""
+        # tf2onnx names the batch axis anew along the graph ('unk__56', 'unk__1289'), so
+        # two tensors of one batch look unrelated to the rules: rewrite such shape notes.
+        for vi in self.model.graph.value_info:
+            for dim in vi.type.tensor_type.shape.dim:
+                if dim.HasField("dim_param") and dim.dim_param != self.batch:
+                    return False
         declared = _declared(self.image)
         if declared is None or len(declared) != len(self.shape) or not isinstance(
             declared[0], str

@@ -480,3 +480,20 @@ def test_load_model_specialises_to_model_toml(tmp_path: Path) -> None:
     loaded = load_model(folder, providers=["CPUExecutionProvider"], threads=1, head_batch=16)
     assert loaded.engine.max_batch == 16
     assert _reshape_targets(loaded.engine.compiled.head) == {"flat": [0, C]}
+
+
+def test_batch_axes_named_anew_along_the_graph_become_one() -> None:
+    """tf2onnx declares intermediate shapes with fresh symbolic names per tensor."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["unk__1", 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["unk__1", 3, 4, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [x], [y], value_info=[
+        helper.make_tensor_value_info("a", TensorProto.FLOAT, ["unk__5", 3, 4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = specialise(model, (1, 3, 4, 4))
+    batches = {vi.type.tensor_type.shape.dim[0].dim_param
+               for vi in [*out.graph.input, *out.graph.value_info, *out.graph.output]}
+    assert batches == {"unk__1"}
+    data = np.random.default_rng(0).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(ReferenceEvaluator(out).run(None, {"x": data})[0],
+                                  ReferenceEvaluator(model).run(None, {"x": data})[0])
