@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from service.errors import CompileError
-from service.graph.onnx_graph import GraphIndex
+from service.graph.onnx_graph import GraphIndex, attr
 
 BATCH = "N"
 
@@ -41,9 +42,17 @@ def extract(index: GraphIndex, inputs: Sequence[str], outputs: Sequence[str], *,
     Raises:
         CompileError: if the outputs depend on a graph input not listed in ``inputs``.
     """
-    nodes = index.ancestors(outputs, stop=inputs)
-    produced = {o for n in nodes for o in n.output} | set(inputs)
-    used_inits: list[onnx.TensorProto] = []
+    nodes = []
+    added: list[onnx.TensorProto] = []
+    for node in index.ancestors(outputs, stop=inputs):
+        rewritten = shape_from_cut(index, node, inputs[0]) if inputs else None
+        if rewritten is None:
+            nodes.append(node)
+        else:
+            nodes.extend(rewritten[0])
+            added.extend(rewritten[1])
+    produced = {o for n in nodes for o in n.output} | set(inputs) | {t.name for t in added}
+    used_inits: list[onnx.TensorProto] = list(added)
     for tensor in {i for n in nodes for i in n.input if i} - produced:
         if tensor in index.initializers:
             used_inits.append(index.initializers[tensor])
@@ -63,6 +72,46 @@ def extract(index: GraphIndex, inputs: Sequence[str], outputs: Sequence[str], *,
         initializer=sorted(used_inits, key=lambda t: t.name),
     )
     return _like(index.model, graph)
+
+
+def shape_from_cut(index: GraphIndex, node: onnx.NodeProto, cut: str
+                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+    """A Shape of a graph input rebuilt from the cut tensor, or None when it is not one.
+
+    The input's sizes past the batch are static (the specialisation made them so) and its
+    batch is the cut tensor's; so Shape(image) = Concat(Shape(cut)[:1], its static sizes),
+    sliced as the node's start/end say. Nodes and constants are named after the node.
+    """
+    source = node.input[0] if node.input else ""
+    if node.op_type != "Shape" or source not in index.graph_inputs:
+        return None
+    dims, cut_dims = index.shape(source), index.shape(cut)
+    if not dims or not cut_dims or not all(isinstance(d, int) for d in dims[1:]):
+        return None
+    if not (dims[0] == cut_dims[0] and dims[0] is not None):
+        return None
+    name = f"xai/cut/{node.output[0]}"
+    first = numpy_helper.from_array(np.array([0], np.int64), f"{name}/0")
+    second = numpy_helper.from_array(np.array([1], np.int64), f"{name}/1")
+    rest = numpy_helper.from_array(np.array(dims[1:], np.int64), f"{name}/rest")
+    nodes = [
+        helper.make_node("Shape", [cut], [f"{name}/cut_shape"], name=f"{name}/shape"),
+        helper.make_node("Slice", [f"{name}/cut_shape", first.name, second.name],
+                         [f"{name}/batch"], name=f"{name}/batch"),
+    ]
+    start, end = attr(node, "start", 0), attr(node, "end", None)
+    full = node.output[0] if start == 0 and end is None else f"{name}/full"
+    nodes.append(helper.make_node("Concat", [f"{name}/batch", rest.name], [full], axis=0,
+                                  name=f"{name}/concat"))
+    inits = [first, second, rest]
+    if full != node.output[0]:
+        bounds = [numpy_helper.from_array(np.array([v], np.int64), f"{name}/{k}")
+                  for k, v in (("start", start), ("end", end if end is not None
+                                                       else len(dims)))]
+        nodes.append(helper.make_node("Slice", [full, bounds[0].name, bounds[1].name],
+                                      [node.output[0]], name=f"{name}/slice"))
+        inits += bounds
+    return nodes, inits
 
 
 def _like(source: onnx.ModelProto, graph: onnx.GraphProto) -> onnx.ModelProto:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import onnx
 
 from service.errors import CompileError
+from service.graph.extract import shape_from_cut
 from service.graph.onnx_graph import GraphIndex, attr
 from service.models.spec import Layout
 
@@ -135,9 +136,17 @@ def _chw(shape: tuple[object, ...], layout: Layout) -> tuple[int, int, int] | No
 
 
 def _is_cut(index: GraphIndex, tensor: str, logits: str) -> bool:
-    """True when logits can be computed from ``tensor`` and constants alone."""
+    """True when logits can be computed from ``tensor`` and constants alone.
+
+    A Shape of the image reads only its sizes, which the cut tensor's batch and the
+    image's static sizes give (see :func:`service.graph.extract.shape_from_cut`): torch's
+    dynamo exporter indexes flattened tensors with positions computed from the image's
+    batch size, so without this no tensor would cut ConvNeXt.
+    """
     inputs = set(index.graph_inputs)
     for node in index.ancestors([logits], stop=[tensor]):
+        if shape_from_cut(index, node, tensor) is not None:
+            continue
         if any(i in inputs for i in node.input):
             return False
     return True

@@ -181,3 +181,64 @@ def test_head_without_rules_keeps_the_forward_graphs(rng: np.random.Generator) -
     assert [m.name for m in METHODS.values() if m.needs_head_vjp] == ["gradcam", "guided_gradcam"]
     crm = METHODS["crm"].compute(captures, [0, 2], Target.PROBABILITY)
     assert [m.index for m in crm] == [0, 2] and all(np.isfinite(m.values).all() for m in crm)
+
+
+def _as_strided_head() -> onnx.ModelProto:
+    """torch dynamo's as_strided in a head: positions computed from the image's batch."""
+    rng = np.random.default_rng(3)
+    i64 = lambda *v: onnx.numpy_helper.from_array(np.array(v, np.int64))  # noqa: E731
+    inits = [
+        onnx.numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+        onnx.numpy_helper.from_array(rng.normal(size=(2, 4)).astype(np.float32), "fc"),
+    ]
+    for name, value in (("minus1", [-1]), ("zero", [0]), ("one", 1), ("four", 4),
+                        ("four_v", [4]), ("start", 0)):
+        tensor = i64(*value) if isinstance(value, list) else onnx.numpy_helper.from_array(
+            np.array(value, np.int64))
+        tensor.name = name
+        inits.append(tensor)
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["A"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["A"], ["A_relu"]),
+        helper.make_node("GlobalAveragePool", ["A_relu"], ["P"]),
+        helper.make_node("Reshape", ["P", "minus1"], ["flat"]),
+        helper.make_node("Shape", ["image"], ["image_shape"]),
+        helper.make_node("Gather", ["image_shape", "start"], ["n"], axis=0),
+        helper.make_node("Mul", ["n", "four"], ["total"]),
+        helper.make_node("Range", ["start", "total", "one"], ["positions"]),
+        helper.make_node("Gather", ["flat", "positions"], ["strided"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "zero"], ["n_v"]),
+        helper.make_node("Concat", ["n_v", "four_v"], ["rows"], axis=0),
+        helper.make_node("Reshape", ["strided", "rows"], ["pooled"]),
+        helper.make_node("Gemm", ["pooled", "fc"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "as_strided",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 2])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_head_reading_the_image_shape_is_still_cut_and_differentiated() -> None:
+    """The Shape of the image inside the head is rebuilt from the target's batch."""
+    model = _as_strided_head()
+    compiled = compile_model(model, layout=Layout.NCHW, activation="none",
+                             input_shape=(1, 3, 8, 8))
+    assert compiled.split.target == "A_relu" and compiled.head_vjp is not None
+    head_inputs = [i.name for i in compiled.head.graph.input]
+    assert head_inputs == ["A_relu"], "the head does not need the image"
+    engine = Engine(compiled, ["CPUExecutionProvider"], 1)
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(3, 3, 8, 8)).astype(np.float32)
+    (expected,) = ReferenceEvaluator(model).run(None, {"image": image})
+    acts = np.stack([engine.forward(image[i:i + 1])[0][0] for i in range(3)])
+    np.testing.assert_allclose(engine.head(acts), expected, rtol=1e-5, atol=1e-6)
+    # logits = mean over (h, w) of A · fcᵀ: ∂logit_k/∂A(c, h, w) = fc[k, c] / 64.
+    fc = onnx.numpy_helper.to_array(model.graph.initializer[1])
+    seed = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
+    grads = engine.head_vjp(acts, seed)
+    expected_grads = (seed @ fc)[:, :, None, None] / 64 * np.ones((3, 4, 8, 8))
+    np.testing.assert_allclose(grads, expected_grads, rtol=1e-5, atol=1e-7)

@@ -717,6 +717,10 @@ OTHER = {
     "gather_matrix_indices_axis1": _gather(np.array([[3, 1, 1]], dtype=np.int64), axis=1),
     "gather_flat": _gather_flat(np.array([[[0]], [[4]], [[1]], [[5]]], dtype=np.int64)),
     "gather_flat_repeats_opset16": _gather_flat(_i64(0, 4, 4, 1), opset=16),
+    # indices computed at run time (dynamo's as_strided from the batch size): scattered
+    "gather_runtime_indices_opset16": Case(
+        [_node("Gather", ["x", "i"], ["g"]), _node("Mul", ["g", "g"])],
+        {"x": _normal(4, 2), "i": _i64(0, 3, 3, -1)}, opset=16),
     # layer normalisation
     "layer_norm_last_axis_all_grads": _layer_norm((2, 3, 5), -1, grads=True),
     "layer_norm_axis1_chw_eps": _layer_norm((2, 3, 2, 2), 1, epsilon=1e-2),

@@ -46,10 +46,13 @@ def gather(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -
     if gy is None or not needs[0] or b.index.elem_type(data) not in FLOAT_TYPES:
         return [None, None]
     value = b.index.constant(indices)
-    if value is None:
-        raise CompileError(f"Gather node {node.name!r}: the gradient needs constant indices")
     rank = b.rank(data)
     axis = int(attr(node, "axis", 0)) % rank  # type: ignore[arg-type]
+    if value is None:
+        if axis == 0 and b.opset >= 16:
+            return [_scatter_runtime(b, data, indices, gy), None]
+        raise CompileError(f"Gather node {node.name!r}: the gradient needs constant indices "
+                           "(or, computed at run time, axis 0 and opset >= 16)")
     shape = b.shape(data)
     dim = shape[axis] if shape is not None else None
     if not isinstance(dim, int):
@@ -81,6 +84,23 @@ def gather(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -
             ], axis=0)
         g = b.op("Reshape", [g, target])
     return [along_axis(b, g, axis, rank, matrix, data), None]
+
+
+def _scatter_runtime(b: VjpBuilder, data: str, indices: str, gy: str) -> str:
+    """gx for a Gather along axis 0 whose indices are computed at run time: gy added into
+    zeros shaped like the data at those indices (ScatterND with reduction, opset 16).
+
+    torch's dynamo export of ``as_strided`` computes the flat positions from the batch
+    size (ConvNeXt's head), so they are known only when the graph runs. Negative indices
+    count from the end, as Gather's do.
+    """
+    where = b.op("Cast", [indices], to=onnx.TensorProto.INT64)
+    size = b.op("Gather", [b.op("Shape", [data]), b.const(np.array(0, dtype=np.int64))])
+    negative = b.op("Cast", [b.op("Less", [where, b.const(np.array(0, dtype=np.int64))])],
+                    to=onnx.TensorProto.INT64)
+    where = b.op("Add", [where, b.op("Mul", [negative, size])])
+    where = b.unsqueeze(where, [-1])
+    return b.op("ScatterND", [zeros_like(b, data), where, gy], hint="grad", reduction="add")
 
 
 def _scatter_back(b: VjpBuilder, data: str, indices: np.ndarray, axis: int,
