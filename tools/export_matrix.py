@@ -430,41 +430,50 @@ def run_matrix(args: argparse.Namespace) -> int:
             spec = {"arch": arch.name, "exporter": exporter, "folder": str(folder),
                     "checkout": str(checkout), "static_batch": args.static_batch,
                     "service_timeout": args.service_timeout}
-            spec_path = folder / "row.json"
-            spec_path.write_text(json.dumps(spec))
-            log = folder / "row.log"
-            start = time.perf_counter()
-            print(f"{arch.name} / {exporter} ...", flush=True)
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                    "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
-            try:
-                with log.open("w") as fh:
-                    proc = subprocess.run(
-                        [sys.executable, str(Path(__file__).resolve()), "--_row", str(spec_path)],
-                        stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=args.row_timeout,
-                        check=False)
-                rc: int | str = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            result_path = folder / "result.json"
-            row: dict[str, object] = {"arch": arch.name, "exporter": exporter}
-            if result_path.is_file():
-                row.update(json.loads(result_path.read_text()))
-            if rc != 0 and not row.get("worker_error"):
-                row["worker_error"] = (f"row process {'timed out' if rc == 'timeout' else f'exited {rc}'}"
-                                       f": {_tail(log, 400)}")
-            row["row_s"] = round(time.perf_counter() - start, 1)
+            row = run_row(Path(__file__).resolve(), spec, folder, env=env,
+                          timeout=args.row_timeout, keep=args.keep)
             rows.append(row)
             save()
             print(f"  {table_row(row)}", flush=True)
-            if not args.keep:
-                shutil.rmtree(folder / "model", ignore_errors=True)
-                for p in [*folder.glob("*.npz"), *folder.glob("*.npy")]:
-                    p.unlink()
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()
     print(f"wrote {out} and {md}")
     return 0
+
+
+def run_row(script: Path, spec: dict[str, object], folder: Path, *,
+            env: dict[str, str] | None, timeout: float, keep: bool) -> dict[str, object]:
+    """One row in a process of its own (``script --_row``): its spec in, its result out.
+
+    A row process that fails or times out still gives a row, with the end of its log.
+    Without ``keep`` the exported model and arrays are removed afterwards.
+    """
+    spec_path = folder / "row.json"
+    spec_path.write_text(json.dumps(spec))
+    log = folder / "row.log"
+    start = time.perf_counter()
+    print(f"{spec['arch']} / {spec['exporter']} ...", flush=True)
+    try:
+        with log.open("w") as fh:
+            rc: int | str = subprocess.run(
+                [sys.executable, str(script), "--_row", str(spec_path)], stdout=fh,
+                stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    row: dict[str, object] = {"arch": spec["arch"], "exporter": spec["exporter"]}
+    if (folder / "result.json").is_file():
+        row.update(json.loads((folder / "result.json").read_text()))
+    if rc != 0 and not row.get("worker_error"):
+        ended = "timed out" if rc == "timeout" else f"exited {rc}"
+        row["worker_error"] = f"row process {ended}: {_tail(log, 400)}"
+    row["row_s"] = round(time.perf_counter() - start, 1)
+    if not keep:
+        shutil.rmtree(folder / "model", ignore_errors=True)
+        for p in [*folder.glob("*.npz"), *folder.glob("*.npy")]:
+            p.unlink()
+    return row
 
 
 # --- the service process (no torch here) --------------------------------------------------

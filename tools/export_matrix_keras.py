@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -404,32 +403,11 @@ def run(args: argparse.Namespace) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             spec = {"arch": name, "exporter": exporter, "folder": str(folder),
                     "checkout": str(checkout), "service_python": service_python}
-            spec_path = folder / "row.json"
-            spec_path.write_text(json.dumps(spec))
-            start = time.perf_counter()
-            print(f"{name} / {exporter} ...", flush=True)
-            try:
-                with (folder / "row.log").open("w") as fh:
-                    rc: int | str = subprocess.run(
-                        [sys.executable, str(Path(__file__).resolve()), "--_row", str(spec_path)],
-                        stdout=fh, stderr=subprocess.STDOUT, timeout=em.ROW_TIMEOUT_S,
-                        check=False).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            row: dict[str, object] = {"arch": name, "exporter": exporter}
-            if (folder / "result.json").is_file():
-                row.update(json.loads((folder / "result.json").read_text()))
-            if rc != 0 and not row.get("worker_error"):
-                row["worker_error"] = f"row process ended with {rc}: " + em._tail(
-                    folder / "row.log", 400)
-            row["row_s"] = round(time.perf_counter() - start, 1)
+            row = em.run_row(Path(__file__).resolve(), spec, folder, env=None,
+                             timeout=em.ROW_TIMEOUT_S, keep=args.keep)
             rows.append(row)
             save()
             print(f"  {em.table_row(row)}", flush=True)
-            if not args.keep:
-                shutil.rmtree(folder / "model", ignore_errors=True)
-                for p in [*folder.glob("*.npz"), *folder.glob("*.npy")]:
-                    p.unlink()
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()
     print(f"wrote {out} and {md}")
