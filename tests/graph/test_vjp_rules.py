@@ -971,3 +971,25 @@ def test_generated_graphs_pass_the_full_checker() -> None:
         case = CASES[name]
         model = vjp(case.model(), case.of, list(case.wrt))
         onnx.checker.check_model(model, full_check=True)
+
+
+def test_broadcast_decided_when_the_graph_runs() -> None:
+    """Two inputs whose batch axes have unrelated symbolic sizes: whether one of them is
+    broadcast is known only at run time, and the gradient sums over it exactly then."""
+    graph = helper.make_graph(
+        [_node("Add", ["x", "w"], ["s"]), _node("Mul", ["s", "s"])], "late",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, ["M", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    session = make_session(vjp(model, "y", ["x", "w"]), CPU, 1)
+    x = _normal(4, 3).astype(np.float32)
+    for w in (_normal(1, 3), _normal(4, 3)):
+        w = w.astype(np.float32)
+        seed = _normal(4, 3).astype(np.float32)
+        gx, gw = session.run([grad_name("x"), grad_name("w")], {"x": x, "w": w, SEED: seed})
+        full = 2 * (x + w) * seed  # d<seed, (x + w)²>
+        np.testing.assert_allclose(gx, full, rtol=1e-5)
+        np.testing.assert_allclose(gw, full.sum(axis=0, keepdims=True) if len(w) == 1
+                                   else full, rtol=1e-5)

@@ -112,6 +112,24 @@ class VjpBuilder:
     def reshape_like(self, g: str, like: str) -> str:
         return self.op("Reshape", [g, self.shape_of(like)])
 
+    def _unbroadcast_at_run_time(self, g: str, x: str, lead: int, axes: list[int],
+                                 undecided: list[int], sx: object, sy: object) -> str:
+        """ReduceSum over ``axes`` and over each undecided axis where x's size is 1 when the
+        graph runs: summing where x has size 1 is right whatever y's size, so that test
+        alone decides, as NumPy's broadcasting does. Exporters leave such sizes symbolic
+        (a ViT's class token concatenated to a batch of patch tokens)."""
+        if self.opset < 13:
+            raise CompileError(
+                f"cannot tell whether input {x!r} is broadcast along axes {undecided}: shapes "
+                f"{sx} and {sy} are not static there (deciding it at run time needs opset 13)")
+        sizes = self.op("Gather", [self.op("Shape", [x]),
+                                   self.const(np.array(undecided, dtype=np.int64))])
+        ones = self.op("Equal", [sizes, self.const(np.array(1, dtype=np.int64))])
+        chosen = self.op("Compress", [self.const(np.array([lead + i for i in undecided],
+                                                          dtype=np.int64)), ones], axis=0)
+        every = self.op("Concat", [self.const(np.array(axes, dtype=np.int64)), chosen], axis=0)
+        return self.op("ReduceSum", [g, every], keepdims=1, noop_with_empty_axes=1)
+
     def mask_positive(self, x: str) -> str:
         """1.0 where x > 0 else 0.0, as a float tensor.
 
@@ -134,6 +152,7 @@ class VjpBuilder:
         if lead < 0:
             raise CompileError(f"input {x!r} has a higher rank than output {y!r}")
         axes = list(range(lead))
+        undecided: list[int] = []
         for i, dx in enumerate(sx[: len(sx) - core]):
             dy = sy[lead + i]
             if dx == dy:
@@ -141,13 +160,13 @@ class VjpBuilder:
             if dx == 1:
                 axes.append(lead + i)
             elif dx is None or dy is None or isinstance(dx, str):
-                raise CompileError(
-                    f"cannot tell whether input {x!r} is broadcast along axis {i}: shapes "
-                    f"{sx} and {sy} are not static there"
-                )
-        if not axes:
+                undecided.append(i)
+        if undecided:
+            summed = self._unbroadcast_at_run_time(g, x, lead, axes, undecided, sx, sy)
+        elif not axes:
             return g
-        summed = self.reduce("ReduceSum", g, axes, keepdims=True)
+        else:
+            summed = self.reduce("ReduceSum", g, axes, keepdims=True)
         if lead == 0:
             return summed
         return self.reshape_like(summed, x)
