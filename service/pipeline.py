@@ -178,6 +178,10 @@ def predict(model: Served, image: DecodedImage, watch: Stopwatch) -> Result:
                   fwds[0].model_input.image01, (), watch)
 
 
+# A class given by index.
+_INDEX = re.compile(r"[0-9]{1,6}")
+
+
 def resolve_classes(labels: Sequence[str], requested: Sequence[str] | None,
                     scores: np.ndarray | None, threshold: float) -> list[int]:
     """Class indices from labels or indices; default: scores ≥ threshold, at least top-1.
@@ -206,8 +210,6 @@ def resolve_classes(labels: Sequence[str], requested: Sequence[str] | None,
             out.append(index)
     return out
 
-
-_INDEX = re.compile(r"[0-9]{1,6}")
 
 
 def explain(model: Served, image: DecodedImage, options: ExplainOptions,

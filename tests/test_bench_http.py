@@ -47,7 +47,6 @@ def test_window_to_uint8_inverts_monochrome1() -> None:
 
 
 def test_demo_png_is_a_grey_image_of_the_asked_size() -> None:
-    pytest.importorskip("pydicom.data")
     path = bench.radiograph_path()
     png = bench.demo_png(path, size=(70, 60))
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)

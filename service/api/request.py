@@ -142,9 +142,6 @@ class ExplainParams(PredictParams):
                               score_threshold=self.score_threshold)
 
 
-Params = PredictParams | ExplainParams
-
-
 def parse_params(kind: type[PredictParams], pairs: Iterable[tuple[str, str]]) -> Any:
     """A parameters model from (name, value) strings; empty values mean the default.
 
@@ -252,5 +249,5 @@ async def read_upload(request: Request, settings: Settings, kind: type[PredictPa
     return Upload(body, media_type, parse_params(kind, pairs))
 
 
-__all__ = ["ExplainParams", "Params", "PredictParams", "Upload", "parameter_schemas",
+__all__ = ["ExplainParams", "PredictParams", "Upload", "parameter_schemas",
            "parse_params", "read_upload"]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import resource
-import sys
 
 import numpy as np
-import pytest
 
 from service.runtime.memory import MMAP_THRESHOLD, keep_freed_memory
 
@@ -20,7 +18,6 @@ def _faults_touching(size: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_blocks_are_reused_without_page_faults() -> None:
     assert SIZE < MMAP_THRESHOLD
     assert keep_freed_memory()
