@@ -19,7 +19,7 @@ from service.config import Settings, get_settings
 from service.graph.cache import CompileCache
 from service.models.repository import load_repository
 from service.runtime.sessions import CPU, requested_providers
-from service.runtime.worker import Limiter, Scheduler
+from service.runtime.worker import Limiter, Scheduler, serial_pool_kernels
 
 log = logging.getLogger("medexplain")
 
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         elif providers == [CPU]:
             log.info("no usable CUDA GPU (or providers=cpu): running on %s", CPU)
         log.info("serving %d model(s), default %s", len(repository.models), repository.default)
+        serial_pool_kernels()
         # Every admitted request may be waiting for the compute stream at once.
         scheduler = Scheduler(
             lambda name, jobs: pipeline.compute(repository.get(name), jobs),
