@@ -7,6 +7,7 @@ from schemas.api import (
     Health,
     Heatmap,
     ImageInfo,
+    ImagePreview,
     InputInfo,
     ModelInfo,
     ModelRef,
@@ -19,7 +20,7 @@ from schemas.api import (
 )
 
 __all__ = [
-    "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo", "InputInfo",
-    "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse", "Prediction", "Problem",
+    "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo", "ImagePreview",
+    "InputInfo", "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse", "Prediction", "Problem",
     "Region", "TargetLayerInfo",
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from service import __version__
 from service.api import problems
@@ -64,7 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
 
-    demo_page = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+    static = Path(__file__).parent / "static"
+    demo_page = (static / "index.html").read_text(encoding="utf-8")
+    # The page's own modules and style sheet: same origin, no build step, no CDN.
+    app.mount("/static", StaticFiles(directory=static), name="static")
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     async def index() -> HTMLResponse:
