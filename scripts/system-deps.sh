@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # System tools some tests use: Orthanc with its Python plugin (tests/integration, the PACS
 # round trip), dicom3tools' dciodvfy and DCMTK's dcmdump (DICOM validation of the
-# Secondary Captures). Installed from Debian's packages only when missing, so reruns cost
-# nothing; on a machine without apt (or without root and sudo) the tests that need them
-# say why they are skipped.
+# Secondary Captures), Chromium (tests/web: the web demo in a real browser, driven by
+# Playwright without downloading a browser of its own). Installed from Debian's packages
+# only when missing, so reruns cost nothing; on a machine without apt (or without root and
+# sudo) the tests that need them say why they are skipped.
 set -euo pipefail
 need=()
 { command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null 2>&1 || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || need+=(orthanc-python)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v dcmdump >/dev/null 2>&1 || need+=(dcmtk)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 [ "${#need[@]}" -gt 0 ] || exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: no apt-get; not installing ${need[*]}" >&2
