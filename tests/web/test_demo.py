@@ -341,3 +341,34 @@ def test_api_key_clears_its_error(browser: Browser, keyed_server: Server) -> Non
         assert page.is_hidden("#error")
         upload(demo, NODULE_PNG)
         assert "Nodule" in page.inner_text("#legend")
+
+
+def test_the_page_maths_is_the_services(demo: Page) -> None:
+    """maps.js and draw.js against service/methods and OpenCV, on maps made here."""
+    from service.methods.base import RawMap
+    from service.methods.maps import normalise
+    from service.methods.regions import map_regions, regions
+
+    rng = np.random.default_rng(13)
+    coarse = rng.random((16, 16), dtype=np.float32) ** 3
+    cam = cv2.resize(coarse, (256, 256), interpolation=cv2.INTER_LINEAR)
+    gradient = rng.normal(size=(256, 256)).astype(np.float32) * cam  # signed speckle
+    got = demo.page.evaluate("""async ([cam, gradient]) => {
+      const m = await import('/static/maps.js'), d = await import('/static/draw.js');
+      const a = Float32Array.from(cam), g = Float32Array.from(gradient);
+      const cut = (s, t) => m.regions(s, 256, 256, t, 3000 / 256, 2500 / 256);
+      return {
+        jet: d.JET,
+        smooth: Array.from(m.smooth(a, 256, 256, 7.24)),
+        cam: [0.2, 0.5, 0.8].map(t => cut(m.regionStrength('gradcam', a, 256, 256), t)),
+        gradient: [0.2, 0.5, 0.8].map(t => cut(m.regionStrength('guided_backprop', g, 256, 256), t)),
+      }; }""", [cam.ravel().tolist(), gradient.ravel().tolist()])
+    assert np.abs(np.array(got["jet"]) - _JET_RGB[:, 0].astype(int)).max() <= 1
+    blurred = cv2.GaussianBlur(cam, (0, 0), sigmaX=7.24, sigmaY=7.24)
+    assert np.abs(np.array(got["smooth"]).reshape(256, 256) - blurred).max() < 1e-5 * blurred.max()
+    for i, t in enumerate((0.2, 0.5, 0.8)):
+        expected = [{"box": list(r.box), "score": r.score}
+                    for r in regions(normalise(cam), t, 3000 / 256, 2500 / 256)]
+        assert got["cam"][i] == expected, t
+        served = map_regions(RawMap(gradient, 0, "model"), (256, 256), (2500, 3000), t)
+        assert got["gradient"][i] == [{"box": list(r.box), "score": r.score} for r in served], t
