@@ -247,6 +247,7 @@ async function run() {
       drawn_ms: Math.round(drawn - start),
       sent_bytes: file.size,
       received_bytes: received ? received.encodedBodySize : blob.size,
+      service_ms: body.timings_ms.total,
     };
     showTimings();
     stopProgress(`Explained ${file.name} in ${state.result.page.drawn_ms} ms.`);
