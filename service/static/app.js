@@ -8,8 +8,8 @@ import { displayStrength, fromBase64, parseNpy, regionStrength, regions } from "
 import { methodName, transferSyntaxName } from "./names.js";
 
 const $ = (id) => document.getElementById(id);
-const VIEW_WIDTH = 480;  // CSS pixels of the three large views; cards are half of it
-const CARD_WIDTH = 240;
+// The upload is decoded no wider than this many CSS pixels (the widest a view gets).
+const DECODE_WIDTH = 1024;
 const DEFAULT_METHODS = ["gradcam", "crm"];
 
 const state = {
@@ -189,7 +189,7 @@ async function sniff(file) {
 
 /** The upload drawn by the browser, no wider than the largest view needs. */
 function decodeOriginal(file, info) {
-  const widest = Math.round(VIEW_WIDTH * (window.devicePixelRatio || 1));
+  const widest = Math.round(Math.min(DECODE_WIDTH, window.innerWidth) * (window.devicePixelRatio || 1));
   const options = info.width > widest ? { resizeWidth: widest, resizeQuality: "high" } : {};
   return createImageBitmap(file, options).catch(() => null);
 }
@@ -314,10 +314,7 @@ function showResult() {
   summary.disabled = !methods.length;
   $("cards").replaceChildren(...maps.map(card));
   $("results").hidden = false;
-  for (const id of ["view-original", "view-overlay", "view-summary"]) {
-    draw.sizeCanvas($(id), VIEW_WIDTH, body.image.width, body.image.height);
-  }
-  draw.drawImage($("view-original"), state.original);
+  layout();
   const dicom = body.image.format === "dicom";
   $("dl-sc").disabled = $("dl-sr").disabled = !dicom;
   $("dl-hint").textContent = dicom
@@ -326,7 +323,12 @@ function showResult() {
   redraw();
 }
 
-const formatScore = (s) => (s >= 0.001 || s === 0 ? s.toFixed(4) : s.toExponential(1));
+// Four decimals, but never a rounded 1.0000 for a score short of 1, nor 0.0000 for a small one.
+const formatScore = (s) => {
+  if (s > 0 && s < 0.001) return s.toExponential(1);
+  const fixed = s.toFixed(4);
+  return fixed === "1.0000" && s < 1 ? s.toFixed(6) : fixed;
+};
 
 function showHeader(body) {
   const image = body.image;
@@ -394,7 +396,6 @@ function card(m) {
   button.setAttribute("aria-label", `Show ${methodName(m.method)} for ${m.label ?? "all classes"} beside the original`);
   const canvas = document.createElement("canvas");
   canvas.setAttribute("aria-hidden", "true");  // the button says what it shows
-  draw.sizeCanvas(canvas, CARD_WIDTH, state.result.image.width, state.result.image.height);
   button.append(canvas);
   button.addEventListener("click", () => { state.selected = m.key; redraw(); });
   const caption = document.createElement("figcaption");
@@ -403,6 +404,17 @@ function card(m) {
   caption.append(document.createElement("p"), list);
   figure.append(button, caption);
   return figure;
+}
+
+/** Every canvas sized to the CSS width the layout gives it (so that text on it is drawn
+ *  at its real size); then everything is drawn again. */
+function layout() {
+  if (!state.result || $("results").hidden) return;
+  const { width, height } = state.result.image;
+  for (const canvas of document.querySelectorAll("#views canvas, #cards canvas")) {
+    draw.sizeCanvas(canvas, canvas.clientWidth || 240, width, height);
+  }
+  redraw();
 }
 
 /** Whether a map's class is at or above the score threshold (class-agnostic maps: yes). */
@@ -431,6 +443,7 @@ function redraw() {
     tr.cells[3].textContent = finding ? "finding" : "below threshold";
     tr.cells[2].firstChild.style.setProperty("--t", scoreCut);
   }
+  draw.drawImage($("view-original"), state.original);
   for (const figure of $("cards").children) {
     const m = result.maps[Number(figure.dataset.key)];
     const finding = isFinding(m, scoreCut);
@@ -498,10 +511,11 @@ function paintSummary(scoreCut) {
   const { width, height } = state.result.image;
   draw.drawImage(canvas, state.original);
   const findings = state.result.maps.filter((m) => m.method === method && m.index != null && m.score >= scoreCut);
+  const placed = [];
   for (const m of findings) {
     const colour = draw.classColour(m.index);
     draw.drawBoxes(canvas, m.regions.map((r, i) => ({ box: r.box, text: i === 0 ? `${m.label} ${formatScore(m.score)}` : "" })),
-                   width, height, colour);
+                   width, height, colour, { placed });
     if (m.points) draw.drawPoints(canvas, m.points, width, height, colour);
   }
   if (!findings.length) draw.drawNotice(canvas, `No finding at score ≥ ${scoreCut.toFixed(2)}`);
@@ -599,6 +613,13 @@ $("summary-method").addEventListener("change", redraw);
 $("dl-json").addEventListener("click", () => state.blob && save(state.blob, `${stem()}.explain.json`));
 $("dl-sc").addEventListener("click", () => downloadDicom("sc"));
 $("dl-sr").addEventListener("click", () => downloadDicom("sr"));
+let resizing = 0, laidOut = 0;
+new ResizeObserver(([entry]) => {  // a new width only: heights follow from it
+  if (Math.round(entry.contentRect.width) === laidOut) return;
+  laidOut = Math.round(entry.contentRect.width);
+  cancelAnimationFrame(resizing);
+  resizing = requestAnimationFrame(layout);
+}).observe($("views"));
 document.addEventListener("dragover", (e) => e.preventDefault());
 document.addEventListener("drop", (e) => { e.preventDefault(); chooseFile(e.dataTransfer.files[0]); });
 

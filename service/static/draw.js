@@ -21,8 +21,10 @@ export const classColour = (index) => (index == null ? AGNOSTIC : PALETTE[index 
 /** Size a canvas for an image of (width, height) at a CSS width, in device pixels. */
 export function sizeCanvas(canvas, cssWidth, width, height) {
   const ratio = window.devicePixelRatio || 1;
-  canvas.width = Math.max(1, Math.round(cssWidth * ratio));
-  canvas.height = Math.max(1, Math.round(cssWidth * ratio * height / width));
+  const w = Math.max(1, Math.round(cssWidth * ratio));
+  const h = Math.max(1, Math.round(cssWidth * ratio * height / width));
+  if (canvas.width !== w) canvas.width = w;
+  if (canvas.height !== h) canvas.height = h;
   canvas.style.aspectRatio = `${width} / ${height}`;
 }
 
@@ -60,8 +62,11 @@ export function drawMap(canvas, layer, opacity) {
   ctx.restore();
 }
 
-/** Boxes (original-image pixels) in a colour, each with an optional text label. */
-export function drawBoxes(canvas, boxes, imageWidth, imageHeight, colour, { dashed = false } = {}) {
+/** Boxes (original-image pixels) in a colour, each with an optional text label. Labels
+ *  already on the canvas (``placed``, shared between calls) are not covered where a free
+ *  place is left: above the box, inside its top, below it. */
+export function drawBoxes(canvas, boxes, imageWidth, imageHeight, colour,
+                          { dashed = false, placed = [] } = {}) {
   const ctx = canvas.getContext("2d");
   const sx = canvas.width / imageWidth, sy = canvas.height / imageHeight;
   const ratio = window.devicePixelRatio || 1;
@@ -82,9 +87,12 @@ export function drawBoxes(canvas, boxes, imageWidth, imageHeight, colour, { dash
     if (text) {
       ctx.setLineDash([]);
       const pad = 3 * ratio, tw = ctx.measureText(text).width + 2 * pad, th = 16 * ratio;
-      // Above the box where there is room, else just inside it; never off the canvas.
-      const ty = y - th >= 0 ? y - th : Math.min(y + line, canvas.height - th);
       const tx = Math.min(Math.max(0, x), Math.max(0, canvas.width - tw));
+      const fits = (ty) => ty >= 0 && ty + th <= canvas.height;
+      const free = (ty) => !placed.some((p) => tx < p.x + p.w && p.x < tx + tw && ty < p.y + p.h && p.y < ty + th);
+      const options = [y - th, y + line, y + h].filter(fits);
+      const ty = options.find(free) ?? options[0] ?? 0;
+      placed.push({ x: tx, y: ty, w: tw, h: th });
       ctx.fillStyle = colour;
       ctx.fillRect(tx, ty, tw, th);
       ctx.fillStyle = "#000";

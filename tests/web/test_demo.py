@@ -72,13 +72,15 @@ def press(demo: Page, selector: str, key: str, times: int = 1) -> None:
 
 
 def box_mask(shape: tuple[int, int], boxes: list[list[int]], scale: float, margin: int,
-             label_height: int = 0) -> np.ndarray:
-    """True on and around the drawn outlines (and the label strip above each box)."""
+             label: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """True on and around the drawn outlines, and on a label strip (height, width) above
+    each box's top-left corner."""
     mask = np.zeros(shape, bool)
     for x0, y0, x1, y1 in boxes:
         a, b, c, d = (int(round(v * scale)) for v in (x0, y0, x1, y1))
-        mask[max(0, b - margin - label_height):d + margin, max(0, a - margin):c + margin] = True
+        mask[max(0, b - margin):d + margin, max(0, a - margin):c + margin] = True
         mask[b + margin:d - margin, a + margin:c - margin] = False
+        mask[max(0, b - margin - label[0]):b + margin, max(0, a - margin):a + label[1]] = True
     return mask
 
 
@@ -128,7 +130,7 @@ def test_dicom_phantom_is_explained_and_drawn(demo: Page, server: Server,
     weight = ALPHA * stretch(alpha)[..., None]
     backdrop = stretch(grey.astype(np.float32))[..., None]
     expected = backdrop * (1 - weight) + ALPHA * stretch(tinted)
-    away = ~box_mask((h, w), cards(demo)[("crm", "Nodule")], w / 256, 6, label_height=18)
+    away = ~box_mask((h, w), cards(demo)[("crm", "Nodule")], w / 256, 6, label=(18, 150))
     error = np.abs(drawn.astype(float) - expected)[away]
     assert error.mean() < 2.5 and np.percentile(error, 99) < 12, (error.mean(), error.max())
     inside = drawn[int(h * 0.5), int(w * 0.18)]  # the nodule's centre: hot, not grey
@@ -138,7 +140,7 @@ def test_dicom_phantom_is_explained_and_drawn(demo: Page, server: Server,
     summary = canvas(demo, "view-summary")
     box = cards(demo)[("crm", "Nodule")][0]
     assert edge_has_colour(summary, box, w / 256, PALETTE["Nodule"])
-    outside = ~box_mask((h, w), [box], w / 256, 5, label_height=20)
+    outside = ~box_mask((h, w), [box], w / 256, 5, label=(20, 150))
     spread = summary.max(axis=2).astype(int) - summary.min(axis=2)
     assert (spread[outside] <= 2).all(), "colour outside the finding's box"
     assert page.inner_text("#legend") == "Nodule 0.9999 (1 region)"
@@ -187,7 +189,8 @@ def test_sliders_redraw_without_a_request(demo: Page, server: Server,
     press(demo, "#opacity", "Home")
     overlay_pixels = canvas(demo, "view-overlay").astype(int)
     original = canvas(demo, "view-original").astype(int)
-    away = ~box_mask(overlay_pixels.shape[:2], at_030[("crm", "Nodule")], w / 256, 6, 18)
+    away = ~box_mask(overlay_pixels.shape[:2], at_030[("crm", "Nodule")], w / 256, 6,
+                     label=(18, 150))
     assert np.abs(overlay_pixels - original)[away].max() <= 1
     page.screenshot(path=str(screenshots / "sliders.png"), full_page=True)
     assert len(demo.api_requests()) == asked, demo.api_requests()[asked:]
