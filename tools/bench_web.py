@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.bench_http import demo_png, machine, radiograph_path  # noqa: E402
+from tools.bench_http import demo_png, machine, radiograph_path
 
 CHROMIUM = "/usr/bin/chromium"
 ALL_METHODS = ("crm", "crm_combined", "gradcam", "guided_backprop", "guided_gradcam",
@@ -116,7 +116,7 @@ def open_page(browser: Any, url: str, case: Case) -> tuple[Any, Any]:
 def upload(page: Any, cdp: Any, case: Case) -> dict[str, float]:
     page.set_input_files("#file", {"name": case.filename, "mimeType": case.mime,
                                    "buffer": case.data})
-    page.wait_for_function("document.getElementById('status-text').textContent"
+    page.wait_for_function("() => document.getElementById('status-text').textContent"
                            ".startsWith('Explained')", timeout=120_000)
     numbers = json.loads(page.get_attribute("#results", "data-timings"))
     cdp.send("HeapProfiler.collectGarbage")
@@ -149,21 +149,17 @@ def run(rounds: int, threads: int, screenshot: Path | None) -> tuple[list[dict[s
                 page.goto(f"{url}/")
                 page.wait_for_selector("#method-list input")
                 page.set_input_files("#file", str(ROOT / "tests/data/phantoms/all-findings.png"))
-                page.wait_for_function("document.getElementById('status-text').textContent"
+                page.wait_for_function("() => document.getElementById('status-text').textContent"
                                        ".startsWith('Explained')")
                 page.screenshot(path=str(screenshot), full_page=True)
             browser.close()
         finally:
             process.terminate()
             process.wait(timeout=30)
-    rows = []
-    for case in work:
-        got = samples[case.name]
-        median = lambda key: statistics.median(s[key] for s in got)  # noqa: E731
-        rows.append({"case": case.name, "answered_ms": median("answered_ms"),
-                     "drawn_ms": median("drawn_ms"), "service_ms": median("service_ms"),
-                     "sent_bytes": median("sent_bytes"), "received_bytes": median("received_bytes"),
-                     "heap_mb": median("heap_mb"), "rounds": len(got)})
+    keys = ("answered_ms", "drawn_ms", "service_ms", "sent_bytes", "received_bytes", "heap_mb")
+    rows = [{"case": case.name, "rounds": len(samples[case.name]),
+             **{k: statistics.median(s[k] for s in samples[case.name]) for k in keys}}
+            for case in work]
     return rows, version
 
 

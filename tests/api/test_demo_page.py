@@ -47,7 +47,7 @@ def test_the_page_and_its_modules_are_served(client: TestClient) -> None:
 def test_the_page_loads_nothing_from_elsewhere() -> None:
     for name, text in {**_modules(), "index.html": (STATIC / "index.html").read_text(),
                        "demo.css": (STATIC / "demo.css").read_text()}.items():
-        assert not re.search(r"https?://|//[a-z0-9-]+\.[a-z]", text, re.I), name
+        assert not re.search(r"https?://|//[a-z0-9-]+\.[a-z]", text, re.IGNORECASE), name
         assert "@import" not in text and "url(" not in text, name
 
 
@@ -59,7 +59,7 @@ def test_the_page_calls_only_what_the_api_offers(client: TestClient) -> None:
     assert paths <= set(client.get("/openapi.json").json()["paths"])
     app = _modules()["app.js"]
     request = app[app.index("function requestParams"):app.index("async function run")]
-    sent = set(re.findall(r"^\s+(\w+):", request, re.M))
+    sent = set(re.findall(r"^\s+(\w+):", request, re.MULTILINE))
     assert sent == {"model", "methods", "classes", "target", "score_threshold",
                     "region_threshold", "heatmap", "size", "preview"}
     downloads = app[app.index("async function downloadDicom"):app.index("// ----", app.index(

@@ -3,7 +3,8 @@
 The server is the service's own CLI in a subprocess on a free loopback port, serving a
 model repository made for the tests: the bundled demo model, a copy of it under another
 name, and an ensemble of the two. Every page is opened in a fresh browser context that
-records each request it makes and refuses any that would leave the server's origin.
+records each request it makes, refuses any that would leave the server's origin, and
+serves the page under a strict content security policy (nothing inline).
 Screenshots go to the pytest temporary directory (``web-screenshots``), never the tree.
 """
 
@@ -37,6 +38,10 @@ def _free_port() -> int:
 
 
 API_KEY = "web-demo-test-key-0123"  # the keyed server's (at least 16 characters)
+# The page is tested under the strictest policy it can live with: its own origin for
+# everything, no inline script or style, no plugins, no framing.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 @dataclass
@@ -68,7 +73,8 @@ def _repository(root: Path) -> Path:
 def start_server(models: Path, **env: str) -> Server:
     """The service's CLI on a free loopback port (not yet ready: see :func:`wait_ready`)."""
     port = _free_port()
-    log = tempfile.TemporaryFile()  # a pipe nobody reads would block a chatty server
+    # A file, as a pipe nobody reads would block a chatty server; stop_server closes it.
+    log = tempfile.TemporaryFile()  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port",
          str(port), "--models", str(models)],
@@ -170,13 +176,20 @@ def open_page(browser: Browser, server: Server, *, ready: bool = True) -> Iterat
 
     def guard(route: Route) -> None:
         url = route.request.url
-        if url.startswith(f"{server.url}/") or url.startswith(("blob:", "data:")):
+        if url == f"{server.url}/":
+            response = route.fetch()
+            route.fulfill(response=response,
+                          headers={**response.headers, "content-security-policy": CSP})
+        elif url.startswith((f"{server.url}/", "blob:", "data:")):
             route.fallback()
         else:
             left.append(url)
             route.abort()
 
     ctx.route("**/*", guard)
+    ctx.add_init_script("window.__refused = []; document.addEventListener("
+                        "'securitypolicyviolation', (e) => window.__refused.push("
+                        "`${e.violatedDirective} ${e.blockedURI}`));")
     page.on("request", lambda r: loaded.requests.append(f"{r.method} {r.url}"))
     page.on("pageerror", lambda e: loaded.errors.append(str(e)))
     page.goto(f"{server.url}/")
@@ -184,8 +197,10 @@ def open_page(browser: Browser, server: Server, *, ready: bool = True) -> Iterat
         page.wait_for_selector("#method-list input")
     try:
         yield loaded
+        refused = page.evaluate("window.__refused")
     finally:
         ctx.close()
+    assert not refused, f"the content security policy refused {refused}"
     assert not loaded.errors, f"uncaught errors on the page: {loaded.errors}"
     assert not left, f"requests left the origin: {left}"
     assert all(r.split(" ", 1)[1].startswith((f"{server.url}/", "blob:", "data:"))

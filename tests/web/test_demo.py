@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from playwright.sync_api import Browser, Route
 
-from service.outputs.render import ALPHA, _JET_RGB
+from service.outputs.render import _JET_RGB, ALPHA
 from tests.web.conftest import API_KEY, DATA, Page, Server, open_page
 
 PHANTOM_DCM = DATA / "dicom" / "phantom_nodule.dcm"
@@ -77,7 +77,7 @@ def box_mask(shape: tuple[int, int], boxes: list[list[int]], scale: float, margi
     each box's top-left corner."""
     mask = np.zeros(shape, bool)
     for x0, y0, x1, y1 in boxes:
-        a, b, c, d = (int(round(v * scale)) for v in (x0, y0, x1, y1))
+        a, b, c, d = (round(v * scale) for v in (x0, y0, x1, y1))
         mask[max(0, b - margin):d + margin, max(0, a - margin):c + margin] = True
         mask[b + margin:d - margin, a + margin:c - margin] = False
         mask[max(0, b - margin - label[0]):b + margin, max(0, a - margin):a + label[1]] = True
@@ -126,7 +126,7 @@ def test_dicom_phantom_is_explained_and_drawn(demo: Page, server: Server,
     # alpha, as a canvas stretches it, then blended at the opacity over the image.
     alpha = level.astype(np.float32) / 255
     tinted = _JET_RGB[:, 0][level].astype(np.float32) * alpha[..., None]
-    stretch = lambda a: cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)  # noqa: E731
+    stretch = lambda a: cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)
     weight = ALPHA * stretch(alpha)[..., None]
     backdrop = stretch(grey.astype(np.float32))[..., None]
     expected = backdrop * (1 - weight) + ALPHA * stretch(tinted)
@@ -291,12 +291,24 @@ def test_keyboard_labels_and_layout(demo: Page, screenshots: Path) -> None:
 def test_ensemble_members_are_shown(demo: Page, server: Server) -> None:
     page = demo.page
     page.select_option("#model", "demo-ensemble")
-    page.wait_for_function("document.getElementById('members').textContent.includes('mean of')")
+    page.wait_for_function("() => document.getElementById('members').textContent.includes('mean of')")
     assert "demo-cxr, demo-cxr-copy" in page.inner_text("#members")
+    page.check("#method-list input[value=fixations]")
     upload(demo, NODULE_PNG)
     assert "demo-ensemble" in page.inner_text("#header")
-    assert cards(demo) == served_boxes(server, NODULE_PNG, model="demo-ensemble",
-                                       methods="crm,gradcam")
+    fields = {"model": "demo-ensemble", "methods": "crm,gradcam,fixations"}
+    assert cards(demo) == served_boxes(server, NODULE_PNG, **fields)
+
+    # The fixation points, in the class's colour, where the service put them.
+    body = server.explain(NODULE_PNG.read_bytes(), NODULE_PNG.name, **fields).json()
+    points = next(e["points"] for e in body["explanations"] if e["method"] == "fixations")
+    page.focus(".card[data-method=fixations] button")
+    page.keyboard.press("Enter")
+    drawn = canvas(demo, "view-overlay")
+    scale = drawn.shape[1] / 256
+    centres = np.array([drawn[int((y + 0.5) * scale), int((x + 0.5) * scale)]
+                        for x, y in points])
+    assert len(points) > 10 and near_colour(centres, PALETTE["Nodule"]).mean() > 0.9
 
 
 def test_downloads(demo: Page, server: Server) -> None:
