@@ -365,25 +365,26 @@ def test_the_page_maths_is_the_services(demo: Page) -> None:
     from service.methods.regions import map_regions, regions
 
     rng = np.random.default_rng(13)
-    coarse = rng.random((16, 16), dtype=np.float32) ** 3
-    cam = cv2.resize(coarse, (256, 256), interpolation=cv2.INTER_LINEAR)
-    gradient = rng.normal(size=(256, 256)).astype(np.float32) * cam  # signed speckle
-    got = demo.page.evaluate("""async ([cam, gradient]) => {
+    n = 128  # any grid: the steps do not depend on its size
+    coarse = rng.random((8, 8), dtype=np.float32) ** 3
+    cam = cv2.resize(coarse, (n, n), interpolation=cv2.INTER_LINEAR)
+    gradient = rng.normal(size=(n, n)).astype(np.float32) * cam  # signed speckle
+    got = demo.page.evaluate("""async ([n, cam, gradient]) => {
       const m = await import('/static/maps.js'), d = await import('/static/draw.js');
       const a = Float32Array.from(cam), g = Float32Array.from(gradient);
-      const cut = (s, t) => m.regions(s, 256, 256, t, 3000 / 256, 2500 / 256);
+      const cut = (s) => [0.2, 0.5, 0.8].map(t => m.regions(s, n, n, t, 3000 / n, 2500 / n));
       return {
         jet: d.JET,
-        smooth: Array.from(m.smooth(a, 256, 256, 7.24)),
-        cam: [0.2, 0.5, 0.8].map(t => cut(m.regionStrength('gradcam', a, 256, 256), t)),
-        gradient: [0.2, 0.5, 0.8].map(t => cut(m.regionStrength('guided_backprop', g, 256, 256), t)),
-      }; }""", [cam.ravel().tolist(), gradient.ravel().tolist()])
+        smooth: Array.from(m.smooth(a, n, n, 3.62)),
+        cam: cut(m.regionStrength('gradcam', a, n, n)),
+        gradient: cut(m.regionStrength('guided_backprop', g, n, n)),
+      }; }""", [n, cam.ravel().tolist(), gradient.ravel().tolist()])
     assert np.abs(np.array(got["jet"]) - _JET_RGB[:, 0].astype(int)).max() <= 1
-    blurred = cv2.GaussianBlur(cam, (0, 0), sigmaX=7.24, sigmaY=7.24)
-    assert np.abs(np.array(got["smooth"]).reshape(256, 256) - blurred).max() < 1e-5 * blurred.max()
+    blurred = cv2.GaussianBlur(cam, (0, 0), sigmaX=3.62, sigmaY=3.62)
+    assert np.abs(np.array(got["smooth"]).reshape(n, n) - blurred).max() < 1e-5 * blurred.max()
     for i, t in enumerate((0.2, 0.5, 0.8)):
         expected = [{"box": list(r.box), "score": r.score}
-                    for r in regions(normalise(cam), t, 3000 / 256, 2500 / 256)]
+                    for r in regions(normalise(cam), t, 3000 / n, 2500 / n)]
         assert got["cam"][i] == expected, t
-        served = map_regions(RawMap(gradient, 0, "model"), (256, 256), (2500, 3000), t)
+        served = map_regions(RawMap(gradient, 0, "model"), (n, n), (2500, 3000), t)
         assert got["gradient"][i] == [{"box": list(r.box), "score": r.score} for r in served], t
