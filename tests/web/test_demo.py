@@ -147,6 +147,26 @@ def test_dicom_phantom_is_explained_and_drawn(demo: Page, server: Server,
     page.screenshot(path=str(screenshots / "dicom-phantom.png"), full_page=True)
 
 
+def test_dicom_header_and_image_as_the_network_saw_it(demo: Page) -> None:
+    """Compressed and MONOCHROME1 phantoms: named in the header, drawn as the PNG phantom
+    they were made from (inverted back, decompressed)."""
+    expected = cv2.imread(str(NODULE_PNG), cv2.IMREAD_GRAYSCALE)
+    for name, syntax, photometric in (
+            ("phantom_nodule_j2k.dcm", "JPEG 2000 Lossless (1.2.840.10008.1.2.4.90)",
+             "MONOCHROME2"),
+            ("phantom_nodule_mono1.dcm", "Explicit VR Little Endian (1.2.840.10008.1.2.1)",
+             "MONOCHROME1")):
+        upload(demo, DATA / "dicom" / name)
+        rows = dict(demo.page.eval_on_selector_all(
+            "#header dt", "dts => dts.map(dt => [dt.textContent, dt.nextElementSibling.textContent])"))
+        assert rows["Transfer syntax"] == syntax and rows["Photometric"] == photometric, rows
+        assert rows["Modality"] == "DX" and rows["Frame"] == "1 of 1"
+        drawn = canvas(demo, "view-original")
+        h, w = drawn.shape[:2]
+        reference = cv2.resize(expected, (w, h), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(drawn[..., 0].astype(int) - reference).mean() < 2, name
+
+
 def test_sliders_redraw_without_a_request(demo: Page, server: Server,
                                           screenshots: Path) -> None:
     page = demo.page
