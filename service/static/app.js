@@ -134,6 +134,7 @@ function hideError() {
 let ticker = null;
 
 function startProgress(text) {
+  clearInterval(ticker);
   const start = performance.now();
   $("progress").hidden = false;
   $("status-text").textContent = text;
@@ -224,17 +225,22 @@ async function run() {
   const file = state.file;
   startProgress(`Explaining ${file.name}…`);
   const start = performance.now();
+  let original = Promise.resolve(null);
   try {
     const info = await sniff(file);
     const params = requestParams(info.kind === "other");
-    const original = info.kind === "other" ? Promise.resolve(null) : decodeOriginal(file, info);
+    if (info.kind !== "other") original = decodeOriginal(file, info);
     const { blob, body } = await api.explain(file, params, controller.signal);
     const answered = performance.now();
     let bitmap = await original;
     if (!bitmap && body.preview) {
       bitmap = await createImageBitmap(new Blob([fromBase64(body.preview.data)], { type: body.preview.media_type }));
     }
-    if (controller.signal.aborted) { bitmap?.close(); return; }
+    if (controller.signal.aborted) {
+      bitmap?.close();
+      if (state.controller === controller) stopProgress("Cancelled.");
+      return;
+    }
     state.result = prepare(body, params);
     state.original = bitmap;
     state.blob = blob;
@@ -252,9 +258,10 @@ async function run() {
     showTimings();
     stopProgress(`Explained ${file.name} in ${state.result.page.drawn_ms} ms.`);
   } catch (err) {
-    if (controller.signal.aborted) { stopProgress("Cancelled."); return; }
-    stopProgress("");
-    showError(err);
+    original.then((bitmap) => bitmap?.close());
+    if (state.controller !== controller) return;  // a newer upload took over
+    stopProgress(controller.signal.aborted ? "Cancelled." : "");
+    if (!controller.signal.aborted) showError(err);
   } finally {
     if (state.controller === controller) state.controller = null;
   }
@@ -285,7 +292,6 @@ function prepare(body, params) {
       height, width,
       strength: regionStrength(e.method, values, height, width),
       layer: draw.mapLayer(displayStrength(e.method, values, height, width), height, width),
-      served: { threshold: params.region_threshold, regions: e.regions },
       points: e.points,
     };
   });
@@ -313,14 +319,13 @@ function showResult() {
   summary.replaceChildren(...methods.map((k) => new Option(methodName(k), k, false, k === keep)));
   summary.disabled = !methods.length;
   $("cards").replaceChildren(...maps.map(card));
-  $("results").hidden = false;
-  layout();
   const dicom = body.image.format === "dicom";
   $("dl-sc").disabled = $("dl-sr").disabled = !dicom;
   $("dl-hint").textContent = dicom
     ? "The Secondary Capture shows the selected map; the Structured Report holds every region at the current region threshold."
     : "DICOM downloads need a DICOM upload (they join its study).";
-  redraw();
+  $("results").hidden = false;
+  layout();
 }
 
 // Four decimals, but never a rounded 1.0000 for a score short of 1, nor 0.0000 for a small one.

@@ -8,6 +8,7 @@ same threshold, drawn pixels the map composited over the image in NumPy.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ import cv2
 import numpy as np
 import pydicom
 from playwright.sync_api import Browser, Route
+from playwright.sync_api import Error as PlaywrightError
 
 from service.outputs.render import _JET_RGB, ALPHA
 from tests.web.conftest import API_KEY, DATA, Page, Server, open_page
@@ -252,6 +254,18 @@ def test_progress_clears_old_results(demo: Page) -> None:
     assert page.is_hidden("#progress")
     finding = page.inner_text("#scores tbody tr:not(.below)")
     assert finding.split("\t")[0].strip() == "Pneumothorax"
+
+    # Cancelled while the service works: nothing stale, no error, ready for the next one.
+    upload(demo, NODULE_PNG, wait=False)
+    page.wait_for_function("() => !document.getElementById('cancel').hidden")
+    page.wait_for_timeout(50)
+    assert len(held) == 2
+    page.click("#cancel")
+    page.wait_for_function("() => document.getElementById('progress').hidden")
+    assert page.inner_text("#status-text") == "Cancelled."
+    assert page.is_hidden("#results") and page.is_hidden("#error")
+    with contextlib.suppress(PlaywrightError):  # the page has dropped the request already
+        held[1].abort()
 
 
 def test_keyboard_labels_and_layout(demo: Page, screenshots: Path) -> None:
