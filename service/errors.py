@@ -120,6 +120,14 @@ class UnknownMethod(InvalidParameter):
     title = "Unknown method"
 
 
+class DicomNotAccepted(InvalidParameter):
+    """Raised when a DICOM image is outside the model's accepted modalities, body parts or
+    view positions (model.toml ``[accepts]``)."""
+
+    code = "dicom_not_accepted"
+    title = "DICOM image not accepted by the model"
+
+
 class UnknownModel(ServiceError):
     """Raised when the requested model is not in the repository."""
 

@@ -16,6 +16,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from service.api.negotiation import negotiate
 from service.imaging import decode
 from service.outputs.base import Packaging
+from service.methods import METHODS
 from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
 from tests.api.conftest import DATA, assert_problem, phantom_bytes, post_dicom, read_dicom
 from tests.dicom_tools import dciodvfy, dcmdump
@@ -111,10 +112,17 @@ def test_multipart_gives_one_capture_per_explanation(client: TestClient) -> None
     assert len(captures) == len(explanations) == 4
     source = _read(data)
     assert {sc.StudyInstanceUID for sc in captures} == {source.StudyInstanceUID}
-    (series,) = {sc.SeriesInstanceUID for sc in captures}
-    assert series != source.SeriesInstanceUID
+    # One series per method: its own UID, number and description.
+    by_method = {e["method"]: sc.SeriesInstanceUID for sc, e in zip(captures, explanations)}
+    assert len(set(by_method.values())) == 2 and source.SeriesInstanceUID not in by_method.values()
     assert len({sc.SOPInstanceUID for sc in captures}) == 4
-    assert [sc.InstanceNumber for sc in captures] == [1, 2, 3, 4]
+    methods = [e["method"] for e in explanations]
+    assert [(sc.SeriesNumber, sc.InstanceNumber) for sc in captures] == [
+        (9911 + list(METHODS).index(m), methods[: i + 1].count(m)) for i, m in enumerate(methods)]
+    for sc, e in zip(captures, explanations, strict=True):
+        labels = ",".join(dict.fromkeys(x["label"] for x in explanations
+                                        if x["method"] == e["method"]))
+        assert sc.SeriesDescription == f"medexplain {e['method']} {labels}"
     for sc, e in zip(captures, explanations, strict=True):
         assert f"{e['method']} explanation of {e['label']}" in sc.DerivationDescription
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID

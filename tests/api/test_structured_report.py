@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from pydicom.uid import Comprehensive3DSRStorage
 
 from service.imaging import decode
+from service.methods import METHODS
 from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
 from service.outputs.structured_report import (
     SCHEME,
@@ -81,9 +82,15 @@ def test_sr_holds_every_region_with_the_json_scores(client: TestClient) -> None:
         assert ds.get(keyword) == source.get(keyword), keyword
     assert ds.SeriesInstanceUID != source.SeriesInstanceUID
     assert ds.SOPInstanceUID not in (source.SOPInstanceUID, ds.SeriesInstanceUID)
-    assert ds.SeriesDescription.startswith("medexplain findings")
-    # The demo model says it is synthetic.
-    assert ds.SeriesDescription.endswith("synthetic demo model, not for diagnosis")
+    # The methods name the series (shortened to fit LO), the demo model says it is not
+    # for diagnosis; a report of several methods is series 9930.
+    assert ds.SeriesDescription == ("medexplain findings gradcam,c... - demo model, not for "
+                                    "diagnosis")
+    assert len(ds.SeriesDescription) == 64
+    assert ds.SeriesNumber == 9930
+    one = _read(_post(client, data, DICOM, dicom="sr", methods="crm_combined").content)
+    assert one.SeriesDescription == "medexplain findings crm_combined - demo model, not for diagnosis"
+    assert one.SeriesNumber == 9931 + list(METHODS).index("crm_combined")
     assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     # Evidence: the source instance, in its series of the same study.
     (study,) = ds.CurrentRequestedProcedureEvidenceSequence
@@ -184,7 +191,8 @@ def test_region_coordinates_and_region_less_findings() -> None:
          Finding("crm", "Cardiomegaly", 0.5, [])],
         Report("m", "2", "0", not_for_diagnosis=False))
     sr = _srread(data)
-    assert _read(data).SeriesDescription == "medexplain findings"
+    assert _read(data).SeriesDescription == "medexplain findings gradcam,crm"
+    assert _read(data).SeriesNumber == 9930  # several methods
     (group,) = _groups(sr)
     # The top-left pixel alone: its edges, around its centre (0.5, 0.5).
     np.testing.assert_array_equal(group.roi.value, [[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]])
