@@ -28,7 +28,9 @@ class Settings(BaseModel):
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime providers; auto = CUDA when a GPU is usable"
     )
-    # 0 lets ONNX Runtime use every core; a service sharing a machine should set it.
+    # 0: as many as the container's CPU quota allows (cgroup cpu.max / cfs_quota, see
+    # resolve_threads), or every core when there is none; a service sharing a machine
+    # should set it.
     threads: int = Field(0, ge=0)
     # Radiographs as DICOM are ~10-50 MB; 64 MB leaves room for big ones without letting a
     # client make the service hold arbitrary amounts of memory.
@@ -84,10 +86,81 @@ class Settings(BaseModel):
         return cls(**values)
 
 
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cpu_quota(root: Path = CGROUP, own: str | None = None) -> int | None:
+    """Whole CPUs the process's cgroup lets it use (the quota rounded up), None if unlimited.
+
+    ONNX Runtime sizes its pool from the host's cores, which under a container's CPU limit
+    (``docker run --cpus``, a Kubernetes CPU limit) means more threads than CPU time and a
+    throttled, slower service. cgroup v2: ``cpu.max`` ("quota period" or "max period") of
+    the process's group and its ancestors, the smallest wins; cgroup v1:
+    ``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (-1: none).
+
+    Args:
+        root: where the cgroup file system is mounted.
+        own: the contents of ``/proc/self/cgroup`` (read when None).
+    """
+    if own is None:
+        try:
+            own = Path("/proc/self/cgroup").read_text(encoding="ascii")
+        except OSError:
+            own = ""
+    if (root / "cgroup.controllers").is_file():  # v2: one unified hierarchy
+        path = next((line[3:].strip() for line in own.splitlines() if line.startswith("0::")),
+                    "/")
+        folder = root / path.lstrip("/")
+        limits = []
+        # Inside a container's cgroup namespace the own path is "/" and only root counts.
+        while True:
+            limits.append(_quota_v2(folder / "cpu.max"))
+            if folder == root or root not in folder.parents:
+                break
+            folder = folder.parent
+        found = [limit for limit in limits if limit is not None]
+        return min(found) if found else None
+    # v1: the cpu controller's group ("3:cpu,cpuacct:/path"), else its mount's root.
+    parts = [line.split(":", 2) for line in own.splitlines()]
+    path = next((p[2].strip() for p in parts if len(p) == 3 and "cpu" in p[1].split(",")), "/")
+    for name in ("cpu", "cpu,cpuacct"):
+        for folder in (root / name / path.lstrip("/"), root / name):
+            quota = _read_int(folder / "cpu.cfs_quota_us")
+            period = _read_int(folder / "cpu.cfs_period_us")
+            if quota is not None and period:
+                return None if quota < 0 else max(1, -(-quota // period))
+    return None
+
+
+def _quota_v2(path: Path) -> int | None:
+    try:
+        quota, period = path.read_text(encoding="ascii").split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_threads(threads: int, root: Path = CGROUP) -> int:
+    """The compute threads to use: ``threads`` when set, else the CPU quota, else 0 (ONNX
+    Runtime's choice: every core)."""
+    if threads:
+        return threads
+    return cpu_quota(root) or 0
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings (tests override the dependency instead)."""
     return Settings.from_env()
 
 
-__all__ = ["Settings", "ValidationError", "get_settings"]
+__all__ = ["Settings", "ValidationError", "cpu_quota", "get_settings", "resolve_threads"]

@@ -15,7 +15,7 @@ from service.api import problems
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import explain, health, models
-from service.config import Settings, get_settings
+from service.config import Settings, get_settings, resolve_threads
 from service.graph.cache import CompileCache
 from service.models.repository import load_repository
 from service.runtime.sessions import CPU, requested_providers
@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         providers = requested_providers(settings.providers)
         repository = load_repository(settings.models, default=settings.default_model,
-                                     providers=providers, threads=settings.threads,
+                                     providers=providers,
+                                     threads=resolve_threads(settings.threads),
                                      head_batch=settings.head_batch,
                                      cache=(CompileCache(settings.compile_cache)
                                             if settings.compile_cache else None))
