@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -58,6 +60,25 @@ class Settings(BaseModel):
     api_keys: tuple[str, ...] = Field((), description="accepted API keys; empty = no auth")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # DICOM networking (service.dimse): a C-STORE SCP listening on ``host`` at this port,
+    # explaining what it receives through the service's own /explain. Off when unset.
+    dicom_port: int | None = Field(None, ge=1, le=65535)
+    dicom_ae_title: str = "MEDEXPLAIN"
+    # Calling AE titles allowed to associate; empty: any (the called AE title must be ours).
+    dicom_allowed_callers: tuple[str, ...] = ()
+    # Where the results go: "AET@host:port" by C-STORE, and/or a DICOMweb base URL
+    # (e.g. http://pacs:8042/dicom-web) by STOW-RS. Neither: received images are still
+    # explained (and checked) but the results go nowhere, which is only useful for tests.
+    dicom_destination: str | None = None
+    dicom_stow_url: str | None = None
+    # Which DICOM objects are sent for each received image (sc: a Secondary Capture per
+    # explanation, one series per method; sr: one Structured Report). Each is one /explain.
+    dicom_outputs: tuple[Literal["sc", "sr"], ...] = ("sc",)
+    # /explain parameters for received images (model, methods, classes, ...); not dicom=.
+    dicom_query: str = "methods=gradcam"
+    # Seconds for one received image's explanation and delivery before it gets a failure.
+    dicom_timeout_s: float = Field(120.0, gt=0)
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -71,6 +92,52 @@ class Settings(BaseModel):
         short = [k for k in value if len(k) < 16]
         if short:
             raise ValueError("API keys must be at least 16 characters long")
+        return value
+
+    @field_validator("dicom_allowed_callers", "dicom_outputs", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _ae_title(value)
+
+    @field_validator("dicom_allowed_callers")
+    @classmethod
+    def _ae_titles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_ae_title(v) for v in value)
+
+    @field_validator("dicom_destination")
+    @classmethod
+    def _destination(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = _DESTINATION.fullmatch(value.strip())
+        if match is None or not 1 <= int(match["port"]) <= 65535:
+            raise ValueError("dicom_destination must be AET@host:port")
+        _ae_title(match["aet"])
+        return value.strip()
+
+    @field_validator("dicom_stow_url")
+    @classmethod
+    def _stow_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("dicom_stow_url must be an http(s) DICOMweb base URL")
+        return value.rstrip("/") if value else None
+
+    @field_validator("dicom_query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        try:
+            pairs = parse_qsl(value, strict_parsing=bool(value))
+        except ValueError as exc:
+            raise ValueError(f"dicom_query is not a query string: {exc}") from exc
+        if any(key == "dicom" for key, _ in pairs):
+            raise ValueError("dicom_query must not set dicom=; dicom_outputs chooses")
         return value
 
     @classmethod
@@ -155,6 +222,17 @@ def resolve_threads(threads: int, root: Path = CGROUP) -> int:
     if threads:
         return threads
     return cpu_quota(root) or 0
+
+
+_DESTINATION = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>[0-9]{1,5})")
+
+
+def _ae_title(value: str) -> str:
+    """An AE title: 1-16 printable ASCII characters, not only spaces, no backslash."""
+    text = value.strip()
+    if not 1 <= len(text) <= 16 or not all(" " <= c <= "~" and c != "\\" for c in text):
+        raise ValueError(f"{value!r} is not an AE title (1-16 ASCII characters, no backslash)")
+    return text
 
 
 @lru_cache(maxsize=1)

@@ -153,6 +153,13 @@ class Overloaded(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class DeliveryError(ServiceError):
+    """Raised when the DICOM results of a received image cannot be sent to a destination."""
+
+    code = "delivery_failed"
+    title = "Results not delivered"
+
+
 class ModelError(Exception):
     """Raised when a model folder cannot be loaded (bad model.toml, bad ONNX, ...)."""
 

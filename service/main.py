@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
-from service import __version__
+from service import __version__, dimse
 from service.api import problems
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
@@ -54,9 +54,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         elif providers == [CPU]:
             log.info("no usable CUDA GPU (or providers=cpu): running on %s", CPU)
         log.info("serving %d model(s), default %s", len(repository.models), repository.default)
-        yield State(settings=settings, repository=repository,
-                    limiter=Limiter(settings.max_concurrency, settings.max_queue),
-                    metrics=metrics)
+        state = State(settings=settings, repository=repository,
+                      limiter=Limiter(settings.max_concurrency, settings.max_queue),
+                      metrics=metrics)
+        async with dimse.listening(settings, app, state):  # the C-STORE SCP, when configured
+            yield state
 
     app = FastAPI(title="medexplain", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan)
