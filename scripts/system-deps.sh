@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # System tools some tests use: Orthanc with its Python plugin (tests/integration, the PACS
-# round trip), dicom3tools' dciodvfy and DCMTK's dcmdump (DICOM validation of the
-# Secondary Captures). Installed from Debian's packages only when missing, so reruns cost
+# round trip) and its DICOMweb plugin (tests/dimse, STOW-RS), dicom3tools' dciodvfy and
+# DCMTK's dcmdump (DICOM validation of the Secondary Captures) and storescu (tests/dimse,
+# the C-STORE sender). Installed from Debian's packages only when missing, so reruns cost
 # nothing; on a machine without apt (or without root and sudo) the tests that need them
 # say why they are skipped.
 set -euo pipefail
 need=()
 { command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null 2>&1 || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || need+=(orthanc-python)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
-command -v dcmdump >/dev/null 2>&1 || need+=(dcmtk)
+{ command -v dcmdump && command -v storescu; } >/dev/null 2>&1 || need+=(dcmtk)
 [ "${#need[@]}" -gt 0 ] || exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: no apt-get; not installing ${need[*]}" >&2

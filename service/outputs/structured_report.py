@@ -34,6 +34,7 @@ a header of UIDs only and the patient/study attributes are copied afterwards.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Final
@@ -235,6 +236,9 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
     )
     methods = [f.method for f in findings]
     description = _series_description(methods, report.not_for_diagnosis)
+    # highdicom logs, at info level, the UIDs of the evidence it copies from (the
+    # upload's); its modules' loggers take their level from this one.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     sr = Comprehensive3DSR(
         evidence=[evidence],
         content=content,

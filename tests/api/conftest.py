@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,3 +84,23 @@ def any_dicom_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestC
     models = unguarded_models(tmp_path_factory.mktemp("unguarded"))
     with TestClient(create_app(Settings(models=models, threads=1))) as c:
         yield c
+
+
+def multipart_parts(response) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """The bodies of a multipart/related response, each checked to be application/dicom."""
+    content_type = response.headers["content-type"]
+    assert content_type.startswith('multipart/related; type="application/dicom"; boundary=')
+    boundary = re.search(r"boundary=([^;]+)", content_type)
+    assert boundary is not None
+    delimiter = b"--" + boundary.group(1).encode()
+    body = response.content
+    assert body.endswith(delimiter + b"--\r\n")
+    chunks = body[: -len(delimiter + b"--\r\n")].split(delimiter)
+    assert chunks[0] == b""
+    parts = []
+    for chunk in chunks[1:]:
+        head, _, payload = chunk.partition(b"\r\n\r\n")
+        assert head.strip() == b"Content-Type: application/dicom"
+        assert payload.endswith(b"\r\n")
+        parts.append(payload[:-2])
+    return parts

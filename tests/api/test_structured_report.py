@@ -22,8 +22,14 @@ from service.outputs.structured_report import (
     rectangle,
     structured_report,
 )
-from tests.api.conftest import DATA, assert_problem, phantom_bytes, post_dicom, read_dicom
-from tests.api.test_dicom_out import _parts
+from tests.api.conftest import (
+    DATA,
+    assert_problem,
+    multipart_parts,
+    phantom_bytes,
+    post_dicom,
+    read_dicom,
+)
 from tests.api.test_privacy import (  # noqa: F401  (sink is a fixture)
     Sink,
     _assert_clean,
@@ -163,7 +169,7 @@ def test_multipart_sr_is_one_part(client: TestClient) -> None:
     data = PHANTOM.read_bytes()
     r = _post(client, data, MULTIPART, dicom="sr", **PARAMS)
     assert r.status_code == 200, r.text
-    (part,) = _parts(r)
+    (part,) = multipart_parts(r)
     assert _read(part).SOPClassUID == Comprehensive3DSRStorage
 
 
