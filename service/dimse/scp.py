@@ -27,12 +27,12 @@ import logging
 import time
 from collections.abc import Sequence
 
+from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from pydicom.uid import AllTransferSyntaxes
 
 from service.config import Settings
 from service.dimse.base import Destination
@@ -119,8 +119,8 @@ class StoreServer:
         for output in self._settings.dicom_outputs:
             answer = self._client.explain(dicom, output)
             if answer.status != 200:
-                return status_of(answer), f"not explained: HTTP {answer.status} " \
-                                          f"{problem_code(answer)}"
+                code = problem_code(answer)
+                return status_of(answer), f"not explained: HTTP {answer.status} {code}"
             objects += answer.objects()
         for destination in self._destinations:
             destination.send(objects)

@@ -8,7 +8,7 @@ import logging
 import time
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -44,7 +44,7 @@ class ModelConfig:
     activation: Activation
     target_layer: str | None
     folder: Path
-    accepts: Accepts = Accepts()
+    accepts: Accepts = field(default_factory=Accepts)
 
 
 def _require(table: dict[str, object], key: str, kind: type, where: str) -> object:

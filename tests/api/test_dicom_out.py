@@ -14,8 +14,8 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from service.api.negotiation import negotiate
 from service.imaging import decode
-from service.outputs.base import Packaging
 from service.methods import METHODS
+from service.outputs.base import Packaging
 from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
 from tests.api.conftest import (
     DATA,

@@ -64,9 +64,9 @@ def test_a_taken_port_stops_the_start_up() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         app = create_app(Settings(models=MODELS, threads=1, dicom_port=port))
-        with pytest.raises(ModelError, match=f"the DICOM port {port} cannot be opened"):
-            with TestClient(app):
-                pass
+        with pytest.raises(ModelError, match=f"the DICOM port {port} cannot be opened"), \
+                TestClient(app):
+            pass
 
 
 def _problem(status: int, code: str) -> Answer:

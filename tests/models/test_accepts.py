@@ -87,8 +87,8 @@ def test_model_toml_values_are_upper_cased_and_absent_table_accepts_anything(
 
 @pytest.mark.parametrize(("table", "message"), [
     ('[accepts]\nmodality = ["CR"]\n',
-     "m/model.toml: [accepts] has unknown keys modality; known: modalities, body_parts, "
-     "view_positions"),
+     ("m/model.toml: [accepts] has unknown keys modality; known: modalities, body_parts, "
+      "view_positions")),
     ('[accepts]\nmodalities = "CR"\n',
      "m/model.toml: accepts.modalities must be a list of code strings"),
     ('[accepts]\nbody_parts = ["CHEST", ""]\n',
