@@ -79,7 +79,6 @@ class StoreServer:
         ae.add_supported_context(Verification)
         ae.require_called_aet = True
         ae.require_calling_aet = list(settings.dicom_allowed_callers)
-        ae.maximum_pdu_size = 0  # no limit on what we receive: the route caps the size
         self._ae = ae
 
     def start(self) -> None:

@@ -4,7 +4,11 @@ the C-STORE status of each /explain answer (service.dimse.scp.status_of)."""
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
 import socket
+import subprocess
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,7 +19,7 @@ from service.dimse.scp import status_of
 from service.errors import ModelError
 from service.main import create_app
 from service.outputs.base import multipart_related
-from tests.api.conftest import MODELS
+from tests.api.conftest import DATA, MODELS
 from tests.orthanc_tools import free_port
 
 
@@ -95,3 +99,22 @@ def test_the_objects_of_an_answer() -> None:
     assert Answer(200, "application/dicom", b"whole").objects() == [b"whole"]
     with pytest.raises(ValueError, match="no DICOM objects"):
         Answer(200, "application/json", b"{}").objects()
+
+
+def test_with_api_keys_the_scp_calls_explain_as_a_keyed_client(
+        caplog: pytest.LogCaptureFixture) -> None:
+    storescu = shutil.which("storescu")
+    assert storescu is not None, "DCMTK is not installed: `bash scripts/system-deps.sh`"
+    port = free_port()
+    settings = Settings(models=MODELS, threads=1, dicom_port=port,
+                        api_keys=("a-long-enough-api-key",))
+    caplog.set_level(logging.INFO, logger="service.dimse.scp")
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/predict", content=b"x").status_code == 401  # keys are on
+        result = subprocess.run([storescu, "-aec", "MEDEXPLAIN", "127.0.0.1", str(port),
+                                 str(DATA / "dicom" / "phantom_nodule.dcm")],
+                                capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "service.dimse.scp"]
+    assert re.fullmatch(r"C-STORE from STORESCU: 0x0000 explained: 1 object\(s\) to nowhere "
+                        r"\(\d+\.\d s\)", message), message

@@ -215,3 +215,10 @@ def test_a_ct_slice_is_taken_but_not_explained_by_the_chest_model(
     r = client.post("/explain", content=path.read_bytes(),
                     headers={"content-type": "application/dicom"})
     assert r.status_code == 422 and r.json()["code"] == "dicom_not_accepted"
+
+
+def test_c_echo_answers(by_cstore: tuple[TestClient, int]) -> None:
+    result = subprocess.run(["echoscu", "-aet", SENDER, "-aec", "MEDEXPLAIN", "127.0.0.1",
+                             str(by_cstore[1])], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
