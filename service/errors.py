@@ -164,5 +164,9 @@ class ModelError(Exception):
     """Raised when a model folder cannot be loaded (bad model.toml, bad ONNX, ...)."""
 
 
+class DicomServerError(Exception):
+    """Raised when the DICOM C-STORE SCP cannot start (its packages missing, its port taken)."""
+
+
 class CompileError(ModelError):
     """Raised when the model compiler cannot build the explanation graphs."""

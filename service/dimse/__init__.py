@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from service.config import Settings
-from service.errors import ModelError
+from service.errors import DicomServerError
 
 if TYPE_CHECKING:
     from service.dimse.base import Destination
@@ -54,7 +54,7 @@ async def listening(settings: Settings, app: object, state: object) -> AsyncIter
         state: the lifespan state the app's routes read (``request.state``).
 
     Raises:
-        ModelError: the ``dicom`` extra is not installed, or the port cannot be bound.
+        DicomServerError: the ``dicom`` extra is not installed, or the port cannot be bound.
     """
     if settings.dicom_port is None:
         yield
@@ -63,15 +63,17 @@ async def listening(settings: Settings, app: object, state: object) -> AsyncIter
         from service.dimse.inprocess import InProcess
         from service.dimse.scp import StoreServer
     except ImportError as exc:
-        raise ModelError(f"MEDEXPLAIN_DICOM_PORT is set but the DICOM networking packages "
-                         f"are missing (pip install 'medexplain[dicom]'): {exc}") from exc
+        raise DicomServerError(f"MEDEXPLAIN_DICOM_PORT is set but the DICOM networking "
+                               f"packages are missing (pip install 'medexplain[dicom]'): "
+                               f"{exc}") from exc
     destinations = [d for d in (make(settings) for make in DESTINATIONS) if d is not None]
     client = InProcess(app, state, asyncio.get_running_loop(), settings)
     server = StoreServer(settings, client, destinations)
     try:
         server.start()
     except OSError as exc:
-        raise ModelError(f"the DICOM port {settings.dicom_port} cannot be opened: {exc}") from exc
+        raise DicomServerError(
+            f"the DICOM port {settings.dicom_port} cannot be opened: {exc}") from exc
     log.info("DICOM C-STORE SCP %s on %s:%d, results to %s", settings.dicom_ae_title,
              settings.host, settings.dicom_port,
              ", ".join(d.name for d in destinations) or "nowhere")

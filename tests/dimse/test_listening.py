@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from service.config import Settings, ValidationError
 from service.dimse.inprocess import Answer
 from service.dimse.scp import status_of
-from service.errors import ModelError
+from service.errors import DicomServerError
 from service.main import create_app
 from service.outputs.base import multipart_related
 from tests.api.conftest import DATA, MODELS
@@ -68,7 +68,7 @@ def test_a_taken_port_stops_the_start_up() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         app = create_app(Settings(models=MODELS, threads=1, dicom_port=port))
-        with pytest.raises(ModelError, match=f"the DICOM port {port} cannot be opened"), \
+        with pytest.raises(DicomServerError, match=f"the DICOM port {port} cannot be opened"), \
                 TestClient(app):
             pass
 
