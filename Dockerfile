@@ -4,9 +4,11 @@
 # Both run as a non-root user on a read-only root file system, serve HTTP on
 # MEDEXPLAIN_PORT and, when MEDEXPLAIN_DICOM_PORT is set, DICOM C-STORE.
 
-# The CUDA runtime with cuDNN that onnxruntime-gpu is built against (CUDA 12, cuDNN 9).
+# The CUDA runtime with cuDNN that onnxruntime-gpu is built against: 1.31's CUDA provider
+# links libcudart.so.13 and libcublas.so.13 (objdump -p) and loads cuDNN 9 at run time.
+# An older onnxruntime-gpu pin needs the matching CUDA 12 image instead.
 # Ref: https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#requirements
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS cpu

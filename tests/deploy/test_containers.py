@@ -50,13 +50,28 @@ def test_one_dockerfile_a_cpu_and_a_gpu_image() -> None:
     assert list(stages) == ["cpu", "gpu"]
     cuda = re.search(r"^ARG CUDA_IMAGE=(\S+)$", DOCKERFILE, flags=re.MULTILINE)
     assert cuda is not None
-    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", cuda.group(1))
+    # onnxruntime-gpu's CUDA major (its provider library's libcudart soname), with cuDNN.
+    assert re.fullmatch(rf"nvidia/cuda:{_ort_cuda_major()}\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+",
+                        cuda.group(1))
     assert stages["gpu"].startswith("FROM ${CUDA_IMAGE}\n")
     assert 'medexplain-install "onnxruntime-gpu>=1.18"' in stages["gpu"]
     assert 'medexplain-install "onnxruntime>=1.18"' in stages["cpu"]
     for stage in stages.values():
         assert "\nUSER 10001\n" in stage  # the uid the Kubernetes manifests run as
         assert "\nHEALTHCHECK " in stage
+
+
+def _ort_cuda_major() -> str:
+    """The CUDA major version this environment's onnxruntime-gpu links against."""
+    import onnxruntime
+
+    provider = Path(onnxruntime.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    assert provider.exists(), "onnxruntime-gpu is not the installed onnxruntime"
+    with provider.open("rb") as f:  # the dynamic string table is at the start of the file
+        head = f.read(1 << 20)
+    found = re.search(rb"libcudart\.so\.(\d+)", head)
+    assert found is not None
+    return found.group(1).decode()
 
 
 def _healthcheck() -> list[str]:
