@@ -195,6 +195,12 @@ function decodeOriginal(file, info) {
   return createImageBitmap(file, options).catch(() => null);
 }
 
+/** The API's 0-based frame from the 1-based field (left out when it is the first). */
+function frameIndex() {
+  const text = $("frame").value.trim();
+  return text === "" || text === "1" ? "" : /^\d+$/.test(text) ? String(Number(text) - 1) : text;
+}
+
 function requestParams() {
   const classes = state.classesTouched ? ticked("class") : [];
   return {
@@ -202,6 +208,8 @@ function requestParams() {
     methods: ticked("method").join(","),
     classes: classes.join(","),
     target: $("target").value,
+    window: $("window").value.trim(),
+    frame: frameIndex(),
     score_threshold: sliderValue("score-threshold"),
     region_threshold: sliderValue("region-threshold"),
     heatmap: "npy",
@@ -574,8 +582,8 @@ async function downloadDicom(kind) {
   button.disabled = true;
   hideError();
   try {
-    const base = { model: result.params.model, target: result.params.target,
-                   region_threshold: sliderValue("region-threshold") };
+    const { model, target, window: voi, frame } = result.params;
+    const base = { model, target, window: voi, frame, region_threshold: sliderValue("region-threshold") };
     let params, name;
     if (kind === "sr") {
       const methods = [...new Set(result.maps.map((m) => m.method))];
@@ -621,7 +629,7 @@ $("model").addEventListener("change", chooseModel);
 $("file").addEventListener("change", () => chooseFile($("file").files[0]));
 $("method-list").addEventListener("change", () => { checkMethods(); markStale(); });
 $("class-list").addEventListener("change", () => { state.classesTouched = true; markStale(); });
-$("target").addEventListener("change", markStale);
+for (const id of ["target", "window", "frame"]) $(id).addEventListener("change", markStale);
 const useKey = () => { api.setApiKey($("key").value); loadModels(); };
 $("key").addEventListener("change", useKey);
 $("key").addEventListener("keydown", (e) => {

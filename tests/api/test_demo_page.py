@@ -60,8 +60,8 @@ def test_the_page_calls_only_what_the_api_offers(client: TestClient) -> None:
     app = _modules()["app.js"]
     request = app[app.index("function requestParams"):app.index("async function run")]
     sent = set(re.findall(r"^\s+(\w+):", request, re.MULTILINE))
-    assert sent == {"model", "methods", "classes", "target", "score_threshold",
-                    "region_threshold", "heatmap", "size", "preview"}
+    assert sent == {"model", "methods", "classes", "target", "window", "frame",
+                    "score_threshold", "region_threshold", "heatmap", "size", "preview"}
     downloads = app[app.index("async function downloadDicom"):app.index("// ----", app.index(
         "async function downloadDicom"))]
     sent |= set(re.findall(r"(\w+): ", downloads)) & set(ExplainParams.model_fields)

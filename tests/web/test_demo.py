@@ -230,6 +230,15 @@ def test_problem_details_are_shown(demo: Page, server: Server) -> None:
     assert problem["code"] in page.inner_text("#error-code")
     assert page.is_hidden("#results"), "the previous image's results are still shown"
 
+    # A parameter the service refuses, from the Advanced fields: its detail, verbatim.
+    page.click("#advanced summary")
+    page.fill("#window", "bright")
+    upload(demo, PHANTOM_DCM, wait=False)
+    page.wait_for_function("() => !document.getElementById('error').hidden")
+    refused = server.explain(PHANTOM_DCM.read_bytes(), PHANTOM_DCM.name, window="bright").json()
+    assert page.inner_text("#error-detail") == refused["detail"]
+    page.fill("#window", "")
+
     # No method ticked: nothing is sent and the page says why.
     for box in page.query_selector_all("#method-list input:checked"):
         box.uncheck()
