@@ -505,6 +505,8 @@ function redraw() {
   paintSummary(scoreCut);
   draw.drawColourBar($("bar"), regionCut);
   showSliderValues();
+  // The slider values the canvases now show: whoever waits for a redraw can tell.
+  $("results").dataset.drawn = JSON.stringify([scoreCut, regionCut, opacity]);
   const missing = result.body.predictions.filter((p) => p.score >= scoreCut &&
     !result.maps.some((m) => m.index === p.index));
   $("unexplained").hidden = !missing.length;

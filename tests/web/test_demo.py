@@ -67,10 +67,13 @@ def served_maps(server: Server, path: Path, **fields: str) -> dict[tuple[str, st
 
 
 def press(demo: Page, selector: str, key: str, times: int = 1) -> None:
+    """Keys on a control, then wait until the page has drawn for the sliders' new values."""
     demo.page.focus(selector)
     for _ in range(times):
         demo.page.keyboard.press(key)
-    demo.page.wait_for_timeout(150)  # one animation frame for the redraw, with margin
+    demo.page.wait_for_function("""() => document.getElementById('results').dataset.drawn
+        === JSON.stringify(['score-threshold', 'region-threshold', 'opacity']
+                           .map(id => Number(document.getElementById(id).value)))""")
 
 
 def box_mask(shape: tuple[int, int], boxes: list[list[int]], scale: float, margin: int,
