@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 from playwright.sync_api import Browser, Route
 from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Page as BrowserPage
 
 from service.outputs.render import _JET_RGB, ALPHA
 from tests.web.conftest import API_KEY, DATA, Page, Server, open_page
@@ -74,6 +75,15 @@ def press(demo: Page, selector: str, key: str, times: int = 1) -> None:
     demo.page.wait_for_function("""() => document.getElementById('results').dataset.drawn
         === JSON.stringify(['score-threshold', 'region-threshold', 'opacity']
                            .map(id => Number(document.getElementById(id).value)))""")
+
+
+def held_until(page: BrowserPage, held: list[Route], count: int) -> None:
+    """Wait (route handlers run while Playwright is called) until ``count`` are held."""
+    for _ in range(500):
+        if len(held) >= count:
+            break
+        page.wait_for_timeout(20)
+    assert len(held) == count
 
 
 def box_mask(shape: tuple[int, int], boxes: list[list[int]], scale: float, margin: int,
@@ -259,8 +269,7 @@ def test_progress_clears_old_results(demo: Page) -> None:
     page.wait_for_function("() => !document.getElementById('progress').hidden")
     assert page.is_hidden("#results")
     assert page.inner_text("#status-text") == "Explaining pneumothorax.png…"
-    page.wait_for_timeout(50)
-    assert len(held) == 1
+    held_until(page, held, 1)
     held[0].continue_()
     page.wait_for_selector("#results:not([hidden])")
     assert page.is_hidden("#progress")
@@ -270,8 +279,7 @@ def test_progress_clears_old_results(demo: Page) -> None:
     # Cancelled while the service works: nothing stale, no error, ready for the next one.
     upload(demo, NODULE_PNG, wait=False)
     page.wait_for_function("() => !document.getElementById('cancel').hidden")
-    page.wait_for_timeout(50)
-    assert len(held) == 2
+    held_until(page, held, 2)
     page.click("#cancel")
     page.wait_for_function("() => document.getElementById('progress').hidden")
     assert page.inner_text("#status-text") == "Cancelled."
