@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -166,6 +167,7 @@ class Page:
             f"{self.origin}/static/")]
 
 
+@contextmanager
 def open_page(browser: Browser, server: Server, *, ready: bool = True) -> Iterator[Page]:
     """The demo page in a fresh context; with ``ready``, once the models are listed."""
     ctx = browser.new_context(viewport={"width": 1280, "height": 800},  # a laptop screen
@@ -209,4 +211,5 @@ def open_page(browser: Browser, server: Server, *, ready: bool = True) -> Iterat
 
 @pytest.fixture
 def demo(browser: Browser, server: Server) -> Iterator[Page]:
-    yield from open_page(browser, server)
+    with open_page(browser, server) as page:
+        yield page

@@ -399,7 +399,7 @@ def test_downloads(demo: Page, server: Server) -> None:
 
 
 def test_api_key_clears_its_error(browser: Browser, keyed_server: Server) -> None:
-    for demo in open_page(browser, keyed_server, ready=False):
+    with open_page(browser, keyed_server, ready=False) as demo:
         page = demo.page
         page.wait_for_selector("#error:not([hidden])")
         assert "API key" in page.inner_text("#error-detail")
