@@ -35,6 +35,13 @@ class Settings(BaseModel):
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Pixel cap checked from headers before decoding (decompression bombs).
     max_pixels: int = Field(50_000_000, ge=1024)
+    # Memory one request's decode may take, estimated from the headers before decoding:
+    # the decoder's output (rows x columns x samples x bytes), codec buffers, the 0..1
+    # float32 image and the parsed DICOM dataset (service.imaging.budget). 224 MiB fits
+    # the largest chest radiographs (~4300 x 4300 x 16 bits: ~110 MB native, ~205 MB as
+    # JPEG 2000) and refuses a 7000 x 7000 image; a deflated dataset inflates to at most
+    # half of it.
+    max_decode_bytes: int = Field(224 << 20, ge=1 << 20)
     # Frame cap of multi-frame DICOM, checked from the header before decoding. One frame
     # is explained per request, but the whole object is parsed and, without an offset
     # table, every fragment before the frame is walked; cine loops and tomosynthesis run
