@@ -17,7 +17,8 @@ BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
 class Settings(BaseModel):
     """Service settings. Each field is read from ``MEDEXPLAIN_<FIELD>`` (upper case)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Errors never quote the values (a bad MEDEXPLAIN_API_KEYS must not print the keys).
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     models: Path = Field(BUNDLED_MODELS, description="the model repository folder")
     default_model: str | None = Field(
@@ -62,6 +63,10 @@ class Settings(BaseModel):
     compile_cache: Path | None = None
     api_keys: tuple[str, ...] = Field((), description="accepted API keys; empty = no auth")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # text: one readable line per record, for a terminal; json: one object per line
+    # (time, level, logger, request_id, message; access lines add method, route, status,
+    # duration_ms), for log collectors (service.logs).
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("api_keys", mode="before")
     @classmethod
