@@ -17,16 +17,16 @@ if TYPE_CHECKING:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.main import create_app
-
     try:
         settings = Settings.from_env(host=args.host, port=args.port, models=args.models)
     except ValidationError as exc:
         print(f"medexplain: bad settings: {exc}", file=sys.stderr)  # values hidden: Settings
         return 2
+    # Imported once the settings are known good: a bad setting fails in a moment.
+    import uvicorn
+
     from service import logs
+    from service.main import create_app
 
     logs.configure(settings.log_level, settings.log_format)
     from service.runtime.memory import keep_freed_memory

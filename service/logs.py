@@ -39,8 +39,6 @@ UNTRUSTED_LOGGERS: Final[tuple[str, ...]] = (
 WITHHELD: Final[str] = "(message withheld: library text may quote upload data)"
 WARNINGS_LOGGER: Final[str] = "medexplain.warnings"
 
-_installed = False
-
 
 def _untrusted(name: str) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in UNTRUSTED_LOGGERS)
@@ -68,10 +66,8 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 
 def install() -> None:
-    """Keep library text out of every log line and off stderr (idempotent, process-wide)."""
-    global _installed
-    if _installed:
-        return
+    """Keep library text out of every log line and off stderr (process-wide; each call
+    puts back what a ``warnings.catch_warnings`` block entered before the first undid)."""
     base = logging.getLogRecordFactory()
     if not getattr(base, "scrubbing", False):
         logging.setLogRecordFactory(_scrubbing_factory(base))
@@ -79,7 +75,6 @@ def install() -> None:
     from pydicom import config
 
     config.settings.reading_validation_mode = config.IGNORE
-    _installed = True
 
 
 _CAUSE: Final[str] = "The above exception was the direct cause of the following exception:"
