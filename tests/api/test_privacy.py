@@ -352,6 +352,39 @@ def test_unexpected_errors_are_logged_without_their_message(
     assert any("GET /fail 500" in text for text in sink.records)
 
 
+def test_an_unexpected_error_keeps_the_keep_alive_connection(settings: Settings) -> None:
+    """Contained in the app, the error never reaches uvicorn, which would log its text and
+    close the connection under the client's next pooled request."""
+    import http.client
+    import threading
+
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(_failing_app(settings), host="127.0.0.1", port=port,
+                                           log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for path, status in (("/fail", 500), ("/healthz", 200), ("/fail", 500),
+                             ("/healthz", 200)):
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == status
+            assert response.getheader("connection") != "close"
+        assert connection.sock is not None  # the same socket served all four
+        connection.close()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 def test_formatted_tracebacks_keep_types_and_frames_but_no_message() -> None:
     try:
         try:
