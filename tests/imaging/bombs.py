@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pydicom
@@ -32,7 +32,7 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
 
-@lru_cache(maxsize=None)  # the same bombs serve several tests
+@cache  # the same bombs serve several tests
 def png_bomb(width: int, height: int, *, colour_type: int = 0, bit_depth: int = 8) -> bytes:
     """A valid PNG of ``width`` x ``height`` black pixels, deflated row by row (~1000:1).
 
@@ -76,7 +76,7 @@ def jp2(codestream: bytes, *, before: bytes = b"") -> bytes:
     )
 
 
-@lru_cache(maxsize=None)  # the same bombs serve several tests
+@cache  # the same bombs serve several tests
 def j2k_decoy_dicom(side: int) -> bytes:
     """A JPEG 2000 DICOM whose JP2 frame declares side x side in the codestream it decodes,
     with an ``xml `` box ahead of it that holds a decoy SOC/SIZ agreeing with Rows/Columns.
@@ -96,7 +96,7 @@ def j2k_decoy_dicom(side: int) -> bytes:
     return buffer.getvalue()
 
 
-@lru_cache(maxsize=None)  # the same bombs serve several tests
+@cache  # the same bombs serve several tests
 def deflate_bomb(inflated_bytes: int) -> bytes:
     """A deflated-syntax DICOM whose dataset inflates to ``inflated_bytes`` of zeros."""
     data = testdata("image_dfl.dcm").read_bytes()
