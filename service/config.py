@@ -39,7 +39,7 @@ class Settings(BaseModel):
     # Memory one request's decode may take, estimated from the headers before decoding:
     # the decoder's output (rows x columns x samples x bytes), codec buffers, the 0..1
     # float32 image and the parsed DICOM dataset (service.imaging.budget). 224 MiB fits
-    # the largest chest radiographs (~4300 x 4300 x 16 bits: ~110 MB native, ~205 MB as
+    # the largest chest radiographs (~4300 x 4300 x 16 bits: ~150 MB native, ~205 MB as
     # JPEG 2000) and refuses a 7000 x 7000 image; a deflated dataset inflates to at most
     # half of it.
     max_decode_bytes: int = Field(224 << 20, ge=1 << 20)

@@ -17,8 +17,8 @@ from typing import Final
 from service.errors import DecodeBudgetExceeded
 
 # Sized for chest radiographs, what the service is for: the largest detectors (43 cm at
-# 100 um, ~4300 x 4300 at 16 bits) take ~110 MB decoded from native DICOM and ~205 MB from
-# JPEG 2000, and uncompressed mammograms of up to ~35 megapixels fit too; a 7000 x 7000
+# 100 um, ~4300 x 4300 at 16 bits) take ~150 MB decoded from native DICOM and ~205 MB from
+# JPEG 2000, and uncompressed mammograms of up to ~29 megapixels fit too; a 7000 x 7000
 # image (49 MP, a 47 KB PNG) does not. See Settings.max_decode_bytes.
 DEFAULT_MAX_DECODE_BYTES: Final[int] = 224 << 20
 
