@@ -126,6 +126,11 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
 
+    def format(self, record: logging.LogRecord) -> str:
+        if not hasattr(record, "request_id"):  # a handler without the request-id filter
+            record.request_id = request_id.get()
+        return super().format(record)
+
     def formatException(self, ei: Any) -> str:
         return scrubbed_traceback(ei)
 
