@@ -237,7 +237,8 @@ def _decode_raster(data: bytes, fmt: str, what: str) -> DecodedImage:
         raise InvalidImage(f"{what} sample type {decoded.dtype} is not supported")
 
     pixels = _to_grey_or_rgb(decoded)
-    pixels01 = pixels.astype(np.float32) / np.float32(scale)
+    # One float32 array (the budget counts one), whatever numpy does with temporaries.
+    pixels01 = np.divide(pixels, np.float32(scale), dtype=np.float32)
     channels = 1 if pixels01.ndim == 2 else 3
     return DecodedImage(
         pixels=pixels01, format=fmt, meta={"bit_depth": bit_depth, "channels": channels}
