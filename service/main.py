@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
-from service import __version__, logs
+from service import __version__, logs, pipeline
 from service.api import problems
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
@@ -20,7 +20,7 @@ from service.config import Settings, get_settings
 from service.graph.cache import CompileCache
 from service.models.repository import load_repository
 from service.runtime.sessions import CPU, requested_providers
-from service.runtime.worker import Limiter
+from service.runtime.worker import Limiter, Scheduler
 
 log = logging.getLogger("medexplain")
 
@@ -47,7 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      providers=providers, threads=settings.threads,
                                      head_batch=settings.head_batch,
                                      cache=(CompileCache(settings.compile_cache)
-                                            if settings.compile_cache else None))
+                                            if settings.compile_cache else None),
+                                     image_batch=settings.max_batch_size,
+                                     conv_algo_search=settings.cudnn_conv_algo_search)
         used = {p for m in repository.models.values() for p in m.engine.providers}
         if providers[0] != CPU and providers[0] not in used:
             log.warning("%s was requested but is not usable here; running on %s",
@@ -55,9 +57,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         elif providers == [CPU]:
             log.info("no usable CUDA GPU (or providers=cpu): running on %s", CPU)
         log.info("serving %d model(s), default %s", len(repository.models), repository.default)
-        yield State(settings=settings, repository=repository,
-                    limiter=Limiter(settings.max_concurrency, settings.max_queue),
-                    metrics=metrics)
+        # Every admitted request may be waiting for the compute stream at once.
+        scheduler = Scheduler(
+            lambda name, jobs: pipeline.compute(repository.get(name), jobs),
+            [m.engine.device for m in repository.models.values()],
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            capacity=settings.max_concurrency + settings.max_queue).start()
+        try:
+            yield State(settings=settings, repository=repository,
+                        limiter=Limiter(settings.max_concurrency, settings.max_queue),
+                        metrics=metrics, scheduler=scheduler)
+        finally:
+            scheduler.close()
 
     app = FastAPI(title="medexplain", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan)
