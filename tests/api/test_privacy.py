@@ -472,7 +472,11 @@ def test_a_real_server_logs_nothing_from_uploads_queries_or_keys(tmp_path: Path)
             raw.recv(4096)
     finally:
         process.terminate()
-        process.wait(30)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
     stdout, stderr = out.read_text(), err.read_text()
     _assert_clean([stdout, stderr], "the server's stdout/stderr")
     assert "demo-cxr" in stderr  # the log is there (JSON at DEBUG), only clean
@@ -487,7 +491,12 @@ def test_a_real_server_logs_nothing_from_uploads_queries_or_keys(tmp_path: Path)
 
 def test_bad_api_keys_are_not_printed(tmp_path: Path) -> None:
     process, _, out, err = _serve(tmp_path, MEDEXPLAIN_API_KEYS=f"{CANARY},{KEY}")
-    assert process.wait(60) == 2
+    try:
+        assert process.wait(60) == 2
+    finally:
+        if process.poll() is None:  # it started after all: stop it
+            process.kill()
+            process.wait()
     stderr = err.read_text()
     assert "API keys must be at least 16 characters long" in stderr
     _assert_clean([out.read_text(), stderr], "the server's stdout/stderr")
