@@ -30,11 +30,11 @@ from typing import Any, Final, Literal, TextIO
 # The request a line belongs to; "-" outside requests (start-up, shutdown).
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
 
-# Loggers of the libraries that parse uploads, and Python's warnings: their text is never
-# kept. Children (PIL.PngImagePlugin, ...) included.
+# Loggers of the libraries that parse uploads (over HTTP or DICOM networking), and Python's
+# warnings: their text is never kept. Children (PIL.PngImagePlugin, ...) included.
 UNTRUSTED_LOGGERS: Final[tuple[str, ...]] = (
-    "pydicom", "PIL", "highdicom", "pylibjpeg", "openjpeg", "libjpeg", "rle", "cv2",
-    "py.warnings",
+    "pydicom", "pynetdicom", "PIL", "highdicom", "pylibjpeg", "openjpeg", "libjpeg", "rle",
+    "cv2", "py.warnings",
 )
 WITHHELD: Final[str] = "(message withheld: library text may quote upload data)"
 WARNINGS_LOGGER: Final[str] = "medexplain.warnings"

@@ -10,13 +10,13 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
-from service import __version__, logs, pipeline
+from service import __version__, dimse, logs, pipeline
 from service.api import problems
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.request_id import RequestIdMiddleware
 from service.api.routes import explain, health, models
-from service.config import Settings, get_settings
+from service.config import Settings, get_settings, resolve_threads
 from service.graph.cache import CompileCache
 from service.models.repository import load_repository
 from service.runtime.sessions import CPU, requested_providers
@@ -44,7 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         providers = requested_providers(settings.providers)
         repository = load_repository(settings.models, default=settings.default_model,
-                                     providers=providers, threads=settings.threads,
+                                     providers=providers,
+                                     threads=resolve_threads(settings.threads),
                                      head_batch=settings.head_batch,
                                      cache=(CompileCache(settings.compile_cache)
                                             if settings.compile_cache else None),
@@ -65,9 +66,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_queue_delay_ms=settings.max_queue_delay_ms,
             capacity=settings.max_concurrency + settings.max_queue).start()
         try:
-            yield State(settings=settings, repository=repository,
-                        limiter=Limiter(settings.max_concurrency, settings.max_queue),
-                        metrics=metrics, scheduler=scheduler)
+            state = State(settings=settings, repository=repository,
+                          limiter=Limiter(settings.max_concurrency, settings.max_queue),
+                          metrics=metrics, scheduler=scheduler)
+            async with dimse.listening(settings, app, state):  # the C-STORE SCP, if configured
+                yield state
         finally:
             scheduler.close()
 

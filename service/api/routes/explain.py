@@ -32,6 +32,7 @@ from service.config import Settings
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
 from service.models.repository import Served
+from service.models.spec import check_accepted
 from service.outputs.base import DICOM, MULTIPART_DICOM
 from service.outputs.json_maps import predict_response
 
@@ -46,9 +47,12 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
                        "the source study: same Study Instance UID and patient/study "
                        "attributes, a new series, referencing the source instance. With "
                        "Accept: multipart/related; type=\"application/dicom\", one such "
-                       "capture per explanation, all in one new series. With dicom=sr, the "
+                       "capture per explanation, in one new series per method (Series Number "
+                       "9911 + the method's place in the method list). With dicom=sr, the "
                        "DICOM object is instead one Comprehensive 3D SR (TID 1500 Measurement "
-                       "Report) in a new series of the source study: one measurement group "
+                       "Report) in a new series of the source study (Series Number 9930; "
+                       "9931 + the method's place for a one-method report): one measurement "
+                       "group "
                        "per region of every explanation (a closed POLYLINE rectangle on the "
                        "source image: box [x0,y0,x1,y1] as (column,row) points "
                        "(x0,y0),(x1,y0),(x1,y1),(x0,y1),(x0,y0), pixel edges with the top-left "
@@ -119,6 +123,7 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
         image = _decode(upload.data, upload.media_type, params, settings,
                         None if first.full_resolution else _input_size(model, settings))
         watch.lap("decode")
+        check_accepted(model, image)
         chosen = next(((o, p) for o, p in candidates if o.accepts(image)), None)
         if chosen is None:
             raise NotAcceptable(f"DICOM output needs {first.needs}; this upload is "
@@ -155,6 +160,7 @@ async def predict(request: Request, settings: SettingsDep, repository: Repositor
         image = _decode(upload.data, upload.media_type, params, settings,
                         _input_size(model, settings))
         watch.lap("decode")
+        check_accepted(model, image)
         return pipeline.prepare(model, image, None, watch)
 
     async with limiter.admit():
