@@ -11,10 +11,11 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from service import __version__, dimse, pipeline
+from service import __version__, dimse, logs, pipeline
 from service.api import problems
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.request_id import RequestIdMiddleware
 from service.api.routes import explain, health, models
 from service.config import Settings, get_settings, resolve_threads
 from service.graph.cache import CompileCache
@@ -37,6 +38,7 @@ demonstrates the pipeline and is **not for diagnosis**.
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models load and compile once, in the lifespan."""
     settings = settings or get_settings()
+    logs.install()
     metrics = Metrics()
 
     @asynccontextmanager
@@ -91,4 +93,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return HTMLResponse(demo_page)
 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: ids, access log, unexpected errors
     return app
