@@ -15,7 +15,8 @@ image), *sharp* (→ drawn again over the browser's own decode of a PNG/JPEG upl
 DICOM, the same as drawn), bytes sent (the file) and received
 (Resource Timing's ``encodedBodySize`` of the /explain answer); the service's
 ``timings_ms.total``; and the page's JavaScript heap after drawing (CDP
-``Performance.getMetrics`` ``JSHeapUsedSize``, after a forced garbage collection).
+``Performance.getMetrics`` ``JSHeapUsedSize``, after a forced garbage collection); and
+the bytes of loading the page itself.
 
 How it is run: one page per case, one untimed warm-up upload each; then every round uploads
 once per case, the order of the cases rotated every round. Medians over the rounds. A
@@ -142,7 +143,8 @@ def save_picture(png: bytes, path: Path) -> None:
                      dither=Image.Dither.FLOYDSTEINBERG).save(path, optimize=True)
 
 
-def run(rounds: int, threads: int, screenshot: Path | None) -> tuple[list[dict[str, Any]], str]:
+def run(rounds: int, threads: int,
+        screenshot: Path | None) -> tuple[list[dict[str, Any]], str, list[int]]:
     from playwright.sync_api import sync_playwright
 
     work = cases()
@@ -152,6 +154,10 @@ def run(rounds: int, threads: int, screenshot: Path | None) -> tuple[list[dict[s
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
             version = browser.version
             pages = [open_page(browser, url, case) for case in work]
+            loaded = pages[0][0].evaluate("""() => {
+              const entries = [...performance.getEntriesByType('navigation'),
+                               ...performance.getEntriesByType('resource')];
+              return [entries.length, entries.reduce((n, e) => n + e.encodedBodySize, 0)]; }""")
             for (page, cdp), case in zip(pages, work):
                 upload(page, cdp, case)  # warm-up
             samples: dict[str, list[dict[str, float]]] = {c.name: [] for c in work}
@@ -178,7 +184,7 @@ def run(rounds: int, threads: int, screenshot: Path | None) -> tuple[list[dict[s
     rows = [{"case": case.name, "rounds": len(samples[case.name]),
              **{k: statistics.median(s[k] for s in samples[case.name]) for k in keys}}
             for case in work]
-    return rows, version
+    return rows, version, loaded
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--screenshot", type=Path, help="write the README's picture here")
     args = parser.parse_args(argv)
     before = os.getloadavg()[0]
-    rows, chromium = run(args.rounds, args.threads, args.screenshot)
+    rows, chromium, (requests, page_bytes) = run(args.rounds, args.threads, args.screenshot)
     after = os.getloadavg()[0]
     info = machine()
     print(f"Machine: {info['cpu']}, nproc {info['nproc']}; Python {info['python']}, "
@@ -208,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Command: `{shlex.join(['python', 'tools/bench_web.py', *(argv or sys.argv[1:])])}`"
           f"; MEDEXPLAIN_THREADS={args.threads}; load average {before:.1f} before, "
           f"{after:.1f} after (the other work on the machine)")
+    print(f"The page itself: {page_bytes / 1e3:.1f} kB in {requests} requests (the document, "
+          "its style sheet, modules and icon, GET /models and /models/{name}).")
     print(markdown(rows) if args.markdown else json.dumps(rows, indent=1))
     return 0
 
