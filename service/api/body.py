@@ -1,31 +1,59 @@
-"""Reading request bodies into memory under a size cap.
+"""Reading request bodies into memory under a size cap and a minimum rate.
 
 Starlette's multipart parser spools files over 1 MB to a temporary file; uploads must never
 touch the disk, so the body is streamed into memory (refused past the cap) and multipart is
-parsed here from those bytes.
+parsed here from those bytes, in a worker thread: parsing is pure Python, and a body of
+many tiny parts would otherwise hold the event loop (and /healthz) for seconds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import anyio
+import anyio.to_thread
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import EmptyBody, InvalidMultipart, PayloadTooLarge
+from service.api.admission import admit
+from service.config import Settings
+from service.errors import BodyTimeout, EmptyBody, InvalidMultipart, PayloadTooLarge
+
+# A form holds each parameter at most once and one file: far fewer parts than this. Past it
+# the body is refused at once instead of parsed to its end.
+MAX_PARTS = 64
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or PayloadTooLarge as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body has {int(declared)} bytes; the limit is {limit}")
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The whole body, admitted first (service.api.admission: 413 or 503 from the headers
+    alone), then read under the byte cap and the minimum rate.
+
+    Raises:
+        PayloadTooLarge: as soon as the body passes ``max_upload_bytes``.
+        BodyTimeout: when the body falls behind ``body_min_rate`` after ``body_timeout_s``.
+        Overloaded, Draining: see :func:`service.api.admission.admit`.
+    """
+    admit(request)
+    limit = settings.max_upload_bytes
     chunks: list[bytes] = []
     size = 0
+    start = anyio.current_time()
+    stream = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            # The received bytes must stay above body_min_rate * (elapsed - grace).
+            deadline = start + settings.body_timeout_s + size / settings.body_min_rate
+            with anyio.move_on_after(deadline - anyio.current_time()) as waited:
+                try:
+                    chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+            if waited.cancelled_caught:
+                raise BodyTimeout(
+                    f"the body arrives slower than {settings.body_min_rate} bytes/s "
+                    f"({size} bytes in {anyio.current_time() - start:.1f} s)")
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
@@ -65,6 +93,8 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
     header_value = bytearray()
 
     def on_part_begin() -> None:
+        if len(parts) == MAX_PARTS:
+            raise InvalidMultipart(f"the multipart body has more than {MAX_PARTS} parts")
         parts.append(({}, bytearray()))
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -109,3 +139,8 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
     if form.file is None:
         raise InvalidMultipart(f"the multipart body has no part named {file_field!r}")
     return form
+
+
+async def read_form(body: bytes, content_type: str) -> Form:
+    """:func:`parse_multipart` in a worker thread, off the event loop."""
+    return await anyio.to_thread.run_sync(parse_multipart, body, content_type)
