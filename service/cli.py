@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from service.api.admission import Admission
     from service.main import create_app
+    from service.server import serve
 
     try:
         settings = Settings.from_env(host=args.host, port=args.port, models=args.models)
@@ -32,8 +32,8 @@ def _serve(args: argparse.Namespace) -> int:
     from service.runtime.memory import keep_freed_memory
 
     keep_freed_memory()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level)
+    admission = Admission(settings)
+    serve(create_app(settings, admission=admission), settings, admission)
     return 0
 
 

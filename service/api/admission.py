@@ -90,13 +90,15 @@ class Exchange:
         self.headers = {k.lower(): v for k, v in scope["headers"]}
         self.reserved = 0
         self.admitted = False
-        self.started = asyncio.Event()
-        self.body_done = asyncio.Event()
         self.dropped = False
+        # Futures, not Events: asyncio.wait() takes them as they are, with no helper task.
+        loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[None] = loop.create_future()
+        self.body_done: asyncio.Future[None] = loop.create_future()
         # No Content-Length and no Transfer-Encoding: HTTP/1.1 says there is no body.
         length = self.headers.get(b"content-length")
         if b"transfer-encoding" not in self.headers and (length is None or length == b"0"):
-            self.body_done.set()
+            self.body_done.set_result(None)
 
     def declared_length(self) -> int | None:
         value = self.headers.get(b"content-length")
@@ -208,61 +210,55 @@ class EdgeMiddleware:
                         send: Send) -> None:
         async def edge_receive() -> Message:
             message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                exchange.body_done.set()
+            if (message["type"] == "http.disconnect" or not message.get("more_body", False)) \
+                    and not exchange.body_done.done():
+                exchange.body_done.set_result(None)
             return message
 
-        async def edge_send(message: Message) -> None:
-            if exchange.dropped:
-                return
+        async def own_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 extra = list(SECURITY_HEADERS)
                 # Answered before the whole body arrived (413, 401, 503, ...), or draining:
                 # close rather than read (and discard) what the client still sends.
-                if not exchange.body_done.is_set() or self.admission.draining:
+                if not exchange.body_done.done() or self.admission.draining:
                     extra.append((b"connection", b"close"))
                 message = {**message, "headers": _with_headers(message.get("headers", []),
                                                                extra)}
-                exchange.started.set()
+                if not exchange.started.done():
+                    exchange.started.set_result(None)
             await send(message)
+
+        async def edge_send(message: Message) -> None:
+            if not exchange.dropped:  # after a timeout the edge has answered
+                await own_send(message)
 
         if scope["path"] in self.protected:
             error = key_error(given_key(exchange.headers), self.keys)
             if error is not None:
-                await _answer(error, scope, receive, edge_send)
+                await _answer(error, scope, receive, own_send)
                 return
 
         inner = asyncio.ensure_future(self.app(scope, edge_receive, edge_send))
         inner.add_done_callback(lambda task: _ended(task, exchange))
-        watchdog = asyncio.ensure_future(self._deadline(exchange))
         try:
-            done, _ = await asyncio.wait({inner, watchdog},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            # The request timeout runs from the end of the body to the start of the answer.
+            await asyncio.wait({inner, exchange.body_done}, return_when=asyncio.FIRST_COMPLETED)
+            if not inner.done():
+                await asyncio.wait({inner, exchange.started}, timeout=self.request_timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            if inner.done() or exchange.started.done():
+                await inner  # the app's own exception, if any, goes on up
+                return
         except asyncio.CancelledError:  # the server's graceful-shutdown timeout
             inner.cancel()
-            watchdog.cancel()
             raise
-        if inner in done:
-            watchdog.cancel()
-            inner.result()  # the app's own exception, if any, goes on up
-            return
-        # The deadline passed before the answer started. The compute cannot be interrupted
-        # (it runs in a thread); it goes on and its answer is dropped, while what it holds
-        # stays counted until it ends (_ended).
+        # The compute cannot be interrupted (it runs in a thread); it goes on and its answer
+        # is dropped, while what it holds stays counted until it ends (_ended).
         error = ComputeTimeout(
             f"no answer within the request timeout of {self.request_timeout:g} s; retry "
             "shortly", retry_after_s=1)
-        await _answer(error, scope, receive, edge_send)
         exchange.dropped = True
-
-    async def _deadline(self, exchange: Exchange) -> None:
-        """Returns when the answer has not started ``request_timeout`` s after the body."""
-        await exchange.body_done.wait()
-        try:
-            await asyncio.wait_for(exchange.started.wait(), self.request_timeout)
-        except TimeoutError:
-            return
-        await asyncio.Event().wait()  # answered in time: wait to be cancelled
+        await _answer(error, scope, receive, own_send)
 
 
 def _ended(task: asyncio.Task[None], exchange: Exchange) -> None:

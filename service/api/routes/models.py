@@ -11,7 +11,8 @@ from service.methods import METHODS
 from service.models.ensemble import Ensemble
 from service.models.repository import LoadedModel, Repository, Served
 
-router = APIRouter(prefix="/models", tags=["models"], dependencies=[ApiKey])
+router = APIRouter(prefix="/models", tags=["models"], dependencies=[ApiKey],
+                   responses={401: ERRORS[401]})
 
 
 def _methods(model: LoadedModel) -> list[str]:
