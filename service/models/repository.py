@@ -326,20 +326,30 @@ def load_repository(root: Path, *, default: str | None, providers: list[str], th
         raise ModelError("no model could be loaded: " + "; ".join(
             f"{name}: {reason}" for name, reason in unavailable.items()))
     first = sorted([*models, *unavailable])[0]
-    folders = ensemble_folders(root)
-    names = [ensemble_name(folder) for folder in folders]
-    ensembles: dict[str, Ensemble] = {}
-    for folder, ens_name in zip(folders, names):
+    failed = dict(unavailable)  # the networks that failed, which no ensemble can use
+    named: list[tuple[Path, str]] = []
+    for folder in ensemble_folders(root):
         try:
-            if ens_name in models or ens_name in ensembles or ens_name in unavailable:
+            named.append((folder, ensemble_name(folder)))
+        except ModelError as exc:
+            unavailable[folder.name] = _reason(exc)
+            log.warning("ensemble %s is unavailable: %s", folder.name, unavailable[folder.name])
+    # A name that is also a network's names the network (the ensemble is refused below).
+    names = [name for _, name in named if name not in models]
+    ensembles: dict[str, Ensemble] = {}
+    for folder, ens_name in named:
+        clash = ens_name in models or ens_name in ensembles or ens_name in unavailable
+        try:
+            if clash:
                 raise ModelError(f"two model folders are named {ens_name!r}")
-            broken = [m for m in _members(folder) if m in unavailable]
+            broken = [m for m in _members(folder) if m in failed]
             if broken:
                 raise ModelError(f"member {', '.join(broken)} is unavailable")
             ensembles[ens_name] = load_ensemble(folder, models, names)
         except ModelError as exc:
-            unavailable[ens_name] = _reason(exc)
-            log.warning("ensemble %s is unavailable: %s", ens_name, unavailable[ens_name])
+            key = folder.name if clash else ens_name  # never shadow the name that serves
+            unavailable[key] = _reason(exc)
+            log.warning("ensemble %s is unavailable: %s", key, unavailable[key])
             continue
         log.info("loaded ensemble %s of %s", ens_name,
                  ", ".join(ensembles[ens_name].config.members))
