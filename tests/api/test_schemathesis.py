@@ -27,10 +27,10 @@ from service.config import Settings
 from service.main import create_app
 from tests.api.conftest import DATA, MODELS, ROOT, phantom_bytes
 
-# Cases per operation, about 600 in all (≥ 500 asked); operations without parameters get
+# Cases per operation, about 530 in all (≥ 500 asked); operations without parameters get
 # one. The upload routes compute on the demo model, hence small phantoms.
-EXAMPLES = {"POST /explain": 180, "POST /predict": 220, "GET /models": 100,
-            "GET /models/{name}": 100}
+EXAMPLES = {"POST /explain": 150, "POST /predict": 200, "GET /models": 90,
+            "GET /models/{name}": 90}
 
 # No 5xx, and every answer as the document describes it; a request without a key refused.
 # Not positive_data_acceptance / negative_data_rejection: they test whether the document

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import re
 import time
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -41,19 +42,19 @@ def test_the_web_page_runs_only_its_own_script_and_style(client: TestClient) -> 
 
 
 @pytest.fixture(scope="module")
-def keyed() -> TestClient:
-    return TestClient(create_app(Settings(models=MODELS, threads=1, api_keys=(KEY,),
-                                          protect_metrics=True, protect_docs=True)))
+def keyed() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(models=MODELS, threads=1, api_keys=(KEY,),
+                                        protect_metrics=True, protect_docs=True))) as c:
+        yield c
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/docs", "/redoc", "/openapi.json"])
 def test_metrics_and_docs_need_a_key_when_protected(keyed: TestClient, path: str) -> None:
-    with keyed as c:
-        assert_problem(c.get(path), 401, "unauthorized")
-        assert_problem(c.get(path, headers={"x-api-key": "x" * 20}), 401, "unauthorized")
-        assert c.get(path, headers={"x-api-key": KEY}).status_code == 200
-        assert c.get(path, headers={"authorization": f"Bearer {KEY}"}).status_code == 200
-        assert c.get("/healthz").status_code == 200  # probes never need one
+    assert_problem(keyed.get(path), 401, "unauthorized")
+    assert_problem(keyed.get(path, headers={"x-api-key": "x" * 20}), 401, "unauthorized")
+    assert keyed.get(path, headers={"x-api-key": KEY}).status_code == 200
+    assert keyed.get(path, headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+    assert keyed.get("/healthz").status_code == 200  # probes never need one
 
 
 def test_metrics_and_docs_stay_open_unless_protected() -> None:
@@ -64,10 +65,9 @@ def test_metrics_and_docs_stay_open_unless_protected() -> None:
 
 
 def test_a_refused_upload_closes_the_connection(keyed: TestClient) -> None:
-    with keyed as c:
-        r = c.post("/predict", content=phantom_bytes("normal.png"), headers=PNG)
-        assert_problem(r, 401, "unauthorized")
-        assert r.headers["connection"] == "close"  # its body was never read
+    r = keyed.post("/predict", content=phantom_bytes("normal.png"), headers=PNG)
+    assert_problem(r, 401, "unauthorized")
+    assert r.headers["connection"] == "close"  # its body was never read
 
 
 def test_openapi_declares_the_key_schemes(client: TestClient) -> None:
