@@ -41,7 +41,7 @@ def content_security_policy(page: str) -> str:
     """The web page's CSP: its own inline script and style (by hash) and nothing else runs;
     it talks to this origin only and shows maps from data: URLs."""
     def digest(tag: str) -> str:
-        found = re.search(f"<{tag}>(.*?)</{tag}>", page, re.S)
+        found = re.search(f"<{tag}>(.*?)</{tag}>", page, re.DOTALL)
         body = found.group(1) if found else ""
         return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
 

@@ -12,6 +12,7 @@ the process exits). The body's minimum rate and the request timeout are the app'
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from functools import partial
 from types import FrameType
@@ -23,6 +24,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.api.admission import Admission
 from service.config import Settings
+
+log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
                           b"content-length: 24\r\nconnection: close\r\n\r\n"
@@ -96,6 +99,8 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.drain_timeout
+        log.info("draining: %d request(s) in progress, %g s to finish", self.admission.in_flight,
+                 self.drain_timeout)
         while self.admission.in_flight and not self.force_exit and loop.time() < deadline:
             await asyncio.sleep(0.05)
         # What is left of the timeout bounds uvicorn's wait for the connections.

@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.api import attacks  # noqa: E402
-from tests.api.live import live_server  # noqa: E402
+from tests.api import attacks
+from tests.api.live import live_server
 
 
 def main() -> int:
@@ -38,16 +38,16 @@ def main() -> int:
             r = attacks.concurrent_uploads(live, clients=16, size=60 * attacks.MIB,
                                            multipart=multipart)
             rows.append((f"16 concurrent 60 MB uploads ({'multipart' if multipart else 'raw'})",
-                         f"{dict(sorted(r.statuses.items()))}, RSS {r.rss_before_mib:.0f} → "
-                         f"peak {r.peak_mib:.0f} MiB (+{r.growth_mib:.0f}), {r.seconds:.1f} s"))
+                         (f"{dict(sorted(r.statuses.items()))}, RSS {r.rss_before_mib:.0f} → "
+                          f"peak {r.peak_mib:.0f} MiB (+{r.growth_mib:.0f}), {r.seconds:.1f} s")))
         s = attacks.empty_parts(live, size=57 * attacks.MIB, wait=30.0)
         rows.append(("57 MB of empty multipart parts",
-                     f"answer {s.upload_status} after {s.upload_seconds:.1f} s; /healthz max "
-                     f"{s.healthz_max_s:.2f} s"))
+                     (f"answer {s.upload_status} after {s.upload_seconds:.1f} s; /healthz max "
+                      f"{s.healthz_max_s:.2f} s")))
         lifetimes = attacks.slow_heads(live, clients=20, wait=args.wait)
         rows.append(("20 clients dripping headers at 1 byte/s",
-                     f"kept {min(lifetimes):.1f}-{max(lifetimes):.1f} s (client gives up at "
-                     f"{args.wait:g} s)"))
+                     (f"kept {min(lifetimes):.1f}-{max(lifetimes):.1f} s (client gives up at "
+                      f"{args.wait:g} s)")))
         rows.append(("a connection that sends nothing",
                      f"kept {attacks.silent_connection(live, wait=args.wait):.1f} s"))
         rows.append(("an idle kept-alive connection",
@@ -59,8 +59,8 @@ def main() -> int:
         status, taken, seconds = attacks.after_too_large(live, declared=3 * 10**9,
                                                          budget=512 * attacks.MIB)
         rows.append(("3 GB declared, the client keeps sending after the answer",
-                     f"answer {status}; then {taken / attacks.MIB:.1f} MiB taken "
-                     f"(client stops at 512) in {seconds:.1f} s"))
+                     (f"answer {status}; then {taken / attacks.MIB:.1f} MiB taken "
+                      f"(client stops at 512) in {seconds:.1f} s")))
     print(f"| check | {args.tree.name or args.tree} |\n|---|---|")
     for check, result in rows:
         print(f"| {check} | {result} |")

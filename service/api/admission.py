@@ -9,7 +9,8 @@ compute queue (``runtime``) comes after this and has its own bound; the edge bou
 uploads make the process *hold*, which the queue cannot, since bodies are read before work
 is queued.
 
-:class:`EdgeMiddleware` (pure ASGI, outermost) owns the per-request bookkeeping:
+:class:`EdgeMiddleware` (pure ASGI, just inside the metrics) owns the per-request
+bookkeeping:
 
 * what an upload reserved is given back when its work really ends, not when its answer is
   sent (a timed-out request whose compute goes on still holds its memory);
@@ -76,9 +77,8 @@ class Admission:
         return self.requests >= self.max_requests or self.bytes >= self.max_bytes
 
     def start_drain(self) -> None:
-        """From now on /readyz answers 503 draining and new uploads are refused."""
-        if not self.draining:
-            log.info("draining: %d request(s) in progress", self.in_flight)
+        """From now on /readyz answers 503 draining and new uploads are refused (called from
+        a signal handler: it only sets a flag)."""
         self.draining = True
 
 
@@ -162,9 +162,7 @@ def key_error(given: bytes | None, keys: tuple[str, ...]) -> Unauthorized | None
 
 def admit(request: Request) -> None:
     """Admit ``request``'s body (see :meth:`Exchange.admit`); call before reading it."""
-    exchange = request.scope.get(EXCHANGE)
-    if not isinstance(exchange, Exchange):
-        raise RuntimeError("EdgeMiddleware is not installed: uploads cannot be admitted")
+    exchange: Exchange = request.scope[EXCHANGE]  # create_app always installs the middleware
     exchange.admit()
 
 
@@ -177,7 +175,7 @@ def _with_headers(headers: Iterable[tuple[bytes, bytes]],
 
 
 class EdgeMiddleware:
-    """The outermost ASGI layer: see the module docstring."""
+    """The edge's ASGI layer: see the module docstring."""
 
     def __init__(self, app: ASGIApp, admission: Admission, settings: Settings) -> None:
         self.app = app

@@ -325,7 +325,7 @@ def load_repository(root: Path, *, default: str | None, providers: list[str], th
     if not models:
         raise ModelError("no model could be loaded: " + "; ".join(
             f"{name}: {reason}" for name, reason in unavailable.items()))
-    first = sorted([*models, *unavailable])[0]
+    first = min([*models, *unavailable])
     failed = dict(unavailable)  # the networks that failed, which no ensemble can use
     named: list[tuple[Path, str]] = []
     for folder in ensemble_folders(root):

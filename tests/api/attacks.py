@@ -5,7 +5,6 @@ returns what it measured. The regression tests assert on these numbers;
 from __future__ import annotations
 
 import select
-import socket
 import threading
 import time
 from collections import Counter

@@ -78,6 +78,6 @@ def test_the_others_still_serve(client: TestClient) -> None:
 def test_nothing_loads_nothing_starts(tmp_path: Path) -> None:
     _broken_repository(tmp_path)
     shutil.rmtree(tmp_path / "demo-cxr")
-    with pytest.raises(ModelError, match=r"^no model could be loaded: x-bad-toml: model.toml"):
-        with TestClient(create_app(Settings(models=tmp_path, threads=1))):
-            pass
+    with pytest.raises(ModelError, match=r"^no model could be loaded: x-bad-toml: model.toml"), \
+            TestClient(create_app(Settings(models=tmp_path, threads=1))):
+        pass

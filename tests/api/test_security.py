@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.admission import Admission
-from service.config import Settings
+from service.config import Settings, ValidationError
 from service.main import create_app
 from tests.api.conftest import MODELS, assert_problem, phantom_bytes
 
@@ -36,7 +36,7 @@ def test_the_web_page_runs_only_its_own_script_and_style(client: TestClient) -> 
     assert "unsafe-inline" not in policy and "default-src 'none'" in policy
     assert "frame-ancestors 'none'" in policy and "connect-src 'self'" in policy
     for tag, directive in (("script", "script-src"), ("style", "style-src")):
-        [inline] = re.findall(f"<{tag}>(.*?)</{tag}>", r.text, re.S)
+        [inline] = re.findall(f"<{tag}>(.*?)</{tag}>", r.text, re.DOTALL)
         digest = base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
         assert f"{directive} 'sha256-{digest}'" in policy
 
@@ -96,3 +96,9 @@ def test_a_request_past_its_timeout_gets_503_and_its_bytes_come_back() -> None:
         while admission.requests and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (admission.requests, admission.bytes) == (0, 0)
+
+
+def test_the_bytes_budget_must_hold_the_largest_upload() -> None:
+    with pytest.raises(ValidationError, match="max_inflight_bytes must be at least"):
+        Settings(max_upload_bytes=2**20, max_inflight_bytes=2**19)
+    assert Settings(max_upload_bytes=2**20, max_inflight_bytes=2**20).max_inflight_bytes == 2**20
