@@ -11,7 +11,7 @@ from service.api.admission import Admission, key_error
 from service.api.metrics import Metrics
 from service.config import Settings
 from service.models.repository import Repository
-from service.runtime.worker import Limiter
+from service.runtime.worker import Limiter, Scheduler
 
 
 class State(TypedDict):
@@ -22,6 +22,7 @@ class State(TypedDict):
     limiter: Limiter
     metrics: Metrics
     admission: Admission
+    scheduler: Scheduler
 
 
 def get_settings(request: Request) -> Settings:
@@ -36,6 +37,10 @@ def get_limiter(request: Request) -> Limiter:
     return request.state.limiter  # type: ignore[no-any-return]
 
 
+def get_scheduler(request: Request) -> Scheduler:
+    return request.state.scheduler  # type: ignore[no-any-return]
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.state.metrics  # type: ignore[no-any-return]
 
@@ -48,6 +53,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RepositoryDep = Annotated[Repository, Depends(get_repository)]
 LimiterDep = Annotated[Limiter, Depends(get_limiter)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 AdmissionDep = Annotated[Admission, Depends(get_admission)]
 
 # The two ways to present a key, as OpenAPI security schemes (components.securitySchemes);
