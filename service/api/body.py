@@ -88,14 +88,16 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
     if not boundary:
         raise InvalidMultipart("multipart/form-data without a boundary parameter")
 
-    parts: list[tuple[dict[bytes, bytes], bytearray]] = []
+    # A part's data as the pieces the parser points at: ranges of ``body`` itself (copied
+    # once, at the end), or its own buffer where a boundary-like run proved to be data.
+    parts: list[tuple[dict[bytes, bytes], list[tuple[bytes, int, int]]]] = []
     header_field = bytearray()
     header_value = bytearray()
 
     def on_part_begin() -> None:
         if len(parts) == MAX_PARTS:
             raise InvalidMultipart(f"the multipart body has more than {MAX_PARTS} parts")
-        parts.append(({}, bytearray()))
+        parts.append(({}, []))
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         header_field.extend(data[start:end])
@@ -109,7 +111,13 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
         header_value.clear()
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1][1].extend(data[start:end])
+        pieces = parts[-1][1]
+        if pieces and pieces[-1][0] is data is body and pieces[-1][2] == start:
+            pieces[-1] = (body, pieces[-1][1], end)  # contiguous in the body: one range
+        else:
+            pieces.append((data if data is body else bytes(data[start:end]),
+                           start if data is body else 0,
+                           end if data is body else end - start))
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field,
@@ -123,14 +131,15 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
         raise InvalidMultipart(f"malformed multipart body: {exc}") from exc
 
     form = Form()
-    for headers, data in parts:
+    for headers, pieces in parts:
+        data = _joined(pieces)
         _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
         filename = disposition.get(b"filename")
         if name == file_field:
             part_type = headers.get(b"content-type")
             form.file = FilePart(
-                bytes(data),
+                data,
                 part_type.decode("latin-1").strip() if part_type else None,
                 filename.decode("utf-8", "replace") if filename else None,
             )
@@ -139,6 +148,15 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
     if form.file is None:
         raise InvalidMultipart(f"the multipart body has no part named {file_field!r}")
     return form
+
+
+def _joined(pieces: list[tuple[bytes, int, int]]) -> bytes:
+    """A part's bytes: one slice of the body when it is one range (the usual case: a file
+    part costs one copy of itself, not two)."""
+    if len(pieces) == 1:
+        data, start, end = pieces[0]
+        return data[start:end]
+    return b"".join(memoryview(data)[start:end] for data, start, end in pieces)
 
 
 async def read_form(body: bytes, content_type: str) -> Form:
