@@ -98,9 +98,9 @@ class Settings(BaseModel):
     # past it → 503 compute_timeout. Compute already running in a thread cannot be
     # interrupted: it goes on, holding its slot and its bytes, and its answer is dropped.
     request_timeout_s: float = Field(60.0, gt=0)
-    # On SIGTERM: /readyz answers 503 draining at once, new uploads get 503 draining, and
-    # requests in progress get this long to finish before they are cancelled and the
-    # process exits. Below Kubernetes' default terminationGracePeriodSeconds (30).
+    # On SIGTERM: /readyz answers 503 draining at once, uploads arriving after it get 503
+    # draining, and requests the server already had get this long to finish before they are
+    # cancelled and the process exits. Below Kubernetes' default grace period (30 s).
     shutdown_timeout_s: float = Field(25.0, gt=0)
     # With api_keys set, also require a key for /metrics, and for /docs, /redoc and
     # /openapi.json (off: monitoring and documentation stay open on a private network).

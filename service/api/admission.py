@@ -91,6 +91,8 @@ class Exchange:
         self.reserved = 0
         self.admitted = False
         self.dropped = False
+        # A request the server had before the drain began is in flight: it may finish.
+        self.after_drain = admission.draining
         # Futures, not Events: asyncio.wait() takes them as they are, with no helper task.
         loop = asyncio.get_running_loop()
         self.started: asyncio.Future[None] = loop.create_future()
@@ -109,12 +111,12 @@ class Exchange:
         """Reserve room for this request's body, or refuse it before a byte is read.
 
         Raises:
-            Draining: the service is shutting down.
+            Draining: the request came after the drain began (SIGTERM).
             PayloadTooLarge: the declared body is over max_upload_bytes.
             Overloaded: the edge holds its budget of uploads or bytes already.
         """
         adm = self.admission
-        if adm.draining:
+        if self.after_drain:
             raise Draining("the service is shutting down; retry on another instance",
                            retry_after_s=1)
         declared = self.declared_length()
