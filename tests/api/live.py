@@ -8,19 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from tests.api.conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.orthanc_tools import free_port
 
 
 @dataclass
@@ -58,33 +55,37 @@ def live_server(root: Path = ROOT, **env: str) -> Iterator[Live]:
     port = free_port()
     environ = {**os.environ, "PYTHONPATH": str(root), "MEDEXPLAIN_THREADS": "1",
                **{f"MEDEXPLAIN_{k.upper()}": v for k, v in env.items()}}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
-         "--port", str(port)], cwd=root, env=environ,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    live = Live(process, port)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError("the server exited at start: "
-                                   + (process.stderr.read() if process.stderr else b"")
-                                   .decode(errors="replace")[-2000:])
-            try:
-                if live.get("/healthz", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start within 120 s")
-            time.sleep(0.1)
-        yield live
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-        if process.stderr:
-            process.stderr.close()
+    # Its output goes to a file: a pipe nobody reads would block the server once full.
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(port)], cwd=root, env=environ, stdout=log,
+            stderr=subprocess.STDOUT)
+        live = Live(process, port)
+        try:
+            _wait_until_up(live, log)
+            yield live
+        finally:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _wait_until_up(live: Live, log: IO[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if live.process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError("the server exited at start: "
+                               + log.read().decode(errors="replace")[-2000:])
+        try:
+            if live.get("/healthz", timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start within {timeout:g} s")
+        time.sleep(0.1)
 
 
 def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
