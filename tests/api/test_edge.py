@@ -2,8 +2,8 @@
 is read (bounded memory, 503 beyond the budget), multipart parsed off the event loop, slow
 and silent clients cut off by the timeouts, and no draining of a body after a 413.
 
-The numbers in the comments are what the service did before these bounds existed (issue
-report, and tools/edge_attacks.py on the same machine)."""
+The numbers in the comments are what the service did before these bounds existed (a
+security review, and tools/edge_attacks.py on the same machine)."""
 
 from __future__ import annotations
 
