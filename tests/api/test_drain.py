@@ -14,7 +14,7 @@ import time
 from tests.api.conftest import phantom_bytes
 from tests.api.live import live_server, read_response, request_head
 
-SHUTDOWN_S = 6.0  # room for the queued explanations on a loaded machine
+SHUTDOWN_S = 4.0  # room for the three explanations on a loaded machine
 
 
 def test_sigterm_drains_then_exits() -> None:
