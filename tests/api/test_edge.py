@@ -7,12 +7,13 @@ security review, and tools/edge_attacks.py on the same machine)."""
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 
 import pytest
 
 from tests.api import attacks
-from tests.api.live import Live, live_server
+from tests.api.live import Live, closed_by_peer, live_server, read_response, request_head
 
 TIMEOUT_S = 1.0  # every timeout of this server, small so that the test is fast
 
@@ -82,3 +83,22 @@ def test_answers_carry_no_server_banner_and_the_security_headers(live: Live) -> 
     assert "server" not in headers
     assert headers["x-content-type-options"] == "nosniff"
     assert headers["cache-control"] == "no-store"
+
+
+def test_a_chunked_body_past_the_cap_gets_413_and_the_connection_closes(live: Live) -> None:
+    # No Content-Length: admitted at the cap's worth of bytes, refused as it passes the cap.
+    with live.connect() as s:
+        s.sendall(request_head("POST", "/predict", {"content-type": "application/dicom",
+                                                     "transfer-encoding": "chunked"}))
+        chunk = b"%x\r\n%s\r\n" % (attacks.MIB, b"\0" * attacks.MIB)
+        sent = 0
+        while not select.select([s], [], [], 0)[0] and sent < 128 * attacks.MIB:
+            try:
+                s.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += attacks.MIB
+        status, headers, _ = read_response(s)
+        assert status == 413 and headers["connection"] == "close"
+        assert 64 * attacks.MIB <= sent < 100 * attacks.MIB
+        assert closed_by_peer(s, 5.0)
