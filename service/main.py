@@ -13,11 +13,12 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
-from service import __version__, dimse, pipeline
+from service import __version__, dimse, logs, pipeline
 from service.api import problems
 from service.api.admission import Admission, EdgeMiddleware
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.request_id import RequestIdMiddleware
 from service.api.routes import explain, health, models
 from service.config import Settings, get_settings, resolve_threads
 from service.graph.cache import CompileCache
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None, *,
     the drain (service.server).
     """
     settings = settings or get_settings()
+    logs.install()
     metrics = Metrics()
     admission = admission or Admission(settings)
 
@@ -115,4 +117,5 @@ def create_app(settings: Settings | None = None, *,
     # The last added runs first: metrics see every answer, the edge's own included.
     app.add_middleware(EdgeMiddleware, admission=admission, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: ids, access log, unexpected errors
     return app

@@ -112,6 +112,9 @@ def serve(app: Any, settings: Settings, admission: Admission) -> None:
     """Run ``app`` on ``settings.host:port`` until SIGTERM/SIGINT, then drain and return."""
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        # log_config=None: uvicorn's loggers go through service.logs; its access log (which
+        # records query strings) is replaced by the service's own (service.api.request_id).
+        log_config=None, access_log=False,
         http=partial(EdgeProtocol, header_timeout=settings.header_timeout_s),  # type: ignore[arg-type]
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         # No "server: uvicorn" banner: it tells an attacker what to look up.
