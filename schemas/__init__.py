@@ -18,11 +18,11 @@ from schemas.api import (
     Problem,
     Region,
     TargetLayerInfo,
+    UnavailableModel,
 )
 
 __all__ = [
     "AcceptsInfo", "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo",
     "ImagePreview", "InputInfo", "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse",
-    "Prediction", "Problem",
-    "Region", "TargetLayerInfo",
+    "Prediction", "Problem", "Region", "TargetLayerInfo", "UnavailableModel",
 ]

@@ -27,6 +27,8 @@ STATUS: tuple[tuple[type[errors.ServiceError], int], ...] = (
     (errors.UnknownModel, 404),
     (errors.Unauthorized, 401),
     (errors.Overloaded, 503),
+    (errors.ModelUnavailable, 503),
+    (errors.BodyTimeout, 408),
 )
 
 
@@ -44,16 +46,20 @@ def problem(status: int, title: str, detail: str, code: str,
                         headers=headers)
 
 
-async def _service_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, errors.ServiceError)
-    status = status_of(exc)
+def response_for(exc: errors.ServiceError) -> JSONResponse:
+    """The problem+json answer to ``exc``, with the headers its status calls for."""
     headers = None
     if isinstance(exc, errors.Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, errors.Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="medexplain"'}
-    log.info("%s %s -> %d %s", request.method, _route(request), status, exc.code)
-    return problem(status, exc.title, exc.detail, exc.code, headers)
+    return problem(status_of(exc), exc.title, exc.detail, exc.code, headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.ServiceError)
+    log.info("%s %s -> %d %s", request.method, _route(request), status_of(exc), exc.code)
+    return response_for(exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
