@@ -1,12 +1,14 @@
 """Pydantic models of medexplain's public HTTP API."""
 
 from schemas.api import (
+    AcceptsInfo,
     DicomInfo,
     ExplainResponse,
     Explanation,
     Health,
     Heatmap,
     ImageInfo,
+    ImagePreview,
     InputInfo,
     ModelInfo,
     ModelRef,
@@ -16,10 +18,11 @@ from schemas.api import (
     Problem,
     Region,
     TargetLayerInfo,
+    UnavailableModel,
 )
 
 __all__ = [
-    "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo", "InputInfo",
-    "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse", "Prediction", "Problem",
-    "Region", "TargetLayerInfo",
+    "AcceptsInfo", "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo",
+    "ImagePreview", "InputInfo", "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse",
+    "Prediction", "Problem", "Region", "TargetLayerInfo", "UnavailableModel",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -68,12 +70,24 @@ class Explanation(BaseModel):
     )
 
 
+# The image as the network saw it (windowed; MONOCHROME1 inverted), for a client that cannot
+# decode the upload itself: a browser showing a DICOM.
+class ImagePreview(BaseModel):
+    media_type: str = Field("image/png", description="what `data` decodes to")
+    width: int
+    height: int
+    data: str = Field(description="base64 of an 8-bit grey PNG")
+
+
 class ExplainResponse(BaseModel):
     model: ModelRef
     image: ImageInfo
     predictions: list[Prediction]
     explanations: list[Explanation]
     timings_ms: dict[str, float]
+    preview: ImagePreview | None = Field(
+        None, description="with preview=true: the image on the maps' grid (the model's for "
+                          "size=feature); null otherwise")
 
 
 class PredictResponse(BaseModel):
@@ -98,6 +112,16 @@ class TargetLayerInfo(BaseModel):
 
 
 # Everything a client needs to know about one served model (a network or an ensemble).
+class AcceptsInfo(BaseModel):
+    """The DICOM images a model is meant for (model.toml [accepts]); empty: any value."""
+
+    modalities: list[str] = Field(description="Modality must be one of these")
+    body_parts: list[str] = Field(
+        description="Body Part Examined, when present, must be one of these")
+    view_positions: list[str] = Field(
+        description="View Position, when present, must be one of these")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -122,11 +146,24 @@ class ModelInfo(BaseModel):
     members: list[str] | None = Field(
         None, description="an ensemble's member models (scores and max-normalised maps "
                           "averaged over them); null for a single network")
+    accepts: AcceptsInfo | None = Field(
+        None, description="the DICOM images the model is meant for; any other DICOM gets "
+                          "422 dicom_not_accepted (PNG/JPEG are not checked). null for an "
+                          "ensemble: it accepts what every member accepts")
+
+
+# A model folder that failed to load; the others serve, requests naming it get 503.
+class UnavailableModel(BaseModel):
+    name: str
+    state: Literal["UNAVAILABLE"] = "UNAVAILABLE"
+    reason: str = Field(description="why it failed to load (model.toml, graph, compiler)")
 
 
 class ModelsResponse(BaseModel):
     default: str
     models: list[ModelInfo]
+    unavailable: list[UnavailableModel] = Field(
+        default_factory=list, description="models that failed to load, with the reason")
 
 
 class Health(BaseModel):

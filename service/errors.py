@@ -92,6 +92,13 @@ class PayloadTooLarge(ServiceError):
     title = "Payload too large"
 
 
+class DecodeBudgetExceeded(PayloadTooLarge):
+    """Raised when decoding an upload would take more memory than a request may use."""
+
+    code = "decode_budget_exceeded"
+    title = "Image too large to decode"
+
+
 class InvalidParameter(ServiceError):
     """Raised when a request parameter has a bad value."""
 
@@ -120,6 +127,14 @@ class UnknownMethod(InvalidParameter):
     title = "Unknown method"
 
 
+class DicomNotAccepted(InvalidParameter):
+    """Raised when a DICOM image is outside the model's accepted modalities, body parts or
+    view positions (model.toml ``[accepts]``)."""
+
+    code = "dicom_not_accepted"
+    title = "DICOM image not accepted by the model"
+
+
 class UnknownModel(ServiceError):
     """Raised when the requested model is not in the repository."""
 
@@ -145,8 +160,47 @@ class Overloaded(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class Draining(Overloaded):
+    """Raised for new work while the service drains before it stops (SIGTERM)."""
+
+    code = "draining"
+    title = "Service draining"
+
+
+class ComputeTimeout(Overloaded):
+    """Raised when a request's queueing and compute outlast the request timeout."""
+
+    code = "compute_timeout"
+    title = "Request timed out"
+
+
+class BodyTimeout(ServiceError):
+    """Raised when a client sends its body slower than the minimum rate."""
+
+    code = "body_timeout"
+    title = "Request body too slow"
+
+
+class ModelUnavailable(ServiceError):
+    """Raised when the requested model failed to load; the other models still serve."""
+
+    code = "model_unavailable"
+    title = "Model unavailable"
+
+
+class DeliveryError(ServiceError):
+    """Raised when the DICOM results of a received image cannot be sent to a destination."""
+
+    code = "delivery_failed"
+    title = "Results not delivered"
+
+
 class ModelError(Exception):
     """Raised when a model folder cannot be loaded (bad model.toml, bad ONNX, ...)."""
+
+
+class DicomServerError(Exception):
+    """Raised when the DICOM C-STORE SCP cannot start (its packages missing, its port taken)."""
 
 
 class CompileError(ModelError):

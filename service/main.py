@@ -9,13 +9,16 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
-from service import __version__, pipeline
+from service import __version__, dimse, logs, pipeline
 from service.api import problems
+from service.api.admission import Admission, EdgeMiddleware
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.request_id import RequestIdMiddleware
 from service.api.routes import explain, health, models
-from service.config import Settings, get_settings
+from service.config import Settings, get_settings, resolve_threads
 from service.graph.cache import CompileCache
 from service.models.repository import load_repository
 from service.runtime.sessions import CPU, requested_providers
@@ -33,16 +36,31 @@ demonstrates the pipeline and is **not for diagnosis**.
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; models load and compile once, in the lifespan."""
+# The web page's CSP: its own script modules, style sheet and icon from this origin (none
+# of them inline) and nothing else runs; it talks to this origin only.
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+               "connect-src 'self'; form-action 'none'; base-uri 'none'; "
+               "frame-ancestors 'none'")
+
+
+def create_app(settings: Settings | None = None, *,
+               admission: Admission | None = None) -> FastAPI:
+    """Build the app; models load and compile once, in the lifespan.
+
+    ``admission`` is the edge's budget; the server passes its own so that SIGTERM can start
+    the drain (service.server).
+    """
     settings = settings or get_settings()
+    logs.install()
     metrics = Metrics()
+    admission = admission or Admission(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         providers = requested_providers(settings.providers)
         repository = load_repository(settings.models, default=settings.default_model,
-                                     providers=providers, threads=settings.threads,
+                                     providers=providers,
+                                     threads=resolve_threads(settings.threads),
                                      head_batch=settings.head_batch,
                                      cache=(CompileCache(settings.compile_cache)
                                             if settings.compile_cache else None),
@@ -64,9 +82,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_queue_delay_ms=settings.max_queue_delay_ms,
             capacity=settings.max_concurrency + settings.max_queue).start()
         try:
-            yield State(settings=settings, repository=repository,
-                        limiter=Limiter(settings.max_concurrency, settings.max_queue),
-                        metrics=metrics, scheduler=scheduler)
+            state = State(settings=settings, repository=repository,
+                          limiter=Limiter(settings.max_concurrency, settings.max_queue),
+                          metrics=metrics, scheduler=scheduler,
+                          admission=admission)
+            async with dimse.listening(settings, app, state):  # the C-STORE SCP, if configured
+                yield state
         finally:
             scheduler.close()
 
@@ -77,12 +98,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
 
-    demo_page = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+    static = Path(__file__).parent / "static"
+    demo_page = (static / "index.html").read_text(encoding="utf-8")
+    # The page's own modules and style sheet: same origin, no build step, no CDN.
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    page_headers = {"Content-Security-Policy": PAGE_POLICY,
+                    "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         """The web demo: upload an image, pick methods, see scores, overlays and regions."""
-        return HTMLResponse(demo_page)
+        return HTMLResponse(demo_page, headers=page_headers)
 
+    # The last added runs first: metrics see every answer, the edge's own included.
+    app.add_middleware(EdgeMiddleware, admission=admission, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: ids, access log, unexpected errors
     return app

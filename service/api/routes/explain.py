@@ -32,6 +32,7 @@ from service.config import Settings
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
 from service.models.repository import Served
+from service.models.spec import check_accepted
 from service.outputs.base import DICOM, MULTIPART_DICOM
 from service.outputs.json_maps import predict_response
 
@@ -46,9 +47,12 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
                        "the source study: same Study Instance UID and patient/study "
                        "attributes, a new series, referencing the source instance. With "
                        "Accept: multipart/related; type=\"application/dicom\", one such "
-                       "capture per explanation, all in one new series. With dicom=sr, the "
+                       "capture per explanation, in one new series per method (Series Number "
+                       "9911 + the method's place in the method list). With dicom=sr, the "
                        "DICOM object is instead one Comprehensive 3D SR (TID 1500 Measurement "
-                       "Report) in a new series of the source study: one measurement group "
+                       "Report) in a new series of the source study (Series Number 9930; "
+                       "9931 + the method's place for a one-method report): one measurement "
+                       "group "
                        "per region of every explanation (a closed POLYLINE rectangle on the "
                        "source image: box [x0,y0,x1,y1] as (column,row) points "
                        "(x0,y0),(x1,y0),(x1,y1),(x0,y1),(x0,y0), pixel edges with the top-left "
@@ -71,7 +75,7 @@ def _decode(data: bytes, media_type: str | None, params: PredictParams,
             settings: Settings, min_size: tuple[int, int] | None) -> DecodedImage:
     return imaging.decode(data, media_type, frame=params.frame, window=params.window,
                           max_pixels=settings.max_pixels, max_frames=settings.max_frames,
-                          min_size=min_size)
+                          max_decode_bytes=settings.max_decode_bytes, min_size=min_size)
 
 
 def _input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
@@ -119,6 +123,7 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
         image = _decode(upload.data, upload.media_type, params, settings,
                         None if first.full_resolution else _input_size(model, settings))
         watch.lap("decode")
+        check_accepted(model, image)
         chosen = next(((o, p) for o, p in candidates if o.accepts(image)), None)
         if chosen is None:
             raise NotAcceptable(f"DICOM output needs {first.needs}; this upload is "
@@ -155,6 +160,7 @@ async def predict(request: Request, settings: SettingsDep, repository: Repositor
         image = _decode(upload.data, upload.media_type, params, settings,
                         _input_size(model, settings))
         watch.lap("decode")
+        check_accepted(model, image)
         return pipeline.prepare(model, image, None, watch)
 
     async with limiter.admit():
