@@ -46,8 +46,8 @@ class Engine:
         self.split = compiled.split
         # The backbone runs on every request and keeps ONNX Runtime's repacked weights, and
         # so does the guided graph, which is the forward pass of requests with guided maps
-        # (unpacked, its convolutions ran 1.4× slower: guided backprop 2.9 → 2.1 forward
-        # passes on DenseNet-121). The other graphs share the plain weights: a private
+        # (a probe on DenseNet-121 measured it 2.9 → 2.1 forward passes, a later one 2.8
+        # packed: see BENCHMARKS.md). The other graphs share the plain weights: a private
         # packed copy costs the size of the network's weights again, per graph.
         self._sessions = {
             cap: make_session(graph, list(providers), threads,
