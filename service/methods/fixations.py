@@ -68,17 +68,28 @@ RADIUS_FRACTION = 0.1
 MIN_NEIGHBOUR_FRACTION = 0.05
 
 Points = np.ndarray
+Weights = np.ndarray  # float64, one per point
 Rule = Callable[[Step, Points, Mapping[str, np.ndarray]], list[tuple[str, Points]]]
+# An FC rule that reads and gives weights: (step, points, their weights, activations) →
+# [(input tensor, points, their weights or None)].
+FcRule = Callable[[Step, Points, Weights, Mapping[str, np.ndarray]],
+                  list[tuple[str, Points, Weights | None]]]
 
 
 def walk(plan: FixationPlan, activations: Mapping[str, np.ndarray], classes: Sequence[int],
-         *, trace: bool = False) -> dict[str, Points]:
+         *, fc: FcRule | None = None, trace: bool = False) -> dict[str, Points]:
     """Back-track ``classes``' logits to the image.
 
     Args:
         plan: the compiled path.
         activations: the values of ``plan.needed`` for one image (batch of one).
         classes: logit indices; the points of ``classes[k]`` carry tag k.
+        fc: the rule for FC layers on a vector (not a flattened map), given each point's
+            weight; None for the authors' rule (every positive contribution, unweighted).
+            Start points weigh 1; weights ride unchanged through the steps that move each
+            point to exactly one point (activations, reshapes, transposes, slices, a
+            broadcast of one operand), are summed where points merge, and are dropped
+            (reset to 1) by every other rule.
         trace: keep the points of every tensor, not only the image's.
 
     Returns:
@@ -90,31 +101,55 @@ def walk(plan: FixationPlan, activations: Mapping[str, np.ndarray], classes: Seq
     if len(classes):
         start[:, 2:] = np.stack(np.unravel_index(np.asarray(classes, dtype=np.int64),
                                                  plan.logits_shape[1:]), axis=1)
-    pending: dict[str, list[Points]] = defaultdict(list)
-    pending[plan.logits].append(start)
+    weighted = fc is not None
+    pending: dict[str, list[tuple[Points, Weights | None]]] = defaultdict(list)
+    pending[plan.logits].append((start, None))
     seen: dict[str, Points] = {}
     for step in plan.steps:
         parts = pending.pop(step.output, None)
         if not parts:
             continue
-        points = _unique(parts, len(classes), step.output_shape)
+        points, weights = _unique(parts, len(classes), step.output_shape, weighted)
         if trace:
             seen[step.output] = points
-        for name, mapped in RULES[step.rule](step, points, activations):
+        if fc is not None and step.rule == "fc" and not step.attrs["spatial"]:
+            assert weights is not None
+            moved = fc(step, points, weights, activations)
+        else:
+            carry = weights if weighted and _one_to_one(step) else None
+            moved = [(name, mapped, carry)
+                     for name, mapped in RULES[step.rule](step, points, activations)]
+        for name, mapped, w in moved:
             if len(mapped):
-                pending[name].append(mapped)
+                pending[name].append((mapped, w))
     image = pending.get(plan.image)
-    seen[plan.image] = (_unique(image, len(classes), plan.image_shape) if image else
+    seen[plan.image] = (_unique(image, len(classes), plan.image_shape, False)[0] if image else
                         np.zeros((0, 1 + len(plan.image_shape)), dtype=np.int64))
     return seen
 
 
-def _unique(parts: list[Points], tags: int, shape: Sequence[int]) -> Points:
-    """Sorted unique rows, as ``np.unique(axis=0)`` gives, via one int64 key per row."""
-    points = parts[0] if len(parts) == 1 else np.concatenate(parts)
+def _one_to_one(step: Step) -> bool:
+    """Whether ``step``'s rule maps every point to exactly one point of its one input, in
+    order (so a weight per point stays aligned)."""
+    return step.rule in ("pass", "reshape", "transpose", "slice") or (
+        step.rule in ("broadcast", "mul") and len(step.inputs) == 1)
+
+
+def _unique(parts: list[tuple[Points, Weights | None]], tags: int, shape: Sequence[int],
+            weighted: bool) -> tuple[Points, Weights | None]:
+    """Sorted unique rows, as ``np.unique(axis=0)`` gives, via one int64 key per row; with
+    ``weighted``, each row's weight summed over its duplicates (1 where none was given)."""
+    arrays = [p for p, _ in parts]
+    points = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
     dims = (tags, *shape)
-    keys = np.unique(np.ravel_multi_index(tuple(points.T), dims))
-    return np.stack(np.unravel_index(keys, dims), axis=1)
+    flat = np.ravel_multi_index(tuple(points.T), dims)
+    if not weighted:
+        keys = np.unique(flat)
+        return np.stack(np.unravel_index(keys, dims), axis=1), None
+    keys, inverse = np.unique(flat, return_inverse=True)
+    given = np.concatenate([np.ones(len(p)) if w is None else w for p, w in parts])
+    weights = np.bincount(inverse.reshape(-1), weights=given, minlength=len(keys))
+    return np.stack(np.unravel_index(keys, dims), axis=1), weights
 
 
 def _with(points: Points, index: np.ndarray) -> Points:
@@ -437,6 +472,11 @@ class CnnFixations(Method):
     grid = "model"
     needs_fixations = True
 
+    def trace(self, plan: FixationPlan, activations: Mapping[str, np.ndarray],
+              classes: Sequence[int]) -> Points:
+        """The image points of ``classes`` (tag k for ``classes[k]``): the authors' walk."""
+        return walk(plan, activations, classes)[plan.image]
+
     def compute(self, captures: Captures, classes: Sequence[int],
                 target: Target) -> list[RawMap]:
         # The walk starts at the logit whatever ``target`` says: it follows signs of
@@ -444,7 +484,7 @@ class CnnFixations(Method):
         if captures.fixations is None:
             raise UnknownMethod("this model has no fixations graph (see GET /models)")
         activations, plan = captures.fixations()
-        traced = walk(plan, activations, classes)[plan.image]
+        traced = self.trace(plan, activations, classes)
         height, width = plan.image_hw
         maps = []
         for tag, cls in enumerate(classes):
