@@ -124,25 +124,24 @@ def pointing(args: argparse.Namespace) -> None:
 
 
 QUALITY_METHODS = ("gradcam", "crm", "crm_combined", "guided_backprop", "guided_gradcam",
-                   "fixations")
+                   "fixations", "fixations_summed")
 RANDOM = "random"
 METRICS = ("pointing", "energy", "box_iou", "deletion", "insertion")
 # Deletion and insertion baseline: the image blurred with σ = 16 px at 256² (1/16 of the
 # width): a nodule or a pneumothorax's pleural line is gone, the anatomy's layout stays.
 BLUR_SIGMA_FRACTION = 1 / 16
 # The FC rules measured for a class-discriminative CNN Fixations (BENCHMARKS.md): the
-# authors' conv / pool / Add / Concat rules throughout, a different choice at vector FC
-# layers only.
+# authors' conv / pool / Add / Concat rules throughout, a different choice at FC layers on
+# a vector only. The served ones are scored as methods: `fixations` (per neuron, all > 0)
+# and `fixations_summed` (summed, 50 % share).
 FIXATION_CANDIDATES = {
-    "fc: authors (per neuron, all > 0)": FcSelection(None, 1.0),
-    "fc: per neuron, 90 % share": FcSelection(None, 0.9),
-    "fc: per neuron, 50 % share": FcSelection(None, 0.5),
-    "fc: summed, all > 0": FcSelection("contribution", 1.0),
-    "fc: summed, 90 % share": FcSelection("contribution", 0.9),
-    "fc: summed, 50 % share": FcSelection("contribution", 0.5),
-    "fc: summed, 25 % share": FcSelection("contribution", 0.25),
+    "fc: per neuron, 90 % share": FcSelection(summed=False, share=0.9),
+    "fc: per neuron, 50 % share": FcSelection(summed=False, share=0.5),
+    "fc: summed, all > 0": FcSelection(summed=True, share=1.0),
+    "fc: summed, 90 % share": FcSelection(summed=True, share=0.9),
+    "fc: summed, 25 % share": FcSelection(summed=True, share=0.25),
 }
-GALLERY_METHODS = ("gradcam", "crm", "guided_gradcam", "fixations")
+GALLERY_METHODS = ("gradcam", "crm", "guided_gradcam", "fixations", "fixations_summed")
 # Gradient maps are drawn as their magnitude blurred by this σ (px at 256²), else invisible.
 GALLERY_SMOOTH_PX = 3.0
 
@@ -303,7 +302,7 @@ def _save(path: str, image: np.ndarray) -> None:
 
 _FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (127, 127, 127)]
+            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
 
 def _text(img: np.ndarray, text: str, xy: tuple[int, int], scale: float = 0.45,

@@ -109,6 +109,12 @@ def walk(plan: FixationPlan, activations: Mapping[str, np.ndarray], classes: Seq
         parts = pending.pop(step.output, None)
         if not parts:
             continue
+        if step.rule == "pass" and not trace:
+            # Every rule maps each point on its own, so duplicates only cost time: leave
+            # merging them to the next step that moves points (half the steps of a
+            # BN → ReLU → Conv network are these).
+            pending[step.inputs[0]].extend(parts)
+            continue
         points, weights = _unique(parts, len(classes), step.output_shape, weighted)
         if trace:
             seen[step.output] = points
@@ -315,6 +321,8 @@ def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tu
     m_total, cg, kh, kw = w.shape
     per_group = m_total // a["group"]
     height, width = x.shape[2], x.shape[3]
+    if kh == kw == 1 and py == px == 0:
+        return [(step.inputs[0], _conv_1x1(step, points, x))]
     out = []
     per = max(1, CHUNK // (cg * kh * kw))
     for lo in range(0, len(points), per):
@@ -344,6 +352,28 @@ def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tu
         index = np.stack([b, first + channel, ys[rows, ky], xs[rows, kx]], axis=1)
         out.append(_with(p, index)[keep])
     return [(step.inputs[0], np.concatenate(out))]
+
+
+def _conv_1x1(step: Step, points: Points, x: np.ndarray) -> Points:
+    """The conv rule for an unpadded 1×1 kernel: its one tap, at (stride · o), is the
+    position; only the channel is chosen, as the general rule would (the same float64
+    products, so the same argmax)."""
+    w = step.weight
+    assert w is not None
+    (sy, sx), group = step.attrs["strides"], step.attrs["group"]
+    m_total, cg = w.shape[:2]
+    height, width = x.shape[2], x.shape[3]
+    out = []
+    per = max(1, CHUNK // cg)
+    for lo in range(0, len(points), per):
+        p = points[lo:lo + per]
+        b, m, y, xx = p[:, 1], p[:, 2], p[:, 3] * sy, p[:, 4] * sx
+        first = (m // (m_total // group)) * cg
+        plane = (b * x.shape[1] + first)[:, None] + np.arange(cg)
+        window = x.reshape(-1).take(plane * (height * width) + (y * width + xx)[:, None])
+        channel = (window.astype(np.float64) * w[m, :, 0, 0]).argmax(axis=1)
+        out.append(_with(p, np.stack([b, first + channel, y, xx], axis=1)))
+    return np.concatenate(out)
 
 
 def _reduce(step: Step, points: Points,
