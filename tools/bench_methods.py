@@ -5,7 +5,8 @@
 
 forward = ONNX Runtime on the unmodified model file. gradcam = the backbone run + the
 head's VJP + the map; guided_gradcam = the guided graph (which is also the forward pass) +
-Grad-CAM's head VJP + the product; fixations = the all-activations run + the walk. Medians
+Grad-CAM's head VJP + the product; fixations = the all-activations run + the walk (the
+authors' FC rule; fixations_summed: the class-discriminative one). Medians
 over ``--repeat`` interleaved rounds after one warm-up, on this machine's CPU; no HTTP,
 no pre- or post-processing.
 """
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from service.graph.build import compile_model  # noqa: E402
 from service.methods import METHODS, Captures, Target  # noqa: E402
 from service.methods.fixations import walk  # noqa: E402
+from service.methods.fixations_summed import SummedFixations  # noqa: E402
 from service.models.activation import Activation  # noqa: E402
 from service.runtime.engine import Engine  # noqa: E402
 from service.runtime.sessions import make_session  # noqa: E402
@@ -85,6 +87,9 @@ def main() -> None:
         return METHODS["guided_gradcam"].compute(captures(a, logits, grads), [cls],
                                                  Target.LOGIT)
 
+    summed = METHODS["fixations_summed"]
+    assert isinstance(summed, SummedFixations)
+
     # Interleaved, so a neighbour's load on the CPU hits every measurement alike.
     times = _interleaved({
         "forward": lambda: plain.run(None, {compiled.split.image: image}),
@@ -93,6 +98,8 @@ def main() -> None:
         "all activations": lambda: engine.all_activations(image),
         "walk": lambda: walk(plan, acts, [cls]),
         "fixations": lambda: walk(plan, engine.all_activations(image), [cls]),
+        "fixations_summed": lambda: walk(plan, engine.all_activations(image), [cls],
+                                         fc=summed.selection),
     }, args.repeat)
     med = {k: statistics.median(v) for k, v in times.items()}
     forward = med["forward"]

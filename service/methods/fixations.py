@@ -492,7 +492,11 @@ def _blur_operator(n: int, k: int, sigma: float) -> np.ndarray:
 
 class CnnFixations(Method):
     """CNN Fixations: the image points the explained logit traces back to, and their
-    Gaussian density (see the module docstring for the rules).
+    Gaussian density (see the module docstring for the rules), with the authors' FC rule.
+
+    That rule is weak through GAP → FC → ReLU → FC heads: the union of every positive
+    contribution to every traced hidden neuron keeps nearly every channel for every class,
+    so the points hardly depend on the class (``fixations_summed`` is the measured fix).
 
     Mopuri, Garg, Babu, IEEE TIP 2019, https://arxiv.org/abs/1708.06670
     """
