@@ -33,7 +33,7 @@ from service import pipeline  # noqa: E402
 from service.api.request import ExplainParams  # noqa: E402
 from service.imaging.base import DecodedImage  # noqa: E402
 from service.imaging.preprocess import to_model_input  # noqa: E402
-from service.methods import RawMap, Target, get_method  # noqa: E402
+from service.methods import RawMap, Target, get_method, rows  # noqa: E402
 from service.methods.fixations_summed import FcSelection, SummedFixations  # noqa: E402
 from service.methods.maps import normalise, resize, smooth  # noqa: E402
 from service.methods.regions import map_regions  # noqa: E402
@@ -101,9 +101,13 @@ def pointing(args: argparse.Namespace) -> None:
         image = DecodedImage(ph.image, "png")
         present = [phantoms.LABELS.index(k) for k in ph.masks]
         options = ExplainParams(methods=METHODS, classes=tuple(map(str, present))).options()
-        fwd = pipeline.forward(model, image, pipeline.Stopwatch())
+        spec = model.config.input
+        captures = model.engine.capture(to_model_input(image, spec).tensor,
+                                        model.config.activation, spec)
         for method in METHODS:
-            for raw in get_method(method).compute(fwd.captures, present, options.target):
+            method_rows = rows(present if get_method(method).per_class else [None],
+                               options.target)
+            for raw in get_method(method).compute(captures, method_rows):
                 values = resize(raw.values, 256, 256)
                 for cls in ([raw.index] if raw.index is not None else present):
                     label = phantoms.LABELS[cls]
@@ -169,11 +173,13 @@ def _predictor(model: LoadedModel):  # type: ignore[no-untyped-def]
 def _candidate_maps(model: LoadedModel, image: DecodedImage, classes: list[int],
                     options: pipeline.ExplainOptions) -> list[pipeline.Map]:
     """The maps of every FIXATION_CANDIDATES rule, as /explain would post-process them."""
-    grid = (model.config.input.height, model.config.input.width)
-    captures = pipeline.forward(model, image, pipeline.Stopwatch()).captures
+    spec = model.config.input
+    grid = (spec.height, spec.width)
+    captures = model.engine.capture(to_model_input(image, spec).tensor,
+                                    model.config.activation, spec)
     maps = []
     for name, selection in FIXATION_CANDIDATES.items():
-        for raw in SummedFixations(selection).compute(captures, classes, options.target):
+        for raw in SummedFixations(selection).compute(captures, rows(classes, options.target)):
             maps.append(pipeline.Map(name, raw.index, raw.values, True,
                                      map_regions(raw, grid, image.pixels.shape[:2],
                                                  options.region_threshold), raw.points))

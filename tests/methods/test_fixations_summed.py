@@ -17,12 +17,12 @@ import onnx
 import pytest
 from onnx import helper
 
-from service import pipeline
 from service.graph.fixations import build_plan, expose
 from service.graph.target import Split
 from service.imaging import decode
 from service.imaging.base import DecodedImage
-from service.methods import METHODS, Target
+from service.imaging.preprocess import to_model_input
+from service.methods import METHODS, Captures, rows
 from service.methods.fixations import walk
 from service.methods.fixations_summed import FcSelection, SummedFixations
 from service.models.repository import LoadedModel, load_model
@@ -212,15 +212,19 @@ def demo() -> LoadedModel:
                       threads=1, head_batch=256)
 
 
+def _capture(demo: LoadedModel, image: DecodedImage) -> Captures:
+    spec = demo.config.input
+    return demo.engine.capture(to_model_input(image, spec).tensor, demo.config.activation, spec)
+
+
 @pytest.mark.parametrize("pair", PAIRS, ids=["+".join(p) for p in PAIRS])
 def test_two_findings_get_points_in_their_own_masks(demo: LoadedModel,
                                                     pair: tuple[str, str]) -> None:
     phantom = phantoms.generate(np.random.default_rng(2), findings=list(pair))
-    captures = pipeline.forward(demo, DecodedImage(phantom.image, "png"),
-                                pipeline.Stopwatch()).captures
+    captures = _capture(demo, DecodedImage(phantom.image, "png"))
     classes = [LABELS.index(label) for label in pair]
-    maps = VARIANT.compute(captures, classes, Target.LOGIT)
-    authors = METHODS["fixations"].compute(captures, classes, Target.LOGIT)
+    maps = VARIANT.compute(captures, rows(classes))
+    authors = METHODS["fixations"].compute(captures, rows(classes))
     # The authors' rule gives both classes the same points: the weakness the variant fixes.
     np.testing.assert_array_equal(authors[0].points, authors[1].points)
     assert {tuple(p) for p in maps[0].points} != {tuple(p) for p in maps[1].points}
@@ -250,8 +254,8 @@ def test_served_by_explain_and_listed_by_models(demo: LoadedModel) -> None:
     explanations = r.json()["explanations"]
     assert [(e["method"], e["label"]) for e in explanations] == [
         ("fixations_summed", "Nodule"), ("fixations_summed", "Cardiomegaly")]
-    captures = pipeline.forward(demo, decode(data, "image/png"), pipeline.Stopwatch()).captures
-    for e, raw in zip(explanations, VARIANT.compute(captures, [1, 0], Target.LOGIT)):
+    captures = _capture(demo, decode(data, "image/png"))
+    for e, raw in zip(explanations, VARIANT.compute(captures, rows([1, 0]))):
         # A 256² phantom on a 256² network: image pixels are model pixels.
         assert raw.points is not None and len(raw.points)
         np.testing.assert_allclose(np.asarray(e["points"]), raw.points.astype(float))
