@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.graph.build import compile_model  # noqa: E402
-from service.methods import METHODS, Captures, Target  # noqa: E402
+from service.methods import METHODS, Target, rows  # noqa: E402
 from service.methods.fixations import walk  # noqa: E402
 from service.methods.fixations_summed import SummedFixations  # noqa: E402
 from service.models.activation import Activation  # noqa: E402
@@ -71,21 +71,15 @@ def main() -> None:
     cls = int(np.argmax(engine.forward(image)[1][0]))
     acts = engine.all_activations(image)
     plain = make_session(source, ["CPUExecutionProvider"], args.threads)
-    n_classes = engine.forward(image)[1].shape[1]
-    seed = np.eye(n_classes, dtype=np.float32)[[cls]]
-
-    def captures(a: np.ndarray, logits: np.ndarray, guided_grads: np.ndarray | None) -> Captures:
-        return Captures(a[0], logits[0], Activation.NONE, engine.head, engine.head_vjp,
-                        guided=None if guided_grads is None else (lambda s: guided_grads))
+    asked = rows([cls], Target.LOGIT)
 
     def gradcam() -> object:
-        a, logits = engine.forward(image)
-        return METHODS["gradcam"].compute(captures(a, logits, None), [cls], Target.LOGIT)
+        return METHODS["gradcam"].compute(engine.capture(image, Activation.NONE), asked)
 
     def guided_gradcam() -> object:
-        a, logits, grads = engine.guided(image, seed)
-        return METHODS["guided_gradcam"].compute(captures(a, logits, grads), [cls],
-                                                 Target.LOGIT)
+        # The class known up front: the guided graph is the forward pass (prefetched rows).
+        captures = engine.capture(image, Activation.NONE, prefetch=asked)
+        return METHODS["guided_gradcam"].compute(captures, asked)
 
     summed = METHODS["fixations_summed"]
     assert isinstance(summed, SummedFixations)
