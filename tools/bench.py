@@ -31,6 +31,7 @@ import quality as metrics  # noqa: E402
 
 from service import pipeline  # noqa: E402
 from service.api.request import ExplainParams  # noqa: E402
+from service.graph.build import Capability  # noqa: E402
 from service.imaging.base import DecodedImage  # noqa: E402
 from service.imaging.preprocess import to_model_input  # noqa: E402
 from service.methods import RawMap, Target, get_method, rows  # noqa: E402
@@ -368,7 +369,7 @@ def _gallery(model: LoadedModel, seed: int, cell: int = 120) -> np.ndarray:
         tiles = [(np.clip(grey, 0, 1) * 255).round().astype(np.uint8)]
         for e in result.maps:
             values = normalise(resize(e.values, *image01.shape[:2]))
-            if get_method(e.method).needs_guided:  # pixel speckle: show its local energy
+            if Capability.GUIDED in get_method(e.method).requires:  # pixel speckle: local energy
                 values = normalise(smooth(values, GALLERY_SMOOTH_PX))
             levels = drawing.to_uint8(values, *values.shape)
             tile = drawing.overlay(levels, drawing.grey_uint8(image01, *values.shape),
@@ -380,7 +381,7 @@ def _gallery(model: LoadedModel, seed: int, cell: int = 120) -> np.ndarray:
                           interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         y0 = head + r * cell
-        score = result.predictions[phantoms.LABELS.index(label)].score
+        score = float(result.scores[phantoms.LABELS.index(label)])
         _text(img, label, (6, y0 + cell // 2 - 4), 0.42)
         _text(img, f"p = {score:.2f}", (6, y0 + cell // 2 + 14), 0.42)
         for c, tile in enumerate(tiles):
