@@ -362,15 +362,15 @@ def _conv_1x1(step: Step, points: Points, x: np.ndarray) -> Points:
     assert w is not None
     (sy, sx), group = step.attrs["strides"], step.attrs["group"]
     m_total, cg = w.shape[:2]
-    height, width = x.shape[2], x.shape[3]
     out = []
-    per = max(1, CHUNK // cg)
+    per = max(1, CHUNK // x.shape[1])
     for lo in range(0, len(points), per):
         p = points[lo:lo + per]
         b, m, y, xx = p[:, 1], p[:, 2], p[:, 3] * sy, p[:, 4] * sx
         first = (m // (m_total // group)) * cg
-        plane = (b * x.shape[1] + first)[:, None] + np.arange(cg)
-        window = x.reshape(-1).take(plane * (height * width) + (y * width + xx)[:, None])
+        window = x[b, :, y, xx]  # (n, C): every channel of each point's one tap
+        if group > 1:
+            window = np.take_along_axis(window, first[:, None] + np.arange(cg), axis=1)
         channel = (window.astype(np.float64) * w[m, :, 0, 0]).argmax(axis=1)
         out.append(_with(p, np.stack([b, first + channel, y, xx], axis=1)))
     return np.concatenate(out)
