@@ -8,6 +8,7 @@ from schemas.api import (
     Health,
     Heatmap,
     ImageInfo,
+    ImagePreview,
     InputInfo,
     ModelInfo,
     ModelRef,
@@ -17,10 +18,11 @@ from schemas.api import (
     Problem,
     Region,
     TargetLayerInfo,
+    UnavailableModel,
 )
 
 __all__ = [
-    "AcceptsInfo", "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo", "InputInfo",
-    "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse", "Prediction", "Problem",
-    "Region", "TargetLayerInfo",
+    "AcceptsInfo", "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo",
+    "ImagePreview", "InputInfo", "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse",
+    "Prediction", "Problem", "Region", "TargetLayerInfo", "UnavailableModel",
 ]

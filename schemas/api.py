@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -68,12 +70,24 @@ class Explanation(BaseModel):
     )
 
 
+# The image as the network saw it (windowed; MONOCHROME1 inverted), for a client that cannot
+# decode the upload itself: a browser showing a DICOM.
+class ImagePreview(BaseModel):
+    media_type: str = Field("image/png", description="what `data` decodes to")
+    width: int
+    height: int
+    data: str = Field(description="base64 of an 8-bit grey PNG")
+
+
 class ExplainResponse(BaseModel):
     model: ModelRef
     image: ImageInfo
     predictions: list[Prediction]
     explanations: list[Explanation]
     timings_ms: dict[str, float]
+    preview: ImagePreview | None = Field(
+        None, description="with preview=true: the image on the maps' grid (the model's for "
+                          "size=feature); null otherwise")
 
 
 class PredictResponse(BaseModel):
@@ -138,9 +152,18 @@ class ModelInfo(BaseModel):
                           "ensemble: it accepts what every member accepts")
 
 
+# A model folder that failed to load; the others serve, requests naming it get 503.
+class UnavailableModel(BaseModel):
+    name: str
+    state: Literal["UNAVAILABLE"] = "UNAVAILABLE"
+    reason: str = Field(description="why it failed to load (model.toml, graph, compiler)")
+
+
 class ModelsResponse(BaseModel):
     default: str
     models: list[ModelInfo]
+    unavailable: list[UnavailableModel] = Field(
+        default_factory=list, description="models that failed to load, with the reason")
 
 
 class Health(BaseModel):

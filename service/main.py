@@ -9,11 +9,14 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
-from service import __version__, dimse, pipeline
+from service import __version__, dimse, logs, pipeline
 from service.api import problems
+from service.api.admission import Admission, EdgeMiddleware
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.request_id import RequestIdMiddleware
 from service.api.routes import explain, health, models
 from service.config import Settings, get_settings, resolve_threads
 from service.graph.cache import CompileCache
@@ -33,10 +36,24 @@ demonstrates the pipeline and is **not for diagnosis**.
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; models load and compile once, in the lifespan."""
+# The web page's CSP: its own script modules, style sheet and icon from this origin (none
+# of them inline) and nothing else runs; it talks to this origin only.
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+               "connect-src 'self'; form-action 'none'; base-uri 'none'; "
+               "frame-ancestors 'none'")
+
+
+def create_app(settings: Settings | None = None, *,
+               admission: Admission | None = None) -> FastAPI:
+    """Build the app; models load and compile once, in the lifespan.
+
+    ``admission`` is the edge's budget; the server passes its own so that SIGTERM can start
+    the drain (service.server).
+    """
     settings = settings or get_settings()
+    logs.install()
     metrics = Metrics()
+    admission = admission or Admission(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
@@ -66,7 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             state = State(settings=settings, repository=repository,
                           limiter=Limiter(settings.max_concurrency, settings.max_queue),
-                          metrics=metrics, scheduler=scheduler)
+                          metrics=metrics, scheduler=scheduler,
+                          admission=admission)
             async with dimse.listening(settings, app, state):  # the C-STORE SCP, if configured
                 yield state
         finally:
@@ -79,12 +97,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
 
-    demo_page = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+    static = Path(__file__).parent / "static"
+    demo_page = (static / "index.html").read_text(encoding="utf-8")
+    # The page's own modules and style sheet: same origin, no build step, no CDN.
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    page_headers = {"Content-Security-Policy": PAGE_POLICY,
+                    "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         """The web demo: upload an image, pick methods, see scores, overlays and regions."""
-        return HTMLResponse(demo_page)
+        return HTMLResponse(demo_page, headers=page_headers)
 
+    # The last added runs first: metrics see every answer, the edge's own included.
+    app.add_middleware(EdgeMiddleware, admission=admission, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: ids, access log, unexpected errors
     return app
