@@ -22,9 +22,12 @@ hidden neurons, and their union keeps nearly every channel, for every class, so 
 points and boxes hardly depend on the class. Summing asks whether a channel pushes the
 explained class up *through the neurons that carry it*, with each neuron counted by how
 much it carries; the share keeps the channels that make up most of that evidence instead
-of every channel with any. Both were chosen by measurement among the candidates in
-``tools/bench.py`` (``FIXATION_CANDIDATES``; BENCHMARKS.md, "CNN Fixations that tell
-classes apart").
+of every channel with any. Both were chosen by measurement among seven FC rules (per
+neuron or summed; all positive, 90 %, 50 % or 25 % share; ``tools/bench.py quality
+--candidates``, BENCHMARKS.md "CNN Fixations that tell classes apart"). On the demo model's
+held-out phantoms it points into the finding 0.884 of the time (the authors' rule: 0.178,
+a random map: 0.141) and gives two findings of one phantom different points on 98 % of
+the pairs.
 """
 
 from __future__ import annotations
