@@ -33,6 +33,10 @@ it is the centre tap, clipped into the in-range taps. Why this one:
 - The centre fallback keeps dead windows from drifting to their top-left corner (what
   ``np.argmax`` of all-equal values would give).
 
+The FC rule on a vector is the one rule a caller may replace (``walk(..., fc=...)``): it
+then gets a weight per point as well (``service.methods.fixations_summed``, the
+class-discriminative variant); the authors' walk carries no weights.
+
 Every rule works on all points of a tensor at once: points are int64 rows
 ``[tag, *index]`` (``tag`` = position of the class in the request, ``index`` = the full
 index into the tensor, batch axis included), windows are gathered by fancy indexing, FC
