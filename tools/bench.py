@@ -338,7 +338,8 @@ def _plot(means: dict[tuple[str, str], float], names: tuple[str, ...]) -> np.nda
             v = means[(m, metric)]
             h = int(round(v * (base - top - 14)))
             x = x0 + i * bar
-            cv2.rectangle(img, (x + 2, base - h), (x + bar - 3, base), _COLOURS[i % len(_COLOURS)], -1)
+            colour = _COLOURS[i % len(_COLOURS)]
+            cv2.rectangle(img, (x + 2, base - h), (x + bar - 3, base), colour, -1)
             _text(img, f"{v:.2f}"[1:] if v < 1 else "1.0", (x + 1, base - h - 4), 0.33)
     for i, m in enumerate(names):  # legend
         x = 10 + i * (pw * len(METRICS) - 20) // len(names)
