@@ -154,7 +154,8 @@ def test_summed_rule_by_hand() -> None:
     assert _points(every, "hr", 1) == {(0, 0), (0, 1)}
     # One neuron: the authors' set, x·w1[0] = [1, −2, 3, .5] → {0, 2, 3}.
     assert _points(every, "image", 0) == {(0, c, 0, 0) for c in (0, 2, 3)}
-    # Two: x · (2.5·w1[0] + 2·w1[1]) = x · [.5, .5, 2.5, 6.5] = [.5, −1, 7.5, 3.25] → {0, 2, 3}
+    # Two: x · (2.5·w1[0] + 2·w1[1]) = x · [.5, .5, 2.5, 6.5] = [.5, −1, 7.5, 3.25]
+    # → {0, 2, 3}
     # (the authors' union is all four: neuron 1 alone makes channel 1 positive).
     assert _points(every, "image", 1) == {(0, c, 0, 0) for c in (0, 2, 3)}
     # Half the positive total: class 1 keeps neuron 0 only (2.5 ≥ 4.5 / 2), then
