@@ -8,7 +8,8 @@ computes for one image, arrays in and out (no HTTP, no pre- or post-processing),
 ``Engine.capture`` and the method: gradcam = the backbone run + the head's VJP + the map;
 guided_backprop / guided_gradcam with a class known up front = the guided graph (which is
 also the forward pass) (+ Grad-CAM's head VJP + the product); crm = the backbone + H·W
-masked head runs; fixations = the backbone + the all-activations run + the walk. Medians
+masked head runs; fixations = the backbone + the all-activations run + the walk (the
+authors' FC rule; fixations_summed: the class-discriminative one). Medians
 over ``--repeat`` interleaved rounds after one warm-up, on this machine's CPU.
 tools/bench_pgc.py runs the same calls beside pytorch-grad-cam's.
 """
@@ -66,6 +67,7 @@ def our_calls(model: Path, threads: int, image: np.ndarray) -> dict[str, Callabl
         "crm": method("crm", [cls]),
         "crm_combined": method("crm_combined", [None]),
         "fixations": method("fixations", [cls]),
+        "fixations_summed": method("fixations_summed", [cls]),
     }
 
 
