@@ -10,6 +10,9 @@ need=()
 [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || need+=(orthanc-python)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v dcmdump >/dev/null 2>&1 || need+=(dcmtk)
+# tests/scaleout: the Ray cluster runs in a network namespace that has only loopback.
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 [ "${#need[@]}" -gt 0 ] || exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: no apt-get; not installing ${need[*]}" >&2
