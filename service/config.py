@@ -79,6 +79,10 @@ class Settings(BaseModel):
     # Where Ray Serve runs its HTTP proxies: on every node (Ray's default; what a Kubernetes
     # Service in front of the nodes wants) or on the head node only.
     ray_proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
+    # Ray Serve's access log, a line per request (method, route template, status,
+    # latency; never the query string or a body). Off: on a small machine every line
+    # costs Ray's log pipeline CPU on the request path.
+    ray_access_log: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -83,6 +83,7 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         # problem+json).
         "max_queued_requests": settings.max_queue,
         "backpressure_config": {"status_code": 503, "retry_after_s": OVERLOAD_RETRY_AFTER_S},
+        "logging_config": {"enable_access_log": settings.ray_access_log},
     }
     if settings.ray_autoscaling:
         options["autoscaling_config"] = {

@@ -115,7 +115,7 @@ def run() -> dict[str, Any]:
         timings["nodes_up_s"] = time.perf_counter() - start
         settings = Settings(models=ROOT / "models", threads=1, port=_free_port(),
                             ray_address=cluster.address, ray_replicas=2, ray_num_cpus=1,
-                            ray_proxy_location="HeadOnly")
+                            ray_proxy_location="HeadOnly", ray_access_log=True)
         ray_serve.start(settings)
         serve.run(ray_serve.application(settings), name=ray_serve.APP_NAME)
         timings["serving_s"] = time.perf_counter() - start

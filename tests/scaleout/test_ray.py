@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from service.config import Settings
@@ -65,3 +68,66 @@ def test_two_replicas_on_two_nodes_answer_as_the_plain_server(tmp_path: Path) ->
             assert answer["headers"]["x-request-id"]  # Ray's proxy: its only addition
     assert [a["status"] for a in got["concurrent"]] == [200] * len(CONCURRENT)
     assert [a["status"] for a in got["errors"]] == [404, 422]
+
+
+# Importing ray.serve warns (its own pydantic Field(update_type=...)); not ours to fix.
+RAY_IMPORT_WARNING = "ignore::pydantic.warnings.PydanticDeprecatedSince20"
+
+
+@pytest.mark.filterwarnings(RAY_IMPORT_WARNING)
+def test_settings_become_deployment_options_ray_accepts() -> None:
+    from ray import serve
+
+    from service.scaleout.ray_serve import deployment_options
+
+    fixed = deployment_options(Settings(ray_replicas=3, ray_num_cpus=2, ray_num_gpus=0.5,
+                                        max_concurrency=4, max_queue=10))
+    assert fixed == {
+        "name": "medexplain",
+        "ray_actor_options": {"num_cpus": 2.0, "num_gpus": 0.5},
+        "max_ongoing_requests": 4,
+        "max_queued_requests": 10,
+        "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+        "logging_config": {"enable_access_log": False},
+        "num_replicas": 3,
+    }
+    scaling = deployment_options(Settings(ray_autoscaling=True, ray_min_replicas=0,
+                                          ray_max_replicas=6, ray_target_ongoing_requests=3))
+    assert "num_replicas" not in scaling
+    assert scaling["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1,
+                                             "max_replicas": 6, "target_ongoing_requests": 3.0}
+    for options in (fixed, scaling):
+        config = serve.deployment(_Probe, **options)  # Ray validates them here
+        assert config.name == "medexplain"
+        assert config.ray_actor_options == options["ray_actor_options"]
+        assert config.max_queued_requests == options["max_queued_requests"]
+
+
+class _Probe:
+    """A class for Ray to check deployment options against."""
+
+
+@pytest.mark.filterwarnings(RAY_IMPORT_WARNING)
+def test_rayservice_manifest_names_our_builder_with_valid_settings() -> None:
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.scaleout import ray_serve
+
+    manifest = yaml.safe_load((ROOT / "deploy" / "ray" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(
+        manifest["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    module, _, name = app.import_path.partition(":")
+    assert (module, name) == ("service.scaleout.ray_serve", "build")
+    # The args are settings the service accepts, and build() turns them into an app.
+    settings = Settings.from_env({}, **app.args)
+    assert settings.ray_autoscaling and settings.ray_min_replicas == 2
+    assert isinstance(ray_serve.build(app.args), Application)
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == importlib.metadata.version("ray")
+    for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (container,) = pod["template"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["RAY_automatic_object_spilling_enabled"] == "0"
