@@ -1,7 +1,7 @@
 """What Ray Serve adds per request: the plain server and Ray Serve replicas, side by side.
 
     .venv/bin/python tools/bench_ray.py [--rounds 300] [--replicas 2] [--threads 1]
-        [--ingress proxy haproxy] [--out results.json]
+        [--ingress proxy [haproxy]] [--out results.json]
 
 What it measures: the client-side wall time of each request in ``REQUESTS`` (``/predict``
 and the default ``/explain`` on a 256x256 phantom PNG sent as multipart, and on
@@ -21,9 +21,9 @@ script re-runs itself in a network namespace that has only loopback (``unshare -
 once to each server, one at a time, the order of the servers and of the requests rotated
 every round (tools/bench_http.py's scheme), so that drifts of a shared machine hit both.
 
-How to read it: per request, p50 and p99 of each server and, for the Ray ones, the difference
-of the p50s (Ray's overhead per request) and their ratio. A benchmark, not a test: it asserts nothing
-about the numbers; non-200 answers are counted and listed.
+How to read it: per request, p50 and p99 of each server and, for the Ray ones, the
+difference of the p50s (Ray's overhead per request) and their ratio. A benchmark, not a
+test: it asserts nothing about the numbers; non-200 answers are counted and listed.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,20 @@ def stop(server: http.Server, timeout_s: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=timeout_s)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of the processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
+    return found
 
 
 def percentile(values: list[float], q: int) -> float | None:
@@ -201,6 +216,9 @@ def inside(args: argparse.Namespace) -> int:
         ray_logs = {s.label: s.log_path.read_text(errors="replace")[-20_000:]
                     for s in servers[1:] if s.log_path and s.log_path.exists()}
         shutil.rmtree(logs, ignore_errors=True)
+        # Ray 2.60 leaves HAProxy running when its cluster stops; ours name our folder.
+        for pid in processes_mentioning(str(haproxy_dir)):
+            os.kill(pid, signal.SIGTERM)
         shutil.rmtree(haproxy_dir, ignore_errors=True)
     rows = summarize(samples, labels)
     info = versions()
@@ -224,7 +242,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=5, help="untimed passes per server")
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--ingress", nargs="+", default=["proxy", "haproxy"],
+    parser.add_argument("--ingress", nargs="+", default=["proxy"],
                         choices=sorted(VARIANT_ENV),
                         help="a Ray Serve server per variant: Serve's proxy (Ray's "
                              "default) and Ray's experimental HAProxy mode")

@@ -80,8 +80,8 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "max_ongoing_requests": settings.max_concurrency,
         # Overload as the plain server answers it: beyond MAX_QUEUE waiting (per proxy),
         # 503 with Retry-After: 1, said by Ray's proxy (its body is plain text, not
-        # problem+json).
-        "max_queued_requests": settings.max_queue,
+        # problem+json). Ray has no queue of 0 (MAX_QUEUE=0: no waiting): one is the least.
+        "max_queued_requests": max(settings.max_queue, 1),
         "backpressure_config": {"status_code": 503, "retry_after_s": OVERLOAD_RETRY_AFTER_S},
         "logging_config": {"enable_access_log": settings.ray_access_log},
     }
@@ -142,10 +142,11 @@ def serve_forever(settings: Settings) -> int:
     The application is deleted on the way out; a local cluster is stopped with it, a
     joined cluster keeps running (and keeps any other Serve applications).
     """
+    start(settings)
     stop = threading.Event()
+    # After ray.init: its own handler for SIGTERM dumps a stack and aborts the process.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    start(settings)
     try:
         serve.run(application(settings), name=APP_NAME, route_prefix="/")
         replicas = (f"{settings.ray_min_replicas}-{settings.ray_max_replicas} (autoscaling)"

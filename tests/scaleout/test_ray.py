@@ -96,6 +96,7 @@ def test_settings_become_deployment_options_ray_accepts() -> None:
     assert "num_replicas" not in scaling
     assert scaling["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1,
                                              "max_replicas": 6, "target_ongoing_requests": 3.0}
+    assert deployment_options(Settings(max_queue=0))["max_queued_requests"] == 1
     for options in (fixed, scaling):
         config = serve.deployment(_Probe, **options)  # Ray validates them here
         assert config.name == "medexplain"
