@@ -176,8 +176,9 @@ def versions() -> dict[str, str]:
 def inside(args: argparse.Namespace) -> int:
     """The benchmark proper, in the namespace."""
     env = http.child_env(args.threads)
-    haproxy_dir = Path(tempfile.mkdtemp(prefix="bench-ray-haproxy-"))
-    # HAProxy's files (config, admin socket, state) go there instead of /tmp/haproxy-serve.
+    # HAProxy's files (config, admin socket, state) go there instead of /tmp/haproxy-serve;
+    # short, as HAProxy takes socket paths of at most 97 bytes (and adds the node id).
+    haproxy_dir = Path(tempfile.mkdtemp(prefix="hx-", dir="/tmp"))
     haproxy_env = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy_dir / "haproxy.cfg"),
                    "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy_dir / "admin.sock"),
                    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy_dir),
