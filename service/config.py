@@ -79,9 +79,9 @@ class Settings(BaseModel):
     # Where Ray Serve runs its HTTP proxies: on every node (Ray's default; what a Kubernetes
     # Service in front of the nodes wants) or on the head node only.
     ray_proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
-    # Ray Serve's access log, a line per request (method, route template, status,
-    # latency; never the query string or a body). Off: on a small machine every line
-    # costs Ray's log pipeline CPU on the request path.
+    # Ray Serve's access logs, a line per request from the proxy and from the replica
+    # (method, route, status, latency; never the query string or a body). Off: each line
+    # is a file write, and more on the request path of a small machine.
     ray_access_log: bool = False
 
     @field_validator("api_keys", mode="before")

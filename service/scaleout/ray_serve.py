@@ -2,8 +2,10 @@
 
 Each replica builds the app with :func:`service.main.create_app`, runs its lifespan (load
 the models, compile the graphs) and answers through it, so every route, parameter, error
-and header is the plain server's; Ray Serve's proxy adds only its ``X-Request-ID``. The
-service keeps no state between requests, so any replica can answer any request.
+and header is the plain server's; Ray Serve's proxy adds its ``X-Request-ID``, and it
+answers overload itself (503 with Retry-After, as the plain server does, in plain text).
+The service keeps no state between requests, so any replica can answer any request; each
+replica keeps its own metrics, so ``GET /metrics`` is the answering replica's.
 
 Three ways in, one deployment:
 
@@ -133,7 +135,9 @@ def start(settings: Settings) -> None:
                  _system_config=LOCAL_SYSTEM_CONFIG)
         log.info("started a local Ray cluster")
     serve.start(proxy_location=settings.ray_proxy_location,
-                http_options={"host": settings.host, "port": settings.port})
+                http_options={"host": settings.host, "port": settings.port},
+                # The proxies' access log; the replicas' is in deployment_options.
+                logging_config={"enable_access_log": settings.ray_access_log})
 
 
 def serve_forever(settings: Settings) -> int:
