@@ -10,16 +10,16 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
-from service import __version__
+from service import __version__, dimse, pipeline
 from service.api import problems
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import explain, health, models
-from service.config import Settings, get_settings
+from service.config import Settings, get_settings, resolve_threads
 from service.graph.cache import CompileCache
 from service.models.repository import load_repository
 from service.runtime.sessions import CPU, requested_providers
-from service.runtime.worker import Limiter
+from service.runtime.worker import Limiter, Scheduler
 
 log = logging.getLogger("medexplain")
 
@@ -42,10 +42,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         providers = requested_providers(settings.providers)
         repository = load_repository(settings.models, default=settings.default_model,
-                                     providers=providers, threads=settings.threads,
+                                     providers=providers,
+                                     threads=resolve_threads(settings.threads),
                                      head_batch=settings.head_batch,
                                      cache=(CompileCache(settings.compile_cache)
-                                            if settings.compile_cache else None))
+                                            if settings.compile_cache else None),
+                                     image_batch=settings.max_batch_size,
+                                     conv_algo_search=settings.cudnn_conv_algo_search)
         used = {p for m in repository.models.values() for p in m.engine.providers}
         if providers[0] != CPU and providers[0] not in used:
             log.warning("%s was requested but is not usable here; running on %s",
@@ -53,9 +56,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         elif providers == [CPU]:
             log.info("no usable CUDA GPU (or providers=cpu): running on %s", CPU)
         log.info("serving %d model(s), default %s", len(repository.models), repository.default)
-        yield State(settings=settings, repository=repository,
-                    limiter=Limiter(settings.max_concurrency, settings.max_queue),
-                    metrics=metrics)
+        # Every admitted request may be waiting for the compute stream at once.
+        scheduler = Scheduler(
+            lambda name, jobs: pipeline.compute(repository.get(name), jobs),
+            [m.engine.device for m in repository.models.values()],
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            capacity=settings.max_concurrency + settings.max_queue).start()
+        try:
+            state = State(settings=settings, repository=repository,
+                          limiter=Limiter(settings.max_concurrency, settings.max_queue),
+                          metrics=metrics, scheduler=scheduler)
+            async with dimse.listening(settings, app, state):  # the C-STORE SCP, if configured
+                yield state
+        finally:
+            scheduler.close()
 
     app = FastAPI(title="medexplain", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan)

@@ -12,16 +12,12 @@ import base64
 import io
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -31,13 +27,19 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from service.imaging import decode
 from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
+from tests.orthanc_tools import (
+    DEPLOY,
+    ROOT,
+    free_port,
+    get_json,
+    request,
+    require_orthanc,
+    stop,
+    wait_until_up,
+)
+from tests.orthanc_tools import orthanc as run_orthanc
 from tests.outputs import reference as drawing
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy" / "orthanc"
-# Debian installs it in sbin, which is not on every user's PATH.
-ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
-START_TIMEOUT_S = 90.0
 ROUND_TRIP_TIMEOUT_S = 60.0
 
 pytestmark = [pytest.mark.slow]
@@ -45,21 +47,7 @@ pytestmark = [pytest.mark.slow]
 
 @pytest.fixture(autouse=True)
 def _orthanc_installed() -> None:
-    # A real PACS is part of the suite: its absence is a failure, never a silent skip.
-    assert ORTHANC is not None, ("Orthanc is not installed: `bash scripts/system-deps.sh` "
-                                 "(run by `make test`) installs orthanc and orthanc-python")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _request(url: str, data: bytes | None = None, timeout: float = 10.0) -> bytes:
-    request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return bytes(response.read())
+    require_orthanc()
 
 
 def _request_with(url: str, data: bytes, headers: dict[str, str]) -> bytes:
@@ -68,39 +56,12 @@ def _request_with(url: str, data: bytes, headers: dict[str, str]) -> bytes:
         return bytes(response.read())
 
 
-def _get_json(url: str) -> Any:
-    return json.loads(_request(url))
-
-
-def _wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{url} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            _request(url, timeout=2)
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.25)
-    pytest.fail(f"{url} did not come up in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """``medexplain serve`` on a free loopback port, with its log file."""
     if not (ROOT / "models" / "demo-cxr" / "model.onnx").exists():
         pytest.fail("models/demo-cxr/model.onnx is missing (tools/train_demo_model.py)")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("medexplain") / "service.log"
     env = {**os.environ, "MEDEXPLAIN_THREADS": "1", "MEDEXPLAIN_LOG_LEVEL": "debug"}
     with log.open("wb") as out:
@@ -109,43 +70,21 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
              "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(f"{url}/readyz", process, log)
+        wait_until_up(f"{url}/readyz", process, log)
         yield url, log
     finally:
-        _stop(process)
+        stop(process)
 
 
 @pytest.fixture(scope="module")
 def orthanc(service: tuple[str, Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """Orthanc with the bridge pointed at the service, on a free loopback port."""
-    folder = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = json.loads((DEPLOY / "orthanc.json").read_text())
-    config.update({
-        "Name": "medexplain-test",
-        "HttpPort": port,
-        "DicomServerEnabled": False,
-        "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "storage"),
-        "PythonScript": str(DEPLOY / "medexplain_bridge.py"),
-    })
-    assert config["RemoteAccessAllowed"] is False and config["AuthenticationEnabled"] is False
-    plugin = Path(config["Plugins"][0])
-    assert plugin.exists(), f"{plugin} is missing: install the Debian package orthanc-python"
-    (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
-    log = folder / "orthanc.log"
+    config = {"Name": "medexplain-test", "DicomServerEnabled": False,
+              "PythonScript": str(DEPLOY / "medexplain_bridge.py")}
     env = {**os.environ, "MEDEXPLAIN_URL": service[0], "PYTHONDONTWRITEBYTECODE": "1"}
-    with log.open("wb") as out:
-        assert ORTHANC is not None
-        process = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], cwd=folder,
-                                   env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(f"{url}/system", process, log)
-        yield url, log
-    finally:
-        _stop(process)
+    with run_orthanc(tmp_path_factory.mktemp("orthanc"), config, env) as running:
+        yield running
 
 
 def _radiographs() -> list[tuple[str, bytes]]:
@@ -158,7 +97,7 @@ def _radiographs() -> list[tuple[str, bytes]]:
 def _captures(orthanc_url: str, study: str) -> list[str]:
     """Instance IDs of the Secondary Captures in a study."""
     found = []
-    for series in _get_json(f"{orthanc_url}/studies/{study}/series"):
+    for series in get_json(f"{orthanc_url}/studies/{study}/series"):
         if series["MainDicomTags"].get("Modality") == "OT":
             found += series["Instances"]
     return found
@@ -171,7 +110,7 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
     data = dict(_radiographs())[name]
     source = pydicom.dcmread(io.BytesIO(data))
     started = time.monotonic()
-    stored = json.loads(_request(f"{url}/instances", data))
+    stored = json.loads(request(f"{url}/instances", data))
     assert stored["Status"] in ("Success", "AlreadyStored")
     study = stored["ParentStudy"]
 
@@ -184,7 +123,7 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
                       f"{orthanc_log.read_text()[-3000:]}")
 
     (capture,) = captures
-    sc = pydicom.dcmread(io.BytesIO(_request(f"{url}/instances/{capture}/file")))
+    sc = pydicom.dcmread(io.BytesIO(request(f"{url}/instances/{capture}/file")))
     assert sc.SOPClassUID == SecondaryCaptureImageStorage
     assert sc.StudyInstanceUID == source.StudyInstanceUID
     assert sc.SeriesInstanceUID != source.SeriesInstanceUID
@@ -218,7 +157,7 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
     # The bridge skipped its own output: one series more than the source, no more, even a
     # moment later.
     time.sleep(2)
-    series = _get_json(f"{url}/studies/{study}/series")
+    series = get_json(f"{url}/studies/{study}/series")
     assert len(series) == 2
     assert _captures(url, study) == [capture]
 
@@ -231,3 +170,20 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
         if value:
             assert not [line for line in bridge if value in line], keyword
             assert value not in served, keyword
+
+
+def test_an_instance_outside_the_model_rules_is_skipped(orthanc: tuple[str, Path],
+                                                        service: tuple[str, Path]) -> None:
+    url, orthanc_log = orthanc
+    ct = get_testdata_file("CT_small.dcm", download=False)
+    assert ct is not None
+    stored = json.loads(request(f"{url}/instances", Path(ct).read_bytes()))
+    assert stored["Status"] in ("Success", "AlreadyStored")
+    line = f"instance {stored['ID']} skipped: outside the model's modalities"
+    deadline = time.monotonic() + ROUND_TRIP_TIMEOUT_S
+    while line not in orthanc_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert line in orthanc_log.read_text(), orthanc_log.read_text()[-3000:]
+    # Skipped before it was posted: the service never saw it, and the study holds only it.
+    assert "dicom_not_accepted" not in service[1].read_text()
+    assert len(get_json(f"{url}/studies/{stored['ParentStudy']}/series")) == 1

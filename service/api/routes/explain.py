@@ -1,8 +1,10 @@
 """POST /explain and POST /predict.
 
 The route reads the parameters (service.api.request), negotiates the answer's packaging
-once from the Accept header, decodes, computes (service.pipeline: arrays only) and hands
-the result to the chosen output (service.outputs), which writes the body. JSON is the
+once from the Accept header, decodes and preprocesses in the request pool, computes on the
+model's compute stream (batched with other requests; service.pipeline: arrays only) and
+hands the result, back in the pool, to the chosen output (service.outputs), which writes
+the body. JSON is the
 default (also for ``*/*``); ``application/dicom`` and ``multipart/related;
 type="application/dicom"`` answer with the DICOM object the ``dicom`` parameter names.
 """
@@ -15,7 +17,14 @@ from fastapi import APIRouter, Request, Response
 
 from schemas import ExplainResponse, PredictResponse, Problem
 from service import imaging, outputs, pipeline
-from service.api.deps import ApiKey, LimiterDep, MetricsDep, RepositoryDep, SettingsDep
+from service.api.deps import (
+    ApiKey,
+    LimiterDep,
+    MetricsDep,
+    RepositoryDep,
+    SchedulerDep,
+    SettingsDep,
+)
 from service.api.docs import BINARY, ERRORS, upload_operation
 from service.api.negotiation import accept_header, negotiate
 from service.api.request import ExplainParams, PredictParams, read_upload
@@ -23,6 +32,7 @@ from service.config import Settings
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
 from service.models.repository import Served
+from service.models.spec import check_accepted
 from service.outputs.base import DICOM, MULTIPART_DICOM
 from service.outputs.json_maps import predict_response
 
@@ -37,9 +47,12 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
                        "the source study: same Study Instance UID and patient/study "
                        "attributes, a new series, referencing the source instance. With "
                        "Accept: multipart/related; type=\"application/dicom\", one such "
-                       "capture per explanation, all in one new series. With dicom=sr, the "
+                       "capture per explanation, in one new series per method (Series Number "
+                       "9911 + the method's place in the method list). With dicom=sr, the "
                        "DICOM object is instead one Comprehensive 3D SR (TID 1500 Measurement "
-                       "Report) in a new series of the source study: one measurement group "
+                       "Report) in a new series of the source study (Series Number 9930; "
+                       "9931 + the method's place for a one-method report): one measurement "
+                       "group "
                        "per region of every explanation (a closed POLYLINE rectangle on the "
                        "source image: box [x0,y0,x1,y1] as (column,row) points "
                        "(x0,y0),(x1,y0),(x1,y1),(x0,y1),(x0,y0), pixel edges with the top-left "
@@ -78,11 +91,20 @@ def _input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
     return max(s.height for s in specs), max(s.width for s in specs)
 
 
+async def _compute(scheduler: SchedulerDep, model: Served,
+                   job: pipeline.Job) -> pipeline.Computed:
+    """The job computed on its model's stream (the first network's device)."""
+    computed: pipeline.Computed = await scheduler.run(model.name,
+                                                      model.members[0].engine.device, job)
+    return computed
+
+
 @router.post("/explain", response_model=ExplainResponse, responses=EXPLAIN_RESPONSES,
              openapi_extra=upload_operation(ExplainParams),
              summary="Scores for every label and heatmaps explaining the chosen ones")
 async def explain(request: Request, settings: SettingsDep, repository: RepositoryDep,
-                  limiter: LimiterDep, metrics: MetricsDep) -> Response:
+                  limiter: LimiterDep, scheduler: SchedulerDep,
+                  metrics: MetricsDep) -> Response:
     packagings = negotiate(accept_header(request))
     if not packagings:
         raise NotAcceptable(
@@ -96,21 +118,29 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
     first, packaging = candidates[0]
     options = first.options(params, model, packaging)
 
-    def work() -> tuple[Response, pipeline.Result]:
+    def prepare() -> tuple[outputs.Output, outputs.Packaging, pipeline.Job]:
         watch = pipeline.Stopwatch()
         image = _decode(upload.data, upload.media_type, params, settings,
                         None if first.full_resolution else _input_size(model, settings))
         watch.lap("decode")
+        check_accepted(model, image)
         chosen = next(((o, p) for o, p in candidates if o.accepts(image)), None)
         if chosen is None:
             raise NotAcceptable(f"DICOM output needs {first.needs}; this upload is "
                                 f"{image.format}")
         output, used = chosen
         wanted = options if output is first else output.options(params, model, used)
-        result = pipeline.explain(model, image, wanted, watch)
-        return output.render(result, params, used), result
+        return output, used, pipeline.prepare(model, image, wanted, watch)
 
-    answer, result = await limiter.run(work)
+    async with limiter.admit():
+        output, used, job = await limiter.run(prepare)
+        computed = await _compute(scheduler, model, job)
+
+        def render() -> tuple[Response, pipeline.Result]:
+            result = pipeline.finish(model, computed)
+            return output.render(result, params, used), result
+
+        answer, result = await limiter.run(render)
     for m in dict.fromkeys(m.method for m in result.maps):
         metrics.method_latency.labels(model.name, m).observe(result.watch.timings[m] / 1e3)
     return answer
@@ -120,16 +150,20 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
              openapi_extra=upload_operation(PredictParams),
              summary="Scores for every label, no explanation")
 async def predict(request: Request, settings: SettingsDep, repository: RepositoryDep,
-                  limiter: LimiterDep) -> Response:
+                  limiter: LimiterDep, scheduler: SchedulerDep) -> Response:
     upload = await read_upload(request, settings, PredictParams)
     params: PredictParams = upload.params
     model = repository.get(params.model)
 
-    def work() -> Response:
+    def prepare() -> pipeline.Job:
         watch = pipeline.Stopwatch()
         image = _decode(upload.data, upload.media_type, params, settings,
                         _input_size(model, settings))
         watch.lap("decode")
-        return predict_response(pipeline.predict(model, image, watch))
+        check_accepted(model, image)
+        return pipeline.prepare(model, image, None, watch)
 
-    return await limiter.run(work)
+    async with limiter.admit():
+        job = await limiter.run(prepare)
+        computed = await _compute(scheduler, model, job)
+        return await limiter.run(lambda: predict_response(pipeline.finish(model, computed)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from schemas import InputInfo, ModelInfo, ModelsResponse, TargetLayerInfo
+from schemas import AcceptsInfo, InputInfo, ModelInfo, ModelsResponse, TargetLayerInfo
 from service.api.deps import ApiKey, RepositoryDep
 from service.api.docs import ERRORS
 from service.methods import METHODS
@@ -38,7 +38,10 @@ def model_info(model: Served, repository: Repository) -> ModelInfo:
         methods=_methods(model),
         unavailable_methods=model.unavailable,
         execution_providers=list(model.engine.providers),
+        execution_fallback=model.engine.fallback,
         sha256=model.sha256,
+        accepts=AcceptsInfo(**{key: sorted(getattr(config.accepts, key))
+                               for key in AcceptsInfo.model_fields}),
     )
 
 
@@ -59,6 +62,8 @@ def ensemble_info(model: Ensemble, repository: Repository) -> ModelInfo:
         unavailable_methods={name: f"member {m.name}: {reason}" for m in model.members
                              for name, reason in m.unavailable.items()},
         execution_providers=list(dict.fromkeys(providers)),
+        execution_fallback="; ".join(f"member {m.name}: {m.engine.fallback}"
+                                     for m in model.members if m.engine.fallback) or None,
         sha256=model.sha256,
         members=list(model.config.members),
     )
