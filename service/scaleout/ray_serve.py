@@ -75,11 +75,12 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "name": DEPLOYMENT_NAME,
         "ray_actor_options": {"num_cpus": settings.ray_num_cpus,
                               "num_gpus": settings.ray_num_gpus},
-        # A replica is given only what it computes at once; the rest wait in the proxy's
-        # router for the first replica that frees up. Given its whole queue's worth, the
-        # replica on the proxy's own node (which Ray prefers) would hold requests back
-        # while the other replicas idle.
-        "max_ongoing_requests": settings.max_concurrency,
+        # A replica is given what it works on at once: MAX_CONCURRENCY requests decoding
+        # and rendering, or a full batch for its compute stream, whichever is more; the
+        # rest wait in the proxy's router for the first replica with room. Given its
+        # whole queue's worth, the replica on the proxy's own node (which Ray prefers)
+        # would hold requests back while the other replicas idle.
+        "max_ongoing_requests": max(settings.max_concurrency, settings.max_batch_size),
         # Overload as the plain server answers it: beyond MAX_QUEUE waiting (per proxy),
         # 503 with Retry-After: 1, said by Ray's proxy (its body is plain text, not
         # problem+json). Ray has no queue of 0 (MAX_QUEUE=0: no waiting): one is the least.
@@ -101,6 +102,13 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
 
 def application(settings: Settings) -> Application:
     """The Serve application: one deployment, each replica running ``create_app(settings)``."""
+
+    if settings.dicom_port is not None:
+        # Every replica would listen on it (and on one node, all but one would fail to);
+        # Serve routes HTTP only.
+        log.warning("the DICOM C-STORE SCP runs with the plain server only: "
+                    "MEDEXPLAIN_DICOM_PORT is ignored under Ray Serve")
+        settings = settings.model_copy(update={"dicom_port": None})
 
     def build_asgi_app() -> ASGIApp:
         # Runs in the replica: models load there, never in the process that deploys.

@@ -81,7 +81,7 @@ def test_settings_become_deployment_options_ray_accepts() -> None:
     from service.scaleout.ray_serve import deployment_options
 
     fixed = deployment_options(Settings(ray_replicas=3, ray_num_cpus=2, ray_num_gpus=0.5,
-                                        max_concurrency=4, max_queue=10))
+                                        max_concurrency=4, max_queue=10, max_batch_size=1))
     assert fixed == {
         "name": "medexplain",
         "ray_actor_options": {"num_cpus": 2.0, "num_gpus": 0.5},
@@ -94,6 +94,7 @@ def test_settings_become_deployment_options_ray_accepts() -> None:
     scaling = deployment_options(Settings(ray_autoscaling=True, ray_min_replicas=0,
                                           ray_max_replicas=6, ray_target_ongoing_requests=3))
     assert "num_replicas" not in scaling
+    assert scaling["max_ongoing_requests"] == 8  # a full batch (MAX_BATCH_SIZE's default)
     assert scaling["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1,
                                              "max_replicas": 6, "target_ongoing_requests": 3.0}
     assert deployment_options(Settings(max_queue=0))["max_queued_requests"] == 1
