@@ -35,6 +35,11 @@ PHANTOMS = ROOT / "tests" / "data" / "phantoms"
 HOST = "127.0.0.1"
 TIMEOUT_S = 60.0
 LOG_WAIT_S = 15.0
+# The app's settings, here and in the plain server the test compares with. No dynamic
+# batching: requests sent at once would be computed in batches here and alone there, and
+# batched kernels round differently in the last bits (tests/runtime/test_batching.py);
+# computed alone on both sides, every answer must be identical.
+PLAIN_SETTINGS: dict[str, Any] = {"models": ROOT / "models", "threads": 1, "max_batch_size": 1}
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,8 @@ CONCURRENT: list[Call] = (
     [Call("/predict", image) for image in _IMAGES]
     + [Call("/explain", image, {"methods": "gradcam,crm", "heatmap": "npy"})
        for image in _IMAGES[:4]]
-    + [Call("/explain", image, {"methods": "guided_backprop,fixations", "classes": "0,1"})
+    + [Call("/explain", image, {"methods": "guided_backprop,fixations", "classes": "0,1",
+                                "heatmap": "npy"})
        for image in _IMAGES[4:]]
 )
 # What a client gets wrong is answered as by the plain server.
@@ -113,7 +119,7 @@ def run() -> dict[str, Any]:
     try:
         cluster.add_node(num_cpus=1)
         timings["nodes_up_s"] = time.perf_counter() - start
-        settings = Settings(models=ROOT / "models", threads=1, port=_free_port(),
+        settings = Settings(**PLAIN_SETTINGS, port=_free_port(),
                             ray_address=cluster.address, ray_replicas=2, ray_num_cpus=1,
                             ray_proxy_location="HeadOnly", ray_access_log=True)
         ray_serve.start(settings)

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
-from tests.scaleout.ray_cluster import CONCURRENT, ERRORS
+from tests.scaleout.ray_cluster import CONCURRENT, ERRORS, PLAIN_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 # Two nodes up, two replicas compiling the demo model, 18 requests, everything stopped:
@@ -57,7 +57,7 @@ def test_two_replicas_on_two_nodes_answer_as_the_plain_server(tmp_path: Path) ->
     assert len(set(got["nodes"].values())) == 2
     assert {a["replica"] for a in got["concurrent"]} == set(got["nodes"])
 
-    with TestClient(create_app(Settings(models=ROOT / "models", threads=1))) as plain:
+    with TestClient(create_app(Settings(**PLAIN_SETTINGS))) as plain:
         for call, answer in zip(CONCURRENT + ERRORS, got["concurrent"] + got["errors"],
                                 strict=True):
             expected = call.send(plain)
