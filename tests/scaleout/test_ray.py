@@ -21,7 +21,7 @@ from tests.scaleout.ray_cluster import CONCURRENT, ERRORS, PLAIN_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 # Two nodes up, two replicas compiling the demo model, 18 requests, everything stopped:
-# ~20 s on a quiet 2-core machine; the bound is for a busy one.
+# 30-55 s here, on a shared 2-core machine at load averages of 6-12.
 TIMEOUT_S = 240
 
 
@@ -63,9 +63,14 @@ def test_two_replicas_on_two_nodes_answer_as_the_plain_server(tmp_path: Path) ->
             expected = call.send(plain)
             assert answer["status"] == expected.status_code, (call, answer["body"])
             assert _comparable(answer["body"]) == _comparable(expected.json()), call
-            for header in ("content-type", "vary", "retry-after"):
-                assert answer["headers"].get(header) == expected.headers.get(header), header
-            assert answer["headers"]["x-request-id"]  # Ray's proxy: its only addition
+            # The same headers, but for uvicorn's own (the test client has no server) and
+            # Ray's request id; the same values, but for the length (timings_ms varies).
+            headers = {k: v for k, v in answer["headers"].items()
+                       if k not in ("date", "server", "x-request-id")}
+            assert headers.keys() == dict(expected.headers).keys(), call
+            assert {k: v for k, v in headers.items() if k != "content-length"} == \
+                {k: v for k, v in expected.headers.items() if k != "content-length"}, call
+            assert answer["headers"]["x-request-id"]
     assert [a["status"] for a in got["concurrent"]] == [200] * len(CONCURRENT)
     assert [a["status"] for a in got["errors"]] == [404, 422]
 
