@@ -102,7 +102,6 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
 
 def application(settings: Settings) -> Application:
     """The Serve application: one deployment, each replica running ``create_app(settings)``."""
-
     if settings.dicom_port is not None:
         # Every replica would listen on it (and on one node, all but one would fail to);
         # Serve routes HTTP only.
@@ -126,8 +125,9 @@ def build(args: dict[str, str]) -> Application:
     """Application builder for Serve config files: ``service.scaleout.ray_serve:build``.
 
     Settings come from the ``MEDEXPLAIN_*`` variables where the builder runs, then from the
-    config's ``args`` (field names, e.g. ``{"threads": "2"}``). A config's per-deployment
-    ``num_replicas``, ``autoscaling_config`` and ``ray_actor_options`` override these.
+    config's ``args`` (field names, e.g. ``{"threads": "2"}``), replica counts and
+    resources included (``ray_replicas``, ``ray_autoscaling``, ``ray_num_cpus``, ...), so a
+    config file and ``serve --ray`` size the deployment the same way.
     """
     return application(Settings.from_env(**args))
 
