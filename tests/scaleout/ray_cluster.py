@@ -6,7 +6,7 @@ Run by tests/scaleout/test_ray.py inside a network namespace that has only loopb
 (``unshare -n``, then ``ip link set lo up``): Ray binds its control plane to the machine's
 interface address, and there the only one is 127.0.0.1. Each node offers one CPU and each
 replica asks for one, so the two replicas can only start on different nodes. It sends
-``CONCURRENT`` all at once and ``ERRORS`` one by one to Serve's HTTP proxy and writes, per
+``CONCURRENT`` all at once and ``SEQUENTIAL`` one by one to Serve's HTTP proxy and writes, per
 request, the status, the headers, the body and the replica that answered (from the
 replicas' access logs, by the ``X-Request-ID`` the proxy gave the request), and the node
 of every replica. Everything it starts it stops, its Ray folder included: the cluster's
@@ -44,13 +44,16 @@ PLAIN_SETTINGS: dict[str, Any] = {"models": ROOT / "models", "threads": 1, "max_
 
 @dataclass(frozen=True)
 class Call:
-    """One request: a phantom PNG as a multipart upload to ``path``, with form fields."""
+    """One request: a phantom PNG as a multipart upload to ``path``, with form fields;
+    without a phantom, a GET."""
 
     path: str
-    phantom: str
+    phantom: str | None = None
     form: dict[str, str] = field(default_factory=dict)
 
     def send(self, client: httpx.Client) -> httpx.Response:
+        if self.phantom is None:
+            return client.get(self.path)
         files = {"file": (self.phantom, (PHANTOMS / self.phantom).read_bytes(), "image/png")}
         return client.post(self.path, files=files, data=self.form)
 
@@ -67,10 +70,13 @@ CONCURRENT: list[Call] = (
                                 "heatmap": "npy"})
        for image in _IMAGES[4:]]
 )
-# What a client gets wrong is answered as by the plain server.
-ERRORS: list[Call] = [
+# What a client gets wrong, and the other routes, answered as by the plain server.
+SEQUENTIAL: list[Call] = [
     Call("/predict", "nodule.png", {"model": "no-such-model"}),
     Call("/explain", "nodule.png", {"methods": "no-such-method"}),
+    Call("/models/demo-cxr"),
+    Call("/openapi.json"),
+    Call("/"),
 ]
 
 
@@ -81,8 +87,9 @@ def _free_port() -> int:
 
 
 def _answer(response: httpx.Response) -> dict[str, Any]:
+    json_body = "json" in response.headers.get("content-type", "")
     return {"status": response.status_code, "headers": dict(response.headers),
-            "body": response.json()}
+            "body": response.json() if json_body else response.text}
 
 
 def _answered_by(session_dir: Path) -> dict[str, str]:
@@ -132,7 +139,7 @@ def run() -> dict[str, Any]:
         with httpx.Client(base_url=base, timeout=TIMEOUT_S) as client:
             with ThreadPoolExecutor(len(CONCURRENT)) as pool:
                 concurrent = list(pool.map(lambda c: c.send(client), CONCURRENT))
-            errors = [c.send(client) for c in ERRORS]
+            sequential = [c.send(client) for c in SEQUENTIAL]
         timings["answered_s"] = time.perf_counter() - start
         # A replica writes its access-log line once the answer has left: wait for them.
         ids = {r.headers["x-request-id"] for r in concurrent}
@@ -146,7 +153,7 @@ def run() -> dict[str, Any]:
             "nodes": nodes,
             "concurrent": [_answer(r) | {"replica": answered.get(r.headers["x-request-id"])}
                            for r in concurrent],
-            "errors": [_answer(r) for r in errors],
+            "sequential": [_answer(r) for r in sequential],
             "timings": timings,
         }
     finally:
