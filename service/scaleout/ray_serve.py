@@ -76,11 +76,13 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": settings.ray_num_cpus,
                               "num_gpus": settings.ray_num_gpus},
         # A replica is given what it works on at once: MAX_CONCURRENCY requests decoding
-        # and rendering, or a full batch for its compute stream, whichever is more; the
-        # rest wait in the proxy's router for the first replica with room. Given its
-        # whole queue's worth, the replica on the proxy's own node (which Ray prefers)
-        # would hold requests back while the other replicas idle.
-        "max_ongoing_requests": max(settings.max_concurrency, settings.max_batch_size),
+        # and rendering, or a full batch for its compute stream, whichever is more, and
+        # never more than its app admits (MAX_CONCURRENCY + MAX_QUEUE); the rest wait in
+        # the proxy's router for the first replica with room. Given its whole queue's
+        # worth, the replica on the proxy's own node (which Ray prefers) would hold
+        # requests back while the other replicas idle.
+        "max_ongoing_requests": min(max(settings.max_concurrency, settings.max_batch_size),
+                                    settings.max_concurrency + settings.max_queue),
         # Overload as the plain server answers it: beyond MAX_QUEUE waiting (per proxy),
         # 503 with Retry-After: 1, said by Ray's proxy (its body is plain text, not
         # problem+json). Ray has no queue of 0 (MAX_QUEUE=0: no waiting): one is the least.

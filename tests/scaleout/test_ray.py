@@ -106,6 +106,9 @@ def test_settings_become_deployment_options_ray_accepts() -> None:
     assert scaling["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1,
                                              "max_replicas": 6, "target_ongoing_requests": 3.0}
     assert deployment_options(Settings(max_queue=0))["max_queued_requests"] == 1
+    # A full batch, but no more than the app admits.
+    assert deployment_options(Settings(max_concurrency=1, max_queue=2,
+                                       max_batch_size=8))["max_ongoing_requests"] == 3
     for options in (fixed, scaling):
         config = serve.deployment(_Probe, **options)  # Ray validates them here
         assert config.name == "medexplain"
