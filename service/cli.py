@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,25 +17,26 @@ if TYPE_CHECKING:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.main import create_app
-
     try:
         settings = Settings.from_env(host=args.host, port=args.port, models=args.models,
                                      ray_replicas=args.replicas)
     except ValidationError as exc:
-        print(f"medexplain: bad settings: {exc}", file=sys.stderr)
+        print(f"medexplain: bad settings: {exc}", file=sys.stderr)  # values hidden: Settings
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Imported once the settings are known good: a bad setting fails in a moment.
+    from service import logs
+    from service.api.admission import Admission
+    from service.main import create_app
+    from service.server import serve
+
+    logs.configure(settings.log_level, settings.log_format)
     if args.ray:
         return _serve_ray(settings)
     from service.runtime.memory import keep_freed_memory
 
     keep_freed_memory()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level)
+    admission = Admission(settings)
+    serve(create_app(settings, admission=admission), settings, admission)
     return 0
 
 

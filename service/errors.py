@@ -92,6 +92,13 @@ class PayloadTooLarge(ServiceError):
     title = "Payload too large"
 
 
+class DecodeBudgetExceeded(PayloadTooLarge):
+    """Raised when decoding an upload would take more memory than a request may use."""
+
+    code = "decode_budget_exceeded"
+    title = "Image too large to decode"
+
+
 class InvalidParameter(ServiceError):
     """Raised when a request parameter has a bad value."""
 
@@ -151,6 +158,34 @@ class Overloaded(ServiceError):
     def __init__(self, detail: str, retry_after_s: int = 1) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
+
+
+class Draining(Overloaded):
+    """Raised for new work while the service drains before it stops (SIGTERM)."""
+
+    code = "draining"
+    title = "Service draining"
+
+
+class ComputeTimeout(Overloaded):
+    """Raised when a request's queueing and compute outlast the request timeout."""
+
+    code = "compute_timeout"
+    title = "Request timed out"
+
+
+class BodyTimeout(ServiceError):
+    """Raised when a client sends its body slower than the minimum rate."""
+
+    code = "body_timeout"
+    title = "Request body too slow"
+
+
+class ModelUnavailable(ServiceError):
+    """Raised when the requested model failed to load; the other models still serve."""
+
+    code = "model_unavailable"
+    title = "Model unavailable"
 
 
 class DeliveryError(ServiceError):

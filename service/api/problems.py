@@ -27,6 +27,8 @@ STATUS: tuple[tuple[type[errors.ServiceError], int], ...] = (
     (errors.UnknownModel, 404),
     (errors.Unauthorized, 401),
     (errors.Overloaded, 503),
+    (errors.ModelUnavailable, 503),
+    (errors.BodyTimeout, 408),
 )
 
 
@@ -44,16 +46,20 @@ def problem(status: int, title: str, detail: str, code: str,
                         headers=headers)
 
 
-async def _service_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, errors.ServiceError)
-    status = status_of(exc)
+def response_for(exc: errors.ServiceError) -> JSONResponse:
+    """The problem+json answer to ``exc``, with the headers its status calls for."""
     headers = None
     if isinstance(exc, errors.Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, errors.Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="medexplain"'}
-    log.info("%s %s -> %d %s", request.method, request.url.path, status, exc.code)
-    return problem(status, exc.title, exc.detail, exc.code, headers)
+    return problem(status_of(exc), exc.title, exc.detail, exc.code, headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.ServiceError)
+    log.info("%s %s -> %d %s", request.method, _route(request), status_of(exc), exc.code)
+    return response_for(exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -73,20 +79,19 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
                    f"{exc.detail}", code, dict(exc.headers or {}))
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # The message may quote input data; log only the type and where it was raised.
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
-    log.error("unhandled %s at %s for %s %s", type(exc).__name__, where, request.method,
-              request.url.path)
+def internal_error() -> JSONResponse:
+    """The answer to a failure no handler knows: nothing about it reaches the client."""
     return problem(500, "Internal error", "the service failed to process the request",
                    "internal_error")
+
+
+def _route(request: Request) -> str:
+    """The route's template (``/models/{name}``): the path itself may carry client values."""
+    return str(getattr(request.scope.get("route"), "path", "unmatched"))
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    # Anything else is contained by service.api.request_id, which answers internal_error().
