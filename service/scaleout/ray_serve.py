@@ -2,10 +2,11 @@
 
 Each replica builds the app with :func:`service.main.create_app`, runs its lifespan (load
 the models, compile the graphs) and answers through it, so every route, parameter, error
-and header is the plain server's; Ray Serve's proxy adds its ``X-Request-ID``, and it
-answers overload itself (503 with Retry-After, as the plain server does, in plain text).
-The service keeps no state between requests, so any replica can answer any request; each
-replica keeps its own metrics, so ``GET /metrics`` is the answering replica's.
+and header is the plain server's. ``X-Request-ID`` is said once, by Ray Serve's proxy: the
+id it gave the request, which the app logs with. The proxy answers overload itself (503
+with Retry-After, as the plain server does, but in plain text). The service keeps no state
+between requests, so any replica can answer any request; each replica keeps its own
+metrics, so ``GET /metrics`` is the answering replica's.
 
 Three ways in, one deployment:
 
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import serve
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 
@@ -38,6 +39,8 @@ APP_NAME = "medexplain"
 DEPLOYMENT_NAME = "medexplain"
 # The plain server's Retry-After on overload (service.runtime.worker.Limiter).
 OVERLOAD_RETRY_AFTER_S = 1
+# The header the app (service.api.request_id) and Ray Serve's proxy answer the id in.
+REQUEST_ID_HEADER = b"x-request-id"
 
 # Request bodies (radiographs, tens of MB) cross from the proxy to a replica through Ray's
 # object store. Spilling it to disk under memory pressure would write uploads to disk;
@@ -67,6 +70,31 @@ class LifespanState:
             # A shallow copy per request, like uvicorn: a request may add to its own state.
             scope["state"] = dict(self.state)
         await self.app(scope, receive, send)
+
+
+class ProxyRequestId:
+    """Leaves the ``X-Request-ID`` answer header to Ray Serve's proxy, which always adds it.
+
+    The proxy gives every request an id (the client's, else a new one) in the request's
+    headers before it reaches a replica, and appends it to the answer; the app takes the
+    same id for its log lines and answers it too, so without this the header came twice.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [
+                    (k, v) for k, v in message.get("headers", ()) if k != REQUEST_ID_HEADER]}
+            await send(message)
+
+        await self.app(scope, receive, send_without_id)
 
 
 def deployment_options(settings: Settings) -> dict[str, Any]:
@@ -117,7 +145,7 @@ def application(settings: Settings) -> Application:
         from service.runtime.memory import keep_freed_memory
 
         keep_freed_memory()  # the replica is the serving process, as `serve` tunes its own
-        return LifespanState(create_app(settings))
+        return ProxyRequestId(LifespanState(create_app(settings)))
 
     ingress = serve.ingress(build_asgi_app)()
     return serve.deployment(ingress, **deployment_options(settings)).bind()
@@ -174,5 +202,5 @@ def serve_forever(settings: Settings) -> int:
     return 0
 
 
-__all__ = ["APP_NAME", "LifespanState", "application", "build", "deployment_options",
-           "serve_forever", "start"]
+__all__ = ["APP_NAME", "LifespanState", "ProxyRequestId", "application", "build",
+           "deployment_options", "serve_forever", "start"]

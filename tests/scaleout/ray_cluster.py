@@ -89,6 +89,7 @@ def _free_port() -> int:
 def _answer(response: httpx.Response) -> dict[str, Any]:
     json_body = "json" in response.headers.get("content-type", "")
     return {"status": response.status_code, "headers": dict(response.headers),
+            "request_ids": response.headers.get_list("x-request-id"),
             "body": response.json() if json_body else response.text}
 
 
