@@ -93,13 +93,13 @@ def _answer(response: httpx.Response) -> dict[str, Any]:
             "body": response.json() if json_body else response.text}
 
 
-def _answered_by(session_dir: Path) -> dict[str, str]:
+def _answered_by(ray_dir: Path) -> dict[str, str]:
     """request id → replica id, from the replicas' access logs.
 
     A line reads ``INFO <time> medexplain_medexplain <replica> <request id> -- POST / 200 ..``.
     """
     answered: dict[str, str] = {}
-    for log in (session_dir / "logs" / "serve").glob("replica_*.log"):
+    for log in (ray_dir / "logs" / "serve").glob("replica_*.log"):
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
             words = line.split()
             if "--" in words and words.index("--") >= 3:
@@ -144,9 +144,9 @@ def run() -> dict[str, Any]:
         timings["answered_s"] = time.perf_counter() - start
         # A replica writes its access-log line once the answer has left: wait for them.
         ids = {r.headers["x-request-id"] for r in concurrent}
-        session = Path(cluster.head_node.get_session_dir_path())
+        ray_dir = Path(cluster.head_node.get_session_dir_path())
         deadline = time.monotonic() + LOG_WAIT_S
-        while not ids <= (answered := _answered_by(session)).keys():
+        while not ids <= (answered := _answered_by(ray_dir)).keys():
             if time.monotonic() > deadline:
                 break
             time.sleep(0.1)
