@@ -182,7 +182,8 @@ def inside(args: argparse.Namespace) -> int:
     haproxy_env = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy_dir / "haproxy.cfg"),
                    "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy_dir / "admin.sock"),
                    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy_dir),
-                   "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy_dir / "server-state")}
+                   "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy_dir / "server-state"),
+                   "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(haproxy_dir / "metrics.sock")}
     servers = [http.Server("plain", ROOT, args.port_base)]
     servers += [http.Server(f"ray {ingress}", ROOT, args.port_base + 1 + i)
                 for i, ingress in enumerate(args.ingress)]
