@@ -10,7 +10,8 @@
 // densities). Their regions come from the map's local energy (σ = 2 % of the grid's
 // diagonal) and their pictures show its local magnitude (σ = 1 %); CAM-type maps are used
 // as they are. tests/api/test_demo_page.py keeps this in step with service/methods.
-export const INPUT_GRID_METHODS = new Set(["guided_backprop", "guided_gradcam", "fixations"]);
+export const INPUT_GRID_METHODS = new Set(["guided_backprop", "guided_gradcam", "fixations",
+  "fixations_summed"]);
 export const MAX_REGIONS = 10;
 
 /** base64 → bytes. */

@@ -7,6 +7,7 @@ const METHOD_NAMES = {
   guided_backprop: "Guided backprop",
   guided_gradcam: "Guided Grad-CAM",
   fixations: "CNN Fixations",
+  fixations_summed: "CNN Fixations, class-discriminative",
 };
 
 export const methodName = (key) => METHOD_NAMES[key] || key;

@@ -16,6 +16,7 @@ shutdown kills every process of both nodes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sys
@@ -122,6 +123,10 @@ def run() -> dict[str, Any]:
     start = time.perf_counter()
     # Short, ours, removed at the end: Ray's sockets live under it (paths ≤ 107 bytes).
     temp = tempfile.mkdtemp(prefix="mxray-")
+    # Ray also writes the cluster's address under RAY_TMPDIR (default /tmp), in a "ray"
+    # folder it does not create when the session lives elsewhere: keep that ours as well.
+    os.environ["RAY_TMPDIR"] = temp
+    os.makedirs(os.path.join(temp, "ray"))
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "temp_dir": temp, "_system_config": ray_serve.LOCAL_SYSTEM_CONFIG})
     try:
