@@ -8,13 +8,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
 from service import __version__
-from service.api import problems
+from service.api import docs, problems
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
-from service.api.routes import explain, health, models
+from service.api.routes import explain, health, kserve, models, oip
 from service.config import Settings, get_settings
 from service.graph.cache import CompileCache
 from service.models.repository import load_repository
@@ -57,12 +58,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     limiter=Limiter(settings.max_concurrency, settings.max_queue),
                     metrics=metrics)
 
+    # The docs pages are docs.install_docs's: FastAPI's own load their scripts from a CDN.
     app = FastAPI(title="medexplain", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None,
+                  generate_unique_id_function=docs.operation_id)
+    app.openapi = lambda: docs.openapi_document(app)  # type: ignore[method-assign]
     problems.install(app)
     app.include_router(explain.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(kserve.router)
+    app.include_router(oip.router)
+    docs.install_docs(app)
 
     demo_page = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
 
@@ -72,4 +79,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return HTMLResponse(demo_page)
 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:
+        # Outermost, so that preflights are answered before anything else runs; off unless
+        # configured: without these headers browsers keep other origins' pages out.
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Accept", "Authorization", "Content-Type",
+                                          "X-API-Key", "Inference-Header-Content-Length"],
+                           expose_headers=["Retry-After", "Inference-Header-Content-Length"])
     return app

@@ -108,14 +108,18 @@ class Stopwatch:
 
 
 def forward(model: LoadedModel, image: DecodedImage, watch: Stopwatch,
-            guided_classes: Sequence[int] = ()) -> Forward:
+            guided_classes: Sequence[int] = (), model_input: ModelInput | None = None
+            ) -> Forward:
     """Preprocess and run the network once.
 
     With ``guided_classes``, the forward pass is the guided-backprop graph's, seeded for
     those classes' logits, so the guided maps come with it at no extra forward pass.
+    ``model_input``, when given, is the network input already built (a client's
+    preprocessed tensor): it is used as it is instead of preprocessing ``image``.
     """
     spec = model.config.input
-    model_input = to_model_input(image, spec)
+    if model_input is None:
+        model_input = to_model_input(image, spec)
     watch.lap("preprocess")
     engine = model.engine
     prefetched: dict[bytes, np.ndarray] = {}
@@ -171,9 +175,11 @@ def _fixations_fn(model: LoadedModel, model_input: ModelInput):  # type: ignore[
     return fixations
 
 
-def predict(model: Served, image: DecodedImage, watch: Stopwatch) -> Result:
-    """Scores only: one forward pass per network."""
-    fwds = [forward(m, image, watch) for m in model.members]
+def predict(model: Served, image: DecodedImage, watch: Stopwatch,
+            model_input: ModelInput | None = None) -> Result:
+    """Scores only: one forward pass per network (``model_input``: see :func:`forward`)."""
+    fwds = [forward(m, image, watch, model_input=_single(model, model_input))
+            for m in model.members]
     return Result(model, image, model.combine_scores([f.scores for f in fwds]),
                   fwds[0].model_input.image01, (), watch)
 
@@ -213,9 +219,10 @@ def resolve_classes(labels: Sequence[str], requested: Sequence[str] | None,
 
 
 def explain(model: Served, image: DecodedImage, options: ExplainOptions,
-            watch: Stopwatch) -> Result:
+            watch: Stopwatch, model_input: ModelInput | None = None) -> Result:
     """Scores and maps of one image, as arrays; for an ensemble, every member runs and the
-    results are combined by ``model.combine_scores`` / ``model.combine_maps``."""
+    results are combined by ``model.combine_scores`` / ``model.combine_maps``
+    (``model_input``: see :func:`forward`)."""
     methods = [get_method(name) for name in options.methods]
     for member in model.members:
         for name in options.methods:
@@ -227,7 +234,8 @@ def explain(model: Served, image: DecodedImage, options: ExplainOptions,
     known = (resolve_classes(labels, options.classes, None, options.score_threshold)
              if options.classes and options.target is Target.LOGIT
              and any(m.needs_guided for m in methods) else [])
-    fwds = [forward(m, image, watch, guided_classes=known) for m in model.members]
+    fwds = [forward(m, image, watch, guided_classes=known,
+                    model_input=_single(model, model_input)) for m in model.members]
     scores = model.combine_scores([f.scores for f in fwds])
     classes = known or resolve_classes(labels, options.classes, scores,
                                        options.score_threshold)
@@ -247,6 +255,13 @@ def explain(model: Served, image: DecodedImage, options: ExplainOptions,
             ))
         watch.lap(method.name)
     return Result(model, image, scores, fwds[0].model_input.image01, tuple(maps), watch)
+
+
+def _single(model: Served, model_input: ModelInput | None) -> ModelInput | None:
+    """A ready network input fits one network: each ensemble member has its own input."""
+    if model_input is not None and len(model.members) > 1:
+        raise ValueError(f"ensemble {model.name!r} takes images, not one network's input")
+    return model_input
 
 
 def _to_image(points: np.ndarray, image: DecodedImage,

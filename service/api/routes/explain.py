@@ -5,6 +5,8 @@ once from the Accept header, decodes, computes (service.pipeline: arrays only) a
 the result to the chosen output (service.outputs), which writes the body. JSON is the
 default (also for ``*/*``); ``application/dicom`` and ``multipart/related;
 type="application/dicom"`` answer with the DICOM object the ``dicom`` parameter names.
+POST /explain/dicom is the same computation answering DICOM only (its own OpenAPI
+operation, so that generated clients take its answer as bytes).
 """
 
 from __future__ import annotations
@@ -17,55 +19,66 @@ from schemas import ExplainResponse, PredictResponse, Problem
 from service import imaging, outputs, pipeline
 from service.api.deps import ApiKey, LimiterDep, MetricsDep, RepositoryDep, SettingsDep
 from service.api.docs import BINARY, ERRORS, upload_operation
+from service.api.metrics import Metrics, label_model
 from service.api.negotiation import accept_header, negotiate
 from service.api.request import ExplainParams, PredictParams, read_upload
 from service.config import Settings
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
-from service.models.repository import Served
-from service.outputs.base import DICOM, MULTIPART_DICOM
+from service.models.repository import Repository, Served
+from service.runtime.worker import Limiter
+from service.outputs.base import DICOM, MULTIPART_DICOM, Packaging
 from service.outputs.json_maps import predict_response
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 
+DICOM_DESCRIPTION = (
+    "With Accept: application/dicom (the default here), one DICOM Secondary Capture (RGB: "
+    "the first explanation's map over the image, with a caption and colour bar) in the "
+    "source study: same Study Instance UID and patient/study attributes, a new series, "
+    "referencing the source instance. With Accept: multipart/related; "
+    "type=\"application/dicom\", one such capture per explanation, all in one new series. "
+    "With dicom=sr, the DICOM object is instead one Comprehensive 3D SR (TID 1500 "
+    "Measurement Report) in a new series of the source study: one measurement group per "
+    "region of every explanation (a closed POLYLINE rectangle on the source image: box "
+    "[x0,y0,x1,y1] as (column,row) points (x0,y0),(x1,y0),(x1,y1),(x0,y1),(x0,y0), pixel "
+    "edges with the top-left pixel centre at (0.5,0.5)), the label's score and the region's "
+    "peak score (UCUM 1), labels and methods coded in 99MEDEXPLAIN, the model as algorithm "
+    "identification; the whole body for application/dicom, the only part for "
+    "multipart/related. DICOM output needs a DICOM upload; heatmap and size do not apply "
+    "to it.")
+
+NOT_ACCEPTABLE: dict[str, Any] = {
+    "model": Problem, "description": "the Accept header allows no representation "
+                                     "(not_acceptable); DICOM output for a PNG/JPEG upload "
+                                     "or a DICOM without valid UIDs (Study, SOP Instance; "
+                                     "dicom=sr: Series too)",
+    "content": {"application/problem+json": {}}}
+
 EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
-    200: {
-        "description": "JSON by default (no Accept, */*, application/json). With Accept: "
-                       "application/dicom, one DICOM Secondary Capture (RGB: the first "
-                       "explanation's map over the image, with a caption and colour bar) in "
-                       "the source study: same Study Instance UID and patient/study "
-                       "attributes, a new series, referencing the source instance. With "
-                       "Accept: multipart/related; type=\"application/dicom\", one such "
-                       "capture per explanation, all in one new series. With dicom=sr, the "
-                       "DICOM object is instead one Comprehensive 3D SR (TID 1500 Measurement "
-                       "Report) in a new series of the source study: one measurement group "
-                       "per region of every explanation (a closed POLYLINE rectangle on the "
-                       "source image: box [x0,y0,x1,y1] as (column,row) points "
-                       "(x0,y0),(x1,y0),(x1,y1),(x0,y1),(x0,y0), pixel edges with the top-left "
-                       "pixel centre at (0.5,0.5)), the label's score and the region's peak "
-                       "score (UCUM 1), labels and methods coded in 99MEDEXPLAIN, the model as "
-                       "algorithm identification; the whole body for application/dicom, the "
-                       "only part for multipart/related. DICOM output needs a DICOM upload; "
-                       "heatmap and size do not apply to it.",
-        "content": {DICOM: BINARY, MULTIPART_DICOM: BINARY},
-    },
-    406: {"model": Problem, "description": "the Accept header allows no representation "
-                                           "(not_acceptable); DICOM output for a PNG/JPEG "
-                                           "upload or a DICOM without valid UIDs (Study, "
-                                           "SOP Instance; dicom=sr: Series too)",
-          "content": {"application/problem+json": {}}},
+    200: {"description": "JSON (no Accept, */*, application/json). The same request "
+                         "answers DICOM with Accept: application/dicom or multipart/related; "
+                         "type=\"application/dicom\": see POST /explain/dicom, which "
+                         "documents those answers."},
+    406: NOT_ACCEPTABLE,
+}
+
+EXPLAIN_DICOM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    200: {"description": DICOM_DESCRIPTION, "content": {DICOM: BINARY, MULTIPART_DICOM: BINARY}},
+    406: NOT_ACCEPTABLE,
 }
 
 
-def _decode(data: bytes, media_type: str | None, params: PredictParams,
+def decode_upload(data: bytes, media_type: str | None, params: PredictParams,
             settings: Settings, min_size: tuple[int, int] | None) -> DecodedImage:
     return imaging.decode(data, media_type, frame=params.frame, window=params.window,
                           max_pixels=settings.max_pixels, max_frames=settings.max_frames,
                           min_size=min_size)
 
 
-def _input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
+def input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
     """(height, width) the pixels are needed at: the largest input of the model's networks,
     when reduced-resolution JPEG 2000 decoding is enabled; else None (full resolution).
 
@@ -87,9 +100,30 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
     if not packagings:
         raise NotAcceptable(
             f"the Accept header allows none of application/json, {DICOM}, {MULTIPART_DICOM}")
+    return await _explain(request, packagings, settings, repository, limiter, metrics)
+
+
+@router.post("/explain/dicom", response_class=Response, responses=EXPLAIN_DICOM_RESPONSES,
+             openapi_extra=upload_operation(ExplainParams),
+             summary="/explain answering DICOM: a Secondary Capture or a Structured Report "
+                     "in the source study")
+async def explain_dicom(request: Request, settings: SettingsDep, repository: RepositoryDep,
+                        limiter: LimiterDep, metrics: MetricsDep) -> Response:
+    # Its own operation, so that generated clients take the answer as bytes, not JSON.
+    accept = accept_header(request)
+    packagings = [p for p in negotiate(accept if accept and accept.strip() else DICOM)
+                  if p is not Packaging.JSON]
+    if not packagings:
+        raise NotAcceptable(f"the Accept header allows none of {DICOM}, {MULTIPART_DICOM}")
+    return await _explain(request, packagings, settings, repository, limiter, metrics)
+
+
+async def _explain(request: Request, packagings: list[Packaging], settings: Settings,
+                   repository: Repository, limiter: Limiter, metrics: Metrics) -> Response:
     upload = await read_upload(request, settings, ExplainParams)
     params: ExplainParams = upload.params
     model = repository.get(params.model)
+    label_model(request, model.name)
     # Best first; an output that cannot answer for this upload (DICOM for a PNG) gives way
     # to the next one the client accepts.
     candidates = [(outputs.for_packaging(p, params.dicom), p) for p in packagings]
@@ -98,8 +132,8 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
 
     def work() -> tuple[Response, pipeline.Result]:
         watch = pipeline.Stopwatch()
-        image = _decode(upload.data, upload.media_type, params, settings,
-                        None if first.full_resolution else _input_size(model, settings))
+        image = decode_upload(upload.data, upload.media_type, params, settings,
+                        None if first.full_resolution else input_size(model, settings))
         watch.lap("decode")
         chosen = next(((o, p) for o, p in candidates if o.accepts(image)), None)
         if chosen is None:
@@ -124,11 +158,12 @@ async def predict(request: Request, settings: SettingsDep, repository: Repositor
     upload = await read_upload(request, settings, PredictParams)
     params: PredictParams = upload.params
     model = repository.get(params.model)
+    label_model(request, model.name)
 
     def work() -> Response:
         watch = pipeline.Stopwatch()
-        image = _decode(upload.data, upload.media_type, params, settings,
-                        _input_size(model, settings))
+        image = decode_upload(upload.data, upload.media_type, params, settings,
+                        input_size(model, settings))
         watch.lap("decode")
         return predict_response(pipeline.predict(model, image, watch))
 

@@ -1,0 +1,168 @@
+"""KServe V1 (TensorFlow Serving's REST API with KServe's ``:explain`` verb), over the
+pipeline that serves /predict and /explain.
+
+Images travel as TF-Serving and KServe image models take them:
+``{"instances": [{"image_bytes": {"b64": "<base64 DICOM, PNG or JPEG>"}}, ...]}`` (or the
+bare ``{"b64": ...}``). ``:predict`` answers, per instance, the body /predict answers for
+that image; ``:explain`` adds, per instance, the body /explain answers. The other
+parameters are /predict's and /explain's, as query parameters.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+
+from schemas.protocols import (
+    V1ExplainResponse,
+    V1ModelReady,
+    V1ModelsResponse,
+    V1PredictResponse,
+    V1Request,
+)
+from service import outputs, pipeline
+from service.api.body import read_body
+from service.api.deps import ApiKey, LimiterDep, RepositoryDep, SettingsDep
+from service.api.docs import ERRORS, body_schema
+from service.api.metrics import label_model
+from service.api.problems import ProtocolRoute
+from service.api.request import ExplainParams, PredictParams, parameter_schemas, parse_params
+from service.api.routes.explain import decode_upload, input_size
+from service.config import Settings
+from service.errors import InvalidInferenceRequest, InvalidParameter
+from service.outputs.base import JSON, Packaging
+from service.outputs.json_maps import predict_response
+
+router = APIRouter(prefix="/v1/models", tags=["kserve-v1"], route_class=ProtocolRoute,
+                   dependencies=[ApiKey])
+
+# The model is the path's; the DICOM object belongs to /explain's DICOM answers.
+_NOT_HERE = frozenset({"model", "dicom"})
+
+
+def _request_body(kind: type[PredictParams]) -> dict[str, Any]:
+    """``openapi_extra``: the instances body and ``kind``'s parameters as query parameters."""
+    return {
+        "parameters": [{"name": n, "in": "query", "required": False, "schema": s}
+                       for n, s in parameter_schemas(kind).items() if n not in _NOT_HERE],
+        "requestBody": {"required": True, "content": {
+            JSON: {"schema": body_schema(V1Request)}}},
+    }
+
+
+@router.get("", response_model=V1ModelsResponse, summary="Served models (KServe V1)")
+async def v1_list_models(repository: RepositoryDep) -> V1ModelsResponse:
+    return V1ModelsResponse(models=list(repository.served))
+
+
+@router.get("/{name}", response_model=V1ModelReady, responses={404: ERRORS[404]},
+            summary="One model is ready (KServe V1)")
+async def v1_model_ready(name: str, request: Request,
+                         repository: RepositoryDep) -> V1ModelReady:
+    model = repository.get(name)
+    label_model(request, model.name)
+    return V1ModelReady(name=model.name, ready=True)
+
+
+@router.post("/{name}:predict", response_model=V1PredictResponse, responses=ERRORS,
+             openapi_extra=_request_body(PredictParams),
+             summary="Scores for every label of each instance (KServe V1)")
+async def v1_predict(name: str, request: Request, settings: SettingsDep,
+                     repository: RepositoryDep, limiter: LimiterDep) -> Response:
+    model = repository.get(name)
+    label_model(request, model.name)
+    images = await _instances(request, settings)
+    params: PredictParams = _params(request, PredictParams)
+
+    def work() -> list[bytes]:
+        bodies = []
+        for data in images:
+            watch = pipeline.Stopwatch()
+            image = decode_upload(data, None, params, settings, input_size(model, settings))
+            watch.lap("decode")
+            bodies.append(bytes(predict_response(pipeline.predict(model, image, watch)).body))
+        return bodies
+
+    return _compose({"predictions": await limiter.run(work)})
+
+
+@router.post("/{name}:explain", response_model=V1ExplainResponse, responses=ERRORS,
+             openapi_extra=_request_body(ExplainParams),
+             summary="Scores and heatmaps of each instance (KServe V1)")
+async def v1_explain(name: str, request: Request, settings: SettingsDep,
+                     repository: RepositoryDep, limiter: LimiterDep) -> Response:
+    model = repository.get(name)
+    label_model(request, model.name)
+    images = await _instances(request, settings)
+    params: ExplainParams = _params(request, ExplainParams)
+    output = outputs.JSON_OUTPUT
+    options = output.options(params, model, Packaging.JSON)
+
+    def work() -> tuple[list[bytes], list[bytes]]:
+        predictions, explanations = [], []
+        for data in images:
+            watch = pipeline.Stopwatch()
+            image = decode_upload(data, None, params, settings, input_size(model, settings))
+            watch.lap("decode")
+            result = pipeline.explain(model, image, options, watch)
+            explanations.append(bytes(output.render(result, params, Packaging.JSON).body))
+            predictions.append(bytes(predict_response(result).body))
+        return predictions, explanations
+
+    predictions, explanations = await limiter.run(work)
+    return _compose({"predictions": predictions, "explanations": explanations})
+
+
+async def _instances(request: Request, settings: Settings) -> list[bytes]:
+    """The images of the instances body.
+
+    Raises:
+        InvalidInferenceRequest: not the instances JSON, bad base64, too many instances.
+        PayloadTooLarge: a body over the upload limit.
+    """
+    body = await read_body(request, settings.max_upload_bytes)
+    try:
+        parsed = V1Request.model_validate_json(body)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        raise InvalidInferenceRequest(
+            'the body is not {"instances": [{"image_bytes": {"b64": "..."}}, ...]}: '
+            f"{where}: {error['msg']}") from None
+    if not parsed.instances:
+        raise InvalidInferenceRequest("instances is empty: give at least one image")
+    if len(parsed.instances) > settings.max_instances:
+        raise InvalidInferenceRequest(f"{len(parsed.instances)} instances; the limit is "
+                                      f"{settings.max_instances} per request")
+    images = []
+    for i, instance in enumerate(parsed.instances):
+        text = instance.image_bytes.b64 if instance.image_bytes is not None else instance.b64
+        if text is None or (instance.image_bytes is not None and instance.b64 is not None):
+            raise InvalidInferenceRequest(f"instances[{i}] holds one image: "
+                                          '{"image_bytes": {"b64": "..."}} or {"b64": "..."}')
+        try:
+            images.append(base64.b64decode(text, validate=True))
+        except binascii.Error as exc:
+            raise InvalidInferenceRequest(f"instances[{i}] is not valid base64") from exc
+    return images
+
+
+def _params(request: Request, kind: type[PredictParams]) -> Any:
+    pairs = list(request.query_params.multi_items())
+    for name, _ in pairs:
+        if name in _NOT_HERE:
+            raise InvalidParameter(f"parameter {name!r} does not apply here (the model is "
+                                   "the path's; DICOM answers are /explain's)")
+    return parse_params(kind, pairs)
+
+
+def _compose(lists: dict[str, list[bytes]]) -> Response:
+    """A JSON object of lists of already written JSON bodies: each instance's body is
+    byte for byte what /predict or /explain answers, with no second encoding pass."""
+    parts = [b'"' + key.encode() + b'":[' + b",".join(items) + b"]"
+             for key, items in lists.items()]
+    return Response(b"{" + b",".join(parts) + b"}", media_type=JSON)
