@@ -18,7 +18,7 @@ from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import explain, health, kserve, models, oip
 from service.config import Settings, get_settings
 from service.graph.cache import CompileCache
-from service.models.repository import load_repository
+from service.models.repository import Repository, load_repository
 from service.runtime.sessions import CPU, requested_providers
 from service.runtime.worker import Limiter
 
@@ -34,6 +34,23 @@ demonstrates the pipeline and is **not for diagnosis**.
 """
 
 
+def open_repository(settings: Settings) -> Repository:
+    """Load and compile the configured models (the service's lifespan, the CLI's explain)."""
+    providers = requested_providers(settings.providers)
+    repository = load_repository(settings.models, default=settings.default_model,
+                                 providers=providers, threads=settings.threads,
+                                 head_batch=settings.head_batch,
+                                 cache=(CompileCache(settings.compile_cache)
+                                        if settings.compile_cache else None))
+    used = {p for m in repository.models.values() for p in m.engine.providers}
+    if providers[0] != CPU and providers[0] not in used:
+        log.warning("%s was requested but is not usable here; running on %s",
+                    providers[0], CPU)
+    elif providers == [CPU]:
+        log.info("no usable CUDA GPU (or providers=cpu): running on %s", CPU)
+    return repository
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models load and compile once, in the lifespan."""
     settings = settings or get_settings()
@@ -41,18 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        providers = requested_providers(settings.providers)
-        repository = load_repository(settings.models, default=settings.default_model,
-                                     providers=providers, threads=settings.threads,
-                                     head_batch=settings.head_batch,
-                                     cache=(CompileCache(settings.compile_cache)
-                                            if settings.compile_cache else None))
-        used = {p for m in repository.models.values() for p in m.engine.providers}
-        if providers[0] != CPU and providers[0] not in used:
-            log.warning("%s was requested but is not usable here; running on %s",
-                        providers[0], CPU)
-        elif providers == [CPU]:
-            log.info("no usable CUDA GPU (or providers=cpu): running on %s", CPU)
+        repository = open_repository(settings)
         log.info("serving %d model(s), default %s", len(repository.models), repository.default)
         yield State(settings=settings, repository=repository,
                     limiter=Limiter(settings.max_concurrency, settings.max_queue),
