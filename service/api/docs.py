@@ -34,7 +34,10 @@ def upload_operation(kind: type[PredictParams]) -> dict[str, Any]:
     params = parameter_schemas(kind)
     form_props: dict[str, Any] = {"file": {"type": "string", "format": "binary",
                                            "description": "DICOM, PNG or JPEG"}}
-    form_props.update(params)
+    # No defaults on the form fields: generators fill in a declared default and send it,
+    # and with the query parameter's default also sent, the parameter would come twice.
+    form_props.update({name: {k: v for k, v in schema.items() if k != "default"}
+                       for name, schema in params.items()})
     return {
         "parameters": [
             {"name": n, "in": "query", "required": False, "schema": schema}
@@ -163,10 +166,10 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=_COMPONENTS)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-    document["components"]["schemas"] = dict(sorted(schemas.items()))
     text = json.dumps(document["paths"])
     for unused in ("HTTPValidationError", "ValidationError"):
         if unused in schemas and f"/{unused}\"" not in text:
             del schemas[unused]
+    document["components"]["schemas"] = dict(sorted(schemas.items()))
     app.openapi_schema = document
     return document
