@@ -76,13 +76,15 @@ def test_explain_equals_explain(server: str) -> None:
      r"instances\[0\] is not valid base64"),
     (json.dumps({"instances": [{"b64": "aGVsbG8="}] * 4}).encode(), {}, 400,
      "4 instances; the limit is 3"),
+    (json.dumps({"instances": [{"b64": "aA=="}] * 10_000}).encode(), {}, 400,
+     "more than 3 instances; the limit is that per request"),
     (json.dumps({"instances": [{"b64": "aGVsbG8="}]}).encode(), {}, 415,
      "the bytes are not PNG, JPEG or DICOM"),
     (json.dumps({"instances": [{"b64": "aGVsbG8="}]}).encode(), {"model": "x"}, 422,
      "parameter 'model' does not apply here"),
     (json.dumps({"instances": [{"b64": "aGVsbG8="}]}).encode(), {"methods": "nope"}, 422,
      "unknown method 'nope'"),
-], ids=["not-json", "empty", "bad-base64", "too-many", "not-an-image", "model-param",
+], ids=["not-json", "empty", "bad-base64", "too-many", "flood", "not-an-image", "model-param",
         "unknown-method"])
 def test_bad_requests(server: str, body: bytes, params: dict[str, str], status: int,
                       message: str) -> None:

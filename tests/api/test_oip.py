@@ -190,3 +190,14 @@ def _input(name: str, shape: list[int], datatype: str, values: np.ndarray) -> tr
     given = triton.InferInput(name, shape, datatype)
     given.set_data_from_numpy(values)
     return given
+
+
+def test_a_flood_of_json_values_is_refused_before_parsing(server: str) -> None:
+    """Parsed, each small JSON value costs ~30 bytes of memory: a body of a million zeros
+    is refused from its size in values, not parsed."""
+    body = (b'{"inputs":[{"name":"tensor","datatype":"FP32","shape":[1000000],"data":['
+            + b"0," * 999_999 + b"0]}]}")
+    answer = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=body, timeout=60)
+    assert answer.status_code == 400
+    assert answer.json()["error"] == ("the JSON header holds more than 403216 values; this "
+                                      "model's tensors need fewer")

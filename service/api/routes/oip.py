@@ -145,7 +145,7 @@ async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
     model = repository.get(name)
     label_model(request, model.name)
     body = await read_body(request, settings.max_upload_bytes)
-    infer, blobs = _parse(body, request.headers.get(HEADER_LENGTH))
+    infer, blobs = _parse(body, request.headers.get(HEADER_LENGTH), _max_values(model))
     given = _tensor_input(infer, blobs, model)
     params, explaining = _params(infer.parameters)
 
@@ -174,7 +174,17 @@ class _Tensor:
     parameters: dict[str, str | int | bool]
 
 
-def _parse(body: bytes, header_length: str | None) -> tuple[V2InferRequest, bytes]:
+def _max_values(model: Served) -> int:
+    """How many JSON values a request for ``model`` may hold: the network input's, twice,
+    and room for the rest. Parsed, each value is a Python object of ~30 bytes, so a body
+    of small values costs far more memory than its size: it is refused before parsing."""
+    spec = model.members[0].config.input
+    elements = 0 if isinstance(model, Ensemble) else spec.height * spec.width * spec.channels
+    return 2 * elements + 10_000
+
+
+def _parse(body: bytes, header_length: str | None,
+           max_values: int) -> tuple[V2InferRequest, bytes]:
     """The JSON header and the binary data after it."""
     size = len(body)
     if header_length is not None:
@@ -182,8 +192,13 @@ def _parse(body: bytes, header_length: str | None) -> tuple[V2InferRequest, byte
             raise InvalidInferenceRequest(f"{HEADER_LENGTH} must be a byte count no larger "
                                           f"than the body's {len(body)}")
         size = int(header_length)
+    header = body[:size]
+    # Every value after the first follows a comma (base64 holds none): a cheap upper bound.
+    if header.count(b",") >= max_values:
+        raise InvalidInferenceRequest(f"the JSON header holds more than {max_values} values; "
+                                      "this model's tensors need fewer")
     try:
-        infer = V2InferRequest.model_validate_json(body[:size])
+        infer = V2InferRequest.model_validate_json(header)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in error["loc"]) or "body"
