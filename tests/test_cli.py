@@ -59,7 +59,7 @@ def test_explain_writes_the_http_answer(tmp_path: Path, http: TestClient) -> Non
                        headers=headers).json()
     written = json.loads((tmp_path / "explanation.json").read_text())
     assert _without_timings(written) == _without_timings(answer)
-    for name, item in zip(names[1:3], answer["explanations"]):
+    for name, item in zip(names[1:3], answer["explanations"], strict=True):
         assert (tmp_path / name).read_bytes() == base64.b64decode(item["heatmap"]["data"])
 
     # DICOM objects carry new UIDs and times on every run: compare everything else.

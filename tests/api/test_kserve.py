@@ -51,7 +51,7 @@ def test_predict_equals_predict(server: str) -> None:
     assert answer.status_code == 200, answer.text
     predictions = answer.json()["predictions"]
     assert len(predictions) == 2
-    for data, prediction in zip(images, predictions):
+    for data, prediction in zip(images, predictions, strict=True):
         direct = httpx.post(f"{server}/predict", content=data, timeout=60).json()
         assert _without_timings(prediction) == _without_timings(direct)
 

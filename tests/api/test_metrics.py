@@ -66,6 +66,6 @@ def test_process_and_build_info(fresh: TestClient) -> None:
         ("python_version", platform.python_version()),
         ("version", __version__)))] == 1
     text = fresh.get("/metrics").text
-    assert re.search(r"^# TYPE medexplain_http_requests_total counter$", text, re.M)
+    assert re.search(r"^# TYPE medexplain_http_requests_total counter$", text, re.MULTILINE)
     assert re.search(r"^# TYPE medexplain_http_request_duration_seconds histogram$", text,
-                     re.M)
+                     re.MULTILINE)

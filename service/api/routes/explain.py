@@ -26,9 +26,9 @@ from service.config import Settings
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
 from service.models.repository import Repository, Served
-from service.runtime.worker import Limiter
 from service.outputs.base import DICOM, MULTIPART_DICOM, Packaging
 from service.outputs.json_maps import predict_response
+from service.runtime.worker import Limiter
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 
