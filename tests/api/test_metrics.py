@@ -3,6 +3,7 @@ the HTTP metrics, the standard ``process_*`` collectors and ``medexplain_build_i
 
 from __future__ import annotations
 
+import base64
 import platform
 import re
 from collections.abc import Iterator
@@ -38,6 +39,10 @@ def test_http_metrics_labels(fresh: TestClient) -> None:
     # A model name the client made up never becomes a label value.
     assert fresh.post("/predict", content=png, params={"model": "made-up"}).status_code == 404
     assert fresh.get("/v2/models/demo-cxr").status_code == 200
+    infer = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                         "data": [base64.b64encode(png).decode()]}],
+             "parameters": {"methods": "gradcam"}}
+    assert fresh.post("/v2/models/demo-cxr/infer", json=infer).status_code == 200
     assert fresh.get("/no/such/path").status_code == 404
     samples = _samples(fresh)
 
@@ -52,6 +57,8 @@ def test_http_metrics_labels(fresh: TestClient) -> None:
     assert samples[("medexplain_http_request_duration_seconds_count",
                     (("code", "200"), ("handler", "/predict"), ("method", "POST"),
                      ("model", "demo-cxr")))] == 2
+    assert samples[("medexplain_method_duration_seconds_count",
+                    (("method", "gradcam"), ("model", "demo-cxr")))] == 1
     assert not any("made-up" in value for (_, labels) in samples for _, value in labels)
 
 

@@ -145,8 +145,7 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
         return output.render(result, params, used), result
 
     answer, result = await limiter.run(work)
-    for m in dict.fromkeys(m.method for m in result.maps):
-        metrics.method_latency.labels(model.name, m).observe(result.watch.timings[m] / 1e3)
+    metrics.observe_methods(result)
     return answer
 
 

@@ -26,7 +26,7 @@ from schemas.protocols import (
 )
 from service import outputs, pipeline
 from service.api.body import read_body
-from service.api.deps import ApiKey, LimiterDep, RepositoryDep, SettingsDep
+from service.api.deps import ApiKey, LimiterDep, MetricsDep, RepositoryDep, SettingsDep
 from service.api.docs import ERRORS, body_schema
 from service.api.metrics import label_model
 from service.api.problems import ProtocolRoute
@@ -94,7 +94,8 @@ async def v1_predict(name: str, request: Request, settings: SettingsDep,
              openapi_extra=_request_body(ExplainParams),
              summary="Scores and heatmaps of each instance (KServe V1)")
 async def v1_explain(name: str, request: Request, settings: SettingsDep,
-                     repository: RepositoryDep, limiter: LimiterDep) -> Response:
+                     repository: RepositoryDep, limiter: LimiterDep,
+                     metrics: MetricsDep) -> Response:
     model = repository.get(name)
     label_model(request, model.name)
     images = await _instances(request, settings)
@@ -111,6 +112,7 @@ async def v1_explain(name: str, request: Request, settings: SettingsDep,
             result = pipeline.explain(model, image, options, watch)
             explanations.append(bytes(output.render(result, params, Packaging.JSON).body))
             predictions.append(bytes(predict_response(result).body))
+            metrics.observe_methods(result)
         return predictions, explanations
 
     predictions, explanations = await limiter.run(work)

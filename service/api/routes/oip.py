@@ -43,7 +43,7 @@ from schemas.protocols import (
 )
 from service import __version__, outputs, pipeline
 from service.api.body import read_body
-from service.api.deps import ApiKey, LimiterDep, RepositoryDep, SettingsDep
+from service.api.deps import ApiKey, LimiterDep, MetricsDep, RepositoryDep, SettingsDep
 from service.api.docs import ERRORS, body_schema
 from service.api.metrics import label_model
 from service.api.problems import ProtocolRoute
@@ -141,7 +141,8 @@ async def v2_model_metadata(name: str, request: Request,
                  OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}},
              summary="Scores, and maps when parameters name methods (OIP V2)")
 async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
-                         repository: RepositoryDep, limiter: LimiterDep) -> Response:
+                         repository: RepositoryDep, limiter: LimiterDep,
+                         metrics: MetricsDep) -> Response:
     model = repository.get(name)
     label_model(request, model.name)
     body = await read_body(request, settings.max_upload_bytes)
@@ -163,6 +164,7 @@ async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
         return pipeline.explain(model, image, options, watch, model_input=model_input)
 
     result = await limiter.run(work)
+    metrics.observe_methods(result)
     tensors = _tensors(result, params.size)
     return _answer(infer, tensors, model)
 
