@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
-from tests.api.live_server import ROOT, serve
+from tests.live_server import ROOT, serve
 
 MODELS = ROOT / "models"
 PHANTOMS = ROOT / "tests" / "data" / "phantoms"

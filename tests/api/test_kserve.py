@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.live_server import ROOT, serve
+from tests.live_server import ROOT, serve
 
 PHANTOMS = ROOT / "tests" / "data" / "phantoms"
 DICOM = ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm"

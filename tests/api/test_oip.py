@@ -17,7 +17,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.api.live_server import ROOT, serve
+from tests.live_server import ROOT, serve
 
 PHANTOMS = ROOT / "tests" / "data" / "phantoms"
 DICOM = ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm"

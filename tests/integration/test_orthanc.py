@@ -13,11 +13,9 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,13 +29,13 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from service.imaging import decode
 from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
+from tests.live_server import free_port, stop, wait_until_up
 from tests.outputs import reference as drawing
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "orthanc"
 # Debian installs it in sbin, which is not on every user's PATH.
 ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
-START_TIMEOUT_S = 90.0
 ROUND_TRIP_TIMEOUT_S = 60.0
 
 pytestmark = [pytest.mark.slow]
@@ -48,12 +46,6 @@ def _orthanc_installed() -> None:
     # A real PACS is part of the suite: its absence is a failure, never a silent skip.
     assert ORTHANC is not None, ("Orthanc is not installed: `bash scripts/system-deps.sh` "
                                  "(run by `make test`) installs orthanc and orthanc-python")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _request(url: str, data: bytes | None = None, timeout: float = 10.0) -> bytes:
@@ -72,35 +64,12 @@ def _get_json(url: str) -> Any:
     return json.loads(_request(url))
 
 
-def _wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{url} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            _request(url, timeout=2)
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.25)
-    pytest.fail(f"{url} did not come up in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """``medexplain serve`` on a free loopback port, with its log file."""
     if not (ROOT / "models" / "demo-cxr" / "model.onnx").exists():
         pytest.fail("models/demo-cxr/model.onnx is missing (tools/train_demo_model.py)")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("medexplain") / "service.log"
     env = {**os.environ, "MEDEXPLAIN_THREADS": "1", "MEDEXPLAIN_LOG_LEVEL": "debug"}
     with log.open("wb") as out:
@@ -109,10 +78,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
              "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(f"{url}/readyz", process, log)
+        wait_until_up(f"{url}/readyz", process, log)
         yield url, log
     finally:
-        _stop(process)
+        stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +89,7 @@ def orthanc(service: tuple[str, Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """Orthanc with the bridge pointed at the service, on a free loopback port."""
     folder = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
+    port = free_port()
     config = json.loads((DEPLOY / "orthanc.json").read_text())
     config.update({
         "Name": "medexplain-test",
@@ -142,10 +111,10 @@ def orthanc(service: tuple[str, Path],
                                    env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(f"{url}/system", process, log)
+        wait_until_up(f"{url}/system", process, log)
         yield url, log
     finally:
-        _stop(process)
+        stop(process)
 
 
 def _radiographs() -> list[tuple[str, bytes]]:
