@@ -114,6 +114,10 @@ class ModelInfo(BaseModel):
         description="methods this model cannot serve, each with the reason (e.g. an op "
                     "without a gradient rule in the backbone)")
     execution_providers: list[str]
+    execution_fallback: str | None = Field(
+        None, description="why the model runs on another execution provider than the one "
+                          "asked for (CUDA requested but not usable here: CPU); null when "
+                          "it runs where asked")
     sha256: str
     members: list[str] | None = Field(
         None, description="an ensemble's member models (scores and max-normalised maps "

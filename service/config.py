@@ -46,9 +46,19 @@ class Settings(BaseModel):
     # no longer those of the full image, so a lossless file would stop matching its
     # uncompressed twin. Off by default; see BENCHMARKS.md for the measured trade.
     j2k_reduced_resolution: bool = False
-    # Requests computing at once; more wait in the queue, beyond the queue → 503.
+    # Requests admitted at once are max_concurrency + max_queue, beyond → 503. Their CPU
+    # work (decode, preprocess, render) runs in max_concurrency threads; their compute runs
+    # on one stream per device, in batches (see max_batch_size).
     max_concurrency: int = Field(2, ge=1)
     max_queue: int = Field(16, ge=0)
+    # Dynamic batching (Triton's names): requests of one model computed together, at most
+    # max_batch_size (1 = no batching); a request waits at most max_queue_delay_ms for
+    # batch-mates (0: take what is queued, never wait for more).
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_queue_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)
+    # cuDNN's convolution algorithm search on CUDA (EXHAUSTIVE: the fastest kernels, found
+    # per input shape at the warm-up; HEURISTIC: a quicker start).
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
     # Upper bound of masked/seeded copies per head run (CRM on large target layers).
     head_batch: int = Field(256, ge=1)
     # Compiled graphs are always cached in memory by model hash; a folder here also keeps

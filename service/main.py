@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
-from service import __version__
+from service import __version__, pipeline
 from service.api import docs, problems
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
@@ -20,7 +20,7 @@ from service.config import Settings, get_settings
 from service.graph.cache import CompileCache
 from service.models.repository import Repository, load_repository
 from service.runtime.sessions import CPU, requested_providers
-from service.runtime.worker import Limiter
+from service.runtime.worker import Limiter, Scheduler
 
 log = logging.getLogger("medexplain")
 
@@ -41,7 +41,9 @@ def open_repository(settings: Settings) -> Repository:
                                  providers=providers, threads=settings.threads,
                                  head_batch=settings.head_batch,
                                  cache=(CompileCache(settings.compile_cache)
-                                        if settings.compile_cache else None))
+                                        if settings.compile_cache else None),
+                                 image_batch=settings.max_batch_size,
+                                 conv_algo_search=settings.cudnn_conv_algo_search)
     used = {p for m in repository.models.values() for p in m.engine.providers}
     if providers[0] != CPU and providers[0] not in used:
         log.warning("%s was requested but is not usable here; running on %s",
@@ -60,9 +62,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         repository = open_repository(settings)
         log.info("serving %d model(s), default %s", len(repository.models), repository.default)
-        yield State(settings=settings, repository=repository,
-                    limiter=Limiter(settings.max_concurrency, settings.max_queue),
-                    metrics=metrics)
+        # Every admitted request may be waiting for the compute stream at once.
+        scheduler = Scheduler(
+            lambda name, jobs: pipeline.compute(repository.get(name), jobs),
+            [m.engine.device for m in repository.models.values()],
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            capacity=settings.max_concurrency + settings.max_queue).start()
+        try:
+            yield State(settings=settings, repository=repository,
+                        limiter=Limiter(settings.max_concurrency, settings.max_queue),
+                        metrics=metrics, scheduler=scheduler)
+        finally:
+            scheduler.close()
 
     # The docs pages are docs.install_docs's: FastAPI's own load their scripts from a CDN.
     app = FastAPI(title="medexplain", version=__version__, description=DESCRIPTION,

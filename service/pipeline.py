@@ -1,27 +1,29 @@
-"""One request's computation: preprocess, forward, methods, regions — arrays in, arrays out.
+"""The requests' computation: preprocess, forward, methods, regions — arrays in, arrays out.
 
-Everything here is synchronous NumPy/ONNX Runtime work; the HTTP layer runs it in a worker
-thread and hands the :class:`Result` to an output (service.outputs), which encodes it.
-Nothing here encodes.
+A request goes through three stages: :func:`prepare` (preprocessing, on the request pool),
+:func:`compute` (on the model's compute stream, a whole batch of requests at once: one
+forward pass per network, each method once over every row the batch asks of it) and
+:func:`finish` (regions and points in image pixels, on the request pool again). The HTTP
+layer hands the :class:`Result` to an output (service.outputs), which encodes it. Nothing
+here encodes. :func:`explain` and :func:`predict` run the three stages for one image.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import UnknownLabel, UnknownMethod
-from service.graph.fixations import FixationPlan
+from service.errors import ServiceError, UnknownLabel, UnknownMethod
+from service.graph.build import Capability
 from service.imaging.base import DecodedImage
 from service.imaging.preprocess import ModelInput, to_model_input
-from service.methods import Captures, Target, get_method
+from service.methods import Method, RawMap, Row, Target, get_method
 from service.methods.regions import Region, map_regions
-from service.models.repository import LoadedModel, Served
-from service.models.spec import Layout
+from service.models.repository import Served
 
 
 @dataclass(frozen=True)
@@ -82,15 +84,6 @@ class Result:
         return None if index is None else round(float(self.scores[index]), 6)
 
 
-@dataclass(frozen=True)
-class Forward:
-    """The result of the forward pass on one image."""
-
-    model_input: ModelInput
-    captures: Captures
-    scores: np.ndarray
-
-
 class Stopwatch:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -102,86 +95,17 @@ class Stopwatch:
         self.timings[name] = round(self.timings.get(name, 0.0) + (now - self._last) * 1e3, 3)
         self._last = now
 
+    def add(self, name: str, ms: float) -> None:
+        """Time spent for this request elsewhere (its share of a batch: the whole batch's)."""
+        self.timings[name] = round(self.timings.get(name, 0.0) + ms, 3)
+
+    def mark(self) -> None:
+        """The next lap starts now."""
+        self._last = time.perf_counter()
+
     def total(self) -> dict[str, float]:
         self.timings["total"] = round((time.perf_counter() - self._start) * 1e3, 3)
         return self.timings
-
-
-def forward(model: LoadedModel, image: DecodedImage, watch: Stopwatch,
-            guided_classes: Sequence[int] = (), model_input: ModelInput | None = None
-            ) -> Forward:
-    """Preprocess and run the network once.
-
-    With ``guided_classes``, the forward pass is the guided-backprop graph's, seeded for
-    those classes' logits, so the guided maps come with it at no extra forward pass.
-    ``model_input``, when given, is the network input already built (a client's
-    preprocessed tensor): it is used as it is instead of preprocessing ``image``.
-    """
-    spec = model.config.input
-    if model_input is None:
-        model_input = to_model_input(image, spec)
-    watch.lap("preprocess")
-    engine = model.engine
-    prefetched: dict[bytes, np.ndarray] = {}
-    if guided_classes and engine.has_guided:
-        seeds = np.eye(len(model.config.labels), dtype=np.float32)[list(guided_classes)]
-        acts, logits, grads = engine.guided(model_input.tensor, seeds)
-        prefetched[seeds.tobytes()] = grads
-    else:
-        acts, logits = engine.forward(model_input.tensor)
-    watch.lap("forward")
-    captures = Captures(
-        activations=acts[0],
-        logits=logits[0],
-        activation=model.config.activation,
-        head=engine.head,
-        head_vjp=engine.head_vjp if engine.has_head_vjp else None,
-        guided=_guided_fn(model, model_input, prefetched) if engine.has_guided else None,
-        fixations=_fixations_fn(model, model_input) if engine.has_fixations else None,
-    )
-    return Forward(model_input, captures, model.config.activation.scores(logits)[0])
-
-
-def _guided_fn(model: LoadedModel, model_input: ModelInput,
-               prefetched: dict[bytes, np.ndarray]):  # type: ignore[no-untyped-def]
-    """Guided gradients w.r.t. the image before normalisation, channel-first."""
-    spec = model.config.input
-    inv_std = 1.0 / np.asarray(spec.std, dtype=np.float32)
-
-    def guided(seeds: np.ndarray) -> np.ndarray:
-        seeds = seeds.astype(np.float32, copy=False)
-        grads = prefetched.get(seeds.tobytes())
-        if grads is None:
-            grads = model.engine.guided(model_input.tensor, seeds)[2]
-        if spec.layout is Layout.NHWC:
-            grads = grads.transpose(0, 3, 1, 2)
-        # x_norm = (x − mean) / std, so d/dx = d/dx_norm / std, channel by channel.
-        return grads * inv_std[None, :, None, None]
-
-    return guided
-
-
-def _fixations_fn(model: LoadedModel, model_input: ModelInput):  # type: ignore[no-untyped-def]
-    """The activations CNN Fixations walks, run once on first use."""
-    found: list[tuple[Mapping[str, np.ndarray], FixationPlan]] = []
-
-    def fixations() -> tuple[Mapping[str, np.ndarray], FixationPlan]:
-        if not found:
-            plan = model.engine.compiled.fixations_plan
-            assert plan is not None
-            found.append((model.engine.all_activations(model_input.tensor), plan))
-        return found[0]
-
-    return fixations
-
-
-def predict(model: Served, image: DecodedImage, watch: Stopwatch,
-            model_input: ModelInput | None = None) -> Result:
-    """Scores only: one forward pass per network (``model_input``: see :func:`forward`)."""
-    fwds = [forward(m, image, watch, model_input=_single(model, model_input))
-            for m in model.members]
-    return Result(model, image, model.combine_scores([f.scores for f in fwds]),
-                  fwds[0].model_input.image01, (), watch)
 
 
 # A class given by index.
@@ -218,50 +142,174 @@ def resolve_classes(labels: Sequence[str], requested: Sequence[str] | None,
 
 
 
-def explain(model: Served, image: DecodedImage, options: ExplainOptions,
-            watch: Stopwatch, model_input: ModelInput | None = None) -> Result:
-    """Scores and maps of one image, as arrays; for an ensemble, every member runs and the
-    results are combined by ``model.combine_scores`` / ``model.combine_maps``
-    (``model_input``: see :func:`forward`)."""
-    methods = [get_method(name) for name in options.methods]
+@dataclass(frozen=True)
+class Job:
+    """One image's work for the compute stream.
+
+    Attributes:
+        image: the decoded upload.
+        inputs: the network input of each member (one for a plain model).
+        options: what to explain; None for scores only (/predict).
+        watch: the request's timings.
+    """
+
+    image: DecodedImage
+    inputs: tuple[ModelInput, ...]
+    options: ExplainOptions | None
+    watch: Stopwatch
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A job's arrays out of the compute stream: scores and raw maps (method, map)."""
+
+    job: Job
+    scores: np.ndarray
+    raw: tuple[tuple[str, RawMap], ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a job asks, checked before its batch runs."""
+
+    methods: tuple[Method, ...]
+    known: tuple[int, ...]  # classes known before the forward pass (given by the client)
+    prefetch: bool          # their guided maps come out of the guided graph's forward pass
+
+
+def prepare(model: Served, image: DecodedImage, options: ExplainOptions | None,
+            watch: Stopwatch) -> Job:
+    """Preprocess the image for each network of ``model``."""
+    inputs = tuple(to_model_input(image, m.config.input) for m in model.members)
+    watch.lap("preprocess")
+    return Job(image, inputs, options, watch)
+
+
+def _plan(model: Served, options: ExplainOptions | None) -> _Plan:
+    """Raises: UnknownMethod for a method a network cannot serve, UnknownLabel for a class
+    that is none."""
+    if options is None:
+        return _Plan((), (), False)
+    methods = tuple(get_method(name) for name in options.methods)
     for member in model.members:
         for name in options.methods:
             if name in member.unavailable:
                 raise UnknownMethod(f"method {name!r} is not available for model "
                                     f"{member.name!r}: {member.unavailable[name]}")
-    labels = model.config.labels
-    # Guided maps of known classes' logits come out of the guided graph's own forward pass.
-    known = (resolve_classes(labels, options.classes, None, options.score_threshold)
-             if options.classes and options.target is Target.LOGIT
-             and any(m.needs_guided for m in methods) else [])
-    fwds = [forward(m, image, watch, guided_classes=known,
-                    model_input=_single(model, model_input)) for m in model.members]
-    scores = model.combine_scores([f.scores for f in fwds])
-    classes = known or resolve_classes(labels, options.classes, scores,
-                                       options.score_threshold)
-    image_hw = (image.height, image.width)
-    maps: list[Map] = []
+    known = (tuple(resolve_classes(model.config.labels, options.classes, None,
+                                   options.score_threshold)) if options.classes else ())
+    prefetch = bool(known) and options.target is Target.LOGIT and any(
+        Capability.GUIDED in m.requires for m in methods)
+    return _Plan(methods, known, prefetch)
+
+
+def compute(model: Served, jobs: Sequence[Job]) -> list[Computed | ServiceError]:
+    """One batch: every job's scores and raw maps, or its own error.
+
+    The networks run once over the batch's images; each method runs once over the rows
+    (image, class) of every job asking it. A job's answer depends on its own image and
+    options only: batch-mates change which rows share a graph run, not the numbers beyond
+    float rounding of the kernels' batch paths (the tests bound it).
+    """
+    for job in jobs:
+        job.watch.lap("queue")
+    out: list[Computed | ServiceError | None] = [None] * len(jobs)
+    plans: dict[int, _Plan] = {}
+    for k, job in enumerate(jobs):
+        try:
+            plans[k] = _plan(model, job.options)
+        except ServiceError as exc:
+            out[k] = exc
+    live = list(plans)
+    if live:
+        for k, computed in zip(live, _compute(model, [jobs[k] for k in live],
+                                              [plans[k] for k in live])):
+            out[k] = computed
+    for job in jobs:
+        job.watch.mark()
+    return out  # type: ignore[return-value]
+
+
+def _compute(model: Served, jobs: Sequence[Job], plans: Sequence[_Plan]) -> list[Computed]:
+    def spend(name: str, since: float, which: Sequence[int]) -> float:
+        now = time.perf_counter()
+        for k in which:
+            jobs[k].watch.add(name, (now - since) * 1e3)
+        return now
+
+    everyone = range(len(jobs))
+    t = time.perf_counter()
+    prefetch = [Row(k, c) for k, plan in enumerate(plans) if plan.prefetch for c in plan.known]
+    captures = [member.engine.capture(np.concatenate([job.inputs[m].tensor for job in jobs]),
+                                      member.config.activation, member.config.input, prefetch)
+                for m, member in enumerate(model.members)]
+    scores = [model.combine_scores([member.config.activation.scores(c.logits[k:k + 1])[0]
+                                    for member, c in zip(model.members, captures)])
+              for k in everyone]
+    t = spend("forward", t, everyone)
+    classes = [list(plan.known) or (resolve_classes(model.config.labels, None, scores[k],
+                                                    job.options.score_threshold)
+                                    if job.options is not None else [])
+               for k, (job, plan) in enumerate(zip(jobs, plans))]
+    raw: list[dict[str, list[RawMap]]] = [{} for _ in jobs]
+    methods = list(dict.fromkeys(m for plan in plans for m in plan.methods))
     for method in methods:
-        per_member = [method.compute(f.captures, classes, options.target) for f in fwds]
-        for raw in (model.combine_maps(m) for m in zip(*per_member)):
-            maps.append(Map(
-                method=method.name,
-                index=raw.index,
-                values=raw.values,
-                gradient=raw.grid == "model",
-                regions=map_regions(raw, model.grid, image_hw, options.region_threshold),
-                points=None if raw.points is None else _to_image(raw.points, image,
-                                                                 model.grid),
-            ))
-        watch.lap(method.name)
-    return Result(model, image, scores, fwds[0].model_input.image01, tuple(maps), watch)
+        asking = [k for k, plan in enumerate(plans) if method in plan.methods]
+        rows, owners = [], []
+        for k in asking:
+            target = jobs[k].options.target  # type: ignore[union-attr]
+            for cls in (classes[k] if method.per_class else [None]):
+                rows.append(Row(k, cls, target))
+                owners.append(k)
+        per_member = [method.compute(c, rows) for c in captures]
+        for k, maps in zip(owners, zip(*per_member, strict=True)):
+            raw[k].setdefault(method.name, []).append(model.combine_maps(maps))
+        t = spend(method.name, t, asking)
+    # Each job's maps in its own order of methods, whatever order the batch ran them in.
+    return [Computed(job, s, tuple((m.name, r) for m in plan.methods for r in maps[m.name]))
+            for job, s, plan, maps in zip(jobs, scores, plans, raw)]
 
 
-def _single(model: Served, model_input: ModelInput | None) -> ModelInput | None:
-    """A ready network input fits one network: each ensemble member has its own input."""
-    if model_input is not None and len(model.members) > 1:
-        raise ValueError(f"ensemble {model.name!r} takes images, not one network's input")
-    return model_input
+def finish(model: Served, computed: Computed) -> Result:
+    """Regions and points in original-image pixels: the :class:`Result` outputs read."""
+    job = computed.job
+    image = job.image
+    region_threshold = job.options.region_threshold if job.options is not None else 0.5
+    maps = tuple(Map(
+        method=name,
+        index=raw.index,
+        values=raw.values,
+        gradient=raw.grid == "model",
+        regions=map_regions(raw, model.grid, (image.height, image.width), region_threshold),
+        points=None if raw.points is None else _to_image(raw.points, image, model.grid),
+    ) for name, raw in computed.raw)
+    if maps:
+        job.watch.lap("regions")
+    return Result(model, image, computed.scores, job.inputs[0].image01, maps, job.watch)
+
+
+def explain(model: Served, image: DecodedImage, options: ExplainOptions,
+            watch: Stopwatch) -> Result:
+    """Scores and maps of one image, as arrays, in this thread (a batch of one); for an
+    ensemble, every member runs and the results are combined by ``model.combine_scores`` /
+    ``model.combine_maps``.
+
+    Raises:
+        ServiceError: the job's own error (UnknownMethod, UnknownLabel, ...).
+    """
+    return _one(model, prepare(model, image, options, watch))
+
+
+def predict(model: Served, image: DecodedImage, watch: Stopwatch) -> Result:
+    """Scores only: one forward pass per network."""
+    return _one(model, prepare(model, image, None, watch))
+
+
+def _one(model: Served, job: Job) -> Result:
+    done = compute(model, [job])[0]
+    if isinstance(done, ServiceError):
+        raise done
+    return finish(model, done)
 
 
 def _to_image(points: np.ndarray, image: DecodedImage,

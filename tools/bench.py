@@ -32,7 +32,7 @@ from service import pipeline  # noqa: E402
 from service.api.request import ExplainParams  # noqa: E402
 from service.imaging.base import DecodedImage  # noqa: E402
 from service.imaging.preprocess import to_model_input  # noqa: E402
-from service.methods import RawMap, Target, get_method  # noqa: E402
+from service.methods import RawMap, Target, get_method, rows  # noqa: E402
 from service.methods.maps import normalise, resize, smooth  # noqa: E402
 from service.methods.regions import map_regions  # noqa: E402
 from service.models.repository import LoadedModel, load_model  # noqa: E402
@@ -99,9 +99,13 @@ def pointing(args: argparse.Namespace) -> None:
         image = DecodedImage(ph.image, "png")
         present = [phantoms.LABELS.index(k) for k in ph.masks]
         options = ExplainParams(methods=METHODS, classes=tuple(map(str, present))).options()
-        fwd = pipeline.forward(model, image, pipeline.Stopwatch())
+        spec = model.config.input
+        captures = model.engine.capture(to_model_input(image, spec).tensor,
+                                        model.config.activation, spec)
         for method in METHODS:
-            for raw in get_method(method).compute(fwd.captures, present, options.target):
+            method_rows = rows(present if get_method(method).per_class else [None],
+                               options.target)
+            for raw in get_method(method).compute(captures, method_rows):
                 values = resize(raw.values, 256, 256)
                 for cls in ([raw.index] if raw.index is not None else present):
                     label = phantoms.LABELS[cls]

@@ -30,7 +30,7 @@ For every (architecture, exporter) row, in a fresh process of its own:
    or /proc/self/status VmRSS; peak from VmHWM), the methods available and
    ``LoadedModel.unavailable``, the time of a plain ONNX Runtime session on the same file,
    and the service's own results on one input: target activations and logits
-   (``Engine.forward``), Grad-CAM (``METHODS["gradcam"]`` on ``Captures``, logit target) and
+   (``Engine.forward``), Grad-CAM (``METHODS["gradcam"]`` on ``Engine.capture``, logit target) and
    the guided-backprop gradient w.r.t. the network input (``Engine.guided``).
 4. Back in the torch process, the same weights in float64 give the references for the
    class the float64 network scores highest:
@@ -496,7 +496,7 @@ def service_worker(spec_path: Path) -> None:
         if checkout not in where.parents:
             raise RuntimeError(f"service imported from {where}, not from {checkout}")
         from service.errors import ModelError
-        from service.methods import METHODS, Captures, Target
+        from service.methods import METHODS, Target, rows
         from service.models.activation import Activation
         from service.models.repository import load_model
 
@@ -537,9 +537,8 @@ def service_worker(spec_path: Path) -> None:
             arrays["acts"], arrays["logits"] = acts[0], logits[0]
             try:
                 t = time.perf_counter()
-                captures = Captures(acts[0], logits[0], Activation("sigmoid"), engine.head,
-                                    engine.head_vjp)
-                (cam,) = METHODS["gradcam"].compute(captures, [cls], Target.LOGIT)
+                captures = engine.capture(x, Activation("sigmoid"))
+                (cam,) = METHODS["gradcam"].compute(captures, rows([cls], Target.LOGIT))
                 out["gradcam_ms"] = round((time.perf_counter() - t) * 1e3, 1)
                 arrays["gradcam"] = cam.values
             except Exception as exc:  # noqa: BLE001 - recorded, the row goes on

@@ -11,7 +11,7 @@ from service.api.metrics import Metrics
 from service.config import Settings
 from service.errors import Unauthorized
 from service.models.repository import Repository
-from service.runtime.worker import Limiter
+from service.runtime.worker import Limiter, Scheduler
 
 
 class State(TypedDict):
@@ -21,6 +21,7 @@ class State(TypedDict):
     repository: Repository
     limiter: Limiter
     metrics: Metrics
+    scheduler: Scheduler
 
 
 def get_settings(request: Request) -> Settings:
@@ -35,6 +36,10 @@ def get_limiter(request: Request) -> Limiter:
     return request.state.limiter  # type: ignore[no-any-return]
 
 
+def get_scheduler(request: Request) -> Scheduler:
+    return request.state.scheduler  # type: ignore[no-any-return]
+
+
 def get_metrics(request: Request) -> Metrics:
     return request.state.metrics  # type: ignore[no-any-return]
 
@@ -43,6 +48,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RepositoryDep = Annotated[Repository, Depends(get_repository)]
 LimiterDep = Annotated[Limiter, Depends(get_limiter)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

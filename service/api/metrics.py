@@ -13,15 +13,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 import onnxruntime
-from prometheus_client import (
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,11 +30,9 @@ class Metrics:
     """One registry per app, so several apps (tests) never clash."""
 
     def __init__(self) -> None:
+        # process_* and python_* come from prometheus_client's default registry, which
+        # /metrics appends (with the compute streams' metrics): not registered here again.
         self.registry = CollectorRegistry()
-        # The standard collectors are stateless readers of /proc and the interpreter:
-        # registering the default instances in each app's registry is safe.
-        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-            self.registry.register(collector)
         self.requests = Counter(
             "medexplain_http_requests", "HTTP requests by method, route, status code and model",
             ["method", "handler", "code", "model"], registry=self.registry,

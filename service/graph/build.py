@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 import onnx
 
@@ -19,52 +20,134 @@ from service.models.spec import Layout
 GUIDED_PREFIX = "xai/guided/"
 
 
+class Capability(StrEnum):
+    """A graph the compiler makes of a classifier; methods declare the ones they require.
+
+    The backbone and the head are always built (a model that cannot be cut is refused);
+    the others may be missing, with the reason in ``CompiledModel.errors``.
+    """
+
+    BACKBONE = "backbone"    # image → (target activations, logits)
+    HEAD = "head"            # target activations (batched) → logits
+    HEAD_VJP = "head_vjp"    # target activations, seed over logits → ∂/∂activations
+    GUIDED = "guided"        # image, seed over logits → guided ∂/∂image (+ activations, logits)
+    FIXATIONS = "fixations"  # image → logits plus every tensor CNN Fixations reads
+
+    @property
+    def title(self) -> str:
+        """How messages name the graph ("no head VJP graph: ...")."""
+        return _TITLES[self]
+
+
+_TITLES = {Capability.BACKBONE: "backbone graph", Capability.HEAD: "head graph",
+           Capability.HEAD_VJP: "head VJP graph", Capability.GUIDED: "guided-backprop graph",
+           Capability.FIXATIONS: "CNN Fixations plan"}
+
+
 @dataclass(frozen=True)
 class CompiledModel:
-    """The graphs compiled from one classifier.
+    """The graphs compiled from one classifier, keyed by capability.
 
     Attributes:
         split: where the classifier was cut.
-        backbone: image → (target activations, logits).
-        head: target activations (batched) → logits.
-        head_vjp: target activations, seed over logits → gradient w.r.t. the activations,
-            plus the logits; None when some op of the head has no gradient rule
-            (``head_vjp_error`` says which): the model still predicts and serves CRM.
-        guided: image, seed over logits → guided-backprop gradient w.r.t. the image, plus
-            the target activations and logits; None when some op of the backbone has no
-            gradient rule (``guided_error`` says which).
-        fixations: image → logits plus the activations CNN Fixations reads; None when some
-            op on the path has no back-tracking rule (``fixations_error`` says which).
-        fixations_plan: the walk over ``fixations``; rebuilt from the graph when not given
-            (e.g. by the compile cache).
-        head_vjp_error: why there is no ``head_vjp``.
+        graphs: every graph that could be built; always BACKBONE and HEAD.
+        errors: why each missing graph is missing (the op without a rule, ...): the model
+            still serves every method that does not require it.
+        fixations_plan: the walk over the FIXATIONS graph; rebuilt from the graph when not
+            given (e.g. by the compile cache).
     """
 
     split: Split
-    backbone: onnx.ModelProto
-    head: onnx.ModelProto
-    head_vjp: onnx.ModelProto | None
-    guided: onnx.ModelProto | None = None
-    guided_error: str | None = None
-    fixations: onnx.ModelProto | None = None
-    fixations_error: str | None = None
+    graphs: Mapping[Capability, onnx.ModelProto]
+    errors: Mapping[Capability, str] = field(default_factory=dict)
     fixations_plan: fixation_plan.FixationPlan | None = None
-    head_vjp_error: str | None = None
 
     def __post_init__(self) -> None:
-        if self.fixations is not None and self.fixations_plan is None:
-            plan = fixation_plan.plan_from_graph(self.fixations, self.split)
+        missing = {Capability.BACKBONE, Capability.HEAD} - set(self.graphs)
+        if missing:
+            raise CompileError(f"no {', '.join(sorted(missing))} graph")
+        fixations = self.graphs.get(Capability.FIXATIONS)
+        if fixations is not None and self.fixations_plan is None:
+            plan = fixation_plan.plan_from_graph(fixations, self.split)
             object.__setattr__(self, "fixations_plan", plan)
 
-    def graphs(self) -> dict[str, onnx.ModelProto]:
-        graphs = {"backbone": self.backbone, "head": self.head}
-        if self.head_vjp is not None:
-            graphs["head_vjp"] = self.head_vjp
-        if self.guided is not None:
-            graphs["guided"] = self.guided
-        if self.fixations is not None:
-            graphs["fixations"] = self.fixations
-        return graphs
+    @property
+    def available(self) -> frozenset[Capability]:
+        return frozenset(self.graphs)
+
+    def missing(self, requires: Iterable[Capability]) -> dict[Capability, str]:
+        """``requires − available``, each with the compiler's reason, in Capability order."""
+        wanted = set(requires)
+        return {cap: self.errors.get(cap, "not compiled") for cap in Capability
+                if cap in wanted and cap not in self.graphs}
+
+    # Named views of ``graphs`` and ``errors`` for readers that want one graph.
+    @property
+    def backbone(self) -> onnx.ModelProto:
+        return self.graphs[Capability.BACKBONE]
+
+    @property
+    def head(self) -> onnx.ModelProto:
+        return self.graphs[Capability.HEAD]
+
+    @property
+    def head_vjp(self) -> onnx.ModelProto | None:
+        return self.graphs.get(Capability.HEAD_VJP)
+
+    @property
+    def guided(self) -> onnx.ModelProto | None:
+        return self.graphs.get(Capability.GUIDED)
+
+    @property
+    def fixations(self) -> onnx.ModelProto | None:
+        return self.graphs.get(Capability.FIXATIONS)
+
+    @property
+    def head_vjp_error(self) -> str | None:
+        return self.errors.get(Capability.HEAD_VJP)
+
+    @property
+    def guided_error(self) -> str | None:
+        return self.errors.get(Capability.GUIDED)
+
+    @property
+    def fixations_error(self) -> str | None:
+        return self.errors.get(Capability.FIXATIONS)
+
+
+@dataclass
+class _Source:
+    """What the optional graphs are built from; builders may leave products beside them."""
+
+    model: onnx.ModelProto
+    cut: Split
+    layout: Layout
+    backbone: onnx.ModelProto
+    head: onnx.ModelProto
+    fixations_plan: fixation_plan.FixationPlan | None = None
+
+
+def _head_vjp(src: _Source) -> onnx.ModelProto:
+    return autodiff.vjp(src.head, src.cut.logits, [src.cut.target])
+
+
+def _guided(src: _Source) -> onnx.ModelProto:
+    return autodiff.vjp(src.backbone, src.cut.logits, [src.cut.image], guided=True,
+                        prefix=GUIDED_PREFIX)
+
+
+def _fixations(src: _Source) -> onnx.ModelProto:
+    src.fixations_plan = fixation_plan.build_plan(src.model, src.cut, src.layout)
+    return fixation_plan.expose(src.model, src.fixations_plan)
+
+
+# The optional graphs, each built by one function that raises CompileError when some op has
+# no rule. A method needing a new graph adds a Capability and its builder here.
+BUILDERS: dict[Capability, Callable[[_Source], onnx.ModelProto]] = {
+    Capability.HEAD_VJP: _head_vjp,
+    Capability.GUIDED: _guided,
+    Capability.FIXATIONS: _fixations,
+}
 
 
 def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
@@ -84,8 +167,8 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
             first (:func:`service.graph.specialise.specialise`: shape arithmetic folded,
             fixed-batch reshapes made batch-agnostic).
 
-    A graph that cannot be differentiated (an op without a rule) leaves its graph None
-    with the reason beside it; the model keeps the forward graphs, hence predictions and CRM.
+    A graph that cannot be built (an op without a rule) is left out of ``graphs`` with the
+    reason in ``errors``; the model keeps the forward graphs, hence predictions and CRM.
 
     Raises:
         CompileError: when the graph cannot be cut, or a generated graph is invalid.
@@ -104,34 +187,18 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
     backbone = extract(index, [cut.image], [cut.target, cut.logits], name="backbone",
                        batch=False)
     head = extract(index, [cut.target], [cut.logits], name="head")
-    head_vjp: onnx.ModelProto | None = None
-    head_vjp_error = None
-    try:
-        head_vjp = autodiff.vjp(head, cut.logits, [cut.target])
-    except CompileError as exc:
-        # Only Grad-CAM (and Guided Grad-CAM) differentiate the head; predictions and CRM
-        # run the forward graphs, which ONNX Runtime runs whatever the ops.
-        head_vjp_error = str(exc)
-    guided: onnx.ModelProto | None = None
-    guided_error = None
-    try:
-        guided = autodiff.vjp(backbone, cut.logits, [cut.image], guided=True,
-                              prefix=GUIDED_PREFIX)
-    except CompileError as exc:
-        # Grad-CAM and CRM need only the head; the model still serves without guided maps.
-        guided_error = str(exc)
-    fixations: onnx.ModelProto | None = None
-    plan: fixation_plan.FixationPlan | None = None
-    fixations_error = None
-    try:
-        plan = fixation_plan.build_plan(model, cut, layout)
-        fixations = fixation_plan.expose(model, plan)
-    except CompileError as exc:
-        # Only CNN Fixations needs it; the model still serves every other method.
-        fixations_error = str(exc)
-    compiled = CompiledModel(cut, backbone, head, head_vjp, guided, guided_error, fixations,
-                             fixations_error, plan, head_vjp_error=head_vjp_error)
-    for name, graph in compiled.graphs().items():
+    graphs = {Capability.BACKBONE: backbone, Capability.HEAD: head}
+    errors: dict[Capability, str] = {}
+    source = _Source(model, cut, layout, backbone, head)
+    for capability, build in BUILDERS.items():
+        try:
+            graphs[capability] = build(source)
+        except CompileError as exc:
+            # Only the methods requiring this graph are lost; predictions and CRM run the
+            # forward graphs, which ONNX Runtime runs whatever the ops.
+            errors[capability] = str(exc)
+    compiled = CompiledModel(cut, graphs, errors, source.fixations_plan)
+    for name, graph in compiled.graphs.items():
         try:
             # The structure is what is generated; the weights are the source model's own,
             # and serialising them for the checker cost ~3 s per graph of a 500 MB network.

@@ -17,14 +17,11 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from service.graph.build import CompiledModel, compile_model
+from service.graph.build import Capability, CompiledModel, compile_model
 from service.graph.target import Split
 from service.models.spec import Layout
 
 log = logging.getLogger(__name__)
-
-_GRAPHS = ("backbone", "head", "head_vjp", "guided", "fixations")
-
 
 @cache
 def compiler_fingerprint() -> str:
@@ -74,19 +71,16 @@ class CompileCache:
         try:
             meta = json.loads((entry / "split.json").read_text(encoding="utf-8"))
             # Weights held outside the graphs stay references: the loader supplies them.
-            graphs = {name: onnx.load(entry / f"{name}.onnx", load_external_data=False)
-                      for name in _GRAPHS
-                      if (entry / f"{name}.onnx").exists()}
+            graphs = {cap: onnx.load(entry / f"{cap}.onnx", load_external_data=False)
+                      for cap in Capability if (entry / f"{cap}.onnx").exists()}
+            errors = {Capability(k): str(v) for k, v in meta.get("errors", {}).items()}
         except (OSError, ValueError, DecodeError):
             return None
         split = Split(**{**meta["split"], "target_layout": Layout(meta["split"]["target_layout"]),
                          "target_shape": tuple(meta["split"]["target_shape"])})
-        if "head_vjp" not in graphs and not meta.get("head_vjp_error"):
-            return None  # its head_vjp.onnx went missing: compile again
-        return CompiledModel(split, graphs["backbone"], graphs["head"], graphs.get("head_vjp"),
-                             graphs.get("guided"), meta.get("guided_error"),
-                             graphs.get("fixations"), meta.get("fixations_error"),
-                             head_vjp_error=meta.get("head_vjp_error"))
+        if set(Capability) - set(graphs) - set(errors):
+            return None  # a graph file went missing: compile again
+        return CompiledModel(split, graphs, errors)
 
     def _store(self, key: str, compiled: CompiledModel) -> None:
         if self.folder is None:
@@ -94,15 +88,14 @@ class CompileCache:
         entry = self.folder / key
         try:
             entry.mkdir(parents=True, exist_ok=True)
-            for name, graph in compiled.graphs().items():
-                onnx.save(graph, entry / f"{name}.onnx")
+            for cap, graph in compiled.graphs.items():
+                onnx.save(graph, entry / f"{cap}.onnx")
             split = {**compiled.split.__dict__, "target_layout": compiled.split.target_layout.value,
                      "target_shape": list(compiled.split.target_shape)}
             # split.json last: its presence marks a complete entry.
             (entry / "split.json").write_text(
-                json.dumps({"split": split, "head_vjp_error": compiled.head_vjp_error,
-                            "guided_error": compiled.guided_error,
-                            "fixations_error": compiled.fixations_error}),
+                json.dumps({"split": split, "errors": {str(k): v for k, v in
+                                                       compiled.errors.items()}}),
                 encoding="utf-8")
         except OSError as exc:
             # A read-only file system only costs the next start a recompilation.

@@ -9,7 +9,7 @@ from typing import Any
 import onnx
 
 from service.graph import weights
-from service.graph.build import CompiledModel
+from service.graph.build import BUILDERS, CompiledModel
 
 
 def graph_summary(model: onnx.ModelProto) -> dict[str, Any]:
@@ -34,11 +34,9 @@ def report(source: onnx.ModelProto, compiled: CompiledModel, seconds: float) -> 
         "graph_activation": split.graph_activation,
         "target_layer": {"name": split.target, "layout": split.target_layout.value,
                          "shape_chw": list(split.target_shape)},
-        "head_vjp": None if compiled.head_vjp is not None else compiled.head_vjp_error,
-        "guided": None if compiled.guided is not None else compiled.guided_error,
-        "fixations": None if compiled.fixations is not None else compiled.fixations_error,
+        **{str(cap): compiled.errors.get(cap) for cap in BUILDERS},
         "source": graph_summary(source),
-        "graphs": {name: graph_summary(g) for name, g in compiled.graphs().items()},
+        "graphs": {name: graph_summary(g) for name, g in compiled.graphs.items()},
     }
 
 
@@ -46,7 +44,7 @@ def write(out: Path, compiled: CompiledModel) -> list[Path]:
     """Write every compiled graph as ``<name>.onnx`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, graph in compiled.graphs().items():
+    for name, graph in compiled.graphs.items():
         path = out / f"{name}.onnx"
         onnx.save(weights.embed(graph), path)  # self-contained: the weights inline
         paths.append(path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.errors import UnknownMethod
-from service.methods.base import Captures, Method, RawMap, Target
+from service.methods.base import Captures, Graphs, Method, RawMap, Row, Target, rows
 from service.methods.crm import Crm, CrmCombined
 from service.methods.fixations import CnnFixations
 from service.methods.gradcam import GradCam
@@ -24,4 +24,5 @@ def get_method(name: str) -> Method:
         ) from None
 
 
-__all__ = ["METHODS", "Captures", "Method", "RawMap", "Target", "get_method"]
+__all__ = ["METHODS", "Captures", "Graphs", "Method", "RawMap", "Row", "Target", "get_method",
+           "rows"]

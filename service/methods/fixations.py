@@ -53,9 +53,9 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from service.errors import UnknownMethod
+from service.graph.build import Capability
 from service.graph.fixations import FixationPlan, Step
-from service.methods.base import Captures, Method, RawMap, Target
+from service.methods.base import Captures, Method, RawMap, Row
 from service.models.spec import Layout
 
 # Elements per gathered block: bounds the walk's temporary memory (16 MiB of float64).
@@ -435,15 +435,24 @@ class CnnFixations(Method):
     name = "fixations"
     paper = "https://arxiv.org/abs/1708.06670"
     grid = "model"
-    needs_fixations = True
+    requires = frozenset({Capability.FIXATIONS})
 
-    def compute(self, captures: Captures, classes: Sequence[int],
-                target: Target) -> list[RawMap]:
-        # The walk starts at the logit whatever ``target`` says: it follows signs of
-        # contributions, which a monotone sigmoid/softmax does not change.
-        if captures.fixations is None:
-            raise UnknownMethod("this model has no fixations graph (see GET /models)")
-        activations, plan = captures.fixations()
+    def compute(self, captures: Captures, rows: Sequence[Row]) -> list[RawMap]:
+        # The walk starts at the logit whatever the rows' target says: it follows signs of
+        # contributions, which a monotone sigmoid/softmax does not change. One walk per
+        # image, all its rows' classes at once (one tag each).
+        maps: dict[Row, RawMap] = {}
+        for image in dict.fromkeys(r.image for r in rows):
+            mine = [r for r in rows if r.image == image]
+            classes = [r.cls for r in mine if r.cls is not None]  # per class: never None
+            maps.update(zip(mine, self._walk(captures, image, classes), strict=True))
+        return [maps[r] for r in rows]
+
+    def maps(self, captures: Captures, rows: Sequence[Row]) -> list[np.ndarray]:
+        return [m.values for m in self.compute(captures, rows)]
+
+    def _walk(self, captures: Captures, image: int, classes: Sequence[int]) -> list[RawMap]:
+        activations, plan = captures.graphs.fixations(image)
         traced = walk(plan, activations, classes)[plan.image]
         height, width = plan.image_hw
         maps = []

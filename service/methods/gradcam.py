@@ -6,15 +6,29 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.errors import UnknownMethod
-from service.methods.base import Captures, Method, RawMap, Target
+from service.graph.build import Capability
+from service.methods.base import Captures, Method, Row
+
+
+def gradcam_maps(captures: Captures, rows: Sequence[Row]) -> list[np.ndarray]:
+    """ReLU(Σ_k α_k A_k) per row; every new row of the batch in one head-VJP run."""
+    todo = captures.missing("gradcam", rows)
+    if todo:
+        acts = captures.activations[[r.image for r in todo]]
+        grads = captures.graphs.head_vjp(acts, captures.seeds(todo))
+        weights = grads.mean(axis=(2, 3), dtype=np.float64)
+        maps = np.maximum(np.einsum("rc,rchw->rhw", weights, acts.astype(np.float64)), 0.0)
+        for row, values in zip(todo, maps):
+            captures.memo["gradcam", row] = values.astype(np.float32)
+    return [captures.memo["gradcam", r] for r in rows]  # type: ignore[misc]
 
 
 class GradCam(Method):
     """Gradient-weighted class activation mapping.
 
-    α_k = mean over (i, j) of ∂S_c/∂A_k(i, j); map = ReLU(Σ_k α_k A_k). All requested
-    classes go through the head's vector-Jacobian product in one batched run.
+    α_k = mean over (i, j) of ∂S_c/∂A_k(i, j); map = ReLU(Σ_k α_k A_k). All rows of a batch
+    (every requested class of every image) go through the head's vector-Jacobian product
+    in one batched run.
 
     Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
     Localization", ICCV 2017, https://arxiv.org/abs/1610.02391
@@ -22,16 +36,7 @@ class GradCam(Method):
 
     name = "gradcam"
     paper = "https://arxiv.org/abs/1610.02391"
-    needs_head_vjp = True
+    requires = frozenset({Capability.HEAD_VJP})
 
-    def compute(self, captures: Captures, classes: Sequence[int],
-                target: Target) -> list[RawMap]:
-        if captures.head_vjp is None:
-            raise UnknownMethod("this model has no head VJP graph (see GET /models)")
-        acts = captures.activations
-        seeds = np.stack([captures.score_seed(c, target) for c in classes])
-        copies = np.broadcast_to(acts, (len(classes), *acts.shape))
-        grads = captures.head_vjp(copies, seeds)
-        weights = grads.mean(axis=(2, 3), dtype=np.float64)
-        maps = np.maximum(np.einsum("kc,chw->khw", weights, acts.astype(np.float64)), 0.0)
-        return [RawMap(m.astype(np.float32), c, self.grid) for m, c in zip(maps, classes)]
+    def maps(self, captures: Captures, rows: Sequence[Row]) -> list[np.ndarray]:
+        return gradcam_maps(captures, rows)

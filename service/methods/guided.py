@@ -6,21 +6,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.errors import UnknownMethod
-from service.methods.base import Captures, Method, RawMap, Target
-from service.methods.gradcam import GradCam
+from service.graph.build import Capability
+from service.methods.base import Captures, Method, Row
+from service.methods.gradcam import gradcam_maps
 from service.methods.maps import resize
 
 
-def guided_maps(captures: Captures, classes: Sequence[int], target: Target) -> np.ndarray:
-    """(K, H, W): guided d S_c / d image, summed over the image's channels."""
-    if captures.guided is None:
-        raise UnknownMethod("this model has no guided-backprop graph (see GET /models)")
-    key = ("guided", tuple(classes), target)
-    if key not in captures.memo:
-        seeds = np.stack([captures.score_seed(c, target) for c in classes])
-        captures.memo[key] = captures.guided(seeds).sum(axis=1)
-    return captures.memo[key]  # type: ignore[return-value]
+def guided_maps(captures: Captures, rows: Sequence[Row]) -> list[np.ndarray]:
+    """(H, W) per row: guided d S_c / d image, summed over the image's channels; the rows
+    not computed yet (with the forward pass, or by the other guided method) in one run."""
+    todo = captures.missing("guided", rows)
+    if todo:
+        grads = captures.graphs.guided([r.image for r in todo], captures.seeds(todo))
+        for row, values in zip(todo, grads.sum(axis=1)):
+            captures.memo["guided", row] = values
+    return [captures.memo["guided", r] for r in rows]  # type: ignore[misc]
 
 
 class GuidedBackprop(Method):
@@ -34,12 +34,10 @@ class GuidedBackprop(Method):
     name = "guided_backprop"
     paper = "https://arxiv.org/abs/1412.6806"
     grid = "model"
-    needs_guided = True
+    requires = frozenset({Capability.GUIDED})
 
-    def compute(self, captures: Captures, classes: Sequence[int],
-                target: Target) -> list[RawMap]:
-        maps = guided_maps(captures, classes, target)
-        return [RawMap(m.astype(np.float32), c, self.grid) for m, c in zip(maps, classes)]
+    def maps(self, captures: Captures, rows: Sequence[Row]) -> list[np.ndarray]:
+        return guided_maps(captures, rows)
 
 
 class GuidedGradCam(Method):
@@ -51,13 +49,9 @@ class GuidedGradCam(Method):
     name = "guided_gradcam"
     paper = "https://arxiv.org/abs/1610.02391"
     grid = "model"
-    needs_head_vjp = True
-    needs_guided = True
+    requires = frozenset({Capability.HEAD_VJP, Capability.GUIDED})
 
-    def compute(self, captures: Captures, classes: Sequence[int],
-                target: Target) -> list[RawMap]:
-        maps = guided_maps(captures, classes, target)
-        cams = GradCam().compute(captures, classes, target)
-        h, w = maps.shape[1:]
-        return [RawMap((g * resize(cam.values, h, w)).astype(np.float32), c, self.grid)
-                for g, cam, c in zip(maps, cams, classes)]
+    def maps(self, captures: Captures, rows: Sequence[Row]) -> list[np.ndarray]:
+        guided = guided_maps(captures, rows)
+        cams = gradcam_maps(captures, rows)
+        return [g * resize(cam, *g.shape) for g, cam in zip(guided, cams)]

@@ -149,15 +149,11 @@ class LoadedModel:
     @cached_property
     def unavailable(self) -> dict[str, str]:
         """Methods this network cannot serve, with the compiler's reason."""
-        compiled = self.engine.compiled
         out: dict[str, str] = {}
         for name, method in METHODS.items():
-            if method.needs_head_vjp and compiled.head_vjp is None:
-                out[name] = f"no head VJP graph: {compiled.head_vjp_error}"
-            elif method.needs_guided and compiled.guided is None:
-                out[name] = f"no guided-backprop graph: {compiled.guided_error}"
-            elif method.needs_fixations and compiled.fixations is None:
-                out[name] = f"no CNN Fixations plan: {compiled.fixations_error}"
+            missing = self.engine.compiled.missing(method.requires)
+            if missing:
+                out[name] = "; ".join(f"no {cap.title}: {why}" for cap, why in missing.items())
         return out
 
     def combine_maps(self, maps: Sequence[RawMap]) -> RawMap:
@@ -172,8 +168,12 @@ _DEFAULT_CACHE = CompileCache()
 
 
 def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: int,
-               cache: CompileCache | None = None) -> LoadedModel:
+               cache: CompileCache | None = None, image_batch: int = 8,
+               conv_algo_search: str = "EXHAUSTIVE") -> LoadedModel:
     """Read, compile and open one model folder.
+
+    ``image_batch`` bounds the images per graph run (the batcher's batch size);
+    ``conv_algo_search`` is cuDNN's (service.runtime.sessions.provider_options).
 
     Raises:
         ModelError: when the folder, its model.toml or its graph is unusable.
@@ -201,7 +201,8 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
             f"{len(config.labels)} labels"
         )
     try:
-        engine = Engine(compiled, providers, threads, max_batch=head_batch)
+        engine = Engine(compiled, providers, threads, max_batch=head_batch,
+                        image_batch=image_batch, conv_algo_search=conv_algo_search)
     except ORT_ERRORS as exc:
         raise ModelError(f"{folder.name}: ONNX Runtime cannot load the graphs: {exc}") from exc
     _check_input(folder, config, engine)
@@ -219,14 +220,14 @@ def _final_activation(model: onnx.ModelProto) -> Activation | None:
 
 
 def _check_input(folder: Path, config: ModelConfig, engine: Engine) -> None:
-    """One forward pass of a blank image shaped as model.toml says, at load: a wrong size,
-    channel count or layout stops the start-up with the graph's own words instead of
-    failing every request."""
+    """One forward pass of a blank image shaped as model.toml says, at load (the engine's
+    warm-up): a wrong size, channel count or layout stops the start-up with the graph's own
+    words instead of failing every request."""
     spec = config.input
     shape = ((1, spec.channels, spec.height, spec.width) if spec.layout is Layout.NCHW
              else (1, spec.height, spec.width, spec.channels))
     try:
-        engine.forward(np.zeros(shape, dtype=np.float32))
+        engine.warm_up(shape)
     except ORT_ERRORS as exc:
         raise ModelError(
             f"{folder.name}: the network does not take the input model.toml describes "
@@ -278,7 +279,8 @@ def ensemble_folders(root: Path) -> list[Path]:
 
 
 def load_repository(root: Path, *, default: str | None, providers: list[str], threads: int,
-                    head_batch: int, cache: CompileCache | None = None) -> Repository:
+                    head_batch: int, cache: CompileCache | None = None, image_batch: int = 8,
+                    conv_algo_search: str = "EXHAUSTIVE") -> Repository:
     """Load every model folder under ``root``, then the ensembles of those models.
 
     The default, when not configured, is the first plain model by name (adding an
@@ -296,7 +298,8 @@ def load_repository(root: Path, *, default: str | None, providers: list[str], th
     models: dict[str, LoadedModel] = {}
     for folder in folders:
         loaded = load_model(folder, providers=providers, threads=threads, head_batch=head_batch,
-                            cache=cache)
+                            cache=cache, image_batch=image_batch,
+                            conv_algo_search=conv_algo_search)
         if loaded.name in models:
             raise ModelError(f"two model folders are named {loaded.name!r}")
         models[loaded.name] = loaded

@@ -1,73 +1,140 @@
-"""Runs one compiled model: the only place that calls ONNX Runtime for inference."""
+"""Runs one compiled model: the only place that calls ONNX Runtime for inference, and the
+one place an image batch becomes the captures every method reads (:meth:`Engine.capture`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
+from service.errors import UnknownMethod
 from service.graph.autodiff import SEED, grad_name
-from service.graph.build import GUIDED_PREFIX, CompiledModel
-from service.models.spec import Layout
-from service.runtime.sessions import ORT_ERRORS, make_session
+from service.graph.build import GUIDED_PREFIX, Capability, CompiledModel
+from service.graph.fixations import FixationPlan
+from service.methods.base import Captures, Row, Target
+from service.models.activation import Activation
+from service.models.spec import InputSpec, Layout
+from service.runtime.sessions import CPU, CUDA, ORT_ERRORS, make_session
 
 log = logging.getLogger(__name__)
 
+Feed = np.ndarray | ort.OrtValue
+
 
 class Engine:
-    """Sessions for the backbone, head and head VJP of one model (and the guided and
-    fixations graphs); a graph the compiler could not build gets no session.
+    """One session per compiled graph of a model; a graph the compiler could not build gets
+    none (``available`` says which there are).
 
     All arrays crossing this class's boundary hold target-layer activations channel-first,
-    (B, C, H, W), whatever the model stores; the head runs in chunks of at most
-    ``max_batch`` copies so CRM's H·W masked copies never need one huge buffer.
+    (B, C, H, W), whatever the model stores. Every graph runs batches: the head in chunks of
+    at most ``max_batch`` copies (CRM's H·W masked copies never need one huge buffer), the
+    graphs fed with images in chunks of at most ``image_batch``. A graph whose batch axis is
+    fixed at 1 (a Reshape to [1, -1] the specialisation could not free) is found out at its
+    first batch and from then on runs one row at a time.
+
+    On CUDA the sessions run through I/O binding: inputs are bound as device values and
+    outputs allocated on the device, then copied back once (``io_binding`` forces it on or
+    off, e.g. to exercise it on CPU).
     """
 
-    def __init__(self, compiled: CompiledModel, providers: list[str], threads: int,
-                 max_batch: int = 256) -> None:
+    def __init__(self, compiled: CompiledModel, providers: Sequence[str], threads: int,
+                 max_batch: int = 256, *, image_batch: int = 8,
+                 conv_algo_search: str = "EXHAUSTIVE", io_binding: bool | None = None) -> None:
         self.compiled = compiled
         self.split = compiled.split
-        self._backbone = make_session(compiled.backbone, providers, threads)
         # The backbone runs on every request and keeps ONNX Runtime's repacked weights; the
         # other graphs share the plain ones (a private packed copy each cost the size of
         # the network's weights again, per graph).
-        self._head = make_session(compiled.head, providers, threads, prepack=False)
-        self._head_vjp = (make_session(compiled.head_vjp, providers, threads, prepack=False)
-                          if compiled.head_vjp is not None else None)
-        self._guided = (make_session(compiled.guided, providers, threads, prepack=False)
-                        if compiled.guided is not None else None)
-        self._guided_batches = True
-        self._fixations = (make_session(compiled.fixations, providers, threads, prepack=False)
-                           if compiled.fixations is not None else None)
-        self.providers = self._backbone.get_providers()
+        self._sessions = {
+            cap: make_session(graph, list(providers), threads,
+                              prepack=cap is Capability.BACKBONE,
+                              conv_algo_search=conv_algo_search)
+            for cap, graph in compiled.graphs.items()
+        }
+        self.providers: list[str] = self._sessions[Capability.BACKBONE].get_providers()
+        self.device = "cuda" if self.providers[0] == CUDA else "cpu"
+        # Why the model runs elsewhere than asked (ONNX Runtime quietly drops a provider it
+        # cannot start), for GET /models/{name}; None when it runs where asked.
+        self.fallback = (f"{providers[0]} was requested but is not usable here; running on "
+                         f"{CPU}" if providers and providers[0] != self.providers[0] else None)
+        self._bind = self.device == "cuda" if io_binding is None else io_binding
         self._nhwc = self.split.target_layout is Layout.NHWC
+        self.image_batch = max(1, image_batch)
+        self._batches: dict[Capability, bool] = {}
+        # The logits' width when the graph states it (one-hot seeds before any forward pass).
+        logits = compiled.backbone.graph.output[1].type.tensor_type.shape.dim
+        self.n_classes = logits[-1].dim_value if len(logits) else 0
         self.max_batch = max_batch if self._head_batches() else 1
 
     @property
+    def available(self) -> frozenset[Capability]:
+        return frozenset(self._sessions)
+
+    @property
     def has_head_vjp(self) -> bool:
-        return self._head_vjp is not None
+        return Capability.HEAD_VJP in self._sessions
 
     @property
     def has_guided(self) -> bool:
-        return self._guided is not None
+        return Capability.GUIDED in self._sessions
 
     @property
     def has_fixations(self) -> bool:
-        return self._fixations is not None
+        return Capability.FIXATIONS in self._sessions
 
-    def all_activations(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
-        """The tensors CNN Fixations reads (``fixations_plan.needed``) for one image (1, ...),
-        each in the model's own layout; the image itself is ``tensor``."""
-        plan = self.compiled.fixations_plan
-        if self._fixations is None or plan is None:
-            raise RuntimeError("this model has no fixations graph")
-        names = [n for n in plan.needed if n != plan.image]
-        values = self._fixations.run(names, {plan.image: tensor}) if names else []
-        found = dict(zip(names, values))
-        if plan.image in plan.needed:
-            found[plan.image] = tensor
-        return found
+    def run(self, cap: Capability, outputs: Sequence[str],
+            feeds: Mapping[str, Feed]) -> list[np.ndarray]:
+        """One graph run: the only call into ONNX Runtime for inference."""
+        session = self._sessions.get(cap)
+        if session is None:
+            raise UnknownMethod(f"this model has no {cap.title} (see GET /models)")
+        if not self._bind:
+            return session.run(list(outputs), dict(feeds))  # type: ignore[arg-type]
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            if not isinstance(value, ort.OrtValue):
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value),
+                                                         self.device, 0)
+            binding.bind_ortvalue_input(name, value)
+        for name in outputs:
+            binding.bind_output(name, self.device)
+        session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
+
+    def warm_up(self, image_shape: Sequence[int]) -> None:
+        """Run the backbone on blank images once at one image and once at a full batch, so
+        cuDNN's convolution search (per input shape) and ONNX Runtime's allocations happen
+        at load, not in a request; on CPU, only the one-image check."""
+        blank = np.zeros((1, *image_shape[1:]), dtype=np.float32)
+        self.forward(blank)
+        if self.device == "cuda" and self.image_batch > 1:
+            self.forward(np.repeat(blank, self.image_batch, axis=0))
+
+    def _rows(self, cap: Capability, fn: Callable[..., list[np.ndarray]], arrays:
+              Sequence[np.ndarray], chunk: int) -> list[np.ndarray]:
+        """``fn`` over row chunks of ``arrays`` (all with the same first axis), results
+        concatenated; one row at a time for a graph that refuses batches."""
+        n = arrays[0].shape[0]
+        step = chunk if self._batches.get(cap, True) else 1
+        parts: list[list[np.ndarray]] = []
+        start = 0
+        while start < n:
+            stop = min(start + step, n)
+            try:
+                parts.append(fn(*(a[start:stop] for a in arrays)))
+            except ORT_ERRORS as exc:
+                if stop - start == 1:
+                    raise
+                # A batch axis fixed at 1 somewhere in the graph: row by row from now on.
+                log.info("the %s graph of %s does not batch (%s); running rows one at a time",
+                         cap, self.split.logits, type(exc).__name__)
+                self._batches[cap] = False
+                step = 1
+                continue
+            start = stop
+        return [np.concatenate(out, axis=0) for out in zip(*parts)]
 
     def _to_native(self, acts: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(acts.transpose(0, 2, 3, 1)) if self._nhwc else acts
@@ -80,70 +147,140 @@ class Engine:
         c, h, w = self.split.target_shape
         probe = np.zeros((2, c, h, w), dtype=np.float32)
         try:
-            out = self._head.run([self.split.logits], {self.split.target: self._to_native(probe)})
+            out = self.run(Capability.HEAD, [self.split.logits],
+                           {self.split.target: self._to_native(probe)})
         except ORT_ERRORS as exc:
             log.info("head of %s does not batch (%s); running copies one at a time",
                      self.split.logits, type(exc).__name__)
             return False
         return bool(out[0].shape[0] == 2)
 
-    def forward(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Image tensor (1, ...) → (activations (1, C, H, W), logits (1, K))."""
-        acts, logits = self._backbone.run(
-            [self.split.target, self.split.logits], {self.split.image: tensor}
-        )
+    def forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image tensors (B, ...) → (activations (B, C, H, W), logits (B, K))."""
+        acts, logits = self._rows(Capability.BACKBONE, lambda x: self.run(
+            Capability.BACKBONE, [self.split.target, self.split.logits], {self.split.image: x}),
+            [images], self.image_batch)
         return self._from_native(acts), logits
-
-    def _chunked(self, fn: Callable[..., np.ndarray], *arrays: np.ndarray) -> np.ndarray:
-        n = arrays[0].shape[0]
-        parts = [fn(*(a[i:i + self.max_batch] for a in arrays))
-                 for i in range(0, n, self.max_batch)]
-        return np.concatenate(parts, axis=0)
 
     def head(self, acts: np.ndarray) -> np.ndarray:
         """Activations (B, C, H, W) → logits (B, K)."""
-        def run(a: np.ndarray) -> np.ndarray:
-            return self._head.run([self.split.logits],
-                                  {self.split.target: self._to_native(a)})[0]
-        return self._chunked(run, acts.astype(np.float32, copy=False))
+        return self._rows(Capability.HEAD, lambda a: self.run(
+            Capability.HEAD, [self.split.logits], {self.split.target: self._to_native(a)}),
+            [acts.astype(np.float32, copy=False)], self.max_batch)[0]
 
     def head_vjp(self, acts: np.ndarray, seed: np.ndarray) -> np.ndarray:
         """Σ_k seed[b, k] · ∂logit_k/∂acts[b] for each b: (B, C, H, W)."""
-        session = self._head_vjp
-        if session is None:
-            raise RuntimeError("this model has no head VJP graph")
+        out = self._rows(Capability.HEAD_VJP, lambda a, s: self.run(
+            Capability.HEAD_VJP, [grad_name(self.split.target)],
+            {self.split.target: self._to_native(a), SEED: s}),
+            [acts.astype(np.float32, copy=False), seed.astype(np.float32, copy=False)],
+            self.max_batch)[0]
+        return self._from_native(out)
 
-        def run(a: np.ndarray, s: np.ndarray) -> np.ndarray:
-            out = session.run([grad_name(self.split.target)],
-                              {self.split.target: self._to_native(a), SEED: s})[0]
-            return self._from_native(out)
-        return self._chunked(run, acts.astype(np.float32, copy=False),
-                             seed.astype(np.float32, copy=False))
-
-    def guided(self, tensor: np.ndarray,
+    def guided(self, images: np.ndarray,
                seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Guided backprop for one image tensor (1, ...), with its forward pass.
+        """Guided backprop of rows (image r, seed r), with their forward pass.
 
-        Returns (activations (1, C, H, W), logits (1, K), gradients (B, ...)), the gradients
-        being Σ_k seed[b, k]·∂logit_k/∂input under the guided rule, shaped like the input.
+        ``images`` holds one image tensor per seed row (R, ...), or one (1, ...) for all.
+        Returns (activations (R, C, H, W), logits (R, K), gradients (R, ...)), the gradients
+        being Σ_k seed[r, k]·∂logit_k/∂input under the guided rule, shaped like the input.
         The graph computes the forward pass anyway, so callers that know their classes
         up front need no separate ``forward``.
         """
-        if self._guided is None:
-            raise RuntimeError("this model has no guided graph")
-        outputs = [self.split.target, self.split.logits, grad_name(self.split.image, GUIDED_PREFIX)]
-        seed_name = f"{GUIDED_PREFIX}seed"
         seeds = seeds.astype(np.float32, copy=False)
-        if self._guided_batches and len(seeds) > 1:
-            copies = np.repeat(tensor, len(seeds), axis=0)
-            try:
-                acts, logits, grads = self._guided.run(
-                    outputs, {self.split.image: copies, seed_name: seeds})
-                return self._from_native(acts[:1]), logits[:1], grads
-            except ORT_ERRORS:
-                # A graph with a fixed batch of 1 (e.g. a Reshape to [1, -1]): one at a time.
-                self._guided_batches = False
-        runs = [self._guided.run(outputs, {self.split.image: tensor, seed_name: s[None]})
-                for s in seeds]
-        return (self._from_native(runs[0][0]), runs[0][1],
-                np.concatenate([r[2] for r in runs]))
+        if len(images) == 1 and len(seeds) > 1:
+            images = np.repeat(images, len(seeds), axis=0)
+        outputs = [self.split.target, self.split.logits,
+                   grad_name(self.split.image, GUIDED_PREFIX)]
+        acts, logits, grads = self._rows(Capability.GUIDED, lambda x, s: self.run(
+            Capability.GUIDED, outputs, {self.split.image: x, f"{GUIDED_PREFIX}seed": s}),
+            [images, seeds], self.image_batch)
+        return self._from_native(acts), logits, grads
+
+    def all_activations(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """The tensors CNN Fixations reads (``fixations_plan.needed``) for one image (1, ...),
+        each in the model's own layout; the image itself is ``tensor``."""
+        plan = self.compiled.fixations_plan
+        if plan is None:
+            raise UnknownMethod(f"this model has no {Capability.FIXATIONS.title} "
+                                "(see GET /models)")
+        names = [n for n in plan.needed if n != plan.image]
+        values = self.run(Capability.FIXATIONS, names, {plan.image: tensor}) if names else []
+        found = dict(zip(names, values))
+        if plan.image in plan.needed:
+            found[plan.image] = tensor
+        return found
+
+    def capture(self, images: np.ndarray, activation: Activation,
+                spec: InputSpec | None = None, prefetch: Sequence[Row] = ()) -> Captures:
+        """The forward pass of an image batch (B, ...) as the captures methods read.
+
+        Args:
+            images: the network inputs, one per image, normalised.
+            activation: how the logits become scores.
+            spec: how the images were normalised (guided maps are taken w.r.t. the image
+                before normalisation) and their layout; None: as fed, NCHW.
+            prefetch: guided rows (logit target) known before the forward pass: their images'
+                forward pass is the guided graph's, which leaves their maps in the memo.
+        """
+        graphs = BatchGraphs(self, images, spec)
+        rows = list(dict.fromkeys(r for r in prefetch if r.cls is not None)) \
+            if self.has_guided and self.n_classes else []
+        assert all(r.target is Target.LOGIT for r in rows), "prefetched seeds are one-hot"
+        guided_images = {r.image for r in rows}
+        plain = [i for i in range(len(images)) if i not in guided_images]
+        acts: list[np.ndarray | None] = [None] * len(images)
+        logits: list[np.ndarray | None] = [None] * len(images)
+        if plain:
+            a, z = self.forward(images[plain])
+            for k, i in enumerate(plain):
+                acts[i], logits[i] = a[k], z[k]
+        memo: dict[object, object] = {}
+        # One guided run per image, of that image's rows only: its activations and logits
+        # then never depend on batch-mates (CRM magnifies the last bits of the logits).
+        for image in dict.fromkeys(r.image for r in rows):
+            mine = [r for r in rows if r.image == image]
+            seeds = np.eye(self.n_classes, dtype=np.float32)[[r.cls for r in mine]]
+            a, z, grads = self.guided(images[image:image + 1], seeds)
+            acts[image], logits[image] = a[0], z[0]
+            for row, values in zip(mine, graphs.to_image(grads).sum(axis=1)):
+                memo["guided", row] = values
+        return Captures(np.stack(acts), np.stack(logits), activation, graphs, memo)  # type: ignore[arg-type]
+
+
+class BatchGraphs:
+    """The graphs of one engine bound to one image batch (service.methods.base.Graphs)."""
+
+    def __init__(self, engine: Engine, images: np.ndarray, spec: InputSpec | None) -> None:
+        self.engine = engine
+        self.images = images
+        self._nhwc = spec is not None and spec.layout is Layout.NHWC
+        channels = images.shape[-1] if self._nhwc else images.shape[1]
+        std = np.asarray(spec.std if spec is not None else [1.0] * channels, dtype=np.float32)
+        self._inv_std = (1.0 / std)[None, :, None, None]
+        self._fixations: dict[int, dict[str, np.ndarray]] = {}
+
+    def head(self, acts: np.ndarray) -> np.ndarray:
+        return self.engine.head(acts)
+
+    def head_vjp(self, acts: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        return self.engine.head_vjp(acts, seeds)
+
+    def to_image(self, grads: np.ndarray) -> np.ndarray:
+        """Gradients w.r.t. the network input → w.r.t. the image before normalisation,
+        channel-first: x_norm = (x − mean) / std, so d/dx = d/dx_norm / std per channel."""
+        if self._nhwc:
+            grads = grads.transpose(0, 3, 1, 2)
+        return grads * self._inv_std
+
+    def guided(self, images: Sequence[int], seeds: np.ndarray) -> np.ndarray:
+        return self.to_image(self.engine.guided(self.images[list(images)], seeds)[2])
+
+    def fixations(self, image: int) -> tuple[Mapping[str, np.ndarray], FixationPlan]:
+        plan = self.engine.compiled.fixations_plan
+        if plan is None:
+            raise UnknownMethod(f"this model has no {Capability.FIXATIONS.title} "
+                                "(see GET /models)")
+        if image not in self._fixations:
+            self._fixations[image] = self.engine.all_activations(self.images[image:image + 1])
+        return self._fixations[image], plan

@@ -69,8 +69,22 @@ def _ensure_thread_pool(threads: int) -> None:
                         "ignoring a request for %d", _pool_threads, threads)
 
 
+def provider_options(providers: list[str], conv_algo_search: str) -> list[str | tuple[str, dict[str, str]]]:
+    """``providers`` with the CUDA provider's options.
+
+    cuDNN picks each convolution's algorithm per input shape: EXHAUSTIVE benchmarks them
+    all on the first run of a shape (hence the warm-up at load, see Engine.warm_up),
+    HEURISTIC asks cuDNN's heuristics (quicker start, sometimes slower kernels). Copies in
+    the default stream keep the I/O-bound inputs ordered with the compute that reads them.
+    """
+    options: dict[str, str] = {"cudnn_conv_algo_search": conv_algo_search,
+                               "do_copy_in_default_stream": "1"}
+    return [(p, options) if p == CUDA else p for p in providers]
+
+
 def make_session(model: onnx.ModelProto | bytes | str, providers: list[str],
-                 threads: int, *, prepack: bool = True) -> ort.InferenceSession:
+                 threads: int, *, prepack: bool = True,
+                 conv_algo_search: str = "EXHAUSTIVE") -> ort.InferenceSession:
     """A session on the shared thread pool; ``model`` as a proto, bytes or a file path.
 
     A proto whose weights are held outside it (service.graph.weights) gets them as
@@ -96,7 +110,8 @@ def make_session(model: onnx.ModelProto | bytes | str, providers: list[str],
             for tensor in weights.offloaded(model):
                 options.add_initializer(tensor.name, shared.ort_value(tensor.name))
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    session = ort.InferenceSession(source, sess_options=options,
+                                   providers=provider_options(providers, conv_algo_search))
     # The session reads the shared arrays for as long as it lives.
     session.shared_weights = shared  # type: ignore[attr-defined]
     return session

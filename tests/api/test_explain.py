@@ -359,11 +359,12 @@ def test_fixations_points_equal_the_in_process_walk(client: TestClient, demo, ph
     assert r.status_code == 200, r.text
     body = r.json()
     assert [e["method"] for e in body["explanations"]] == ["fixations", "fixations"]
-    from service import pipeline  # noqa: PLC0415
-    from service.methods import METHODS, Target  # noqa: PLC0415
+    from service.methods import METHODS, rows  # noqa: PLC0415
 
-    fwd = pipeline.forward(demo, decode(data, "image/png"), pipeline.Stopwatch())
-    expected = METHODS["fixations"].compute(fwd.captures, [0, 1], Target.LOGIT)
+    spec = demo.config.input
+    captures = demo.engine.capture(to_model_input(decode(data, "image/png"), spec).tensor,
+                                   demo.config.activation, spec)
+    expected = METHODS["fixations"].compute(captures, rows([0, 1]))
     for e, raw in zip(body["explanations"], expected):
         # A 256² phantom on a 256² network: image pixels are model pixels.
         assert raw.points is not None and len(raw.points)

@@ -73,6 +73,9 @@ def test_process_and_build_info(fresh: TestClient) -> None:
         ("python_version", platform.python_version()),
         ("version", __version__)))] == 1
     text = fresh.get("/metrics").text
+    # Each family once: a scrape with a family twice is refused.
+    types = re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE)
+    assert len(types) == len(set(types)), sorted(t for t in types if types.count(t) > 1)
     assert re.search(r"^# TYPE medexplain_http_requests_total counter$", text, re.MULTILINE)
     assert re.search(r"^# TYPE medexplain_http_request_duration_seconds histogram$", text,
                      re.MULTILINE)

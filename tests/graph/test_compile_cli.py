@@ -83,7 +83,7 @@ def test_cache_keeps_a_missing_head_vjp(tmp_path: Path, monkeypatch: pytest.Monk
     again = CompileCache(tmp_path).compile(raw, h.model, layout=Layout.NCHW, activation=None,
                                            target_layer=None)
     assert again.head_vjp is None and again.head_vjp_error == first.head_vjp_error
-    assert set(again.graphs()) == set(first.graphs()) == {"backbone", "head"}
+    assert set(again.graphs) == set(first.graphs) == {"backbone", "head"}
     assert again.guided_error == first.guided_error
     assert again.fixations_error == first.fixations_error
 
@@ -101,8 +101,8 @@ def test_cache_hits_memory_then_disk(tmp_path: Path, monkeypatch: pytest.MonkeyP
     again = CompileCache(tmp_path).compile(raw, model, layout=Layout.NCHW, activation=None,
                                            target_layer=None)
     assert again.split == first.split
-    for name, graph in first.graphs().items():
-        assert again.graphs()[name].SerializeToString() == graph.SerializeToString()
+    for name, graph in first.graphs.items():
+        assert again.graphs[name].SerializeToString() == graph.SerializeToString()
     memory = CompileCache(None)
     with pytest.raises(AssertionError, match="compiled again"):
         memory.compile(raw, model, layout=Layout.NCHW, activation=None, target_layer=None)

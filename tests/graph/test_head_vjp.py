@@ -12,8 +12,8 @@ from onnx.reference import ReferenceEvaluator
 
 from service.errors import CompileError, UnknownMethod
 from service.graph.autodiff import SEED, grad_name
-from service.graph.build import compile_model
-from service.methods import METHODS, Captures, Target
+from service.graph.build import Capability, compile_model
+from service.methods import METHODS, Target, rows
 from service.models.activation import Activation
 from service.models.spec import Layout
 from service.runtime.engine import Engine
@@ -112,7 +112,7 @@ def test_opset_18_reduce_with_axes_input(rng: np.random.Generator) -> None:
 
 def test_generated_graphs_pass_the_full_checker() -> None:
     compiled = _compile(handmade.build("mlp"))
-    for graph in compiled.graphs().values():  # type: ignore[attr-defined]
+    for graph in compiled.graphs.values():  # type: ignore[attr-defined]
         onnx.checker.check_model(graph, full_check=True)
         assert all(n.output[0].startswith("xai/") for n in graph.graph.node
                    if n.name.startswith("xai/"))
@@ -171,15 +171,18 @@ def test_head_without_rules_keeps_the_forward_graphs(rng: np.random.Generator) -
     acts = np.abs(rng.normal(size=(3, handmade.C, handmade.H, handmade.W))).astype(np.float32)
     np.testing.assert_allclose(engine.head(acts), h.numpy_head(acts.astype(np.float64)),
                                rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="no head VJP graph"):
-        engine.head_vjp(acts, np.eye(3, handmade.K, dtype=np.float32))
-    captures = Captures(acts[0], engine.head(acts[:1])[0], Activation.SIGMOID, engine.head, None)
     with pytest.raises(UnknownMethod, match="no head VJP graph"):
-        METHODS["gradcam"].compute(captures, [0], Target.LOGIT)
+        engine.head_vjp(acts, np.eye(3, handmade.K, dtype=np.float32))
+    dims = compiled.backbone.graph.input[0].type.tensor_type.shape.dim
+    image = rng.normal(size=[d.dim_value or 1 for d in dims]).astype(np.float32)
+    captures = engine.capture(image, Activation.SIGMOID)
+    with pytest.raises(UnknownMethod, match="no head VJP graph"):
+        METHODS["gradcam"].compute(captures, rows([0], Target.LOGIT))
     with pytest.raises(UnknownMethod, match="no guided-backprop graph"):
-        METHODS["guided_gradcam"].compute(captures, [0], Target.LOGIT)
-    assert [m.name for m in METHODS.values() if m.needs_head_vjp] == ["gradcam", "guided_gradcam"]
-    crm = METHODS["crm"].compute(captures, [0, 2], Target.PROBABILITY)
+        METHODS["guided_gradcam"].compute(captures, rows([0], Target.LOGIT))
+    assert [m.name for m in METHODS.values()
+            if Capability.HEAD_VJP in m.requires] == ["gradcam", "guided_gradcam"]
+    crm = METHODS["crm"].compute(captures, rows([0, 2], Target.PROBABILITY))
     assert [m.index for m in crm] == [0, 2] and all(np.isfinite(m.values).all() for m in crm)
 
 

@@ -85,7 +85,7 @@ def test_compiled_graphs_from_offloaded_weights_equal_the_inline_ones(
     inline = compile_model(onnx.load_from_string(raw), layout=Layout.NCHW, input_shape=shape)
     light = CompileCache(tmp_path).compile(raw, skeleton, layout=Layout.NCHW, activation=None,
                                            target_layer=None, input_shape=shape)
-    for name, graph in light.graphs().items():
+    for name, graph in light.graphs.items():
         for tensor in graph.graph.initializer:
             # The model's own weights are references in every graph; only what a rule
             # computes from them (a Conv's flipped kernel for its input gradient) is inline.

@@ -19,7 +19,7 @@ from service.graph.autodiff import SEED, grad_name, vjp
 from service.graph.build import compile_model
 from service.graph.onnx_graph import GraphIndex
 from service.graph.target import find_logits, split
-from service.methods import METHODS, Captures, Target
+from service.methods import METHODS, rows
 from service.models.activation import Activation
 from service.models.spec import Layout
 from service.runtime.engine import Engine
@@ -91,11 +91,9 @@ def test_head_vjp_matches_autograd(name: str) -> None:
 @by_name
 def test_gradcam_matches_autograd(name: str) -> None:
     engine, ref = _engine(name), _ref(name)
-    acts, logits = engine.forward(ref["x"])
-    captures = Captures(acts[0], logits[0], Activation(str(MANIFEST[name]["final_activation"])),
-                        engine.head, engine.head_vjp)
+    captures = engine.capture(ref["x"], Activation(str(MANIFEST[name]["final_activation"])))
     k = ref["logits"].shape[0]
-    maps = METHODS["gradcam"].compute(captures, list(range(k)), Target.LOGIT)
+    maps = METHODS["gradcam"].compute(captures, rows(range(k)))
     assert [m.index for m in maps] == list(range(k))
     err = _rel(np.stack([m.values for m in maps]), ref["gradcam"])
     assert err <= TOL, f"{name}: Grad-CAM relative error {err:.2e}"

@@ -20,10 +20,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.errors import CompileError
-from service.graph.build import compile_model
+from service.graph.build import Capability, compile_model
 from service.graph.fixations import FixationPlan, build_plan, expose, plan_from_graph
 from service.graph.target import Split
-from service.methods import METHODS, Captures, Target
+from service.methods import METHODS, Target, rows
 from service.methods.fixations import density, image_points, inliers, walk
 from service.models.activation import Activation
 from service.models.spec import Layout
@@ -190,7 +190,7 @@ def test_unsupported_op_leaves_the_model_serving_without_fixations() -> None:
     assert compiled.fixations is None and compiled.fixations_plan is None
     assert "Neg node" in str(compiled.fixations_error)
     engine = Engine(compiled, ["CPUExecutionProvider"], 1)
-    assert not engine.has_fixations and METHODS["fixations"].needs_fixations
+    assert not engine.has_fixations and Capability.FIXATIONS in METHODS["fixations"].requires
 
 
 # --- (b) the vectorised walk against a per-point reference on the zoo ------------------
@@ -752,10 +752,8 @@ def test_small_network_with_slices_and_splits_walks_like_the_reference() -> None
     assert len(traced["left"]) and len(traced["right"]), "both Split outputs are traced"
     _walks_like_the_reference(model, x, "logits", classes, traced)
     # And the method end to end: points on the image grid, a density map.
-    captures = Captures(np.zeros((5, 10, 9), np.float32), np.zeros(4, np.float32),
-                        Activation.NONE, lambda a: a, lambda a, s: a,
-                        fixations=lambda: (acts, plan))
-    maps = METHODS["fixations"].compute(captures, classes, Target.LOGIT)
+    captures = engine.capture(x, Activation.NONE)
+    maps = METHODS["fixations"].compute(captures, rows(classes, Target.LOGIT))
     for raw in maps:
         assert raw.values.shape == (12, 12) and raw.points is not None and len(raw.points)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.graph.build import compile_model
-from service.methods import METHODS, Captures, Target
+from service.methods import METHODS, Captures, Target, rows
 from service.models.activation import Activation
 from service.models.spec import Layout
 from service.runtime.engine import Engine
@@ -31,9 +31,8 @@ def _captures(name: str, rng: np.random.Generator) -> tuple[Captures, handmade.H
                     ["CPUExecutionProvider"], 1)
     shape = (1, 2, handmade.H, handmade.W) if h.layout == "NCHW" else (1, handmade.H,
                                                                         handmade.W, 2)
-    acts, logits = engine.forward(rng.normal(size=shape).astype(np.float32))
-    return Captures(acts[0], logits[0], Activation(ACTIVATION[name]), engine.head,
-                    engine.head_vjp), h
+    return engine.capture(rng.normal(size=shape).astype(np.float32),
+                          Activation(ACTIVATION[name])), h
 
 
 def _score(name: str, h: handmade.Handmade, target: Target):  # type: ignore[no-untyped-def]
@@ -48,9 +47,9 @@ def _score(name: str, h: handmade.Handmade, target: Target):  # type: ignore[no-
 def test_gradcam_equals_finite_difference_reference(name: str, target: Target,
                                                      rng: np.random.Generator) -> None:
     cap, h = _captures(name, rng)
-    acts = cap.activations.astype(np.float64)
+    acts = cap.activations[0].astype(np.float64)
     score = _score(name, h, target)
-    maps = METHODS["gradcam"].compute(cap, [0, 2], target)
+    maps = METHODS["gradcam"].compute(cap, rows([0, 2], target))
     for raw, cls in zip(maps, [0, 2]):
         eps = 1e-6
         grad = np.zeros_like(acts)
@@ -83,13 +82,13 @@ def _brute_force_crm(score, acts: np.ndarray) -> np.ndarray:  # type: ignore[no-
 def test_crm_equals_brute_force_reevaluation(name: str, target: Target,
                                              rng: np.random.Generator) -> None:
     cap, h = _captures(name, rng)
-    expected = _brute_force_crm(_score(name, h, target), cap.activations.astype(np.float64))
-    per_class = METHODS["crm"].compute(cap, [0, 1, 2], target)
+    expected = _brute_force_crm(_score(name, h, target), cap.activations[0].astype(np.float64))
+    per_class = METHODS["crm"].compute(cap, rows([0, 1, 2], target))
     for raw in per_class:
         assert raw.index is not None
         ref = expected[..., raw.index]
         np.testing.assert_allclose(raw.values, ref, rtol=2e-3, atol=1e-6 * ref.max() + 1e-9)
-    (combined,) = METHODS["crm_combined"].compute(cap, [0], target)
+    (combined,) = METHODS["crm_combined"].compute(cap, rows([None], target))
     assert combined.index is None
     ref = expected.sum(axis=-1)
     np.testing.assert_allclose(combined.values, ref, rtol=2e-3, atol=1e-6 * ref.max() + 1e-9)
@@ -100,8 +99,8 @@ def test_crm_of_a_linear_head_is_the_squared_cam(rng: np.random.Generator) -> No
     cap, h = _captures("linear", rng)
     weights = next(i for i in h.model.graph.initializer if i.name == "fc_w")
     w = np.frombuffer(weights.raw_data, dtype=np.float32).reshape(handmade.K, handmade.C)
-    acts = cap.activations.astype(np.float64)
-    for raw in METHODS["crm"].compute(cap, [0, 1, 2], Target.LOGIT):
+    acts = cap.activations[0].astype(np.float64)
+    for raw in METHODS["crm"].compute(cap, rows([0, 1, 2], Target.LOGIT)):
         cam = np.einsum("k,khw->hw", w[raw.index], acts) / (handmade.H * handmade.W)
         np.testing.assert_allclose(raw.values, cam**2, rtol=2e-3, atol=1e-9)
 
@@ -110,11 +109,11 @@ def test_crm_of_a_nonlinear_head_is_not_the_seed_shortcut(rng: np.random.Generat
     # The seed project squared a CAM built from the *last* Dense layer: for a hidden layer
     # that is not CRM. Our maps must follow the real head instead.
     cap, h = _captures("mlp", rng)
-    (raw,) = METHODS["crm"].compute(cap, [0], Target.LOGIT)
-    reference = _brute_force_crm(h.numpy_head, cap.activations.astype(np.float64))[..., 0]
+    (raw,) = METHODS["crm"].compute(cap, rows([0], Target.LOGIT))
+    reference = _brute_force_crm(h.numpy_head, cap.activations[0].astype(np.float64))[..., 0]
     np.testing.assert_allclose(raw.values, reference, rtol=2e-3, atol=1e-9)
     w2 = next(i for i in h.model.graph.initializer if i.name == "w2")
     last = np.frombuffer(w2.raw_data, dtype=np.float32).reshape(handmade.K, 8)
-    shortcut = np.einsum("k,khw->hw", last[0, : handmade.C], cap.activations) ** 2
+    shortcut = np.einsum("k,khw->hw", last[0, : handmade.C], cap.activations[0]) ** 2
     corr = np.corrcoef(shortcut.ravel(), reference.ravel())[0, 1]
     assert corr < 0.99

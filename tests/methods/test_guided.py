@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from service.graph.build import compile_model
-from service.methods import METHODS, Captures, Target
+from service.methods import METHODS, Target, rows
 from service.methods.maps import resize
 from service.models.activation import Activation
+from service.models.spec import InputSpec
 from service.runtime.engine import Engine
 from tests import handmade
 from tests.handmade import TARGET, H, K, W
@@ -70,8 +71,9 @@ def test_guided_backprop_equals_numpy_reference(name: str, rng: np.random.Genera
         image = rng.normal(size=(1, 2, H, W)).astype(np.float32)
         acts, logits, grads = engine.guided(image, np.eye(K, dtype=np.float32))
         plain_acts, plain_logits = engine.forward(image)
-        np.testing.assert_allclose(acts, plain_acts, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(logits, plain_logits, rtol=1e-6, atol=1e-6)
+        for row in range(K):  # every seed row's forward pass is the image's
+            np.testing.assert_allclose(acts[row:row + 1], plain_acts, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(logits[row:row + 1], plain_logits, rtol=1e-6, atol=1e-6)
         for cls in range(K):
             expected = _reference(name, image[0].astype(np.float64), cls)
             scale = np.abs(expected).max()
@@ -84,13 +86,12 @@ def test_guided_methods(rng: np.random.Generator) -> None:
     h = handmade.build("mlp")
     engine = Engine(compile_model(h.model, target_layer=TARGET), ["CPUExecutionProvider"], 1)
     image = rng.normal(size=(1, 2, H, W)).astype(np.float32)
-    acts, logits = engine.forward(image)
     std = np.array([0.5, 0.25], np.float32)
-    cap = Captures(acts[0], logits[0], Activation.SIGMOID, engine.head, engine.head_vjp,
-                   guided=lambda s: engine.guided(image, s)[2] / std[None, :, None, None])
-    guided = METHODS["guided_backprop"].compute(cap, [0, 2], Target.LOGIT)
-    gradcam = METHODS["gradcam"].compute(cap, [0, 2], Target.LOGIT)
-    fused = METHODS["guided_gradcam"].compute(cap, [0, 2], Target.LOGIT)
+    cap = engine.capture(image, Activation.SIGMOID, InputSpec(H, W, 2, (0.0, 0.0), tuple(std)))
+    logits = cap.logits
+    guided = METHODS["guided_backprop"].compute(cap, rows([0, 2], Target.LOGIT))
+    gradcam = METHODS["gradcam"].compute(cap, rows([0, 2], Target.LOGIT))
+    fused = METHODS["guided_gradcam"].compute(cap, rows([0, 2], Target.LOGIT))
     for g, cam, f, cls in zip(guided, gradcam, fused, [0, 2]):
         ref = _reference("mlp", image[0].astype(np.float64), cls)
         expected = (ref / std[:, None, None]).sum(axis=0)  # d/d(image before normalisation)
@@ -100,6 +101,6 @@ def test_guided_methods(rng: np.random.Generator) -> None:
     # probability target: the guided seed is scaled by p(1 − p) before the rectifiers, so the
     # map scales by the same positive factor.
     p = 1 / (1 + np.exp(-logits[0, 0]))
-    (prob,) = METHODS["guided_backprop"].compute(cap, [0], Target.PROBABILITY)
+    (prob,) = METHODS["guided_backprop"].compute(cap, rows([0], Target.PROBABILITY))
     np.testing.assert_allclose(prob.values, guided[0].values * p * (1 - p), rtol=1e-4,
                                atol=1e-7)

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from service import pipeline
 from service.imaging import decode
-from service.methods import METHODS, Target
+from service.imaging.preprocess import to_model_input
+from service.methods import METHODS, rows
 from service.methods.maps import resize
 from service.models.repository import LoadedModel, load_model
 
@@ -40,8 +40,10 @@ def _hits(demo: LoadedModel, method: str) -> list[bool]:
     hits = []
     for file, label, mask_file in _cases():
         image = decode((PHANTOMS / file).read_bytes(), "image/png")
-        fwd = pipeline.forward(demo, image, pipeline.Stopwatch())
-        (raw,) = METHODS[method].compute(fwd.captures, [LABELS.index(label)], Target.LOGIT)
+        spec = demo.config.input
+        captures = demo.engine.capture(to_model_input(image, spec).tensor,
+                                       demo.config.activation, spec)
+        (raw,) = METHODS[method].compute(captures, rows([LABELS.index(label)]))
         values = resize(raw.values, 256, 256)
         y, x = np.unravel_index(int(np.argmax(values)), values.shape)
         mask = cv2.imread(str(PHANTOMS / mask_file), cv2.IMREAD_GRAYSCALE) > 0

@@ -1,8 +1,10 @@
 """POST /explain and POST /predict.
 
 The route reads the parameters (service.api.request), negotiates the answer's packaging
-once from the Accept header, decodes, computes (service.pipeline: arrays only) and hands
-the result to the chosen output (service.outputs), which writes the body. JSON is the
+once from the Accept header, decodes and preprocesses in the request pool, computes on the
+model's compute stream (batched with other requests; service.pipeline: arrays only) and
+hands the result, back in the pool, to the chosen output (service.outputs), which writes
+the body. JSON is the
 default (also for ``*/*``); ``application/dicom`` and ``multipart/related;
 type="application/dicom"`` answer with the DICOM object the ``dicom`` parameter names.
 POST /explain/dicom is the same computation answering DICOM only (its own OpenAPI
@@ -17,7 +19,14 @@ from fastapi import APIRouter, Request, Response
 
 from schemas import ExplainResponse, PredictResponse, Problem
 from service import imaging, outputs, pipeline
-from service.api.deps import ApiKey, LimiterDep, MetricsDep, RepositoryDep, SettingsDep
+from service.api.deps import (
+    ApiKey,
+    LimiterDep,
+    MetricsDep,
+    RepositoryDep,
+    SchedulerDep,
+    SettingsDep,
+)
 from service.api.docs import BINARY, ERRORS, upload_operation
 from service.api.metrics import Metrics, label_model
 from service.api.negotiation import accept_header, negotiate
@@ -28,7 +37,7 @@ from service.imaging.base import DecodedImage
 from service.models.repository import Repository, Served
 from service.outputs.base import DICOM, MULTIPART_DICOM, Packaging
 from service.outputs.json_maps import predict_response
-from service.runtime.worker import Limiter
+from service.runtime.worker import Limiter, Scheduler
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 
@@ -91,16 +100,26 @@ def input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
     return max(s.height for s in specs), max(s.width for s in specs)
 
 
+async def compute(scheduler: Scheduler, model: Served,
+                  job: pipeline.Job) -> pipeline.Computed:
+    """The job computed on its model's stream (the first network's device)."""
+    computed: pipeline.Computed = await scheduler.run(model.name,
+                                                      model.members[0].engine.device, job)
+    return computed
+
+
 @router.post("/explain", response_model=ExplainResponse, responses=EXPLAIN_RESPONSES,
              openapi_extra=upload_operation(ExplainParams),
              summary="Scores for every label and heatmaps explaining the chosen ones")
 async def explain(request: Request, settings: SettingsDep, repository: RepositoryDep,
-                  limiter: LimiterDep, metrics: MetricsDep) -> Response:
+                  limiter: LimiterDep, scheduler: SchedulerDep,
+                  metrics: MetricsDep) -> Response:
     packagings = negotiate(accept_header(request))
     if not packagings:
         raise NotAcceptable(
             f"the Accept header allows none of application/json, {DICOM}, {MULTIPART_DICOM}")
-    return await _explain(request, packagings, settings, repository, limiter, metrics)
+    return await _explain(request, packagings, settings, repository, limiter, scheduler,
+                          metrics)
 
 
 @router.post("/explain/dicom", response_class=Response, responses=EXPLAIN_DICOM_RESPONSES,
@@ -108,18 +127,21 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
              summary="/explain answering DICOM: a Secondary Capture or a Structured Report "
                      "in the source study")
 async def explain_dicom(request: Request, settings: SettingsDep, repository: RepositoryDep,
-                        limiter: LimiterDep, metrics: MetricsDep) -> Response:
+                        limiter: LimiterDep, scheduler: SchedulerDep,
+                        metrics: MetricsDep) -> Response:
     # Its own operation, so that generated clients take the answer as bytes, not JSON.
     accept = accept_header(request)
     packagings = [p for p in negotiate(accept if accept and accept.strip() else DICOM)
                   if p is not Packaging.JSON]
     if not packagings:
         raise NotAcceptable(f"the Accept header allows none of {DICOM}, {MULTIPART_DICOM}")
-    return await _explain(request, packagings, settings, repository, limiter, metrics)
+    return await _explain(request, packagings, settings, repository, limiter, scheduler,
+                          metrics)
 
 
 async def _explain(request: Request, packagings: list[Packaging], settings: Settings,
-                   repository: Repository, limiter: Limiter, metrics: Metrics) -> Response:
+                   repository: Repository, limiter: Limiter, scheduler: Scheduler,
+                   metrics: Metrics) -> Response:
     upload = await read_upload(request, settings, ExplainParams)
     params: ExplainParams = upload.params
     model = repository.get(params.model)
@@ -130,7 +152,7 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
     first, packaging = candidates[0]
     options = first.options(params, model, packaging)
 
-    def work() -> tuple[Response, pipeline.Result]:
+    def prepare() -> tuple[outputs.Output, outputs.Packaging, pipeline.Job]:
         watch = pipeline.Stopwatch()
         image = decode_upload(upload.data, upload.media_type, params, settings,
                         None if first.full_resolution else input_size(model, settings))
@@ -141,10 +163,17 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
                                 f"{image.format}")
         output, used = chosen
         wanted = options if output is first else output.options(params, model, used)
-        result = pipeline.explain(model, image, wanted, watch)
-        return output.render(result, params, used), result
+        return output, used, pipeline.prepare(model, image, wanted, watch)
 
-    answer, result = await limiter.run(work)
+    async with limiter.admit():
+        output, used, job = await limiter.run(prepare)
+        computed = await compute(scheduler, model, job)
+
+        def render() -> tuple[Response, pipeline.Result]:
+            result = pipeline.finish(model, computed)
+            return output.render(result, params, used), result
+
+        answer, result = await limiter.run(render)
     metrics.observe_methods(result)
     return answer
 
@@ -153,17 +182,20 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
              openapi_extra=upload_operation(PredictParams),
              summary="Scores for every label, no explanation")
 async def predict(request: Request, settings: SettingsDep, repository: RepositoryDep,
-                  limiter: LimiterDep) -> Response:
+                  limiter: LimiterDep, scheduler: SchedulerDep) -> Response:
     upload = await read_upload(request, settings, PredictParams)
     params: PredictParams = upload.params
     model = repository.get(params.model)
     label_model(request, model.name)
 
-    def work() -> Response:
+    def prepare() -> pipeline.Job:
         watch = pipeline.Stopwatch()
         image = decode_upload(upload.data, upload.media_type, params, settings,
                         input_size(model, settings))
         watch.lap("decode")
-        return predict_response(pipeline.predict(model, image, watch))
+        return pipeline.prepare(model, image, None, watch)
 
-    return await limiter.run(work)
+    async with limiter.admit():
+        job = await limiter.run(prepare)
+        computed = await compute(scheduler, model, job)
+        return await limiter.run(lambda: predict_response(pipeline.finish(model, computed)))

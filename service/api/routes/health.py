@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from schemas import Health
 from service.api.deps import LimiterDep, MetricsDep, RepositoryDep
@@ -30,4 +30,7 @@ async def readyz(repository: RepositoryDep, limiter: LimiterDep) -> Health | JSO
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(collected: MetricsDep, limiter: LimiterDep) -> Response:
     collected.pending.set(limiter.pending)
-    return Response(generate_latest(collected.registry), media_type=CONTENT_TYPE_LATEST)
+    # The app's HTTP metrics, then the process-wide ones (the compute streams' batch metrics,
+    # service.runtime.metrics, and the process collectors).
+    return Response(generate_latest(collected.registry) + generate_latest(REGISTRY),
+                    media_type=CONTENT_TYPE_LATEST)

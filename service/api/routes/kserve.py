@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
@@ -26,16 +28,27 @@ from schemas.protocols import (
 )
 from service import outputs, pipeline
 from service.api.body import read_body
-from service.api.deps import ApiKey, LimiterDep, MetricsDep, RepositoryDep, SettingsDep
+from service.api.deps import (
+    ApiKey,
+    LimiterDep,
+    MetricsDep,
+    RepositoryDep,
+    SchedulerDep,
+    SettingsDep,
+)
 from service.api.docs import ERRORS, body_schema
 from service.api.metrics import label_model
 from service.api.problems import ProtocolRoute
 from service.api.request import ExplainParams, PredictParams, parameter_schemas, parse_params
-from service.api.routes.explain import decode_upload, input_size
+from service.api.routes.explain import compute, decode_upload, input_size
 from service.config import Settings
 from service.errors import InvalidInferenceRequest, InvalidParameter
+from service.models.repository import Served
 from service.outputs.base import JSON, Packaging
 from service.outputs.json_maps import predict_response
+from service.runtime.worker import Limiter, Scheduler
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/v1/models", tags=["kserve-v1"], route_class=ProtocolRoute,
                    dependencies=[ApiKey])
@@ -72,22 +85,15 @@ async def v1_model_ready(name: str, request: Request,
              openapi_extra=_request_body(PredictParams),
              summary="Scores for every label of each instance (KServe V1)")
 async def v1_predict(name: str, request: Request, settings: SettingsDep,
-                     repository: RepositoryDep, limiter: LimiterDep) -> Response:
+                     repository: RepositoryDep, limiter: LimiterDep,
+                     scheduler: SchedulerDep) -> Response:
     model = repository.get(name)
     label_model(request, model.name)
     images = await _instances(request, settings)
     params: PredictParams = _params(request, PredictParams)
-
-    def work() -> list[bytes]:
-        bodies = []
-        for data in images:
-            watch = pipeline.Stopwatch()
-            image = decode_upload(data, None, params, settings, input_size(model, settings))
-            watch.lap("decode")
-            bodies.append(bytes(predict_response(pipeline.predict(model, image, watch)).body))
-        return bodies
-
-    return _compose({"predictions": await limiter.run(work)})
+    bodies = await _run(images, model, None, params, settings, limiter, scheduler,
+                        lambda result: bytes(predict_response(result).body))
+    return _compose({"predictions": bodies})
 
 
 @router.post("/{name}:explain", response_model=V1ExplainResponse, responses=ERRORS,
@@ -95,7 +101,7 @@ async def v1_predict(name: str, request: Request, settings: SettingsDep,
              summary="Scores and heatmaps of each instance (KServe V1)")
 async def v1_explain(name: str, request: Request, settings: SettingsDep,
                      repository: RepositoryDep, limiter: LimiterDep,
-                     metrics: MetricsDep) -> Response:
+                     scheduler: SchedulerDep, metrics: MetricsDep) -> Response:
     model = repository.get(name)
     label_model(request, model.name)
     images = await _instances(request, settings)
@@ -103,20 +109,41 @@ async def v1_explain(name: str, request: Request, settings: SettingsDep,
     output = outputs.JSON_OUTPUT
     options = output.options(params, model, Packaging.JSON)
 
-    def work() -> tuple[list[bytes], list[bytes]]:
-        predictions, explanations = [], []
-        for data in images:
-            watch = pipeline.Stopwatch()
-            image = decode_upload(data, None, params, settings, input_size(model, settings))
-            watch.lap("decode")
-            result = pipeline.explain(model, image, options, watch)
-            explanations.append(bytes(output.render(result, params, Packaging.JSON).body))
-            predictions.append(bytes(predict_response(result).body))
-            metrics.observe_methods(result)
-        return predictions, explanations
+    def render(result: pipeline.Result) -> tuple[bytes, bytes]:
+        metrics.observe_methods(result)
+        # /predict's body first: the JSON output's render also closes the timings.
+        return (bytes(predict_response(result).body),
+                bytes(output.render(result, params, Packaging.JSON).body))
 
-    predictions, explanations = await limiter.run(work)
-    return _compose({"predictions": predictions, "explanations": explanations})
+    bodies = await _run(images, model, options, params, settings, limiter, scheduler, render)
+    return _compose({"predictions": [p for p, _ in bodies],
+                     "explanations": [e for _, e in bodies]})
+
+
+async def _run(images: list[bytes], model: Served, options: pipeline.ExplainOptions | None,
+               params: PredictParams, settings: Settings, limiter: Limiter,
+               scheduler: Scheduler, render: Callable[[pipeline.Result], T]) -> list[T]:
+    """Each instance through the pipeline and ``render``, all admitted as one request; the
+    instances go to the compute stream together, so they can share a batch."""
+
+    def prepare(data: bytes) -> pipeline.Job:
+        watch = pipeline.Stopwatch()
+        image = decode_upload(data, None, params, settings, input_size(model, settings))
+        watch.lap("decode")
+        return pipeline.prepare(model, image, options, watch)
+
+    async with limiter.admit():
+        jobs = [await limiter.run(prepare, data) for data in images]
+        computed: list[pipeline.Computed] = [None] * len(jobs)  # type: ignore[list-item]
+
+        async def one(k: int) -> None:
+            computed[k] = await compute(scheduler, model, jobs[k])
+
+        async with anyio.create_task_group() as group:
+            for k in range(len(jobs)):
+                group.start_soon(one, k)
+        return [await limiter.run(lambda c=c: render(pipeline.finish(model, c)))
+                for c in computed]
 
 
 async def _instances(request: Request, settings: Settings) -> list[bytes]:

@@ -38,6 +38,7 @@ def model_info(model: Served, repository: Repository) -> ModelInfo:
         methods=_methods(model),
         unavailable_methods=model.unavailable,
         execution_providers=list(model.engine.providers),
+        execution_fallback=model.engine.fallback,
         sha256=model.sha256,
     )
 
@@ -59,6 +60,8 @@ def ensemble_info(model: Ensemble, repository: Repository) -> ModelInfo:
         unavailable_methods={name: f"member {m.name}: {reason}" for m in model.members
                              for name, reason in m.unavailable.items()},
         execution_providers=list(dict.fromkeys(providers)),
+        execution_fallback="; ".join(f"member {m.name}: {m.engine.fallback}"
+                                     for m in model.members if m.engine.fallback) or None,
         sha256=model.sha256,
         members=list(model.config.members),
     )

@@ -43,12 +43,19 @@ from schemas.protocols import (
 )
 from service import __version__, outputs, pipeline
 from service.api.body import read_body
-from service.api.deps import ApiKey, LimiterDep, MetricsDep, RepositoryDep, SettingsDep
+from service.api.deps import (
+    ApiKey,
+    LimiterDep,
+    MetricsDep,
+    RepositoryDep,
+    SchedulerDep,
+    SettingsDep,
+)
 from service.api.docs import ERRORS, body_schema
 from service.api.metrics import label_model
 from service.api.problems import ProtocolRoute
 from service.api.request import ExplainParams, parse_params
-from service.api.routes.explain import decode_upload, input_size
+from service.api.routes.explain import compute, decode_upload, input_size
 from service.errors import InvalidInferenceRequest, InvalidParameter
 from service.imaging.base import DecodedImage
 from service.imaging.preprocess import ModelInput, from_tensor
@@ -142,31 +149,33 @@ async def v2_model_metadata(name: str, request: Request,
              summary="Scores, and maps when parameters name methods (OIP V2)")
 async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
                          repository: RepositoryDep, limiter: LimiterDep,
-                         metrics: MetricsDep) -> Response:
+                         scheduler: SchedulerDep, metrics: MetricsDep) -> Response:
     model = repository.get(name)
     label_model(request, model.name)
     body = await read_body(request, settings.max_upload_bytes)
     infer, blobs = _parse(body, request.headers.get(HEADER_LENGTH), _max_values(model))
     given = _tensor_input(infer, blobs, model)
     params, explaining = _params(infer.parameters)
+    options = (outputs.JSON_OUTPUT.options(params, model, Packaging.JSON) if explaining
+               else None)
 
-    def work() -> pipeline.Result:
+    def prepare() -> pipeline.Job:
         watch = pipeline.Stopwatch()
-        if isinstance(given, ModelInput):
-            image, model_input = _tensor_image(given), given
-        else:
-            image = decode_upload(given, None, params, settings, input_size(model, settings))
-            model_input = None
+        if isinstance(given, ModelInput):  # already the network's input: nothing to do
+            return pipeline.Job(_tensor_image(given), (given,), options, watch)
+        image = decode_upload(given, None, params, settings, input_size(model, settings))
         watch.lap("decode")
-        if not explaining:
-            return pipeline.predict(model, image, watch, model_input=model_input)
-        options = outputs.JSON_OUTPUT.options(params, model, Packaging.JSON)
-        return pipeline.explain(model, image, options, watch, model_input=model_input)
+        return pipeline.prepare(model, image, options, watch)
 
-    result = await limiter.run(work)
-    metrics.observe_methods(result)
-    tensors = _tensors(result, params.size)
-    return _answer(infer, tensors, model)
+    def finish(computed: pipeline.Computed) -> Response:
+        result = pipeline.finish(model, computed)
+        metrics.observe_methods(result)
+        return _answer(infer, _tensors(result, params.size), model)
+
+    async with limiter.admit():
+        job = await limiter.run(prepare)
+        computed = await compute(scheduler, model, job)
+        return await limiter.run(finish, computed)
 
 
 @dataclass(frozen=True)
