@@ -1,6 +1,7 @@
 """Pydantic models of medexplain's public HTTP API."""
 
 from schemas.api import (
+    AcceptsInfo,
     DicomInfo,
     ExplainResponse,
     Explanation,
@@ -19,7 +20,7 @@ from schemas.api import (
 )
 
 __all__ = [
-    "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo", "InputInfo",
+    "AcceptsInfo", "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo", "InputInfo",
     "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse", "Prediction", "Problem",
     "Region", "TargetLayerInfo",
 ]

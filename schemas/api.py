@@ -98,6 +98,16 @@ class TargetLayerInfo(BaseModel):
 
 
 # Everything a client needs to know about one served model (a network or an ensemble).
+class AcceptsInfo(BaseModel):
+    """The DICOM images a model is meant for (model.toml [accepts]); empty: any value."""
+
+    modalities: list[str] = Field(description="Modality must be one of these")
+    body_parts: list[str] = Field(
+        description="Body Part Examined, when present, must be one of these")
+    view_positions: list[str] = Field(
+        description="View Position, when present, must be one of these")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -122,6 +132,10 @@ class ModelInfo(BaseModel):
     members: list[str] | None = Field(
         None, description="an ensemble's member models (scores and max-normalised maps "
                           "averaged over them); null for a single network")
+    accepts: AcceptsInfo | None = Field(
+        None, description="the DICOM images the model is meant for; any other DICOM gets "
+                          "422 dicom_not_accepted (PNG/JPEG are not checked). null for an "
+                          "ensemble: it accepts what every member accepts")
 
 
 class ModelsResponse(BaseModel):

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # System tools some tests use: Orthanc with its Python plugin (tests/integration, the PACS
-# round trip), dicom3tools' dciodvfy and DCMTK's dcmdump (DICOM validation of the
-# Secondary Captures). Installed from Debian's packages only when missing, so reruns cost
-# nothing; on a machine without apt (or without root and sudo) the tests that need them
-# say why they are skipped.
+# round trip) and its DICOMweb plugin (tests/dimse, STOW-RS), dicom3tools' dciodvfy and
+# DCMTK's dcmdump (DICOM validation of the Secondary Captures) and storescu (tests/dimse,
+# the C-STORE sender), docker-compose (tests/deploy). Installed from Debian's packages only
+# when missing, so reruns cost nothing; on a machine without apt (or without root and sudo)
+# the tests that need them say what is missing.
+# Not installed here: kubectl, which tests/deploy needs for `kubectl kustomize` with
+# kustomize v5; Debian's kubernetes-client is 1.20 (kustomize v2), too old for the
+# manifests, so the machine's own kubectl (the Google Cloud SDK's here) is used.
 set -euo pipefail
 need=()
 { command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null 2>&1 || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || need+=(orthanc-python)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
-command -v dcmdump >/dev/null 2>&1 || need+=(dcmtk)
+{ command -v dcmdump && command -v storescu; } >/dev/null 2>&1 || need+=(dcmtk)
+# `docker compose config` when the compose plugin is there, else Debian's docker-compose
+# (tests/deploy: the compose file resolves; neither needs a Docker engine).
+{ docker compose version || command -v docker-compose; } >/dev/null 2>&1 || need+=(docker-compose)
 [ "${#need[@]}" -gt 0 ] || exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: no apt-get; not installing ${need[*]}" >&2

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -29,7 +30,9 @@ class Settings(BaseModel):
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime providers; auto = CUDA when a GPU is usable"
     )
-    # 0 lets ONNX Runtime use every core; a service sharing a machine should set it.
+    # 0: as many as the container's CPU quota allows (cgroup cpu.max / cfs_quota, see
+    # resolve_threads), or every core when there is none; a service sharing a machine
+    # should set it.
     threads: int = Field(0, ge=0)
     # Radiographs as DICOM are ~10-50 MB; 64 MB leaves room for big ones without letting a
     # client make the service hold arbitrary amounts of memory.
@@ -73,6 +76,25 @@ class Settings(BaseModel):
     max_instances: int = Field(8, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # DICOM networking (service.dimse): a C-STORE SCP listening on ``host`` at this port,
+    # explaining what it receives through the service's own /explain. Off when unset.
+    dicom_port: int | None = Field(None, ge=1, le=65535)
+    dicom_ae_title: str = "MEDEXPLAIN"
+    # Calling AE titles allowed to associate; empty: any (the called AE title must be ours).
+    dicom_allowed_callers: tuple[str, ...] = ()
+    # Where the results go: "AET@host:port" by C-STORE, and/or a DICOMweb base URL
+    # (e.g. http://pacs:8042/dicom-web) by STOW-RS. Neither: received images are still
+    # explained (and checked) but the results go nowhere, which is only useful for tests.
+    dicom_destination: str | None = None
+    dicom_stow_url: str | None = None
+    # Which DICOM objects are sent for each received image (sc: a Secondary Capture per
+    # explanation, one series per method; sr: one Structured Report). Each is one /explain.
+    dicom_outputs: tuple[Literal["sc", "sr"], ...] = ("sc",)
+    # /explain parameters for received images (model, methods, classes, ...); not dicom=.
+    dicom_query: str = "methods=gradcam"
+    # Seconds for one received image's explanation and delivery before it gets a failure.
+    dicom_timeout_s: float = Field(120.0, gt=0)
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -96,6 +118,52 @@ class Settings(BaseModel):
             raise ValueError("CORS origins are '*' or scheme://host[:port], with no path")
         return value
 
+    @field_validator("dicom_allowed_callers", "dicom_outputs", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _ae_title(value)
+
+    @field_validator("dicom_allowed_callers")
+    @classmethod
+    def _ae_titles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_ae_title(v) for v in value)
+
+    @field_validator("dicom_destination")
+    @classmethod
+    def _destination(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = _DESTINATION.fullmatch(value.strip())
+        if match is None or not 1 <= int(match["port"]) <= 65535:
+            raise ValueError("dicom_destination must be AET@host:port")
+        _ae_title(match["aet"])
+        return value.strip()
+
+    @field_validator("dicom_stow_url")
+    @classmethod
+    def _stow_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("dicom_stow_url must be an http(s) DICOMweb base URL")
+        return value.rstrip("/") if value else None
+
+    @field_validator("dicom_query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        try:
+            pairs = parse_qsl(value, strict_parsing=bool(value))
+        except ValueError as exc:
+            raise ValueError(f"dicom_query is not a query string: {exc}") from exc
+        if any(key == "dicom" for key, _ in pairs):
+            raise ValueError("dicom_query must not set dicom=; dicom_outputs chooses")
+        return value
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Settings from ``MEDEXPLAIN_*`` variables, then ``overrides`` (CLI flags)."""
@@ -109,10 +177,92 @@ class Settings(BaseModel):
         return cls(**values)
 
 
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cpu_quota(root: Path = CGROUP, own: str | None = None) -> int | None:
+    """Whole CPUs the process's cgroup lets it use (the quota rounded up), None if unlimited.
+
+    ONNX Runtime sizes its pool from the host's cores, which under a container's CPU limit
+    (``docker run --cpus``, a Kubernetes CPU limit) means more threads than CPU time and a
+    throttled, slower service. cgroup v2: ``cpu.max`` ("quota period" or "max period") of
+    the process's group and its ancestors, the smallest wins; cgroup v1:
+    ``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (-1: none).
+
+    Args:
+        root: where the cgroup file system is mounted.
+        own: the contents of ``/proc/self/cgroup`` (read when None).
+    """
+    if own is None:
+        try:
+            own = Path("/proc/self/cgroup").read_text(encoding="ascii")
+        except OSError:
+            own = ""
+    if (root / "cgroup.controllers").is_file():  # v2: one unified hierarchy
+        path = next((line[3:].strip() for line in own.splitlines() if line.startswith("0::")),
+                    "/")
+        folder = root / path.lstrip("/")
+        limits = []
+        # Inside a container's cgroup namespace the own path is "/" and only root counts.
+        while True:
+            limits.append(_quota_v2(folder / "cpu.max"))
+            if folder == root or root not in folder.parents:
+                break
+            folder = folder.parent
+        found = [limit for limit in limits if limit is not None]
+        return min(found) if found else None
+    # v1: the cpu controller's group ("3:cpu,cpuacct:/path"), else its mount's root.
+    parts = [line.split(":", 2) for line in own.splitlines()]
+    path = next((p[2].strip() for p in parts if len(p) == 3 and "cpu" in p[1].split(",")), "/")
+    for name in ("cpu", "cpu,cpuacct"):
+        for folder in (root / name / path.lstrip("/"), root / name):
+            quota = _read_int(folder / "cpu.cfs_quota_us")
+            period = _read_int(folder / "cpu.cfs_period_us")
+            if quota is not None and period:
+                return None if quota < 0 else max(1, -(-quota // period))
+    return None
+
+
+def _quota_v2(path: Path) -> int | None:
+    try:
+        quota, period = path.read_text(encoding="ascii").split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_threads(threads: int, root: Path = CGROUP) -> int:
+    """The compute threads to use: ``threads`` when set, else the CPU quota, else 0 (ONNX
+    Runtime's choice: every core)."""
+    if threads:
+        return threads
+    return cpu_quota(root) or 0
+
+
+_DESTINATION = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>[0-9]{1,5})")
+
+
+def _ae_title(value: str) -> str:
+    """An AE title: 1-16 printable ASCII characters, not only spaces, no backslash."""
+    text = value.strip()
+    if not 1 <= len(text) <= 16 or not all(" " <= c <= "~" and c != "\\" for c in text):
+        raise ValueError(f"{value!r} is not an AE title (1-16 ASCII characters, no backslash)")
+    return text
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings (tests override the dependency instead)."""
     return Settings.from_env()
 
 
-__all__ = ["Settings", "ValidationError", "get_settings"]
+__all__ = ["Settings", "ValidationError", "cpu_quota", "get_settings", "resolve_threads"]

@@ -128,6 +128,14 @@ class UnknownMethod(InvalidParameter):
     title = "Unknown method"
 
 
+class DicomNotAccepted(InvalidParameter):
+    """Raised when a DICOM image is outside the model's accepted modalities, body parts or
+    view positions (model.toml ``[accepts]``)."""
+
+    code = "dicom_not_accepted"
+    title = "DICOM image not accepted by the model"
+
+
 class UnknownModel(ServiceError):
     """Raised when the requested model is not in the repository."""
 
@@ -153,8 +161,19 @@ class Overloaded(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class DeliveryError(ServiceError):
+    """Raised when the DICOM results of a received image cannot be sent to a destination."""
+
+    code = "delivery_failed"
+    title = "Results not delivered"
+
+
 class ModelError(Exception):
     """Raised when a model folder cannot be loaded (bad model.toml, bad ONNX, ...)."""
+
+
+class DicomServerError(Exception):
+    """Raised when the DICOM C-STORE SCP cannot start (its packages missing, its port taken)."""
 
 
 class CompileError(ModelError):

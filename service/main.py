@@ -11,12 +11,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
-from service import __version__, pipeline
+from service import __version__, dimse, pipeline
 from service.api import docs, problems
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import explain, health, kserve, models, oip
-from service.config import Settings, get_settings
+from service.config import Settings, get_settings, resolve_threads
 from service.graph.cache import CompileCache
 from service.models.repository import Repository, load_repository
 from service.runtime.sessions import CPU, requested_providers
@@ -38,7 +38,8 @@ def open_repository(settings: Settings) -> Repository:
     """Load and compile the configured models (the service's lifespan, the CLI's explain)."""
     providers = requested_providers(settings.providers)
     repository = load_repository(settings.models, default=settings.default_model,
-                                 providers=providers, threads=settings.threads,
+                                 providers=providers,
+                                 threads=resolve_threads(settings.threads),
                                  head_batch=settings.head_batch,
                                  cache=(CompileCache(settings.compile_cache)
                                         if settings.compile_cache else None),
@@ -70,9 +71,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_queue_delay_ms=settings.max_queue_delay_ms,
             capacity=settings.max_concurrency + settings.max_queue).start()
         try:
-            yield State(settings=settings, repository=repository,
-                        limiter=Limiter(settings.max_concurrency, settings.max_queue),
-                        metrics=metrics, scheduler=scheduler)
+            state = State(settings=settings, repository=repository,
+                          limiter=Limiter(settings.max_concurrency, settings.max_queue),
+                          metrics=metrics, scheduler=scheduler)
+            async with dimse.listening(settings, app, state):  # the C-STORE SCP, if configured
+                yield state
         finally:
             scheduler.close()
 

@@ -291,6 +291,11 @@ layout = "NCHW"
 activation = "sigmoid"
 [explain]
 # target_layer is auto-detected (the final ReLU of the last dense block)
+[accepts]
+# Chest radiographs only: a DICOM of another modality or body part gets 422
+# dicom_not_accepted instead of scores the network was never trained to give.
+modalities = ["CR", "DX"]
+body_parts = ["CHEST"]
 """
 
 

@@ -4,6 +4,10 @@ Every instance Orthanc stores is posted to medexplain's ``POST /explain`` with
 ``Accept: application/dicom``; the Secondary Capture that comes back (same study, new
 series) is stored into Orthanc. Instances that are Secondary Captures, or whose
 Manufacturer is ``medexplain``, are skipped, so the bridge never explains its own output.
+Instances outside the model's accepted modalities / body parts / view positions (its
+``accepts`` in ``GET /models/{name}``, read once) are skipped too, with the same rules as the
+service: Modality must be listed, Body Part Examined and View Position when present. The
+service checks again and answers 422 ``dicom_not_accepted``, logged as a skip.
 
 The work happens on one worker thread: Orthanc's change callback only enqueues the
 instance ID, because calling the REST API from inside the callback can deadlock Orthanc.
@@ -28,6 +32,7 @@ import queue
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import orthanc  # provided by the plugin, not installable
@@ -50,7 +55,11 @@ OWN_MANUFACTURER = "medexplain"
 ATTEMPTS = 5
 QUEUE_SIZE = 10_000
 
+# model.toml [accepts] keys -> the Orthanc tag each restricts; Modality must be present.
+RULE_TAGS = {"modalities": "0008-0060", "body_parts": "0018-0015", "view_positions": "0018-5101"}
+
 _jobs: queue.Queue[str | None] = queue.Queue(maxsize=QUEUE_SIZE)
+_rules: dict[str, list[str]] | None = None
 _worker: threading.Thread | None = None
 
 
@@ -73,6 +82,40 @@ def _is_skipped(instance_id: str) -> bool:
     return _rest_text(f"/instances/{instance_id}/content/0008-0070") == OWN_MANUFACTURER
 
 
+def _model_rules() -> dict[str, list[str]]:
+    """The served model's ``accepts``, fetched once; empty while the service is unreachable
+    (the service then still refuses what its model is not for)."""
+    global _rules
+    if _rules is not None:
+        return _rules
+    model = urllib.parse.parse_qs(QUERY).get("model", [""])[0]
+    url = f"{SERVICE_URL}/models" + (f"/{urllib.parse.quote(model)}" if model else "")
+    request = urllib.request.Request(url, headers={"X-API-Key": API_KEY} if API_KEY else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = json.loads(response.read())
+    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError):
+        return {}
+    if not model:  # GET /models: the default model's entry
+        body = next((m for m in body.get("models", []) if m.get("default")), {})
+    _rules = {k: list(v) for k, v in (body.get("accepts") or {}).items() if k in RULE_TAGS}
+    return _rules
+
+
+def _not_for_the_model(instance_id: str) -> str | None:
+    """The attribute that puts an instance outside the model's rules; None when inside."""
+    for key, allowed in _model_rules().items():
+        if not allowed:
+            continue
+        tag = RULE_TAGS[key]
+        value = (_rest_text(f"/instances/{instance_id}/content/{tag}") or "").upper()
+        if not value and key != "modalities":
+            continue
+        if value not in allowed:
+            return key
+    return None
+
+
 def _problem_code(error: urllib.error.HTTPError) -> str:
     """The stable ``code`` of a problem+json answer (never its detail)."""
     try:
@@ -93,6 +136,9 @@ def _explain(instance_id: str, dicom: bytes) -> bytes | None:
                 return bytes(response.read())
         except urllib.error.HTTPError as error:
             code = _problem_code(error)
+            if code == "dicom_not_accepted":
+                _log(f"instance {instance_id} skipped: not for the model ({code})")
+                return None
             if error.code == 503 and attempt < ATTEMPTS:
                 time.sleep(min(float(error.headers.get("Retry-After") or 1), 30.0))
                 continue
@@ -111,6 +157,10 @@ def _explain(instance_id: str, dicom: bytes) -> bytes | None:
 def process(instance_id: str) -> None:
     """Explain one stored instance and store the Secondary Capture back."""
     if _is_skipped(instance_id):
+        return
+    outside = _not_for_the_model(instance_id)
+    if outside is not None:
+        _log(f"instance {instance_id} skipped: outside the model's {outside}")
         return
     dicom = bytes(orthanc.RestApiGet(f"/instances/{instance_id}/file"))
     started = time.monotonic()

@@ -8,7 +8,7 @@ import logging
 import time
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from service.methods import METHODS
 from service.methods.base import RawMap
 from service.models.activation import Activation
 from service.models.ensemble import ENSEMBLE_TOML, Ensemble, ensemble_name, load_ensemble
-from service.models.spec import InputSpec, Layout
+from service.models.spec import Accepts, Attribute, InputSpec, Layout
 from service.runtime.engine import Engine
 from service.runtime.sessions import ORT_ERRORS
 
@@ -44,6 +44,7 @@ class ModelConfig:
     activation: Activation
     target_layer: str | None
     folder: Path
+    accepts: Accepts = field(default_factory=Accepts)
 
 
 def _require(table: dict[str, object], key: str, kind: type, where: str) -> object:
@@ -107,6 +108,7 @@ def read_config(folder: Path, model: onnx.ModelProto) -> ModelConfig:
             '"sigmoid" (independent labels), "softmax" (one label per image) or "none" '
             "(the outputs are the scores)")
     target = data.get("explain", {}).get("target_layer")
+    accepts = _accepts(data.get("accepts", {}), where)
     return ModelConfig(
         name=str(data.get("name", folder.name)),
         version=str(data.get("version", "1")),
@@ -116,7 +118,25 @@ def read_config(folder: Path, model: onnx.ModelProto) -> ModelConfig:
         activation=activation,
         target_layer=str(target) if target else None,
         folder=folder,
+        accepts=accepts,
     )
+
+
+def _accepts(table: object, where: str) -> Accepts:
+    """``[accepts]``: lists of code strings per attribute (see :class:`Accepts`)."""
+    if not isinstance(table, dict):
+        raise ModelError(f"{where}: [accepts] must be a table")
+    unknown = set(table) - {a.name for a in Attribute}
+    if unknown:
+        raise ModelError(f"{where}: [accepts] has unknown keys {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(a.name for a in Attribute)}")
+    values: dict[str, frozenset[str]] = {}
+    for key, listed in table.items():
+        if not isinstance(listed, list) or not all(isinstance(v, str) and v.strip()
+                                                   for v in listed):
+            raise ModelError(f"{where}: accepts.{key} must be a list of code strings")
+        values[key] = frozenset(v.strip().upper() for v in listed)
+    return Accepts(**values)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,22 @@
-"""The parts of model.toml that describe how an image becomes a network input."""
+"""The parts of model.toml that describe how an image becomes a network input, and which
+images a model is meant for."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+
+from pydicom.tag import Tag
+
+from service.errors import DicomNotAccepted
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from service.imaging.base import DecodedImage
 
 
 class Layout(StrEnum):
@@ -24,3 +37,96 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     layout: Layout = Layout.NCHW
+
+
+class Attribute(StrEnum):
+    """The DICOM attributes a model may restrict, by the model.toml key that lists them."""
+
+    modalities = "Modality"
+    body_parts = "BodyPartExamined"
+    view_positions = "ViewPosition"
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """Which DICOM images a model is meant for (model.toml ``[accepts]``).
+
+    Each key lists the accepted values of one attribute (upper case Defined Terms, e.g.
+    ``modalities = ["CR", "DX"]``); an empty list accepts any value. Modality is Type 1, so
+    a listed modality must be present. Body Part Examined (Type 3) and View Position
+    (Type 2) are often left empty by modalities: an absent or empty value is accepted, a
+    present one must be listed. PNG and JPEG carry no such header and are not checked.
+    """
+
+    modalities: frozenset[str] = frozenset()
+    body_parts: frozenset[str] = frozenset()
+    view_positions: frozenset[str] = frozenset()
+
+    def refusal(self, source: Dataset) -> str | None:
+        """Why the header's image is not for this model; None when it is."""
+        for attribute in Attribute:
+            allowed: frozenset[str] = getattr(self, attribute.name)
+            if not allowed:
+                continue
+            value = _code_string(source, attribute.value)
+            if value is None and attribute is not Attribute.modalities:
+                continue
+            if value not in allowed:
+                # Code strings are Defined Terms, not patient data; an odd value is not
+                # quoted all the same (it could be anything a sender put there).
+                shown = value if value is not None and _CODE.fullmatch(value) else (
+                    "absent" if value is None else "not a code string")
+                return (f"{attribute.value} is {shown}; the model accepts "
+                        f"{', '.join(sorted(allowed))}")
+        return None
+
+
+class Guarded(Protocol):
+    """A served model as the guard sees it: its networks, each with its model.toml."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def members(self) -> Sequence[_Configured]: ...
+
+
+class _Configured(Protocol):
+    @property
+    def config(self) -> _WithAccepts: ...
+
+
+class _WithAccepts(Protocol):
+    @property
+    def accepts(self) -> Accepts: ...
+
+
+def check_accepted(model: Guarded, image: DecodedImage) -> None:
+    """Refuse a DICOM image that any of the model's networks is not meant for.
+
+    Raises:
+        DicomNotAccepted: naming the attribute and the accepted values.
+    """
+    if image.source is None:
+        return
+    for member in model.members:
+        reason = member.config.accepts.refusal(image.source)
+        if reason is not None:
+            raise DicomNotAccepted(f"model {model.name} is not for this image: {reason}")
+
+
+# CS: upper case letters, digits, space and underscore, at most 16 characters.
+_CODE = re.compile(r"[A-Z0-9 _]{1,16}")
+
+
+def _code_string(source: Dataset, keyword: str) -> str | None:
+    """A code string element's value, read from its raw bytes (pydicom's validation of a
+    value would warn, quoting it); None when absent or empty."""
+    element = source.get_item(Tag(keyword))
+    if element is None or element.value is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    text = str(value).strip(" \x00").upper()
+    return text or None

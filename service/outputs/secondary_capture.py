@@ -38,6 +38,7 @@ from starlette.responses import Response
 from service import __version__
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
+from service.methods import METHODS
 from service.outputs.base import Output, Packaging, dicom_response, not_for_diagnosis
 from service.outputs.render import Canvas
 from service.pipeline import ExplainOptions, Map, Result
@@ -54,14 +55,29 @@ __all__ = [
     "capture_series",
     "is_capturable",
     "render",
+    "series_number",
 ]
 
 MANUFACTURER: Final[str] = "medexplain"
 """Manufacturer of every instance this module writes (PACS bridges skip their own output)."""
 
-# Series Number is Type 2 in General Series but highdicom needs a positive integer; a high
-# fixed number sorts derived series after the acquired ones in most viewers.
-SERIES_NUMBER: Final[int] = 9901
+# Series Number is Type 2 in General Series but highdicom needs a positive integer. High
+# numbers sort derived series after the acquired ones in most viewers; one number per kind
+# of output and method (see series_number) tells a study's explanations apart at a glance.
+SERIES_BASE: Final[int] = 9910
+
+
+def series_number(base: int, methods: Sequence[str]) -> int:
+    """The Series Number of a derived series holding the maps of ``methods``.
+
+    ``base + 1 +`` the method's place in the method registry for a one-method series (the
+    captures: crm 9911, crm_combined 9912, gradcam 9913, guided_backprop 9914,
+    guided_gradcam 9915, fixations 9916), ``base`` itself for a series of several methods.
+    """
+    distinct = list(dict.fromkeys(methods))
+    if len(distinct) == 1 and distinct[0] in METHODS:
+        return base + 1 + list(METHODS).index(distinct[0])
+    return base
 
 # Patient and General Study attributes copied from the source, as present.
 PATIENT_STUDY_KEYWORDS: Final[tuple[str, ...]] = (
@@ -151,7 +167,8 @@ def render(picture: np.ndarray, caption: Caption) -> np.ndarray:
 
 def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
                    software_version: str, frame: int = 0) -> list[bytes]:
-    """One new series in the source study, one Secondary Capture per explanation.
+    """One Secondary Capture per explanation, in one new series of the source study per
+    method (its own Series Number and Description, see :func:`series_number`).
 
     Args:
         image: the decoded DICOM upload; :func:`is_capturable` must hold.
@@ -169,13 +186,19 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
         raise ValueError("the image has no DICOM source study to join")
     source = image.source
     assert source is not None
-    series_uid = highdicom.UID()
-    description = _series_description([e.caption for e in explained])
+    series: dict[str, tuple[str, str, int]] = {}  # method -> UID, description, number
+    for method in dict.fromkeys(e.caption.method for e in explained):
+        captions = [e.caption for e in explained if e.caption.method == method]
+        series[method] = (highdicom.UID(), _series_description(captions),
+                          series_number(SERIES_BASE, [method]))
+    instances = dict.fromkeys(series, 0)
     frames = int(image.meta.get("frames", 1))
     # The image's own grid only: no model-grid backdrop is ever drawn on.
     canvas = Canvas(image, image.pixels)
     out = []
-    for number, item in enumerate(explained, start=1):
+    for item in explained:
+        series_uid, description, series_no = series[item.caption.method]
+        instances[item.caption.method] += 1
         picture = canvas.overlay(item.heatmap, item.gradient, image.height, image.width,
                                  rgb=True)
         rgb = render(picture, item.caption)
@@ -186,7 +209,8 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
             )
         sc = _secondary_capture(
             source, image.meta, rgb, item.caption,
-            series_uid=series_uid, series_description=description, instance_number=number,
+            series_uid=series_uid, series_number=series_no, series_description=description,
+            instance_number=instances[item.caption.method],
             frame=frame + 1 if frames > 1 else None, software_version=software_version,
         )
         out.append(_encode(sc))
@@ -194,7 +218,8 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
 
 
 def _secondary_capture(source: Dataset, meta: dict[str, str | int], rgb: np.ndarray,
-                       caption: Caption, *, series_uid: str, series_description: str,
+                       caption: Caption, *, series_uid: str, series_number: int,
+                       series_description: str,
                        instance_number: int, frame: int | None,
                        software_version: str) -> highdicom.sc.SCImage:
     orientation = _patient_orientation(source)
@@ -208,7 +233,7 @@ def _secondary_capture(source: Dataset, meta: dict[str, str | int], rgb: np.ndar
         patient_orientation=orientation or ("L", "F"),
         study_instance_uid=str(meta["StudyInstanceUID"]),
         series_instance_uid=series_uid,
-        series_number=SERIES_NUMBER,
+        series_number=series_number,
         sop_instance_uid=highdicom.UID(),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,

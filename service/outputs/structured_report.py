@@ -34,6 +34,7 @@ a header of UIDs only and the patient/study attributes are copied afterwards.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Final
@@ -73,6 +74,7 @@ from service.outputs.secondary_capture import (
     _copy_patient_and_study,
     _uid,
     is_capturable,
+    series_number,
 )
 from service.pipeline import Result
 
@@ -81,7 +83,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCHEME",
-    "SERIES_NUMBER",
+    "SERIES_BASE",
     "Finding",
     "Region",
     "Report",
@@ -94,15 +96,28 @@ __all__ = [
 SCHEME: Final[str] = "99MEDEXPLAIN"
 """Local coding scheme designator of labels, methods and measurement names."""
 
-# After the Secondary Captures' 9901: derived series sort after the acquired ones.
-SERIES_NUMBER: Final[int] = 9902
+# After the Secondary Captures' 9910-9916: one number per method of a one-method report
+# (9931 crm ... 9936 fixations, the registry's order), 9930 for a report of several.
+SERIES_BASE: Final[int] = 9930
 
 SCORE: Final[Code] = Code("score", SCHEME, "score")
 PEAK_SCORE: Final[Code] = Code("peak", SCHEME, "peak score")
 ALL_CLASSES: Final[Code] = Code("all", SCHEME, "all classes")
-NOT_FOR_DIAGNOSIS: Final[str] = "synthetic demo model, not for diagnosis"
+NOT_FOR_DIAGNOSIS: Final[str] = "demo model, not for diagnosis"
 
 _SERIES_DESCRIPTION: Final[str] = f"{MANUFACTURER} findings"
+_LO: Final[int] = 64
+
+
+def _series_description(methods: Sequence[str], not_for_diagnosis: bool) -> str:
+    """``medexplain findings <methods>``, the demo warning last; the method list is what
+    gets shortened when the whole would not fit LO's 64 characters."""
+    suffix = f" - {NOT_FOR_DIAGNOSIS}" if not_for_diagnosis else ""
+    listed = ",".join(dict.fromkeys(methods))
+    room = _LO - len(_SERIES_DESCRIPTION) - 1 - len(suffix)
+    if len(listed) > room:
+        listed = listed[: room - 3] + "..."
+    return _ascii(f"{_SERIES_DESCRIPTION} {listed}{suffix}")
 
 
 @dataclass(frozen=True)
@@ -219,20 +234,22 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
     )
-    description = _SERIES_DESCRIPTION
-    if report.not_for_diagnosis:
-        description = f"{description} - {NOT_FOR_DIAGNOSIS}"
+    methods = [f.method for f in findings]
+    description = _series_description(methods, report.not_for_diagnosis)
+    # highdicom logs, at info level, the UIDs of the evidence it copies from (the
+    # upload's); its modules' loggers take their level from this one.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     sr = Comprehensive3DSR(
         evidence=[evidence],
         content=content,
         series_instance_uid=highdicom.UID(),
-        series_number=SERIES_NUMBER,
+        series_number=series_number(SERIES_BASE, methods),
         sop_instance_uid=highdicom.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=_lo(report.model),
         software_versions=_lo(f"{report.software_version} model {report.model_version}"),
-        series_description=description[:64],
+        series_description=description,
         is_complete=True,
     )
     # Local coding schemes are identified in the SOP Common Module (PS3.3 C.12.1.1.1).

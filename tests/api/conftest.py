@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,3 +60,47 @@ def assert_problem(response, status: int, code: str) -> dict[str, object]:  # ty
     assert body["code"] == code
     assert body["title"] and body["detail"]
     return body  # type: ignore[no-any-return]
+
+
+def unguarded_models(folder: Path) -> Path:
+    """A copy of the bundled repository whose model.toml
+    has no ``[accepts]`` table: for tests that feed non-chest DICOMs (MR, CT, extremity
+    radiographs) through the pipeline, which the bundled model's guard refuses."""
+    for source in sorted(MODELS.iterdir()):
+        if not (source / "model.toml").is_file():
+            continue
+        target = folder / source.name
+        target.mkdir(parents=True)
+        text = (source / "model.toml").read_text(encoding="utf-8")
+        (target / "model.toml").write_text(text.split("[accepts]")[0], encoding="utf-8")
+        # Copied, not linked: ONNX Runtime refuses weights outside the model's folder.
+        shutil.copyfile(source / "model.onnx", target / "model.onnx")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def any_dicom_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """A client of the bundled model without its modality / body part guard."""
+    models = unguarded_models(tmp_path_factory.mktemp("unguarded"))
+    with TestClient(create_app(Settings(models=models, threads=1))) as c:
+        yield c
+
+
+def multipart_parts(response) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """The bodies of a multipart/related response, each checked to be application/dicom."""
+    content_type = response.headers["content-type"]
+    assert content_type.startswith('multipart/related; type="application/dicom"; boundary=')
+    boundary = re.search(r"boundary=([^;]+)", content_type)
+    assert boundary is not None
+    delimiter = b"--" + boundary.group(1).encode()
+    body = response.content
+    assert body.endswith(delimiter + b"--\r\n")
+    chunks = body[: -len(delimiter + b"--\r\n")].split(delimiter)
+    assert chunks[0] == b""
+    parts = []
+    for chunk in chunks[1:]:
+        head, _, payload = chunk.partition(b"\r\n\r\n")
+        assert head.strip() == b"Content-Type: application/dicom"
+        assert payload.endswith(b"\r\n")
+        parts.append(payload[:-2])
+    return parts

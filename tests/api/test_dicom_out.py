@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,17 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from service.api.negotiation import negotiate
 from service.imaging import decode
+from service.methods import METHODS
 from service.outputs.base import Packaging
 from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
-from tests.api.conftest import DATA, assert_problem, phantom_bytes, post_dicom, read_dicom
+from tests.api.conftest import (
+    DATA,
+    assert_problem,
+    multipart_parts,
+    phantom_bytes,
+    post_dicom,
+    read_dicom,
+)
 from tests.dicom_tools import dciodvfy, dcmdump
 from tests.outputs import reference as drawing
 
@@ -27,26 +34,6 @@ PHANTOM = DATA / "dicom" / "phantom_nodule.dcm"
 
 
 _post, _read = post_dicom, read_dicom
-
-
-def _parts(response) -> list[bytes]:  # type: ignore[no-untyped-def]
-    """The bodies of a multipart/related response, each checked to be application/dicom."""
-    content_type = response.headers["content-type"]
-    assert content_type.startswith(MULTIPART + "; boundary=")
-    boundary = re.search(r"boundary=([^;]+)", content_type)
-    assert boundary is not None
-    delimiter = b"--" + boundary.group(1).encode()
-    body = response.content
-    assert body.endswith(delimiter + b"--\r\n")
-    chunks = body[: -len(delimiter + b"--\r\n")].split(delimiter)
-    assert chunks[0] == b""
-    parts = []
-    for chunk in chunks[1:]:
-        head, _, payload = chunk.partition(b"\r\n\r\n")
-        assert head.strip() == b"Content-Type: application/dicom"
-        assert payload.endswith(b"\r\n")
-        parts.append(payload[:-2])
-    return parts
 
 
 def _npy(data: str) -> np.ndarray:
@@ -107,14 +94,21 @@ def test_multipart_gives_one_capture_per_explanation(client: TestClient) -> None
     explanations = _post(client, data, None, **params).json()["explanations"]
     r = _post(client, data, MULTIPART, **params)
     assert r.status_code == 200, r.text
-    captures = [_read(part) for part in _parts(r)]
+    captures = [_read(part) for part in multipart_parts(r)]
     assert len(captures) == len(explanations) == 4
     source = _read(data)
     assert {sc.StudyInstanceUID for sc in captures} == {source.StudyInstanceUID}
-    (series,) = {sc.SeriesInstanceUID for sc in captures}
-    assert series != source.SeriesInstanceUID
+    # One series per method: its own UID, number and description.
+    by_method = {e["method"]: sc.SeriesInstanceUID for sc, e in zip(captures, explanations)}
+    assert len(set(by_method.values())) == 2 and source.SeriesInstanceUID not in by_method.values()
     assert len({sc.SOPInstanceUID for sc in captures}) == 4
-    assert [sc.InstanceNumber for sc in captures] == [1, 2, 3, 4]
+    methods = [e["method"] for e in explanations]
+    assert [(sc.SeriesNumber, sc.InstanceNumber) for sc in captures] == [
+        (9911 + list(METHODS).index(m), methods[: i + 1].count(m)) for i, m in enumerate(methods)]
+    for sc, e in zip(captures, explanations, strict=True):
+        labels = ",".join(dict.fromkeys(x["label"] for x in explanations
+                                        if x["method"] == e["method"]))
+        assert sc.SeriesDescription == f"medexplain {e['method']} {labels}"
     for sc, e in zip(captures, explanations, strict=True):
         assert f"{e['method']} explanation of {e['label']}" in sc.DerivationDescription
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from fastapi.testclient import TestClient
 from onnx import numpy_helper
+from pydicom.data import get_testdata_file
 
 from service.config import Settings
 from service.errors import ModelError
@@ -186,3 +187,15 @@ def test_ensemble_answers_with_dicom_too(ens_client: TestClient) -> None:
     capture = pydicom.dcmread(io.BytesIO(r.content))
     assert capture.StudyInstanceUID == pydicom.dcmread(source).StudyInstanceUID
     assert "gradcam Nodule" in capture.SeriesDescription
+
+
+def test_an_ensemble_refuses_what_a_member_is_not_for(ens_client: TestClient) -> None:
+    ct = get_testdata_file("CT_small.dcm", download=False)
+    assert ct is not None
+    r = ens_client.post("/predict", content=Path(ct).read_bytes(),
+                        headers={"content-type": "application/dicom"})
+    body = assert_problem(r, 422, "dicom_not_accepted")
+    assert body["detail"] == ("model ens is not for this image: Modality is CT; the model "
+                              "accepts CR, DX")
+    assert ens_client.get("/models/ens").json()["accepts"] is None  # see its members
+    assert ens_client.get("/models/a").json()["accepts"]["modalities"] == ["CR", "DX"]

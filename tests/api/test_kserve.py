@@ -8,10 +8,12 @@ import base64
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from pydicom.data import get_testdata_file
 
 from tests.live_server import ROOT, serve
 
@@ -96,3 +98,12 @@ def test_bad_requests(server: str, body: bytes, params: dict[str, str], status: 
     assert problem["status"] == status
     assert problem["error"] == problem["detail"]
     assert re.search(message, problem["detail"]), problem["detail"]
+
+
+def test_a_dicom_the_model_is_not_for_is_refused(server: str) -> None:
+    ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+    answer = httpx.post(f"{server}/v1/models/demo-cxr:predict", timeout=60,
+                        json={"instances": [{"b64": _b64(ct)}]})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["code"] == "dicom_not_accepted"
+    assert answer.json()["error"].startswith("model demo-cxr is not for this image: Modality")

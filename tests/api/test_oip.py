@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from pydicom.data import get_testdata_file
 from tritonclient.utils import InferenceServerException
 
 from tests.live_server import ROOT, serve
@@ -200,3 +201,11 @@ def test_a_flood_of_json_values_is_refused_before_parsing(server: str) -> None:
     assert answer.status_code == 400
     assert answer.json()["error"] == ("the JSON header holds more than 403216 values; this "
                                       "model's tensors need fewer")
+
+
+def test_a_dicom_the_model_is_not_for_is_refused(client: triton.InferenceServerClient) -> None:
+    """The model's [accepts] rules hold here as on /explain: a CT is no chest radiograph."""
+    ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+    with pytest.raises(InferenceServerException,
+                       match=r"\[422\] model demo-cxr is not for this image: Modality"):
+        client.infer(MODEL, [_input("image", [1], "BYTES", np.array([ct], dtype=np.object_))])

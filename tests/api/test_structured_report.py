@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from pydicom.uid import Comprehensive3DSRStorage
 
 from service.imaging import decode
+from service.methods import METHODS
 from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
 from service.outputs.structured_report import (
     SCHEME,
@@ -21,8 +22,14 @@ from service.outputs.structured_report import (
     rectangle,
     structured_report,
 )
-from tests.api.conftest import DATA, assert_problem, phantom_bytes, post_dicom, read_dicom
-from tests.api.test_dicom_out import _parts
+from tests.api.conftest import (
+    DATA,
+    assert_problem,
+    multipart_parts,
+    phantom_bytes,
+    post_dicom,
+    read_dicom,
+)
 from tests.api.test_privacy import (  # noqa: F401  (sink is a fixture)
     Sink,
     _assert_clean,
@@ -81,9 +88,15 @@ def test_sr_holds_every_region_with_the_json_scores(client: TestClient) -> None:
         assert ds.get(keyword) == source.get(keyword), keyword
     assert ds.SeriesInstanceUID != source.SeriesInstanceUID
     assert ds.SOPInstanceUID not in (source.SOPInstanceUID, ds.SeriesInstanceUID)
-    assert ds.SeriesDescription.startswith("medexplain findings")
-    # The demo model says it is synthetic.
-    assert ds.SeriesDescription.endswith("synthetic demo model, not for diagnosis")
+    # The methods name the series (shortened to fit LO), the demo model says it is not
+    # for diagnosis; a report of several methods is series 9930.
+    assert ds.SeriesDescription == ("medexplain findings gradcam,c... - demo model, not for "
+                                    "diagnosis")
+    assert len(ds.SeriesDescription) == 64
+    assert ds.SeriesNumber == 9930
+    one = _read(_post(client, data, DICOM, dicom="sr", methods="crm_combined").content)
+    assert one.SeriesDescription == "medexplain findings crm_combined - demo model, not for diagnosis"
+    assert one.SeriesNumber == 9931 + list(METHODS).index("crm_combined")
     assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     # Evidence: the source instance, in its series of the same study.
     (study,) = ds.CurrentRequestedProcedureEvidenceSequence
@@ -156,7 +169,7 @@ def test_multipart_sr_is_one_part(client: TestClient) -> None:
     data = PHANTOM.read_bytes()
     r = _post(client, data, MULTIPART, dicom="sr", **PARAMS)
     assert r.status_code == 200, r.text
-    (part,) = _parts(r)
+    (part,) = multipart_parts(r)
     assert _read(part).SOPClassUID == Comprehensive3DSRStorage
 
 
@@ -184,7 +197,8 @@ def test_region_coordinates_and_region_less_findings() -> None:
          Finding("crm", "Cardiomegaly", 0.5, [])],
         Report("m", "2", "0", not_for_diagnosis=False))
     sr = _srread(data)
-    assert _read(data).SeriesDescription == "medexplain findings"
+    assert _read(data).SeriesDescription == "medexplain findings gradcam,crm"
+    assert _read(data).SeriesNumber == 9930  # several methods
     (group,) = _groups(sr)
     # The top-left pixel alone: its edges, around its centre (0.5, 0.5).
     np.testing.assert_array_equal(group.roi.value, [[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]])

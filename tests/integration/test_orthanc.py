@@ -12,14 +12,12 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -29,13 +27,19 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from service.imaging import decode
 from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
-from tests.live_server import free_port, stop, wait_until_up
+from tests.orthanc_tools import (
+    DEPLOY,
+    ROOT,
+    free_port,
+    get_json,
+    request,
+    require_orthanc,
+    stop,
+    wait_until_up,
+)
+from tests.orthanc_tools import orthanc as run_orthanc
 from tests.outputs import reference as drawing
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy" / "orthanc"
-# Debian installs it in sbin, which is not on every user's PATH.
-ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
 ROUND_TRIP_TIMEOUT_S = 60.0
 
 pytestmark = [pytest.mark.slow]
@@ -43,25 +47,13 @@ pytestmark = [pytest.mark.slow]
 
 @pytest.fixture(autouse=True)
 def _orthanc_installed() -> None:
-    # A real PACS is part of the suite: its absence is a failure, never a silent skip.
-    assert ORTHANC is not None, ("Orthanc is not installed: `bash scripts/system-deps.sh` "
-                                 "(run by `make test`) installs orthanc and orthanc-python")
-
-
-def _request(url: str, data: bytes | None = None, timeout: float = 10.0) -> bytes:
-    request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return bytes(response.read())
+    require_orthanc()
 
 
 def _request_with(url: str, data: bytes, headers: dict[str, str]) -> bytes:
     request = urllib.request.Request(url, data=data, headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=60) as response:
         return bytes(response.read())
-
-
-def _get_json(url: str) -> Any:
-    return json.loads(_request(url))
 
 
 @pytest.fixture(scope="module")
@@ -88,33 +80,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
 def orthanc(service: tuple[str, Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """Orthanc with the bridge pointed at the service, on a free loopback port."""
-    folder = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    config = json.loads((DEPLOY / "orthanc.json").read_text())
-    config.update({
-        "Name": "medexplain-test",
-        "HttpPort": port,
-        "DicomServerEnabled": False,
-        "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "storage"),
-        "PythonScript": str(DEPLOY / "medexplain_bridge.py"),
-    })
-    assert config["RemoteAccessAllowed"] is False and config["AuthenticationEnabled"] is False
-    plugin = Path(config["Plugins"][0])
-    assert plugin.exists(), f"{plugin} is missing: install the Debian package orthanc-python"
-    (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
-    log = folder / "orthanc.log"
+    config = {"Name": "medexplain-test", "DicomServerEnabled": False,
+              "PythonScript": str(DEPLOY / "medexplain_bridge.py")}
     env = {**os.environ, "MEDEXPLAIN_URL": service[0], "PYTHONDONTWRITEBYTECODE": "1"}
-    with log.open("wb") as out:
-        assert ORTHANC is not None
-        process = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], cwd=folder,
-                                   env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{url}/system", process, log)
-        yield url, log
-    finally:
-        stop(process)
+    with run_orthanc(tmp_path_factory.mktemp("orthanc"), config, env) as running:
+        yield running
 
 
 def _radiographs() -> list[tuple[str, bytes]]:
@@ -127,7 +97,7 @@ def _radiographs() -> list[tuple[str, bytes]]:
 def _captures(orthanc_url: str, study: str) -> list[str]:
     """Instance IDs of the Secondary Captures in a study."""
     found = []
-    for series in _get_json(f"{orthanc_url}/studies/{study}/series"):
+    for series in get_json(f"{orthanc_url}/studies/{study}/series"):
         if series["MainDicomTags"].get("Modality") == "OT":
             found += series["Instances"]
     return found
@@ -140,7 +110,7 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
     data = dict(_radiographs())[name]
     source = pydicom.dcmread(io.BytesIO(data))
     started = time.monotonic()
-    stored = json.loads(_request(f"{url}/instances", data))
+    stored = json.loads(request(f"{url}/instances", data))
     assert stored["Status"] in ("Success", "AlreadyStored")
     study = stored["ParentStudy"]
 
@@ -153,7 +123,7 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
                       f"{orthanc_log.read_text()[-3000:]}")
 
     (capture,) = captures
-    sc = pydicom.dcmread(io.BytesIO(_request(f"{url}/instances/{capture}/file")))
+    sc = pydicom.dcmread(io.BytesIO(request(f"{url}/instances/{capture}/file")))
     assert sc.SOPClassUID == SecondaryCaptureImageStorage
     assert sc.StudyInstanceUID == source.StudyInstanceUID
     assert sc.SeriesInstanceUID != source.SeriesInstanceUID
@@ -187,7 +157,7 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
     # The bridge skipped its own output: one series more than the source, no more, even a
     # moment later.
     time.sleep(2)
-    series = _get_json(f"{url}/studies/{study}/series")
+    series = get_json(f"{url}/studies/{study}/series")
     assert len(series) == 2
     assert _captures(url, study) == [capture]
 
@@ -200,3 +170,20 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
         if value:
             assert not [line for line in bridge if value in line], keyword
             assert value not in served, keyword
+
+
+def test_an_instance_outside_the_model_rules_is_skipped(orthanc: tuple[str, Path],
+                                                        service: tuple[str, Path]) -> None:
+    url, orthanc_log = orthanc
+    ct = get_testdata_file("CT_small.dcm", download=False)
+    assert ct is not None
+    stored = json.loads(request(f"{url}/instances", Path(ct).read_bytes()))
+    assert stored["Status"] in ("Success", "AlreadyStored")
+    line = f"instance {stored['ID']} skipped: outside the model's modalities"
+    deadline = time.monotonic() + ROUND_TRIP_TIMEOUT_S
+    while line not in orthanc_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert line in orthanc_log.read_text(), orthanc_log.read_text()[-3000:]
+    # Skipped before it was posted: the service never saw it, and the study holds only it.
+    assert "dicom_not_accepted" not in service[1].read_text()
+    assert len(get_json(f"{url}/studies/{stored['ParentStudy']}/series")) == 1

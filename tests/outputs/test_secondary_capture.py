@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,17 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from service.errors import NotAcceptable
 from service.imaging import decode
 from service.imaging.base import DecodedImage
+from service.methods import METHODS
 from service.outputs.render import Canvas
 from service.outputs.secondary_capture import (
     PATIENT_STUDY_KEYWORDS,
+    SERIES_BASE,
     Caption,
     Explained,
     capture_series,
     is_capturable,
     render,
+    series_number,
 )
 from tests.dicom_tools import dciodvfy, dcmdump
 from tests.outputs import reference
@@ -122,16 +126,29 @@ def test_capture_joins_the_source_study_in_a_new_series() -> None:
     assert (sc.Columns, sc.Rows > source.Rows) == (source.Columns, True)
 
 
-def test_one_series_for_several_captures() -> None:
+def test_one_series_per_method_with_its_own_number_and_description() -> None:
     image = _write(PHANTOM.read_bytes())
     heat = _blob(image.height, image.width)
-    second = Caption("crm", None, None, "demo-cxr", "1", "0.1.0")
-    a, b = _capture(image, Explained(heat, CAPTION), Explained(heat, second))
-    assert a.SeriesInstanceUID == b.SeriesInstanceUID
-    assert a.SOPInstanceUID != b.SOPInstanceUID
-    assert (a.InstanceNumber, b.InstanceNumber) == (1, 2)
-    assert a.SeriesDescription == "medexplain gradcam,crm Nodule,all"
+    crm = Caption("crm", None, None, "demo-cxr", "1", "0.1.0")
+    effusion = replace(CAPTION, label="Pleural Effusion")
+    a, b, c = _capture(image, Explained(heat, CAPTION), Explained(heat, crm),
+                       Explained(heat, effusion))
+    assert a.SeriesInstanceUID == c.SeriesInstanceUID != b.SeriesInstanceUID
+    assert len({a.SOPInstanceUID, b.SOPInstanceUID, c.SOPInstanceUID}) == 3
+    assert [(x.SeriesNumber, x.InstanceNumber) for x in (a, b, c)] == [
+        (9913, 1), (9911, 1), (9913, 2)]
+    assert a.SeriesDescription == c.SeriesDescription == "medexplain gradcam Nodule,Pleural Effusion"
+    assert b.SeriesDescription == "medexplain crm all"
     assert "crm explanation of all classes" in b.DerivationDescription
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_has_its_own_series_number(method: str) -> None:
+    numbers = {m: series_number(SERIES_BASE, [m]) for m in METHODS}
+    assert len(set(numbers.values())) == len(METHODS)
+    assert numbers[method] == 9911 + list(METHODS).index(method)
+    assert series_number(SERIES_BASE, [method, method]) == numbers[method]
+    assert series_number(SERIES_BASE, [method, "crm" if method != "crm" else "gradcam"]) == 9910
 
 
 def test_multi_frame_source_is_referenced_by_frame() -> None:

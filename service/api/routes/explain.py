@@ -35,6 +35,7 @@ from service.config import Settings
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
 from service.models.repository import Repository, Served
+from service.models.spec import check_accepted
 from service.outputs.base import DICOM, MULTIPART_DICOM, Packaging
 from service.outputs.json_maps import predict_response
 from service.runtime.worker import Limiter, Scheduler
@@ -46,9 +47,11 @@ DICOM_DESCRIPTION = (
     "the first explanation's map over the image, with a caption and colour bar) in the "
     "source study: same Study Instance UID and patient/study attributes, a new series, "
     "referencing the source instance. With Accept: multipart/related; "
-    "type=\"application/dicom\", one such capture per explanation, all in one new series. "
-    "With dicom=sr, the DICOM object is instead one Comprehensive 3D SR (TID 1500 "
-    "Measurement Report) in a new series of the source study: one measurement group per "
+    "type=\"application/dicom\", one such capture per explanation, in one new series per "
+    "method (Series Number 9911 + the method's place in the method list). With dicom=sr, "
+    "the DICOM object is instead one Comprehensive 3D SR (TID 1500 Measurement Report) in a "
+    "new series of the source study (Series Number 9930; 9931 + the method's place for a "
+    "one-method report): one measurement group per "
     "region of every explanation (a closed POLYLINE rectangle on the source image: box "
     "[x0,y0,x1,y1] as (column,row) points (x0,y0),(x1,y0),(x1,y1),(x0,y1),(x0,y0), pixel "
     "edges with the top-left pixel centre at (0.5,0.5)), the label's score and the region's "
@@ -155,8 +158,9 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
     def prepare() -> tuple[outputs.Output, outputs.Packaging, pipeline.Job]:
         watch = pipeline.Stopwatch()
         image = decode_upload(upload.data, upload.media_type, params, settings,
-                        None if first.full_resolution else input_size(model, settings))
+                              None if first.full_resolution else input_size(model, settings))
         watch.lap("decode")
+        check_accepted(model, image)
         chosen = next(((o, p) for o, p in candidates if o.accepts(image)), None)
         if chosen is None:
             raise NotAcceptable(f"DICOM output needs {first.needs}; this upload is "
@@ -191,8 +195,9 @@ async def predict(request: Request, settings: SettingsDep, repository: Repositor
     def prepare() -> pipeline.Job:
         watch = pipeline.Stopwatch()
         image = decode_upload(upload.data, upload.media_type, params, settings,
-                        input_size(model, settings))
+                              input_size(model, settings))
         watch.lap("decode")
+        check_accepted(model, image)
         return pipeline.prepare(model, image, None, watch)
 
     async with limiter.admit():

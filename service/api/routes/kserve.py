@@ -44,6 +44,7 @@ from service.api.routes.explain import compute, decode_upload, input_size
 from service.config import Settings
 from service.errors import InvalidInferenceRequest, InvalidParameter
 from service.models.repository import Served
+from service.models.spec import check_accepted
 from service.outputs.base import JSON, Packaging
 from service.outputs.json_maps import predict_response
 from service.runtime.worker import Limiter, Scheduler
@@ -130,6 +131,7 @@ async def _run(images: list[bytes], model: Served, options: pipeline.ExplainOpti
         watch = pipeline.Stopwatch()
         image = decode_upload(data, None, params, settings, input_size(model, settings))
         watch.lap("decode")
+        check_accepted(model, image)
         return pipeline.prepare(model, image, options, watch)
 
     async with limiter.admit():

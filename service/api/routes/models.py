@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from schemas import InputInfo, ModelInfo, ModelsResponse, TargetLayerInfo
+from schemas import AcceptsInfo, InputInfo, ModelInfo, ModelsResponse, TargetLayerInfo
 from service.api.deps import ApiKey, RepositoryDep
 from service.api.docs import ERRORS
 from service.methods import METHODS
@@ -40,6 +40,8 @@ def model_info(model: Served, repository: Repository) -> ModelInfo:
         execution_providers=list(model.engine.providers),
         execution_fallback=model.engine.fallback,
         sha256=model.sha256,
+        accepts=AcceptsInfo(**{key: sorted(getattr(config.accepts, key))
+                               for key in AcceptsInfo.model_fields}),
     )
 
 

@@ -63,6 +63,7 @@ from service.methods import METHODS
 from service.methods.maps import resize
 from service.models.ensemble import Ensemble
 from service.models.repository import Served
+from service.models.spec import check_accepted
 from service.outputs.base import Packaging
 from service.outputs.render import Size
 
@@ -165,6 +166,7 @@ async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
             return pipeline.Job(_tensor_image(given), (given,), options, watch)
         image = decode_upload(given, None, params, settings, input_size(model, settings))
         watch.lap("decode")
+        check_accepted(model, image)
         return pipeline.prepare(model, image, options, watch)
 
     def finish(computed: pipeline.Computed) -> Response:

@@ -1,0 +1,127 @@
+"""The C-STORE SCP: receives images, explains each through /explain, sends the results on.
+
+One received image is handled inside its C-STORE, so the status the sender gets says what
+became of it (PS3.4 B.2.3):
+
+==========================  ==========  =============================================
+/explain answered           status      meaning here
+==========================  ==========  =============================================
+200, results delivered      0x0000      explained, results sent to every destination
+422 dicom_not_accepted,     0x0000      a valid image this model is not for (another
+415 (no pixel data, ...)                modality or body part): taken, not explained
+400 (bad DICOM)             0xC000      Error: cannot understand
+413, 503                    0xA700      Refused: out of resources (the sender may retry)
+anything else, a timeout    0x0110      processing failure
+or a failed delivery
+==========================  ==========  =============================================
+
+Associations are accepted only when addressed to our AE title and, when
+``dicom_allowed_callers`` is set, from one of those AE titles (else A-ASSOCIATE-RJ,
+"calling AE title not recognised"). Logs name AE titles, statuses and problem codes, never
+patient data or UIDs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from service.config import Settings
+from service.dimse.base import Destination
+from service.dimse.inprocess import Answer, InProcess, problem_code
+from service.errors import DeliveryError
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+CANNOT_UNDERSTAND = 0xC000
+OUT_OF_RESOURCES = 0xA700
+PROCESSING_FAILURE = 0x0110
+
+# Valid objects the service does not explain: their sender did nothing wrong.
+NOT_EXPLAINED = frozenset({"dicom_not_accepted", "dicom_without_pixels",
+                           "unsupported_transfer_syntax", "unsupported_media_type"})
+
+
+def status_of(answer: Answer) -> int:
+    """The C-STORE status for an /explain answer that is not a 200 (table above)."""
+    if answer.status == 400:
+        return CANNOT_UNDERSTAND
+    if answer.status in (413, 503):
+        return OUT_OF_RESOURCES
+    if problem_code(answer) in NOT_EXPLAINED:
+        return SUCCESS
+    return PROCESSING_FAILURE
+
+
+class StoreServer:
+    """A pynetdicom AE listening on ``host:dicom_port`` as ``dicom_ae_title``."""
+
+    def __init__(self, settings: Settings, client: InProcess,
+                 destinations: Sequence[Destination]) -> None:
+        self._settings = settings
+        self._client = client
+        self._destinations = list(destinations)
+        self._server: ThreadedAssociationServer | None = None
+        ae = AE(ae_title=settings.dicom_ae_title)
+        # Storage of every image type, in any transfer syntax the decoders may read (the
+        # route answers 415 for one they cannot).
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes)
+        ae.add_supported_context(Verification)
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(settings.dicom_allowed_callers)
+        self._ae = ae
+
+    def start(self) -> None:
+        # pynetdicom would log C-FIND/C-MOVE identifiers (patient data) at debug level; we
+        # serve only C-STORE and C-ECHO, and keep its own logging at warnings all the same.
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        self._server = self._ae.start_server(
+            (self._settings.host, self._settings.dicom_port), block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def stop(self) -> None:
+        self._ae.shutdown()
+        self._server = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def _on_store(self, event: Event) -> int:
+        calling = event.assoc.requestor.ae_title
+        started = time.monotonic()
+        dicom = event.encoded_dataset(include_meta=True)
+        try:
+            status, what = self._handle(dicom)
+        except TimeoutError:
+            status, what = PROCESSING_FAILURE, "timed out"
+        except DeliveryError as exc:
+            status, what = PROCESSING_FAILURE, f"not delivered: {exc.detail}"
+        log.info("C-STORE from %s: 0x%04X %s (%.1f s)", calling, status, what,
+                 time.monotonic() - started)
+        return status
+
+    def _handle(self, dicom: bytes) -> tuple[int, str]:
+        objects: list[bytes] = []
+        for output in self._settings.dicom_outputs:
+            answer = self._client.explain(dicom, output)
+            if answer.status != 200:
+                code = problem_code(answer)
+                return status_of(answer), f"not explained: HTTP {answer.status} {code}"
+            objects += answer.objects()
+        for destination in self._destinations:
+            destination.send(objects)
+        names = ", ".join(d.name for d in self._destinations) or "nowhere"
+        return SUCCESS, f"explained: {len(objects)} object(s) to {names}"

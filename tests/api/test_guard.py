@@ -1,0 +1,53 @@
+"""The model's guard over HTTP: a DICOM the model is not meant for gets 422
+``dicom_not_accepted`` from /explain and /predict, in every answer format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.data import get_testdata_file
+
+from tests.api.conftest import DATA, assert_problem
+
+
+def _pydicom_data(name: str) -> bytes:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} is not in the installed pydicom-data"
+    return Path(path).read_bytes()
+
+
+@pytest.mark.parametrize("route", ["/explain", "/predict"])
+@pytest.mark.parametrize("accept", ["application/json", "application/dicom"])
+def test_a_ct_slice_is_refused_by_the_chest_model(client: TestClient, route: str,
+                                                  accept: str) -> None:
+    r = client.post(route, content=_pydicom_data("CT_small.dcm"),
+                    headers={"content-type": "application/dicom", "accept": accept})
+    body = assert_problem(r, 422, "dicom_not_accepted")
+    assert body["detail"] == ("model demo-cxr is not for this image: Modality is CT; the "
+                              "model accepts CR, DX")
+
+
+def test_an_extremity_radiograph_is_refused_a_chest_one_explained(client: TestClient) -> None:
+    r = client.post("/explain", files={"file": ("rg3.dcm", _pydicom_data("RG3_UNCR.dcm"),
+                                                "application/dicom")})
+    body = assert_problem(r, 422, "dicom_not_accepted")
+    assert body["detail"].endswith("BodyPartExamined is EXTREMITY; the model accepts CHEST")
+    ok = client.post("/predict", content=(DATA / "dicom" / "phantom_nodule.dcm").read_bytes(),
+                     headers={"content-type": "application/dicom"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_the_same_ct_slice_is_scored_by_a_model_without_rules(
+        any_dicom_client: TestClient) -> None:
+    r = any_dicom_client.post("/predict", content=_pydicom_data("CT_small.dcm"),
+                              headers={"content-type": "application/dicom"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 4
+
+
+def test_the_rules_are_published(client: TestClient) -> None:
+    info = client.get("/models/demo-cxr").json()
+    assert info["accepts"] == {"modalities": ["CR", "DX"], "body_parts": ["CHEST"],
+                               "view_positions": []}

@@ -1,0 +1,224 @@
+"""The C-STORE SCP end to end: DCMTK's ``storescu`` sends real radiographs to the service's
+SCP, the results arrive in Orthanc (Debian, loopback, its DICOM port on) by C-STORE or by
+STOW-RS through Orthanc's DICOMweb plugin, and are read back from Orthanc's REST API.
+
+One Orthanc serves the module. Each test sends files with fresh Study/Series/SOP UIDs
+(copies written to the test's temporary folder), so each finds only its own results.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.data import get_testdata_file
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
+
+from service.config import Settings
+from service.main import create_app
+from tests.api.conftest import DATA, MODELS, multipart_parts
+from tests.orthanc_tools import PLUGINS, free_port, get_json, orthanc, request
+
+pytestmark = [pytest.mark.slow]
+
+STORESCU = shutil.which("storescu")
+ORTHANC_AET = "ORTHANC"
+SENDER = "MODALITY1"
+MULTIPART = 'multipart/related; type="application/dicom"'
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """Orthanc with its DICOM server and DICOMweb on: (REST URL, DICOM port)."""
+    dicom_port = free_port()
+    config = {"Name": "medexplain-dimse-test", "DicomServerEnabled": True,
+              "DicomAet": ORTHANC_AET, "DicomPort": dicom_port,
+              # Orthanc takes C-STOREs from any AE title (DicomAlwaysAllowStore).
+              "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": True,
+              "Plugins": [str(PLUGINS / "libOrthancDicomWeb.so")],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    with orthanc(tmp_path_factory.mktemp("orthanc"), config) as (url, _log):
+        yield url, dicom_port
+
+
+def _app(settings: Settings) -> Iterator[tuple[TestClient, int]]:
+    with TestClient(create_app(settings)) as client:
+        yield client, settings.dicom_port  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def by_cstore(pacs: tuple[str, int]) -> Iterator[tuple[TestClient, int]]:
+    """The service with its SCP on, SC and SR sent to Orthanc by C-STORE, one caller allowed."""
+    yield from _app(Settings(
+        models=MODELS, threads=1, dicom_port=free_port(), dicom_allowed_callers=(SENDER,),
+        dicom_destination=f"{ORTHANC_AET}@127.0.0.1:{pacs[1]}", dicom_outputs=("sc", "sr"),
+        dicom_query="methods=gradcam"))
+
+
+@pytest.fixture(scope="module")
+def by_stow(pacs: tuple[str, int]) -> Iterator[tuple[TestClient, int]]:
+    """The service with its SCP on, captures sent to Orthanc's DICOMweb by STOW-RS."""
+    yield from _app(Settings(
+        models=MODELS, threads=1, dicom_port=free_port(),
+        dicom_stow_url=f"{pacs[0]}/dicom-web", dicom_outputs=("sc",),
+        dicom_query="methods=crm_combined"))
+
+
+def _storescu(port: int, files: list[Path], calling: str = SENDER,
+              *options: str) -> subprocess.CompletedProcess[str]:
+    assert STORESCU is not None, ("DCMTK is not installed: `bash scripts/system-deps.sh` "
+                                  "(run by `make test`) installs dcmtk")
+    # -xv proposes JPEG 2000 lossless besides the uncompressed syntaxes.
+    return subprocess.run([STORESCU, "-v", "-aet", calling, "-aec", "MEDEXPLAIN", "-xv",
+                           *options, "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def _fresh(source: Path, folder: Path) -> tuple[Path, pydicom.Dataset]:
+    """A copy of a DICOM file in a new study (new Study, Series and SOP Instance UIDs)."""
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = folder / f"{source.stem}-{ds.SOPInstanceUID[-8:]}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds
+
+
+def _pydicom_data(name: str) -> Path:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} is not in the installed pydicom-data"
+    return Path(path)
+
+
+def _study(url: str, study_uid: str) -> list[pydicom.Dataset]:
+    """Every instance Orthanc holds in the study with this Study Instance UID."""
+    hits = [h for h in json.loads(request(f"{url}/tools/lookup", study_uid.encode()))
+            if h["Type"] == "Study"]
+    if not hits:
+        return []
+    instances = get_json(f"{url}/studies/{hits[0]['ID']}/instances")
+    return [pydicom.dcmread(io.BytesIO(request(f"{url}/instances/{i['ID']}/file")))
+            for i in instances]
+
+
+def _explained_over_http(client: TestClient, data: bytes, **params: str) -> list[pydicom.Dataset]:
+    r = client.post("/explain", content=data, params=params,
+                    headers={"content-type": "application/dicom", "accept": MULTIPART})
+    assert r.status_code == 200, r.text
+    return [pydicom.dcmread(io.BytesIO(part)) for part in multipart_parts(r)]
+
+
+def test_stored_radiographs_come_back_as_captures_and_a_report_in_their_study(
+        pacs: tuple[str, int], by_cstore: tuple[TestClient, int], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    client, port = by_cstore
+    caplog.set_level(logging.DEBUG)
+    sent = [_fresh(_pydicom_data("RG1_UNCR.dcm"), tmp_path),
+            _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)]
+    result = _storescu(port, [path for path, _ in sent])
+    assert result.returncode == 0, result.stdout + result.stderr
+    done = [r.getMessage() for r in caplog.records if r.name == "service.dimse.scp"]
+    assert len(done) == 2 and all(
+        re.fullmatch(rf"C-STORE from {SENDER}: 0x0000 explained: \d object\(s\) to "
+                     rf"{ORTHANC_AET}@127.0.0.1:{pacs[1]} \(\d+\.\d s\)", m) for m in done), done
+    # Nothing about the patient, and no UID, reaches the log.
+    for _, source in sent:
+        for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "SOPInstanceUID"):
+            value = str(source.get(keyword) or "")
+            assert not value or value not in caplog.text, keyword
+    for path, source in sent:
+        arrived = _study(pacs[0], source.StudyInstanceUID)
+        captures = [d for d in arrived if d.SOPClassUID == SecondaryCaptureImageStorage]
+        reports = [d for d in arrived if d.SOPClassUID == Comprehensive3DSRStorage]
+        # What an HTTP client gets for the same file and parameters, capture for capture.
+        expected = _explained_over_http(client, path.read_bytes(), methods="gradcam")
+        assert len(captures) == len(expected) >= 1 and len(reports) == 1, path.name
+        captures.sort(key=lambda d: int(d.InstanceNumber))
+        for got, want in zip(captures, expected, strict=True):
+            assert got.StudyInstanceUID == source.StudyInstanceUID
+            assert got.SeriesInstanceUID != source.SeriesInstanceUID
+            assert got.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+            assert (got.SeriesNumber, got.SeriesDescription) == (
+                want.SeriesNumber, want.SeriesDescription)
+            assert got.SeriesNumber == 9913  # gradcam
+            np.testing.assert_array_equal(got.pixel_array, want.pixel_array)
+        (report,) = reports
+        assert report.StudyInstanceUID == source.StudyInstanceUID
+        assert report.SeriesNumber == 9913 + 20  # a gradcam-only report
+        evidence = report.CurrentRequestedProcedureEvidenceSequence[0]
+        assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+            .ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_results_by_stow_rs_to_dicomweb(pacs: tuple[str, int], by_stow: tuple[TestClient, int],
+                                        tmp_path: Path) -> None:
+    client, port = by_stow
+    path, source = _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+    result = _storescu(port, [path], calling="ANY-SENDER")  # no caller list: any AE title
+    assert result.returncode == 0, result.stdout + result.stderr
+    (capture,) = _study(pacs[0], source.StudyInstanceUID)
+    (expected,) = _explained_over_http(client, path.read_bytes(), methods="crm_combined")
+    assert capture.SOPClassUID == SecondaryCaptureImageStorage
+    assert capture.SeriesNumber == 9912 and capture.SeriesDescription == "medexplain crm_combined all"
+    np.testing.assert_array_equal(capture.pixel_array, expected.pixel_array)
+    # Orthanc's DICOMweb answers for it too (QIDO-RS), in the source study.
+    found = get_json(f"{pacs[0]}/dicom-web/studies/{source.StudyInstanceUID}/series")
+    assert [s["0020000E"]["Value"][0] for s in found] == [capture.SeriesInstanceUID]
+
+
+def test_a_caller_outside_the_list_is_rejected(pacs: tuple[str, int],
+                                               by_cstore: tuple[TestClient, int],
+                                               tmp_path: Path) -> None:
+    _, port = by_cstore
+    path, source = _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+    result = _storescu(port, [path], calling="INTRUDER")
+    assert result.returncode != 0
+    assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
+    assert _study(pacs[0], source.StudyInstanceUID) == []
+
+
+def test_a_bad_file_gets_a_failure_status_and_the_scp_keeps_serving(
+        pacs: tuple[str, int], by_cstore: tuple[TestClient, int], tmp_path: Path) -> None:
+    client, port = by_cstore
+    path, source = _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # the header promises more
+    ds.save_as(path, enforce_file_format=True)
+    good, good_source = _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+    result = _storescu(port, [path, good], SENDER, "--no-halt")  # go on after a failure
+    output = result.stdout + result.stderr
+    # The failed store is 0xC000 (Error: cannot understand); the next one succeeds.
+    responses = re.findall(r"Received Store Response \((.*)\)", output)
+    assert responses == ["Error: CannotUnderstand", "Success"], output
+    assert _study(pacs[0], source.StudyInstanceUID) == []
+    assert len(_study(pacs[0], good_source.StudyInstanceUID)) == 2  # capture and report
+    assert client.get("/healthz").status_code == 200
+
+
+def test_a_ct_slice_is_taken_but_not_explained_by_the_chest_model(
+        pacs: tuple[str, int], by_cstore: tuple[TestClient, int], tmp_path: Path) -> None:
+    client, port = by_cstore
+    path, source = _fresh(_pydicom_data("CT_small.dcm"), tmp_path)
+    result = _storescu(port, [path])
+    assert result.returncode == 0, result.stdout + result.stderr  # a valid object: Success
+    assert _study(pacs[0], source.StudyInstanceUID) == []
+    r = client.post("/explain", content=path.read_bytes(),
+                    headers={"content-type": "application/dicom"})
+    assert r.status_code == 422 and r.json()["code"] == "dicom_not_accepted"
+
+
+def test_c_echo_answers(by_cstore: tuple[TestClient, int]) -> None:
+    result = subprocess.run(["echoscu", "-aet", SENDER, "-aec", "MEDEXPLAIN", "127.0.0.1",
+                             str(by_cstore[1])], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
