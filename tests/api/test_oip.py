@@ -15,9 +15,12 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 from tritonclient.utils import InferenceServerException
 
+from service.config import Settings
+from service.main import create_app
 from tests.live_server import ROOT, serve
 
 PHANTOMS = ROOT / "tests" / "data" / "phantoms"
@@ -209,3 +212,19 @@ def test_a_dicom_the_model_is_not_for_is_refused(client: triton.InferenceServerC
     with pytest.raises(InferenceServerException,
                        match=r"\[422\] model demo-cxr is not for this image: Modality"):
         client.infer(MODEL, [_input("image", [1], "BYTES", np.array([ct], dtype=np.object_))])
+
+
+def test_api_keys_guard_the_models_not_the_health_probes() -> None:
+    key = "k" * 24
+    settings = Settings(models=ROOT / "models", threads=1, api_keys=(key,))
+    with TestClient(create_app(settings)) as keyed:
+        assert keyed.get("/v2/health/live").json() == {"live": True}
+        assert keyed.get("/v2/health/ready").json() == {"ready": True}
+        refused = keyed.get("/v2/models/demo-cxr")
+        assert refused.status_code == 401
+        assert refused.json()["error"] == ("this service needs an API key (X-API-Key or "
+                                           "Authorization: Bearer)")
+        assert keyed.get("/v2/models/demo-cxr", headers={"X-API-Key": key}).status_code == 200
+        assert keyed.get("/v1/models", headers={"Authorization": "Bearer x"}).status_code == 401
+        assert keyed.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json() == {
+            "models": ["demo-cxr"]}
