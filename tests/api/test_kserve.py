@@ -21,15 +21,15 @@ PHANTOMS = ROOT / "tests" / "data" / "phantoms"
 DICOM = ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm"
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with serve(tmp_path_factory.mktemp("kserve") / "service.log",
                MEDEXPLAIN_MAX_INSTANCES="3") as url:
         yield url
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _without_timings(body: dict[str, Any]) -> dict[str, Any]:
@@ -86,8 +86,11 @@ def test_explain_equals_explain(server: str) -> None:
      "parameter 'model' does not apply here"),
     (json.dumps({"instances": [{"b64": "aGVsbG8="}]}).encode(), {"methods": "nope"}, 422,
      "unknown method 'nope'"),
+    # Found on the compute stream, for each of the two instances: one answer, the error.
+    (json.dumps({"instances": [{"b64": _b64((PHANTOMS / "nodule.png").read_bytes())}] * 2}
+                ).encode(), {"classes": "Fracture"}, 422, "unknown class 'Fracture'"),
 ], ids=["not-json", "empty", "bad-base64", "too-many", "flood", "not-an-image", "model-param",
-        "unknown-method"])
+        "unknown-method", "unknown-class"])
 def test_bad_requests(server: str, body: bytes, params: dict[str, str], status: int,
                       message: str) -> None:
     answer = httpx.post(f"{server}/v1/models/demo-cxr:explain", content=body, params=params,

@@ -187,6 +187,8 @@ def test_unknown_parameter_and_output(client: triton.InferenceServerClient) -> N
         client.infer(MODEL, [image], parameters={"heatmap": "png"})
     with pytest.raises(InferenceServerException, match="output 'gradcam' is not computed"):
         client.infer(MODEL, [image], outputs=[triton.InferRequestedOutput("gradcam")])
+    with pytest.raises(InferenceServerException, match=r"\[422\] unknown class 'Fracture'"):
+        client.infer(MODEL, [image], parameters={"methods": "crm", "classes": "Fracture"})
 
 
 def _input(name: str, shape: list[int], datatype: str, values: np.ndarray) -> triton.InferInput:

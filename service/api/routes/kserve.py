@@ -10,12 +10,12 @@ parameters are /predict's and /explain's, as query parameters.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import anyio
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
@@ -136,16 +136,15 @@ async def _run(images: list[bytes], model: Served, options: pipeline.ExplainOpti
 
     async with limiter.admit():
         jobs = [await limiter.run(prepare, data) for data in images]
-        computed: list[pipeline.Computed] = [None] * len(jobs)  # type: ignore[list-item]
-
-        async def one(k: int) -> None:
-            computed[k] = await compute(scheduler, model, jobs[k])
-
-        async with anyio.create_task_group() as group:
-            for k in range(len(jobs)):
-                group.start_soon(one, k)
+        # Every instance waits for its answer, also when another one fails: the first
+        # instance's error is the request's, and no computation is left behind unawaited.
+        done = await asyncio.gather(*(compute(scheduler, model, job) for job in jobs),
+                                    return_exceptions=True)
+        for item in done:
+            if isinstance(item, BaseException):
+                raise item
         return [await limiter.run(lambda c=c: render(pipeline.finish(model, c)))
-                for c in computed]
+                for c in done]
 
 
 async def _instances(request: Request, settings: Settings) -> list[bytes]:
