@@ -7,6 +7,7 @@ unless configured."""
 from __future__ import annotations
 
 import importlib
+import io
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 from urllib.parse import urljoin, urlparse
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
@@ -186,3 +188,25 @@ def test_cors_origins_are_checked() -> None:
                              ).cors_origins == ("https://a.example", "http://b:8080")
     with pytest.raises(ValueError, match="CORS origins are"):
         Settings(cors_origins=("https://a.example/path",))
+
+
+def test_explain_dicom_answers_dicom_only(client: TestClient) -> None:
+    dicom = DICOM.read_bytes()
+    headers = {"content-type": "application/dicom"}
+    capture = client.post("/explain/dicom", content=dicom, headers=headers,
+                          params={"methods": "gradcam"})
+    assert capture.status_code == 200
+    assert capture.headers["content-type"] == "application/dicom"
+    direct = client.post("/explain", content=dicom, params={"methods": "gradcam"},
+                         headers={**headers, "accept": "application/dicom"})
+    np.testing.assert_array_equal(pydicom.dcmread(io.BytesIO(capture.content)).pixel_array,
+                                  pydicom.dcmread(io.BytesIO(direct.content)).pixel_array)
+    parts = client.post("/explain/dicom", content=dicom, params={"methods": "gradcam,crm"},
+                        headers={**headers,
+                                 "accept": 'multipart/related; type="application/dicom"'})
+    assert parts.headers["content-type"].startswith("multipart/related")
+    for accept in ("application/json", None):
+        refused = client.post("/explain/dicom", content=(PHANTOMS / "nodule.png").read_bytes(),
+                              headers={"accept": accept} if accept else {})
+        assert refused.status_code == 406
+        assert refused.json()["code"] == "not_acceptable"
