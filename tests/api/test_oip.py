@@ -74,6 +74,22 @@ def test_server_and_model_health(client: triton.InferenceServerClient) -> None:
     assert not client.is_model_ready("no-such-model")
 
 
+def test_model_version_in_the_path(client: triton.InferenceServerClient,
+                                   server: str) -> None:
+    assert client.is_model_ready(MODEL, model_version="1")
+    assert not client.is_model_ready(MODEL, model_version="2")
+    assert client.get_model_metadata(MODEL, model_version="1") == client.get_model_metadata(
+        MODEL)
+    with pytest.raises(InferenceServerException,
+                       match="model 'demo-cxr' has version '1', not '2'"):
+        client.get_model_metadata(MODEL, model_version="2")
+    data = (PHANTOMS / "nodule.png").read_bytes()
+    image = _input("image", [1], "BYTES", np.array([data], dtype=np.object_))
+    result = client.infer(MODEL, [image], model_version="1")
+    np.testing.assert_array_equal(result.as_numpy("scores")[0], _predict(server, data))
+    assert result.get_response()["model_version"] == "1"
+
+
 def test_model_metadata(client: triton.InferenceServerClient) -> None:
     metadata = client.get_model_metadata(MODEL)
     assert metadata["name"] == MODEL

@@ -56,13 +56,13 @@ from service.api.metrics import label_model
 from service.api.problems import ProtocolRoute
 from service.api.request import ExplainParams, parse_params
 from service.api.routes.explain import compute, decode_upload, input_size
-from service.errors import InvalidInferenceRequest, InvalidParameter
+from service.errors import InvalidInferenceRequest, InvalidParameter, UnknownModel
 from service.imaging.base import DecodedImage
 from service.imaging.preprocess import ModelInput, from_tensor
 from service.methods import METHODS
 from service.methods.maps import resize
 from service.models.ensemble import Ensemble
-from service.models.repository import Served
+from service.models.repository import Repository, Served
 from service.models.spec import check_accepted
 from service.outputs.base import Packaging
 from service.outputs.render import Size
@@ -140,13 +140,16 @@ async def v2_model_metadata(name: str, request: Request,
         inputs=inputs, outputs=outputs_, labels=list(model.config.labels))
 
 
+_INFER_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    **ERRORS, 200: {"description": "JSON, or with binary outputs the JSON header then the "
+                                   "tensors' bytes", "content": {OCTET_STREAM: {}}}}
+_INFER_BODY: Final[dict[str, Any]] = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": body_schema(V2InferRequest)},
+    OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}}
+
+
 @router.post("/models/{name}/infer", response_model=V2InferResponse, dependencies=[ApiKey],
-             responses={**ERRORS, 200: {"description": "JSON, or with binary outputs "
-                                        "the JSON header then the tensors' bytes",
-                                        "content": {OCTET_STREAM: {}}}},
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": body_schema(V2InferRequest)},
-                 OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}},
+             responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY,
              summary="Scores, and maps when parameters name methods (OIP V2)")
 async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
                          repository: RepositoryDep, limiter: LimiterDep,
@@ -178,6 +181,47 @@ async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
         job = await limiter.run(prepare)
         computed = await compute(scheduler, model, job)
         return await limiter.run(finish, computed)
+
+
+# ---- The same, with the model's version in the path (tritonclient's model_version) ----
+
+
+def _check_version(name: str, version: str, repository: Repository) -> None:
+    """Raises: UnknownModel for a version the model does not have (each serves one)."""
+    model = repository.get(name)
+    if version != model.config.version:
+        raise UnknownModel(f"model {model.name!r} has version {model.config.version!r}, "
+                           f"not {version[:20]!r}")
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=V2ModelReady,
+            dependencies=[ApiKey], responses=_MODEL_ERRORS,
+            summary="One model version is ready (OIP V2)")
+async def v2_model_version_ready(name: str, version: str, request: Request,
+                                 repository: RepositoryDep) -> V2ModelReady:
+    _check_version(name, version, repository)
+    return await v2_model_ready(name, request, repository)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata,
+            dependencies=[ApiKey], responses=_MODEL_ERRORS,
+            summary="Model version metadata (OIP V2)")
+async def v2_model_version_metadata(name: str, version: str, request: Request,
+                                    repository: RepositoryDep) -> V2ModelMetadata:
+    _check_version(name, version, repository)
+    return await v2_model_metadata(name, request, repository)
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
+             dependencies=[ApiKey], responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY,
+             summary="Infer with one model version (OIP V2)")
+async def v2_model_version_infer(name: str, version: str, request: Request,
+                                 settings: SettingsDep, repository: RepositoryDep,
+                                 limiter: LimiterDep, scheduler: SchedulerDep,
+                                 metrics: MetricsDep) -> Response:
+    _check_version(name, version, repository)
+    return await v2_model_infer(name, request, settings, repository, limiter, scheduler,
+                                metrics)
 
 
 @dataclass(frozen=True)
