@@ -6,6 +6,7 @@ what /predict and /explain answer for the same image."""
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,3 +247,26 @@ def test_api_keys_guard_the_models_not_the_health_probes() -> None:
         assert keyed.get("/v1/models", headers={"Authorization": "Bearer x"}).status_code == 401
         assert keyed.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json() == {
             "models": ["demo-cxr"]}
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(client: triton.InferenceServerClient, server: str,
+                             algorithm: str) -> None:
+    data = (PHANTOMS / "pneumothorax.png").read_bytes()
+    image = _input("image", [1], "BYTES", np.array([data], dtype=np.object_))
+    result = client.infer(MODEL, [image], request_compression_algorithm=algorithm)
+    np.testing.assert_array_equal(result.as_numpy("scores")[0], _predict(server, data))
+
+
+def test_a_compression_bomb_stops_at_the_upload_limit(server: str) -> None:
+    bomb = gzip.compress(b"0" * (64 * 1024 * 1024 + 1), compresslevel=1)
+    assert len(bomb) < 1024 * 1024
+    answer = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=bomb, timeout=60,
+                        headers={"content-encoding": "gzip"})
+    assert answer.status_code == 413
+    assert answer.json()["error"] == ("the body inflates to more than the limit of "
+                                      "67108864 bytes")
+    for encoding, status in (("br", 415), ("gzip", 400)):
+        refused = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=b"{}", timeout=60,
+                             headers={"content-encoding": encoding})
+        assert refused.status_code == status, refused.text

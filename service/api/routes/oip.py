@@ -23,6 +23,7 @@ import base64
 import binascii
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -56,7 +57,13 @@ from service.api.metrics import label_model
 from service.api.problems import ProtocolRoute
 from service.api.request import ExplainParams, parse_params
 from service.api.routes.explain import compute, decode_upload, input_size
-from service.errors import InvalidInferenceRequest, InvalidParameter, UnknownModel
+from service.errors import (
+    InvalidInferenceRequest,
+    InvalidParameter,
+    PayloadTooLarge,
+    UnknownModel,
+    UnsupportedMediaType,
+)
 from service.imaging.base import DecodedImage
 from service.imaging.preprocess import ModelInput, from_tensor
 from service.methods import METHODS
@@ -156,7 +163,8 @@ async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
                          scheduler: SchedulerDep, metrics: MetricsDep) -> Response:
     model = repository.get(name)
     label_model(request, model.name)
-    body = await read_body(request, settings.max_upload_bytes)
+    body = _inflated(await read_body(request, settings.max_upload_bytes),
+                     request.headers.get("content-encoding"), settings.max_upload_bytes)
     infer, blobs = _parse(body, request.headers.get(HEADER_LENGTH), _max_values(model))
     given = _tensor_input(infer, blobs, model)
     params, explaining = _params(infer.parameters)
@@ -229,6 +237,37 @@ class _Tensor:
     name: str
     values: np.ndarray  # float32
     parameters: dict[str, str | int | bool]
+
+
+# Content-Encoding -> zlib's wbits (deflate is the zlib format, RFC 9110 section 8.4.1.2).
+_ENCODINGS: Final[dict[str, int]] = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _inflated(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as it was before compression (tritonclient's
+    request_compression_algorithm), at most ``limit`` bytes: a small compressed body can
+    inflate to any size, so inflating stops there.
+
+    Raises:
+        UnsupportedMediaType: an encoding other than gzip or deflate.
+        InvalidInferenceRequest: data that is not what the encoding says.
+        PayloadTooLarge: more than ``limit`` bytes inflated.
+    """
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return body
+    if name not in _ENCODINGS:
+        raise UnsupportedMediaType(f"Content-Encoding {name[:20]!r} is not gzip or deflate")
+    inflater = zlib.decompressobj(_ENCODINGS[name])
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInferenceRequest(f"the body is not valid {name} data") from exc
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"the body inflates to more than the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidInferenceRequest(f"the {name} body is truncated")
+    return data
 
 
 def _max_values(model: Served) -> int:
