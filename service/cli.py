@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,22 +20,25 @@ if TYPE_CHECKING:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.main import create_app
-
     try:
         settings = Settings.from_env(host=args.host, port=args.port, models=args.models)
     except ValidationError as exc:
-        print(f"medexplain: bad settings: {exc}", file=sys.stderr)
+        print(f"medexplain: bad settings: {exc}", file=sys.stderr)  # values hidden: Settings
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Imported once the settings are known good: a bad setting fails in a moment.
+    import uvicorn
+
+    from service import logs
+    from service.main import create_app
+
+    logs.configure(settings.log_level, settings.log_format)
     from service.runtime.memory import keep_freed_memory
 
     keep_freed_memory()
+    # log_config=None: uvicorn's loggers go through service.logs; its access log (which
+    # records query strings) is replaced by the service's own (service.api.request_id).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level)
+                log_level=settings.log_level, log_config=None, access_log=False)
     return 0
 
 

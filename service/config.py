@@ -19,7 +19,8 @@ BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
 class Settings(BaseModel):
     """Service settings. Each field is read from ``MEDEXPLAIN_<FIELD>`` (upper case)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Errors never quote the values (a bad MEDEXPLAIN_API_KEYS must not print the keys).
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     models: Path = Field(BUNDLED_MODELS, description="the model repository folder")
     default_model: str | None = Field(
@@ -39,6 +40,13 @@ class Settings(BaseModel):
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Pixel cap checked from headers before decoding (decompression bombs).
     max_pixels: int = Field(50_000_000, ge=1024)
+    # Memory one request's decode may take, estimated from the headers before decoding:
+    # the decoder's output (rows x columns x samples x bytes), codec buffers, the 0..1
+    # float32 image and the parsed DICOM dataset (service.imaging.budget). 224 MiB fits
+    # the largest chest radiographs (~4300 x 4300 x 16 bits: ~150 MB native, ~205 MB as
+    # JPEG 2000) and refuses a 7000 x 7000 image; a deflated dataset inflates to at most
+    # half of it.
+    max_decode_bytes: int = Field(224 << 20, ge=1 << 20)
     # Frame cap of multi-frame DICOM, checked from the header before decoding. One frame
     # is explained per request, but the whole object is parsed and, without an offset
     # table, every fragment before the frame is walked; cine loops and tomosynthesis run
@@ -75,6 +83,10 @@ class Settings(BaseModel):
     # queue slot, so the bound keeps one request from holding a slot for long.
     max_instances: int = Field(8, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # text: one readable line per record, for a terminal; json: one object per line
+    # (time, level, logger, request_id, message; access lines add method, route, status,
+    # duration_ms), for log collectors (service.logs).
+    log_format: Literal["text", "json"] = "text"
 
     # DICOM networking (service.dimse): a C-STORE SCP listening on ``host`` at this port,
     # explaining what it receives through the service's own /explain. Off when unset.

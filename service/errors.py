@@ -100,6 +100,13 @@ class PayloadTooLarge(ServiceError):
     title = "Payload too large"
 
 
+class DecodeBudgetExceeded(PayloadTooLarge):
+    """Raised when decoding an upload would take more memory than a request may use."""
+
+    code = "decode_budget_exceeded"
+    title = "Image too large to decode"
+
+
 class InvalidParameter(ServiceError):
     """Raised when a request parameter has a bad value."""
 

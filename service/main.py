@@ -11,10 +11,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 
-from service import __version__, dimse, pipeline
+from service import __version__, dimse, logs, pipeline
 from service.api import docs, problems
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.request_id import RequestIdMiddleware
 from service.api.routes import explain, health, kserve, models, oip
 from service.config import Settings, get_settings, resolve_threads
 from service.graph.cache import CompileCache
@@ -57,6 +58,7 @@ def open_repository(settings: Settings) -> Repository:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models load and compile once, in the lifespan."""
     settings = settings or get_settings()
+    logs.install()
     metrics = Metrics()
 
     @asynccontextmanager
@@ -101,11 +103,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors_origins:
-        # Outermost, so that preflights are answered before anything else runs; off unless
-        # configured: without these headers browsers keep other origins' pages out.
+        # Off unless configured: without these headers browsers keep other origins' pages
+        # out. Outside the metrics, so that preflights are answered before routing.
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"],
                            allow_headers=["Accept", "Authorization", "Content-Type",
-                                          "X-API-Key", "Inference-Header-Content-Length"],
-                           expose_headers=["Retry-After", "Inference-Header-Content-Length"])
+                                          "X-API-Key", "X-Request-ID",
+                                          "Inference-Header-Content-Length"],
+                           expose_headers=["Retry-After", "X-Request-ID",
+                                           "Inference-Header-Content-Length"])
+    app.add_middleware(RequestIdMiddleware)  # outermost: ids, access log, unexpected errors
     return app

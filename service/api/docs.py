@@ -68,7 +68,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     400: _problem("the image or body cannot be read (invalid_image, invalid_dicom, ...)"),
     401: _problem("API keys are configured and the request has none or a wrong one"),
     404: _problem("unknown model"),
-    413: _problem("the upload or its pixel count is over the limit"),
+    413: _problem("the upload, its pixel count or the memory its decoding would take is "
+                  "over the limit (payload_too_large, decode_budget_exceeded)"),
     415: _problem("unsupported media type, or DICOM without pixel data"),
     422: _problem("a parameter has a bad value (unknown method or label, ...)"),
     503: _problem("overloaded; retry after the Retry-After header's seconds"),

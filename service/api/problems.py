@@ -56,7 +56,7 @@ def service_error_response(request: Request, exc: errors.ServiceError,
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, errors.Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="medexplain"'}
-    log.info("%s %s -> %d %s", request.method, request.url.path, status, exc.code)
+    log.info("%s %s -> %d %s", request.method, _route(request), status, exc.code)
     return problem(status, exc.title, exc.detail, exc.code, headers, **extensions)
 
 
@@ -99,20 +99,19 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
                    f"{exc.detail}", code, dict(exc.headers or {}))
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # The message may quote input data; log only the type and where it was raised.
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
-    log.error("unhandled %s at %s for %s %s", type(exc).__name__, where, request.method,
-              request.url.path)
+def internal_error() -> JSONResponse:
+    """The answer to a failure no handler knows: nothing about it reaches the client."""
     return problem(500, "Internal error", "the service failed to process the request",
                    "internal_error")
+
+
+def _route(request: Request) -> str:
+    """The route's template (``/models/{name}``): the path itself may carry client values."""
+    return str(getattr(request.scope.get("route"), "path", "unmatched"))
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    # Anything else is contained by service.api.request_id, which answers internal_error().

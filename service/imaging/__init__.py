@@ -14,6 +14,7 @@ from typing import Final
 
 from service.errors import EmptyBody, InvalidParameter, UnsupportedMediaType
 from service.imaging.base import DecodedImage
+from service.imaging.budget import DEFAULT_MAX_DECODE_BYTES
 from service.imaging.dicom import DEFAULT_MAX_FRAMES, Window, decode_dicom, looks_like_dicom
 from service.imaging.raster import (
     DEFAULT_MAX_PIXELS,
@@ -24,36 +25,39 @@ from service.imaging.raster import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_DECODE_BYTES",
     "DEFAULT_MAX_FRAMES",
     "DEFAULT_MAX_PIXELS",
-    "DecodedImage",
     "SUPPORTED_MEDIA_TYPES",
+    "DecodedImage",
     "Window",
     "decode",
     "sniff_media_type",
 ]
 
-# (data, frame, window, max_pixels, max_frames, min_size) -> image; adapters give every
-# format one signature.
-_Decoder = Callable[[bytes, int, Window, int, int, "tuple[int, int] | None"], DecodedImage]
+# (data, frame, window, max_pixels, max_frames, max_decode_bytes, min_size) -> image;
+# adapters give every format one signature.
+_Decoder = Callable[[bytes, int, Window, int, int, int, "tuple[int, int] | None"],
+                    DecodedImage]
 
 
 def _png(data: bytes, frame: int, window: Window, max_pixels: int, max_frames: int,
-         min_size: tuple[int, int] | None) -> DecodedImage:
+         max_decode_bytes: int, min_size: tuple[int, int] | None) -> DecodedImage:
     _single_frame_only(frame)
-    return decode_png(data, max_pixels=max_pixels)
+    return decode_png(data, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
 
 
 def _jpeg(data: bytes, frame: int, window: Window, max_pixels: int, max_frames: int,
-          min_size: tuple[int, int] | None) -> DecodedImage:
+          max_decode_bytes: int, min_size: tuple[int, int] | None) -> DecodedImage:
     _single_frame_only(frame)
-    return decode_jpeg(data, max_pixels=max_pixels)
+    return decode_jpeg(data, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
 
 
 def _dicom(data: bytes, frame: int, window: Window, max_pixels: int, max_frames: int,
-           min_size: tuple[int, int] | None) -> DecodedImage:
+           max_decode_bytes: int, min_size: tuple[int, int] | None) -> DecodedImage:
     return decode_dicom(data, frame=frame, window=window, max_pixels=max_pixels,
-                        max_frames=max_frames, min_size=min_size)
+                        max_frames=max_frames, max_decode_bytes=max_decode_bytes,
+                        min_size=min_size)
 
 
 # ---- The registry: media type -> decoder. Add a format here (and to the sniffer). ----
@@ -107,6 +111,7 @@ def decode(
     window: Window = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_frames: int = DEFAULT_MAX_FRAMES,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     min_size: tuple[int, int] | None = None,
 ) -> DecodedImage:
     """Decode an upload, trusting its bytes over its declared media type.
@@ -120,6 +125,8 @@ def decode(
             JPEG pixels are display values already, so it is ignored for them.
         max_pixels: the largest accepted width * height, checked before decoding.
         max_frames: the largest accepted DICOM Number of Frames, checked before decoding.
+        max_decode_bytes: the memory the decode may take, estimated from the headers
+            before decoding (see :mod:`service.imaging.budget`).
         min_size: (height, width) the pixels are needed at (a network's input); JPEG 2000
             DICOM may then be decoded at a reduced resolution no smaller than that (see
             :func:`service.imaging.dicom.decode_dicom`). None: full resolution.
@@ -132,7 +139,8 @@ def decode(
         UnsupportedMediaType: an unsupported declared type, or generic/absent type with
             bytes that are not PNG, JPEG or DICOM.
         InvalidImage, InvalidDicom, DicomWithoutPixels, UnsupportedTransferSyntax,
-        PayloadTooLarge, InvalidParameter, TooManyFrames: from the decoder.
+        PayloadTooLarge, DecodeBudgetExceeded, InvalidParameter, TooManyFrames: from the
+            decoder.
     """
     if not data:
         raise EmptyBody("the request carries no image bytes")
@@ -155,7 +163,8 @@ def decode(
             f"media type {declared[:100]!r} is not supported; supported types: "
             + ", ".join(SUPPORTED_MEDIA_TYPES)
         )
-    return _REGISTRY[chosen](data, frame, window, max_pixels, max_frames, min_size)
+    return _REGISTRY[chosen](data, frame, window, max_pixels, max_frames, max_decode_bytes,
+                             min_size)
 
 
 def _single_frame_only(frame: int) -> None:

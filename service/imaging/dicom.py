@@ -53,9 +53,10 @@ from service.errors import (
     TooManyFrames,
     UnsupportedTransferSyntax,
 )
-from service.imaging import j2k
+from service.imaging import budget, j2k
 from service.imaging.base import DecodedImage
-from service.imaging.raster import DEFAULT_MAX_PIXELS, check_pixel_count, jpeg_dimensions
+from service.imaging.budget import DEFAULT_MAX_DECODE_BYTES
+from service.imaging.raster import DEFAULT_MAX_PIXELS, check_pixel_count, jpeg_header
 
 Window: TypeAlias = tuple[float, float] | None | Literal["none"]
 """None: the file's own VOI; (center, width): that linear window; "none": min-max."""
@@ -112,7 +113,17 @@ _J2K_SYNTAXES: Final[frozenset[str]] = frozenset(
         "1.2.840.10008.1.2.4.203",  # HTJ2K
     }
 )
-_J2K_SOC_SIZ: Final[bytes] = b"\xff\x4f\xff\x51"
+_RLE_SYNTAX: Final[str] = str(RLELossless)
+# The grey LUT pipeline evaluated on a table of every 8- or 16-bit value (or per pixel on
+# images smaller than the table): a few MB whatever the image size.
+_GREY_TABLE_BYTES: Final[int] = 4 << 20
+# Per output pixel of the paths that convert through float64 arrays (see budget): grey
+# float, 32-bit or per-pixel LUT pipelines, and colour (three samples).
+_GREY_FLOAT64_PER_PIXEL: Final[int] = 48
+_COLOUR_FLOAT64_PER_PIXEL: Final[int] = 60
+# Inflating a deflated dataset to count its size: output discarded in pieces this big.
+_INFLATE_INPUT_CHUNK: Final[int] = 1 << 16
+_INFLATE_OUTPUT_CHUNK: Final[int] = 1 << 20
 
 # Only these characters may reach a client or a log from a DICOM header: UIDs are digits
 # and dots, Modality / Photometric Interpretation are code strings. Anything else (a
@@ -136,6 +147,9 @@ class _Header:
     photometric: str
     bits_stored: int
     transfer_syntax: UID
+    samples: int  # Samples per Pixel
+    bits_allocated: int  # 32 or 64 for Float / Double Float Pixel Data
+    integer: bool  # Pixel Data (integers), not Float / Double Float Pixel Data
 
 
 def looks_like_dicom(data: bytes) -> bool:
@@ -168,6 +182,7 @@ def decode_dicom(
     window: Window = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_frames: int = DEFAULT_MAX_FRAMES,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     min_size: tuple[int, int] | None = None,
 ) -> DecodedImage:
     """Decode one frame of a DICOM object to 0..1 display pixels.
@@ -185,6 +200,11 @@ def decode_dicom(
             positive width works; ``"none"`` scales the modality values min-max.
         max_pixels: the largest accepted Rows * Columns, checked before decoding.
         max_frames: the largest accepted Number of Frames, checked before decoding.
+        max_decode_bytes: the memory the decode may take: the parsed (and inflated)
+            dataset, the frame as the codec produces it, the codec's own buffers and the
+            conversion to 0..1 (see :func:`_footprint`), checked before the pixels are
+            decoded; a deflated dataset may inflate to at most half of what the upload
+            leaves of it (pydicom holds the inflated bytes twice while parsing).
         min_size: (height, width) the pixels are needed at, e.g. a network's input. With
             it, JPEG 2000 frames are decoded at the smallest power-of-two reduction still
             at least that large in both axes (see :mod:`service.imaging.j2k`); the image's
@@ -201,12 +221,13 @@ def decode_dicom(
         UnsupportedTransferSyntax: no installed decoder for the transfer syntax.
         PayloadTooLarge: Rows * Columns (or a compressed frame's own header, or the inflated
             size of a deflated dataset) exceeds the limit.
+        DecodeBudgetExceeded: decoding would take more than ``max_decode_bytes``.
         InvalidParameter: frame out of range, a malformed window, or a window on colour.
         TooManyFrames: Number of Frames exceeds ``max_frames``.
     """
     window = _check_window(window)
     min_size = _check_min_size(min_size)
-    ds = _read_dataset(data, max_pixels)
+    ds, inflated = _read_dataset(data, max_decode_bytes)
     header = _read_header(ds)
     if header.frames > max_frames:
         raise TooManyFrames(
@@ -219,9 +240,12 @@ def decode_dicom(
             f"numbered from 0"
         )
     decoder = _decoder_for(header.transfer_syntax)
-    codestream = None
+    codestream, coded = None, (header.columns, header.rows)
     if not decoder.is_native:
-        codestream = _check_codestream_size(ds, header, frame, max_pixels)
+        codestream, coded = _check_codestream_size(ds, header, frame, max_pixels)
+    # pydicom keeps its own copy of every value it parsed (and of the inflated dataset,
+    # twice while it parses it).
+    budget.check(_footprint(header, coded, len(data) + 2 * inflated), max_decode_bytes)
 
     reduced = None
     if min_size is not None and codestream is not None:
@@ -389,37 +413,62 @@ def _check_window(window: object) -> Window:
     )
 
 
-def _read_dataset(data: bytes, max_pixels: int) -> Dataset:
-    """Parse the whole object from memory."""
+def _read_dataset(data: bytes, max_decode_bytes: int) -> tuple[Dataset, int]:
+    """Parse the whole object from memory; (dataset, inflated size of a deflated one or 0)."""
     has_preamble = data[DICM_OFFSET : DICM_OFFSET + 4] == b"DICM"
     if not looks_like_dicom(data):
         raise InvalidDicom(
             "data is not DICOM (no 'DICM' marker at byte 128 and no data element at byte 0)"
         )
+    inflated = 0
     if has_preamble:
-        _check_inflated_size(data, max_pixels)
+        inflated = _inflated_size(data, max(max_decode_bytes - len(data), 0) // 2)
     try:
         # force only for bare datasets: with a preamble, pydicom validates the File Meta.
-        return pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+        return pydicom.dcmread(io.BytesIO(data), force=not has_preamble), inflated
     except _PYDICOM_ERRORS as exc:
         raise InvalidDicom("DICOM data could not be parsed (truncated or corrupt)") from exc
 
 
-def _check_inflated_size(data: bytes, max_pixels: int) -> None:
-    """Bound a deflated dataset's inflated size before pydicom inflates it unbounded."""
+def _inflated_size(data: bytes, limit: int) -> int:
+    """A deflated dataset's inflated size (0 if not deflated), refused over ``limit``.
+
+    pydicom inflates the whole dataset at once, and deflate reaches ~1000:1, so a small
+    upload could expand to gigabytes: the size is counted first by inflating piece by
+    piece and throwing the output away, so that counting holds ~1 MB whatever the size.
+
+    Raises:
+        PayloadTooLarge: the dataset inflates to more than ``limit`` bytes.
+        InvalidDicom: the deflate stream is corrupt.
+    """
     offset = _deflated_dataset_offset(data)
     if offset is None:
-        return
-    # Room for one max-size frame at 8 bytes/pixel plus generous header space; deflate
-    # reaches ~1000:1, so without a bound a small upload could expand to gigabytes.
-    limit = 8 * max_pixels + (64 << 20)
+        return 0
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    stream = memoryview(data)[offset:]
+    total = 0
     try:
-        inflater.decompress(data[offset:], limit)
+        for start in range(0, len(stream), _INFLATE_INPUT_CHUNK):
+            pending: bytes | memoryview = stream[start : start + _INFLATE_INPUT_CHUNK]
+            while pending and not inflater.eof:
+                total += len(inflater.decompress(pending, _INFLATE_OUTPUT_CHUNK))
+                if total > limit:
+                    raise PayloadTooLarge(
+                        f"deflated DICOM dataset inflates to more than {limit} bytes"
+                    )
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+        # What the last input left inside the inflater (a bounded output was full).
+        while not inflater.eof and (tail := inflater.decompress(b"", _INFLATE_OUTPUT_CHUNK)):
+            total += len(tail)
+            if total > limit:
+                raise PayloadTooLarge(
+                    f"deflated DICOM dataset inflates to more than {limit} bytes"
+                )
     except zlib.error as exc:
         raise InvalidDicom("deflated DICOM dataset could not be inflated (corrupt)") from exc
-    if inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"deflated DICOM dataset inflates to more than {limit} bytes")
+    return total
 
 
 def _deflated_dataset_offset(data: bytes) -> int | None:
@@ -460,6 +509,10 @@ def _read_header(ds: Dataset) -> _Header:
         bits_stored_value = ds.get("BitsStored", ds.get("BitsAllocated"))
         bits_stored = int(bits_stored_value) if bits_stored_value is not None else 0
         syntax = _transfer_syntax(ds)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        integer = "PixelData" in ds
+        bits_allocated = int(ds.get("BitsAllocated", 0) or 0) if integer else (
+            32 if "FloatPixelData" in ds else 64)
     except _PYDICOM_ERRORS as exc:
         raise InvalidDicom(
             "DICOM Image Pixel attributes are missing or invalid (truncated or corrupt)"
@@ -468,7 +521,43 @@ def _read_header(ds: Dataset) -> _Header:
         raise InvalidDicom("DICOM Photometric Interpretation is missing or invalid")
     if not 1 <= bits_stored <= 64:
         raise InvalidDicom("DICOM Bits Stored is missing or invalid")
-    return _Header(rows, columns, frames, photometric, bits_stored, syntax)
+    if not 1 <= samples <= 4:
+        raise InvalidDicom("DICOM Samples per Pixel is invalid")
+    if not 1 <= bits_allocated <= 64:
+        raise InvalidDicom("DICOM Bits Allocated is missing or invalid")
+    return _Header(rows, columns, frames, photometric, bits_stored, syntax, samples,
+                   bits_allocated, integer)
+
+
+def _footprint(header: _Header, coded: tuple[int, int], parsed_bytes: int) -> budget.Footprint:
+    """What decoding one frame holds at its peak (see :mod:`service.imaging.budget`).
+
+    Args:
+        header: the Image Pixel facts.
+        coded: (width, height) the codec decodes: a compressed frame's own header, which
+            may exceed Rows x Columns (it is what the codec allocates).
+        parsed_bytes: the parsed dataset's own copies (upload and inflated bytes).
+    """
+    width, height = max(coded[0], header.columns), max(coded[1], header.rows)
+    container = 1 << max(0, (header.bits_allocated - 1).bit_length() - 3)  # 1, 2, 4, 8
+    # The frame as the codec hands it over (a native frame may be a view; one copy is
+    # counted all the same: pydicom copies it to clear unused bits or to reorder bytes).
+    per_pixel = header.samples * container
+    syntax = str(header.transfer_syntax)
+    if syntax in _J2K_SYNTAXES:
+        per_pixel += header.samples * budget.OPENJPEG_PER_SAMPLE
+    elif syntax == _RLE_SYNTAX:
+        per_pixel += header.samples * container  # the segments are decoded to bytes first
+    fixed = parsed_bytes
+    grey = header.photometric in ("MONOCHROME1", "MONOCHROME2")
+    if grey and header.integer and container <= 2:
+        per_pixel += budget.FLOAT32
+        fixed += _GREY_TABLE_BYTES
+    elif grey:
+        per_pixel += _GREY_FLOAT64_PER_PIXEL
+    else:
+        per_pixel += _COLOUR_FLOAT64_PER_PIXEL
+    return budget.Footprint("DICOM", width, height, per_pixel, fixed)
 
 
 def _raise_without_pixels(ds: Dataset) -> None:
@@ -541,15 +630,17 @@ def _decoder_for(syntax: UID) -> Decoder:
 
 def _check_codestream_size(
     ds: Dataset, header: _Header, frame: int, max_pixels: int
-) -> bytes | None:
+) -> tuple[bytes | None, tuple[int, int]]:
     """Check a compressed frame's own header: the codec allocates what it declares.
 
     Returns:
-        The frame's codestream (JPEG, JPEG-LS, JPEG 2000); None for other syntaxes.
+        The codestream the codec decodes (JPEG, JPEG-LS, raw JPEG 2000 from a JP2 file
+        too; None for other syntaxes) and its (width, height).
     """
     syntax = str(header.transfer_syntax)
     if syntax not in _JPEG_SYNTAXES and syntax not in _J2K_SYNTAXES:
-        return None  # RLE output is sized from Rows/Columns, already checked.
+        # RLE output is sized from Rows/Columns, already checked.
+        return None, (header.columns, header.rows)
     try:
         offsets = None
         if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
@@ -563,25 +654,27 @@ def _check_codestream_size(
         ) from exc
     if syntax in _JPEG_SYNTAXES:
         try:
-            width, height = jpeg_dimensions(codestream)
+            jpeg = jpeg_header(codestream)
         except InvalidImage as exc:
             raise InvalidDicom(
                 f"DICOM JPEG frame {frame} has no valid frame header (corrupt)"
             ) from exc
+        width, height = jpeg.width, jpeg.height
     else:
-        width, height = _j2k_dimensions(codestream)
+        codestream, (width, height) = _j2k_codestream(codestream)
     check_pixel_count(width, height, max_pixels, "DICOM compressed frame")
-    return codestream
+    return codestream, (width, height)
 
 
-def _j2k_dimensions(codestream: bytes) -> tuple[int, int]:
-    """Read (width, height) from a JPEG 2000 SIZ segment (raw codestream or JP2 file)."""
-    start = codestream.find(_J2K_SOC_SIZ)
-    if start < 0 or start + 24 > len(codestream):
+def _j2k_codestream(frame: bytes) -> tuple[bytes, tuple[int, int]]:
+    """The codestream OpenJPEG decodes from a frame (see :func:`j2k.locate`) and the
+    (width, height) its SIZ declares."""
+    codestream = j2k.locate(frame)
+    if codestream is None or len(codestream) < 24:
         raise InvalidDicom("DICOM JPEG 2000 frame has no codestream header (corrupt)")
     # SOC, SIZ marker, Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz (PS ISO 15444-1 A.5.1).
-    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", codestream[start + 8 : start + 24])
-    return max(xsiz - xosiz, 0), max(ysiz - yosiz, 0)
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", codestream[8:24])
+    return codestream, (max(xsiz - xosiz, 0), max(ysiz - yosiz, 0))
 
 
 def _frame_view(ds: Dataset, frame: int) -> Dataset:

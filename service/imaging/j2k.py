@@ -33,6 +33,9 @@ REDUCIBLE_SYNTAXES: Final[frozenset[str]] = frozenset(
 )
 
 _SOC_SIZ: Final[bytes] = b"\xff\x4f\xff\x51"
+# The JP2 signature box, always the file's first 12 bytes (ISO 15444-1 I.5.1).
+_JP2_SIGNATURE: Final[bytes] = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_JP2_CODESTREAM_BOX: Final[bytes] = b"jp2c"
 _COD: Final[int] = 0xFF52
 _COC: Final[int] = 0xFF53
 _SOT: Final[int] = 0xFF90
@@ -62,17 +65,56 @@ class Codestream:
     levels: int  # the fewest decomposition levels of any component in the main header
 
 
-def parse(codestream: bytes) -> Codestream | None:
-    """Read SIZ, COD and COC of a codestream's main header; None when unusable here.
+def locate(frame: bytes) -> bytes | None:
+    """The codestream a JPEG 2000 decoder decodes from a frame; None when there is none.
 
-    Unusable: no SIZ/COD, image offsets (reduced sizes then depend on them), subsampled
-    components, or components of different precision or signedness.
+    OpenJPEG (pydicom's plugin and Pillow alike) takes a raw codestream, which starts with
+    SOC immediately followed by SIZ (ISO 15444-1 A.3), or a JP2 file, which starts with the
+    signature box and holds the codestream in its first ``jp2c`` box; other boxes (``xml ``,
+    ``uuid``, ...) may hold anything, a decoy SOC/SIZ included, so only the box walk says
+    which header the decoder will read.
+
+    Args:
+        frame: one encapsulated frame.
+
+    Returns:
+        The raw codestream, starting with SOC and SIZ; None for anything else.
     """
-    start = codestream.find(_SOC_SIZ)
-    if start < 0:
+    if frame.startswith(_SOC_SIZ):
+        return frame
+    if not frame.startswith(_JP2_SIGNATURE):
+        return None
+    pos = len(_JP2_SIGNATURE)
+    while pos + 8 <= len(frame):
+        length, kind = struct.unpack(">I4s", frame[pos : pos + 8])
+        header = 8
+        if length == 1:  # XLBox: a 64-bit length follows the type (I.4)
+            if pos + 16 > len(frame):
+                return None
+            (length,) = struct.unpack(">Q", frame[pos + 8 : pos + 16])
+            header = 16
+        elif length == 0:  # the last box, up to the end of the file
+            length = len(frame) - pos
+        if length < header:
+            return None
+        if kind == _JP2_CODESTREAM_BOX:
+            codestream = frame[pos + header : pos + length]
+            return codestream if codestream.startswith(_SOC_SIZ) else None
+        pos += length
+    return None
+
+
+def parse(codestream: bytes) -> Codestream | None:
+    """Read SIZ, COD and COC of a raw codestream's main header; None when unusable here.
+
+    Unusable: not a raw codestream (see :func:`locate`), no COD, image offsets (reduced
+    sizes then depend on them), subsampled components, or components of different
+    precision or signedness.
+    """
+    if not codestream.startswith(_SOC_SIZ):
         return None
     try:
-        pos = start + 4
+        pos = 4
         (lsiz,) = struct.unpack(">H", codestream[pos : pos + 2])
         xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", codestream[pos + 4 : pos + 20])
         (csiz,) = struct.unpack(">H", codestream[pos + 36 : pos + 38])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Final
 
 import cv2
 import numpy as np
 
 from service.errors import InvalidImage, PayloadTooLarge
+from service.imaging import budget
 from service.imaging.base import DecodedImage
+from service.imaging.budget import DEFAULT_MAX_DECODE_BYTES
 
 DEFAULT_MAX_PIXELS: Final[int] = 50_000_000
 
@@ -25,30 +28,72 @@ _JPEG_SOF_MARKERS: Final[frozenset[int]] = frozenset(
 _JPEG_STANDALONE_MARKERS: Final[frozenset[int]] = frozenset({0x01, *range(0xD0, 0xD8)})
 _JPEG_SOS: Final[int] = 0xDA
 
+# Samples per pixel OpenCV's IMREAD_UNCHANGED gives per PNG colour type: grey, -, RGB,
+# palette (expanded to BGR), grey + alpha (expanded to BGRA), -, RGBA.
+_PNG_SAMPLES: Final[dict[int, int]] = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}
 
-def png_dimensions(data: bytes) -> tuple[int, int]:
-    """Read (width, height) from a PNG's IHDR chunk without decoding anything.
+
+@dataclass(frozen=True)
+class RasterHeader:
+    """What a PNG or JPEG header says about the pixels the decoder will produce."""
+
+    width: int
+    height: int
+    samples: int  # per pixel, as OpenCV decodes them
+    bytes_per_sample: int
+
+    def footprint(self, what: str) -> budget.Footprint:
+        """The decode's peak: OpenCV's array, then the 0..1 float32 image (see
+        :func:`_decode_raster`): grey costs the decoded samples plus 4 bytes; colour adds
+        a reordered (or grey) copy and a 3-sample float32 image."""
+        decoded = self.samples * self.bytes_per_sample
+        if self.samples == 1:
+            per_pixel = decoded + budget.FLOAT32
+        else:
+            per_pixel = decoded + 3 * self.bytes_per_sample + 3 * budget.FLOAT32
+        return budget.Footprint(what, self.width, self.height, per_pixel)
+
+
+def png_header(data: bytes) -> RasterHeader:
+    """Read a PNG's IHDR chunk (and whether a tRNS chunk adds alpha) without decoding.
 
     Args:
-        data: the PNG file bytes (only the first 24 are looked at).
+        data: the PNG file bytes (the chunk headers before the first IDAT are looked at).
 
     Returns:
-        (width, height) as declared by the header.
+        Size, samples and sample size as OpenCV will decode them.
 
     Raises:
         InvalidImage: the bytes do not start with a PNG signature and an IHDR chunk.
     """
     if not data.startswith(PNG_SIGNATURE):
         raise InvalidImage("PNG data could not be decoded (no PNG signature)")
-    # IHDR must be the first chunk: 4-byte length, b"IHDR", then width and height.
-    if len(data) < 24 or data[12:16] != b"IHDR":
+    # IHDR must be the first chunk: 4-byte length, b"IHDR", width, height, bit depth and
+    # colour type.
+    if len(data) < 26 or data[12:16] != b"IHDR":
         raise InvalidImage("PNG data could not be decoded (truncated or missing IHDR header)")
-    width, height = struct.unpack(">II", data[16:24])
-    return int(width), int(height)
+    width, height, bit_depth, colour_type = struct.unpack(">IIBB", data[16:26])
+    samples = _PNG_SAMPLES.get(colour_type, 4)
+    if _png_has_chunk(data, b"tRNS"):
+        samples = 4  # transparency becomes an alpha channel
+    return RasterHeader(int(width), int(height), samples, 2 if bit_depth > 8 else 1)
 
 
-def jpeg_dimensions(data: bytes) -> tuple[int, int]:
-    """Read (width, height) from a JPEG's first start-of-frame segment.
+def _png_has_chunk(data: bytes, kind: bytes) -> bool:
+    """Whether a chunk of ``kind`` comes before the image data."""
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, chunk = struct.unpack(">I4s", data[pos : pos + 8])
+        if chunk == kind:
+            return True
+        if chunk in (b"IDAT", b"IEND"):
+            return False
+        pos += 12 + length
+    return False
+
+
+def jpeg_header(data: bytes) -> RasterHeader:
+    """Read a JPEG's first start-of-frame segment.
 
     Walks the marker segments up to the first SOFn (JPEG-LS SOF55 included); entropy-coded
     data is never touched, so this costs a few hundred bytes of parsing at most.
@@ -57,7 +102,8 @@ def jpeg_dimensions(data: bytes) -> tuple[int, int]:
         data: a JPEG (or JPEG-LS) codestream.
 
     Returns:
-        (width, height) as declared by the frame header.
+        Size, components (four-component CMYK counted as four: the codec holds them) and
+        sample size (precision over 8 bits: 2 bytes), as the frame header declares them.
 
     Raises:
         InvalidImage: no SOI marker, a malformed segment, or no frame header before the scan.
@@ -84,14 +130,18 @@ def jpeg_dimensions(data: bytes) -> tuple[int, int]:
         if length < 2:
             raise InvalidImage("JPEG data could not be decoded (corrupt marker segment)")
         if marker in _JPEG_SOF_MARKERS:
-            if pos + 7 > size:
+            if pos + 8 > size:
                 break
-            height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
+            # Lf, P, Y, X, Nf (ITU-T T.81 B.2.2).
+            precision, height, width, components = struct.unpack(
+                ">BHHB", data[pos + 2 : pos + 8]
+            )
             if height == 0:
                 # Height 0 defers the size to a DNL marker after the first scan: the size
                 # cannot be bounded up front, and OpenCV's libjpeg rejects it anyway.
                 raise InvalidImage("JPEG data with a deferred (DNL) height is not supported")
-            return int(width), int(height)
+            samples = 1 if components == 1 else max(3, min(components, 4))
+            return RasterHeader(int(width), int(height), samples, 2 if precision > 8 else 1)
         if marker == _JPEG_SOS:
             raise InvalidImage("JPEG data could not be decoded (no frame header before scan)")
         pos += length
@@ -117,13 +167,16 @@ def check_pixel_count(width: int, height: int, max_pixels: int, what: str) -> No
         )
 
 
-def decode_png(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_png(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> DecodedImage:
     """Decode PNG bytes to 0..1 float32 pixels.
 
     Args:
         data: the PNG file.
         max_pixels: the largest accepted width * height, checked on the IHDR header before
             any pixel is decoded.
+        max_decode_bytes: the memory the decode may take (see :mod:`service.imaging.budget`),
+            checked on the header before any pixel is decoded.
 
     Returns:
         The decoded image, (H, W) grey or (H, W, 3) RGB; meta has bit_depth and channels.
@@ -131,19 +184,24 @@ def decode_png(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedI
     Raises:
         InvalidImage: not a PNG, truncated or corrupt.
         PayloadTooLarge: the header declares more than max_pixels pixels.
+        DecodeBudgetExceeded: decoding would take more than max_decode_bytes.
     """
-    width, height = png_dimensions(data)
-    check_pixel_count(width, height, max_pixels, "PNG")
+    header = png_header(data)
+    check_pixel_count(header.width, header.height, max_pixels, "PNG")
+    budget.check(header.footprint("PNG"), max_decode_bytes)
     return _decode_raster(data, "png", "PNG")
 
 
-def decode_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> DecodedImage:
     """Decode JPEG bytes to 0..1 float32 pixels.
 
     Args:
         data: the JPEG file.
         max_pixels: the largest accepted width * height, checked on the SOFn header before
             any pixel is decoded.
+        max_decode_bytes: the memory the decode may take (see :mod:`service.imaging.budget`),
+            checked on the header before any pixel is decoded.
 
     Returns:
         The decoded image, (H, W) grey or (H, W, 3) RGB; meta has bit_depth and channels.
@@ -151,9 +209,11 @@ def decode_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded
     Raises:
         InvalidImage: not a JPEG, truncated or corrupt.
         PayloadTooLarge: the header declares more than max_pixels pixels.
+        DecodeBudgetExceeded: decoding would take more than max_decode_bytes.
     """
-    width, height = jpeg_dimensions(data)
-    check_pixel_count(width, height, max_pixels, "JPEG")
+    header = jpeg_header(data)
+    check_pixel_count(header.width, header.height, max_pixels, "JPEG")
+    budget.check(header.footprint("JPEG"), max_decode_bytes)
     return _decode_raster(data, "jpeg", "JPEG")
 
 
@@ -177,7 +237,8 @@ def _decode_raster(data: bytes, fmt: str, what: str) -> DecodedImage:
         raise InvalidImage(f"{what} sample type {decoded.dtype} is not supported")
 
     pixels = _to_grey_or_rgb(decoded)
-    pixels01 = pixels.astype(np.float32) / np.float32(scale)
+    # One float32 array (the budget counts one), whatever numpy does with temporaries.
+    pixels01 = np.divide(pixels, np.float32(scale), dtype=np.float32)
     channels = 1 if pixels01.ndim == 2 else 3
     return DecodedImage(
         pixels=pixels01, format=fmt, meta={"bit_depth": bit_depth, "channels": channels}

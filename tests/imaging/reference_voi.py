@@ -40,7 +40,7 @@ def stored_values(data: bytes, frame: int = 0) -> tuple[np.ndarray, Dataset, str
 
 
 def _read(data: bytes, frame: int) -> tuple[np.ndarray, Dataset, dicom._Header, str]:
-    ds = dicom._read_dataset(data, dicom.DEFAULT_MAX_PIXELS)
+    ds, _ = dicom._read_dataset(data, dicom.DEFAULT_MAX_DECODE_BYTES)
     header = dicom._read_header(ds)
     decoder = dicom._decoder_for(header.transfer_syntax)
     plugin = "pydicom" if header.transfer_syntax == RLELossless else ""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from service.errors import (
 from service.imaging import j2k
 from service.imaging.base import DecodedImage
 from service.imaging.dicom import decode_dicom
+from tests.imaging import bombs
 
 TOL = 1e-6  # float32 output vs float64 reference
 
@@ -520,14 +520,9 @@ def test_j2k_frame_header_larger_than_rows_columns(monkeypatch: pytest.MonkeyPat
 
 
 def test_deflate_bomb_refused_before_inflating() -> None:
-    data = _bytes("image_dfl.dcm")
-    # The File Meta ends where the deflated dataset starts: replace that with 70 MiB of
-    # zeros deflated to ~70 KB.
-    meta_end = 132 + 12 + struct.unpack("<I", data[140:144])[0]
-    squeezer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    bomb = squeezer.compress(bytes(70 << 20)) + squeezer.flush()
-    with pytest.raises(PayloadTooLarge, match="deflated DICOM dataset inflates"):
-        decode_dicom(data[:meta_end] + bomb, max_pixels=1000)
+    # 70 MiB of zeros deflated to ~70 KB, over what a 100 MiB budget lets it inflate to.
+    with pytest.raises(PayloadTooLarge, match="deflated DICOM dataset inflates to more than"):
+        decode_dicom(bombs.deflate_bomb(70 << 20), max_decode_bytes=100 << 20)
 
 
 def test_frame_limit_is_checked_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:

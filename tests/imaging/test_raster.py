@@ -11,7 +11,7 @@ import pytest
 
 from service.errors import InvalidImage, PayloadTooLarge
 from service.imaging import raster
-from service.imaging.raster import decode_jpeg, decode_png, jpeg_dimensions, png_dimensions
+from service.imaging.raster import RasterHeader, decode_jpeg, decode_png, jpeg_header, png_header
 
 
 def _encode(ext: str, bgr_or_grey: np.ndarray, *params: int) -> bytes:
@@ -131,8 +131,23 @@ def test_jpeg_colour_within_tolerance() -> None:
 
 
 def test_header_dimensions_non_square(grey8: np.ndarray) -> None:
-    assert png_dimensions(_encode(".png", grey8)) == (7, 5)
-    assert jpeg_dimensions(_encode(".jpg", grey8)) == (7, 5)
+    assert png_header(_encode(".png", grey8)) == RasterHeader(7, 5, 1, 1)
+    assert jpeg_header(_encode(".jpg", grey8)) == RasterHeader(7, 5, 1, 1)
+
+
+def test_header_samples_and_depth_as_opencv_decodes_them(grey8: np.ndarray) -> None:
+    rgb16 = np.stack([grey8, grey8 + 1, grey8 + 2], axis=2).astype(np.uint16) * 257
+    assert png_header(_encode(".png", rgb16)) == RasterHeader(7, 5, 3, 2)
+    assert png_header(_encode(".png", np.dstack([rgb16, rgb16[:, :, :1]]))) == RasterHeader(
+        7, 5, 4, 2)
+    assert jpeg_header(_encode(".jpg", rgb16[:, :, :3].astype(np.uint8))) == RasterHeader(
+        7, 5, 3, 1)
+    # A tRNS chunk gives a grey PNG an alpha channel in OpenCV's hands.
+    plain = _encode(".png", grey8)
+    trns = struct.pack(">I", 2) + b"tRNS\x00\x00" + struct.pack(">I", zlib.crc32(b"tRNS\x00\x00"))
+    with_trns = plain[:33] + trns + plain[33:]
+    assert png_header(with_trns) == RasterHeader(7, 5, 4, 1)
+    assert decode_png(with_trns).pixels.shape == (5, 7)  # still decodes, as grey
 
 
 def test_truncated_png_is_invalid(grey8: np.ndarray) -> None:
@@ -203,7 +218,7 @@ def test_max_pixels_is_passed_down(grey8: np.ndarray) -> None:
 
 def test_jpeg_without_frame_header_is_invalid() -> None:
     with pytest.raises(InvalidImage, match="no frame header before scan"):
-        jpeg_dimensions(b"\xff\xd8\xff\xda\x00\x08" + bytes(20))
+        jpeg_header(b"\xff\xd8\xff\xda\x00\x08" + bytes(20))
 
 
 def test_cv2_error_becomes_invalid_image(

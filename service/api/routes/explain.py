@@ -87,7 +87,7 @@ def decode_upload(data: bytes, media_type: str | None, params: PredictParams,
             settings: Settings, min_size: tuple[int, int] | None) -> DecodedImage:
     return imaging.decode(data, media_type, frame=params.frame, window=params.window,
                           max_pixels=settings.max_pixels, max_frames=settings.max_frames,
-                          min_size=min_size)
+                          max_decode_bytes=settings.max_decode_bytes, min_size=min_size)
 
 
 def input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
