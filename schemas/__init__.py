@@ -17,10 +17,11 @@ from schemas.api import (
     Problem,
     Region,
     TargetLayerInfo,
+    UnavailableModel,
 )
 
 __all__ = [
     "AcceptsInfo", "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo", "InputInfo",
     "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse", "Prediction", "Problem",
-    "Region", "TargetLayerInfo",
+    "Region", "TargetLayerInfo", "UnavailableModel",
 ]

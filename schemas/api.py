@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -138,9 +140,18 @@ class ModelInfo(BaseModel):
                           "ensemble: it accepts what every member accepts")
 
 
+# A model folder that failed to load; the others serve, requests naming it get 503.
+class UnavailableModel(BaseModel):
+    name: str
+    state: Literal["UNAVAILABLE"] = "UNAVAILABLE"
+    reason: str = Field(description="why it failed to load (model.toml, graph, compiler)")
+
+
 class ModelsResponse(BaseModel):
     default: str
     models: list[ModelInfo]
+    unavailable: list[UnavailableModel] = Field(
+        default_factory=list, description="models that failed to load, with the reason")
 
 
 class Health(BaseModel):

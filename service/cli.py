@@ -26,19 +26,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"medexplain: bad settings: {exc}", file=sys.stderr)  # values hidden: Settings
         return 2
     # Imported once the settings are known good: a bad setting fails in a moment.
-    import uvicorn
-
     from service import logs
+    from service.api.admission import Admission
     from service.main import create_app
+    from service.server import serve
 
     logs.configure(settings.log_level, settings.log_format)
     from service.runtime.memory import keep_freed_memory
 
     keep_freed_memory()
-    # log_config=None: uvicorn's loggers go through service.logs; its access log (which
-    # records query strings) is replaced by the service's own (service.api.request_id).
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, log_config=None, access_log=False)
+    admission = Admission(settings)
+    serve(create_app(settings, admission=admission), settings, admission)
     return 0
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qsl
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PREFIX = "MEDEXPLAIN_"
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -88,6 +95,36 @@ class Settings(BaseModel):
     # duration_ms), for log collectors (service.logs).
     log_format: Literal["text", "json"] = "text"
 
+    # --- The HTTP edge: admission before the body is read, timeouts, drain ---
+    # Bytes of request bodies held at once across all requests (each counted at its
+    # Content-Length, or at max_upload_bytes when chunked): past it → 503 + Retry-After
+    # before a byte of the body is read. Four uploads of the maximum size: together with the
+    # request count (max_concurrency + max_queue) it bounds what uploads can make the
+    # process hold, whatever their number.
+    max_inflight_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    # The request line and headers must have arrived this long after the connection opened
+    # (or after its first byte on a kept-alive one); else the connection is closed (408).
+    header_timeout_s: float = Field(10.0, gt=0)
+    # A body must keep up with body_min_rate bytes/s after a grace of body_timeout_s: at any
+    # moment t after the headers, received >= body_min_rate * (t - body_timeout_s); else 408
+    # and the connection is closed. 16 KiB/s still takes a 64 MB upload in ~70 minutes.
+    body_timeout_s: float = Field(10.0, gt=0)
+    body_min_rate: int = Field(16 * 1024, ge=1)
+    # A kept-alive connection idle this long is closed.
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    # From the end of the body to the start of the answer (queue wait, decode, compute);
+    # past it → 503 compute_timeout. Compute already running in a thread cannot be
+    # interrupted: it goes on, holding its slot and its bytes, and its answer is dropped.
+    request_timeout_s: float = Field(60.0, gt=0)
+    # On SIGTERM: /readyz answers 503 draining at once, uploads arriving after it get 503
+    # draining, and requests the server already had get this long to finish before they are
+    # cancelled and the process exits. Below Kubernetes' default grace period (30 s).
+    shutdown_timeout_s: float = Field(25.0, gt=0)
+    # With api_keys set, also require a key for /metrics, and for /docs, /redoc and
+    # /openapi.json (off: monitoring and documentation stay open on a private network).
+    protect_metrics: bool = False
+    protect_docs: bool = False
+
     # DICOM networking (service.dimse): a C-STORE SCP listening on ``host`` at this port,
     # explaining what it receives through the service's own /explain. Off when unset.
     dicom_port: int | None = Field(None, ge=1, le=65535)
@@ -129,6 +166,13 @@ class Settings(BaseModel):
         if bad:
             raise ValueError("CORS origins are '*' or scheme://host[:port], with no path")
         return value
+
+    @model_validator(mode="after")
+    def _budget_holds_one_upload(self) -> Settings:
+        if self.max_inflight_bytes < self.max_upload_bytes:
+            raise ValueError("max_inflight_bytes must be at least max_upload_bytes, or the "
+                             "largest allowed upload could never be admitted")
+        return self
 
     @field_validator("dicom_allowed_callers", "dicom_outputs", mode="before")
     @classmethod

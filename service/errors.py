@@ -168,6 +168,34 @@ class Overloaded(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class Draining(Overloaded):
+    """Raised for new work while the service drains before it stops (SIGTERM)."""
+
+    code = "draining"
+    title = "Service draining"
+
+
+class ComputeTimeout(Overloaded):
+    """Raised when a request's queueing and compute outlast the request timeout."""
+
+    code = "compute_timeout"
+    title = "Request timed out"
+
+
+class BodyTimeout(ServiceError):
+    """Raised when a client sends its body slower than the minimum rate."""
+
+    code = "body_timeout"
+    title = "Request body too slow"
+
+
+class ModelUnavailable(ServiceError):
+    """Raised when the requested model failed to load; the other models still serve."""
+
+    code = "model_unavailable"
+    title = "Model unavailable"
+
+
 class DeliveryError(ServiceError):
     """Raised when the DICOM results of a received image cannot be sent to a destination."""
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,6 +16,7 @@ from fastapi.responses import HTMLResponse
 
 from service import __version__, dimse, logs, pipeline
 from service.api import docs, problems
+from service.api.admission import Admission, EdgeMiddleware
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.request_id import RequestIdMiddleware
@@ -55,11 +59,30 @@ def open_repository(settings: Settings) -> Repository:
     return repository
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; models load and compile once, in the lifespan."""
+def content_security_policy(page: str) -> str:
+    """The web page's CSP: its own inline script and style (by hash) and nothing else runs;
+    it talks to this origin only and shows maps from data: URLs."""
+    def digest(tag: str) -> str:
+        found = re.search(f"<{tag}>(.*?)</{tag}>", page, re.DOTALL)
+        body = found.group(1) if found else ""
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
+            "img-src data:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
+            "frame-ancestors 'none'")
+
+
+def create_app(settings: Settings | None = None, *,
+               admission: Admission | None = None) -> FastAPI:
+    """Build the app; models load and compile once, in the lifespan.
+
+    ``admission`` is the edge's budget; the server passes its own so that SIGTERM can start
+    the drain (service.server).
+    """
     settings = settings or get_settings()
     logs.install()
     metrics = Metrics()
+    admission = admission or Admission(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
@@ -75,7 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             state = State(settings=settings, repository=repository,
                           limiter=Limiter(settings.max_concurrency, settings.max_queue),
-                          metrics=metrics, scheduler=scheduler)
+                          metrics=metrics, scheduler=scheduler,
+                          admission=admission)
             async with dimse.listening(settings, app, state):  # the C-STORE SCP, if configured
                 yield state
         finally:
@@ -95,12 +119,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs.install_docs(app)
 
     demo_page = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+    page_headers = {"Content-Security-Policy": content_security_policy(demo_page),
+                    "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         """The web demo: upload an image, pick methods, see scores, overlays and regions."""
-        return HTMLResponse(demo_page)
+        return HTMLResponse(demo_page, headers=page_headers)
 
+    # The last added runs first: metrics see every answer, the edge's own included.
+    app.add_middleware(EdgeMiddleware, admission=admission, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors_origins:
         # Off unless configured: without these headers browsers keep other origins' pages

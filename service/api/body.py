@@ -1,31 +1,59 @@
-"""Reading request bodies into memory under a size cap.
+"""Reading request bodies into memory under a size cap and a minimum rate.
 
 Starlette's multipart parser spools files over 1 MB to a temporary file; uploads must never
 touch the disk, so the body is streamed into memory (refused past the cap) and multipart is
-parsed here from those bytes.
+parsed here from those bytes, in a worker thread: parsing is pure Python, and a body of
+many tiny parts would otherwise hold the event loop (and /healthz) for seconds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import anyio
+import anyio.to_thread
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import EmptyBody, InvalidMultipart, PayloadTooLarge
+from service.api.admission import admit
+from service.config import Settings
+from service.errors import BodyTimeout, EmptyBody, InvalidMultipart, PayloadTooLarge
+
+# A form holds each parameter at most once and one file: far fewer parts than this. Past it
+# the body is refused at once instead of parsed to its end.
+MAX_PARTS = 64
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or PayloadTooLarge as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body has {int(declared)} bytes; the limit is {limit}")
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The whole body, admitted first (service.api.admission: 413 or 503 from the headers
+    alone), then read under the byte cap and the minimum rate.
+
+    Raises:
+        PayloadTooLarge: as soon as the body passes ``max_upload_bytes``.
+        BodyTimeout: when the body falls behind ``body_min_rate`` after ``body_timeout_s``.
+        Overloaded, Draining: see :func:`service.api.admission.admit`.
+    """
+    admit(request)
+    limit = settings.max_upload_bytes
     chunks: list[bytes] = []
     size = 0
+    start = anyio.current_time()
+    stream = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            # The received bytes must stay above body_min_rate * (elapsed - grace).
+            deadline = start + settings.body_timeout_s + size / settings.body_min_rate
+            with anyio.move_on_after(deadline - anyio.current_time()) as waited:
+                try:
+                    chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+            if waited.cancelled_caught:
+                raise BodyTimeout(
+                    f"the body arrives slower than {settings.body_min_rate} bytes/s "
+                    f"({size} bytes in {anyio.current_time() - start:.1f} s)")
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
@@ -60,12 +88,16 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
     if not boundary:
         raise InvalidMultipart("multipart/form-data without a boundary parameter")
 
-    parts: list[tuple[dict[bytes, bytes], bytearray]] = []
+    # A part's data as the pieces the parser points at: ranges of ``body`` itself (copied
+    # once, at the end), or its own buffer where a boundary-like run proved to be data.
+    parts: list[tuple[dict[bytes, bytes], list[tuple[bytes, int, int]]]] = []
     header_field = bytearray()
     header_value = bytearray()
 
     def on_part_begin() -> None:
-        parts.append(({}, bytearray()))
+        if len(parts) == MAX_PARTS:
+            raise InvalidMultipart(f"the multipart body has more than {MAX_PARTS} parts")
+        parts.append(({}, []))
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         header_field.extend(data[start:end])
@@ -79,7 +111,13 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
         header_value.clear()
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1][1].extend(data[start:end])
+        pieces = parts[-1][1]
+        if pieces and pieces[-1][0] is data is body and pieces[-1][2] == start:
+            pieces[-1] = (body, pieces[-1][1], end)  # contiguous in the body: one range
+        else:
+            pieces.append((data if data is body else bytes(data[start:end]),
+                           start if data is body else 0,
+                           end if data is body else end - start))
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field,
@@ -93,14 +131,15 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
         raise InvalidMultipart(f"malformed multipart body: {exc}") from exc
 
     form = Form()
-    for headers, data in parts:
+    for headers, pieces in parts:
+        data = _joined(pieces)
         _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
         filename = disposition.get(b"filename")
         if name == file_field:
             part_type = headers.get(b"content-type")
             form.file = FilePart(
-                bytes(data),
+                data,
                 part_type.decode("latin-1").strip() if part_type else None,
                 filename.decode("utf-8", "replace") if filename else None,
             )
@@ -109,3 +148,17 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
     if form.file is None:
         raise InvalidMultipart(f"the multipart body has no part named {file_field!r}")
     return form
+
+
+def _joined(pieces: list[tuple[bytes, int, int]]) -> bytes:
+    """A part's bytes: one slice of the body when it is one range (the usual case: a file
+    part costs one copy of itself, not two)."""
+    if len(pieces) == 1:
+        data, start, end = pieces[0]
+        return data[start:end]
+    return b"".join(memoryview(data)[start:end] for data, start, end in pieces)
+
+
+async def read_form(body: bytes, content_type: str) -> Form:
+    """:func:`parse_multipart` in a worker thread, off the event loop."""
+    return await anyio.to_thread.run_sync(parse_multipart, body, content_type)

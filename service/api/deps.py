@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, TypedDict
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.admission import Admission, key_error
 from service.api.metrics import Metrics
 from service.config import Settings
-from service.errors import Unauthorized
 from service.models.repository import Repository
 from service.runtime.worker import Limiter, Scheduler
 
@@ -21,6 +21,7 @@ class State(TypedDict):
     repository: Repository
     limiter: Limiter
     metrics: Metrics
+    admission: Admission
     scheduler: Scheduler
 
 
@@ -44,25 +45,40 @@ def get_metrics(request: Request) -> Metrics:
     return request.state.metrics  # type: ignore[no-any-return]
 
 
+def get_admission(request: Request) -> Admission:
+    return request.state.admission  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RepositoryDep = Annotated[Repository, Depends(get_repository)]
 LimiterDep = Annotated[Limiter, Depends(get_limiter)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
+
+# The two ways to present a key, as OpenAPI security schemes (components.securitySchemes);
+# auto_error=False: a missing key is this service's 401 problem, not FastAPI's 403.
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", scheme_name="apiKey", auto_error=False,
+                              description="required when the service has API keys configured")
+BEARER = HTTPBearer(scheme_name="bearer", auto_error=False,
+                    description="the same API key as `Authorization: Bearer <key>`")
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """When keys are configured, accept ``X-API-Key: k`` or ``Authorization: Bearer k``."""
-    if not settings.api_keys:
-        return
-    given = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if given is None and auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
-    if given is None:
-        raise Unauthorized("this service needs an API key (X-API-Key or Authorization: Bearer)")
-    if not any(hmac.compare_digest(given.encode(), k.encode()) for k in settings.api_keys):
-        raise Unauthorized("the API key is not valid")
+def require_api_key(
+    settings: SettingsDep,
+    api_key: Annotated[str | None, Security(API_KEY_HEADER)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> None:
+    """When keys are configured, accept ``X-API-Key: k`` or ``Authorization: Bearer k``.
+
+    Routes read their bodies by hand, after their dependencies: a request without a valid
+    key is refused before a byte of its body is read.
+    """
+    given = api_key if api_key is not None else (bearer.credentials if bearer else None)
+    error = key_error(given.encode("latin-1") if given is not None else None,
+                      settings.api_keys)
+    if error is not None:
+        raise error
 
 
 ApiKey = Depends(require_api_key)

@@ -67,12 +67,14 @@ def _problem(description: str) -> dict[str, Any]:
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: _problem("the image or body cannot be read (invalid_image, invalid_dicom, ...)"),
     401: _problem("API keys are configured and the request has none or a wrong one"),
+    408: _problem("the body arrived slower than the minimum rate (body_timeout)"),
     404: _problem("unknown model"),
     413: _problem("the upload, its pixel count or the memory its decoding would take is "
                   "over the limit (payload_too_large, decode_budget_exceeded)"),
     415: _problem("unsupported media type, or DICOM without pixel data"),
     422: _problem("a parameter has a bad value (unknown method or label, ...)"),
-    503: _problem("overloaded; retry after the Retry-After header's seconds"),
+    503: _problem("overloaded, draining or timed out (retry after the Retry-After header's "
+                  "seconds), or the model failed to load (model_unavailable)"),
 }
 
 

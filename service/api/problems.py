@@ -30,6 +30,8 @@ STATUS: tuple[tuple[type[errors.ServiceError], int], ...] = (
     (errors.UnknownModel, 404),
     (errors.Unauthorized, 401),
     (errors.Overloaded, 503),
+    (errors.ModelUnavailable, 503),
+    (errors.BodyTimeout, 408),
 )
 
 
@@ -48,21 +50,25 @@ def problem(status: int, title: str, detail: str, code: str,
                         media_type=MEDIA_TYPE, headers=headers)
 
 
-def service_error_response(request: Request, exc: errors.ServiceError,
-                           **extensions: str) -> JSONResponse:
-    status = status_of(exc)
+def response_for(exc: errors.ServiceError, **extensions: str) -> JSONResponse:
+    """The problem+json answer to ``exc``, with the headers its status calls for;
+    ``extensions``: extra members."""
     headers = None
     if isinstance(exc, errors.Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, errors.Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="medexplain"'}
-    log.info("%s %s -> %d %s", request.method, _route(request), status, exc.code)
-    return problem(status, exc.title, exc.detail, exc.code, headers, **extensions)
+    return problem(status_of(exc), exc.title, exc.detail, exc.code, headers, **extensions)
+
+
+def _log(request: Request, exc: errors.ServiceError) -> None:
+    log.info("%s %s -> %d %s", request.method, _route(request), status_of(exc), exc.code)
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.ServiceError)
-    return service_error_response(request, exc)
+    _log(request, exc)
+    return response_for(exc)
 
 
 class ProtocolRoute(APIRoute):
@@ -77,7 +83,8 @@ class ProtocolRoute(APIRoute):
             try:
                 return await handle(request)
             except errors.ServiceError as exc:
-                return service_error_response(request, exc, error=exc.detail)
+                _log(request, exc)
+                return response_for(exc, error=exc.detail)
 
         return handler
 

@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 
-from service.api.body import parse_multipart, read_body
+from service.api.body import read_body, read_form
 from service.config import Settings
 from service.errors import EmptyBody, InvalidParameter, UnknownMethod
 from service.methods import METHODS, Target
@@ -236,11 +236,11 @@ async def read_upload(request: Request, settings: Settings, kind: type[PredictPa
         EmptyBody, InvalidMultipart, PayloadTooLarge: for unusable bodies.
     """
     pairs = list(request.query_params.multi_items())
-    body = await read_body(request, settings.max_upload_bytes)
+    body = await read_body(request, settings)
     content_type = request.headers.get("content-type")
     media_type = content_type.split(";")[0].strip().lower() if content_type else None
     if media_type == "multipart/form-data":
-        form = parse_multipart(body, content_type or "")
+        form = await read_form(body, content_type or "")
         pairs += form.fields
         assert form.file is not None
         body, media_type = form.file.data, form.file.content_type

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from service.errors import CompileError, ModelError, UnknownModel
+from service.errors import CompileError, ModelError, ModelUnavailable, UnknownModel
 from service.graph import weights
 from service.graph.cache import CompileCache
 from service.graph.specialise import image_shape
@@ -254,14 +254,21 @@ def _check_input(folder: Path, config: ModelConfig, engine: Engine) -> None:
             f"({spec.layout.value} {'×'.join(map(str, shape))}): {exc}") from exc
 
 
+# How long a load failure's reason may be in GET /models and in problem details.
+REASON_CHARS = 500
+
+
 class Repository:
-    """The models being served, by name: networks (``models``) and ``ensembles``."""
+    """The models being served, by name: networks (``models``) and ``ensembles``, and
+    those that failed to load (``unavailable``: name → reason)."""
 
     def __init__(self, models: dict[str, LoadedModel], default: str,
-                 ensembles: dict[str, Ensemble] | None = None) -> None:
+                 ensembles: dict[str, Ensemble] | None = None,
+                 unavailable: dict[str, str] | None = None) -> None:
         self.models = models
         self.ensembles = ensembles or {}
         self.default = default
+        self.unavailable = dict(sorted((unavailable or {}).items()))
 
     @property
     def served(self) -> dict[str, Served]:
@@ -272,11 +279,13 @@ class Repository:
     def get(self, name: str | None) -> Served:
         key = name or self.default
         served = self.served
+        if key in self.unavailable:
+            raise ModelUnavailable(f"model {key!r} failed to load: {self.unavailable[key]}")
         try:
             return served[key]
         except KeyError:
             raise UnknownModel(
-                f"no model named {key!r}; available: {', '.join(served)}"
+                f"no model named {key[:100]!r}; available: {', '.join(served)}"
             ) from None
 
 
@@ -303,12 +312,14 @@ def load_repository(root: Path, *, default: str | None, providers: list[str], th
                     conv_algo_search: str = "EXHAUSTIVE") -> Repository:
     """Load every model folder under ``root``, then the ensembles of those models.
 
-    The default, when not configured, is the first plain model by name (adding an
-    ensemble never changes it); a configured default may name an ensemble.
+    A folder that fails to load (or an ensemble of it) is ``unavailable`` with its reason,
+    and the others serve. The default, when not configured, is the first plain model by
+    name, loaded or not (adding an ensemble or breaking a model never silently makes another
+    network answer the requests that name none); a configured default may name an ensemble.
 
     Raises:
-        ModelError: when the folder holds no model, a model or ensemble fails to load, two
-            share a name, or the configured default is not among them.
+        ModelError: when the folder holds no model, none of them loads, or the configured
+            default is not among them.
     """
     if not root.is_dir():
         raise ModelError(f"model repository {root} is not a folder")
@@ -316,29 +327,72 @@ def load_repository(root: Path, *, default: str | None, providers: list[str], th
     if not folders:
         raise ModelError(f"model repository {root} holds no folder with a model.toml")
     models: dict[str, LoadedModel] = {}
+    unavailable: dict[str, str] = {}
     for folder in folders:
-        loaded = load_model(folder, providers=providers, threads=threads, head_batch=head_batch,
-                            cache=cache, image_batch=image_batch,
-                            conv_algo_search=conv_algo_search)
-        if loaded.name in models:
-            raise ModelError(f"two model folders are named {loaded.name!r}")
+        try:
+            loaded = load_model(folder, providers=providers, threads=threads,
+                                head_batch=head_batch, cache=cache, image_batch=image_batch,
+                                conv_algo_search=conv_algo_search)
+            if loaded.name in models:
+                raise ModelError(f"two model folders are named {loaded.name!r}")
+        except ModelError as exc:
+            unavailable[folder.name] = _reason(exc)
+            log.warning("model %s is unavailable: %s", folder.name, unavailable[folder.name])
+            continue
         models[loaded.name] = loaded
         log.info("loaded model %s (target layer %s, providers %s) in %.2f s", loaded.name,
                  loaded.engine.split.target, ",".join(loaded.engine.providers),
                  loaded.load_seconds)
         for method, reason in loaded.unavailable.items():
             log.warning("model %s: %s is unavailable (%s)", loaded.name, method, reason)
-    folders = ensemble_folders(root)
-    names = [ensemble_name(folder) for folder in folders]
+    if not models:
+        raise ModelError("no model could be loaded: " + "; ".join(
+            f"{name}: {reason}" for name, reason in unavailable.items()))
+    first = min([*models, *unavailable])
+    failed = dict(unavailable)  # the networks that failed, which no ensemble can use
+    named: list[tuple[Path, str]] = []
+    for folder in ensemble_folders(root):
+        try:
+            named.append((folder, ensemble_name(folder)))
+        except ModelError as exc:
+            unavailable[folder.name] = _reason(exc)
+            log.warning("ensemble %s is unavailable: %s", folder.name, unavailable[folder.name])
+    # A name that is also a network's names the network (the ensemble is refused below).
+    names = [name for _, name in named if name not in models]
     ensembles: dict[str, Ensemble] = {}
-    for folder, ens_name in zip(folders, names):
-        if ens_name in models or ens_name in ensembles:
-            raise ModelError(f"two model folders are named {ens_name!r}")
-        ensembles[ens_name] = load_ensemble(folder, models, names)
+    for folder, ens_name in named:
+        clash = ens_name in models or ens_name in ensembles or ens_name in unavailable
+        try:
+            if clash:
+                raise ModelError(f"two model folders are named {ens_name!r}")
+            broken = [m for m in _members(folder) if m in failed]
+            if broken:
+                raise ModelError(f"member {', '.join(broken)} is unavailable")
+            ensembles[ens_name] = load_ensemble(folder, models, names)
+        except ModelError as exc:
+            key = folder.name if clash else ens_name  # never shadow the name that serves
+            unavailable[key] = _reason(exc)
+            log.warning("ensemble %s is unavailable: %s", key, unavailable[key])
+            continue
         log.info("loaded ensemble %s of %s", ens_name,
                  ", ".join(ensembles[ens_name].config.members))
-    repository = Repository(models, default or sorted(models)[0], ensembles)
-    if repository.default not in repository.served:
+    repository = Repository(models, default or first, ensembles, unavailable)
+    if repository.default not in repository.served and repository.default not in unavailable:
         raise ModelError(f"default model {repository.default!r} is not in "
                          f"{', '.join(repository.served)}")
     return repository
+
+
+def _reason(exc: ModelError) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 1] + "…"
+
+
+def _members(folder: Path) -> list[str]:
+    """The member names an ensemble.toml lists (load_ensemble validates the file)."""
+    try:
+        data = tomllib.loads((folder / ENSEMBLE_TOML).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return []
+    members = data.get("members", [])
+    return [m for m in members if isinstance(m, str)] if isinstance(members, list) else []

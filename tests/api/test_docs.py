@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
-from tests.live_server import ROOT, serve
+from tests.api.conftest import ROOT
+from tests.api.live import live_server
 
 MODELS = ROOT / "models"
 PHANTOMS = ROOT / "tests" / "data" / "phantoms"
@@ -33,9 +34,9 @@ GENERATOR_CONFIG = ROOT / "openapi" / "openapi-python-client.yaml"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve(tmp_path_factory.mktemp("docs") / "service.log") as url:
-        yield url
+def server() -> Iterator[str]:
+    with live_server() as live:
+        yield f"http://127.0.0.1:{live.port}"
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])

@@ -152,7 +152,8 @@ BAD = [
 
 
 @pytest.mark.parametrize(("text", "message"), BAD, ids=[m[:30] for _, m in BAD])
-def test_bad_ensembles_fail_at_start_up(tmp_path: Path, text: str, message: str) -> None:
+def test_bad_ensembles_are_unavailable_and_the_rest_serves(tmp_path: Path, text: str,
+                                                           message: str) -> None:
     _copy(tmp_path, "a")
     _copy(tmp_path, "b")
     odd = _copy(tmp_path, "odd")
@@ -160,9 +161,18 @@ def test_bad_ensembles_fail_at_start_up(tmp_path: Path, text: str, message: str)
     toml.write_text(toml.read_text().replace('"Pneumothorax"]', '"PTX"]'))
     _ensemble(tmp_path, "other", 'members = ["a", "b"]')
     _ensemble(tmp_path, "ens", text)
-    with pytest.raises(ModelError, match=message.replace("(", r"\(")):
-        with TestClient(create_app(Settings(models=tmp_path, threads=1))):
-            pass
+    with TestClient(create_app(Settings(models=tmp_path, threads=1))) as client:
+        listed = client.get("/models").json()
+        assert [m["name"] for m in listed["models"]] == ["a", "b", "odd", "other"]
+        [broken] = listed["unavailable"]
+        assert broken["name"] == "ens" and broken["state"] == "UNAVAILABLE"
+        assert message in broken["reason"]
+        r = client.post("/predict", params={"model": "ens"}, content=phantom_bytes(IMAGE),
+                        headers={"content-type": "image/png"})
+        assert message in assert_problem(r, 503, "model_unavailable")["detail"]
+        r = client.post("/predict", params={"model": "other"}, content=phantom_bytes(IMAGE),
+                        headers={"content-type": "image/png"})
+        assert r.status_code == 200
 
 
 def test_a_folder_is_a_model_or_an_ensemble(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ import httpx
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.live_server import ROOT, serve
+from tests.api.conftest import ROOT
+from tests.api.live import live_server
 
 PHANTOMS = ROOT / "tests" / "data" / "phantoms"
 DICOM = ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm"
@@ -26,10 +27,9 @@ def _b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve(tmp_path_factory.mktemp("kserve") / "service.log",
-               MEDEXPLAIN_MAX_INSTANCES="3") as url:
-        yield url
+def server() -> Iterator[str]:
+    with live_server(max_instances="3") as live:
+        yield f"http://127.0.0.1:{live.port}"
 
 
 def _without_timings(body: dict[str, Any]) -> dict[str, Any]:

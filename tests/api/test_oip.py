@@ -22,7 +22,8 @@ from tritonclient.utils import InferenceServerException
 
 from service.config import Settings
 from service.main import create_app
-from tests.live_server import ROOT, serve
+from tests.api.conftest import ROOT
+from tests.api.live import live_server
 
 PHANTOMS = ROOT / "tests" / "data" / "phantoms"
 DICOM = ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm"
@@ -34,9 +35,9 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve(tmp_path_factory.mktemp("oip") / "service.log") as url:
-        yield url
+def server() -> Iterator[str]:
+    with live_server() as live:
+        yield f"http://127.0.0.1:{live.port}"
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ async def _instances(request: Request, settings: Settings) -> list[bytes]:
         InvalidInferenceRequest: not the instances JSON, bad base64, too many instances.
         PayloadTooLarge: a body over the upload limit.
     """
-    body = await read_body(request, settings.max_upload_bytes)
+    body = await read_body(request, settings)
     # Refused before parsing: millions of tiny instances would cost far more memory parsed
     # than as bytes. Instances are separated by commas, and base64 holds none.
     if body.count(b",") >= 4 * settings.max_instances + 16:

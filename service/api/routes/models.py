@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from schemas import AcceptsInfo, InputInfo, ModelInfo, ModelsResponse, TargetLayerInfo
+from schemas import (
+    AcceptsInfo,
+    InputInfo,
+    ModelInfo,
+    ModelsResponse,
+    TargetLayerInfo,
+    UnavailableModel,
+)
 from service.api.deps import ApiKey, RepositoryDep
 from service.api.docs import ERRORS
 from service.methods import METHODS
 from service.models.ensemble import Ensemble
 from service.models.repository import LoadedModel, Repository, Served
 
-router = APIRouter(prefix="/models", tags=["models"], dependencies=[ApiKey])
+router = APIRouter(prefix="/models", tags=["models"], dependencies=[ApiKey],
+                   responses={401: ERRORS[401]})
 
 
 def _methods(model: LoadedModel) -> list[str]:
@@ -74,10 +82,12 @@ async def list_models(repository: RepositoryDep) -> ModelsResponse:
     return ModelsResponse(
         default=repository.default,
         models=[model_info(m, repository) for m in repository.served.values()],
+        unavailable=[UnavailableModel(name=name, reason=reason)
+                     for name, reason in repository.unavailable.items()],
     )
 
 
-@router.get("/{name}", response_model=ModelInfo, responses={404: ERRORS[404]},
+@router.get("/{name}", response_model=ModelInfo, responses={404: ERRORS[404], 503: ERRORS[503]},
             summary="One model: labels, input, target layer, methods, execution provider")
 async def get_model(name: str, repository: RepositoryDep) -> ModelInfo:
     return model_info(repository.get(name), repository)

@@ -45,6 +45,7 @@ from schemas.protocols import (
 from service import __version__, outputs, pipeline
 from service.api.body import read_body
 from service.api.deps import (
+    AdmissionDep,
     ApiKey,
     LimiterDep,
     MetricsDep,
@@ -106,10 +107,14 @@ async def v2_server_live() -> V2Live:
 
 
 @router.get("/health/ready", response_model=V2Ready,
-            responses={503: {"model": V2Ready, "description": "no model, or overloaded"}},
-            summary="The server is ready: models loaded, queue not full (OIP V2)")
-async def v2_server_ready(repository: RepositoryDep, limiter: LimiterDep) -> Response:
-    ready = bool(repository.models) and not limiter.is_overloaded()
+            responses={503: {"model": V2Ready,
+                             "description": "draining, no model, or overloaded"}},
+            summary="The server is ready: models loaded, room, not draining (OIP V2)")
+async def v2_server_ready(repository: RepositoryDep, limiter: LimiterDep,
+                          admission: AdmissionDep) -> Response:
+    # What /readyz decides, in the protocol's words.
+    ready = (not admission.draining and bool(repository.models)
+             and not limiter.is_overloaded() and not admission.is_overloaded())
     return Response(V2Ready(ready=ready).model_dump_json(), media_type="application/json",
                     status_code=200 if ready else 503)
 
@@ -163,7 +168,7 @@ async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
                          scheduler: SchedulerDep, metrics: MetricsDep) -> Response:
     model = repository.get(name)
     label_model(request, model.name)
-    body = _inflated(await read_body(request, settings.max_upload_bytes),
+    body = _inflated(await read_body(request, settings),
                      request.headers.get("content-encoding"), settings.max_upload_bytes)
     infer, blobs = _parse(body, request.headers.get(HEADER_LENGTH), _max_values(model))
     given = _tensor_input(infer, blobs, model)

@@ -1,0 +1,104 @@
+"""Regression tests for the HTTP edge, on a real server: uploads admitted before their body
+is read (bounded memory, 503 beyond the budget), multipart parsed off the event loop, slow
+and silent clients cut off by the timeouts, and no draining of a body after a 413.
+
+The numbers in the comments are what the service did before these bounds existed (a
+security review, and tools/edge_attacks.py on the same machine)."""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Iterator
+
+import pytest
+
+from tests.api import attacks
+from tests.api.live import Live, closed_by_peer, live_server, read_response, request_head
+
+TIMEOUT_S = 1.0  # every timeout of this server, small so that the test is fast
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[Live]:
+    with live_server(max_concurrency="1", max_queue="2", header_timeout_s=str(TIMEOUT_S),
+                     body_timeout_s=str(TIMEOUT_S), keep_alive_timeout_s=str(TIMEOUT_S),
+                     max_inflight_bytes=str(160 * attacks.MIB)) as server:
+        yield server
+
+
+@pytest.mark.parametrize("multipart", [False, True], ids=["raw", "multipart"])
+def test_concurrent_big_uploads_are_bounded_before_their_bodies(live: Live,
+                                                                 multipart: bool) -> None:
+    # 16 uploads of 60 MB with room for 3 requests (and 160 MiB) in flight: before, every
+    # body was read first, peaking at 1.2-1.3 GB over the idle process.
+    result = attacks.concurrent_uploads(live, clients=16, size=60 * attacks.MIB,
+                                        multipart=multipart)
+    assert set(result.statuses) <= {400, 503}, result.statuses  # 400: zeros are no image
+    assert result.statuses[503] >= 10, result.statuses
+    assert result.retry_after == result.statuses[503]
+    assert result.growth_mib < 600, result
+
+
+def test_many_empty_parts_do_not_stall_the_event_loop(live: Live) -> None:
+    # 57 MB of empty parts: before, /healthz took 7.8 s (30 s and more here).
+    result = attacks.empty_parts(live, size=57 * attacks.MIB)
+    assert result.upload_status == 400
+    assert result.healthz_count >= 1
+    assert result.healthz_max_s < 1.0, result
+
+
+def test_slow_request_heads_are_cut_off(live: Live) -> None:
+    # 20 clients dripping their headers at 1 byte/s: before, all kept as long as they went on.
+    lifetimes = attacks.slow_heads(live, clients=20, wait=10.0)
+    assert len(lifetimes) == 20
+    assert max(lifetimes) < TIMEOUT_S + 2.0, lifetimes
+    assert min(lifetimes) >= TIMEOUT_S * 0.9, lifetimes
+
+
+def test_a_silent_connection_is_closed(live: Live) -> None:
+    assert TIMEOUT_S * 0.9 <= attacks.silent_connection(live, wait=10.0) < TIMEOUT_S + 2.0
+
+
+def test_an_idle_kept_alive_connection_is_closed(live: Live) -> None:
+    assert TIMEOUT_S * 0.9 <= attacks.idle_keep_alive(live, wait=10.0) < TIMEOUT_S + 2.0
+
+
+def test_a_slow_body_gets_408(live: Live) -> None:
+    status, seconds = attacks.slow_body(live, wait=10.0)
+    assert status == 408
+    assert seconds < TIMEOUT_S + 3.0
+
+
+def test_the_connection_closes_after_a_413(live: Live) -> None:
+    # Declared 3 GB: before, the server answered 413 and then read all it was sent.
+    status, taken, _ = attacks.after_too_large(live, declared=3 * 10**9,
+                                               budget=256 * attacks.MIB)
+    assert status == 413
+    assert taken < 32 * attacks.MIB, taken  # what the kernel's buffers hold, no more
+
+
+def test_answers_carry_no_server_banner_and_the_security_headers(live: Live) -> None:
+    status, headers, _ = live.get("/healthz")
+    assert status == 200
+    assert "server" not in headers
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["cache-control"] == "no-store"
+
+
+def test_a_chunked_body_past_the_cap_gets_413_and_the_connection_closes(live: Live) -> None:
+    # No Content-Length: admitted at the cap's worth of bytes, refused as it passes the cap.
+    with live.connect() as s:
+        s.sendall(request_head("POST", "/predict", {"content-type": "application/dicom",
+                                                     "transfer-encoding": "chunked"}))
+        chunk = b"%x\r\n%s\r\n" % (attacks.MIB, b"\0" * attacks.MIB)
+        sent = 0
+        while not select.select([s], [], [], 0)[0] and sent < 128 * attacks.MIB:
+            try:
+                s.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += attacks.MIB
+        status, headers, _ = read_response(s)
+        assert status == 413 and headers["connection"] == "close"
+        assert 64 * attacks.MIB <= sent < 100 * attacks.MIB
+        assert closed_by_peer(s, 5.0)
