@@ -8,6 +8,7 @@ from schemas.api import (
     Health,
     Heatmap,
     ImageInfo,
+    ImagePreview,
     InputInfo,
     ModelInfo,
     ModelRef,
@@ -21,7 +22,7 @@ from schemas.api import (
 )
 
 __all__ = [
-    "AcceptsInfo", "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo", "InputInfo",
-    "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse", "Prediction", "Problem",
-    "Region", "TargetLayerInfo", "UnavailableModel",
+    "AcceptsInfo", "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo",
+    "ImagePreview", "InputInfo", "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse",
+    "Prediction", "Problem", "Region", "TargetLayerInfo", "UnavailableModel",
 ]

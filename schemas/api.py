@@ -70,12 +70,24 @@ class Explanation(BaseModel):
     )
 
 
+# The image as the network saw it (windowed; MONOCHROME1 inverted), for a client that cannot
+# decode the upload itself: a browser showing a DICOM.
+class ImagePreview(BaseModel):
+    media_type: str = Field("image/png", description="what `data` decodes to")
+    width: int
+    height: int
+    data: str = Field(description="base64 of an 8-bit grey PNG")
+
+
 class ExplainResponse(BaseModel):
     model: ModelRef
     image: ImageInfo
     predictions: list[Prediction]
     explanations: list[Explanation]
     timings_ms: dict[str, float]
+    preview: ImagePreview | None = Field(
+        None, description="with preview=true: the image on the maps' grid (the model's for "
+                          "size=feature); null otherwise")
 
 
 class PredictResponse(BaseModel):

@@ -2,9 +2,10 @@
 # System tools some tests use: Orthanc with its Python plugin (tests/integration, the PACS
 # round trip) and its DICOMweb plugin (tests/dimse, STOW-RS), dicom3tools' dciodvfy and
 # DCMTK's dcmdump (DICOM validation of the Secondary Captures) and storescu (tests/dimse,
-# the C-STORE sender), docker-compose (tests/deploy). Installed from Debian's packages only
-# when missing, so reruns cost nothing; on a machine without apt (or without root and sudo)
-# the tests that need them say what is missing.
+# the C-STORE sender), docker-compose (tests/deploy), Chromium (tests/web: the web demo in
+# a real browser, driven by Playwright without downloading a browser of its own). Installed
+# from Debian's packages only when missing, so reruns cost nothing; on a machine without
+# apt (or without root and sudo) the tests that need them say what is missing.
 # Not installed here: kubectl, which tests/deploy needs for `kubectl kustomize` with
 # kustomize v5; Debian's kubernetes-client is 1.20 (kustomize v2), too old for the
 # manifests, so the machine's own kubectl (the Google Cloud SDK's here) is used.
@@ -18,6 +19,7 @@ command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 # `docker compose config` when the compose plugin is there, else Debian's docker-compose
 # (tests/deploy: the compose file resolves; neither needs a Docker engine).
 { docker compose version || command -v docker-compose; } >/dev/null 2>&1 || need+=(docker-compose)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 [ "${#need[@]}" -gt 0 ] || exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: no apt-get; not installing ${need[*]}" >&2

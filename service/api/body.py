@@ -80,8 +80,9 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
     """Parse multipart/form-data held in memory.
 
     Raises:
-        InvalidMultipart: when the boundary is missing, the body is malformed, or it has no
-            part named ``file_field``.
+        InvalidMultipart: when the boundary is missing, the body is malformed or ends
+            before its closing boundary, or it has no part, or more than one, named
+            ``file_field``.
     """
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
@@ -93,6 +94,7 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
     parts: list[tuple[dict[bytes, bytes], list[tuple[bytes, int, int]]]] = []
     header_field = bytearray()
     header_value = bytearray()
+    ended: list[bool] = []
 
     def on_part_begin() -> None:
         if len(parts) == MAX_PARTS:
@@ -122,13 +124,17 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field,
         "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_part_data": on_part_data,
+        "on_part_data": on_part_data, "on_end": lambda: ended.append(True),
     })
     try:
         parser.write(body)
         parser.finalize()
     except MultipartParseError as exc:
         raise InvalidMultipart(f"malformed multipart body: {exc}") from exc
+    # The parser accepts a body cut off before its closing boundary; a truncated upload
+    # must not be explained as if it were whole.
+    if not ended:
+        raise InvalidMultipart("the multipart body ends before its closing boundary")
 
     form = Form()
     for headers, pieces in parts:
@@ -137,6 +143,8 @@ def parse_multipart(body: bytes, content_type: str, *, file_field: str = "file")
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
         filename = disposition.get(b"filename")
         if name == file_field:
+            if form.file is not None:
+                raise InvalidMultipart(f"the multipart body has more than one {file_field!r} part")
             part_type = headers.get(b"content-type")
             form.file = FilePart(
                 data,

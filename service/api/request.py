@@ -116,6 +116,11 @@ class ExplainParams(PredictParams):
                     "multipart/related; type=\"application/dicom\"): "
                     + "; ".join(f"{name}: {o.summary}" for name, o in DICOM_OUTPUTS.items())
                     + ". Ignored for JSON.")
+    preview: bool = Field(
+        False, description="JSON only: also return the image as the network saw it "
+                           "(windowed, MONOCHROME1 inverted) as an 8-bit grey PNG on the maps' "
+                           "grid (the model's for size=feature), for clients that cannot "
+                           "decode the upload, as a browser cannot decode DICOM")
 
     @field_validator("methods")
     @classmethod

@@ -560,6 +560,10 @@ def _footprint(header: _Header, coded: tuple[int, int], parsed_bytes: int) -> bu
     return budget.Footprint("DICOM", width, height, per_pixel, fixed)
 
 
+# Media Storage Directory Storage: the SOP Class of a DICOMDIR.
+_MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
 def _raise_without_pixels(ds: Dataset) -> None:
     """Tell a genuine pixel-less object from a truncated image; raise accordingly."""
     # pydicom keeps what it parsed before an unexpected end of data (and drops the whole
@@ -568,6 +572,12 @@ def _raise_without_pixels(ds: Dataset) -> None:
     # with a SOP Class UID cut short (then it differs from the intact File Meta copy).
     sop_class = ds.get("SOPClassUID")
     media_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+    # A DICOMDIR (a media directory) has no SOP Class UID in its dataset, only in its File
+    # Meta: a whole object of the wrong kind, not a cut image.
+    if (sop_class is None and str(media_class) == _MEDIA_DIRECTORY
+            and "DirectoryRecordSequence" in ds):
+        raise DicomWithoutPixels("DICOM object has no pixel data to classify "
+                                 "(a DICOMDIR: Media Storage Directory)")
     if (
         sop_class is None
         or (media_class is not None and str(media_class) != str(sop_class))

@@ -20,6 +20,7 @@ from schemas import (
     Explanation,
     Heatmap,
     ImageInfo,
+    ImagePreview,
     ModelRef,
     Prediction,
     PredictResponse,
@@ -70,6 +71,7 @@ class JsonMaps(Output):
             predictions=predictions(result),
             explanations=explanations,
             timings_ms=result.watch.total(),
+            preview=_preview(result, canvas, params.size) if params.preview else None,
         )
         return json_response(body)
 
@@ -107,6 +109,16 @@ def heatmap_bytes(m: Map, result: Result, canvas: Canvas, encoding: Encoding,
     else:
         data = jpeg(canvas.overlay(m.values, m.gradient, h, w))
     return data, h, w
+
+
+def _preview(result: Result, canvas: Canvas, size: Size) -> ImagePreview:
+    """The overlays' own grey backdrop, encoded: what the maps are drawn over."""
+    if size is Size.ORIGINAL:
+        h, w = result.image.height, result.image.width
+    else:
+        h, w = result.model.grid
+    data = png(canvas.backdrop(h, w))
+    return ImagePreview(width=w, height=h, data=base64.b64encode(data).decode("ascii"))
 
 
 def _explanation(m: Map, result: Result, canvas: Canvas, encoding: Encoding,

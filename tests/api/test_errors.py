@@ -55,12 +55,38 @@ def test_truncated_dicom(client: TestClient, cut: int) -> None:
     assert_problem(r, 400, "invalid_dicom")
 
 
-def test_dicom_without_pixels(client: TestClient) -> None:
-    path = get_testdata_file("rtplan.dcm", download=False)
+@pytest.mark.parametrize("name", ["rtplan.dcm", "DICOMDIR"])
+def test_dicom_without_pixels(client: TestClient, name: str) -> None:
+    path = get_testdata_file(name, download=False)
     assert path is not None
     with open(path, "rb") as f:
         r = client.post("/explain", content=f.read(), headers={"content-type": "application/dicom"})
     assert_problem(r, 415, "dicom_without_pixels")
+
+
+def _file_part(data: bytes) -> bytes:
+    return (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n")
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        # Cut before the closing boundary: the parser alone would hand on what it has.
+        (lambda png: _file_part(png)[:-2], "ends before its closing boundary"),
+        # Several files: which one was meant is unknowable, so none is chosen.
+        (lambda png: _file_part(png) * 3 + b"--xyz--\r\n", "more than one 'file' part"),
+    ],
+    ids=["no-closing-boundary", "three-file-parts"],
+)
+def test_ambiguous_multipart(client: TestClient, body, match: str) -> None:  # type: ignore[no-untyped-def]
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+    whole = _file_part(_png()) + b"--xyz--\r\n"
+    for path in ("/explain", "/predict"):
+        assert client.post(path, content=whole, headers=headers).status_code == 200
+        r = client.post(path, content=body(_png()), headers=headers)
+        assert_problem(r, 400, "invalid_multipart")
+        assert match in r.json()["detail"]
 
 
 @pytest.mark.parametrize(

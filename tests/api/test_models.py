@@ -58,7 +58,7 @@ def test_openapi_documents_uploads() -> None:
     assert set(body) == {"multipart/form-data", "application/dicom", "image/png", "image/jpeg"}
     names = {p["name"] for p in spec["paths"]["/explain"]["post"]["parameters"]}
     assert names == {"model", "frame", "window", "methods", "classes", "heatmap", "size",
-                     "target", "region_threshold", "score_threshold", "dicom"}
+                     "target", "region_threshold", "score_threshold", "dicom", "preview"}
 
 
 def _repo(tmp_path: Path, names: list[str]) -> Path:

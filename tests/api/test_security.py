@@ -4,8 +4,6 @@ closing its connection, and the request timeout."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import time
 from collections.abc import Iterator
@@ -35,10 +33,9 @@ def test_the_web_page_runs_only_its_own_script_and_style(client: TestClient) -> 
     policy = r.headers["content-security-policy"]
     assert "unsafe-inline" not in policy and "default-src 'none'" in policy
     assert "frame-ancestors 'none'" in policy and "connect-src 'self'" in policy
-    for tag, directive in (("script", "script-src"), ("style", "style-src")):
-        [inline] = re.findall(f"<{tag}>(.*?)</{tag}>", r.text, re.DOTALL)
-        digest = base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
-        assert f"{directive} 'sha256-{digest}'" in policy
+    assert "script-src 'self'" in policy and "style-src 'self'" in policy
+    # Nothing inline for the policy to refuse: scripts and styles are files of the origin.
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>|<style\b|\sstyle=|\son\w+=", r.text)
 
 
 @pytest.fixture(scope="module")
