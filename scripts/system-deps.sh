@@ -20,6 +20,9 @@ command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 # (tests/deploy: the compose file resolves; neither needs a Docker engine).
 { docker compose version || command -v docker-compose; } >/dev/null 2>&1 || need+=(docker-compose)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# tests/scaleout: the Ray cluster runs in a network namespace that has only loopback.
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 [ "${#need[@]}" -gt 0 ] || exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: no apt-get; not installing ${need[*]}" >&2

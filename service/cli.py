@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        settings = Settings.from_env(host=args.host, port=args.port, models=args.models)
+        settings = Settings.from_env(host=args.host, port=args.port, models=args.models,
+                                     ray_replicas=args.replicas)
     except ValidationError as exc:
         print(f"medexplain: bad settings: {exc}", file=sys.stderr)  # values hidden: Settings
         return 2
@@ -32,12 +33,24 @@ def _serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
     logs.configure(settings.log_level, settings.log_format)
+    if args.ray:
+        return _serve_ray(settings)
     from service.runtime.memory import keep_freed_memory
 
     keep_freed_memory()
     admission = Admission(settings)
     serve(create_app(settings, admission=admission), settings, admission)
     return 0
+
+
+def _serve_ray(settings: Settings) -> int:
+    try:
+        from service.scaleout import ray_serve
+    except ImportError as exc:
+        print(f"medexplain: --ray needs the optional extra: pip install 'medexplain[ray]' "
+              f"({exc})", file=sys.stderr)
+        return 2
+    return ray_serve.serve_forever(settings)
 
 
 # The explain subcommand's options that are /explain's parameters (flag -> parameter).
@@ -236,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
     serve.add_argument("--models", default=None,
                        help="model repository folder (default: the bundled models/)")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve through Ray Serve replicas (extra 'ray'); joins the "
+                            "cluster at RAY_ADDRESS, else starts a local one")
+    serve.add_argument("--replicas", type=int, default=None,
+                       help="with --ray: number of replicas (default 1; "
+                            "MEDEXPLAIN_RAY_REPLICAS)")
     serve.set_defaults(run=_serve)
     _explain_parser(sub)
     comp = sub.add_parser("compile", help="write the graphs the service would run for a model")

@@ -144,6 +144,34 @@ class Settings(BaseModel):
     # Seconds for one received image's explanation and delivery before it gets a failure.
     dicom_timeout_s: float = Field(120.0, gt=0)
 
+    # Scale-out on Ray Serve (`medexplain serve --ray`, the optional extra `ray`); read by
+    # service/scaleout/ray_serve.py only. Every replica runs the whole app with the settings
+    # above (its own models, scheduler, limiter and metrics), except the DICOM SCP; Ray's
+    # router holds MAX_QUEUE (per proxy) in front of the replicas.
+    # The Ray cluster to join ("ray://head:10001" or "head:6379"); unset, Ray's own
+    # RAY_ADDRESS is taken, and without either a local cluster is started for the process.
+    ray_address: str | None = None
+    # Fixed replica count when autoscaling is off (`--replicas N`).
+    ray_replicas: int = Field(1, ge=1)
+    # Resources reserved per replica: ray_actor_options. A GPU fraction (0.5) lets two
+    # replicas share one device; 0 keeps replicas on CPU. Set THREADS to match ray_num_cpus,
+    # or every replica's ONNX Runtime sizes its pool to the whole node.
+    ray_num_cpus: float = Field(1.0, ge=0)
+    ray_num_gpus: float = Field(0.0, ge=0)
+    # Autoscaling between min and max replicas, aiming at this many requests in flight per
+    # replica: MAX_CONCURRENCY's default, i.e. scale up once requests start to queue.
+    ray_autoscaling: bool = False
+    ray_min_replicas: int = Field(1, ge=0)
+    ray_max_replicas: int = Field(4, ge=1)
+    ray_target_ongoing_requests: float = Field(2.0, gt=0)
+    # Where Ray Serve runs its HTTP proxies: on every node (Ray's default; what a Kubernetes
+    # Service in front of the nodes wants) or on the head node only.
+    ray_proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
+    # Ray Serve's access logs, a line per request from the proxy and from the replica
+    # (method, route, status, latency; never the query string or a body). Off: each line
+    # is a file write, and more on the request path of a small machine.
+    ray_access_log: bool = False
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -220,6 +248,12 @@ class Settings(BaseModel):
             raise ValueError("dicom_query must not set dicom=; dicom_outputs chooses")
         return value
 
+    @model_validator(mode="after")
+    def _replica_range(self) -> Settings:
+        if self.ray_min_replicas > self.ray_max_replicas:
+            raise ValueError("ray_min_replicas must not exceed ray_max_replicas")
+        return self
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Settings from ``MEDEXPLAIN_*`` variables, then ``overrides`` (CLI flags)."""
@@ -229,6 +263,8 @@ class Settings(BaseModel):
             key = PREFIX + name.upper()
             if key in env:
                 values[name] = env[key]
+        if "ray_address" not in values and env.get("RAY_ADDRESS"):
+            values["ray_address"] = env["RAY_ADDRESS"]  # Ray's own name for it
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -23,7 +23,7 @@ from service.config import Settings, get_settings, resolve_threads
 from service.graph.cache import CompileCache
 from service.models.repository import Repository, load_repository
 from service.runtime.sessions import CPU, requested_providers
-from service.runtime.worker import Limiter, Scheduler
+from service.runtime.worker import Limiter, Scheduler, serial_pool_kernels
 
 log = logging.getLogger("medexplain")
 
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None, *,
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         repository = open_repository(settings)
         log.info("serving %d model(s), default %s", len(repository.models), repository.default)
+        serial_pool_kernels()
         # Every admitted request may be waiting for the compute stream at once.
         scheduler = Scheduler(
             lambda name, jobs: pipeline.compute(repository.get(name), jobs),

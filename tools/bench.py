@@ -12,6 +12,7 @@ All run in-process (no HTTP) on this machine's CPU with ONNX Runtime; NumPy + Op
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import sys
@@ -30,9 +31,11 @@ import quality as metrics  # noqa: E402
 
 from service import pipeline  # noqa: E402
 from service.api.request import ExplainParams  # noqa: E402
+from service.graph.build import Capability  # noqa: E402
 from service.imaging.base import DecodedImage  # noqa: E402
 from service.imaging.preprocess import to_model_input  # noqa: E402
 from service.methods import RawMap, Target, get_method, rows  # noqa: E402
+from service.methods.fixations_summed import FcSelection, SummedFixations  # noqa: E402
 from service.methods.maps import normalise, resize, smooth  # noqa: E402
 from service.methods.regions import map_regions  # noqa: E402
 from service.models.repository import LoadedModel, load_model  # noqa: E402
@@ -126,13 +129,24 @@ def pointing(args: argparse.Namespace) -> None:
 
 
 QUALITY_METHODS = ("gradcam", "crm", "crm_combined", "guided_backprop", "guided_gradcam",
-                   "fixations")
+                   "fixations", "fixations_summed")
 RANDOM = "random"
 METRICS = ("pointing", "energy", "box_iou", "deletion", "insertion")
 # Deletion and insertion baseline: the image blurred with σ = 16 px at 256² (1/16 of the
 # width): a nodule or a pneumothorax's pleural line is gone, the anatomy's layout stays.
 BLUR_SIGMA_FRACTION = 1 / 16
-GALLERY_METHODS = ("gradcam", "crm", "guided_gradcam", "fixations")
+# The FC rules measured for a class-discriminative CNN Fixations (BENCHMARKS.md): the
+# authors' conv / pool / Add / Concat rules throughout, a different choice at FC layers on
+# a vector only. The served ones are scored as methods: `fixations` (per neuron, all > 0)
+# and `fixations_summed` (summed, 50 % share).
+FIXATION_CANDIDATES = {
+    "fc: per neuron, 90 % share": FcSelection(summed=False, share=0.9),
+    "fc: per neuron, 50 % share": FcSelection(summed=False, share=0.5),
+    "fc: summed, all > 0": FcSelection(summed=True, share=1.0),
+    "fc: summed, 90 % share": FcSelection(summed=True, share=0.9),
+    "fc: summed, 25 % share": FcSelection(summed=True, share=0.25),
+}
+GALLERY_METHODS = ("gradcam", "crm", "guided_gradcam", "fixations", "fixations_summed")
 # Gradient maps are drawn as their magnitude blurred by this σ (px at 256²), else invisible.
 GALLERY_SMOOTH_PX = 3.0
 
@@ -157,6 +171,22 @@ def _predictor(model: LoadedModel):  # type: ignore[no-untyped-def]
     return predict
 
 
+def _candidate_maps(model: LoadedModel, image: DecodedImage, classes: list[int],
+                    options: pipeline.ExplainOptions) -> list[pipeline.Map]:
+    """The maps of every FIXATION_CANDIDATES rule, as /explain would post-process them."""
+    spec = model.config.input
+    grid = (spec.height, spec.width)
+    captures = model.engine.capture(to_model_input(image, spec).tensor,
+                                    model.config.activation, spec)
+    maps = []
+    for name, selection in FIXATION_CANDIDATES.items():
+        for raw in SummedFixations(selection).compute(captures, rows(classes, options.target)):
+            maps.append(pipeline.Map(name, raw.index, raw.values, True,
+                                     map_regions(raw, grid, image.pixels.shape[:2],
+                                                 options.region_threshold), raw.points))
+    return maps
+
+
 def quality(args: argparse.Namespace) -> None:
     """Every method (and uniform random maps) against the masks of held-out phantoms."""
     import cv2
@@ -167,10 +197,13 @@ def quality(args: argparse.Namespace) -> None:
     predict = _predictor(model)
     rng = np.random.default_rng(args.seed)
     noise = np.random.default_rng(args.seed + 1)  # random maps and tie-breaking
-    names = (*QUALITY_METHODS, RANDOM)
+    methods = tuple(args.methods.split(","))
+    names = (*methods, *(FIXATION_CANDIDATES if args.candidates else ()), RANDOM)
     found: dict[tuple[str, str], list[float]] = {}
     per_label: dict[tuple[str, str, str], list[float]] = {}
-    options = ExplainParams(methods=QUALITY_METHODS, target=Target.LOGIT).options()
+    # Class pairs of multi-finding phantoms: (points differ, point-set Jaccard, both own hits).
+    pairs: dict[str, list[tuple[float, float, float]]] = {}
+    options = ExplainParams(methods=methods, target=Target.LOGIT).options()
     start = time.perf_counter()
     for _ in range(args.n):
         ph = phantoms.generate(rng)
@@ -187,7 +220,9 @@ def quality(args: argparse.Namespace) -> None:
             map_regions(noise_map, grid, image.pixels.shape[:2], options.region_threshold))
         grey = model_input.image01.mean(axis=2)
         baseline = cv2.GaussianBlur(grey, (0, 0), BLUR_SIGMA_FRACTION * spec.width)
-        for e in [*result.maps, random]:
+        extra = _candidate_maps(model, image, present, options) if args.candidates else []
+        hits: dict[tuple[str, int], float] = {}
+        for e in [*result.maps, *extra, random]:
             values = resize(e.values, *grid)
             deletion, insertion = metrics.deletion_insertion(grey, baseline, values, predict,
                                                              args.steps, noise)
@@ -206,6 +241,19 @@ def quality(args: argparse.Namespace) -> None:
                 for metric, v in scores.items():
                     found.setdefault((e.method, metric), []).append(v)
                     per_label.setdefault((e.method, metric, label), []).append(v)
+                hits[(e.method, cls)] = scores["pointing"]
+        for e, other in itertools.combinations([*result.maps, *extra], 2):
+            if e.method != other.method or e.index is None or other.index is None:
+                continue
+            both = hits[(e.method, e.index)] * hits[(e.method, other.index)]
+            if e.points is None or other.points is None:
+                pairs.setdefault(e.method, []).append((float("nan"), float("nan"), both))
+                continue
+            a = {tuple(p) for p in np.round(e.points, 3).tolist()}
+            b = {tuple(p) for p in np.round(other.points, 3).tolist()}
+            union = len(a | b)
+            pairs.setdefault(e.method, []).append(
+                (float(a != b), len(a & b) / union if union else 1.0, both))
     seconds = time.perf_counter() - start
     n_found = len(found[(RANDOM, "pointing")])
     print(f"explanation quality: {args.n} phantoms (seed {args.seed}), {n_found} findings, "
@@ -231,6 +279,18 @@ def quality(args: argparse.Namespace) -> None:
                 v = per_label.get((m, metric, label), [])
                 cells.append(f"{np.mean(v):.3f} (n={len(v)})" if v else "-")
             print(f"| {m} | " + " | ".join(cells) + " |")
+    print("\nclass pairs of multi-finding phantoms: points differ (share of pairs), "
+          "Jaccard overlap of the two point sets (mean), both maps point into their own "
+          "finding (share)")
+    print("| method | pairs | points differ | point overlap | both hit |")
+    print("|---|---:|---:|---:|---:|")
+    for m in names:
+        if m not in pairs:
+            continue
+        rows = np.asarray(pairs[m])
+        cells = [f"{np.mean(rows[:, k]):.3f}" if not np.isnan(rows[:, k]).all() else "-"
+                 for k in range(3)]
+        print(f"| {m} | {len(rows)} | " + " | ".join(cells) + " |")
     if args.plot:
         _save(args.plot, _plot(means, names))
     if args.gallery:
@@ -249,7 +309,7 @@ def _save(path: str, image: np.ndarray) -> None:
 
 _FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (127, 127, 127)]
+            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
 
 def _text(img: np.ndarray, text: str, xy: tuple[int, int], scale: float = 0.45,
@@ -278,11 +338,12 @@ def _plot(means: dict[tuple[str, str], float], names: tuple[str, ...]) -> np.nda
             v = means[(m, metric)]
             h = int(round(v * (base - top - 14)))
             x = x0 + i * bar
-            cv2.rectangle(img, (x + 2, base - h), (x + bar - 3, base), _COLOURS[i], -1)
+            colour = _COLOURS[i % len(_COLOURS)]
+            cv2.rectangle(img, (x + 2, base - h), (x + bar - 3, base), colour, -1)
             _text(img, f"{v:.2f}"[1:] if v < 1 else "1.0", (x + 1, base - h - 4), 0.33)
     for i, m in enumerate(names):  # legend
         x = 10 + i * (pw * len(METRICS) - 20) // len(names)
-        cv2.rectangle(img, (x, ph + 22), (x + 14, ph + 36), _COLOURS[i], -1)
+        cv2.rectangle(img, (x, ph + 22), (x + 14, ph + 36), _COLOURS[i % len(_COLOURS)], -1)
         _text(img, m, (x + 18, ph + 34), 0.45)
     return img
 
@@ -309,7 +370,7 @@ def _gallery(model: LoadedModel, seed: int, cell: int = 120) -> np.ndarray:
         tiles = [(np.clip(grey, 0, 1) * 255).round().astype(np.uint8)]
         for e in result.maps:
             values = normalise(resize(e.values, *image01.shape[:2]))
-            if get_method(e.method).needs_guided:  # pixel speckle: show its local energy
+            if Capability.GUIDED in get_method(e.method).requires:  # pixel speckle: local energy
                 values = normalise(smooth(values, GALLERY_SMOOTH_PX))
             levels = drawing.to_uint8(values, *values.shape)
             tile = drawing.overlay(levels, drawing.grey_uint8(image01, *values.shape),
@@ -321,7 +382,7 @@ def _gallery(model: LoadedModel, seed: int, cell: int = 120) -> np.ndarray:
                           interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         y0 = head + r * cell
-        score = result.predictions[phantoms.LABELS.index(label)].score
+        score = float(result.scores[phantoms.LABELS.index(label)])
         _text(img, label, (6, y0 + cell // 2 - 4), 0.42)
         _text(img, f"p = {score:.2f}", (6, y0 + cell // 2 + 14), 0.42)
         for c, tile in enumerate(tiles):
@@ -353,6 +414,10 @@ def main() -> None:
     q.add_argument("--tolerance", type=int, default=17, help="pointing game, px at 256²")
     q.add_argument("--steps", type=int, default=25,
                    help="deletion/insertion steps over all pixels (25: 4 %% per step)")
+    q.add_argument("--methods", default=",".join(QUALITY_METHODS),
+                   help="comma list of served methods to score")
+    q.add_argument("--candidates", action="store_true",
+                   help="also score every FIXATION_CANDIDATES rule of CNN Fixations")
     q.add_argument("--plot", default="docs/quality.png", help="bar charts ('' for none)")
     q.add_argument("--gallery", default="docs/gallery.png", help="overlays ('' for none)")
     q.set_defaults(run=quality)

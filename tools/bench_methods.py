@@ -1,13 +1,17 @@
-"""Each method's cost for one class as a ratio to one plain forward pass, in the same run.
+"""Each method's cost as a ratio to one plain forward pass, in the same run.
 
     .venv/bin/python tools/make_fixtures.py --bench --bench-out /tmp/densenet121.onnx
     .venv/bin/python tools/bench_methods.py [--model /tmp/densenet121.onnx] [--threads 2]
 
-forward = ONNX Runtime on the unmodified model file. gradcam = the backbone run + the
-head's VJP + the map; guided_gradcam = the guided graph (which is also the forward pass) +
-Grad-CAM's head VJP + the product; fixations = the all-activations run + the walk. Medians
-over ``--repeat`` interleaved rounds after one warm-up, on this machine's CPU; no HTTP,
-no pre- or post-processing.
+forward = ONNX Runtime on the unmodified model file. Every other call is what the service
+computes for one image, arrays in and out (no HTTP, no pre- or post-processing), through
+``Engine.capture`` and the method: gradcam = the backbone run + the head's VJP + the map;
+guided_backprop / guided_gradcam with a class known up front = the guided graph (which is
+also the forward pass) (+ Grad-CAM's head VJP + the product); crm = the backbone + H·W
+masked head runs; fixations = the backbone + the all-activations run + the walk (the
+authors' FC rule; fixations_summed: the class-discriminative one). Medians
+over ``--repeat`` interleaved rounds after one warm-up, on this machine's CPU.
+tools/bench_pgc.py runs the same calls beside pytorch-grad-cam's.
 """
 
 from __future__ import annotations
@@ -27,15 +31,47 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.graph.build import compile_model  # noqa: E402
-from service.methods import METHODS, Captures, Target  # noqa: E402
-from service.methods.fixations import walk  # noqa: E402
-from service.models.activation import Activation  # noqa: E402
-from service.runtime.engine import Engine  # noqa: E402
-from service.runtime.sessions import make_session  # noqa: E402
+from service.graph.build import compile_model
+from service.methods import METHODS, Row, rows
+from service.models.activation import Activation
+from service.runtime.engine import Engine
+from service.runtime.sessions import make_session
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+def our_calls(model: Path, threads: int, image: np.ndarray) -> dict[str, Callable[[], object]]:
+    """The service's calls for one image of ``model`` (and the plain forward), by name.
+
+    The explained class is the image's top logit; ``*_14`` explain every class at once.
+    """
+    source = onnx.load(str(model))
+    compiled = compile_model(source)
+    engine = Engine(compiled, ["CPUExecutionProvider"], threads)
+    plain = make_session(source, ["CPUExecutionProvider"], threads)
+    cls = int(np.argmax(engine.forward(image)[1][0]))
+    k = engine.n_classes
+    act = Activation.SIGMOID
+
+    def method(name: str, classes: list[int | None], prefetch: bool = False) -> Callable[[], object]:
+        def run() -> object:
+            known = [Row(0, c) for c in classes if c is not None] if prefetch else []
+            return METHODS[name].compute(engine.capture(image, act, prefetch=known),
+                                         rows(classes))
+        return run
+
+    return {
+        "forward": lambda: plain.run(None, {compiled.split.image: image}),
+        "gradcam": method("gradcam", [cls]),
+        "gradcam_14": method("gradcam", list(range(k))),
+        "guided_backprop": method("guided_backprop", [cls], prefetch=True),
+        "guided_gradcam": method("guided_gradcam", [cls], prefetch=True),
+        "crm": method("crm", [cls]),
+        "crm_combined": method("crm_combined", [None]),
+        "fixations": method("fixations", [cls]),
+        "fixations_summed": method("fixations_summed", [cls]),
+    }
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
     """Milliseconds of each function per round, after one warm-up round."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeat + 1):
@@ -52,69 +88,22 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("/tmp/densenet121.onnx"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--profile", action="store_true", help="cProfile the walk")
     args = ap.parse_args()
 
-    source = onnx.load(str(args.model))
-    start = time.perf_counter()
-    compiled = compile_model(source)
-    compile_s = time.perf_counter() - start
-    plan = compiled.fixations_plan
-    if plan is None:
-        raise SystemExit(f"no fixations graph: {compiled.fixations_error}")
-    engine = Engine(compiled, ["CPUExecutionProvider"], args.threads)
-    shape = tuple(d.dim_value or 1 for d in
-                  compiled.backbone.graph.input[0].type.tensor_type.shape.dim)
+    dims = onnx.load(str(args.model), load_external_data=False).graph.input[0]
+    shape = tuple(d.dim_value or 1 for d in dims.type.tensor_type.shape.dim)
     image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    cls = int(np.argmax(engine.forward(image)[1][0]))
-    acts = engine.all_activations(image)
-    plain = make_session(source, ["CPUExecutionProvider"], args.threads)
-    n_classes = engine.forward(image)[1].shape[1]
-    seed = np.eye(n_classes, dtype=np.float32)[[cls]]
-
-    def captures(a: np.ndarray, logits: np.ndarray, guided_grads: np.ndarray | None) -> Captures:
-        return Captures(a[0], logits[0], Activation.NONE, engine.head, engine.head_vjp,
-                        guided=None if guided_grads is None else (lambda s: guided_grads))
-
-    def gradcam() -> object:
-        a, logits = engine.forward(image)
-        return METHODS["gradcam"].compute(captures(a, logits, None), [cls], Target.LOGIT)
-
-    def guided_gradcam() -> object:
-        a, logits, grads = engine.guided(image, seed)
-        return METHODS["guided_gradcam"].compute(captures(a, logits, grads), [cls],
-                                                 Target.LOGIT)
-
     # Interleaved, so a neighbour's load on the CPU hits every measurement alike.
-    times = _interleaved({
-        "forward": lambda: plain.run(None, {compiled.split.image: image}),
-        "gradcam": gradcam,
-        "guided_gradcam": guided_gradcam,
-        "all activations": lambda: engine.all_activations(image),
-        "walk": lambda: walk(plan, acts, [cls]),
-        "fixations": lambda: walk(plan, engine.all_activations(image), [cls]),
-    }, args.repeat)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    forward = med["forward"]
-    points = walk(plan, acts, [cls])[plan.image]
-    exposed = sum(a.nbytes for a in acts.values()) / 2**20
-
-    print(f"{args.model.name}: {len(plan.steps)} steps, {len(plan.needed)} exposed tensors "
-          f"({exposed:.1f} MiB), {len(points)} image points for class {cls}; compiled in "
-          f"{compile_s:.1f} s")
-    print(f"machine: {platform.processor() or platform.machine()}, ONNX Runtime "
-          f"{ort.__version__}, {args.threads} threads, median of {args.repeat}")
+    times = interleaved(our_calls(args.model, args.threads, image), args.repeat)
+    forward = statistics.median(times["forward"])
+    print(f"{args.model.name}: input {'×'.join(map(str, shape))}; machine: "
+          f"{platform.processor() or platform.machine()}, ONNX Runtime {ort.__version__}, "
+          f"{args.threads} threads, median of {args.repeat}")
     print(f"  {'call':16s} {'ms':>8s} {'÷ forward':>10s} {'median of per-round ratios':>28s}")
-    for name, ms in med.items():
-        ratio = statistics.median(t / f for t, f in zip(times[name], times["forward"]))
+    for name, values in times.items():
+        ms = statistics.median(values)
+        ratio = statistics.median(t / f for t, f in zip(values, times["forward"]))
         print(f"  {name:16s} {ms:8.1f} {ms / forward:10.2f} {ratio:28.2f}")
-    if args.profile:
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.runcall(lambda: [walk(plan, acts, [cls]) for _ in range(5)])
-        pstats.Stats(profiler).sort_stats("cumulative").print_stats(20)
 
 
 if __name__ == "__main__":

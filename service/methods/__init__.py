@@ -6,12 +6,13 @@ from service.errors import UnknownMethod
 from service.methods.base import Captures, Graphs, Method, RawMap, Row, Target, rows
 from service.methods.crm import Crm, CrmCombined
 from service.methods.fixations import CnnFixations
+from service.methods.fixations_summed import SummedFixations
 from service.methods.gradcam import GradCam
 from service.methods.guided import GuidedBackprop, GuidedGradCam
 
 METHODS: dict[str, Method] = {
     m.name: m for m in (Crm(), CrmCombined(), GradCam(), GuidedBackprop(), GuidedGradCam(),
-                        CnnFixations())
+                        CnnFixations(), SummedFixations())
 }
 
 

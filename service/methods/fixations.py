@@ -33,6 +33,10 @@ it is the centre tap, clipped into the in-range taps. Why this one:
 - The centre fallback keeps dead windows from drifting to their top-left corner (what
   ``np.argmax`` of all-equal values would give).
 
+The FC rule on a vector is the one rule a caller may replace (``walk(..., fc=...)``): it
+then gets a weight per point as well (``service.methods.fixations_summed``, the
+class-discriminative variant); the authors' walk carries no weights.
+
 Every rule works on all points of a tensor at once: points are int64 rows
 ``[tag, *index]`` (``tag`` = position of the class in the request, ``index`` = the full
 index into the tensor, batch axis included), windows are gathered by fancy indexing, FC
@@ -68,17 +72,28 @@ RADIUS_FRACTION = 0.1
 MIN_NEIGHBOUR_FRACTION = 0.05
 
 Points = np.ndarray
+Weights = np.ndarray  # float64, one per point
 Rule = Callable[[Step, Points, Mapping[str, np.ndarray]], list[tuple[str, Points]]]
+# An FC rule that reads and gives weights: (step, points, their weights, activations) →
+# [(input tensor, points, their weights or None)].
+FcRule = Callable[[Step, Points, Weights, Mapping[str, np.ndarray]],
+                  list[tuple[str, Points, Weights | None]]]
 
 
 def walk(plan: FixationPlan, activations: Mapping[str, np.ndarray], classes: Sequence[int],
-         *, trace: bool = False) -> dict[str, Points]:
+         *, fc: FcRule | None = None, trace: bool = False) -> dict[str, Points]:
     """Back-track ``classes``' logits to the image.
 
     Args:
         plan: the compiled path.
         activations: the values of ``plan.needed`` for one image (batch of one).
         classes: logit indices; the points of ``classes[k]`` carry tag k.
+        fc: the rule for FC layers on a vector (not a flattened map), given each point's
+            weight; None for the authors' rule (every positive contribution, unweighted).
+            Start points weigh 1; weights ride unchanged through the steps that move each
+            point to exactly one point (activations, reshapes, transposes, slices, a
+            broadcast of one operand), are summed where points merge, and are dropped
+            (reset to 1) by every other rule.
         trace: keep the points of every tensor, not only the image's.
 
     Returns:
@@ -90,31 +105,61 @@ def walk(plan: FixationPlan, activations: Mapping[str, np.ndarray], classes: Seq
     if len(classes):
         start[:, 2:] = np.stack(np.unravel_index(np.asarray(classes, dtype=np.int64),
                                                  plan.logits_shape[1:]), axis=1)
-    pending: dict[str, list[Points]] = defaultdict(list)
-    pending[plan.logits].append(start)
+    weighted = fc is not None
+    pending: dict[str, list[tuple[Points, Weights | None]]] = defaultdict(list)
+    pending[plan.logits].append((start, None))
     seen: dict[str, Points] = {}
     for step in plan.steps:
         parts = pending.pop(step.output, None)
         if not parts:
             continue
-        points = _unique(parts, len(classes), step.output_shape)
+        if step.rule == "pass" and not trace:
+            # Every rule maps each point on its own, so duplicates only cost time: leave
+            # merging them to the next step that moves points (half the steps of a
+            # BN → ReLU → Conv network are these).
+            pending[step.inputs[0]].extend(parts)
+            continue
+        points, weights = _unique(parts, len(classes), step.output_shape, weighted)
         if trace:
             seen[step.output] = points
-        for name, mapped in RULES[step.rule](step, points, activations):
+        if fc is not None and step.rule == "fc" and not step.attrs["spatial"]:
+            assert weights is not None
+            moved = fc(step, points, weights, activations)
+        else:
+            carry = weights if weighted and _one_to_one(step) else None
+            moved = [(name, mapped, carry)
+                     for name, mapped in RULES[step.rule](step, points, activations)]
+        for name, mapped, w in moved:
             if len(mapped):
-                pending[name].append(mapped)
+                pending[name].append((mapped, w))
     image = pending.get(plan.image)
-    seen[plan.image] = (_unique(image, len(classes), plan.image_shape) if image else
+    seen[plan.image] = (_unique(image, len(classes), plan.image_shape, False)[0] if image else
                         np.zeros((0, 1 + len(plan.image_shape)), dtype=np.int64))
     return seen
 
 
-def _unique(parts: list[Points], tags: int, shape: Sequence[int]) -> Points:
-    """Sorted unique rows, as ``np.unique(axis=0)`` gives, via one int64 key per row."""
-    points = parts[0] if len(parts) == 1 else np.concatenate(parts)
+def _one_to_one(step: Step) -> bool:
+    """Whether ``step``'s rule maps every point to exactly one point of its one input, in
+    order (so a weight per point stays aligned)."""
+    return step.rule in ("pass", "reshape", "transpose", "slice") or (
+        step.rule in ("broadcast", "mul") and len(step.inputs) == 1)
+
+
+def _unique(parts: list[tuple[Points, Weights | None]], tags: int, shape: Sequence[int],
+            weighted: bool) -> tuple[Points, Weights | None]:
+    """Sorted unique rows, as ``np.unique(axis=0)`` gives, via one int64 key per row; with
+    ``weighted``, each row's weight summed over its duplicates (1 where none was given)."""
+    arrays = [p for p, _ in parts]
+    points = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
     dims = (tags, *shape)
-    keys = np.unique(np.ravel_multi_index(tuple(points.T), dims))
-    return np.stack(np.unravel_index(keys, dims), axis=1)
+    flat = np.ravel_multi_index(tuple(points.T), dims)
+    if not weighted:
+        keys = np.unique(flat)
+        return np.stack(np.unravel_index(keys, dims), axis=1), None
+    keys, inverse = np.unique(flat, return_inverse=True)
+    given = np.concatenate([np.ones(len(p)) if w is None else w for p, w in parts])
+    weights = np.bincount(inverse.reshape(-1), weights=given, minlength=len(keys))
+    return np.stack(np.unravel_index(keys, dims), axis=1), weights
 
 
 def _with(points: Points, index: np.ndarray) -> Points:
@@ -280,6 +325,8 @@ def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tu
     m_total, cg, kh, kw = w.shape
     per_group = m_total // a["group"]
     height, width = x.shape[2], x.shape[3]
+    if kh == kw == 1 and py == px == 0:
+        return [(step.inputs[0], _conv_1x1(step, points, x))]
     out = []
     per = max(1, CHUNK // (cg * kh * kw))
     for lo in range(0, len(points), per):
@@ -309,6 +356,28 @@ def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tu
         index = np.stack([b, first + channel, ys[rows, ky], xs[rows, kx]], axis=1)
         out.append(_with(p, index)[keep])
     return [(step.inputs[0], np.concatenate(out))]
+
+
+def _conv_1x1(step: Step, points: Points, x: np.ndarray) -> Points:
+    """The conv rule for an unpadded 1×1 kernel: its one tap, at (stride · o), is the
+    position; only the channel is chosen, as the general rule would (the same float64
+    products, so the same argmax)."""
+    w = step.weight
+    assert w is not None
+    (sy, sx), group = step.attrs["strides"], step.attrs["group"]
+    m_total, cg = w.shape[:2]
+    out = []
+    per = max(1, CHUNK // x.shape[1])
+    for lo in range(0, len(points), per):
+        p = points[lo:lo + per]
+        b, m, y, xx = p[:, 1], p[:, 2], p[:, 3] * sy, p[:, 4] * sx
+        first = (m // (m_total // group)) * cg
+        window = x[b, :, y, xx]  # (n, C): every channel of each point's one tap
+        if group > 1:
+            window = np.take_along_axis(window, first[:, None] + np.arange(cg), axis=1)
+        channel = (window.astype(np.float64) * w[m, :, 0, 0]).argmax(axis=1)
+        out.append(_with(p, np.stack([b, first + channel, y, xx], axis=1)))
+    return np.concatenate(out)
 
 
 def _reduce(step: Step, points: Points,
@@ -427,7 +496,11 @@ def _blur_operator(n: int, k: int, sigma: float) -> np.ndarray:
 
 class CnnFixations(Method):
     """CNN Fixations: the image points the explained logit traces back to, and their
-    Gaussian density (see the module docstring for the rules).
+    Gaussian density (see the module docstring for the rules), with the authors' FC rule.
+
+    That rule is weak through GAP → FC → ReLU → FC heads: the union of every positive
+    contribution to every traced hidden neuron keeps nearly every channel for every class,
+    so the points hardly depend on the class (``fixations_summed`` is the measured fix).
 
     Mopuri, Garg, Babu, IEEE TIP 2019, https://arxiv.org/abs/1708.06670
     """
@@ -436,6 +509,11 @@ class CnnFixations(Method):
     paper = "https://arxiv.org/abs/1708.06670"
     grid = "model"
     requires = frozenset({Capability.FIXATIONS})
+
+    def trace(self, plan: FixationPlan, activations: Mapping[str, np.ndarray],
+              classes: Sequence[int]) -> Points:
+        """The image points of ``classes`` (tag k for ``classes[k]``): the authors' walk."""
+        return walk(plan, activations, classes)[plan.image]
 
     def compute(self, captures: Captures, rows: Sequence[Row]) -> list[RawMap]:
         # The walk starts at the logit whatever the rows' target says: it follows signs of
@@ -453,7 +531,7 @@ class CnnFixations(Method):
 
     def _walk(self, captures: Captures, image: int, classes: Sequence[int]) -> list[RawMap]:
         activations, plan = captures.graphs.fixations(image)
-        traced = walk(plan, activations, classes)[plan.image]
+        traced = self.trace(plan, activations, classes)
         height, width = plan.image_hw
         maps = []
         for tag, cls in enumerate(classes):

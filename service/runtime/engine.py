@@ -44,12 +44,14 @@ class Engine:
                  conv_algo_search: str = "EXHAUSTIVE", io_binding: bool | None = None) -> None:
         self.compiled = compiled
         self.split = compiled.split
-        # The backbone runs on every request and keeps ONNX Runtime's repacked weights; the
-        # other graphs share the plain ones (a private packed copy each cost the size of
-        # the network's weights again, per graph).
+        # The backbone runs on every request and keeps ONNX Runtime's repacked weights, and
+        # so does the guided graph, which is the forward pass of requests with guided maps
+        # (a probe on DenseNet-121 measured it 2.9 → 2.1 forward passes, a later one 2.8
+        # packed: see BENCHMARKS.md). The other graphs share the plain weights: a private
+        # packed copy costs the size of the network's weights again, per graph.
         self._sessions = {
             cap: make_session(graph, list(providers), threads,
-                              prepack=cap is Capability.BACKBONE,
+                              prepack=cap in (Capability.BACKBONE, Capability.GUIDED),
                               conv_algo_search=conv_algo_search)
             for cap, graph in compiled.graphs.items()
         }

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+import cv2
 
 from service.errors import Overloaded
 from service.runtime import metrics
@@ -76,6 +77,18 @@ class Limiter:
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in a pool thread."""
         return await anyio.to_thread.run_sync(partial(fn, *args), limiter=self._slots)
+
+
+def serial_pool_kernels() -> None:
+    """Run OpenCV's functions on the calling thread only (process-wide).
+
+    The request pool already runs several requests' decode and render at once, beside the
+    compute stream, whose ONNX Runtime threads hold the cores; OpenCV's own thread pool on
+    top oversubscribed them: at 16 concurrent requests with batches of 8 on the demo model,
+    the regions step took 73 ms instead of 3.6, and the service answered 16.6 req/s instead
+    of 49.5 with OpenCV single-threaded (BENCHMARKS.md, Throughput).
+    """
+    cv2.setNumThreads(1)
 
 
 @dataclass
@@ -241,4 +254,4 @@ class Scheduler:
         return await self.streams[device].run(model, payload)
 
 
-__all__ = ["ComputeStream", "Execute", "Limiter", "Scheduler"]
+__all__ = ["ComputeStream", "Execute", "Limiter", "Scheduler", "serial_pool_kernels"]

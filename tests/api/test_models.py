@@ -137,7 +137,7 @@ def test_methods_a_model_cannot_serve_are_listed_with_the_reason(tmp_path: Path)
         info = c.get("/models/contrib").json()
         assert info["methods"] == ["crm", "crm_combined", "gradcam"]
         assert set(info["unavailable_methods"]) == {"guided_backprop", "guided_gradcam",
-                                                    "fixations"}
+                                                    "fixations", "fixations_summed"}
         assert "com.microsoft:Gelu (the_gelu)" in info["unavailable_methods"]["guided_backprop"]
         assert "Gelu" in info["unavailable_methods"]["fixations"]
         image = (ROOT / "tests/data/phantoms/nodule.png").read_bytes()
@@ -174,7 +174,8 @@ def test_a_head_without_gradient_rules_still_predicts_and_serves_crm(tmp_path: P
         info = c.get("/models/contrib").json()
         assert info["methods"] == ["crm", "crm_combined"]
         unavailable = info["unavailable_methods"]
-        assert set(unavailable) == {"gradcam", "guided_backprop", "guided_gradcam", "fixations"}
+        assert set(unavailable) == {"gradcam", "guided_backprop", "guided_gradcam", "fixations",
+                                    "fixations_summed"}
         for name in ("gradcam", "guided_gradcam"):
             assert unavailable[name].startswith("no head VJP graph: no gradient rule")
             assert "com.microsoft:Gelu (fused_gelu)" in unavailable[name]

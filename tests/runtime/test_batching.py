@@ -25,10 +25,11 @@ from tests.api.test_ensemble import _copy, _ensemble
 IMAGES = ["cardiomegaly.png", "nodule_pneumothorax.png", "all-findings.png", "normal.png",
           "pleural-effusion.png"]
 ALL = ("crm", "crm_combined", "gradcam", "guided_backprop", "guided_gradcam", "fixations")
-# Why not bit for bit: ONNX Runtime's CPU kernels split work by batch size (MLAS packs
-# GEMM rows and blocks convolutions differently for 1 and for 8 images), so sums of the same
-# products may be added in another order: float32 rounding, a few ulps. Measured on this
-# machine: ≤ 2e-7 of each map's peak, scores within 1e-7.
+# Why not bit for bit: ONNX Runtime's CPU kernels split work by batch size (the head's
+# GEMM gave logits 9.5e-7 apart for 1 and for 256 rows), so the head VJP of a batch's rows
+# adds the same products in another order: float32 rounding. Seen on the demo model:
+# Grad-CAM maps 9e-10 apart; forward passes, CRM (each image's masked copies run on their
+# own, since CRM magnifies the logits' last bits), fixations and scores bit for bit.
 TOL = 1e-6
 
 

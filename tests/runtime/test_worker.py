@@ -21,7 +21,7 @@ from service.models.repository import LoadedModel, load_model
 from service.runtime.worker import ComputeStream
 from tests.api.conftest import MODELS, assert_problem, phantom_bytes
 from tests.api.test_explain import _npy
-from tests.runtime.test_batching import TOL, IMAGES, _assert_same, _job, _options, bad_input
+from tests.runtime.test_batching import IMAGES, TOL, _assert_same, _job, _options, bad_input
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Serving the same HTTP API on more than one machine (optional extras)."""
