@@ -1,13 +1,16 @@
-"""The ``medexplain`` command."""
+"""The medexplain command: serve the HTTP API, explain one file, compile a model, write the
+OpenAPI document."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service import __version__
 from service.config import Settings, ValidationError
 
 if TYPE_CHECKING:
@@ -48,6 +51,91 @@ def _serve_ray(settings: Settings) -> int:
               f"({exc})", file=sys.stderr)
         return 2
     return ray_serve.serve_forever(settings)
+
+
+# The explain subcommand's options that are /explain's parameters (flag -> parameter).
+_EXPLAIN_PARAMETERS = ("model", "methods", "classes", "heatmap", "size", "target",
+                       "region_threshold", "score_threshold", "frame", "window")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """One file through the pipeline /explain runs, with no server: the JSON answer, each
+    map as its own file, and the DICOM objects asked for."""
+    from service import outputs, pipeline
+    from service.api.request import ExplainParams, parse_params
+    from service.api.routes.explain import decode_upload, input_size
+    from service.errors import ModelError, ServiceError
+    from service.main import open_repository
+    from service.models.spec import check_accepted
+    from service.outputs.base import Packaging
+
+    try:
+        settings = Settings.from_env(models=args.models)
+    except ValidationError as exc:
+        print(f"medexplain explain: bad settings: {exc}", file=sys.stderr)
+        return 2
+    source = Path(args.file)
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        print(f"medexplain explain: cannot read {source}: {exc.strerror}", file=sys.stderr)
+        return 2
+    pairs = [(name, str(getattr(args, name))) for name in _EXPLAIN_PARAMETERS
+             if getattr(args, name) is not None]
+    out = Path(args.out)
+    try:
+        params: ExplainParams = parse_params(ExplainParams, pairs)
+        repository = open_repository(settings)
+        model = repository.get(params.model)
+        wanted = [outputs.DICOM_OUTPUTS[name] for name in dict.fromkeys(args.dicom or ())]
+        options = outputs.JSON_OUTPUT.options(params, model, Packaging.JSON)
+        full = any(o.full_resolution for o in wanted)
+        image = decode_upload(data, None, params, settings,
+                              None if full else input_size(model, settings))
+        check_accepted(model, image)
+        refused = [o for o in wanted if not o.accepts(image)]
+        if refused:
+            print(f"medexplain explain: dicom {refused[0].name} needs {refused[0].needs}; "
+                  f"{source.name} is {image.format}", file=sys.stderr)
+            return 2
+        result = pipeline.explain(model, image, options, pipeline.Stopwatch())
+        answer = bytes(outputs.JSON_OUTPUT.render(result, params, Packaging.JSON).body)
+        files = {"explanation.json": answer}
+        for number, item in enumerate(json.loads(answer)["explanations"], start=1):
+            stem = "-".join([f"{number:02d}", item["method"],
+                             *([_file_part(item["label"])] if item["label"] else [])])
+            suffix = {"png": ".png", "npy": ".npy", "overlay": ".jpg"}[item["heatmap"]["encoding"]]
+            files[stem + suffix] = base64.b64decode(item["heatmap"]["data"])
+        for output in wanted:
+            parts = _parts(output.render(result, params, Packaging.MULTIPART))
+            for number, part in enumerate(parts, start=1):
+                name = output.name if len(parts) == 1 else f"{output.name}-{number:02d}"
+                files[f"{name}.dcm"] = part
+    except (ServiceError, ModelError) as exc:
+        print(f"medexplain explain: {getattr(exc, 'detail', exc)}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+        print(out / name)
+    return 0
+
+
+def _file_part(label: str) -> str:
+    """A label as part of a file name: letters, digits, '-' and '_' only."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
+def _parts(response: object) -> list[bytes]:
+    """The DICOM objects of a multipart/related answer (service.outputs.base writes it:
+    each part is its header line, a blank line, the object, CRLF)."""
+    from starlette.responses import Response
+
+    assert isinstance(response, Response)
+    boundary = response.media_type.rsplit("boundary=", 1)[1].encode()  # type: ignore[union-attr]
+    body = bytes(response.body)
+    chunks = body.split(b"--" + boundary)[1:-1]
+    return [chunk.split(b"\r\n\r\n", 1)[1][:-2] for chunk in chunks]
 
 
 def _openapi(args: argparse.Namespace) -> int:
@@ -151,8 +239,11 @@ def _input_shape(model: onnx.ModelProto, layout: Layout, size: list[int] | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medexplain", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="medexplain", description=__doc__,
+        epilog="Run 'medexplain COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"medexplain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -165,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="with --ray: number of replicas (default 1; "
                             "MEDEXPLAIN_RAY_REPLICAS)")
     serve.set_defaults(run=_serve)
+    _explain_parser(sub)
     comp = sub.add_parser("compile", help="write the graphs the service would run for a model")
     comp.add_argument("model", help="an ONNX classifier")
     comp.add_argument("--out", required=True, help="folder for the graphs and report.json")
@@ -186,6 +278,46 @@ def main(argv: list[str] | None = None) -> int:
     spec.set_defaults(run=_openapi)
     args = parser.parse_args(argv)
     return int(args.run(args))
+
+
+def _explain_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from service.methods import METHODS
+    from service.outputs import DICOM_OUTPUTS
+
+    exp = sub.add_parser(
+        "explain", help="explain one image file, with no server",
+        description="Explain one DICOM, PNG or JPEG file as POST /explain would, with no "
+                    "server: writes explanation.json (the /explain answer), each map as a "
+                    "file (NN-method-label.png), and the DICOM objects --dicom names.")
+    exp.add_argument("file", help="the image: DICOM, PNG or JPEG")
+    exp.add_argument("--out", default=".", help="folder to write into (default: here)")
+    exp.add_argument("--models", default=None,
+                     help="model repository folder (default: the bundled models/)")
+    exp.add_argument("--model", default=None, help="model name (default: the default model)")
+    exp.add_argument("--methods", default=None,
+                     help=f"comma list of {', '.join(METHODS)} (default: gradcam,crm)")
+    exp.add_argument("--classes", default=None,
+                     help="comma list of labels or indices (default: labels scoring at least "
+                          "--score-threshold, at least the top one)")
+    exp.add_argument("--heatmap", default=None, choices=["png", "npy", "overlay"],
+                     help="map files: png (8-bit, default), npy (float32 raw) or overlay (JPEG)")
+    exp.add_argument("--size", default=None, choices=["model", "original", "feature"],
+                     help="grid of the maps (default: model)")
+    exp.add_argument("--target", default=None, choices=["logit", "probability"],
+                     help="score differentiated or perturbed (default: logit)")
+    exp.add_argument("--region-threshold", dest="region_threshold", default=None, type=float,
+                     help="cut on the normalised map for region boxes (default 0.5)")
+    exp.add_argument("--score-threshold", dest="score_threshold", default=None, type=float,
+                     help="score from which a label is explained by default (default 0.5)")
+    exp.add_argument("--frame", default=None, type=int,
+                     help="0-based frame of a multi-frame DICOM (default 0)")
+    exp.add_argument("--window", default=None,
+                     help="DICOM window 'center,width', or 'none' for min-max scaling")
+    exp.add_argument("--dicom", action="append", choices=list(DICOM_OUTPUTS),
+                     help="also write DICOM objects in the source study (DICOM files "
+                          "only): sc, one Secondary Capture per map; sr, one Structured "
+                          "Report of the regions; repeat for both")
+    exp.set_defaults(run=_explain)
 
 
 if __name__ == "__main__":

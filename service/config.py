@@ -83,6 +83,12 @@ class Settings(BaseModel):
     # them across restarts (off by default: the service writes nothing unless told to).
     compile_cache: Path | None = None
     api_keys: tuple[str, ...] = Field((), description="accepted API keys; empty = no auth")
+    # Origins a browser frontend may call the API from (CORS), comma-separated; "*" for any.
+    # Empty (the default): no CORS headers, so browsers keep other origins out.
+    cors_origins: tuple[str, ...] = ()
+    # Images in one KServe V1 request ("instances"): each is a full pipeline run in one
+    # queue slot, so the bound keeps one request from holding a slot for long.
+    max_instances: int = Field(8, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # text: one readable line per record, for a terminal; json: one object per line
     # (time, level, logger, request_id, message; access lines add method, route, status,
@@ -166,7 +172,7 @@ class Settings(BaseModel):
     # is a file write, and more on the request path of a small machine.
     ray_access_log: bool = False
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -179,6 +185,14 @@ class Settings(BaseModel):
         short = [k for k in value if len(k) < 16]
         if short:
             raise ValueError("API keys must be at least 16 characters long")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [o for o in value if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o)]
+        if bad:
+            raise ValueError("CORS origins are '*' or scheme://host[:port], with no path")
         return value
 
     @model_validator(mode="after")

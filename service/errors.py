@@ -57,6 +57,14 @@ class InvalidMultipart(BadInput):
     title = "Invalid multipart body"
 
 
+class InvalidInferenceRequest(BadInput):
+    """Raised when a KServe V1 or Open Inference Protocol V2 request body is malformed
+    (not JSON, a missing or mistyped member, a tensor whose data does not fit its shape)."""
+
+    code = "invalid_inference_request"
+    title = "Invalid inference request"
+
+
 class UnsupportedMediaType(ServiceError):
     """Raised when the content type (or sniffed format) is not one the service decodes."""
 

@@ -1,9 +1,26 @@
-"""OpenAPI descriptions of the upload routes, whose bodies are parsed by hand (api/body.py)
-and whose parameters come from the request models (api/request.py)."""
+"""The API's documentation: OpenAPI descriptions of the upload routes (whose bodies are
+parsed by hand, api/body.py, and whose parameters come from the request models,
+api/request.py), the document's post-processing for client generators, and the
+interactive pages (/docs, /redoc) served with their assets from this process."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Final
+
+import fastapi_offline
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 
 from schemas import Problem
 from service.api.request import PredictParams, parameter_schemas
@@ -17,7 +34,10 @@ def upload_operation(kind: type[PredictParams]) -> dict[str, Any]:
     params = parameter_schemas(kind)
     form_props: dict[str, Any] = {"file": {"type": "string", "format": "binary",
                                            "description": "DICOM, PNG or JPEG"}}
-    form_props.update(params)
+    # No defaults on the form fields: generators fill in a declared default and send it,
+    # and with the query parameter's default also sent, the parameter would come twice.
+    form_props.update({name: {k: v for k, v in schema.items() if k != "default"}
+                       for name, schema in params.items()})
     return {
         "parameters": [
             {"name": n, "in": "query", "required": False, "schema": schema}
@@ -56,3 +76,103 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: _problem("overloaded, draining or timed out (retry after the Retry-After header's "
                   "seconds), or the model failed to load (model_unavailable)"),
 }
+
+
+# ---- The interactive documentation, served from this process (no CDN) ----
+# Swagger UI and ReDoc come from fastapi-offline, a maintained package that ships both
+# bundles; the pages reference only this service's own paths, so /docs works offline and
+# behind a strict Content-Security-Policy.
+DOCS_ASSETS: Final[Path] = Path(fastapi_offline.__file__).resolve().parent / "static"
+ASSETS_URL: Final[str] = "/docs/assets"
+
+
+def install_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI), /redoc (ReDoc) and their assets under /docs/assets.
+
+    ``app`` must be created with ``docs_url=None, redoc_url=None`` (FastAPI's own pages load
+    their scripts from a CDN).
+    """
+    app.mount(ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+    oauth2_redirect = "/docs/oauth2-redirect"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+            oauth2_redirect_url=f"{root}{oauth2_redirect}",
+            # Swagger UI would otherwise send the document to validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get(oauth2_redirect, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png", with_google_fonts=False,
+        )
+
+
+# ---- The OpenAPI document, fit for client generators ----
+
+
+def operation_id(route: APIRoute) -> str:
+    """The operationId: the route function's name (``explain``, ``v2_model_infer``), which
+    generators turn into method names, instead of FastAPI's ``explain_explain_post``."""
+    return route.name
+
+
+_PROBLEM_REF: Final[dict[str, str]] = {"$ref": "#/components/schemas/Problem"}
+_COMPONENTS: Final[str] = "#/components/schemas/{model}"
+# Bodies that routes parse by hand (so FastAPI does not see them), added to the components.
+_BODY_MODELS: list[type[BaseModel]] = []
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, str]:
+    """A reference to ``model``'s schema for a hand-parsed request body's ``openapi_extra``;
+    :func:`openapi_document` adds the schema to the components."""
+    if model not in _BODY_MODELS:
+        _BODY_MODELS.append(model)
+    return {"$ref": _COMPONENTS.format(model=model.__name__)}
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document with errors declared as they are sent: problem+json.
+
+    FastAPI lists a ``model`` under ``application/json`` whatever the response's media
+    type, and adds a 422 ``HTTPValidationError`` that this service never sends (its
+    validation errors are problems too); generated clients would parse both wrongly.
+    """
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = get_openapi(title=app.title, version=app.version,
+                           description=app.description, routes=app.routes)
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if status.startswith(("4", "5")) and (
+                        "application/problem+json" in content
+                        or "HTTPValidationError" in json.dumps(content)):
+                    response["content"] = {"application/problem+json": {"schema": _PROBLEM_REF}}
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for model in _BODY_MODELS:
+        schema = model.model_json_schema(ref_template=_COMPONENTS)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    text = json.dumps(document["paths"])
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if unused in schemas and f"/{unused}\"" not in text:
+            del schemas[unused]
+    document["components"]["schemas"] = dict(sorted(schemas.items()))
+    app.openapi_schema = document
+    return document

@@ -1,25 +1,46 @@
-"""Prometheus metrics, collected by a pure ASGI middleware (no BaseHTTPMiddleware)."""
+"""Prometheus metrics, collected by a pure ASGI middleware (no BaseHTTPMiddleware).
+
+Names and labels follow Prometheus' conventions (https://prometheus.io/docs/practices/
+naming/): base units, ``_total`` counters, ``code`` and ``method`` labels on HTTP metrics,
+``process_*`` from the standard process collector and a ``medexplain_build_info`` gauge
+of 1 whose labels say what is running.
+"""
 
 from __future__ import annotations
 
+import platform
 import time
+from typing import TYPE_CHECKING, Final
 
+import onnxruntime
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+
+if TYPE_CHECKING:
+    from service.pipeline import Result
+
+# Where a route leaves the name of the served model it used (see label_model).
+_MODEL_KEY: Final[str] = "medexplain.model"
 
 
 class Metrics:
     """One registry per app, so several apps (tests) never clash."""
 
     def __init__(self) -> None:
+        # process_* and python_* come from prometheus_client's default registry, which
+        # /metrics appends (with the compute streams' metrics): not registered here again.
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "medexplain_requests", "HTTP requests by route and status",
-            ["route", "status"], registry=self.registry,
+            "medexplain_http_requests", "HTTP requests by method, route, status code and model",
+            ["method", "handler", "code", "model"], registry=self.registry,
         )
         self.latency = Histogram(
-            "medexplain_request_duration_seconds", "HTTP request duration by route",
-            ["route"], registry=self.registry,
+            "medexplain_http_request_duration_seconds",
+            "HTTP request duration by method, route, status code and model",
+            ["method", "handler", "code", "model"], registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.method_latency = Histogram(
@@ -31,6 +52,26 @@ class Metrics:
             "medexplain_pending_requests", "requests computing or waiting",
             registry=self.registry,
         )
+        build = Gauge(
+            "medexplain_build_info", "what is running: always 1, the facts are the labels",
+            ["version", "python_version", "onnxruntime_version"], registry=self.registry,
+        )
+        build.labels(__version__, platform.python_version(), onnxruntime.__version__).set(1)
+
+    def observe_methods(self, result: Result) -> None:
+        """Each method's compute time in one explained request."""
+        for method in dict.fromkeys(m.method for m in result.maps):
+            self.method_latency.labels(result.model.name, method).observe(
+                result.watch.timings[method] / 1e3)
+
+
+def label_model(request: Request, name: str) -> None:
+    """Name the served model a request uses, for the ``model`` label of its HTTP metrics.
+
+    Routes call it with a model the repository resolved, never with what the client
+    wrote: label values stay the few served names.
+    """
+    request.scope[_MODEL_KEY] = name
 
 
 class MetricsMiddleware:
@@ -56,6 +97,9 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             # The route template, never the raw path: unknown paths must not grow label sets.
-            name = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(name, str(status)).inc()
-            self.metrics.latency.labels(name).observe(time.perf_counter() - start)
+            handler = getattr(route, "path", "unmatched")
+            # Only the methods routes take; anything else is one value, for the same reason.
+            method = scope["method"] if route is not None else "other"
+            labels = (method, handler, str(status), scope.get(_MODEL_KEY, ""))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

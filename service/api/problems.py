@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from schemas import Problem
 from service import errors
@@ -40,26 +43,50 @@ def status_of(exc: errors.ServiceError) -> int:
 
 
 def problem(status: int, title: str, detail: str, code: str,
-            headers: dict[str, str] | None = None) -> JSONResponse:
+            headers: dict[str, str] | None = None, **extensions: str) -> JSONResponse:
+    """A problem+json answer; ``extensions`` are extra members (RFC 9457 section 3.2)."""
     body = Problem(title=title, status=status, detail=detail, code=code)
-    return JSONResponse(body.model_dump(), status_code=status, media_type=MEDIA_TYPE,
-                        headers=headers)
+    return JSONResponse({**body.model_dump(), **extensions}, status_code=status,
+                        media_type=MEDIA_TYPE, headers=headers)
 
 
-def response_for(exc: errors.ServiceError) -> JSONResponse:
-    """The problem+json answer to ``exc``, with the headers its status calls for."""
+def response_for(exc: errors.ServiceError, **extensions: str) -> JSONResponse:
+    """The problem+json answer to ``exc``, with the headers its status calls for;
+    ``extensions``: extra members."""
     headers = None
     if isinstance(exc, errors.Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, errors.Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="medexplain"'}
-    return problem(status_of(exc), exc.title, exc.detail, exc.code, headers)
+    return problem(status_of(exc), exc.title, exc.detail, exc.code, headers, **extensions)
+
+
+def _log(request: Request, exc: errors.ServiceError) -> None:
+    log.info("%s %s -> %d %s", request.method, _route(request), status_of(exc), exc.code)
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.ServiceError)
-    log.info("%s %s -> %d %s", request.method, _route(request), status_of(exc), exc.code)
+    _log(request, exc)
     return response_for(exc)
+
+
+class ProtocolRoute(APIRoute):
+    """A route of an inference protocol (KServe V1, Open Inference Protocol V2): its
+    clients (tritonclient, KServe's) read an error's message from an ``error`` member, so
+    the problem+json answer carries the detail there too."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except errors.ServiceError as exc:
+                _log(request, exc)
+                return response_for(exc, error=exc.detail)
+
+        return handler
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -80,6 +80,28 @@ def to_model_input(image: DecodedImage, spec: InputSpec) -> ModelInput:
     )
 
 
+def from_tensor(tensor: np.ndarray, spec: InputSpec) -> ModelInput:
+    """A client's already preprocessed network input (a batch of one, in ``spec.layout``,
+    normalised), with the 0..1 image recovered from it for drawing maps over.
+
+    Raises:
+        ValueError: when the tensor's shape is not the network's (the caller words the
+            client error).
+    """
+    expected = ((1, spec.channels, spec.height, spec.width) if spec.layout is Layout.NCHW
+                else (1, spec.height, spec.width, spec.channels))
+    if tensor.shape != expected:
+        raise ValueError(f"shape {list(tensor.shape)} is not the network input's "
+                         f"{list(expected)}")
+    tensor = np.ascontiguousarray(tensor, dtype=np.float32)
+    planes = tensor[0] if spec.layout is Layout.NCHW else tensor[0].transpose(2, 0, 1)
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    # Inverse of (x - mean) / std; clipped, as a backdrop only ever shows 0..1.
+    image01 = np.clip(planes * std + mean, 0.0, 1.0).transpose(1, 2, 0)
+    return ModelInput(image01=np.ascontiguousarray(image01, dtype=np.float32), tensor=tensor)
+
+
 def _resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Stretch to height x width; area averaging only when shrinking both ways."""
     in_height, in_width = pixels.shape[:2]

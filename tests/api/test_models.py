@@ -41,7 +41,8 @@ def test_health_and_metrics(client: TestClient) -> None:
     assert client.get("/readyz").json() == {"status": "ready"}
     client.get("/models")
     text = client.get("/metrics").text
-    assert 'medexplain_requests_total{route="/models",status="200"}' in text
+    assert ('medexplain_http_requests_total{code="200",handler="/models",method="GET",'
+            'model=""}') in text
     assert "medexplain_pending_requests 0.0" in text
 
 

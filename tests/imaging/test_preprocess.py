@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service.imaging.base import DecodedImage
-from service.imaging.preprocess import BT601_LUMA, ModelInput, to_model_input
+from service.imaging.preprocess import BT601_LUMA, ModelInput, from_tensor, to_model_input
 from service.models.spec import InputSpec, Layout
 from tests.imaging import reference_preprocess
 
@@ -152,3 +152,18 @@ def test_equals_the_previous_implementation(
         assert got.flags.c_contiguous
         # Measured bit-identical for every case here; the contract is 1e-6.
         np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layout", list(Layout), ids=str)
+def test_a_client_tensor_is_taken_as_it_is(layout: Layout) -> None:
+    """from_tensor: the tensor unchanged, its 0..1 image recovered by undoing mean/std."""
+    rng = np.random.default_rng(5)
+    pixels = rng.random((24, 40, 3), dtype=np.float32)
+    spec = InputSpec(24, 40, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), layout)
+    built = to_model_input(DecodedImage(pixels=pixels, format="png"), spec)
+    taken = from_tensor(built.tensor.copy(), spec)
+    np.testing.assert_array_equal(taken.tensor, built.tensor)
+    np.testing.assert_allclose(taken.image01, built.image01, rtol=0, atol=1e-6)
+    wrong = built.tensor[:, :, :, :2] if layout is Layout.NCHW else built.tensor[:, :, :2]
+    with pytest.raises(ValueError, match=r"shape \[1, .*\] is not the network input's"):
+        from_tensor(wrong, spec)

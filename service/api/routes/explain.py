@@ -7,6 +7,8 @@ hands the result, back in the pool, to the chosen output (service.outputs), whic
 the body. JSON is the
 default (also for ``*/*``); ``application/dicom`` and ``multipart/related;
 type="application/dicom"`` answer with the DICOM object the ``dicom`` parameter names.
+POST /explain/dicom is the same computation answering DICOM only (its own OpenAPI
+operation, so that generated clients take its answer as bytes).
 """
 
 from __future__ import annotations
@@ -26,59 +28,69 @@ from service.api.deps import (
     SettingsDep,
 )
 from service.api.docs import BINARY, ERRORS, upload_operation
+from service.api.metrics import Metrics, label_model
 from service.api.negotiation import accept_header, negotiate
 from service.api.request import ExplainParams, PredictParams, read_upload
 from service.config import Settings
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
-from service.models.repository import Served
+from service.models.repository import Repository, Served
 from service.models.spec import check_accepted
-from service.outputs.base import DICOM, MULTIPART_DICOM
+from service.outputs.base import DICOM, MULTIPART_DICOM, Packaging
 from service.outputs.json_maps import predict_response
+from service.runtime.worker import Limiter, Scheduler
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
 
+DICOM_DESCRIPTION = (
+    "With Accept: application/dicom (the default here), one DICOM Secondary Capture (RGB: "
+    "the first explanation's map over the image, with a caption and colour bar) in the "
+    "source study: same Study Instance UID and patient/study attributes, a new series, "
+    "referencing the source instance. With Accept: multipart/related; "
+    "type=\"application/dicom\", one such capture per explanation, in one new series per "
+    "method (Series Number 9911 + the method's place in the method list). With dicom=sr, "
+    "the DICOM object is instead one Comprehensive 3D SR (TID 1500 Measurement Report) in a "
+    "new series of the source study (Series Number 9930; 9931 + the method's place for a "
+    "one-method report): one measurement group per "
+    "region of every explanation (a closed POLYLINE rectangle on the source image: box "
+    "[x0,y0,x1,y1] as (column,row) points (x0,y0),(x1,y0),(x1,y1),(x0,y1),(x0,y0), pixel "
+    "edges with the top-left pixel centre at (0.5,0.5)), the label's score and the region's "
+    "peak score (UCUM 1), labels and methods coded in 99MEDEXPLAIN, the model as algorithm "
+    "identification; the whole body for application/dicom, the only part for "
+    "multipart/related. DICOM output needs a DICOM upload; heatmap and size do not apply "
+    "to it.")
+
+NOT_ACCEPTABLE: dict[str, Any] = {
+    "model": Problem, "description": "the Accept header allows no representation "
+                                     "(not_acceptable); DICOM output for a PNG/JPEG upload "
+                                     "or a DICOM without valid UIDs (Study, SOP Instance; "
+                                     "dicom=sr: Series too)",
+    "content": {"application/problem+json": {}}}
+
 EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
-    200: {
-        "description": "JSON by default (no Accept, */*, application/json). With Accept: "
-                       "application/dicom, one DICOM Secondary Capture (RGB: the first "
-                       "explanation's map over the image, with a caption and colour bar) in "
-                       "the source study: same Study Instance UID and patient/study "
-                       "attributes, a new series, referencing the source instance. With "
-                       "Accept: multipart/related; type=\"application/dicom\", one such "
-                       "capture per explanation, in one new series per method (Series Number "
-                       "9911 + the method's place in the method list). With dicom=sr, the "
-                       "DICOM object is instead one Comprehensive 3D SR (TID 1500 Measurement "
-                       "Report) in a new series of the source study (Series Number 9930; "
-                       "9931 + the method's place for a one-method report): one measurement "
-                       "group "
-                       "per region of every explanation (a closed POLYLINE rectangle on the "
-                       "source image: box [x0,y0,x1,y1] as (column,row) points "
-                       "(x0,y0),(x1,y0),(x1,y1),(x0,y1),(x0,y0), pixel edges with the top-left "
-                       "pixel centre at (0.5,0.5)), the label's score and the region's peak "
-                       "score (UCUM 1), labels and methods coded in 99MEDEXPLAIN, the model as "
-                       "algorithm identification; the whole body for application/dicom, the "
-                       "only part for multipart/related. DICOM output needs a DICOM upload; "
-                       "heatmap and size do not apply to it.",
-        "content": {DICOM: BINARY, MULTIPART_DICOM: BINARY},
-    },
-    406: {"model": Problem, "description": "the Accept header allows no representation "
-                                           "(not_acceptable); DICOM output for a PNG/JPEG "
-                                           "upload or a DICOM without valid UIDs (Study, "
-                                           "SOP Instance; dicom=sr: Series too)",
-          "content": {"application/problem+json": {}}},
+    200: {"description": "JSON (no Accept, */*, application/json). The same request "
+                         "answers DICOM with Accept: application/dicom or multipart/related; "
+                         "type=\"application/dicom\": see POST /explain/dicom, which "
+                         "documents those answers."},
+    406: NOT_ACCEPTABLE,
+}
+
+EXPLAIN_DICOM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    200: {"description": DICOM_DESCRIPTION, "content": {DICOM: BINARY, MULTIPART_DICOM: BINARY}},
+    406: NOT_ACCEPTABLE,
 }
 
 
-def _decode(data: bytes, media_type: str | None, params: PredictParams,
+def decode_upload(data: bytes, media_type: str | None, params: PredictParams,
             settings: Settings, min_size: tuple[int, int] | None) -> DecodedImage:
     return imaging.decode(data, media_type, frame=params.frame, window=params.window,
                           max_pixels=settings.max_pixels, max_frames=settings.max_frames,
                           max_decode_bytes=settings.max_decode_bytes, min_size=min_size)
 
 
-def _input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
+def input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
     """(height, width) the pixels are needed at: the largest input of the model's networks,
     when reduced-resolution JPEG 2000 decoding is enabled; else None (full resolution).
 
@@ -91,8 +103,8 @@ def _input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
     return max(s.height for s in specs), max(s.width for s in specs)
 
 
-async def _compute(scheduler: SchedulerDep, model: Served,
-                   job: pipeline.Job) -> pipeline.Computed:
+async def compute(scheduler: Scheduler, model: Served,
+                  job: pipeline.Job) -> pipeline.Computed:
     """The job computed on its model's stream (the first network's device)."""
     computed: pipeline.Computed = await scheduler.run(model.name,
                                                       model.members[0].engine.device, job)
@@ -109,9 +121,34 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
     if not packagings:
         raise NotAcceptable(
             f"the Accept header allows none of application/json, {DICOM}, {MULTIPART_DICOM}")
+    return await _explain(request, packagings, settings, repository, limiter, scheduler,
+                          metrics)
+
+
+@router.post("/explain/dicom", response_class=Response, responses=EXPLAIN_DICOM_RESPONSES,
+             openapi_extra=upload_operation(ExplainParams),
+             summary="/explain answering DICOM: a Secondary Capture or a Structured Report "
+                     "in the source study")
+async def explain_dicom(request: Request, settings: SettingsDep, repository: RepositoryDep,
+                        limiter: LimiterDep, scheduler: SchedulerDep,
+                        metrics: MetricsDep) -> Response:
+    # Its own operation, so that generated clients take the answer as bytes, not JSON.
+    accept = accept_header(request)
+    packagings = [p for p in negotiate(accept if accept and accept.strip() else DICOM)
+                  if p is not Packaging.JSON]
+    if not packagings:
+        raise NotAcceptable(f"the Accept header allows none of {DICOM}, {MULTIPART_DICOM}")
+    return await _explain(request, packagings, settings, repository, limiter, scheduler,
+                          metrics)
+
+
+async def _explain(request: Request, packagings: list[Packaging], settings: Settings,
+                   repository: Repository, limiter: Limiter, scheduler: Scheduler,
+                   metrics: Metrics) -> Response:
     upload = await read_upload(request, settings, ExplainParams)
     params: ExplainParams = upload.params
     model = repository.get(params.model)
+    label_model(request, model.name)
     # Best first; an output that cannot answer for this upload (DICOM for a PNG) gives way
     # to the next one the client accepts.
     candidates = [(outputs.for_packaging(p, params.dicom), p) for p in packagings]
@@ -120,8 +157,8 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
 
     def prepare() -> tuple[outputs.Output, outputs.Packaging, pipeline.Job]:
         watch = pipeline.Stopwatch()
-        image = _decode(upload.data, upload.media_type, params, settings,
-                        None if first.full_resolution else _input_size(model, settings))
+        image = decode_upload(upload.data, upload.media_type, params, settings,
+                              None if first.full_resolution else input_size(model, settings))
         watch.lap("decode")
         check_accepted(model, image)
         chosen = next(((o, p) for o, p in candidates if o.accepts(image)), None)
@@ -134,15 +171,14 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
 
     async with limiter.admit():
         output, used, job = await limiter.run(prepare)
-        computed = await _compute(scheduler, model, job)
+        computed = await compute(scheduler, model, job)
 
         def render() -> tuple[Response, pipeline.Result]:
             result = pipeline.finish(model, computed)
             return output.render(result, params, used), result
 
         answer, result = await limiter.run(render)
-    for m in dict.fromkeys(m.method for m in result.maps):
-        metrics.method_latency.labels(model.name, m).observe(result.watch.timings[m] / 1e3)
+    metrics.observe_methods(result)
     return answer
 
 
@@ -154,16 +190,17 @@ async def predict(request: Request, settings: SettingsDep, repository: Repositor
     upload = await read_upload(request, settings, PredictParams)
     params: PredictParams = upload.params
     model = repository.get(params.model)
+    label_model(request, model.name)
 
     def prepare() -> pipeline.Job:
         watch = pipeline.Stopwatch()
-        image = _decode(upload.data, upload.media_type, params, settings,
-                        _input_size(model, settings))
+        image = decode_upload(upload.data, upload.media_type, params, settings,
+                              input_size(model, settings))
         watch.lap("decode")
         check_accepted(model, image)
         return pipeline.prepare(model, image, None, watch)
 
     async with limiter.admit():
         job = await limiter.run(prepare)
-        computed = await _compute(scheduler, model, job)
+        computed = await compute(scheduler, model, job)
         return await limiter.run(lambda: predict_response(pipeline.finish(model, computed)))

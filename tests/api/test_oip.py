@@ -1,0 +1,273 @@
+"""The Open Inference Protocol V2 spoken by the real ``tritonclient[http]`` client to
+``medexplain serve`` on loopback: health, metadata, and infer with an encoded image
+(BYTES) and with a preprocessed tensor (FP32), in binary and JSON form; the answers equal
+what /predict and /explain answer for the same image."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from fastapi.testclient import TestClient
+from pydicom.data import get_testdata_file
+from tritonclient.utils import InferenceServerException
+
+from service.config import Settings
+from service.main import create_app
+from tests.api.conftest import ROOT
+from tests.api.live import live_server
+
+PHANTOMS = ROOT / "tests" / "data" / "phantoms"
+DICOM = ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm"
+MODEL = "demo-cxr"
+LABELS = ["Cardiomegaly", "Nodule", "Pleural Effusion", "Pneumothorax"]
+# model.toml of demo-cxr.
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with live_server() as live:
+        yield f"http://127.0.0.1:{live.port}"
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Iterator[triton.InferenceServerClient]:
+    c = triton.InferenceServerClient(url=server.removeprefix("http://"))
+    yield c
+    c.close()
+
+
+def _predict(server: str, data: bytes) -> np.ndarray:
+    answer = httpx.post(f"{server}/predict", content=data, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return np.array([p["score"] for p in answer.json()["predictions"]], dtype=np.float32)
+
+
+def _explain_maps(server: str, data: bytes, methods: str,
+                  classes: str) -> dict[str, tuple[list[int | None], np.ndarray]]:
+    """/explain's raw float32 maps (heatmap=npy) on the model grid, by method."""
+    answer = httpx.post(f"{server}/explain", content=data, timeout=60,
+                        params={"methods": methods, "classes": classes, "heatmap": "npy"})
+    assert answer.status_code == 200, answer.text
+    out: dict[str, tuple[list[int | None], list[np.ndarray]]] = {}
+    for item in answer.json()["explanations"]:
+        indices, maps = out.setdefault(item["method"], ([], []))
+        indices.append(item["index"])
+        maps.append(np.load(io.BytesIO(base64.b64decode(item["heatmap"]["data"]))))
+    return {m: (i, np.stack(v)) for m, (i, v) in out.items()}
+
+
+def test_server_and_model_health(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.get_server_metadata() == {"name": "medexplain", "version": "0.1.0",
+                                            "extensions": ["binary_tensor_data"]}
+    assert client.is_model_ready(MODEL)
+    assert not client.is_model_ready("no-such-model")
+
+
+def test_model_version_in_the_path(client: triton.InferenceServerClient,
+                                   server: str) -> None:
+    assert client.is_model_ready(MODEL, model_version="1")
+    assert not client.is_model_ready(MODEL, model_version="2")
+    assert client.get_model_metadata(MODEL, model_version="1") == client.get_model_metadata(
+        MODEL)
+    with pytest.raises(InferenceServerException,
+                       match="model 'demo-cxr' has version '1', not '2'"):
+        client.get_model_metadata(MODEL, model_version="2")
+    data = (PHANTOMS / "nodule.png").read_bytes()
+    image = _input("image", [1], "BYTES", np.array([data], dtype=np.object_))
+    result = client.infer(MODEL, [image], model_version="1")
+    np.testing.assert_array_equal(result.as_numpy("scores")[0], _predict(server, data))
+    assert result.get_response()["model_version"] == "1"
+
+
+def test_model_metadata(client: triton.InferenceServerClient) -> None:
+    metadata = client.get_model_metadata(MODEL)
+    assert metadata["name"] == MODEL
+    assert metadata["versions"] == ["1"]
+    assert metadata["platform"] == "onnxruntime_onnx"
+    assert metadata["inputs"] == [
+        {"name": "image", "datatype": "BYTES", "shape": [1]},
+        {"name": "tensor", "datatype": "FP32", "shape": [1, 3, 256, 256]},
+    ]
+    assert metadata["outputs"][0] == {"name": "scores", "datatype": "FP32", "shape": [1, 4]}
+    assert {o["name"] for o in metadata["outputs"][1:]} >= {"gradcam", "crm", "crm_combined"}
+    assert metadata["labels"] == LABELS
+    with pytest.raises(InferenceServerException, match="no model named 'no-such-model'"):
+        client.get_model_metadata("no-such-model")
+
+
+@pytest.mark.parametrize("path", [PHANTOMS / "nodule_pneumothorax.png", DICOM],
+                         ids=["png", "dicom"])
+def test_infer_bytes_equals_predict_and_explain(client: triton.InferenceServerClient,
+                                                server: str, path: Path) -> None:
+    data = path.read_bytes()
+    image = triton.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([data], dtype=np.object_))  # binary by default
+    result = client.infer(MODEL, [image], parameters={"methods": "gradcam,crm",
+                                                      "classes": "Nodule,Pneumothorax"})
+    scores = result.as_numpy("scores")
+    assert scores.dtype == np.float32 and scores.shape == (1, 4)
+    np.testing.assert_array_equal(scores[0], _predict(server, data))
+    expected = _explain_maps(server, data, "gradcam,crm", "Nodule,Pneumothorax")
+    for method in ("gradcam", "crm"):
+        output = result.get_output(method)
+        assert output["parameters"]["classes"] == "1,3"
+        assert output["parameters"]["labels"] == "Nodule,Pneumothorax"
+        indices, maps = expected[method]
+        assert indices == [1, 3]
+        np.testing.assert_allclose(result.as_numpy(method)[0], maps, rtol=1e-6, atol=0)
+
+
+def test_infer_bytes_as_json(client: triton.InferenceServerClient, server: str) -> None:
+    """JSON tensors: image bytes are no UTF-8 text, so the element is their base64."""
+    data = (PHANTOMS / "cardiomegaly.png").read_bytes()
+    image = triton.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([base64.b64encode(data)], dtype=np.object_),
+                              binary_data=False)
+    outputs = [triton.InferRequestedOutput("scores", binary_data=False),
+               triton.InferRequestedOutput("crm_combined", binary_data=False)]
+    result = client.infer(MODEL, [image], outputs=outputs,
+                          parameters={"methods": "crm_combined"})
+    np.testing.assert_array_equal(result.as_numpy("scores")[0], _predict(server, data))
+    assert result.get_output("crm_combined")["parameters"]["classes"] == ""
+    _, maps = _explain_maps(server, data, "crm_combined", "")["crm_combined"]
+    np.testing.assert_allclose(result.as_numpy("crm_combined")[0], maps, rtol=1e-6, atol=0)
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["scores", "crm_combined"]
+
+
+def _network_input(path: Path) -> np.ndarray:
+    """demo-cxr's input for a 256 x 256 grey PNG, by hand: 0..1, replicated to 3 channels,
+    (x - mean) / std, NCHW."""
+    grey = cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.float32) / 255
+    assert grey.shape == (256, 256)
+    planes = (grey[None] - MEAN[:, None, None]) / STD[:, None, None]
+    return planes[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_fp32_tensor(client: triton.InferenceServerClient, server: str,
+                           binary: bool) -> None:
+    path = PHANTOMS / "nodule.png"
+    tensor = triton.InferInput("tensor", [1, 3, 256, 256], "FP32")
+    tensor.set_data_from_numpy(_network_input(path), binary_data=binary)
+    result = client.infer(MODEL, [tensor], parameters={"methods": "gradcam",
+                                                       "classes": "Nodule"})
+    # The preprocessing written out above is the service's, float32 operation for
+    # operation, so the network sees the same numbers as for the PNG itself.
+    np.testing.assert_array_equal(result.as_numpy("scores")[0],
+                                  _predict(server, path.read_bytes()))
+    _, maps = _explain_maps(server, path.read_bytes(), "gradcam", "Nodule")["gradcam"]
+    np.testing.assert_allclose(result.as_numpy("gradcam")[0], maps, rtol=1e-6, atol=0)
+
+
+def test_scores_only_without_methods(client: triton.InferenceServerClient) -> None:
+    image = triton.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([(PHANTOMS / "normal.png").read_bytes()],
+                                       dtype=np.object_))
+    result = client.infer(MODEL, [image])
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["scores"]
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: _input("pixels", [1], "BYTES", np.array([b"x"], dtype=np.object_)),
+     "unknown input 'pixels'"),
+    (lambda: _input("image", [1], "FP32", np.zeros(1, dtype=np.float32)),
+     "input image is BYTES, not 'FP32'"),
+    (lambda: _input("tensor", [1, 3, 128, 128], "FP32",
+                    np.zeros((1, 3, 128, 128), dtype=np.float32)),
+     r"tensor: shape \[1, 3, 128, 128\] is not the network input's \[1, 3, 256, 256\]"),
+    (lambda: _input("image", [1], "BYTES", np.array([b"not an image"], dtype=np.object_)),
+     r"\[415\] the bytes are not PNG, JPEG or DICOM"),
+], ids=["unknown-input", "wrong-datatype", "wrong-shape", "not-an-image"])
+def test_bad_requests_get_the_reason(client: triton.InferenceServerClient, make: object,
+                                     message: str) -> None:
+    with pytest.raises(InferenceServerException, match=message):
+        client.infer(MODEL, [make()])  # type: ignore[operator]
+    assert client.is_server_ready()
+
+
+def test_unknown_parameter_and_output(client: triton.InferenceServerClient) -> None:
+    image = _input("image", [1], "BYTES",
+                   np.array([(PHANTOMS / "normal.png").read_bytes()], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="unknown parameter 'heatmap'"):
+        client.infer(MODEL, [image], parameters={"heatmap": "png"})
+    with pytest.raises(InferenceServerException, match="output 'gradcam' is not computed"):
+        client.infer(MODEL, [image], outputs=[triton.InferRequestedOutput("gradcam")])
+    with pytest.raises(InferenceServerException, match=r"\[422\] unknown class 'Fracture'"):
+        client.infer(MODEL, [image], parameters={"methods": "crm", "classes": "Fracture"})
+
+
+def _input(name: str, shape: list[int], datatype: str, values: np.ndarray) -> triton.InferInput:
+    given = triton.InferInput(name, shape, datatype)
+    given.set_data_from_numpy(values)
+    return given
+
+
+def test_a_flood_of_json_values_is_refused_before_parsing(server: str) -> None:
+    """Parsed, each small JSON value costs ~30 bytes of memory: a body of a million zeros
+    is refused from its size in values, not parsed."""
+    body = (b'{"inputs":[{"name":"tensor","datatype":"FP32","shape":[1000000],"data":['
+            + b"0," * 999_999 + b"0]}]}")
+    answer = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=body, timeout=60)
+    assert answer.status_code == 400
+    assert answer.json()["error"] == ("the JSON header holds more than 403216 values; this "
+                                      "model's tensors need fewer")
+
+
+def test_a_dicom_the_model_is_not_for_is_refused(client: triton.InferenceServerClient) -> None:
+    """The model's [accepts] rules hold here as on /explain: a CT is no chest radiograph."""
+    ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+    with pytest.raises(InferenceServerException,
+                       match=r"\[422\] model demo-cxr is not for this image: Modality"):
+        client.infer(MODEL, [_input("image", [1], "BYTES", np.array([ct], dtype=np.object_))])
+
+
+def test_api_keys_guard_the_models_not_the_health_probes() -> None:
+    key = "k" * 24
+    settings = Settings(models=ROOT / "models", threads=1, api_keys=(key,))
+    with TestClient(create_app(settings)) as keyed:
+        assert keyed.get("/v2/health/live").json() == {"live": True}
+        assert keyed.get("/v2/health/ready").json() == {"ready": True}
+        refused = keyed.get("/v2/models/demo-cxr")
+        assert refused.status_code == 401
+        assert refused.json()["error"] == ("this service needs an API key (X-API-Key or "
+                                           "Authorization: Bearer)")
+        assert keyed.get("/v2/models/demo-cxr", headers={"X-API-Key": key}).status_code == 200
+        assert keyed.get("/v1/models", headers={"Authorization": "Bearer x"}).status_code == 401
+        assert keyed.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json() == {
+            "models": ["demo-cxr"]}
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(client: triton.InferenceServerClient, server: str,
+                             algorithm: str) -> None:
+    data = (PHANTOMS / "pneumothorax.png").read_bytes()
+    image = _input("image", [1], "BYTES", np.array([data], dtype=np.object_))
+    result = client.infer(MODEL, [image], request_compression_algorithm=algorithm)
+    np.testing.assert_array_equal(result.as_numpy("scores")[0], _predict(server, data))
+
+
+def test_a_compression_bomb_stops_at_the_upload_limit(server: str) -> None:
+    bomb = gzip.compress(b"0" * (64 * 1024 * 1024 + 1), compresslevel=1)
+    assert len(bomb) < 1024 * 1024
+    answer = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=bomb, timeout=60,
+                        headers={"content-encoding": "gzip"})
+    assert answer.status_code == 413
+    assert answer.json()["error"] == ("the body inflates to more than the limit of "
+                                      "67108864 bytes")
+    for encoding, status in (("br", 415), ("gzip", 400)):
+        refused = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=b"{}", timeout=60,
+                             headers={"content-encoding": encoding})
+        assert refused.status_code == status, refused.text
