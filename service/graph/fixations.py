@@ -31,10 +31,15 @@ from service.models.spec import Layout
 LAYOUT_KEY = "medexplain.fixations.image_layout"
 
 # Ops that keep every point where it is (activations, normalisation, regularisers).
+# LayerNormalization (ConvNeXt's, over the channels of each position, and its head's over
+# the pooled vector) is a normalisation like BatchNormalization: statistics of its axes,
+# then the same affine map at every point. Erf is GELU's, as legacy exports write it
+# (Div → Erf → Add → Mul).
 PASS_THROUGH = frozenset({
-    "BatchNormalization", "InstanceNormalization", "LRN", "Relu", "LeakyRelu", "PRelu",
-    "Clip", "Dropout", "Identity", "Sigmoid", "Softmax", "LogSoftmax", "HardSwish",
-    "HardSigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus", "Gelu", "Mish", "Cast",
+    "BatchNormalization", "InstanceNormalization", "LayerNormalization", "LRN", "Relu",
+    "LeakyRelu", "PRelu", "Clip", "Dropout", "Identity", "Sigmoid", "Softmax", "LogSoftmax",
+    "HardSwish", "HardSigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus", "Gelu", "Erf",
+    "Mish", "Cast",
 })
 RESHAPES = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze"})
 ELEMENTWISE = frozenset({"Add", "Sum", "Sub", "Mul", "Div"})

@@ -196,7 +196,7 @@ def test_unsupported_op_leaves_the_model_serving_without_fixations() -> None:
 # --- (b) the vectorised walk against a per-point reference on the zoo ------------------
 
 PASS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSwish", "HardSigmoid",
-        "BatchNormalization", "Dropout", "Identity", "Softmax"}
+        "BatchNormalization", "LayerNormalization", "Erf", "Dropout", "Identity", "Softmax"}
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:
@@ -756,6 +756,61 @@ def test_small_network_with_slices_and_splits_walks_like_the_reference() -> None
     maps = METHODS["fixations"].compute(captures, rows(classes, Target.LOGIT))
     for raw in maps:
         assert raw.values.shape == (12, 12) and raw.points is not None and len(raw.points)
+
+
+def _convnext_like() -> onnx.ModelProto:
+    """A ConvNeXt block as timm's legacy export writes it: a depthwise conv, LayerNorm over
+    each position's channels (NHWC, between Transposes), a 1×1 conv, GELU as
+    Div → Erf → Add → Mul → Mul, a 1×1 conv, the residual Add; then GAP → Flatten →
+    LayerNorm on the pooled vector → Gemm."""
+    rng = np.random.default_rng(21)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.normal(size=shape) * 0.5).astype(np.float32)
+
+    inits = {"stem_w": w(6, 3, 2, 2), "stem_b": w(6), "dw_w": w(6, 1, 3, 3), "dw_b": w(6),
+             "ln_s": w(6) + 1, "ln_b": w(6), "pw1_w": w(12, 6, 1, 1), "pw1_b": w(12),
+             "sqrt2": np.float32(np.sqrt(2.0)), "one": np.float32(1.0),
+             "half": np.float32(0.5), "pw2_w": w(6, 12, 1, 1), "pw2_b": w(6),
+             "head_s": w(6) + 1, "head_b": w(6), "fc_w": w(4, 6), "fc_b": w(4)}
+    nodes = [
+        helper.make_node("Conv", ["image", "stem_w", "stem_b"], ["stem"], strides=[2, 2]),
+        helper.make_node("Conv", ["stem", "dw_w", "dw_b"], ["dw"], pads=[1] * 4, group=6),
+        helper.make_node("Transpose", ["dw"], ["dw_nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("LayerNormalization", ["dw_nhwc", "ln_s", "ln_b"], ["ln"], axis=-1),
+        helper.make_node("Transpose", ["ln"], ["ln_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["ln_nchw", "pw1_w", "pw1_b"], ["pw1"]),
+        helper.make_node("Div", ["pw1", "sqrt2"], ["scaled"]),
+        helper.make_node("Erf", ["scaled"], ["erf"]),
+        helper.make_node("Add", ["erf", "one"], ["erf1"]),
+        helper.make_node("Mul", ["pw1", "erf1"], ["gelu2"]),
+        helper.make_node("Mul", ["gelu2", "half"], ["gelu"]),
+        helper.make_node("Conv", ["gelu", "pw2_w", "pw2_b"], ["pw2"]),
+        helper.make_node("Add", ["stem", "pw2"], ["features"]),
+        helper.make_node("GlobalAveragePool", ["features"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("LayerNormalization", ["flat", "head_s", "head_b"], ["normed"],
+                         axis=-1),
+        helper.make_node("Gemm", ["normed", "fc_w", "fc_b"], ["logits"], transB=1),
+    ]
+    return _graph(nodes, inits, [1, 3, 16, 16], [1, 4])
+
+
+def test_convnext_like_block_walks_like_the_reference() -> None:
+    """LayerNormalization (per position and on the pooled vector) and Erf keep each point;
+    before they had no rule, and ConvNeXt got no fixations at all."""
+    model = _convnext_like()
+    compiled = compile_model(model, target_layer="features")
+    assert compiled.fixations_error is None
+    plan = compiled.fixations_plan
+    assert plan is not None
+    assert {s.op_type for s in plan.steps if s.rule == "pass"} >= {"LayerNormalization", "Erf"}
+    engine = Engine(compiled, ["CPUExecutionProvider"], 1)
+    x = np.random.default_rng(22).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    classes = [0, 1, 2, 3]
+    traced = walk(plan, engine.all_activations(x), classes, trace=True)
+    assert len(traced["ln"]), "the points pass the LayerNorm"
+    _walks_like_the_reference(model, x, "logits", classes, traced)
 
 
 # --- (c) outlier removal and the density map --------------------------------------------
