@@ -251,7 +251,8 @@ def methods_cell(row: dict[str, object]) -> str:
     if not isinstance(available, list):
         return "–"
     missing = [m for m in METHOD_NAMES if m not in available]
-    cell = f"{len(available)}/{len(METHOD_NAMES)}"
+    # The six the matrix has always counted (fixations_summed shares fixations' graph).
+    cell = f"{len(METHOD_NAMES) - len(missing)}/{len(METHOD_NAMES)}"
     short = {"guided_backprop": "gb", "guided_gradcam": "ggc", "fixations": "fix",
              "crm": "crm", "crm_combined": "crmc", "gradcam": "gc"}
     return cell + (f" (no {','.join(short.get(m, m) for m in missing)})" if missing else "")

@@ -48,7 +48,7 @@ REDUCES = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Redu
                      "ReduceMax", "ReduceSum"})
 SUPPORTED = (PASS_THROUGH | RESHAPES | ELEMENTWISE | POOLS | REDUCES
              | {"Conv", "Gemm", "MatMul", "Concat", "Transpose", "Pad", "Resize", "Upsample",
-                "Slice", "Split"})
+                "Slice", "Split", "Gather"})
 
 _COORDINATE_MODES = frozenset({"half_pixel", "pytorch_half_pixel", "align_corners",
                                "asymmetric", "tf_half_pixel_for_nn"})
@@ -62,7 +62,7 @@ class Step:
 
     Attributes:
         rule: the back-tracking rule: "pass", "broadcast", "add", "mul", "concat",
-            "reshape", "transpose", "pad", "resize", "slice", "fc", "conv", "pool" or
+            "reshape", "transpose", "pad", "resize", "slice", "gather", "fc", "conv", "pool" or
             "reduce".
         op_type: the ONNX op.
         name: the node's name (or its output's, when unnamed), for messages.
@@ -239,6 +239,11 @@ def _step(index: GraphIndex, node: onnx.NodeProto, dynamic: set[str],
         if op == "Split":
             return make("slice", [x], _split(index, node, out))
         return make("pass" if op in PASS_THROUGH else "reshape", [x])
+    if op == "Gather":
+        if x not in dynamic or node.input[1] in dynamic:
+            raise CompileError(f"fixations: Gather node {_name(node)!r}: only constant indices "
+                               "into an image-dependent tensor can be traced")
+        return make("gather", [x], _gather(index, node))
     if op == "Transpose":
         rank = len(_static(index, x))
         given = attr(node, "perm", None)
@@ -471,6 +476,18 @@ def _slice(index: GraphIndex, node: onnx.NodeProto) -> dict[str, Any]:
             raise CompileError(f"fixations: Slice node {_name(node)!r} selects {count} "
                                f"elements on axis {axis}, its output has {out_shape[axis]}")
     return {"starts": first, "steps": stride}
+
+
+def _gather(index: GraphIndex, node: onnx.NodeProto) -> dict[str, Any]:
+    """Output index (…, i₁…i_r, …) comes from input index indices[i₁…i_r] on ``axis``
+    (dynamo exports write as_strided and some slices as a Gather of constant indices)."""
+    shape = _static(index, node.input[0])
+    axis = _axis(node, int(attr(node, "axis", 0)), len(shape))  # type: ignore[arg-type]
+    indices = _constant(index, node, node.input[1], "indices").astype(np.int64)
+    if indices.size and (indices.min() < -shape[axis] or indices.max() >= shape[axis]):
+        raise CompileError(f"fixations: Gather node {_name(node)!r}: an index is out of "
+                           f"range for axis {axis} of size {shape[axis]}")
+    return {"axis": axis, "indices": indices % shape[axis]}
 
 
 def _split(index: GraphIndex, node: onnx.NodeProto, out: str) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def walk(plan: FixationPlan, activations: Mapping[str, np.ndarray], classes: Seq
 def _one_to_one(step: Step) -> bool:
     """Whether ``step``'s rule maps every point to exactly one point of its one input, in
     order (so a weight per point stays aligned)."""
-    return step.rule in ("pass", "reshape", "transpose", "slice") or (
+    return step.rule in ("pass", "reshape", "transpose", "slice", "gather") or (
         step.rule in ("broadcast", "mul") and len(step.inputs) == 1)
 
 
@@ -224,6 +224,19 @@ def _slice(step: Step, points: Points,
            acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
     """Slice, or one Split output: input index = first + output index · step, per axis."""
     index = points[:, 1:] * np.asarray(step.attrs["steps"]) + np.asarray(step.attrs["starts"])
+    return [(step.inputs[0], _with(points, index))]
+
+
+def _gather(step: Step, points: Points,
+            acts: Mapping[str, np.ndarray]) -> list[tuple[str, Points]]:
+    """Gather with constant indices: the r output axes at ``axis`` become the one input
+    index they name there; the axes before and after stay."""
+    axis, indices = step.attrs["axis"], step.attrs["indices"]
+    out = points[:, 1:]
+    r = indices.ndim
+    picked = indices[tuple(out[:, axis + j] for j in range(r))] if r else np.full(
+        len(out), int(indices), dtype=np.int64)
+    index = np.concatenate([out[:, :axis], picked[:, None], out[:, axis + r:]], axis=1)
     return [(step.inputs[0], _with(points, index))]
 
 
@@ -428,8 +441,8 @@ def _fc(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tupl
 RULES: dict[str, Rule] = {
     "pass": _pass, "broadcast": _broadcast, "add": _add, "mul": _broadcast,
     "concat": _concat, "reshape": _reshape, "transpose": _transpose, "pad": _pad,
-    "resize": _resize, "slice": _slice, "pool": _pool, "conv": _conv, "reduce": _reduce,
-    "fc": _fc,
+    "resize": _resize, "slice": _slice, "gather": _gather, "pool": _pool, "conv": _conv,
+    "reduce": _reduce, "fc": _fc,
 }
 
 

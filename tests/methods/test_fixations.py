@@ -206,7 +206,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, object]:
 class ReferenceWalker:
     """CNN Fixations one point at a time, straight from the ONNX nodes.
 
-    Slice and Split, which only move elements, are run by ONNX Runtime on an "iota" (each
+    Slice, Split and Gather, which only move elements, are run by ONNX Runtime on an "iota" (each
     element holding its own flat index), so the value at an output point names its source.
     """
 
@@ -276,7 +276,7 @@ class ReferenceWalker:
         assert k == 0 or op == "Split", f"output {k} of {op} traced"
         if op in PASS:
             return [(x, p)]
-        if op in ("Slice", "Split"):
+        if op in ("Slice", "Split", "Gather"):
             return [(x, self.moved(node, k, p))]
         if op in ("Flatten", "Reshape"):
             flat = np.ravel_multi_index(p, self.shape(node.output[0]))
@@ -811,6 +811,69 @@ def test_convnext_like_block_walks_like_the_reference() -> None:
     traced = walk(plan, engine.all_activations(x), classes, trace=True)
     assert len(traced["ln"]), "the points pass the LayerNorm"
     _walks_like_the_reference(model, x, "logits", classes, traced)
+
+
+def _gathering(indices: np.ndarray, axis: int) -> onnx.ModelProto:
+    """Conv → Gather of constant indices (a dynamo export's as_strided / index_select;
+    repeated and negative indices, a 2-D index array) → conv → GAP → Gemm."""
+    rng = np.random.default_rng(31)
+    shape = [1, 4, 10, 10]
+    gathered = shape[:axis] + list(indices.shape) + shape[axis + 1:]
+    flat = gathered if len(gathered) == 4 else None
+    inits = {"c1_w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+             "c2_w": rng.normal(size=(5, 4 if axis != 1 else indices.size, 1, 1)).astype(
+                 np.float32),
+             # Positive weights over rectified features: every class has some positive
+             # contribution to trace back (the authors' FC rule keeps only those).
+             "fc_w": np.abs(rng.normal(size=(3, 5))).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["image", "c1_w"], ["c1"], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Gather", ["r1", "idx"], ["picked"], axis=axis)]
+    source = "picked"
+    if flat is None:  # a 2-D index array: back to 4-D for the conv
+        merged = gathered[:axis] + [int(np.prod(indices.shape))] + gathered[axis + 2:]
+        nodes.append(helper.make_node("Reshape", ["picked", "merged"], ["picked4"]))
+        source = "picked4"
+    nodes += [helper.make_node("Conv", [source, "c2_w"], ["c2"]),
+              helper.make_node("Relu", ["c2"], ["features"]),
+              helper.make_node("GlobalAveragePool", ["features"], ["gap"]),
+              helper.make_node("Flatten", ["gap"], ["flatv"]),
+              helper.make_node("Gemm", ["flatv", "fc_w"], ["logits"], transB=1)]
+    ints = {"idx": indices}
+    if flat is None:
+        ints["merged"] = np.asarray(merged, dtype=np.int64)
+    return _graph(nodes, inits, [1, 3, 10, 10], [1, 3], ints=ints)
+
+
+@pytest.mark.parametrize(("indices", "axis"), [
+    (np.array([9, 0, 3, 3, -1, 5, 7, 2]), 3),          # columns, repeated and negative
+    (np.array([[1, 2, 2], [8, 4, 0]]), 2),              # rows, a 2-D index array
+    (np.array([3, 1, 1, 0, 2]), 1),                     # channels
+], ids=["columns", "rows-2d", "channels"])
+def test_gather_moves_every_point_like_the_reference(indices: np.ndarray, axis: int) -> None:
+    model = _gathering(indices, axis)
+    compiled = compile_model(model, target_layer="features")
+    assert compiled.fixations_error is None
+    plan = compiled.fixations_plan
+    assert plan is not None and any(s.rule == "gather" for s in plan.steps)
+    engine = Engine(compiled, ["CPUExecutionProvider"], 1)
+    x = np.random.default_rng(32).normal(size=(1, 3, 10, 10)).astype(np.float32)
+    classes = [0, 1, 2]
+    traced = walk(plan, engine.all_activations(x), classes, trace=True)
+    assert len(traced["r1"]), "the points pass the Gather"
+    _walks_like_the_reference(model, x, "logits", classes, traced)
+
+
+def test_gather_by_hand() -> None:
+    """Output column j of a Gather on axis 3 with indices [2, 0] comes from column
+    indices[j]; the other axes stay."""
+    from service.methods.fixations import _gather
+    step = type("S", (), {"attrs": {"axis": 3, "indices": np.array([2, 0])},
+                          "inputs": ("x",)})()
+    points = np.array([[0, 0, 1, 4, 0], [1, 0, 3, 2, 1]])  # [tag, b, c, y, x]
+    ((name, moved),) = _gather(step, points, {})  # type: ignore[arg-type]
+    assert name == "x"
+    assert moved.tolist() == [[0, 0, 1, 4, 2], [1, 0, 3, 2, 0]]
 
 
 # --- (c) outlier removal and the density map --------------------------------------------
