@@ -9,9 +9,11 @@ many tiny parts would otherwise hold the event loop (and /healthz) for seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
+from pydantic import BaseModel, ValidationError
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
@@ -19,7 +21,13 @@ from starlette.requests import ClientDisconnect, Request
 
 from service.api.admission import admit
 from service.config import Settings
-from service.errors import BodyTimeout, EmptyBody, InvalidMultipart, PayloadTooLarge
+from service.errors import (
+    BodyTimeout,
+    EmptyBody,
+    InvalidInferenceRequest,
+    InvalidMultipart,
+    PayloadTooLarge,
+)
 
 # A form holds each parameter at most once and one file: far fewer parts than this. Past it
 # the body is refused at once instead of parsed to its end.
@@ -170,3 +178,21 @@ def _joined(pieces: list[tuple[bytes, int, int]]) -> bytes:
 async def read_form(body: bytes, content_type: str) -> Form:
     """:func:`parse_multipart` in a worker thread, off the event loop."""
     return await anyio.to_thread.run_sync(parse_multipart, body, content_type)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_inference_json(kind: type[M], data: bytes, what: str) -> M:
+    """An inference protocol's JSON body as ``kind``.
+
+    Raises:
+        InvalidInferenceRequest: "``what``: where: why" for the first problem pydantic
+            finds (its message names the place and the rule, never the value sent).
+    """
+    try:
+        return kind.model_validate_json(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        raise InvalidInferenceRequest(f"{what}: {where}: {error['msg']}") from None

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 
 from schemas.protocols import (
     V1ExplainResponse,
@@ -27,7 +26,7 @@ from schemas.protocols import (
     V1Request,
 )
 from service import outputs, pipeline
-from service.api.body import read_body
+from service.api.body import parse_inference_json, read_body
 from service.api.deps import (
     ApiKey,
     LimiterDep,
@@ -160,14 +159,8 @@ async def _instances(request: Request, settings: Settings) -> list[bytes]:
     if body.count(b",") >= 4 * settings.max_instances + 16:
         raise InvalidInferenceRequest(f"more than {settings.max_instances} instances; the "
                                       "limit is that per request")
-    try:
-        parsed = V1Request.model_validate_json(body)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        raise InvalidInferenceRequest(
-            'the body is not {"instances": [{"image_bytes": {"b64": "..."}}, ...]}: '
-            f"{where}: {error['msg']}") from None
+    parsed = parse_inference_json(
+        V1Request, body, 'the body is not {"instances": [{"image_bytes": {"b64": "..."}}, ...]}')
     if not parsed.instances:
         raise InvalidInferenceRequest("instances is empty: give at least one image")
     if len(parsed.instances) > settings.max_instances:

@@ -29,7 +29,6 @@ from typing import Any, Final
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 
 from schemas.protocols import (
     V2InferRequest,
@@ -43,7 +42,7 @@ from schemas.protocols import (
     V2TensorMetadata,
 )
 from service import __version__, outputs, pipeline
-from service.api.body import read_body
+from service.api.body import parse_inference_json, read_body
 from service.api.deps import (
     AdmissionDep,
     ApiKey,
@@ -298,13 +297,8 @@ def _parse(body: bytes, header_length: str | None,
     if header.count(b",") >= max_values:
         raise InvalidInferenceRequest(f"the JSON header holds more than {max_values} values; "
                                       "this model's tensors need fewer")
-    try:
-        infer = V2InferRequest.model_validate_json(header)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        raise InvalidInferenceRequest(f"the inference request's JSON is not valid: "
-                                      f"{where}: {error['msg']}") from None
+    infer = parse_inference_json(V2InferRequest, header,
+                                 "the inference request's JSON is not valid")
     return infer, body[size:]
 
 
