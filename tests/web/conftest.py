@@ -25,7 +25,7 @@ from typing import IO
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Route, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Route, sync_playwright
 from playwright.sync_api import Page as BrowserPage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,13 +163,10 @@ class Page:
             f"{self.origin}/static/")]
 
 
-@contextmanager
-def open_page(browser: Browser, server: Server, *, ready: bool = True) -> Iterator[Page]:
-    """The demo page in a fresh context; with ``ready``, once the models are listed."""
-    ctx = browser.new_context(viewport={"width": 1280, "height": 800},  # a laptop screen
-                              accept_downloads=True)
-    page = ctx.new_page()
-    loaded = Page(page, server.url)
+def guard_origin(ctx: BrowserContext, server: Server) -> list[str]:
+    """Refuse, in ``ctx``, every request that would leave ``server``'s origin, and record
+    what the content security policy refuses in ``window.__refused``. Returns the list the
+    refused requests' URLs are appended to."""
     left: list[str] = []
 
     def guard(route: Route) -> None:
@@ -184,6 +181,17 @@ def open_page(browser: Browser, server: Server, *, ready: bool = True) -> Iterat
     ctx.add_init_script("window.__refused = []; document.addEventListener("
                         "'securitypolicyviolation', (e) => window.__refused.push("
                         "`${e.violatedDirective} ${e.blockedURI}`));")
+    return left
+
+
+@contextmanager
+def open_page(browser: Browser, server: Server, *, ready: bool = True) -> Iterator[Page]:
+    """The demo page in a fresh context; with ``ready``, once the models are listed."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800},  # a laptop screen
+                              accept_downloads=True)
+    left = guard_origin(ctx, server)
+    page = ctx.new_page()
+    loaded = Page(page, server.url)
     page.on("request", lambda r: loaded.requests.append(f"{r.method} {r.url}"))
     page.on("pageerror", lambda e: loaded.errors.append(str(e)))
     document = page.goto(f"{server.url}/")

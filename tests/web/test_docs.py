@@ -9,9 +9,9 @@ the server's origin is refused and recorded.
 from __future__ import annotations
 
 import pytest
-from playwright.sync_api import Browser, Route
+from playwright.sync_api import Browser
 
-from tests.web.conftest import Server
+from tests.web.conftest import Server, guard_origin
 
 
 @pytest.mark.parametrize(("path", "drawn"), [
@@ -21,21 +21,8 @@ from tests.web.conftest import Server
 ])
 def test_docs_render_offline(browser: Browser, server: Server, path: str, drawn: str) -> None:
     ctx = browser.new_context(viewport={"width": 1280, "height": 800})
-    left: list[str] = []
+    left = guard_origin(ctx, server)
     seen: list[str] = []
-
-    def guard(route: Route) -> None:
-        url = route.request.url
-        if url.startswith((f"{server.url}/", "blob:", "data:")):
-            route.fallback()
-        else:
-            left.append(url)
-            route.abort()
-
-    ctx.route("**/*", guard)
-    ctx.add_init_script("window.__refused = []; document.addEventListener("
-                        "'securitypolicyviolation', (e) => window.__refused.push("
-                        "`${e.violatedDirective} ${e.blockedURI}`));")
     page = ctx.new_page()
     page.on("request", lambda r: seen.append(r.url))
     try:
