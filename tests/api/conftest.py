@@ -7,6 +7,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
@@ -38,6 +40,14 @@ def phantoms() -> list[dict[str, object]]:
 
 def phantom_bytes(name: str) -> bytes:
     return (DATA / "phantoms" / name).read_bytes()
+
+
+def small_phantom_png(name: str) -> bytes:
+    """A phantom at 64×64 as PNG: decoding is cheap, the network still sees it whole."""
+    grey = cv2.imdecode(np.frombuffer(phantom_bytes(name), np.uint8), cv2.IMREAD_GRAYSCALE)
+    ok, png = cv2.imencode(".png", cv2.resize(grey, (64, 64), interpolation=cv2.INTER_AREA))
+    assert ok
+    return png.tobytes()
 
 
 def post_dicom(client: TestClient, data: bytes, accept: str | None, **params: str):  # type: ignore[no-untyped-def]

@@ -12,10 +12,7 @@ from __future__ import annotations
 import http.client
 import threading
 
-import cv2
-import numpy as np
-
-from tests.api.conftest import phantom_bytes
+from tests.api.conftest import small_phantom_png
 from tests.api.live import live_server
 
 REQUESTS = 2000
@@ -23,16 +20,8 @@ WARM_UP = 500
 CLIENTS = 16
 
 
-def _small_phantom() -> bytes:
-    grey = cv2.imdecode(np.frombuffer(phantom_bytes("all-findings.png"), np.uint8),
-                        cv2.IMREAD_GRAYSCALE)
-    ok, png = cv2.imencode(".png", cv2.resize(grey, (64, 64), interpolation=cv2.INTER_AREA))
-    assert ok
-    return png.tobytes()
-
-
 def test_two_thousand_requests_no_error_flat_memory() -> None:
-    png = _small_phantom()
+    png = small_phantom_png("all-findings.png")
     # Room for every client in the queue: under this load no answer may be a 503.
     with live_server(max_concurrency="2", max_queue=str(CLIENTS)) as live:
         lock = threading.Lock()

@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.config import Settings
 from service.main import create_app
-from tests.api.conftest import DATA, MODELS, ROOT, phantom_bytes
+from tests.api.conftest import DATA, MODELS, ROOT, small_phantom_png
 
 # Cases per operation, about 530 in all (≥ 500 asked); operations without parameters get
 # one. The upload routes compute on the demo model, hence small phantoms.
@@ -43,11 +43,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 def _small_png() -> bytes:
     """The normal phantom at 64×64: decoding is cheap, the network still sees it whole."""
-    grey = cv2.imdecode(np.frombuffer(phantom_bytes("normal.png"), np.uint8),
-                        cv2.IMREAD_GRAYSCALE)
-    ok, png = cv2.imencode(".png", cv2.resize(grey, (64, 64), interpolation=cv2.INTER_AREA))
-    assert ok
-    return png.tobytes()
+    return small_phantom_png("normal.png")
 
 
 def _small_jpeg() -> bytes:

@@ -13,6 +13,7 @@ Grads = list[str | None]
 
 
 def add(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
+    """Add, and variadic Sum: every input gets gy, reduced to its shape."""
     gy, y = gys[0], node.output[0]
     assert gy is not None
     return [b.unbroadcast(gy, x, y) if need else None for x, need in zip(node.input, needs)]
@@ -86,13 +87,6 @@ def pow_(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> 
     if needs[1] and b.index.elem_type(p) in FLOAT_TYPES:
         gp = b.unbroadcast(b.op("Mul", [b.op("Mul", [gy, y]), b.op("Log", [x])]), p, y)
     return [gx, gp]
-
-
-def sum_(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
-    """Variadic Sum with broadcasting: every input gets gy, reduced to its shape."""
-    gy, y = gys[0], node.output[0]
-    assert gy is not None
-    return [b.unbroadcast(gy, x, y) if need else None for x, need in zip(node.input, needs)]
 
 
 def mean(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:

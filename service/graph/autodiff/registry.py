@@ -72,7 +72,7 @@ RULES: dict[str, Rule] = {
     "Div": elementwise.div,
     "Neg": elementwise.neg,
     "Pow": elementwise.pow_,
-    "Sum": elementwise.sum_,
+    "Sum": elementwise.add,
     "Mean": elementwise.mean,
     "Max": elementwise.extremum,
     "Min": elementwise.extremum,
