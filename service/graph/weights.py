@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -68,7 +68,9 @@ def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelPr
     :class:`Weights` they refer to (registered until nothing holds it).
 
     Initializers stored as external data (torch's dynamo exporter writes its weights to
-    ``model.onnx.data`` beside the model by default) are read from those files.
+    ``model.onnx.data`` beside the model by default) are read from those files. A file
+    whose weights are already held (the same model loaded twice) gets those: its graphs
+    and the first copy's name the same key, and both stay valid while either is loaded.
 
     Args:
         raw: the model file's bytes.
@@ -76,7 +78,9 @@ def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelPr
         key: a name unique to this file's content (its SHA-256).
 
     Raises:
-        ValueError: an external data reference outside ``folder`` or past its file's end.
+        ValueError: an external data reference outside ``folder`` or past its file's end,
+            or weights held under ``key`` already that differ from these (external data
+            that changed beside the same model file).
         OSError: an external data file that cannot be read.
     """
     model = onnx.load_from_string(raw)
@@ -87,29 +91,29 @@ def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelPr
             chosen.append((tensor, _external_source(tensor, folder)))
         elif span is not None and span[1] >= MIN_BYTES and tensor.name == name:
             chosen.append((tensor, (file, *span)))
-    total = sum(_aligned(length) for _, (_, _, length) in chosen)
-    storage = np.empty(total + _ALIGN, dtype=np.uint8)
-    start = -storage.ctypes.data % _ALIGN
-    buffer = storage[start:start + total]
-    arrays: dict[str, np.ndarray] = {}
-    sources: dict[str, tuple[str, int, int]] = {}
     files: dict[str, np.ndarray] = {file: np.frombuffer(raw, dtype=np.uint8)}
-    position = 0
-    for tensor, (source, offset, length) in chosen:
+
+    def source_bytes(tensor: onnx.TensorProto, source: str, offset: int,
+                     length: int) -> np.ndarray:
         if source not in files:
             files[source] = np.memmap(folder / source, dtype=np.uint8, mode="r")
         data = files[source]
         if offset + length > data.size:
             raise ValueError(f"initializer {tensor.name!r}: its data runs past the end of "
                              f"{source}")
-        slot = buffer[position:position + length]
-        slot[:] = data[offset:offset + length]
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        array = slot.view(dtype).reshape(tuple(tensor.dims))
-        array.flags.writeable = False
-        arrays[tensor.name] = array
-        sources[tensor.name] = (source, offset, length)
-        position += _aligned(length)
+        return data[offset:offset + length]
+
+    with _registry_lock:
+        weights = _registry.get(key)
+    if weights is not None:
+        _check_same(weights, chosen, file, source_bytes)
+    else:
+        weights = _copy(key, folder, chosen, source_bytes)
+        with _registry_lock:
+            # Another thread's load of the same file may have got there first: one copy.
+            weights = _registry.setdefault(key, weights)
+    del files
+    for tensor, (_source, offset, length) in chosen:
         tensor.ClearField("raw_data")
         tensor.data_location = onnx.TensorProto.EXTERNAL
         del tensor.external_data[:]
@@ -117,15 +121,54 @@ def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelPr
                      ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = k, v
-    del files
-    weights = Weights(key, folder, arrays, sources)
-    with _registry_lock:
-        _registry[key] = weights
     # A parsed message keeps its cleared bytes in its arena until it is freed: a copy
     # holds only what is left.
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     return skeleton, weights
+
+
+_SourceBytes = Callable[[onnx.TensorProto, str, int, int], np.ndarray]
+
+
+def _copy(key: str, folder: Path, chosen: list[tuple[onnx.TensorProto, tuple[str, int, int]]],
+          source_bytes: _SourceBytes) -> Weights:
+    """The chosen tensors' bytes copied into one aligned buffer."""
+    total = sum(_aligned(length) for _, (_, _, length) in chosen)
+    storage = np.empty(total + _ALIGN, dtype=np.uint8)
+    start = -storage.ctypes.data % _ALIGN
+    buffer = storage[start:start + total]
+    arrays: dict[str, np.ndarray] = {}
+    sources: dict[str, tuple[str, int, int]] = {}
+    position = 0
+    for tensor, (source, offset, length) in chosen:
+        slot = buffer[position:position + length]
+        slot[:] = source_bytes(tensor, source, offset, length)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        array = slot.view(dtype).reshape(tuple(tensor.dims))
+        array.flags.writeable = False
+        arrays[tensor.name] = array
+        sources[tensor.name] = (source, offset, length)
+        position += _aligned(length)
+    return Weights(key, folder, arrays, sources)
+
+
+def _check_same(weights: Weights, chosen: list[tuple[onnx.TensorProto, tuple[str, int, int]]],
+                file: str, source_bytes: _SourceBytes) -> None:
+    """Raise unless ``chosen`` are the tensors ``weights`` holds, byte for byte.
+
+    Bytes inside the model file are covered by the key (its hash); those of an external
+    data file beside it are not, so they are compared.
+    """
+    if {tensor.name for tensor, _ in chosen} != set(weights.arrays):
+        raise ValueError(f"the weights of this model file are held already, with other "
+                         "tensors")
+    for tensor, (source, offset, length) in chosen:
+        held = weights.arrays[tensor.name]
+        if held.nbytes != length or source != file and not np.array_equal(
+                held.reshape(-1).view(np.uint8), source_bytes(tensor, source, offset, length)):
+            raise ValueError(f"initializer {tensor.name!r}: its bytes differ from those of "
+                             "the same model file loaded before (changed external data?)")
 
 
 def _external_source(tensor: onnx.TensorProto, folder: Path) -> tuple[str, int, int]:
@@ -174,24 +217,27 @@ def offloaded(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             yield tensor
 
 
-def for_session(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Weights | None]:
-    """A copy ONNX Runtime accepts, and the weights to hand it with add_initializer.
+def for_session(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Weights | None, list[str]]:
+    """A copy ONNX Runtime accepts, the weights to hand it with add_initializer, and the
+    names of the initializers to hand it.
 
     The references are rewritten to the model file itself (a real file, at the real
     offsets), so ONNX Runtime's check of external data paths passes; the shared arrays
-    given with add_initializer are what it then uses.
+    given with add_initializer are what it then uses. The names come from here because
+    the rewritten copy no longer says which tensors were offloaded: a name left out is
+    one ONNX Runtime quietly maps from the file, a private copy per session.
     """
-    tensors = list(offloaded(model))
-    if not tensors:
-        return model, None
-    weights = owner(tensors[0])
+    names = [tensor.name for tensor in offloaded(model)]
+    if not names:
+        return model, None, []
+    weights = owner(next(offloaded(model)))
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for tensor in offloaded(copy):
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = weights.sources[tensor.name][0]
-    return copy, weights
+    return copy, weights, names
 
 
 def embed(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -16,11 +16,40 @@ from service.graph.fixations import FixationPlan
 from service.methods.base import Captures, Row, Target
 from service.models.activation import Activation
 from service.models.spec import InputSpec, Layout
+from service.runtime.memory import release_freed_memory
 from service.runtime.sessions import CPU, CUDA, ORT_ERRORS, make_session
 
 log = logging.getLogger(__name__)
 
 Feed = np.ndarray | ort.OrtValue
+
+
+# The graphs few requests use. Their first run would otherwise leave its peak activations
+# in ONNX Runtime's arena for good (guided backprop keeps every layer's forward output for
+# its backward pass, CNN Fixations exposes every layer's output: DenseNet-121 ~0.1 GB
+# each), so their arena gives the memory back after each run; the backbone and the
+# heads, on every request's path, keep theirs.
+RARELY_USED: frozenset[Capability] = frozenset({Capability.GUIDED,
+                                                     Capability.FIXATIONS})
+
+
+def session_options_for(cap: Capability) -> dict[str, bool]:
+    """The make_session options of one capability's graph.
+
+    Only the backbone repacks its weights (MLAS's panel layout for MatMul/Gemm, a private
+    copy of those matrices): it runs on every request, and its packed kernels give each
+    image of a batch the same bits as alone (unpacked, one row runs as a matrix-vector
+    product that rounds differently, and CRM magnifies the logits' last bits). The other
+    graphs compute with the shared weights; packed, the guided graph alone held 1.2 GB on
+    VGG-16 beside the 0.51 GB of shared weights.
+
+    The graphs few requests use (guided backprop, CNN Fixations) run without the NCHWc
+    layout: its reordered convolution weights are one more copy of the network's
+    convolutions per session, two for the guided graph (forward and flipped kernels),
+    e.g. 0.1 + 0.2 GB on ResNet-50. The backbone keeps it (convolutions 1.3-1.9× faster).
+    Measured in BENCHMARKS.md, "Load memory".
+    """
+    return {"prepack": cap is Capability.BACKBONE, "layout": cap not in RARELY_USED}
 
 
 class Engine:
@@ -44,14 +73,8 @@ class Engine:
                  conv_algo_search: str = "EXHAUSTIVE", io_binding: bool | None = None) -> None:
         self.compiled = compiled
         self.split = compiled.split
-        # The backbone runs on every request and keeps ONNX Runtime's repacked weights, and
-        # so does the guided graph, which is the forward pass of requests with guided maps
-        # (a probe on DenseNet-121 measured it 2.9 → 2.1 forward passes, a later one 2.8
-        # packed: see BENCHMARKS.md). The other graphs share the plain weights: a private
-        # packed copy costs the size of the network's weights again, per graph.
         self._sessions = {
-            cap: make_session(graph, list(providers), threads,
-                              prepack=cap in (Capability.BACKBONE, Capability.GUIDED),
+            cap: make_session(graph, list(providers), threads, **session_options_for(cap),
                               conv_algo_search=conv_algo_search)
             for cap, graph in compiled.graphs.items()
         }
@@ -62,6 +85,8 @@ class Engine:
         self.fallback = (f"{providers[0]} was requested but is not usable here; running on "
                          f"{CPU}" if providers and providers[0] != self.providers[0] else None)
         self._bind = self.device == "cuda" if io_binding is None else io_binding
+        self._run_options = {cap: _shrinking(self.device) for cap in self._sessions
+                             if cap in RARELY_USED}
         self._nhwc = self.split.target_layout is Layout.NHWC
         self.image_batch = max(1, image_batch)
         self._batches: dict[Capability, bool] = {}
@@ -92,8 +117,9 @@ class Engine:
         session = self._sessions.get(cap)
         if session is None:
             raise UnknownMethod(f"this model has no {cap.title} (see GET /models)")
+        options = self._run_options.get(cap)
         if not self._bind:
-            return session.run(list(outputs), dict(feeds))  # type: ignore[arg-type]
+            return session.run(list(outputs), dict(feeds), options)  # type: ignore[arg-type]
         binding = session.io_binding()
         for name, value in feeds.items():
             if not isinstance(value, ort.OrtValue):
@@ -102,7 +128,7 @@ class Engine:
             binding.bind_ortvalue_input(name, value)
         for name in outputs:
             binding.bind_output(name, self.device)
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, options)
         return list(binding.copy_outputs_to_cpu())
 
     def warm_up(self, image_shape: Sequence[int]) -> None:
@@ -113,6 +139,8 @@ class Engine:
         self.forward(blank)
         if self.device == "cuda" and self.image_batch > 1:
             self.forward(np.repeat(blank, self.image_batch, axis=0))
+        # The end of the load: what compiling and opening the sessions freed goes back.
+        release_freed_memory()
 
     def _rows(self, cap: Capability, fn: Callable[..., list[np.ndarray]], arrays:
               Sequence[np.ndarray], chunk: int) -> list[np.ndarray]:
@@ -248,6 +276,14 @@ class Engine:
             for row, values in zip(mine, graphs.to_image(grads).sum(axis=1)):
                 memo["guided", row] = values
         return Captures(np.stack(acts), np.stack(logits), activation, graphs, memo)  # type: ignore[arg-type]
+
+
+def _shrinking(device: str) -> ort.RunOptions:
+    """Run options that hand the arena's free chunks back after the run."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                 "gpu:0" if device == "cuda" else "cpu:0")
+    return options
 
 
 class BatchGraphs:

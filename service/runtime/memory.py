@@ -45,4 +45,24 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory"]
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system now (glibc's malloc_trim).
+
+    For the end of a model load: parsing, compiling and opening sessions free hundreds of
+    megabytes in blocks below ``MMAP_THRESHOLD`` (protobuf's copies of the weights, the
+    serialised graphs), which the heap keeps under ``keep_freed_memory``'s tuning, and
+    mostly not at its top, where trimming alone would reach them. Requests' blocks are
+    reused from then on as before. False where it is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory", "release_freed_memory"]

@@ -83,7 +83,7 @@ def provider_options(providers: list[str], conv_algo_search: str) -> list[str | 
 
 
 def make_session(model: onnx.ModelProto | bytes | str, providers: list[str],
-                 threads: int, *, prepack: bool = True,
+                 threads: int, *, prepack: bool = True, layout: bool = True,
                  conv_algo_search: str = "EXHAUSTIVE") -> ort.InferenceSession:
     """A session on the shared thread pool; ``model`` as a proto, bytes or a file path.
 
@@ -91,11 +91,15 @@ def make_session(model: onnx.ModelProto | bytes | str, providers: list[str],
     shared initializers: every session of a model uses the same memory. ``prepack=False``
     keeps ONNX Runtime from repacking the weights of MatMul/Gemm/Conv for its kernels, a
     private copy per session: worth it for the graph that runs on every request, not for
-    the ones a few methods use.
+    the ones a few methods use. ``layout=False`` stops at ONNX Runtime's extended
+    optimisations: no NCHWc layout, whose reordered convolution weights are another
+    private copy per session (and whose layout conversions a graph exposing every layer
+    pays at each of them anyway).
     """
     _ensure_thread_pool(threads)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     options.use_per_session_threads = False
     # Severity 3 = errors only: the generated graphs trigger harmless shape-merge warnings.
     options.log_severity_level = 3
@@ -103,12 +107,12 @@ def make_session(model: onnx.ModelProto | bytes | str, providers: list[str],
         options.add_session_config_entry("session.disable_prepacking", "1")
     shared = None
     if isinstance(model, onnx.ModelProto):
-        model, shared = weights.for_session(model)
+        model, shared, names = weights.for_session(model)
         if shared is not None:
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(shared.folder))
-            for tensor in weights.offloaded(model):
-                options.add_initializer(tensor.name, shared.ort_value(tensor.name))
+            for name in names:
+                options.add_initializer(name, shared.ort_value(name))
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     session = ort.InferenceSession(source, sess_options=options,
                                    providers=provider_options(providers, conv_algo_search))

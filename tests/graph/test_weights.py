@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 from pathlib import Path
@@ -12,10 +13,11 @@ import pytest
 from onnx import numpy_helper
 
 from service.graph import weights
-from service.graph.build import compile_model
+from service.graph.build import Capability, compile_model
 from service.graph.cache import CompileCache
 from service.graph.report import write
 from service.models.spec import Layout
+from service.runtime.engine import Engine
 from service.runtime.sessions import make_session
 
 ZOO = Path(__file__).resolve().parents[1] / "data" / "zoo"
@@ -150,3 +152,74 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path) -> No
                 entry.value = "../weights.bin"
     with pytest.raises(ValueError, match="is not a file beside the model"):
         weights.offload(model.SerializeToString(), tmp_path / "m", "model.onnx", "escape")
+
+
+def test_the_same_file_loaded_twice_shares_one_copy_and_outlives_either() -> None:
+    """A second load of a file reuses the weights held for the first; dropping the second
+    leaves the first copy's graphs working (they used to lose their registry entry)."""
+    raw, first, held = _offload()
+    _raw, second, again = _offload()
+    assert again is held
+    del second, again
+    import gc  # noqa: PLC0415
+    gc.collect()
+    shape = (1, *MANIFEST["vgg"]["input_shape"])
+    compiled = compile_model(first, layout=Layout.NCHW, input_shape=shape)
+    x = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    expected = make_session(raw, ["CPUExecutionProvider"], 1).run(None, {"image": x})[0]
+    got = make_session(compiled.backbone, ["CPUExecutionProvider"], 1).run(
+        [compiled.split.logits], {"image": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_changed_external_data_beside_the_same_model_file_is_refused(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        onnx.save(onnx.load(ZOO / "vgg.onnx"), tmp_path / name / "model.onnx",
+                  save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="model.onnx.data", size_threshold=1024)
+    data = bytearray((tmp_path / "b" / "model.onnx.data").read_bytes())
+    data[:4] = np.float32(7.0).tobytes()
+    (tmp_path / "b" / "model.onnx.data").write_bytes(bytes(data))
+    raw = (tmp_path / "a" / "model.onnx").read_bytes()
+    assert raw == (tmp_path / "b" / "model.onnx").read_bytes()
+    _skeleton, held = weights.offload(raw, tmp_path / "a", "model.onnx", "same-graph")
+    _again, same = weights.offload(raw, tmp_path / "a", "model.onnx", "same-graph")
+    assert same is held
+    with pytest.raises(ValueError, match="its bytes differ from those of the same model"):
+        weights.offload(raw, tmp_path / "b", "model.onnx", "same-graph")
+
+
+def test_every_engine_session_computes_with_the_shared_memory() -> None:
+    """Zeroing the first FC matrix in the held buffer, after the sessions exist, changes
+    what every graph but the backbone computes: none of them holds a copy of it (a
+    repacked or re-read one would still give the old values). The backbone's repacked
+    copy is the one kept on purpose (service.runtime.engine.session_options_for)."""
+    raw = (ZOO / "vgg.onnx").read_bytes()
+    skeleton, held = weights.offload(raw, ZOO, "vgg.onnx", "shared-memory-test")
+    shape = (1, *MANIFEST["vgg"]["input_shape"])
+    compiled = compile_model(skeleton, layout=Layout.NCHW, input_shape=shape)
+    engine = Engine(compiled, ["CPUExecutionProvider"], 1)
+    assert engine.available == set(Capability)
+    sessions = engine._sessions.values()
+    assert all(s.shared_weights is held for s in sessions)
+    x = np.random.default_rng(3).normal(size=(2, *shape[1:])).astype(np.float32)
+    acts, logits = engine.forward(x)
+    assert np.ptp(logits, axis=0).max() > 1e-3  # the images' scores differ before
+    matrix = held.arrays["classifier.0.weight"]
+    ctypes.memset(matrix.ctypes.data, 0, matrix.nbytes)
+    source = onnx.load_from_string(raw)
+    inline = {t.name: numpy_helper.to_array(t) for t in source.graph.initializer}
+    hidden = np.maximum(inline["classifier.0.bias"], 0)
+    constant = inline["classifier.3.weight"] @ hidden + inline["classifier.3.bias"]
+    expected = np.repeat(constant[None], 2, axis=0)
+    np.testing.assert_array_equal(engine.forward(x)[1], logits)
+    np.testing.assert_allclose(engine.head(acts), expected, rtol=1e-6, atol=1e-6)
+    seeds = np.eye(3, dtype=np.float32)[[0, 1]]
+    np.testing.assert_array_equal(engine.head_vjp(acts, seeds), np.zeros_like(acts))
+    _acts, guided_logits, grads = engine.guided(x, seeds)
+    np.testing.assert_allclose(guided_logits, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(grads, np.zeros_like(grads))
+    logits_name = compiled.split.logits
+    fixations = engine.run(Capability.FIXATIONS, [logits_name], {"image": x[:1]})[0]
+    np.testing.assert_allclose(fixations, expected[:1], rtol=1e-6, atol=1e-6)

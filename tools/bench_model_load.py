@@ -1,0 +1,309 @@
+"""What loading a model costs: seconds, and the memory it adds, warm-up included.
+
+    # three torchvision networks with seeded random weights (the tools extra: torch)
+    .venv/bin/python tools/bench_model_load.py --export /tmp/load-models
+    # then, each measurement in a fresh process (no torch there)
+    .venv/bin/python tools/bench_model_load.py /tmp/load-models/vgg16 /tmp/load-models/resnet50 \\
+        /tmp/load-models/densenet121 [--rounds 2] [--breakdown] [--out load.json]
+
+For every model folder (model.onnx + model.toml) and round, two fresh processes, one after
+the other, so that neighbours' load on the CPU hits both alike:
+
+* **plain**: ``onnxruntime.InferenceSession(model.onnx)`` with default options: its seconds
+  (the yardstick of the 3× budget) and the RSS it adds.
+* **service**: ``service.models.repository.load_model`` (read, specialise, compile, every
+  session, the load's own check run) after the allocator tuning ``serve`` applies
+  (service.runtime.memory) and after a load and Grad-CAM of the bundled demo model, so
+  that the code it imports is not counted. RSS = VmRSS of /proc/self/status after the imports, after the
+  load, then after the first call of each method on one image (the calls
+  tools/bench_methods.py makes: ``Engine.capture`` + the method), peak = VmHWM; then the
+  hot path: median milliseconds of a forward pass and of a Grad-CAM over ``--repeat``
+  calls, interleaved.
+
+``--breakdown`` adds a third process per model that builds the same things one at a time
+and records the RSS after each step: the weights held once, the compiled graphs, each
+session (with the engine's own options), each graph's first run. Target = 2.5 × file size
++ 150 MB (MB = 2^20 bytes), the requirement's bound on what a loaded, warmed-up model adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ("vgg16", "resnet50", "densenet121")
+
+
+def rss_mb() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MB."""
+    text = Path("/proc/self/status").read_text()
+
+    def field(key: str) -> float:
+        m = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
+        return int(m.group(1)) / 1024.0 if m else float("nan")
+
+    return field("VmRSS"), field("VmHWM")
+
+
+def file_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 2**20
+
+
+# --- the child processes -------------------------------------------------------------------
+
+
+def plain_child(folder: Path) -> dict[str, object]:
+    import onnxruntime as ort
+    rss0, _ = rss_mb()
+    start = time.perf_counter()
+    session = ort.InferenceSession(str(folder / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    seconds = time.perf_counter() - start
+    rss1, peak = rss_mb()
+    del session
+    return {"plain_s": round(seconds, 3), "plain_rss_mb": round(rss1 - rss0, 1),
+            "plain_peak_mb": round(peak - rss0, 1)}
+
+
+def _calls(loaded):  # type: ignore[no-untyped-def]
+    """One image's call per method, as tools/bench_methods.py makes them."""
+    import numpy as np
+
+    from service.methods import METHODS, Row, rows
+    from service.models.activation import Activation
+
+    engine = loaded.engine
+    spec = loaded.config.input
+    shape = ((1, spec.channels, spec.height, spec.width) if spec.layout.value == "NCHW"
+             else (1, spec.height, spec.width, spec.channels))
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    cls = int(np.argmax(engine.forward(image)[1][0]))
+    act = Activation.SIGMOID
+
+    def method(name: str, classes: list[int | None], prefetch: bool = False):  # type: ignore[no-untyped-def]
+        def run() -> object:
+            known = [Row(0, c) for c in classes if c is not None] if prefetch else []
+            return METHODS[name].compute(engine.capture(image, act, prefetch=known),
+                                         rows(classes))
+        return run
+
+    calls = {"gradcam": method("gradcam", [cls]), "crm": method("crm", [cls]),
+             "crm_combined": method("crm_combined", [None]),
+             "guided_backprop": method("guided_backprop", [cls], prefetch=True),
+             "guided_gradcam": method("guided_gradcam", [cls], prefetch=True),
+             "fixations": method("fixations", [cls]),
+             "fixations_summed": method("fixations_summed", [cls])}
+    available = {n: f for n, f in calls.items() if n not in loaded.unavailable}
+    return image, available
+
+
+def service_child(folder: Path, threads: int, repeat: int) -> dict[str, object]:
+    sys.path.insert(0, str(ROOT))
+    from service.models.repository import load_model
+    from service.runtime.memory import keep_freed_memory
+
+    keep_freed_memory()  # as `medexplain serve` does before it loads anything
+    # The bundled model first, so that the code a load imports (the compiler, its rules)
+    # is not counted as the measured model's memory.
+    _calls(load_model(ROOT / "models" / "demo-cxr", providers=["CPUExecutionProvider"],
+                      threads=threads, head_batch=256))[1]["gradcam"]()
+    rss0, _ = rss_mb()
+    start = time.perf_counter()
+    loaded = load_model(folder, providers=["CPUExecutionProvider"], threads=threads,
+                        head_batch=256)
+    out: dict[str, object] = {"load_s": round(time.perf_counter() - start, 3)}
+    rss, peak = rss_mb()
+    out["rss_load_mb"] = round(rss - rss0, 1)
+    out["peak_load_mb"] = round(peak - rss0, 1)
+    image, calls = _calls(loaded)
+    warm: dict[str, float] = {}
+    for name, call in calls.items():
+        call()
+        warm[name] = round(rss_mb()[0] - rss0, 1)
+    out["rss_after_method_mb"] = warm
+    rss, peak = rss_mb()
+    out["rss_warm_mb"] = round(rss - rss0, 1)
+    out["peak_mb"] = round(peak - rss0, 1)
+    engine = loaded.engine
+    hot = {"forward": lambda: engine.forward(image), "gradcam": calls.get("gradcam")}
+    times: dict[str, list[float]] = {k: [] for k, f in hot.items() if f is not None}
+    for _ in range(repeat):
+        for name in times:
+            t = time.perf_counter()
+            hot[name]()  # type: ignore[misc]
+            times[name].append((time.perf_counter() - t) * 1e3)
+    out["hot_ms"] = {k: round(statistics.median(v), 1) for k, v in times.items()}
+    out["rss_end_mb"] = round(rss_mb()[0] - rss0, 1)
+    return out
+
+
+def breakdown_child(folder: Path, threads: int) -> dict[str, object]:
+    """The load step by step (the same calls load_model and Engine make), RSS after each."""
+    sys.path.insert(0, str(ROOT))
+    import hashlib
+
+    import numpy as np
+
+    from service.graph import weights
+    from service.graph.build import Capability, compile_model
+    from service.models.repository import image_shape, read_config
+    from service.runtime.engine import session_options_for
+    from service.runtime.memory import keep_freed_memory
+    from service.runtime.sessions import make_session
+
+    keep_freed_memory()
+    steps: list[tuple[str, float]] = []
+    rss0, _ = rss_mb()
+
+    def mark(step: str) -> None:
+        steps.append((step, round(rss_mb()[0] - rss0, 1)))
+
+    raw = (folder / "model.onnx").read_bytes()
+    model, held = weights.offload(raw, folder, "model.onnx", hashlib.sha256(raw).hexdigest())
+    mark("weights held")
+    config = read_config(folder, model)
+    spec = config.input
+    shape = image_shape(spec.layout, spec.height, spec.width, spec.channels)
+    compiled = compile_model(model, layout=spec.layout, activation=config.activation.value,
+                             target_layer=config.target_layer, input_shape=shape)
+    del raw
+    mark("compiled (raw file freed)")
+    sessions = {}
+    for cap, graph in compiled.graphs.items():
+        sessions[cap] = make_session(graph, ["CPUExecutionProvider"], threads,
+                                     **session_options_for(cap))
+        mark(f"session {cap}")
+    split = compiled.split
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    c, h, w = split.target_shape
+    acts, _ = sessions[Capability.BACKBONE].run([split.target, split.logits],
+                                                {split.image: image})
+    mark("run backbone")
+    masked = np.repeat(acts, min(h * w, 256), axis=0)
+    logits = sessions[Capability.HEAD].run([split.logits], {split.target: masked})[0]
+    mark(f"run head ×{len(masked)}")
+    k = logits.shape[1]
+    if Capability.HEAD_VJP in sessions:
+        from service.graph.autodiff import SEED
+        sessions[Capability.HEAD_VJP].run(None, {split.target: acts,
+                                                 SEED: np.eye(k, dtype=np.float32)[:1]})
+        mark("run head_vjp")
+    if Capability.GUIDED in sessions:
+        from service.graph.build import GUIDED_PREFIX
+        sessions[Capability.GUIDED].run(None, {split.image: image, f"{GUIDED_PREFIX}seed":
+                                               np.eye(k, dtype=np.float32)[:1]})
+        mark("run guided")
+    if Capability.FIXATIONS in sessions:
+        sessions[Capability.FIXATIONS].run(None, {split.image: image})
+        mark("run fixations")
+    return {"steps": steps, "weights_mb": round(sum(a.nbytes for a in held.arrays.values())
+                                                / 2**20, 1)}
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+
+def child(kind: str, folder: Path, args: argparse.Namespace) -> dict[str, object]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--_{kind}", str(folder),
+           "--threads", str(args.threads), "--repeat", str(args.repeat)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False,
+                          timeout=1200)
+    if done.returncode != 0:
+        return {"error": done.stderr[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def export(out: Path) -> None:
+    """The three networks as tools/export_matrix.py builds them, legacy exporter."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import export_matrix as em
+    for name in ARCHS:
+        arch = em.resolve_arch(f"tv/{name}")
+        model = em.build(arch, len(em.LABELS))
+        em.randomize(model, arch.size, len(em.LABELS))
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        em.export(model, em.make_images(1, arch.size, em.SEED + 3), folder / "model.onnx",
+                  "legacy", static_batch=False)
+        (folder / "model.toml").write_text(em.model_toml((arch.size, arch.size)))
+        print(f"{folder}: {file_mb(folder):.1f} MB", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="*", type=Path)
+    ap.add_argument("--export", type=Path, help="write the three networks here and exit")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=10, help="hot-path calls per kind")
+    ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--out", type=Path, help="results JSON")
+    ap.add_argument("--_plain", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--_service", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--_breakdown", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._plain:
+        print(json.dumps(plain_child(args._plain)))
+        return 0
+    if args._service:
+        print(json.dumps(service_child(args._service, args.threads, args.repeat)))
+        return 0
+    if args._breakdown:
+        print(json.dumps(breakdown_child(args._breakdown, args.threads)))
+        return 0
+    if args.export:
+        export(args.export)
+        return 0
+    import onnxruntime as ort
+    print(f"# {shlex.join(['python', *sys.argv])}\n# {platform.processor() or platform.machine()}"
+          f", ONNX Runtime {ort.__version__}, Python {platform.python_version()}; "
+          f"load average {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
+    results = []
+    for folder in args.folders:
+        size = file_mb(folder)
+        row: dict[str, object] = {"model": folder.name, "file_mb": round(size, 1),
+                                  "target_mb": round(2.5 * size + 150, 1), "rounds": []}
+        for _ in range(args.rounds):
+            plain = child("plain", folder, args)
+            service = child("service", folder, args)
+            row["rounds"].append({**plain, **service})  # type: ignore[attr-defined]
+            print(json.dumps({"model": folder.name, **plain, **service}), flush=True)
+        if args.breakdown:
+            row["breakdown"] = child("breakdown", folder, args)
+            print(json.dumps({"model": folder.name, **row["breakdown"]}), flush=True)
+        results.append(row)
+    print(f"\n| model | file MB | target MB | RSS after load | after warm-up | peak | load s "
+          f"| plain s | ratio | forward ms | Grad-CAM ms |\n|---|---:|---:|---:|---:|---:|---:"
+          f"|---:|---:|---:|---:|")
+    for row in results:
+        ok = [r for r in row["rounds"] if "error" not in r]  # type: ignore[attr-defined]
+        if not ok:
+            print(f"| {row['model']} | error: {row['rounds'][0]['error'][-200:]!r} |")  # type: ignore[index]
+            continue
+
+        def med(key: str, rs: list[dict[str, object]] = ok) -> float:
+            return statistics.median(float(r[key]) for r in rs)  # type: ignore[arg-type]
+
+        hot = {k: statistics.median(r["hot_ms"][k] for r in ok) for k in ok[0]["hot_ms"]}  # type: ignore[index]
+        print(f"| {row['model']} | {row['file_mb']:.0f} | {row['target_mb']:.0f} | "
+              f"{med('rss_load_mb'):.0f} | {med('rss_warm_mb'):.0f} | {med('peak_mb'):.0f} | "
+              f"{med('load_s'):.2f} | {med('plain_s'):.2f} | "
+              f"{med('load_s') / med('plain_s'):.2f} | {hot.get('forward', 0):.1f} | "
+              f"{hot.get('gradcam', 0):.1f} |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
