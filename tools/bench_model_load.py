@@ -160,7 +160,11 @@ def breakdown_child(folder: Path, threads: int) -> dict[str, object]:
     from service.runtime.memory import keep_freed_memory
     from service.runtime.sessions import make_session
 
+    from service.models.repository import load_model
+
     keep_freed_memory()
+    load_model(ROOT / "models" / "demo-cxr", providers=["CPUExecutionProvider"],
+               threads=threads, head_batch=256)  # the imports, as in service_child
     steps: list[tuple[str, float]] = []
     rss0, _ = rss_mb()
 
