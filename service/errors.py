@@ -121,6 +121,29 @@ class TooManyFrames(InvalidParameter):
     title = "Too many frames"
 
 
+class RepeatedParameter(InvalidParameter):
+    """Raised when a parameter is given more than once (twice in the query, or as a query
+    parameter and a form field): no value is silently preferred."""
+
+    code = "repeated_parameter"
+    title = "Repeated parameter"
+
+
+class FrameOutOfRange(InvalidParameter):
+    """Raised when ``frame`` names a frame the uploaded image does not have."""
+
+    code = "frame_out_of_range"
+    title = "Frame out of range"
+
+
+class IncompatibleParameters(InvalidParameter):
+    """Raised when parameters that are each valid cannot be used together (size=feature
+    with a method whose map is on the input grid, or with an ensemble)."""
+
+    code = "incompatible_parameters"
+    title = "Incompatible parameters"
+
+
 class UnknownLabel(InvalidParameter):
     """Raised when a requested class is neither a label nor a valid index."""
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -174,7 +173,8 @@ async def _instances(request: Request, settings: Settings) -> list[bytes]:
                                           '{"image_bytes": {"b64": "..."}} or {"b64": "..."}')
         try:
             images.append(base64.b64decode(text, validate=True))
-        except binascii.Error as exc:
+        # binascii.Error for bad base64; a plain ValueError for a non-ASCII string.
+        except ValueError as exc:
             raise InvalidInferenceRequest(f"instances[{i}] is not valid base64") from exc
     return images
 

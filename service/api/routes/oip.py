@@ -20,7 +20,6 @@ tensors' bytes, little-endian, BYTES elements each behind a 4-byte length.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import struct
 import zlib
@@ -364,7 +363,8 @@ def _one_b64_element(data: list[Any] | None) -> bytes:
         raise InvalidInferenceRequest(f"{IMAGE}'s data is one base64 string")
     try:
         return base64.b64decode(flat[0], validate=True)
-    except binascii.Error as exc:
+    # binascii.Error for bad base64; a plain ValueError for a non-ASCII string.
+    except ValueError as exc:
         raise InvalidInferenceRequest(f"{IMAGE}'s data is not valid base64") from exc
 
 
