@@ -65,6 +65,23 @@ class InvalidInferenceRequest(BadInput):
     title = "Invalid inference request"
 
 
+class TensorMismatch(InvalidInferenceRequest):
+    """Raised when an Open Inference Protocol V2 FP32 tensor does not fit the model: its
+    shape is not the network input's, its data do not fill its shape, or the model is an
+    ensemble (each member has its own input)."""
+
+    code = "tensor_mismatch"
+    title = "Tensor does not fit the model"
+
+
+class OutputNotComputed(InvalidInferenceRequest):
+    """Raised when an Open Inference Protocol V2 request asks for an output its parameters
+    do not compute (a method's map without that method in ``methods``)."""
+
+    code = "output_not_computed"
+    title = "Output not computed"
+
+
 class UnsupportedMediaType(ServiceError):
     """Raised when the content type (or sniffed format) is not one the service decodes."""
 

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,6 +28,7 @@ from pydantic import BaseModel
 
 from schemas import Problem
 from service.api.request import PredictParams, parameter_schemas
+from service.config import Settings
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 
@@ -179,20 +181,24 @@ def operation_id(route: APIRoute) -> str:
 
 _PROBLEM_REF: Final[dict[str, str]] = {"$ref": "#/components/schemas/Problem"}
 _COMPONENTS: Final[str] = "#/components/schemas/{model}"
-# Bodies that routes parse by hand (so FastAPI does not see them), added to the components.
-_BODY_MODELS: list[type[BaseModel]] = []
+# Bodies that routes parse by hand (so FastAPI does not see them), added to the components,
+# each with the function that states in the components what the route checks by hand.
+Refine = Callable[[dict[str, Any], Settings], None]
+_BODY_MODELS: dict[type[BaseModel], Refine | None] = {}
 
 
-def body_schema(model: type[BaseModel]) -> dict[str, str]:
+def body_schema(model: type[BaseModel], refine: Refine | None = None) -> dict[str, str]:
     """A reference to ``model``'s schema for a hand-parsed request body's ``openapi_extra``;
-    :func:`openapi_document` adds the schema to the components."""
-    if model not in _BODY_MODELS:
-        _BODY_MODELS.append(model)
+    :func:`openapi_document` adds the schema to the components, then calls ``refine`` with
+    the components and the settings: the constraints the route checks beyond the model's
+    (limits from the settings, rules the route applies by hand)."""
+    _BODY_MODELS.setdefault(model, refine)
     return {"$ref": _COMPONENTS.format(model=model.__name__)}
 
 
-def openapi_document(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document with errors declared as they are sent: problem+json.
+def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """FastAPI's document with errors declared as they are sent: problem+json, and the
+    hand-parsed bodies as their routes check them (:func:`body_schema`).
 
     FastAPI lists a ``model`` under ``application/json`` whatever the response's media
     type, and adds a 422 ``HTTPValidationError`` that this service never sends (its
@@ -215,6 +221,9 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=_COMPONENTS)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    for refine in _BODY_MODELS.values():
+        if refine is not None:
+            refine(schemas, settings)
     text = json.dumps(document["paths"])
     for unused in ("HTTPValidationError", "ValidationError"):
         if unused in schemas and f"/{unused}\"" not in text:

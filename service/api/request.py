@@ -38,7 +38,6 @@ from service.outputs import DICOM_OUTPUTS, DicomObject
 from service.outputs.render import Encoding, Size
 from service.pipeline import ExplainOptions
 
-
 # Every parameter's value is at most this many characters (a comma list of many labels
 # fits); the document states it as maxLength.
 MAX_VALUE_CHARS = 10_000
