@@ -159,7 +159,7 @@ class V2InferResponse(BaseModel):
 
 
 __all__ = [
-    "BASE64", "B64", "V1ExplainResponse", "V1Instance", "V1ModelReady", "V1ModelsResponse",
+    "B64", "BASE64", "V1ExplainResponse", "V1Instance", "V1ModelReady", "V1ModelsResponse",
     "V1PredictResponse", "V1Request", "V2InferRequest", "V2InferResponse", "V2Live",
     "V2ModelMetadata", "V2ModelReady", "V2Ready", "V2RequestInput", "V2RequestOutput",
     "V2ResponseOutput", "V2ServerMetadata", "V2TensorMetadata",

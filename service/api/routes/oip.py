@@ -86,6 +86,7 @@ SCORES: Final[str] = "scores"
 HEADER_LENGTH: Final[str] = "Inference-Header-Content-Length"
 OCTET_STREAM: Final[str] = "application/octet-stream"
 FP32_MAX: Final[float] = float(np.finfo(np.float32).max)
+_COMPONENT: Final[str] = "#/components/schemas/{}"
 # Request parameters tritonclient and Triton reserve; none changes what is computed here.
 _RESERVED: Final[frozenset[str]] = frozenset(
     {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
@@ -176,26 +177,31 @@ def _document_infer_request(schemas: dict[str, Any], settings: Settings) -> None
         "properties": {**{n: queries[n] for n in queries if n in _PARAMETERS},
                        **{n: {} for n in sorted(_RESERVED)},
                        "binary_data_output": {"type": "boolean"}}}
-    no_binary = {"type": "object", "properties": {"binary_data_size": False}}
-    schemas["V2RequestInput"] = {"oneOf": [
-        {"type": "object", "additionalProperties": False,
-         "required": ["name", "shape", "datatype", "data"],
-         "description": "the encoded image (DICOM, PNG or JPEG): one element, base64",
-         "properties": {"name": {"const": IMAGE}, "datatype": {"const": "BYTES"},
-                        "shape": {"type": "array", "items": {"const": 1}},
-                        "parameters": no_binary,
-                        "data": {"type": "array", "minItems": 1, "maxItems": 1,
-                                 "items": BASE64}}},
-        {"type": "object", "additionalProperties": False,
-         "required": ["name", "shape", "datatype", "data"],
-         "description": "the network input, preprocessed: its shape and layout are the "
-                        "model's (GET /v2/models/{name}: inputs; 400 tensor_mismatch for "
-                        "another), the data flat in row-major order",
-         "properties": {"name": {"const": TENSOR}, "datatype": {"const": "FP32"},
-                        "shape": {"type": "array", "items": {"type": "integer"}},
-                        "parameters": no_binary,
-                        "data": {"type": "array", "items": {
-                            "type": "number", "minimum": -FP32_MAX, "maximum": FP32_MAX}}}}]}
+    def no_binary() -> dict[str, Any]:
+        return {"type": "object", "not": {"required": ["binary_data_size"]}}
+
+    schemas["V2ImageInput"] = {
+        "type": "object", "additionalProperties": False,
+        "required": ["name", "shape", "datatype", "data"],
+        "description": "the encoded image (DICOM, PNG or JPEG): one element, base64",
+        "properties": {"name": {"const": IMAGE}, "datatype": {"const": "BYTES"},
+                       "shape": {"type": "array", "items": {"const": 1}},
+                       "parameters": no_binary(),
+                       "data": {"type": "array", "minItems": 1, "maxItems": 1,
+                                "items": BASE64}}}
+    schemas["V2TensorInput"] = {
+        "type": "object", "additionalProperties": False,
+        "required": ["name", "shape", "datatype", "data"],
+        "description": "the network input, preprocessed: its shape and layout are the model's "
+                       "(GET /v2/models/{name}: inputs; 400 tensor_mismatch for another), "
+                       "the data flat in row-major order",
+        "properties": {"name": {"const": TENSOR}, "datatype": {"const": "FP32"},
+                       "shape": {"type": "array", "items": {"type": "integer"}},
+                       "parameters": no_binary(),
+                       "data": {"type": "array", "items": {
+                           "type": "number", "minimum": -FP32_MAX, "maximum": FP32_MAX}}}}
+    schemas["V2RequestInput"] = {"oneOf": [{"$ref": _COMPONENT.format("V2ImageInput")},
+                                           {"$ref": _COMPONENT.format("V2TensorInput")}]}
     output = schemas["V2RequestOutput"]["properties"]
     output["name"] = {"enum": [SCORES, *METHODS],
                       "description": "scores, or a method's maps: one named in the request's "
