@@ -78,14 +78,22 @@ def _empty_is_default(value: object) -> object:
 
 
 def _methods(value: object) -> object:
+    """A comma list as the pattern states it (or, from Python, a sequence of names) → the
+    names, each once, in order."""
     if isinstance(value, str):
-        if not _METHODS.fullmatch(value):
-            names = [item.strip(" ") for item in value.split(",")]
-            unknown = next((name for name in names if name not in METHODS), value)
-            raise PydanticCustomError(
-                "unknown_method", "unknown method {name}; available: {available}", {"name": repr(unknown[:100]), "available": ", ".join(METHODS)})
-        return tuple(dict.fromkeys(item.strip(" ") for item in value.split(",")))
-    return value
+        names = [item.strip(" ") for item in value.split(",")]
+        valid = bool(_METHODS.fullmatch(value))
+    elif isinstance(value, tuple | list):
+        names = list(value)
+        valid = bool(names) and all(name in METHODS for name in names)
+    else:
+        return value
+    if not valid:
+        unknown = next((n for n in names if n not in METHODS), value)
+        raise PydanticCustomError(
+            "unknown_method", "unknown method {name}; available: {available}",
+            {"name": repr(str(unknown)[:100]), "available": ", ".join(METHODS)})
+    return tuple(dict.fromkeys(names))
 
 
 def _window(value: object) -> object:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jsonschema_rs
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from service.api.request import ExplainParams, PredictParams, parameter_schemas, parse_params
 from service.errors import InvalidParameter, RepeatedParameter, UnknownMethod
@@ -145,3 +146,11 @@ def test_the_openapi_document_comes_from_the_models(client: TestClient) -> None:
     assert query["heatmap"]["enum"] == list(Encoding)
     assert query["dicom"]["enum"] == list(DICOM_OUTPUTS)
     assert (query["region_threshold"]["minimum"], query["region_threshold"]["maximum"]) == (0, 1)
+
+
+def test_methods_from_python_are_checked_too() -> None:
+    """tools/ and tests build the model from a tuple of names: the same names only."""
+    assert ExplainParams(methods=("gradcam", "crm", "gradcam")).methods == ("gradcam", "crm")
+    for methods in ((), ("lime",), ("GradCAM",)):
+        with pytest.raises(ValidationError, match="unknown method"):
+            ExplainParams(methods=methods)
