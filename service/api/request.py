@@ -5,7 +5,7 @@ strings by these models, which also give the OpenAPI document its parameter and 
 schemas (:func:`parameter_schemas`): what the models check is what the document states
 (enums, patterns, bounds, lengths), so a value the document allows is never refused for its
 form. Values are read as sent: enum values and method names in lower case, an empty value
-only where the document allows one (``model``, ``classes``: the default). A parameter given
+only where the document allows one (``model``, ``classes``, ``window``: the default). A parameter given
 twice (in the query and as a form field, or twice in one of them) is refused rather than
 one silently preferred.
 """
@@ -61,7 +61,8 @@ _NUMBER = r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9
 # counts are bounded, so both numbers are finite and the width never rounds to 0.
 _POSITIVE = (r"\+?(?:[0-9]{0,20}[1-9][0-9]{0,20}(?:\.[0-9]{0,20})?"
              r"|[0-9]{0,20}\.[0-9]{0,20}[1-9][0-9]{0,20})(?:[eE][+-]?[0-9]{1,2})?")
-WINDOW_PATTERN = f"^(?:none|{_NUMBER} *, *{_POSITIVE})$"
+# Empty: the file's own VOI LUT or window, as when absent.
+WINDOW_PATTERN = f"^(?:|none|{_NUMBER} *, *{_POSITIVE})$"
 _WINDOW = re.compile(WINDOW_PATTERN)
 _METHODS = re.compile(METHODS_PATTERN)
 
@@ -103,8 +104,8 @@ def _window(value: object) -> object:
     if not _WINDOW.fullmatch(value):
         raise PydanticCustomError(
             "window", "must be 'center,width' (numbers, width > 0) or 'none'")
-    if value == "none":
-        return "none"
+    if value in ("", "none"):
+        return value or None
     center, width = (float(v) for v in value.split(","))
     return (center, width)
 
@@ -133,7 +134,8 @@ class PredictParams(BaseModel):
                                    "JPEG have frame 0 only)")
     window: Window = Field(
         None, description="DICOM window 'center,width' (width > 0) overriding the file's VOI "
-                          "LUT/window, or 'none' for min-max scaling")
+                          "LUT/window, or 'none' for min-max scaling; empty or absent: the "
+                          "file's own")
 
 
 class ExplainParams(PredictParams):

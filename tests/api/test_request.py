@@ -53,12 +53,13 @@ def test_values_are_read_as_sent() -> None:
 
 
 def test_empty_values() -> None:
-    """An empty model or class list means the default, as the document allows; any other
-    empty value is not what the document allows, and is refused."""
-    params = parse_params(ExplainParams, [("model", ""), ("classes", ""), ("methods", "crm")])
-    assert (params.model, params.classes) == (None, None)
+    """An empty model, class list or window means the default, as the document allows; any
+    other empty value is not what the document allows, and is refused."""
+    params = parse_params(ExplainParams, [("model", ""), ("classes", ""), ("window", ""),
+                                          ("methods", "crm")])
+    assert (params.model, params.classes, params.window) == (None, None, None)
     assert parse_params(ExplainParams, [("classes", " , ")]).classes is None
-    for name in ("heatmap", "size", "target", "region_threshold", "frame", "window", "dicom",
+    for name in ("heatmap", "size", "target", "region_threshold", "frame", "dicom",
                  "preview"):  # and methods: see test_bad_values
         with pytest.raises(InvalidParameter, match=f"^{name}"):
             parse_params(ExplainParams, [(name, "")])
@@ -103,7 +104,7 @@ _PATTERN_PROBES = {
                 ",gradcam", "crm\u00a0,gradcam", "CRM", "gradcam,,crm", "crm_", ""],
     "window": ["none", "40,400", "40 , 400", "-40.5,1e-3", ".5,5.", "+1,+1", "40,400\n",
                "\u0663,4", "1_0,4", "inf,4", "40,0", "40,00.000", "40,1e999", "9" * 41 + ",1",
-               "9" * 42 + ",1", "40,4e-99", " 40,4", "None", "", "40,\u2003400"],
+               "9" * 42 + ",1", "40,4e-99", " 40,4", "None", "", " ", "40,\u2003400"],
 }
 
 
