@@ -98,8 +98,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                   "unknown_method), a class that is not the model's (unknown_label), a "
                   "method the model cannot serve (unknown_method), a frame the image does "
                   "not have (frame_out_of_range), parameters that do not go together "
-                  "(incompatible_parameters), or a DICOM the model is not meant for "
-                  "(too_many_frames, dicom_not_accepted)"),
+                  "(incompatible_parameters), a DICOM with more frames than the limit "
+                  "(too_many_frames) or one the model is not meant for "
+                  "(dicom_not_accepted)"),
     503: _problem("overloaded, draining or timed out (retry after the Retry-After header's "
                   "seconds), or the model failed to load (model_unavailable)"),
 }

@@ -5,9 +5,9 @@ strings by these models, which also give the OpenAPI document its parameter and 
 schemas (:func:`parameter_schemas`): what the models check is what the document states
 (enums, patterns, bounds, lengths), so a value the document allows is never refused for its
 form. Values are read as sent: enum values and method names in lower case, an empty value
-only where the document allows one (``model``, ``classes``, ``window``: the default). A parameter given
-twice (in the query and as a form field, or twice in one of them) is refused rather than
-one silently preferred.
+only where the document allows one (``model``, ``classes``, ``window``: the default). A
+parameter given twice (in the query and as a form field, or twice in one of them) is
+refused rather than one silently preferred.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def _methods(value: object) -> object:
 
 
 def _window(value: object) -> object:
-    """'center,width' → (center, width); 'none' stays; anything else is refused."""
+    """'center,width' → (center, width); 'none' stays; '' is None (the file's own); anything
+    else is refused."""
     if not isinstance(value, str):
         return value
     if not _WINDOW.fullmatch(value):
