@@ -83,7 +83,9 @@ def _problem(description: str) -> dict[str, Any]:
 # 413, 415; 422 frame_out_of_range, too_many_frames, dicom_not_accepted).
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: _problem("the image or body cannot be read (invalid_image, invalid_dicom, "
-                  "invalid_multipart, empty_body, invalid_inference_request)"),
+                  "invalid_multipart, empty_body, invalid_inference_request); an Open "
+                  "Inference Protocol tensor that does not fit the model (tensor_mismatch) "
+                  "or an output the request does not compute (output_not_computed)"),
     401: _problem("API keys are configured and the request has none or a wrong one"),
     408: _problem("the body arrived slower than the minimum rate (body_timeout)"),
     404: _problem("no served model has that name (unknown_model), or that version"),
