@@ -177,8 +177,11 @@ def test_every_answer_matches_the_document(app: FastAPI) -> None:
     total = sum(seen.values())
     assert total >= 500, seen
     assert not any(status >= 500 for _, _, status in seen), seen
-    # The images are real: valid requests got through to a 200 on every upload route.
+    # The images are real: valid requests got through to a 200 on every upload route, and
+    # invalid ones were refused there with a 4xx.
     for label in ("POST /explain", "POST /explain/dicom", "POST /predict",
                   "POST /v1/models/{name}:explain", "POST /v1/models/{name}:predict",
                   "POST /v2/models/{name}/infer"):
         assert seen.get((label, "positive", 200), 0) > 0, (label, seen)
+        assert any(n for (at, mode, status), n in seen.items()
+                   if at == label and mode == "negative" and 400 <= status < 500), (label, seen)
