@@ -177,6 +177,7 @@ def _document_infer_request(schemas: dict[str, Any], settings: Settings) -> None
         "properties": {**{n: queries[n] for n in queries if n in _PARAMETERS},
                        **{n: {} for n in sorted(_RESERVED)},
                        "binary_data_output": {"type": "boolean"}}}
+
     def no_binary() -> dict[str, Any]:
         return {"type": "object", "not": {"required": ["binary_data_size"]}}
 
