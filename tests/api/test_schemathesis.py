@@ -48,8 +48,9 @@ EXAMPLES = {"POST /explain": (50, 30), "POST /explain/dicom": (20, 16),
             "POST /v2/models/{name}/versions/{version}/infer": (12, 12)}
 OTHERS = (10, 10)
 
-# Refusals of a request the document allows, each because it depends on run-time state that
-# no schema can state: (status, problem code) -> why.
+# Refusals of a request the document allows, each with a code of its own, because it depends
+# on run-time state or ties values together in a way no OpenAPI schema can state:
+# (status, problem code) -> why. Any other refusal of valid data fails the test.
 RUN_TIME_REFUSALS = {
     (404, "unknown_model"): "a model name is any string; which ones are served is the "
                             "deployment's (GET /models)",
