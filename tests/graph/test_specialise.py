@@ -34,12 +34,14 @@ from service.graph.specialise import (
     specialise,
     static_input_shape,
 )
+from service.methods.fixations import walk
 from service.models.repository import load_model
 from service.models.spec import Layout
 from service.runtime.engine import Engine
 from service.runtime.sessions import make_session
 from tests import handmade
 from tests.handmade import TARGET, C, H, K, W
+from tests.methods.test_fixations import ReferenceWalker, _points, _with_all_outputs
 
 IN = 2  # image channels of the graphs below (3 where model.toml must say it)
 
@@ -630,9 +632,6 @@ def test_fixations_through_as_strided_walk_like_the_reference(
     """The walk of the specialised graph against the per-point reference walker on the
     exported graph itself (its run-time Gather moved on an iota): the same points on every
     tensor both graphs have, the flattened batch's at the per-image row's offsets."""
-    from service.methods.fixations import walk
-    from tests.methods.test_fixations import ReferenceWalker, _points, _with_all_outputs
-
     model = as_strided(kind)
     compiled = _compile(model, input_shape=SHAPE)
     plan = compiled.fixations_plan
