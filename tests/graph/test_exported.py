@@ -79,7 +79,7 @@ def _maps(computed: pipeline.Computed | Exception, method: str) -> dict[int, np.
 
 
 def _assert_close(got: np.ndarray, want: np.ndarray, tol: float, what: str) -> None:
-    if not want.any():  # Grad-CAM's weighted sum negative everywhere: ReLU leaves zeros
+    if not want.any():  # e.g. Grad-CAM's weighted sum negative everywhere: ours is 0 too
         np.testing.assert_array_equal(got, want, err_msg=what)
         return
     err = rel_err(got, want)
