@@ -688,9 +688,15 @@ def _guided_fn():  # type: ignore[no-untyped-def]
     return _GuidedRectifier
 
 
-def make_mode(*, guided: bool, shapes: Sequence[tuple[int, ...]] = ()):  # type: ignore[no-untyped-def]
+def make_mode(*, guided: bool, shapes: Sequence[tuple[int, ...]] = (),
+              replace=None):  # type: ignore[no-untyped-def]
     """A TorchFunctionMode that records outputs of the given shapes (with the module path
-    and op that made them) and, when ``guided``, applies the guided rule to rectifiers."""
+    and op that made them) and, when ``guided``, applies the guided rule to rectifiers.
+
+    ``replace(index, tensor)``, when given, is called on each output of those shapes (its
+    index: the count of such outputs before it) and returns what the network goes on with
+    (e.g. a masked copy of the target, for CRM's re-evaluation of the real head).
+    """
     import inspect
 
     import torch
@@ -768,6 +774,8 @@ def make_mode(*, guided: bool, shapes: Sequence[tuple[int, ...]] = ()):  # type:
                     args = (*args[:-1], False)
                 out = func(*args, **kwargs)
             if shapes and isinstance(out, torch.Tensor) and tuple(out.shape) in shapes:
+                if replace is not None:
+                    out = replace(len(self.records), out)
                 self.records.append({"tensor": out, "version": out._version,
                                      "value": out.detach().clone(),
                                      "op": getattr(func, "__qualname__", None) or str(func),
@@ -825,6 +833,7 @@ def torch_refs(model, x, cls: int, acts, dtype):  # type: ignore[no-untyped-def]
     if best is not None:
         res["target_act_err"] = best["err"]
         res["torch_target"] = f"{best['module']} -> {best['op']} (#{best['index']})"
+        res["target_index"] = best["index"]
         if best["err"] <= ACT_TOL:
             (ga,) = torch.autograd.grad(z[0, cls], best["tensor"], retain_graph=False)
             a = best["value"].double()
