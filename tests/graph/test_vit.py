@@ -1,0 +1,184 @@
+"""Tiny timm vision transformers (tests/data/vit, made by tools/make_vit_fixtures.py), both
+torch exporters, against torch float64 references: the token-grid target, the forward
+pass, the head VJP, Grad-CAM (pytorch-grad-cam's reshape_transform way) and CRM (the last
+block and the head re-run with each patch token zeroed).
+
+No torch here: the references are stored in the .npz files beside the models.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from service.errors import CompileError
+from service.graph.build import Capability, CompiledModel, compile_model
+from service.graph.cache import CompileCache
+from service.graph.onnx_graph import GraphIndex
+from service.graph.specialise import specialise
+from service.graph.tokens import GRID, PREFIX
+from service.methods import METHODS, rows
+from service.models.activation import Activation
+from service.models.spec import Layout
+from service.runtime.engine import Engine
+
+VIT = Path(__file__).resolve().parent.parent / "data" / "vit"
+MANIFEST: dict[str, dict[str, object]] = json.loads((VIT / "manifest.json").read_text())
+NAMES = list(MANIFEST)
+TOL = 1e-4
+NONE = Activation("none")
+
+by_name = pytest.mark.parametrize("name", NAMES, ids=NAMES)
+
+
+def _shape(name: str) -> list[int]:
+    return [1, *MANIFEST[name]["input_shape"]]  # type: ignore[misc]
+
+
+@cache
+def _model(name: str) -> onnx.ModelProto:
+    return onnx.load(str(VIT / str(MANIFEST[name]["onnx"])))
+
+
+@cache
+def _ref(name: str) -> dict[str, np.ndarray]:
+    with np.load(VIT / str(MANIFEST[name]["npz"])) as data:
+        return dict(data)
+
+
+@cache
+def _compiled(name: str) -> CompiledModel:
+    return compile_model(_model(name), activation="none", input_shape=_shape(name))
+
+
+@cache
+def _engine(name: str) -> Engine:
+    return Engine(_compiled(name), ["CPUExecutionProvider"], 1)
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max |want| over the whole array."""
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
+    return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
+
+
+@by_name
+def test_target_is_the_token_grid(name: str) -> None:
+    meta, cut = MANIFEST[name], _compiled(name).split
+    h, w = meta["grid"]  # type: ignore[misc]
+    assert cut.target == GRID
+    assert cut.target_layout is Layout.NCHW
+    assert cut.target_shape == (meta["channels"], h, w)
+    assert cut.prefix_tokens == meta["prefix_tokens"]
+    assert cut.context == PREFIX
+    # The tokens entering the last block: the LayerNormalization reading them belongs to
+    # the last attention block of the two (the exporters name it after blocks.1 / norm_2).
+    index = GraphIndex(specialise(_model(name), _shape(name)))
+    norms = [n for n in index.consumers[str(cut.tokens)] if n.op_type == "LayerNormalization"]
+    assert len(norms) == 1
+    order = [n.name for n in index.graph.node if n.op_type == "LayerNormalization"]
+    assert order.index(norms[0].name) == 2, order  # norm1, norm2 of block 0, then block 1
+
+
+@by_name
+def test_forward_matches_reference(name: str) -> None:
+    ref = _ref(name)
+    acts, logits, context = _engine(name).forward_context(ref["x"])
+    assert _rel(acts[0], ref["target"]) <= TOL
+    assert _rel(logits[0], ref["logits"]) <= TOL
+    assert context is not None
+    assert _rel(context[0], ref["prefix"]) <= TOL
+
+
+@by_name
+def test_head_vjp_matches_autograd(name: str) -> None:
+    engine, ref = _engine(name), _ref(name)
+    k = ref["logits"].shape[0]
+    acts = np.repeat(ref["target"][None].astype(np.float32), k, axis=0)
+    context = np.repeat(ref["prefix"][None].astype(np.float32), k, axis=0)
+    grads = engine.head_vjp(acts, np.eye(k, dtype=np.float32), context)
+    err = _rel(grads, ref["grad_target"])
+    assert err <= TOL, f"{name}: head VJP relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("method", ["gradcam", "crm"])
+@by_name
+def test_class_maps_match_torch(name: str, method: str) -> None:
+    ref = _ref(name)
+    captures = _engine(name).capture(ref["x"], NONE)
+    k = ref["logits"].shape[0]
+    maps = METHODS[method].compute(captures, rows(range(k)))
+    assert [m.index for m in maps] == list(range(k))
+    err = _rel(np.stack([m.values for m in maps]), ref[method])
+    assert err <= TOL, f"{name}: {method} relative error {err:.2e}"
+
+
+@by_name
+def test_crm_combined_matches_torch(name: str) -> None:
+    ref = _ref(name)
+    (got,) = METHODS["crm_combined"].compute(_engine(name).capture(ref["x"], NONE), rows([None]))
+    err = _rel(got.values, ref["crm_combined"])
+    assert err <= TOL, f"{name}: crm_combined relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["vit_reg-dynamo", "deit_dist-legacy"])
+def test_batch_mates_keep_their_own_prefix_tokens(name: str) -> None:
+    """Each row's head reads its own image's prefix tokens: the reference image second in a
+    batch gets the reference maps."""
+    ref = _ref(name)
+    other = np.ascontiguousarray(ref["x"][..., ::-1, :]) * np.float32(0.5)
+    captures = _engine(name).capture(np.concatenate([other, ref["x"]]), NONE)
+    k = ref["logits"].shape[0]
+    for method in ("gradcam", "crm"):
+        maps = METHODS[method].compute(captures, rows(range(k), image=1))
+        err = _rel(np.stack([m.values for m in maps]), ref[method])
+        assert err <= TOL, f"{name}: {method} of the batch's second image: {err:.2e}"
+        first = METHODS[method].compute(captures, rows(range(k), image=0))
+        assert _rel(np.stack([m.values for m in first]), ref[method]) > 0.05
+
+
+def test_guided_and_fixations_are_unavailable_with_reasons() -> None:
+    compiled = _compiled("vit-legacy")
+    missing = compiled.missing(METHODS["guided_backprop"].requires)
+    assert "rectifier" in missing[Capability.GUIDED] and "GELU" in missing[Capability.GUIDED]
+    assert compiled.missing(METHODS["guided_gradcam"].requires) == missing
+    assert "MatMul" in compiled.missing(METHODS["fixations"].requires)[Capability.FIXATIONS]
+    for method in ("gradcam", "crm", "crm_combined"):
+        assert compiled.missing(METHODS[method].requires) == {}
+
+
+@pytest.mark.parametrize("name", ["vit-dynamo", "vit_reg-legacy"])
+def test_named_token_tensor_is_the_same_target(name: str) -> None:
+    detected = _compiled(name).split
+    named = compile_model(_model(name), activation="none", input_shape=_shape(name),
+                          target_layer=detected.tokens).split
+    assert named == detected
+
+
+def test_a_token_tensor_that_is_no_cut_is_refused() -> None:
+    name = "vit-legacy"
+    tokens = str(_compiled(name).split.tokens)
+    index = GraphIndex(specialise(_model(name), _shape(name)))
+    (norm1,) = [n for n in index.consumers[tokens] if n.op_type == "LayerNormalization"]
+    with pytest.raises(CompileError, match="is not a token tensor"):
+        compile_model(_model(name), activation="none", input_shape=_shape(name),
+                      target_layer=norm1.output[0])
+
+
+def test_compile_cache_keeps_the_token_grid(tmp_path: Path) -> None:
+    name = "deit_dist-dynamo"
+    raw = (VIT / str(MANIFEST[name]["onnx"])).read_bytes()
+    options = {"layout": Layout.NCHW, "activation": "none", "target_layer": None,
+               "input_shape": _shape(name)}
+    CompileCache(tmp_path).compile(raw, _model(name), **options)  # type: ignore[arg-type]
+    again = CompileCache(tmp_path).compile(raw, _model(name), **options)  # type: ignore[arg-type]
+    assert again.split == _compiled(name).split
+    ref = _ref(name)
+    maps = METHODS["gradcam"].compute(Engine(again, ["CPUExecutionProvider"], 1).capture(
+        ref["x"], NONE), rows([0]))
+    assert _rel(maps[0].values, ref["gradcam"][0]) <= TOL

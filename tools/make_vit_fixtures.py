@@ -1,0 +1,222 @@
+"""Build the vision-transformer fixtures that tests/graph/test_vit.py checks the token-grid
+Grad-CAM and CRM against.
+
+Usage:
+    .venv/bin/python tools/make_vit_fixtures.py [--out tests/data/vit]
+
+Writes, per variant and exporter, a tiny timm vision transformer with seeded random
+weights (``<name>-<exporter>.onnx``, float32, input ``image``, output ``logits``, dynamic
+batch axis ``N``; ``legacy`` is ``torch.onnx.export(dynamo=False, opset 17)``, ``dynamo``
+the dynamo exporter at opset 20), one ``<name>.npz`` of references computed by torch on a
+float64 copy of the same network, and ``manifest.json``. The tests never import torch.
+
+Variants (embed_dim 32, depth 2, 2 heads, patch 8, 3 classes):
+    vit       VisionTransformer, class token, 32×32 input: a 4×4 grid, 1 prefix token
+    deit_dist VisionTransformerDistilled (class + distillation token): 2 prefix tokens
+    vit_reg   VisionTransformer with 4 register tokens, 32×48 input: a 4×6 grid (not
+              square, so a transposed reshape shows), 5 prefix tokens
+
+npz contents (K classes; T the tokens entering the last block, (N, C); P prefix tokens;
+A the patch grid of T, pytorch-grad-cam's ``reshape_transform``: T[P:] reshaped to
+(h, w, C) and moved to (C, h, w)):
+    x             the input as fed to ONNX, (1, 3, H, W), float32
+    logits        (K,)
+    tokens        T, (N, C)
+    target        A, (C, h, w)
+    prefix        T[:P], (P, C)
+    grad_target   dlogit_k/dA, (K, C, h, w): autograd at T (its prefix rows dropped)
+    gradcam       ReLU(Σ_c mean_ij(dlogit_k/dA_c) A_c), (K, h, w)
+    crm           (logit_k − logit_k with patch token (l, m) of T zeroed)², (K, h, w): the
+                  last block and the head re-run for every one of the h·w tokens
+    crm_combined  Σ_k crm, (h, w)
+
+The script also runs pytorch-grad-cam's own GradCAM (``target_layers=[blocks[-2]]``, the
+usual ViT ``reshape_transform``) and checks that its output (min-max scaled and resized
+to the input by grad-cam) is this reference's Grad-CAM scaled the same way (to 1e-6: the
+resize is float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from export_matrix import import_torchvision  # noqa: E402 (timm imports torchvision)
+
+SEED = 3104
+CLASSES = 3
+EXPORTERS = ("legacy", "dynamo")
+# name -> (timm class, input (H, W), keyword arguments)
+VARIANTS: dict[str, tuple[str, tuple[int, int], dict[str, object]]] = {
+    "vit": ("VisionTransformer", (32, 32), {}),
+    "deit_dist": ("VisionTransformerDistilled", (32, 32), {}),
+    "vit_reg": ("VisionTransformer", (32, 48), {"reg_tokens": 4}),
+}
+
+
+def build(name: str) -> torch.nn.Module:
+    """The variant with seeded weights scaled so that activations stay O(1) and attention
+    is far from uniform (timm's init, std 0.02, leaves a 2-block network almost constant)."""
+    import_torchvision()
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    cls_name, size, kwargs = VARIANTS[name]
+    cls = {"VisionTransformer": VisionTransformer,
+           "VisionTransformerDistilled": VisionTransformerDistilled}[cls_name]
+    torch.manual_seed(SEED)
+    model = cls(img_size=size, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                num_classes=CLASSES, **kwargs)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in pname and pname.endswith("weight"):
+                p.copy_(1.0 + 0.3 * noise)
+            elif pname.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif p.dim() >= 2 and not pname.endswith(("token", "pos_embed")):
+                p.copy_(noise * float(np.prod(p.shape[1:])) ** -0.5)
+            else:  # class / distillation / register tokens, position embedding
+                p.copy_(0.5 * noise)
+    return model.eval()
+
+
+def grid_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(prefix tokens, h, w) of a timm ViT."""
+    h, w = model.patch_embed.grid_size
+    return int(model.num_prefix_tokens), int(h), int(w)
+
+
+def reshape_transform(tokens: torch.Tensor, prefix: int, h: int, w: int) -> torch.Tensor:
+    """pytorch-grad-cam's ViT reshape_transform: drop the prefix tokens, (B, C, h, w)."""
+    result = tokens[:, prefix:, :].reshape(tokens.size(0), h, w, tokens.size(2))
+    return result.transpose(2, 3).transpose(1, 2)
+
+
+def tail(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The network from the tokens entering the last block to the logits."""
+    return model.forward_head(model.norm(model.blocks[-1](tokens)))
+
+
+def references(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    m = copy.deepcopy(model).double()
+    prefix, h, w = grid_shape(m)
+    seen: list[torch.Tensor] = []
+    hook = m.blocks[-1].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        logits = m(x.double())[0]
+    hook.remove()
+    tokens = seen[0].detach().clone().requires_grad_(True)
+    z = tail(m, tokens)[0]
+    assert torch.allclose(z, logits, rtol=0, atol=1e-12), "tail() is not the network's end"
+    grads = torch.stack([torch.autograd.grad(z[k], tokens, retain_graph=True)[0][0]
+                         for k in range(CLASSES)])                   # (K, N, C)
+    acts = reshape_transform(tokens.detach(), prefix, h, w)[0]        # (C, h, w)
+    grad_target = reshape_transform(grads, prefix, h, w)              # (K, C, h, w)
+    weights = grad_target.mean(dim=(2, 3))                            # (K, C)
+    gradcam = torch.relu(torch.einsum("kc,chw->khw", weights, acts))
+    with torch.no_grad():
+        base = tail(m, tokens)[0]
+        copies = tokens.detach().repeat(h * w, 1, 1)
+        copies[torch.arange(h * w), prefix + torch.arange(h * w), :] = 0.0
+        masked = tail(m, copies)                                      # (h·w, K)
+    crm = ((base[None, :] - masked) ** 2).T.reshape(CLASSES, h, w)
+    return {
+        "logits": logits.numpy(), "tokens": tokens.detach()[0].numpy(),
+        "target": acts.numpy(), "prefix": tokens.detach()[0, :prefix].numpy(),
+        "grad_target": grad_target.numpy(), "gradcam": gradcam.numpy(),
+        "crm": crm.numpy(), "crm_combined": crm.sum(dim=0).numpy(),
+    }
+
+
+def pgc_check(model: torch.nn.Module, x: torch.Tensor, gradcam: np.ndarray) -> float:
+    """max |grad-cam's GradCAM − our reference scaled as grad-cam scales| over classes."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    m = copy.deepcopy(model).double()
+    prefix, h, w = grid_shape(m)
+    worst = 0.0
+    with GradCAM(m, target_layers=[m.blocks[-2]],
+                 reshape_transform=lambda t: reshape_transform(t, prefix, h, w)) as cam:
+        for k in range(CLASSES):
+            theirs = cam(x.double(), targets=[ClassifierOutputTarget(k)])[0]
+            # grad-cam scales each layer's map and resizes it, then scales the mean over
+            # layers (one here) again.
+            ours = scale_cam_image(scale_cam_image(gradcam[k][None],
+                                                   (x.shape[3], x.shape[2])))[0]
+            worst = max(worst, float(np.abs(theirs - ours).max()))
+    return worst
+
+
+def export(model: torch.nn.Module, x: torch.Tensor, path: Path, exporter: str) -> None:
+    common = {"input_names": ["image"], "output_names": ["logits"],
+              "dynamic_axes": {"image": {0: "N"}, "logits": {0: "N"}}}
+    if exporter == "legacy":
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, **common)
+    else:
+        torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=20,
+                          external_data=False, **common)
+
+
+def check_onnx(path: Path, x: np.ndarray, logits: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(["logits"], {"image": x})
+    return float(np.abs(got[0] - logits).max() / np.abs(logits).max())
+
+
+def make(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, dict[str, object]] = {}
+    for name, (cls_name, (height, width), _) in VARIANTS.items():
+        model = build(name)
+        rng = np.random.default_rng(SEED + 2)
+        x = torch.from_numpy(rng.standard_normal((1, 3, height, width)).astype(np.float32))
+        ref = references(model, x)
+        pgc_err = pgc_check(model, x, ref["gradcam"])
+        assert pgc_err <= 1e-6, f"{name}: pytorch-grad-cam disagrees by {pgc_err:.2e}"
+        np.savez_compressed(out / f"{name}.npz", x=x.numpy(), **ref)
+        prefix, h, w = grid_shape(model)
+        for exporter in EXPORTERS:
+            key = f"{name}-{exporter}"
+            path = out / f"{key}.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export(copy.deepcopy(model), x, path, exporter)
+            err = check_onnx(path, x.numpy(), ref["logits"])
+            assert err <= 1e-4, f"{key}: ONNX Runtime's logits are {err:.2e} off"
+            manifest[key] = {
+                "onnx": path.name, "npz": f"{name}.npz", "timm_class": cls_name,
+                "exporter": exporter, "input_shape": [3, height, width],
+                "prefix_tokens": prefix, "grid": [h, w], "channels": int(model.embed_dim),
+            }
+            print(f"{key:18s} prefix {prefix} grid {h}x{w}  onnx logits {err:.1e}  "
+                  f"pytorch-grad-cam {pgc_err:.1e}  {path.stat().st_size // 1024} KiB")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "vit")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    make(args.out)
+
+
+if __name__ == "__main__":
+    main()
