@@ -8,26 +8,36 @@ No torch here: the references are stored in the .npz files beside the models.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import shutil
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from fastapi.testclient import TestClient
 
+from service.config import Settings
 from service.errors import CompileError
 from service.graph.build import Capability, CompiledModel, compile_model
 from service.graph.cache import CompileCache
 from service.graph.onnx_graph import GraphIndex
 from service.graph.specialise import specialise
 from service.graph.tokens import GRID, PREFIX
+from service.imaging import decode
+from service.imaging.preprocess import to_model_input
+from service.main import create_app
 from service.methods import METHODS, rows
 from service.models.activation import Activation
+from service.models.repository import load_model
 from service.models.spec import Layout
 from service.runtime.engine import Engine
 
-VIT = Path(__file__).resolve().parent.parent / "data" / "vit"
+DATA = Path(__file__).resolve().parent.parent / "data"
+VIT = DATA / "vit"
 MANIFEST: dict[str, dict[str, object]] = json.loads((VIT / "manifest.json").read_text())
 NAMES = list(MANIFEST)
 TOL = 1e-4
@@ -182,3 +192,50 @@ def test_compile_cache_keeps_the_token_grid(tmp_path: Path) -> None:
     maps = METHODS["gradcam"].compute(Engine(again, ["CPUExecutionProvider"], 1).capture(
         ref["x"], NONE), rows([0]))
     assert _rel(maps[0].values, ref["gradcam"][0]) <= TOL
+
+
+def test_served_over_http(tmp_path: Path) -> None:
+    """A ViT model folder served by the app: /models tells the token tensor and why the
+    guided methods are missing; /explain's feature-grid maps are the engine's on the same
+    network input, and guided backprop is refused with the reason."""
+    name = "deit_dist-dynamo"
+    folder = tmp_path / "deit"
+    folder.mkdir()
+    shutil.copy(VIT / str(MANIFEST[name]["onnx"]), folder / "model.onnx")
+    (folder / "model.toml").write_text(
+        'labels = ["a", "b", "c"]\n[input]\nsize = [32, 32]\nchannels = 3\n'
+        'mean = [0.5, 0.5, 0.5]\nstd = [0.25, 0.25, 0.25]\n[output]\nactivation = "sigmoid"\n')
+    image = (DATA / "phantoms" / "nodule.png").read_bytes()
+    png = {"content-type": "image/png"}
+    with TestClient(create_app(Settings(models=tmp_path, threads=1))) as client:
+        info = client.get("/models/deit").json()
+        assert info["target_layer"] == {"name": _compiled(name).split.tokens,
+                                        "shape": [32, 4, 4], "detected": True}
+        assert info["methods"] == ["crm", "crm_combined", "gradcam"]
+        reasons = info["unavailable_methods"]
+        assert set(reasons) == {"guided_backprop", "guided_gradcam", "fixations",
+                                "fixations_summed"}
+        assert "GELU, which is not a rectifier" in reasons["guided_backprop"]
+
+        r = client.post("/explain", params={"methods": "gradcam,crm,crm_combined",
+                                            "classes": "a,c", "heatmap": "npy",
+                                            "size": "feature"}, content=image, headers=png)
+        assert r.status_code == 200, r.text
+        got = {(m["method"], m["label"]): np.load(io.BytesIO(base64.b64decode(
+            m["heatmap"]["data"])), allow_pickle=False) for m in r.json()["explanations"]}
+
+        refused = client.post("/explain", params={"methods": "guided_backprop"},
+                              content=image, headers=png)
+        assert refused.status_code == 422 and refused.json()["code"] == "unknown_method"
+        assert "rectifier" in refused.json()["detail"]
+
+    loaded = load_model(folder, providers=["CPUExecutionProvider"], threads=1, head_batch=64)
+    x = to_model_input(decode(image, "image/png"), loaded.config.input).tensor
+    captures = loaded.engine.capture(x, loaded.config.activation)
+    assert set(got) == {("gradcam", "a"), ("gradcam", "c"), ("crm", "a"), ("crm", "c"),
+                        ("crm_combined", None)}
+    for (method, label), values in got.items():
+        cls = None if label is None else "abc".index(label)
+        (want,) = METHODS[method].compute(captures, rows([cls]))
+        assert values.shape == (4, 4) and values.max() > 0
+        np.testing.assert_allclose(values, want.values, rtol=1e-5, atol=1e-7 * want.values.max())
