@@ -52,7 +52,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from export_matrix import import_torchvision  # noqa: E402 (timm imports torchvision)
+# timm imports torchvision, whose compiled ops may not load here: export_matrix shims them.
+from export_matrix import import_torchvision
 
 SEED = 3104
 CLASSES = 3

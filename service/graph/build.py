@@ -9,9 +9,8 @@ from enum import StrEnum
 import onnx
 
 from service.errors import CompileError
-from service.graph import autodiff
+from service.graph import autodiff, tokens
 from service.graph import fixations as fixation_plan
-from service.graph import tokens
 from service.graph.extract import extract
 from service.graph.onnx_graph import GraphIndex, without_weights
 from service.graph.specialise import specialise
