@@ -142,6 +142,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("tv/regnet_y_800mf", "torchvision", "regnet_y_800mf"),
     Arch("timm/deit_tiny_patch16_224", "timm", "deit_tiny_patch16_224"),
     Arch("timm/deit_tiny_distilled_patch16_224", "timm", "deit_tiny_distilled_patch16_224"),
+    Arch("timm/swin_tiny_patch4_window7_224", "timm", "swin_tiny_patch4_window7_224"),
 )}
 DEFAULT_ARCHS = tuple(list(ARCHS)[:14])
 
