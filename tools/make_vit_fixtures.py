@@ -15,25 +15,30 @@ Variants (embed_dim 32, depth 2, 2 heads, patch 8, 3 classes):
     deit_dist VisionTransformerDistilled (class + distillation token): 2 prefix tokens
     vit_reg   VisionTransformer with 4 register tokens, 32×48 input: a 4×6 grid (not
               square, so a transposed reshape shows), 5 prefix tokens
+    swin      SwinTransformer (embed_dim 16, patch 4, window 4, depths 2-2, heads 1-2,
+              32×32 input): its tokens are (B, h, w, C) all along, so its target is a 4-D
+              NHWC tensor, the final norm's output, 32×4×4; no prefix tokens
 
-npz contents (K classes; T the tokens entering the last block, (N, C); P prefix tokens;
-A the patch grid of T, pytorch-grad-cam's ``reshape_transform``: T[P:] reshaped to
-(h, w, C) and moved to (C, h, w)):
+npz contents (K classes; T the target tokens: for a ViT those entering the last block,
+(N, C), for Swin the final norm's output, (h, w, C); P prefix tokens; A the patch grid of
+T, pytorch-grad-cam's ``reshape_transform``: T[P:] reshaped to (h, w, C) and moved to
+(C, h, w)):
     x             the input as fed to ONNX, (1, 3, H, W), float32
     logits        (K,)
     tokens        T, (N, C)
     target        A, (C, h, w)
-    prefix        T[:P], (P, C)
+    prefix        T[:P], (P, C) (ViTs only)
     grad_target   dlogit_k/dA, (K, C, h, w): autograd at T (its prefix rows dropped)
     gradcam       ReLU(Σ_c mean_ij(dlogit_k/dA_c) A_c), (K, h, w)
     crm           (logit_k − logit_k with patch token (l, m) of T zeroed)², (K, h, w): the
-                  last block and the head re-run for every one of the h·w tokens
+                  rest of the network (ViT: the last block and the head) re-run for every
+                  one of the h·w tokens
     crm_combined  Σ_k crm, (h, w)
 
-The script also runs pytorch-grad-cam's own GradCAM (``target_layers=[blocks[-2]]``, the
-usual ViT ``reshape_transform``) and checks that its output (min-max scaled and resized
-to the input by grad-cam) is this reference's Grad-CAM scaled the same way (to 1e-6: the
-resize is float32).
+The script also runs pytorch-grad-cam's own GradCAM (``target_layers=[blocks[-2]]`` and
+the usual ViT ``reshape_transform``; Swin: ``[norm]``) and checks that its output (min-max
+scaled and resized to the input by grad-cam) is this reference's Grad-CAM scaled the same
+way (to 1e-6: the resize is float32).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ VARIANTS: dict[str, tuple[str, tuple[int, int], dict[str, object]]] = {
     "vit": ("VisionTransformer", (32, 32), {}),
     "deit_dist": ("VisionTransformerDistilled", (32, 32), {}),
     "vit_reg": ("VisionTransformer", (32, 48), {"reg_tokens": 4}),
+    "swin": ("SwinTransformer", (32, 32), {}),
 }
 
 
@@ -71,14 +77,20 @@ def build(name: str) -> torch.nn.Module:
     is far from uniform (timm's init, std 0.02, leaves a 2-block network almost constant)."""
     import_torchvision()
     from timm.models.deit import VisionTransformerDistilled
+    from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
     cls_name, size, kwargs = VARIANTS[name]
-    cls = {"VisionTransformer": VisionTransformer,
-           "VisionTransformerDistilled": VisionTransformerDistilled}[cls_name]
     torch.manual_seed(SEED)
-    model = cls(img_size=size, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                num_classes=CLASSES, **kwargs)
+    model: torch.nn.Module
+    if cls_name == "SwinTransformer":
+        model = SwinTransformer(img_size=size, patch_size=4, window_size=4, embed_dim=16,
+                                depths=(2, 2), num_heads=(1, 2), num_classes=CLASSES)
+    else:
+        cls = {"VisionTransformer": VisionTransformer,
+               "VisionTransformerDistilled": VisionTransformerDistilled}[cls_name]
+        model = cls(img_size=size, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                    num_classes=CLASSES, **kwargs)
     gen = torch.Generator().manual_seed(SEED + 1)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -87,27 +99,44 @@ def build(name: str) -> torch.nn.Module:
                 p.copy_(1.0 + 0.3 * noise)
             elif pname.endswith("bias"):
                 p.copy_(0.1 * noise)
-            elif p.dim() >= 2 and not pname.endswith(("token", "pos_embed")):
+            elif p.dim() >= 2 and not pname.endswith(("token", "pos_embed", "bias_table")):
                 p.copy_(noise * float(np.prod(p.shape[1:])) ** -0.5)
-            else:  # class / distillation / register tokens, position embedding
+            else:  # class / distillation / register tokens, position embedding and bias
                 p.copy_(0.5 * noise)
     return model.eval()
 
 
 def grid_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(prefix tokens, h, w) of a timm ViT."""
+    """(prefix tokens, h, w) of the target: a ViT's patch grid, a Swin's last stage."""
+    if is_swin(model):
+        h, w = model.layers[-1].output_resolution
+        return 0, int(h), int(w)
     h, w = model.patch_embed.grid_size
     return int(model.num_prefix_tokens), int(h), int(w)
 
 
+def is_swin(model: torch.nn.Module) -> bool:
+    return type(model).__name__ == "SwinTransformer"
+
+
 def reshape_transform(tokens: torch.Tensor, prefix: int, h: int, w: int) -> torch.Tensor:
-    """pytorch-grad-cam's ViT reshape_transform: drop the prefix tokens, (B, C, h, w)."""
-    result = tokens[:, prefix:, :].reshape(tokens.size(0), h, w, tokens.size(2))
+    """pytorch-grad-cam's ViT reshape_transform: drop the prefix tokens, (B, C, h, w); a
+    Swin's (B, h, w, C) tokens are only moved to channels first."""
+    result = tokens[:, prefix:, :] if tokens.dim() == 3 else tokens
+    result = result.reshape(tokens.size(0), h, w, tokens.size(-1))
     return result.transpose(2, 3).transpose(1, 2)
 
 
+def target_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is the target: ViT, the block before the last (the tokens
+    entering the last one); Swin, the final norm (its tokens still form the grid)."""
+    return model.norm if is_swin(model) else model.blocks[-2]
+
+
 def tail(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """The network from the tokens entering the last block to the logits."""
+    """The network from the target tokens to the logits."""
+    if is_swin(model):
+        return model.forward_head(tokens)
     return model.forward_head(model.norm(model.blocks[-1](tokens)))
 
 
@@ -115,7 +144,7 @@ def references(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]
     m = copy.deepcopy(model).double()
     prefix, h, w = grid_shape(m)
     seen: list[torch.Tensor] = []
-    hook = m.blocks[-1].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    hook = target_layer(m).register_forward_hook(lambda mod, args, out: seen.append(out))
     with torch.no_grad():
         logits = m(x.double())[0]
     hook.remove()
@@ -123,23 +152,26 @@ def references(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]
     z = tail(m, tokens)[0]
     assert torch.allclose(z, logits, rtol=0, atol=1e-12), "tail() is not the network's end"
     grads = torch.stack([torch.autograd.grad(z[k], tokens, retain_graph=True)[0][0]
-                         for k in range(CLASSES)])                   # (K, N, C)
+                         for k in range(CLASSES)])                   # (K, *tokens)
     acts = reshape_transform(tokens.detach(), prefix, h, w)[0]        # (C, h, w)
     grad_target = reshape_transform(grads, prefix, h, w)              # (K, C, h, w)
     weights = grad_target.mean(dim=(2, 3))                            # (K, C)
     gradcam = torch.relu(torch.einsum("kc,chw->khw", weights, acts))
     with torch.no_grad():
         base = tail(m, tokens)[0]
-        copies = tokens.detach().repeat(h * w, 1, 1)
-        copies[torch.arange(h * w), prefix + torch.arange(h * w), :] = 0.0
+        copies = tokens.detach().repeat(h * w, *([1] * (tokens.dim() - 1)))
+        flat = copies.view(h * w, -1, copies.size(-1))                # (h·w, N, C) view
+        flat[torch.arange(h * w), prefix + torch.arange(h * w), :] = 0.0
         masked = tail(m, copies)                                      # (h·w, K)
     crm = ((base[None, :] - masked) ** 2).T.reshape(CLASSES, h, w)
-    return {
+    out = {
         "logits": logits.numpy(), "tokens": tokens.detach()[0].numpy(),
-        "target": acts.numpy(), "prefix": tokens.detach()[0, :prefix].numpy(),
-        "grad_target": grad_target.numpy(), "gradcam": gradcam.numpy(),
-        "crm": crm.numpy(), "crm_combined": crm.sum(dim=0).numpy(),
+        "target": acts.numpy(), "grad_target": grad_target.numpy(),
+        "gradcam": gradcam.numpy(), "crm": crm.numpy(), "crm_combined": crm.sum(dim=0).numpy(),
     }
+    if prefix:
+        out["prefix"] = tokens.detach()[0, :prefix].numpy()
+    return out
 
 
 def pgc_check(model: torch.nn.Module, x: torch.Tensor, gradcam: np.ndarray) -> float:
@@ -151,7 +183,7 @@ def pgc_check(model: torch.nn.Module, x: torch.Tensor, gradcam: np.ndarray) -> f
     m = copy.deepcopy(model).double()
     prefix, h, w = grid_shape(m)
     worst = 0.0
-    with GradCAM(m, target_layers=[m.blocks[-2]],
+    with GradCAM(m, target_layers=[target_layer(m)],
                  reshape_transform=lambda t: reshape_transform(t, prefix, h, w)) as cam:
         for k in range(CLASSES):
             theirs = cam(x.double(), targets=[ClassifierOutputTarget(k)])[0]
@@ -204,7 +236,8 @@ def make(out: Path) -> None:
             manifest[key] = {
                 "onnx": path.name, "npz": f"{name}.npz", "timm_class": cls_name,
                 "exporter": exporter, "input_shape": [3, height, width],
-                "prefix_tokens": prefix, "grid": [h, w], "channels": int(model.embed_dim),
+                "prefix_tokens": prefix, "grid": [h, w], "channels": int(ref["target"].shape[0]),
+                "target_layout": "NHWC" if is_swin(model) else "NCHW",
             }
             print(f"{key:18s} prefix {prefix} grid {h}x{w}  onnx logits {err:.1e}  "
                   f"pytorch-grad-cam {pgc_err:.1e}  {path.stat().st_size // 1024} KiB")

@@ -1,7 +1,8 @@
-"""Tiny timm vision transformers (tests/data/vit, made by tools/make_vit_fixtures.py), both
-torch exporters, against torch float64 references: the token-grid target, the forward
-pass, the head VJP, Grad-CAM (pytorch-grad-cam's reshape_transform way) and CRM (the last
-block and the head re-run with each patch token zeroed).
+"""Tiny timm vision transformers (tests/data/vit, made by tools/make_vit_fixtures.py: ViT,
+DeiT-distilled, ViT with register tokens, Swin), both torch exporters, against torch
+float64 references: the token-grid target, the forward pass, the head VJP, Grad-CAM
+(pytorch-grad-cam's reshape_transform way) and CRM (the rest of the network re-run with
+each patch token zeroed).
 
 No torch here: the references are stored in the .npz files beside the models.
 """
@@ -40,10 +41,13 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 VIT = DATA / "vit"
 MANIFEST: dict[str, dict[str, object]] = json.loads((VIT / "manifest.json").read_text())
 NAMES = list(MANIFEST)
+# The ViTs (their target a token grid); Swin's tokens are 4-D (B, h, w, C) all along.
+VITS = [n for n in NAMES if MANIFEST[n]["prefix_tokens"]]
 TOL = 1e-4
 NONE = Activation("none")
 
 by_name = pytest.mark.parametrize("name", NAMES, ids=NAMES)
+by_vit = pytest.mark.parametrize("name", VITS, ids=VITS)
 
 
 def _shape(name: str) -> list[int]:
@@ -77,7 +81,7 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
 
 
-@by_name
+@by_vit
 def test_target_is_the_token_grid(name: str) -> None:
     meta, cut = MANIFEST[name], _compiled(name).split
     h, w = meta["grid"]  # type: ignore[misc]
@@ -95,14 +99,30 @@ def test_target_is_the_token_grid(name: str) -> None:
     assert order.index(norms[0].name) == 2, order  # norm1, norm2 of block 0, then block 1
 
 
+@pytest.mark.parametrize("name", ["swin-legacy", "swin-dynamo"])
+def test_swin_target_is_its_final_norm(name: str) -> None:
+    """Swin keeps its tokens as (B, h, w, C): the CNN rule finds them, NHWC, and no token
+    grid is cut (pytorch-grad-cam's Swin recipe only moves the channels first)."""
+    cut = _compiled(name).split
+    h, w = MANIFEST[name]["grid"]  # type: ignore[misc]
+    assert (cut.tokens, cut.prefix_tokens, cut.context) == (None, 0, None)
+    assert cut.target_layout is Layout.NHWC
+    assert cut.target_shape == (MANIFEST[name]["channels"], h, w)
+    index = GraphIndex(specialise(_model(name), _shape(name)))
+    assert index.producer[cut.target].op_type == "LayerNormalization"
+
+
 @by_name
 def test_forward_matches_reference(name: str) -> None:
     ref = _ref(name)
     acts, logits, context = _engine(name).forward_context(ref["x"])
     assert _rel(acts[0], ref["target"]) <= TOL
     assert _rel(logits[0], ref["logits"]) <= TOL
-    assert context is not None
-    assert _rel(context[0], ref["prefix"]) <= TOL
+    if "prefix" in ref:
+        assert context is not None
+        assert _rel(context[0], ref["prefix"]) <= TOL
+    else:
+        assert context is None
 
 
 @by_name
@@ -110,7 +130,8 @@ def test_head_vjp_matches_autograd(name: str) -> None:
     engine, ref = _engine(name), _ref(name)
     k = ref["logits"].shape[0]
     acts = np.repeat(ref["target"][None].astype(np.float32), k, axis=0)
-    context = np.repeat(ref["prefix"][None].astype(np.float32), k, axis=0)
+    context = (np.repeat(ref["prefix"][None].astype(np.float32), k, axis=0)
+               if "prefix" in ref else None)
     grads = engine.head_vjp(acts, np.eye(k, dtype=np.float32), context)
     err = _rel(grads, ref["grad_target"])
     assert err <= TOL, f"{name}: head VJP relative error {err:.2e}"
