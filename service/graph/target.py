@@ -286,22 +286,23 @@ def _token_split(index: GraphIndex, grid: Split, only: str | None = None) -> Spl
     """The transformer target after the patch grid ``grid`` (the patch embedding's Conv
     output, (B, C, h, w)), or None when no token tensor follows it.
 
-    A token tensor is (B, prefix + h·w, C) with static sizes, computed from the grid, and a
-    cut of the graph. The one picked is the last that feeds the last token-mixing op
-    (attention's A·V: a MatMul of two image-dependent tensors): the residual stream
-    entering the last block. Later token tensors do not do: after the last attention every
-    op is per token up to the class-token select, so the logits would not depend on any
-    patch token there (pytorch-grad-cam's advice for ViTs: a layer before the last
-    attention). pgc's usual pick, ``blocks[-1].norm1``'s output, is no cut (the residual
-    goes around it); the block input it normalises is, and its gradient is the same
-    attention-borne one, taken through that LayerNorm. A network without token mixing by
-    attention (an MLP-Mixer) gets its last token tensor.
+    A token tensor is (B, prefix + h·w, C) with static sizes and the grid's C (the patch
+    embedding projects to the token width; a CNN's (B, C, H·W) flatten has H·W there),
+    computed from the grid, and a cut of the graph. The one picked is the last that feeds
+    the last token-mixing op (attention's A·V: a MatMul of two image-dependent tensors):
+    the residual stream entering the last block. Later token tensors do not do: after the
+    last attention every op is per token up to the class-token select, so the logits would
+    not depend on any patch token there (pytorch-grad-cam's advice for ViTs: a layer before
+    the last attention). pgc's usual pick, ``blocks[-1].norm1``'s output, is no cut (the
+    residual goes around it); the block input it normalises is, and its gradient is the
+    same attention-borne one, taken through that LayerNorm. Without such a MatMul, the last
+    token tensor is picked.
 
     ``only``: check that tensor alone (``explain.target_layer``).
     """
     if grid.target_layout is not Layout.NCHW:
         return None
-    _, h, w = grid.target_shape
+    channels, h, w = grid.target_shape
     batch = (index.shape(grid.target) or (None,))[0]
     after = index.descendants([grid.target])
     upstream = index.ancestors([grid.logits])
@@ -325,7 +326,7 @@ def _token_split(index: GraphIndex, grid: Split, only: str | None = None) -> Spl
         if shape[0] != batch and (isinstance(shape[0], int) or isinstance(batch, int)):
             continue
         n, c = int(shape[1]), int(shape[2])  # type: ignore[arg-type]
-        if not 0 <= n - h * w <= MAX_PREFIX_TOKENS:
+        if c != channels or not 0 <= n - h * w <= MAX_PREFIX_TOKENS:
             continue
         if _is_cut(index, name, grid.logits):
             return replace(grid, target=GRID, target_layout=Layout.NCHW,
