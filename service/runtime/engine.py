@@ -28,7 +28,9 @@ class Engine:
     none (``available`` says which there are).
 
     All arrays crossing this class's boundary hold target-layer activations channel-first,
-    (B, C, H, W), whatever the model stores. Every graph runs batches: the head in chunks of
+    (B, C, H, W), whatever the model stores. A vision transformer's head also reads a
+    context beside them, its prefix tokens (``split.context``): the forward pass gives it
+    (:meth:`forward_context`) and the head graphs take one context row per activation row. Every graph runs batches: the head in chunks of
     at most ``max_batch`` copies (CRM's H·W masked copies never need one huge buffer), the
     graphs fed with images in chunks of at most ``image_batch``. A graph whose batch axis is
     fixed at 1 (a Reshape to [1, -1] the specialisation could not free) is found out at its
