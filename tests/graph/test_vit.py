@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 from fastapi.testclient import TestClient
+from onnx import helper, numpy_helper
 
 from service.config import Settings
 from service.errors import CompileError
@@ -27,6 +28,7 @@ from service.graph.build import Capability, CompiledModel, compile_model
 from service.graph.cache import CompileCache
 from service.graph.onnx_graph import GraphIndex
 from service.graph.specialise import specialise
+from service.graph.target import split
 from service.graph.tokens import GRID, PREFIX
 from service.imaging import decode
 from service.imaging.preprocess import to_model_input
@@ -260,3 +262,30 @@ def test_served_over_http(tmp_path: Path) -> None:
         (want,) = METHODS[method].compute(captures, rows([cls]))
         assert values.shape == (4, 4) and values.max() > 0
         np.testing.assert_allclose(values, want.values, rtol=1e-5, atol=1e-7 * want.values.max())
+
+
+def test_a_cnn_flatten_is_not_a_token_tensor() -> None:
+    """Conv → (B, 20, 4·4) → X·Xᵀ → mean → Gemm: 20 = 4·4 + 4 "tokens", and a MatMul of two
+    image-dependent tensors, but rows of width 16, not the grid's 20 channels: the target
+    stays the Conv's output."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in (
+        ("w", rng.standard_normal((20, 3, 2, 2))), ("fc", rng.standard_normal((20, 3))))]
+    inits.append(numpy_helper.from_array(np.array([-1, 20, 16], np.int64), "shape"))
+    inits.append(numpy_helper.from_array(np.array([2], np.int64), "axes"))
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["a"], strides=[2, 2]),
+        helper.make_node("Reshape", ["a", "shape"], ["flat"]),
+        helper.make_node("Transpose", ["flat"], ["flat_t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["flat", "flat_t"], ["gram"]),
+        helper.make_node("ReduceMean", ["gram", "axes"], ["pooled"], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "fc"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "flatten", [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT,
+                                                         ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 3])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    cut = split(GraphIndex(model), layout=Layout.NCHW)
+    assert (cut.target, cut.target_shape, cut.tokens) == ("a", (20, 4, 4), None)
