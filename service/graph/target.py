@@ -23,8 +23,7 @@ _CHANNEL_FIRST_OPS = {
 }
 
 # Leading tokens of a transformer that are not patches: timm has at most a class token, a
-# distillation token and 8 register tokens; the bound keeps a CNN's (B, C, H·W) reshapes
-# (C far above H·W) from passing for tokens.
+# distillation token and 8 register tokens.
 MAX_PREFIX_TOKENS = 16
 # Ops that mix tokens with weights computed from the image: attention's Q·Kᵀ and A·V.
 _MIXING_OPS = {"MatMul", "Einsum"}
@@ -196,7 +195,8 @@ def split(index: GraphIndex, *, layout: Layout, target_layer: str | None = None)
 
     Raises:
         CompileError: when the graph has several image inputs, when no target layer
-            qualifies, or when the named one is not a 4-D cut of the graph.
+            qualifies, or when the named one is neither a 4-D cut of the graph nor a token
+            tensor that is one.
     """
     if len(index.graph_inputs) != 1:
         images = [n for n in index.graph_inputs if _looks_like_an_image(index.shape(n))]
