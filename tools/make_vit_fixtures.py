@@ -3,6 +3,7 @@ Grad-CAM and CRM against.
 
 Usage:
     .venv/bin/python tools/make_vit_fixtures.py [--out tests/data/vit]
+    .venv/bin/python tools/make_vit_fixtures.py --check-real [--exporter legacy|dynamo ...]
 
 Writes, per variant and exporter, a tiny timm vision transformer with seeded random
 weights (``<name>-<exporter>.onnx``, float32, input ``image``, output ``logits``, dynamic
@@ -39,6 +40,11 @@ The script also runs pytorch-grad-cam's own GradCAM (``target_layers=[blocks[-2]
 the usual ViT ``reshape_transform``; Swin: ``[norm]``) and checks that its output (min-max
 scaled and resized to the input by grad-cam) is this reference's Grad-CAM scaled the same
 way (to 1e-6: the resize is float32).
+
+``--check-real`` writes nothing: it compares the service's CRM on timm's real 224²
+ViT-Tiny, DeiT-Tiny and DeiT-Tiny-distilled (tools/export_matrix.py's random weights and
+image) with torch float64, beside torch's own float32 error (CRM subtracts nearly equal
+scores, so its float32 floor is higher than Grad-CAM's).
 """
 
 from __future__ import annotations
@@ -143,12 +149,8 @@ def tail(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 def references(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
     m = copy.deepcopy(model).double()
     prefix, h, w = grid_shape(m)
-    seen: list[torch.Tensor] = []
-    hook = target_layer(m).register_forward_hook(lambda mod, args, out: seen.append(out))
-    with torch.no_grad():
-        logits = m(x.double())[0]
-    hook.remove()
-    tokens = seen[0].detach().clone().requires_grad_(True)
+    logits, tokens = target_tokens(m, x.double())
+    tokens.requires_grad_(True)
     z = tail(m, tokens)[0]
     assert torch.allclose(z, logits, rtol=0, atol=1e-12), "tail() is not the network's end"
     grads = torch.stack([torch.autograd.grad(z[k], tokens, retain_graph=True)[0][0]
@@ -157,13 +159,7 @@ def references(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]
     grad_target = reshape_transform(grads, prefix, h, w)              # (K, C, h, w)
     weights = grad_target.mean(dim=(2, 3))                            # (K, C)
     gradcam = torch.relu(torch.einsum("kc,chw->khw", weights, acts))
-    with torch.no_grad():
-        base = tail(m, tokens)[0]
-        copies = tokens.detach().repeat(h * w, *([1] * (tokens.dim() - 1)))
-        flat = copies.view(h * w, -1, copies.size(-1))                # (h·w, N, C) view
-        flat[torch.arange(h * w), prefix + torch.arange(h * w), :] = 0.0
-        masked = tail(m, copies)                                      # (h·w, K)
-    crm = ((base[None, :] - masked) ** 2).T.reshape(CLASSES, h, w)
+    crm = crm_maps(m, tokens.detach())
     out = {
         "logits": logits.numpy(), "tokens": tokens.detach()[0].numpy(),
         "target": acts.numpy(), "grad_target": grad_target.numpy(),
@@ -172,6 +168,80 @@ def references(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]
     if prefix:
         out["prefix"] = tokens.detach()[0, :prefix].numpy()
     return out
+
+
+def crm_maps(model: torch.nn.Module, tokens: torch.Tensor, chunk: int = 49) -> torch.Tensor:
+    """(S_k − S_k with patch token (l, m) zeroed)², (K, h, w), in ``tokens``' dtype: the rest
+    of the network re-run for each of the h·w patch tokens, ``chunk`` copies at a time."""
+    prefix, h, w = grid_shape(model)
+    with torch.no_grad():
+        base = tail(model, tokens)[0]
+        masked = []
+        for start in range(0, h * w, chunk):
+            where = torch.arange(start, min(start + chunk, h * w))
+            copies = tokens.repeat(len(where), *([1] * (tokens.dim() - 1)))
+            flat = copies.view(len(where), -1, copies.size(-1))       # (n, N, C) view
+            flat[torch.arange(len(where)), prefix + where, :] = 0.0
+            masked.append(tail(model, copies))                         # (n, K)
+    return ((base[None, :] - torch.cat(masked)) ** 2).T.reshape(-1, h, w)
+
+
+def target_tokens(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
+                                                                     torch.Tensor]:
+    """(logits (K,), the target tokens (1, ...)) of one image."""
+    seen: list[torch.Tensor] = []
+    hook = target_layer(model).register_forward_hook(lambda mod, args, out: seen.append(out))
+    with torch.no_grad():
+        logits = model(x)[0]
+    hook.remove()
+    return logits, seen[0].detach().clone()
+
+
+def check_real(exporters: Sequence[str]) -> None:
+    """CRM of the service on timm's real ViT-Tiny / DeiT-Tiny (distilled too) at 224²,
+    random weights as tools/export_matrix.py makes them, against torch float64 (and
+    torch's own float32 run, its floor); nothing is written to the repository."""
+    import tempfile
+
+    import export_matrix as em
+    import onnx
+
+    sys.path.insert(0, str(ROOT))
+    from service.graph.build import compile_model
+    from service.methods import METHODS, rows
+    from service.models.activation import Activation
+    from service.runtime.engine import Engine
+
+    def rel(got: np.ndarray, want: np.ndarray) -> float:
+        return float(np.abs(got - want).max() / np.abs(want).max())
+
+    for arch in ("timm/vit_tiny_patch16_224", "timm/deit_tiny_patch16_224",
+                 "timm/deit_tiny_distilled_patch16_224"):
+        model = em.build(em.ARCHS[arch], len(em.LABELS))
+        em.randomize(model, 224, len(em.LABELS))
+        x = em.make_images(1, 224, em.SEED + 3)
+        m64, m32 = copy.deepcopy(model).double(), copy.deepcopy(model).float()
+        z, tokens = target_tokens(m64, x.double())
+        want = crm_maps(m64, tokens).numpy()
+        floor = crm_maps(m32, target_tokens(m32, x)[1]).double().numpy()
+        cls = int(z.argmax())
+        for exporter in exporters:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    em.export(copy.deepcopy(model), x, path, exporter, False)
+                compiled = compile_model(onnx.load(str(path)), activation="none",
+                                         input_shape=[1, 3, 224, 224])
+            captures = Engine(compiled, ["CPUExecutionProvider"], 2).capture(
+                x.numpy(), Activation("none"))
+            (crm,) = METHODS["crm"].compute(captures, rows([cls]))
+            (combined,) = METHODS["crm_combined"].compute(captures, rows([None]))
+            print(f"{arch:38s} {exporter:7s} prefix {compiled.split.prefix_tokens}  "
+                  f"crm {rel(crm.values, want[cls]):.1e} (f32 floor "
+                  f"{rel(floor[cls], want[cls]):.1e})  crm_combined "
+                  f"{rel(combined.values, want.sum(0)):.1e} (f32 floor "
+                  f"{rel(floor.sum(0), want.sum(0)):.1e})")
 
 
 def pgc_check(model: torch.nn.Module, x: torch.Tensor, gradcam: np.ndarray) -> float:
@@ -247,9 +317,16 @@ def make(out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "vit")
+    parser.add_argument("--check-real", action="store_true",
+                        help="write nothing; check CRM on timm's real 224² ViT/DeiT instead")
+    parser.add_argument("--exporter", action="append", choices=EXPORTERS,
+                        help="with --check-real (repeatable; default: both)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    make(args.out)
+    if args.check_real:
+        check_real(args.exporter or EXPORTERS)
+    else:
+        make(args.out)
 
 
 if __name__ == "__main__":
