@@ -141,6 +141,8 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("timm/resnet50", "timm", "resnet50"),
     Arch("tv/regnet_y_800mf", "torchvision", "regnet_y_800mf"),
     Arch("timm/deit_tiny_patch16_224", "timm", "deit_tiny_patch16_224"),
+    Arch("timm/deit_tiny_distilled_patch16_224", "timm", "deit_tiny_distilled_patch16_224"),
+    Arch("timm/swin_tiny_patch4_window7_224", "timm", "swin_tiny_patch4_window7_224"),
 )}
 DEFAULT_ARCHS = tuple(list(ARCHS)[:14])
 
@@ -813,7 +815,10 @@ def torch_refs(model, x, cls: int, acts, dtype):  # type: ignore[no-untyped-def]
     xt = x.to(dtype)
     res: dict[str, object] = {}
     c, h, w = acts.shape
-    mode = make_mode(guided=False, shapes=[(1, c, h, w), (1, h, w, c)])
+    # A transformer's target is the patch grid of tokens (1, prefix + h·w, C), prefix ≤ 16
+    # (service.graph.target.MAX_PREFIX_TOKENS): compared with the prefix dropped.
+    tokens = [(1, p + h * w, c) for p in range(17)]
+    mode = make_mode(guided=False, shapes=[(1, c, h, w), (1, h, w, c), *tokens])
     mode.name_modules(m)
     with mode:
         z = m(xt)
@@ -821,7 +826,9 @@ def torch_refs(model, x, cls: int, acts, dtype):  # type: ignore[no-untyped-def]
     best = None
     for rec in mode.records:
         v = rec["value"].double().numpy()[0]
-        if v.shape != (c, h, w):
+        if v.ndim == 2:
+            v = v[-h * w:].reshape(h, w, c).transpose(2, 0, 1)
+        elif v.shape != (c, h, w):
             v = v.transpose(2, 0, 1)
         err = rel_err(v, acts)
         rec["err"] = err
@@ -838,7 +845,9 @@ def torch_refs(model, x, cls: int, acts, dtype):  # type: ignore[no-untyped-def]
             (ga,) = torch.autograd.grad(z[0, cls], best["tensor"], retain_graph=False)
             a = best["value"].double()
             g = ga.double()
-            if a.shape[1:] != (c, h, w):
+            if a.dim() == 3:  # pytorch-grad-cam's ViT reshape_transform
+                a, g = (t[:, -h * w:].reshape(1, h, w, c).permute(0, 3, 1, 2) for t in (a, g))
+            elif a.shape[1:] != (c, h, w):
                 a, g = a.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)
             weights = g[0].mean(dim=(1, 2))
             res["gradcam"] = torch.relu(torch.einsum("c,chw->hw", weights, a[0])).numpy()
