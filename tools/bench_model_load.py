@@ -24,6 +24,8 @@ the other, so that neighbours' load on the CPU hits both alike:
 and records the RSS after each step (after handing the heap's free pages back): the weights held once, the compiled graphs, each
 session (with the engine's own options), each graph's first run. Target = 2.5 × file size
 + 150 MB (MB = 2^20 bytes), the requirement's bound on what a loaded, warmed-up model adds.
+``--options`` adds a fourth: the guided and fixations graphs' median run time under the
+engine's session options and under the earlier ones, interleaved in one process.
 """
 
 from __future__ import annotations
@@ -215,6 +217,53 @@ def breakdown_child(folder: Path, threads: int) -> dict[str, object]:
                                                 / 2**20, 1)}
 
 
+def options_child(folder: Path, threads: int, repeat: int) -> dict[str, object]:
+    """The guided and fixations graphs' run time under the engine's options against the
+    earlier ones (repacked guided graph, NCHWc layout for both), interleaved in one
+    process: the cost of their smaller sessions."""
+    sys.path.insert(0, str(ROOT))
+    import hashlib
+
+    import numpy as np
+
+    from service.graph import weights
+    from service.graph.build import GUIDED_PREFIX, Capability, compile_model
+    from service.models.repository import image_shape, read_config
+    from service.runtime.engine import session_options_for
+    from service.runtime.sessions import make_session
+
+    raw = (folder / "model.onnx").read_bytes()
+    model, _held = weights.offload(raw, folder, "model.onnx", hashlib.sha256(raw).hexdigest())
+    config = read_config(folder, model)
+    spec = config.input
+    shape = image_shape(spec.layout, spec.height, spec.width, spec.channels)
+    compiled = compile_model(model, layout=spec.layout, activation=config.activation.value,
+                             target_layer=config.target_layer, input_shape=shape)
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    k = compiled.backbone.graph.output[1].type.tensor_type.shape.dim[-1].dim_value
+    earlier = {Capability.GUIDED: {"prepack": True, "layout": True},
+               Capability.FIXATIONS: {"prepack": False, "layout": True}}
+    feeds = {Capability.GUIDED: {compiled.split.image: image,
+                                 f"{GUIDED_PREFIX}seed": np.eye(k, dtype=np.float32)[:1]},
+             Capability.FIXATIONS: {compiled.split.image: image}}
+    out: dict[str, object] = {}
+    for cap, before in earlier.items():
+        if cap not in compiled.graphs:
+            continue
+        runs = {kind: make_session(compiled.graphs[cap], ["CPUExecutionProvider"], threads,
+                                   **opts)
+                for kind, opts in (("earlier", before), ("now", session_options_for(cap)))}
+        times: dict[str, list[float]] = {kind: [] for kind in runs}
+        for round_ in range(repeat + 1):
+            for kind, session in runs.items():
+                t = time.perf_counter()
+                session.run(None, feeds[cap])
+                if round_:
+                    times[kind].append((time.perf_counter() - t) * 1e3)
+        out[str(cap)] = {kind: round(statistics.median(v), 1) for kind, v in times.items()}
+    return out
+
+
 # --- the driver ----------------------------------------------------------------------------
 
 
@@ -257,6 +306,10 @@ def main() -> int:
     ap.add_argument("--_plain", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_service", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_breakdown", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--_options", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--options", action="store_true",
+                    help="also time the guided and fixations graphs under the engine's "
+                         "options against the earlier ones")
     args = ap.parse_args()
     if args._plain:
         print(json.dumps(plain_child(args._plain)))
@@ -266,6 +319,9 @@ def main() -> int:
         return 0
     if args._breakdown:
         print(json.dumps(breakdown_child(args._breakdown, args.threads)))
+        return 0
+    if args._options:
+        print(json.dumps(options_child(args._options, args.threads, args.repeat)))
         return 0
     if args.export:
         export(args.export)
@@ -287,6 +343,10 @@ def main() -> int:
         if args.breakdown:
             row["breakdown"] = child("breakdown", folder, args)
             print(json.dumps({"model": folder.name, **row["breakdown"]}), flush=True)
+        if args.options:
+            row["options_ms"] = child("options", folder, args)
+            print(json.dumps({"model": folder.name, "options_ms": row["options_ms"]}),
+                  flush=True)
         results.append(row)
     print(f"\n| model | file MB | target MB | RSS after load | after warm-up | peak | load s "
           f"| plain s | ratio | forward ms | Grad-CAM ms | guided ms |\n|---|---:|---:|---:|---:|---:|---:"
