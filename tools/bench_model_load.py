@@ -140,10 +140,10 @@ def service_child(folder: Path, threads: int, repeat: int) -> dict[str, object]:
            "guided_backprop": calls.get("guided_backprop")}
     times: dict[str, list[float]] = {k: [] for k, f in hot.items() if f is not None}
     for _ in range(repeat):
-        for name in times:
+        for name, spent in times.items():
             t = time.perf_counter()
             hot[name]()  # type: ignore[misc]
-            times[name].append((time.perf_counter() - t) * 1e3)
+            spent.append((time.perf_counter() - t) * 1e3)
     out["hot_ms"] = {k: round(statistics.median(v), 1) for k, v in times.items()}
     out["rss_end_mb"] = round(rss_mb()[0] - rss0, 1)
     return out
@@ -158,12 +158,10 @@ def breakdown_child(folder: Path, threads: int) -> dict[str, object]:
 
     from service.graph import weights
     from service.graph.build import Capability, compile_model
-    from service.models.repository import image_shape, read_config
+    from service.models.repository import image_shape, load_model, read_config
     from service.runtime.engine import session_options_for
     from service.runtime.memory import keep_freed_memory, release_freed_memory
     from service.runtime.sessions import make_session
-
-    from service.models.repository import load_model
 
     keep_freed_memory()
     load_model(ROOT / "models" / "demo-cxr", providers=["CPUExecutionProvider"],
@@ -192,7 +190,7 @@ def breakdown_child(folder: Path, threads: int) -> dict[str, object]:
         mark(f"session {cap}")
     split = compiled.split
     image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    c, h, w = split.target_shape
+    _c, h, w = split.target_shape
     acts, _ = sessions[Capability.BACKBONE].run([split.target, split.logits],
                                                 {split.image: image})
     mark("run backbone")
@@ -348,9 +346,9 @@ def main() -> int:
             print(json.dumps({"model": folder.name, "options_ms": row["options_ms"]}),
                   flush=True)
         results.append(row)
-    print(f"\n| model | file MB | target MB | RSS after load | after warm-up | peak | load s "
-          f"| plain s | ratio | forward ms | Grad-CAM ms | guided ms |\n|---|---:|---:|---:|---:|---:|---:"
-          f"|---:|---:|---:|---:|---:|")
+    print("\n| model | file MB | target MB | RSS after load | after warm-up | peak | load s "
+          "| plain s | ratio | forward ms | Grad-CAM ms | guided ms |\n|---|---:|---:|---:|---:|---:|---:"
+          "|---:|---:|---:|---:|---:|")
     for row in results:
         ok = [r for r in row["rounds"] if "error" not in r]  # type: ignore[attr-defined]
         if not ok:

@@ -112,7 +112,7 @@ def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelPr
         with _registry_lock:
             # Another thread's load of the same file may have got there first: one copy.
             weights = _registry.setdefault(key, weights)
-    del files
+    files.clear()  # the memory maps of external data files
     for tensor, (_source, offset, length) in chosen:
         tensor.ClearField("raw_data")
         tensor.data_location = onnx.TensorProto.EXTERNAL
@@ -161,7 +161,7 @@ def _check_same(weights: Weights, chosen: list[tuple[onnx.TensorProto, tuple[str
     data file beside it are not, so they are compared.
     """
     if {tensor.name for tensor, _ in chosen} != set(weights.arrays):
-        raise ValueError(f"the weights of this model file are held already, with other "
+        raise ValueError("the weights of this model file are held already, with other "
                          "tensors")
     for tensor, (source, offset, length) in chosen:
         held = weights.arrays[tensor.name]

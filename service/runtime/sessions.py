@@ -123,7 +123,7 @@ def make_session(model: onnx.ModelProto | bytes | str, providers: list[str],
         # kernels are inline, that was 67 MB on ResNet-50. Without it a failing run
         # raises like any other ONNX Runtime error instead of rebuilding.
         session.disable_fallback()
-        session._model_bytes = None  # noqa: SLF001
+        session._model_bytes = None
     # The session reads the shared arrays for as long as it lives.
     session.shared_weights = shared  # type: ignore[attr-defined]
     return session

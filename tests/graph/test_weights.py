@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import json
 from pathlib import Path
@@ -116,7 +117,6 @@ def test_weights_no_longer_held_are_a_clear_error() -> None:
     _raw, skeleton, held = _offload("resnet")
     tensor = next(weights.offloaded(skeleton))
     del held
-    import gc  # noqa: PLC0415
     gc.collect()
     with pytest.raises(LookupError, match="are no longer loaded"):
         weights.to_array(tensor)
@@ -161,7 +161,6 @@ def test_the_same_file_loaded_twice_shares_one_copy_and_outlives_either() -> Non
     _raw, second, again = _offload()
     assert again is held
     del second, again
-    import gc  # noqa: PLC0415
     gc.collect()
     shape = (1, *MANIFEST["vgg"]["input_shape"])
     compiled = compile_model(first, layout=Layout.NCHW, input_shape=shape)
