@@ -224,8 +224,9 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "max_ongoing_requests": min(max(settings.max_concurrency, settings.max_batch_size),
                                     settings.max_concurrency + settings.max_queue),
         # Overload as the plain server answers it: beyond MAX_QUEUE waiting (per proxy),
-        # 503 with Retry-After: 1, said by Ray's proxy (its body is plain text, not
-        # problem+json). Ray has no queue of 0 (MAX_QUEUE=0: no waiting): one is the least.
+        # 503 with Retry-After: 1, said by Ray (in plain text, which ProblemOverload turns
+        # into problem+json). Ray has no queue of 0 (MAX_QUEUE=0: no waiting): one is the
+        # least.
         "max_queued_requests": max(settings.max_queue, 1),
         "backpressure_config": {"status_code": 503, "retry_after_s": OVERLOAD_RETRY_AFTER_S},
         "logging_config": {"enable_access_log": settings.ray_access_log},
