@@ -63,12 +63,11 @@ LOCAL_SYSTEM_CONFIG = {"automatic_object_spilling_enabled": False}
 SERVE_ENV: dict[str, str] = {
     # Ray's HTTP servers (its proxies, or the replicas under direct ingress) put these
     # middlewares in front: Ray's own overload answer becomes the service's problem+json.
+    # Not set: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (the app on the replica's own
+    # event loop) took 2-3 ms off a no-op app here but nothing measurable off the app's
+    # smallest request (BENCHMARKS.md), and would put the app beside Serve's control work.
     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
         "service.scaleout.ray_serve:proxy_middlewares",
-    # The app is asynchronous (its CPU work runs in its own threads): run it on the
-    # replica's event loop instead of a second loop in a thread of its own, which costs a
-    # hand-over between the two loops for each ASGI message (2-3 ms a request here).
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
 # ray_ingress = "haproxy": Ray 2.60's experimental direct ingress. HAProxy listens on
 # host:port and balances over the replicas, each serving HTTP on a port of its own
