@@ -173,6 +173,9 @@ def run() -> dict[str, Any]:
             "sequential": [_answer(r) for r in sequential],
             "overload": [_answer(r) for r in overload],
             "timings": timings,
+            # What every process of both nodes names in its command line: the test looks
+            # for any left running once this process has exited.
+            "ray_tmpdir": temp,
         }
     finally:
         ray.shutdown()  # the driver first; the cluster's processes then go with the nodes
