@@ -69,10 +69,11 @@ SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
         "service.scaleout.ray_serve:proxy_middlewares",
 }
-# ray_ingress = "haproxy": Ray 2.60's experimental direct ingress. HAProxy listens on
-# host:port and balances over the replicas, each serving HTTP on a port of its own
-# (30000-31000); Serve's proxy actors are not started. HAProxy's Prometheus exporter
-# (port 9101) is switched off; its stats page (port 8404, all interfaces) cannot be.
+# ray_ingress = "haproxy": Ray 2.60's HAProxy ingress (Ray's KubeRay guide "Enable High
+# Throughput on Ray Serve"), with direct ingress: HAProxy listens on host:port and
+# balances over the replicas, each serving HTTP on a port of its own (30000-31000); Serve's
+# proxy actors are not started. HAProxy's Prometheus exporter (port 9101) is switched off;
+# its stats page (port 8404, all interfaces) cannot be.
 HAPROXY_ENV: dict[str, str] = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
