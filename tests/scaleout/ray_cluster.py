@@ -1,6 +1,6 @@
 """Two Ray nodes on loopback, the app served by two replicas, one per node; answers as JSON.
 
-    python -m tests.scaleout.ray_cluster OUT.json
+    python -m tests.scaleout.ray_cluster OUT.json [proxy|haproxy]
 
 Run by tests/scaleout/test_ray.py inside a network namespace that has only loopback
 (``unshare -n``, then ``ip link set lo up``): Ray binds its control plane to the machine's
@@ -115,7 +115,7 @@ def _answered_by(ray_dir: Path) -> dict[str, str]:
     return answered
 
 
-def run() -> dict[str, Any]:
+def run(ingress: str = "proxy") -> dict[str, Any]:
     # Imported here: the test imports this module for its requests only, and Ray stays out
     # of the test process (importing ray.serve warns under pytest's warnings-as-errors).
     import ray
@@ -133,9 +133,11 @@ def run() -> dict[str, Any]:
     # folder it does not create when the session lives elsewhere: keep that ours as well.
     os.environ["RAY_TMPDIR"] = temp
     os.makedirs(os.path.join(temp, "ray"))
-    # Serve's switches, as `serve --ray` gives a local cluster (and the manifest its pods):
-    # the nodes' processes inherit them.
-    os.environ.update(ray_serve.SERVE_ENV)
+    # Serve's switches, as `serve --ray` gives a local cluster (and the manifest its pods),
+    # for the ingress asked for: the nodes' processes inherit them.
+    haproxy_dir = os.path.join(temp, "hx")
+    os.makedirs(haproxy_dir)
+    os.environ.update(ray_serve.local_cluster_env(Settings(ray_ingress=ingress), haproxy_dir))
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "temp_dir": temp, "_system_config": ray_serve.LOCAL_SYSTEM_CONFIG})
     try:
@@ -185,7 +187,7 @@ def run() -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     out = Path(argv[1])
-    out.write_text(json.dumps(run()), encoding="utf-8")
+    out.write_text(json.dumps(run(*argv[2:3])), encoding="utf-8")
     return 0
 
 
