@@ -115,7 +115,7 @@ def access_latencies(tmpdir: Path) -> dict[str, float]:
     ``replica_*.log`` the replicas'.
     """
     found: dict[str, list[float]] = {}
-    for log in tmpdir.glob("ray/session_*/logs/serve/*.log"):
+    for log in tmpdir.glob("ray/*/logs/serve/*.log"):
         kind = "proxy" if log.name.startswith("proxy_") else (
             "replica" if log.name.startswith("replica_") else None)
         if kind is None:
