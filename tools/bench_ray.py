@@ -115,7 +115,9 @@ def access_latencies(tmpdir: Path) -> dict[str, float]:
     ``replica_*.log`` the replicas'.
     """
     found: dict[str, list[float]] = {}
-    for log in tmpdir.glob("ray/*/logs/serve/*.log"):
+    # Ray's folder per cluster start, without the "_latest" link to the same one.
+    starts = [d for d in (tmpdir / "ray").iterdir() if d.is_dir() and not d.is_symlink()]
+    for log in (log for d in starts for log in (d / "logs" / "serve").glob("*.log")):
         kind = "proxy" if log.name.startswith("proxy_") else (
             "replica" if log.name.startswith("replica_") else None)
         if kind is None:
