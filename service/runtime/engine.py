@@ -49,7 +49,7 @@ def session_options_for(cap: Capability) -> dict[str, bool]:
     faster with it on VGG-16, ResNet-50 and DenseNet-121.
     Measured in BENCHMARKS.md, "Load memory".
     """
-    return {"prepack": cap is Capability.BACKBONE, "layout": cap not in RARELY_USED}
+    return {"prepack": cap is Capability.BACKBONE, "layout": cap is not Capability.FIXATIONS}
 
 
 class Engine:
