@@ -42,12 +42,11 @@ def session_options_for(cap: Capability) -> dict[str, bool]:
     graphs compute with the shared weights; packed, the guided graph alone held 1.2 GB on
     VGG-16 beside the 0.51 GB of shared weights.
 
-    The graphs few requests use (guided backprop, CNN Fixations) run without the NCHWc
-    layout: its reordered convolution weights are one more copy of the network's
-    convolutions per session, two for the guided graph (forward and flipped kernels),
-    e.g. 0.1 + 0.2 GB on ResNet-50. The backbone keeps it: its forward pass is 1.3-1.9×
-    faster with it on VGG-16, ResNet-50 and DenseNet-121.
-    Measured in BENCHMARKS.md, "Load memory".
+    CNN Fixations runs without the NCHWc layout: its reordered convolution weights are one
+    more copy of the network's convolutions (0.1 GB on ResNet-50), and a graph exposing
+    every layer converts back at each of them anyway. The guided graph keeps it: its
+    forward pass stands in for the backbone's on guided requests and must give the same
+    bits (im2col convolutions round differently). Measured in BENCHMARKS.md, "Load memory".
     """
     return {"prepack": cap is Capability.BACKBONE, "layout": cap is not Capability.FIXATIONS}
 
