@@ -982,7 +982,7 @@ def test_declared_gradient_shapes_agree_with_shape_inference() -> None:
     """No declared gradient type contradicts what ONNX's strict shape inference derives,
     over every case whose forward model passes it."""
     checked = 0
-    for name, case in CASES.items():
+    for case in CASES.values():
         forward = case.model(np.float32 if case.ort else np.float64)
         try:
             onnx.shape_inference.infer_shapes(forward, strict_mode=True)
