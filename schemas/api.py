@@ -106,7 +106,8 @@ class InputInfo(BaseModel):
 
 
 class TargetLayerInfo(BaseModel):
-    name: str
+    name: str = Field(description="the ONNX tensor; for a vision transformer its token "
+                      "tensor (B, prefix + h·w, C), whose patch grid the shape gives")
     shape: list[int] = Field(description="[channels, height, width]")
     detected: bool = Field(description="true when auto-detected, false when set in model.toml")
 

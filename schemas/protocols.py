@@ -6,33 +6,51 @@ Members are named as the protocols name them, so their clients read them unchang
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.json_schema import SkipJsonSchema
 
 # ---- KServe V1 ----
+
+
+# Base64 text: the document says so (OpenAPI 3.1's contentEncoding, 3.0's format byte).
+BASE64: dict[str, Any] = {"type": "string", "contentEncoding": "base64", "format": "byte"}
 
 
 # TensorFlow Serving's encoding of binary data in JSON: {"b64": "<base64>"}.
 class B64(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    b64: str = Field(description="the encoded image (DICOM, PNG or JPEG), base64")
+    b64: Annotated[str, WithJsonSchema(BASE64)] = Field(
+        description="the encoded image (DICOM, PNG or JPEG), base64")
 
 
 # One instance: {"image_bytes": {"b64": ...}} as TF-Serving and KServe image models take
-# it, or the bare {"b64": ...} of a model with one input.
-class V1Instance(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# it, or the bare {"b64": ...} of a model with one input; exactly one of the two, not null.
+def _one_image(schema: dict[str, Any]) -> None:
+    """Exactly one of the members, neither with a default: absent is not null."""
+    for member in schema["properties"].values():
+        member.pop("default", None)
+    schema["oneOf"] = [{"required": ["image_bytes"]}, {"required": ["b64"]}]
 
-    image_bytes: B64 | None = None
-    b64: str | None = None
+
+class V1Instance(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_image)
+
+    # Null is no image: the document allows neither member to be null (SkipJsonSchema), and
+    # the route refuses one that is.
+    image_bytes: B64 | SkipJsonSchema[None] = None
+    b64: Annotated[str, WithJsonSchema(BASE64)] | SkipJsonSchema[None] = None
 
 
 class V1Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instances: list[V1Instance] = Field(description="one entry per image")
+    instances: list[V1Instance] = Field(
+        description="one entry per image: at least one, at most the service's "
+                    "max_instances (the document served states it as maxItems)",
+        json_schema_extra={"minItems": 1})
 
 
 class V1ModelsResponse(BaseModel):
@@ -141,7 +159,7 @@ class V2InferResponse(BaseModel):
 
 
 __all__ = [
-    "B64", "V1ExplainResponse", "V1Instance", "V1ModelReady", "V1ModelsResponse",
+    "B64", "BASE64", "V1ExplainResponse", "V1Instance", "V1ModelReady", "V1ModelsResponse",
     "V1PredictResponse", "V1Request", "V2InferRequest", "V2InferResponse", "V2Live",
     "V2ModelMetadata", "V2ModelReady", "V2Ready", "V2RequestInput", "V2RequestOutput",
     "V2ResponseOutput", "V2ServerMetadata", "V2TensorMetadata",

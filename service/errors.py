@@ -65,6 +65,23 @@ class InvalidInferenceRequest(BadInput):
     title = "Invalid inference request"
 
 
+class TensorMismatch(InvalidInferenceRequest):
+    """Raised when an Open Inference Protocol V2 FP32 tensor does not fit the model: its
+    shape is not the network input's, its data do not fill its shape, or the model is an
+    ensemble (each member has its own input)."""
+
+    code = "tensor_mismatch"
+    title = "Tensor does not fit the model"
+
+
+class OutputNotComputed(InvalidInferenceRequest):
+    """Raised when an Open Inference Protocol V2 request asks for an output its parameters
+    do not compute (a method's map without that method in ``methods``)."""
+
+    code = "output_not_computed"
+    title = "Output not computed"
+
+
 class UnsupportedMediaType(ServiceError):
     """Raised when the content type (or sniffed format) is not one the service decodes."""
 
@@ -119,6 +136,29 @@ class TooManyFrames(InvalidParameter):
 
     code = "too_many_frames"
     title = "Too many frames"
+
+
+class RepeatedParameter(InvalidParameter):
+    """Raised when a parameter is given more than once (twice in the query, or as a query
+    parameter and a form field): no value is silently preferred."""
+
+    code = "repeated_parameter"
+    title = "Repeated parameter"
+
+
+class FrameOutOfRange(InvalidParameter):
+    """Raised when ``frame`` names a frame the uploaded image does not have."""
+
+    code = "frame_out_of_range"
+    title = "Frame out of range"
+
+
+class IncompatibleParameters(InvalidParameter):
+    """Raised when parameters that are each valid cannot be used together (size=feature
+    with a method whose map is on the input grid, or with an ensemble)."""
+
+    code = "incompatible_parameters"
+    title = "Incompatible parameters"
 
 
 class UnknownLabel(InvalidParameter):

@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None, *,
     app = FastAPI(title="medexplain", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None,
                   generate_unique_id_function=docs.operation_id)
-    app.openapi = lambda: docs.openapi_document(app)  # type: ignore[method-assign]
+    app.openapi = lambda: docs.openapi_document(app, settings)  # type: ignore[method-assign]
     problems.install(app)
     app.include_router(explain.router)
     app.include_router(models.router)

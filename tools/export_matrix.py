@@ -141,6 +141,8 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("timm/resnet50", "timm", "resnet50"),
     Arch("tv/regnet_y_800mf", "torchvision", "regnet_y_800mf"),
     Arch("timm/deit_tiny_patch16_224", "timm", "deit_tiny_patch16_224"),
+    Arch("timm/deit_tiny_distilled_patch16_224", "timm", "deit_tiny_distilled_patch16_224"),
+    Arch("timm/swin_tiny_patch4_window7_224", "timm", "swin_tiny_patch4_window7_224"),
 )}
 DEFAULT_ARCHS = tuple(list(ARCHS)[:14])
 
@@ -688,9 +690,15 @@ def _guided_fn():  # type: ignore[no-untyped-def]
     return _GuidedRectifier
 
 
-def make_mode(*, guided: bool, shapes: Sequence[tuple[int, ...]] = ()):  # type: ignore[no-untyped-def]
+def make_mode(*, guided: bool, shapes: Sequence[tuple[int, ...]] = (),
+              replace=None):  # type: ignore[no-untyped-def]
     """A TorchFunctionMode that records outputs of the given shapes (with the module path
-    and op that made them) and, when ``guided``, applies the guided rule to rectifiers."""
+    and op that made them) and, when ``guided``, applies the guided rule to rectifiers.
+
+    ``replace(index, tensor)``, when given, is called on each output of those shapes (its
+    index: the count of such outputs before it) and returns what the network goes on with
+    (e.g. a masked copy of the target, for CRM's re-evaluation of the real head).
+    """
     import inspect
 
     import torch
@@ -768,6 +776,8 @@ def make_mode(*, guided: bool, shapes: Sequence[tuple[int, ...]] = ()):  # type:
                     args = (*args[:-1], False)
                 out = func(*args, **kwargs)
             if shapes and isinstance(out, torch.Tensor) and tuple(out.shape) in shapes:
+                if replace is not None:
+                    out = replace(len(self.records), out)
                 self.records.append({"tensor": out, "version": out._version,
                                      "value": out.detach().clone(),
                                      "op": getattr(func, "__qualname__", None) or str(func),
@@ -805,7 +815,10 @@ def torch_refs(model, x, cls: int, acts, dtype):  # type: ignore[no-untyped-def]
     xt = x.to(dtype)
     res: dict[str, object] = {}
     c, h, w = acts.shape
-    mode = make_mode(guided=False, shapes=[(1, c, h, w), (1, h, w, c)])
+    # A transformer's target is the patch grid of tokens (1, prefix + h·w, C), prefix ≤ 16
+    # (service.graph.target.MAX_PREFIX_TOKENS): compared with the prefix dropped.
+    tokens = [(1, p + h * w, c) for p in range(17)]
+    mode = make_mode(guided=False, shapes=[(1, c, h, w), (1, h, w, c), *tokens])
     mode.name_modules(m)
     with mode:
         z = m(xt)
@@ -813,7 +826,9 @@ def torch_refs(model, x, cls: int, acts, dtype):  # type: ignore[no-untyped-def]
     best = None
     for rec in mode.records:
         v = rec["value"].double().numpy()[0]
-        if v.shape != (c, h, w):
+        if v.ndim == 2:
+            v = v[-h * w:].reshape(h, w, c).transpose(2, 0, 1)
+        elif v.shape != (c, h, w):
             v = v.transpose(2, 0, 1)
         err = rel_err(v, acts)
         rec["err"] = err
@@ -825,11 +840,14 @@ def torch_refs(model, x, cls: int, acts, dtype):  # type: ignore[no-untyped-def]
     if best is not None:
         res["target_act_err"] = best["err"]
         res["torch_target"] = f"{best['module']} -> {best['op']} (#{best['index']})"
+        res["target_index"] = best["index"]
         if best["err"] <= ACT_TOL:
             (ga,) = torch.autograd.grad(z[0, cls], best["tensor"], retain_graph=False)
             a = best["value"].double()
             g = ga.double()
-            if a.shape[1:] != (c, h, w):
+            if a.dim() == 3:  # pytorch-grad-cam's ViT reshape_transform
+                a, g = (t[:, -h * w:].reshape(1, h, w, c).permute(0, 3, 1, 2) for t in (a, g))
+            elif a.shape[1:] != (c, h, w):
                 a, g = a.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)
             weights = g[0].mean(dim=(1, 2))
             res["gradcam"] = torch.relu(torch.einsum("c,chw->hw", weights, a[0])).numpy()

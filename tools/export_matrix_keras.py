@@ -32,6 +32,13 @@ LeakyReLU, PReLU layers, Activation(relu/relu6/leaky_relu) and layers built with
 ``activation="relu"``; a ReLU layer fed by an ``x + 3`` op (Keras' hard-sigmoid,
 ``relu6(x + 3) / 6``, inside MobileNetV3's hard-swish) is not a rectifier. The float32 model
 gives the float32 floor of each error.
+
+An export whose graph still holds TensorFlow ops (nodes no ONNX schema defines) is invalid
+ONNX: no runtime loads it, so the row stops at the export with the ops, their counts and
+why tf2onnx leaves them (``UNCONVERTED``). ConvNeXtTiny is one, through every tf2onnx
+route (``from_keras``, ``from_function`` with an input signature, a SavedModel through
+``python -m tf2onnx.convert --saved-model``, and Keras' own export, which calls
+``from_function``): see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -58,6 +65,19 @@ DEFAULT_ARCHS = ARCHS[:5]
 EXPORTERS = ("tf2onnx", "keras")
 SIZE = 224
 SEED = em.SEED
+# Why tf2onnx (1.17) leaves a TensorFlow op in the graph, for those these applications hit.
+UNCONVERTED = {
+    # keras/src/backend/tensorflow/nn.py conv(): "grouped convolutions are broken on CPU
+    # without XLA", so a Conv2D with groups > 1 (ConvNeXt's 7×7 depthwise convolution,
+    # Conv2D(groups=C)) runs in a tf.function(jit_compile=True). The frozen graph keeps
+    # that as a call marked _XlaMustCompile, which tf2onnx has no conversion for
+    # (onnx/tensorflow-onnx#2099, #2347).
+    "StatefulPartitionedCall": "XLA-compiled grouped Conv2D",
+    "PartitionedCall": "XLA-compiled grouped Conv2D",
+    # Exact GELU: tf.nn.gelu(approximate=False) is 0.5·x·erfc(−x/√2); tf2onnx converts Erf
+    # but not Erfc.
+    "Erfc": "exact GELU's erfc",
+}
 
 
 def _env() -> None:
@@ -121,6 +141,18 @@ def export(model, path: Path, exporter: str) -> None:  # type: ignore[no-untyped
         model.export(str(path), format="onnx", verbose=False)
     else:
         raise ValueError(exporter)
+
+
+def unconverted_ops(path: Path) -> dict[str, int]:
+    """Ops of the exported graph's default domain that no ONNX schema defines (TensorFlow
+    ops tf2onnx left as they were), with their counts. Other domains (ONNX Runtime's
+    contrib ops) are a runtime's business, not checked here."""
+    from collections import Counter
+
+    import onnx
+    proto = onnx.load(str(path), load_external_data=False)
+    return dict(Counter(n.op_type for n in proto.graph.node
+                        if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)))
 
 
 def _producer(layer):  # type: ignore[no-untyped-def]
@@ -286,6 +318,13 @@ def row_worker(spec_path: Path) -> None:
         res["export_s"] = round(time.perf_counter() - t, 1)
         res["onnx_mb"] = round(sum(p.stat().st_size for p in mdir.iterdir()) / 2**20, 1)
         res.update(em.onnx_facts(onnx_path))
+        left = unconverted_ops(onnx_path)
+        if left:
+            res["export_error"] = "TF ops left: " + ", ".join(
+                f"{op} ×{n} ({UNCONVERTED.get(op, 'no tf2onnx conversion')})"
+                for op, n in sorted(left.items()))
+            save()
+            return
         (mdir / "model.toml").write_text(em.model_toml(
             (SIZE, SIZE), mean=(0.0, 0.0, 0.0), std=(1 / 255.0,) * 3, layout="NHWC"))
         np.savez(folder / "input.npz", x=x, cls=np.int64(cls))

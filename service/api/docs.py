@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,16 +28,21 @@ from pydantic import BaseModel
 
 from schemas import Problem
 from service.api.request import PredictParams, parameter_schemas
+from service.config import Settings
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
-def upload_operation(kind: type[PredictParams]) -> dict[str, Any]:
-    """``openapi_extra`` for a route taking an image as a raw body or multipart upload,
-    with ``kind``'s parameters as query parameters or form fields."""
+IMAGE_TYPES = ("application/dicom", "image/png", "image/jpeg")
+
+
+def upload_operation(kind: type[PredictParams],
+                     media_types: tuple[str, ...] = IMAGE_TYPES) -> dict[str, Any]:
+    """``openapi_extra`` for a route taking an image (one of ``media_types``) as a raw body
+    or multipart upload, with ``kind``'s parameters as query parameters or form fields."""
     params = parameter_schemas(kind)
     form_props: dict[str, Any] = {"file": {"type": "string", "format": "binary",
-                                           "description": "DICOM, PNG or JPEG"}}
+                                           "description": " or ".join(media_types)}}
     # No defaults on the form fields: generators fill in a declared default and send it,
     # and with the query parameter's default also sent, the parameter would come twice.
     form_props.update({name: {k: v for k, v in schema.items() if k != "default"}
@@ -49,14 +55,18 @@ def upload_operation(kind: type[PredictParams]) -> dict[str, Any]:
         "requestBody": {
             "required": True,
             "description": "the image: a raw body with its media type, or multipart/form-data "
-                           "with a 'file' part and the parameters as fields (each parameter "
-                           "once: as a query parameter or a form field)",
+                           "with a 'file' part and the parameters as fields. The server "
+                           "refuses a field it does not know (422 invalid_parameter) and a "
+                           "parameter given twice, as a query parameter and a form field or "
+                           "repeated (422 repeated_parameter); bytes that are not the image "
+                           "they claim to be get 400 (invalid_image, invalid_dicom) or 415 "
+                           "(unsupported_media_type).",
             "content": {
-                "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                                   "properties": form_props}},
-                "application/dicom": BINARY,
-                "image/png": BINARY,
-                "image/jpeg": BINARY,
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["file"],
+                               "properties": form_props, "additionalProperties": False},
+                    "encoding": {"file": {"contentType": ", ".join(media_types)}}},
+                **{media: BINARY for media in media_types},
             },
         },
     }
@@ -67,15 +77,32 @@ def _problem(description: str) -> dict[str, Any]:
             "content": {"application/problem+json": {}}}
 
 
+# Each status with the problem codes it carries. The 4xx that depend on run-time state,
+# which no schema can state, are here: the served models (404 unknown_model), the model's
+# labels and methods (422 unknown_label, unknown_method), what the image bytes hold (400,
+# 413, 415; 422 frame_out_of_range, too_many_frames, dicom_not_accepted).
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: _problem("the image or body cannot be read (invalid_image, invalid_dicom, ...)"),
+    400: _problem("the image or body cannot be read (invalid_image, invalid_dicom, "
+                  "invalid_multipart, empty_body, invalid_inference_request); an Open "
+                  "Inference Protocol tensor that does not fit the model (tensor_mismatch) "
+                  "or an output the request does not compute (output_not_computed)"),
     401: _problem("API keys are configured and the request has none or a wrong one"),
     408: _problem("the body arrived slower than the minimum rate (body_timeout)"),
-    404: _problem("unknown model"),
+    404: _problem("no served model has that name (unknown_model), or that version"),
     413: _problem("the upload, its pixel count or the memory its decoding would take is "
                   "over the limit (payload_too_large, decode_budget_exceeded)"),
-    415: _problem("unsupported media type, or DICOM without pixel data"),
-    422: _problem("a parameter has a bad value (unknown method or label, ...)"),
+    415: _problem("the bytes are not PNG, JPEG or DICOM, or the media type is not one of "
+                  "them (unsupported_media_type), DICOM without pixel data "
+                  "(dicom_without_pixels), or a transfer syntax no decoder reads "
+                  "(unsupported_transfer_syntax)"),
+    422: _problem("a parameter is refused: a value outside the document's schema or an "
+                  "unknown or repeated parameter (invalid_parameter, repeated_parameter, "
+                  "unknown_method), a class that is not the model's (unknown_label), a "
+                  "method the model cannot serve (unknown_method), a frame the image does "
+                  "not have (frame_out_of_range), parameters that do not go together "
+                  "(incompatible_parameters), a DICOM with more frames than the limit "
+                  "(too_many_frames) or one the model is not meant for "
+                  "(dicom_not_accepted)"),
     503: _problem("overloaded, draining or timed out (retry after the Retry-After header's "
                   "seconds), or the model failed to load (model_unavailable)"),
 }
@@ -157,20 +184,24 @@ def operation_id(route: APIRoute) -> str:
 
 _PROBLEM_REF: Final[dict[str, str]] = {"$ref": "#/components/schemas/Problem"}
 _COMPONENTS: Final[str] = "#/components/schemas/{model}"
-# Bodies that routes parse by hand (so FastAPI does not see them), added to the components.
-_BODY_MODELS: list[type[BaseModel]] = []
+# Bodies that routes parse by hand (so FastAPI does not see them), added to the components,
+# each with the function that states in the components what the route checks by hand.
+Refine = Callable[[dict[str, Any], Settings], None]
+_BODY_MODELS: dict[type[BaseModel], Refine | None] = {}
 
 
-def body_schema(model: type[BaseModel]) -> dict[str, str]:
+def body_schema(model: type[BaseModel], refine: Refine | None = None) -> dict[str, str]:
     """A reference to ``model``'s schema for a hand-parsed request body's ``openapi_extra``;
-    :func:`openapi_document` adds the schema to the components."""
-    if model not in _BODY_MODELS:
-        _BODY_MODELS.append(model)
+    :func:`openapi_document` adds the schema to the components, then calls ``refine`` with
+    the components and the settings: the constraints the route checks beyond the model's
+    (limits from the settings, rules the route applies by hand)."""
+    _BODY_MODELS.setdefault(model, refine)
     return {"$ref": _COMPONENTS.format(model=model.__name__)}
 
 
-def openapi_document(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document with errors declared as they are sent: problem+json.
+def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """FastAPI's document with errors declared as they are sent: problem+json, and the
+    hand-parsed bodies as their routes check them (:func:`body_schema`).
 
     FastAPI lists a ``model`` under ``application/json`` whatever the response's media
     type, and adds a 422 ``HTTPValidationError`` that this service never sends (its
@@ -193,6 +224,9 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=_COMPONENTS)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    for refine in _BODY_MODELS.values():
+        if refine is not None:
+            refine(schemas, settings)
     text = json.dumps(document["paths"])
     for unused in ("HTTPValidationError", "ValidationError"):
         if unused in schemas and f"/{unused}\"" not in text:

@@ -2,13 +2,17 @@
 
 Query parameters and multipart form fields are the same parameters; both are read from
 strings by these models, which also give the OpenAPI document its parameter and form
-schemas (:func:`parameter_schemas`). A parameter given twice (in the query and as a form
-field, or twice in one of them) is refused rather than one silently preferred.
+schemas (:func:`parameter_schemas`): what the models check is what the document states
+(enums, patterns, bounds, lengths), so a value the document allows is never refused for its
+form. Values are read as sent: enum values and method names in lower case, an empty value
+only where the document allows one (``model``, ``classes``, ``window``: the default). A
+parameter given twice (in the query and as a form field, or twice in one of them) is
+refused rather than one silently preferred.
 """
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -28,11 +32,39 @@ from starlette.requests import Request
 
 from service.api.body import read_body, read_form
 from service.config import Settings
-from service.errors import EmptyBody, InvalidParameter, UnknownMethod
+from service.errors import EmptyBody, InvalidParameter, RepeatedParameter, UnknownMethod
 from service.methods import METHODS, Target
 from service.outputs import DICOM_OUTPUTS, DicomObject
 from service.outputs.render import Encoding, Size
 from service.pipeline import ExplainOptions
+
+# Every parameter's value is at most this many characters (a comma list of many labels
+# fits); the document states it as maxLength.
+MAX_VALUE_CHARS = 10_000
+
+
+def _one_of(names: Iterable[str]) -> str:
+    return "(?:" + "|".join(re.escape(name) for name in names) + ")"
+
+
+def _comma_list_of(item: str) -> str:
+    """A pattern for a comma list of ``item``; spaces around the items are allowed."""
+    return f"^ *{item} *(?:, *{item} *)*$"
+
+
+# The patterns are both the document's (ECMA 262, as JSON Schema reads them) and what the
+# server checks (re.fullmatch): explicit ASCII classes only, as Python's \d and \s also
+# match non-ASCII digits and spaces, and ECMA's do not.
+METHODS_PATTERN = _comma_list_of(_one_of(METHODS))
+_NUMBER = r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,2})?"
+# A number > 0: a non-zero digit in the integer or the fraction part. The digit and exponent
+# counts are bounded, so both numbers are finite and the width never rounds to 0.
+_POSITIVE = (r"\+?(?:[0-9]{0,20}[1-9][0-9]{0,20}(?:\.[0-9]{0,20})?"
+             r"|[0-9]{0,20}\.[0-9]{0,20}[1-9][0-9]{0,20})(?:[eE][+-]?[0-9]{1,2})?")
+# Empty: the file's own VOI LUT or window, as when absent.
+WINDOW_PATTERN = f"^(?:|none|{_NUMBER} *, *{_POSITIVE})$"
+_WINDOW = re.compile(WINDOW_PATTERN)
+_METHODS = re.compile(METHODS_PATTERN)
 
 
 def _comma_list(value: object) -> object:
@@ -41,19 +73,41 @@ def _comma_list(value: object) -> object:
     return value
 
 
+def _empty_is_default(value: object) -> object:
+    """'' means the parameter's default (None) for the free-text parameters."""
+    return None if value == "" else value
+
+
+def _methods(value: object) -> object:
+    """A comma list as the pattern states it (or, from Python, a sequence of names) → the
+    names, each once, in order."""
+    if isinstance(value, str):
+        names = [item.strip(" ") for item in value.split(",")]
+        valid = bool(_METHODS.fullmatch(value))
+    elif isinstance(value, tuple | list):
+        names = list(value)
+        valid = bool(names) and all(name in METHODS for name in names)
+    else:
+        return value
+    if not valid:
+        unknown = next((n for n in names if n not in METHODS), value)
+        raise PydanticCustomError(
+            "unknown_method", "unknown method {name}; available: {available}",
+            {"name": repr(str(unknown)[:100]), "available": ", ".join(METHODS)})
+    return tuple(dict.fromkeys(names))
+
+
 def _window(value: object) -> object:
-    """'center,width' → (center, width); 'none' stays; anything else is refused."""
+    """'center,width' → (center, width); 'none' stays; '' is None (the file's own); anything
+    else is refused."""
     if not isinstance(value, str):
         return value
-    text = value.strip().lower()
-    if text == "none":
-        return "none"
-    try:
-        center, width = (float(v) for v in text.split(","))
-    except ValueError:
-        raise PydanticCustomError("window", "must be 'center,width' or 'none'") from None
-    if not (width > 0 and math.isfinite(center) and math.isfinite(width)):
-        raise PydanticCustomError("window", "window width must be > 0 and both values finite")
+    if not _WINDOW.fullmatch(value):
+        raise PydanticCustomError(
+            "window", "must be 'center,width' (numbers, width > 0) or 'none'")
+    if value in ("", "none"):
+        return value or None
+    center, width = (float(v) for v in value.split(","))
     return (center, width)
 
 
@@ -61,41 +115,46 @@ CommaList = Annotated[tuple[str, ...], BeforeValidator(_comma_list)]
 Window = Annotated[
     tuple[float, float] | Literal["none"] | None,
     BeforeValidator(_window),
-    WithJsonSchema({"type": "string", "examples": ["40,400", "none"]}),
+    WithJsonSchema({"type": "string", "pattern": WINDOW_PATTERN, "maxLength": MAX_VALUE_CHARS,
+                    "examples": ["40,400", "none"]}),
 ]
 
 
 class PredictParams(BaseModel):
     """What /predict takes besides the image; /explain takes these too."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False,
-                              str_max_length=10_000)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    model: Annotated[str | None, WithJsonSchema({"type": "string"})] = Field(
-        None, description="model name; default: the default model")
-    frame: int = Field(0, ge=0, le=2**31 - 1, description="0-based frame of a multi-frame DICOM")
+    model: Annotated[str | None, BeforeValidator(_empty_is_default),
+                     WithJsonSchema({"type": "string", "maxLength": MAX_VALUE_CHARS})] = Field(
+        None, description="model name (404 unknown_model when no served model has it); "
+                          "empty or absent: the default model")
+    frame: int = Field(0, ge=0, le=2**31 - 1,
+                       description="0-based frame of a multi-frame DICOM (422 "
+                                   "frame_out_of_range past the upload's last frame; PNG and "
+                                   "JPEG have frame 0 only)")
     window: Window = Field(
-        None, description="DICOM window 'center,width' overriding the file's VOI LUT/window, "
-                          "or 'none' for min-max scaling")
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _case_insensitive_enums(cls, value: object, info: Any) -> object:
-        annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, str) and isinstance(annotation, type) and issubclass(annotation,
-                                                                                   Enum):
-            return value.strip().lower()
-        return value
+        None, description="DICOM window 'center,width' (width > 0) overriding the file's VOI "
+                          "LUT/window, or 'none' for min-max scaling; empty or absent: the "
+                          "file's own")
 
 
 class ExplainParams(PredictParams):
     """What /explain takes besides the image."""
 
-    methods: Annotated[CommaList, WithJsonSchema({"type": "string"})] = Field(
-        ("gradcam", "crm"), description=f"comma list of {', '.join(METHODS)}")
-    classes: Annotated[CommaList | None, WithJsonSchema({"type": "string"})] = Field(
-        None, description="comma list of labels or indices; default: labels with "
-                          "score >= score_threshold, at least the top one")
+    methods: Annotated[tuple[str, ...], BeforeValidator(_methods),
+                       WithJsonSchema({"type": "string", "pattern": METHODS_PATTERN,
+                                       "maxLength": MAX_VALUE_CHARS})] = Field(
+        ("gradcam", "crm"),
+        description=f"comma list of {', '.join(METHODS)} (lower case; a repeated name counts "
+                    "once). A method the model cannot serve (GET /models/{name}: "
+                    "unavailable_methods) gets 422 unknown_method")
+    classes: Annotated[CommaList | None, BeforeValidator(_empty_is_default),
+                       WithJsonSchema({"type": "string", "maxLength": MAX_VALUE_CHARS})] = Field(
+        None, description="comma list of the model's labels (GET /models/{name}: labels) or "
+                          "0-based indices; another name or an index past the last label "
+                          "gets 422 unknown_label. Empty or absent: labels with score >= "
+                          "score_threshold, at least the top one")
     heatmap: Encoding = Field(
         Encoding.PNG, description="png: 8-bit max-normalised map (PNG); npy: base64 .npy "
                                   "float32 raw map; overlay: the map in colour over the "
@@ -103,7 +162,8 @@ class ExplainParams(PredictParams):
     size: Size = Field(
         Size.MODEL, description="grid of the returned map: model: the network input's "
                                 "(small; stretch it onto the image); original: the uploaded "
-                                "image's; feature: the target layer's (CAM-type maps only)")
+                                "image's; feature: the target layer's (CAM-type maps only: 422 "
+                                "incompatible_parameters with another method or an ensemble)")
     target: Target = Field(Target.LOGIT,
                            description="which score is differentiated or perturbed")
     region_threshold: float = Field(0.5, ge=0.0, le=1.0,
@@ -122,19 +182,6 @@ class ExplainParams(PredictParams):
                            "grid (the model's for size=feature), for clients that cannot "
                            "decode the upload, as a browser cannot decode DICOM")
 
-    @field_validator("methods")
-    @classmethod
-    def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            return cls.model_fields["methods"].default  # type: ignore[no-any-return]
-        value = tuple(name.lower() for name in value)  # as enum values: case-insensitive
-        for name in value:
-            if name not in METHODS:
-                raise PydanticCustomError(
-                    "unknown_method", "unknown method {name}; available: {available}",
-                    {"name": repr(name[:100]), "available": ", ".join(METHODS)})
-        return tuple(dict.fromkeys(value))
-
     @field_validator("classes")
     @classmethod
     def _no_empty_classes(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -148,11 +195,12 @@ class ExplainParams(PredictParams):
 
 
 def parse_params(kind: type[PredictParams], pairs: Iterable[tuple[str, str]]) -> Any:
-    """A parameters model from (name, value) strings; empty values mean the default.
+    """A parameters model from (name, value) strings.
 
     Raises:
-        InvalidParameter: an unknown or repeated name, or a bad value.
-        UnknownMethod: a method name that is not one.
+        InvalidParameter: an unknown name, a value over ``MAX_VALUE_CHARS`` or a bad value.
+        RepeatedParameter: a name given more than once.
+        UnknownMethod: ``methods`` not a comma list of method names.
     """
     values: dict[str, str] = {}
     for name, value in pairs:
@@ -161,12 +209,15 @@ def parse_params(kind: type[PredictParams], pairs: Iterable[tuple[str, str]]) ->
             raise InvalidParameter(
                 f"unknown parameter {name[:100]!r}; this endpoint takes {known}")
         if name in values:
-            raise InvalidParameter(
+            raise RepeatedParameter(
                 f"parameter {name!r} is given more than once (as a query parameter and a "
                 "form field, or repeated); give it once")
+        if len(value) > MAX_VALUE_CHARS:
+            raise InvalidParameter(f"parameter {name!r} is longer than {MAX_VALUE_CHARS} "
+                                   "characters")
         values[name] = value
     try:
-        return kind.model_validate({k: v for k, v in values.items() if v.strip()})
+        return kind.model_validate(values)
     except ValidationError as exc:
         raise _problem(kind, exc) from None
 

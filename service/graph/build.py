@@ -9,7 +9,7 @@ from enum import StrEnum
 import onnx
 
 from service.errors import CompileError
-from service.graph import autodiff
+from service.graph import autodiff, tokens
 from service.graph import fixations as fixation_plan
 from service.graph.extract import extract
 from service.graph.onnx_graph import GraphIndex, without_weights
@@ -27,8 +27,8 @@ class Capability(StrEnum):
     the others may be missing, with the reason in ``CompiledModel.errors``.
     """
 
-    BACKBONE = "backbone"    # image → (target activations, logits)
-    HEAD = "head"            # target activations (batched) → logits
+    BACKBONE = "backbone"    # image → (target activations, logits[, context])
+    HEAD = "head"            # target activations (batched)[, context] → logits
     HEAD_VJP = "head_vjp"    # target activations, seed over logits → ∂/∂activations
     GUIDED = "guided"        # image, seed over logits → guided ∂/∂image (+ activations, logits)
     FIXATIONS = "fixations"  # image → logits plus every tensor CNN Fixations reads
@@ -132,6 +132,13 @@ def _head_vjp(src: _Source) -> onnx.ModelProto:
 
 
 def _guided(src: _Source) -> onnx.ModelProto:
+    if src.cut.tokens is not None:
+        raise CompileError(
+            "guided backprop is defined for rectifier networks (it lets only positive "
+            "gradient through each ReLU, where the ReLU's input was positive); a vision "
+            "transformer's MLPs use GELU, which is not a rectifier, so the map would be the "
+            "plain input gradient under another name"
+        )
     return autodiff.vjp(src.backbone, src.cut.logits, [src.cut.image], guided=True,
                         prefix=GUIDED_PREFIX)
 
@@ -177,6 +184,12 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
         model = specialise(model, input_shape)
     index = GraphIndex(model)
     cut = split(index, layout=layout, target_layer=target_layer)
+    grid = cut.token_grid
+    if grid is not None:
+        # The target is a transformer's token grid: made a tensor of the graph (GRID, with
+        # the prefix tokens as the head's second input), so every graph below is cut there.
+        model = tokens.regrid(model, grid)
+        index = GraphIndex(model)
     if activation is not None and cut.graph_activation != "none" and (
         activation != cut.graph_activation
     ):
@@ -184,9 +197,10 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
             f"model.toml says output.activation = {activation!r} but the graph ends in "
             f"{cut.graph_activation}"
         )
-    backbone = extract(index, [cut.image], [cut.target, cut.logits], name="backbone",
-                       batch=False)
-    head = extract(index, [cut.target], [cut.logits], name="head")
+    context = [cut.context] if cut.context else []
+    backbone = extract(index, [cut.image], [cut.target, cut.logits, *context],
+                       name="backbone", batch=False)
+    head = extract(index, [cut.target, *context], [cut.logits], name="head")
     graphs = {Capability.BACKBONE: backbone, Capability.HEAD: head}
     errors: dict[Capability, str] = {}
     source = _Source(model, cut, layout, backbone, head)

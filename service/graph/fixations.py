@@ -126,7 +126,7 @@ def build_plan(model: onnx.ModelProto, split: Split, layout: Layout) -> Fixation
             constant, or when a shape on the path is not static.
     """
     index = GraphIndex(model)
-    dynamic = _image_dependent(index, split.image)
+    dynamic = index.descendants([split.image])
     if split.logits not in dynamic:
         raise CompileError(f"fixations: the logits {split.logits!r} do not depend on the image")
     image_shape = _static(index, split.image)
@@ -177,14 +177,6 @@ def plan_from_graph(graph: onnx.ModelProto, split: Split) -> FixationPlan:
 
 def _name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
-
-
-def _image_dependent(index: GraphIndex, image: str) -> set[str]:
-    dynamic = {image}
-    for node in index.graph.node:
-        if any(i in dynamic for i in node.input if i):
-            dynamic.update(o for o in node.output if o)
-    return dynamic
 
 
 def _static(index: GraphIndex, name: str) -> StaticShape:

@@ -108,6 +108,14 @@ class GraphIndex:
     def is_constant(self, name: str) -> bool:
         return self.constant(name) is not None
 
+    def descendants(self, names: Iterable[str]) -> set[str]:
+        """The tensors computed from ``names`` (``names`` included)."""
+        found = set(names)
+        for node in self.graph.node:
+            if any(i in found for i in node.input if i):
+                found.update(o for o in node.output if o)
+        return found
+
     def ancestors(self, names: Iterable[str], stop: Iterable[str] = ()) -> list[onnx.NodeProto]:
         """Nodes needed to compute ``names``, not looking past ``stop``; in graph order."""
         stop_set = set(stop)

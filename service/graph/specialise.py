@@ -18,6 +18,11 @@ model.toml. :func:`specialise` is the pure pass that uses it:
   shape depends on the batch gets ``1`` on the axes it keeps from its input; a Resize to
   sizes that fix or copy the batch (dynamo writes ``[1, C, 2H, 2W]``) resizes only the
   other axes (opset 18's ``axes``);
+* a Gather from a flattened batch whose indices are computed from the batch size (dynamo's
+  ``as_strided``: Reshape(x, [-1]) → Gather(indices = base + b·P), P the elements of one
+  image) becomes the same Gather on each image, from x itself: Reshape(x, [-1, P]) →
+  Gather(base, axis 1), or, when base reads the image in order (a contiguous view, as
+  ConvNeXt's head has), one Reshape(x, [-1, *base.shape]);
 * shape-only nodes nobody reads any more are removed; value_info is rewritten from the
   inferred shapes, the batch axis symbolic.
 
@@ -26,11 +31,12 @@ for each node, ONNX's own per-node shape inference (``infer_node_outputs``, fed 
 already known) gives its output types at both sizes, and a node whose inputs are all known
 is evaluated with ``onnx.reference`` (the operator specification's reference
 implementation). A value equal at both sizes is folded; one that differs depends on the
-batch and stays computed at run time (only Reshape, Expand and Resize are rewritten so as
-not to need it). Rewriting as the walk goes means a chain of fixed-batch Reshapes is seen whole:
-the shapes downstream of the first rewritten one already carry the batch. At batch one no
-value changes anywhere (a fold is the value the node computes; a rewritten Reshape yields
-the same shape); every rewrite is checked against both probes before it is kept.
+batch and stays computed at run time (only Reshape, Expand, Resize and Gather are rewritten
+so as not to need it). Rewriting as the walk goes means a chain of fixed-batch Reshapes is
+seen whole: the shapes downstream of the first rewritten one already carry the batch. At
+batch one no value changes anywhere (a fold is the value the node computes; a rewritten
+Reshape yields the same shape, a rewritten Gather the same elements); every rewrite is
+checked against both probes before it is kept.
 
 Why not a library. onnxsim (a compiled extension that also runs onnx-optimizer passes,
 e.g. fusing BatchNormalization into Conv) and onnxslim (pattern fusions, common-
@@ -360,6 +366,9 @@ class _Specialiser:
         self.nodes: list[onnx.NodeProto] = []
         self.folded: dict[str, np.ndarray] = {}
         self.added: dict[str, np.ndarray] = {}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        # Tensors a rewrite routed around (a flattened batch): dropped once nobody reads them.
+        self.superseded: set[str] = set()
 
     # What is known about a tensor at probe p.
 
@@ -404,7 +413,9 @@ class _Specialiser:
     def run(self) -> onnx.ModelProto:
         for node in self.model.graph.node:
             self.visit(node)
-        if not self.folded and not self.added and self.declared_as_specialised():
+        if not self.folded and not self.added and not self.superseded and (
+            self.declared_as_specialised()
+        ):
             return self.model
         return self.build()
 
@@ -461,6 +472,13 @@ class _Specialiser:
             if rewritten is not node:
                 node = rewritten
                 inferred = [self.infer(p, node) for p in range(len(PROBES))]
+        if default and node.op_type == "Gather":
+            per_image = self.per_image_gather(node)
+            if per_image is not None:
+                for extra in per_image[:-1]:
+                    self.visit(extra)
+                node = per_image[-1]
+                inferred = [self.infer(p, node) for p in range(len(PROBES))]
         for p, result in enumerate(results):
             self.types[p].update(inferred[p])
             if result is not None:
@@ -468,6 +486,7 @@ class _Specialiser:
                     self.values[p][out] = value
                     self.types[p][out] = _type_of(value)
         self.nodes.append(node)
+        self.producer.update((o, node) for o in node.output if o)
 
     def constant(self, node: onnx.NodeProto) -> None:
         out = node.output[0]
@@ -608,6 +627,72 @@ class _Specialiser:
             copy.attribute.extend([*kept, helper.make_attribute("axes", axes)])
         return copy
 
+    def per_image_gather(self, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        """The nodes replacing a Gather from a flattened batch at indices base + b·P (the
+        last one has the Gather's name and output), or None when ``node`` is not one.
+
+        torch's dynamo exporter writes ``x.as_strided(size, stride)`` as Reshape(x, [-1])
+        and a Gather whose flat positions it computes from the batch size (Range(0, N)·P
+        plus the offsets of one image), so the indices are never a constant and the flat
+        tensor's length is N·P, neither static nor the batch: the fixation rules and the
+        gradient's static sizes see neither. When at every probe batch b the indices are
+        (b, *R)-shaped with row k equal to row 0 plus k·P, and row 0 stays inside one
+        image (0 ≤ base < P), image k reads only its own P elements at the same offsets,
+        whatever the batch: the same Gather applied to each image's row of x.
+        """
+        data, indices = node.input[0], node.input[1] if len(node.input) > 1 else ""
+        flat = [_dims(self.type(p, data)) for p in range(len(PROBES))]
+        source = self.producer.get(data)
+        if not indices or source is None or source.op_type != "Reshape" or (
+            source.domain not in _DEFAULT_DOMAINS
+        ) or any(d is None or len(d) != 1 for d in flat):
+            return None
+        x = source.input[0]
+        dims = [_dims(self.type(p, x)) for p in range(len(PROBES))]
+        if any(d is None or not d or d[0] != b for d, b in zip(dims, PROBES)):
+            return None
+        per = _numel(dims[0][1:])  # type: ignore[index]
+        if per == 0 or int(attr(node, "axis", 0)) not in (0, -1) or any(  # type: ignore[call-overload]
+            d[0] != b * per for d, b in zip(flat, PROBES)  # type: ignore[index]
+        ) or not all(self.known(p, indices) for p in range(len(PROBES))):
+            return None
+        values = [self.value(p, indices) for p in range(len(PROBES))]
+        base = values[0][0] if values[0].ndim and values[0].shape[0] == 1 else None
+        if base is None or base.dtype.kind not in "iu" or _same(values) or (
+            base.size and (base.min() < 0 or base.max() >= per)
+        ):
+            return None
+        for value, b in zip(values, PROBES):
+            if value.shape != (b, *base.shape) or any(
+                not np.array_equal(value[k], base + k * per) for k in range(b)
+            ):
+                return None
+        self.superseded.add(data)
+        if base.size == per and np.array_equal(base.reshape(-1), np.arange(per)):
+            # Image k's elements in order: a reshape of x, no Gather left.
+            return [self.reshape(x, [-1, *base.shape], node.name, node.output[0])]
+        rows = self.reshape(x, [-1, per], self.fresh(f"{node.name}/per_image"),
+                            self.fresh(f"{data}/per_image"))
+        name = self.fresh(f"{indices}/per_image")
+        self.added[name] = self.constants[name] = base
+        for types in self.types:
+            types[name] = _type_of(base)
+        gather = onnx.NodeProto()
+        gather.CopyFrom(node)
+        gather.input[:] = [rows.output[0], name]
+        del gather.attribute[:]
+        gather.attribute.append(helper.make_attribute("axis", 1))
+        return [rows, gather]
+
+    def reshape(self, data: str, shape: list[int], name: str, output: str) -> onnx.NodeProto:
+        """A Reshape of ``data`` to the constant ``shape``."""
+        target = self.fresh(f"{output}/shape")
+        value = np.array(shape, dtype=np.int64)
+        self.added[target] = self.constants[target] = value
+        for types in self.types:
+            types[target] = _type_of(value)
+        return helper.make_node("Reshape", [data, target], [output], name=name)
+
     def resize(self, node: onnx.NodeProto, data: Sequence[Dims],
                targets: Sequence[np.ndarray]) -> tuple[list[int], np.ndarray] | None:
         """(axes, sizes) for a Resize to sizes that fix or copy the batch: the same sizes
@@ -672,8 +757,11 @@ class _Specialiser:
         kept: list[onnx.NodeProto] = []
         for node in reversed(nodes):
             outs = [o for o in node.output if o]
-            if all(o in known for o in outs) and not any(uses[o] for o in outs):
-                uses.subtract(i for i in node.input if i)  # shape-only and read by no one
+            if all(o in known or o in self.superseded for o in outs) and not any(
+                uses[o] for o in outs
+            ):
+                # Shape-only (or routed around by a rewrite) and read by no one.
+                uses.subtract(i for i in node.input if i)
                 continue
             kept.append(node)
         kept.reverse()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Final
 
-from service.errors import EmptyBody, InvalidParameter, UnsupportedMediaType
+from service.errors import EmptyBody, FrameOutOfRange, UnsupportedMediaType
 from service.imaging.base import DecodedImage
 from service.imaging.budget import DEFAULT_MAX_DECODE_BYTES
 from service.imaging.dicom import DEFAULT_MAX_FRAMES, Window, decode_dicom, looks_like_dicom
@@ -169,4 +169,4 @@ def decode(
 
 def _single_frame_only(frame: int) -> None:
     if frame != 0:
-        raise InvalidParameter(f"frame {frame!r:.40} is out of range: PNG and JPEG have 1 frame")
+        raise FrameOutOfRange(f"frame {frame!r:.40} is out of range: PNG and JPEG have 1 frame")

@@ -46,6 +46,7 @@ from pydicom.uid import (
 
 from service.errors import (
     DicomWithoutPixels,
+    FrameOutOfRange,
     InvalidDicom,
     InvalidImage,
     InvalidParameter,
@@ -235,7 +236,7 @@ def decode_dicom(
         )
     check_pixel_count(header.columns, header.rows, max_pixels, "DICOM")
     if not _is_index(frame) or not 0 <= frame < header.frames:
-        raise InvalidParameter(
+        raise FrameOutOfRange(
             f"frame {frame!r:.40} is out of range: the object has {header.frames} frame(s), "
             f"numbered from 0"
         )

@@ -43,11 +43,13 @@ class Row:
 class Graphs(Protocol):
     """The compiled graphs as plain functions over one batch (service.runtime.engine)."""
 
-    def head(self, acts: np.ndarray) -> np.ndarray:
-        """(R, C, H, W) activations → (R, K) logits."""
+    def head(self, acts: np.ndarray, images: Sequence[int]) -> np.ndarray:
+        """(R, C, H, W) activations → (R, K) logits; row r is a variant of the batch's image
+        ``images[r]`` (a transformer's head also reads that image's prefix tokens)."""
 
-    def head_vjp(self, acts: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        """Σ_k seed[r, k]·∂logit_k/∂acts[r], (R, C, H, W)."""
+    def head_vjp(self, acts: np.ndarray, seeds: np.ndarray,
+                 images: Sequence[int]) -> np.ndarray:
+        """Σ_k seed[r, k]·∂logit_k/∂acts[r], (R, C, H, W); ``images`` as for ``head``."""
 
     def guided(self, images: Sequence[int], seeds: np.ndarray) -> np.ndarray:
         """Guided-backprop Σ_k seed[r, k]·∂logit_k/∂image for the batch's images ``images[r]``

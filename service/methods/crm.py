@@ -27,7 +27,7 @@ def masked_scores(captures: Captures, rows: Sequence[Row]) -> list[tuple[np.ndar
     for image in dict.fromkeys(r.image for r in rows):
         if ("crm", image) not in captures.memo:
             captures.memo["crm", image] = np.concatenate(
-                [captures.graphs.head(copies)
+                [captures.graphs.head(copies, [image] * len(copies))
                  for copies in _masked_copies(captures.activations[image])])
     out = []
     for row in rows:

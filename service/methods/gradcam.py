@@ -14,8 +14,9 @@ def gradcam_maps(captures: Captures, rows: Sequence[Row]) -> list[np.ndarray]:
     """ReLU(Σ_k α_k A_k) per row; every new row of the batch in one head-VJP run."""
     todo = captures.missing("gradcam", rows)
     if todo:
-        acts = captures.activations[[r.image for r in todo]]
-        grads = captures.graphs.head_vjp(acts, captures.seeds(todo))
+        images = [r.image for r in todo]
+        acts = captures.activations[images]
+        grads = captures.graphs.head_vjp(acts, captures.seeds(todo), images)
         weights = grads.mean(axis=(2, 3), dtype=np.float64)
         maps = np.maximum(np.einsum("rc,rchw->rhw", weights, acts.astype(np.float64)), 0.0)
         for row, values in zip(todo, maps):

@@ -26,7 +26,7 @@ from schemas import (
     PredictResponse,
     Region,
 )
-from service.errors import InvalidParameter
+from service.errors import IncompatibleParameters
 from service.imaging.base import DecodedImage
 from service.methods import METHODS
 from service.methods.maps import normalise, resize
@@ -49,12 +49,12 @@ class JsonMaps(Output):
         if params.size is Size.FEATURE:
             pixel = [m for m in params.methods if METHODS[m].grid != "feature"]
             if pixel:
-                raise InvalidParameter(
+                raise IncompatibleParameters(
                     f"size=feature is only for CAM-type maps; {', '.join(pixel)} "
                     "produce maps on the model's input grid"
                 )
             if len(model.members) > 1:
-                raise InvalidParameter(
+                raise IncompatibleParameters(
                     f"size=feature needs one network; the members of ensemble {model.name!r} "
                     "each have their own feature grid (use size=model or size=original)"
                 )

@@ -28,7 +28,9 @@ class Engine:
     none (``available`` says which there are).
 
     All arrays crossing this class's boundary hold target-layer activations channel-first,
-    (B, C, H, W), whatever the model stores. Every graph runs batches: the head in chunks of
+    (B, C, H, W), whatever the model stores. A vision transformer's head also reads a
+    context beside them, its prefix tokens (``split.context``): the forward pass gives it
+    (:meth:`forward_context`) and the head graphs take one context row per activation row. Every graph runs batches: the head in chunks of
     at most ``max_batch`` copies (CRM's H·W masked copies never need one huge buffer), the
     graphs fed with images in chunks of at most ``image_batch``. A graph whose batch axis is
     fixed at 1 (a Reshape to [1, -1] the specialisation could not free) is found out at its
@@ -149,8 +151,8 @@ class Engine:
         c, h, w = self.split.target_shape
         probe = np.zeros((2, c, h, w), dtype=np.float32)
         try:
-            out = self.run(Capability.HEAD, [self.split.logits],
-                           {self.split.target: self._to_native(probe)})
+            out = self.run(Capability.HEAD, [self.split.logits], self._head_feeds(
+                probe, np.zeros((2, self.split.prefix_tokens, c), dtype=np.float32)))
         except ORT_ERRORS as exc:
             log.info("head of %s does not batch (%s); running copies one at a time",
                      self.split.logits, type(exc).__name__)
@@ -159,24 +161,52 @@ class Engine:
 
     def forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Image tensors (B, ...) → (activations (B, C, H, W), logits (B, K))."""
-        acts, logits = self._rows(Capability.BACKBONE, lambda x: self.run(
-            Capability.BACKBONE, [self.split.target, self.split.logits], {self.split.image: x}),
-            [images], self.image_batch)
-        return self._from_native(acts), logits
+        acts, logits, _ = self.forward_context(images)
+        return acts, logits
 
-    def head(self, acts: np.ndarray) -> np.ndarray:
-        """Activations (B, C, H, W) → logits (B, K)."""
-        return self._rows(Capability.HEAD, lambda a: self.run(
-            Capability.HEAD, [self.split.logits], {self.split.target: self._to_native(a)}),
-            [acts.astype(np.float32, copy=False)], self.max_batch)[0]
+    def forward_context(self, images: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`forward`, plus the context the head reads beside the activations (a
+        transformer's prefix tokens, (B, P, C); None for a CNN)."""
+        names = [self.split.target, self.split.logits]
+        if self.split.context:
+            names.append(self.split.context)
+        out = self._rows(Capability.BACKBONE, lambda x: self.run(
+            Capability.BACKBONE, names, {self.split.image: x}), [images], self.image_batch)
+        return self._from_native(out[0]), out[1], out[2] if len(out) > 2 else None
 
-    def head_vjp(self, acts: np.ndarray, seed: np.ndarray) -> np.ndarray:
-        """Σ_k seed[b, k] · ∂logit_k/∂acts[b] for each b: (B, C, H, W)."""
-        out = self._rows(Capability.HEAD_VJP, lambda a, s: self.run(
-            Capability.HEAD_VJP, [grad_name(self.split.target)],
-            {self.split.target: self._to_native(a), SEED: s}),
-            [acts.astype(np.float32, copy=False), seed.astype(np.float32, copy=False)],
+    def _context_rows(self, context: np.ndarray | None) -> list[np.ndarray]:
+        """The context as extra row arrays for :meth:`_rows`: none for a CNN."""
+        if not self.split.context:
+            return []
+        if context is None:
+            raise ValueError("this model's head reads a context beside the activations "
+                             "(a transformer's prefix tokens): pass the forward pass's")
+        return [context.astype(np.float32, copy=False)]
+
+    def _head_feeds(self, acts: np.ndarray, context: np.ndarray | None = None
+                    ) -> dict[str, Feed]:
+        feeds: dict[str, Feed] = {self.split.target: self._to_native(acts)}
+        if self.split.context and context is not None:
+            feeds[self.split.context] = context
+        return feeds
+
+    def head(self, acts: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
+        """Activations (B, C, H, W), with their context rows for a model that has one (see
+        :meth:`forward_context`) → logits (B, K)."""
+        return self._rows(Capability.HEAD, lambda a, *c: self.run(
+            Capability.HEAD, [self.split.logits], self._head_feeds(a, *c)),
+            [acts.astype(np.float32, copy=False), *self._context_rows(context)],
             self.max_batch)[0]
+
+    def head_vjp(self, acts: np.ndarray, seed: np.ndarray,
+                 context: np.ndarray | None = None) -> np.ndarray:
+        """Σ_k seed[b, k] · ∂logit_k/∂acts[b] for each b: (B, C, H, W)."""
+        out = self._rows(Capability.HEAD_VJP, lambda a, s, *c: self.run(
+            Capability.HEAD_VJP, [grad_name(self.split.target)],
+            {**self._head_feeds(a, *c), SEED: s}),
+            [acts.astype(np.float32, copy=False), seed.astype(np.float32, copy=False),
+             *self._context_rows(context)], self.max_batch)[0]
         return self._from_native(out)
 
     def guided(self, images: np.ndarray,
@@ -234,9 +264,13 @@ class Engine:
         acts: list[np.ndarray | None] = [None] * len(images)
         logits: list[np.ndarray | None] = [None] * len(images)
         if plain:
-            a, z = self.forward(images[plain])
+            a, z, context = self.forward_context(images[plain])
             for k, i in enumerate(plain):
                 acts[i], logits[i] = a[k], z[k]
+            if context is not None:
+                # A model with context has no guided graph (the compiler refuses it for
+                # transformers), so every image of the batch went through this forward.
+                graphs.context = context
         memo: dict[object, object] = {}
         # One guided run per image, of that image's rows only: its activations and logits
         # then never depend on batch-mates (CRM magnifies the last bits of the logits).
@@ -261,12 +295,18 @@ class BatchGraphs:
         std = np.asarray(spec.std if spec is not None else [1.0] * channels, dtype=np.float32)
         self._inv_std = (1.0 / std)[None, :, None, None]
         self._fixations: dict[int, dict[str, np.ndarray]] = {}
+        # The batch's context rows (a transformer's prefix tokens), set by the forward pass.
+        self.context: np.ndarray | None = None
 
-    def head(self, acts: np.ndarray) -> np.ndarray:
-        return self.engine.head(acts)
+    def _context(self, images: Sequence[int]) -> np.ndarray | None:
+        return None if self.context is None else self.context[list(images)]
 
-    def head_vjp(self, acts: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        return self.engine.head_vjp(acts, seeds)
+    def head(self, acts: np.ndarray, images: Sequence[int]) -> np.ndarray:
+        return self.engine.head(acts, self._context(images))
+
+    def head_vjp(self, acts: np.ndarray, seeds: np.ndarray,
+                 images: Sequence[int]) -> np.ndarray:
+        return self.engine.head_vjp(acts, seeds, self._context(images))
 
     def to_image(self, grads: np.ndarray) -> np.ndarray:
         """Gradients w.r.t. the network input → w.r.t. the image before normalisation,

@@ -131,7 +131,7 @@ def test_models_lists_the_ensemble(ens_client: TestClient) -> None:
 def test_ensembles_have_no_feature_grid(ens_client: TestClient) -> None:
     r = ens_client.post("/explain", params={"methods": "gradcam", "size": "feature"},
                         content=phantom_bytes(IMAGE), headers={"content-type": "image/png"})
-    body = assert_problem(r, 422, "invalid_parameter")
+    body = assert_problem(r, 422, "incompatible_parameters")
     assert "ensemble 'ens'" in str(body["detail"])
 
 

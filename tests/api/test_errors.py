@@ -107,6 +107,15 @@ def test_ambiguous_multipart(client: TestClient, body, match: str) -> None:  # t
         ({"classes": "\u00b2"}, 422, "unknown_label", "unknown class"),
         ({"window": "40"}, 422, "invalid_parameter", "center,width"),
         ({"mehtods": "crm"}, 422, "invalid_parameter", "unknown parameter"),
+        # Valid as the document states the parameters; refused for what the image holds or
+        # for the two together, each with its own code.
+        ({"frame": "1"}, 422, "frame_out_of_range", "PNG and JPEG have 1 frame"),
+        ({"methods": "guided_backprop", "size": "feature"}, 422, "incompatible_parameters",
+         "size=feature is only for CAM-type maps"),
+        # As sent: lower case, and empty only where the document allows it.
+        ({"heatmap": "NPY"}, 422, "invalid_parameter", "heatmap='NPY' is not one of"),
+        ({"methods": "GradCAM"}, 422, "unknown_method", "unknown method 'GradCAM'"),
+        ({"target": ""}, 422, "invalid_parameter", "target='' is not one of"),
     ],
 )
 def test_bad_parameters(client: TestClient, params: dict[str, str], status: int, code: str,

@@ -231,11 +231,11 @@ def test_a_parameter_given_twice_is_refused(client: TestClient) -> None:
     r = client.post("/explain", files={"file": ("a.png", png, "image/png")},
                     data={"methods": "crm"}, params={"methods": "gradcam"})
     body = r.json()
-    assert (r.status_code, body["code"]) == (422, "invalid_parameter")
+    assert (r.status_code, body["code"]) == (422, "repeated_parameter")
     assert body["detail"].startswith("parameter 'methods' is given more than once")
     r = client.post("/explain?size=model&size=original", content=png,
                     headers={"content-type": "image/png"})
-    assert (r.status_code, r.json()["code"]) == (422, "invalid_parameter")
+    assert (r.status_code, r.json()["code"]) == (422, "repeated_parameter")
 
 
 def test_predict(client: TestClient, phantoms) -> None:  # type: ignore[no-untyped-def]

@@ -76,6 +76,14 @@ def test_explain_equals_explain(server: str) -> None:
     (json.dumps({"instances": []}).encode(), {}, 400, "instances is empty"),
     (json.dumps({"instances": [{"b64": "!!!"}]}).encode(), {}, 400,
      r"instances\[0\] is not valid base64"),
+    # A non-ASCII string is no base64: a ValueError, not binascii.Error (once a 500).
+    (json.dumps({"instances": [{"b64": "\u00e9"}]}).encode(), {}, 400,
+     r"instances\[0\] is not valid base64"),
+    # Exactly one member, not null, as the document's oneOf states it.
+    (json.dumps({"instances": [{"image_bytes": None}]}).encode(), {}, 400,
+     r"instances\[0\] holds one image"),
+    (json.dumps({"instances": [{"b64": "aGVsbG8=", "image_bytes": None}]}).encode(), {}, 400,
+     r"instances\[0\] holds one image"),
     (json.dumps({"instances": [{"b64": "aGVsbG8="}] * 4}).encode(), {}, 400,
      "4 instances; the limit is 3"),
     (json.dumps({"instances": [{"b64": "aA=="}] * 10_000}).encode(), {}, 400,
@@ -89,7 +97,8 @@ def test_explain_equals_explain(server: str) -> None:
     # Found on the compute stream, for each of the two instances: one answer, the error.
     (json.dumps({"instances": [{"b64": _b64((PHANTOMS / "nodule.png").read_bytes())}] * 2}
                 ).encode(), {"classes": "Fracture"}, 422, "unknown class 'Fracture'"),
-], ids=["not-json", "empty", "bad-base64", "too-many", "flood", "not-an-image", "model-param",
+], ids=["not-json", "empty", "bad-base64", "non-ascii-base64", "null-member", "two-members",
+        "too-many", "flood", "not-an-image", "model-param",
         "unknown-method", "unknown-class"])
 def test_bad_requests(server: str, body: bytes, params: dict[str, str], status: int,
                       message: str) -> None:
@@ -110,3 +119,12 @@ def test_a_dicom_the_model_is_not_for_is_refused(server: str) -> None:
     assert answer.status_code == 422, answer.text
     assert answer.json()["code"] == "dicom_not_accepted"
     assert answer.json()["error"].startswith("model demo-cxr is not for this image: Modality")
+
+
+def test_the_served_document_states_the_instance_limit(server: str) -> None:
+    """The limit is a setting: the document this server serves states its value."""
+    spec = httpx.get(f"{server}/openapi.json").json()
+    instances = spec["components"]["schemas"]["V1Request"]["properties"]["instances"]
+    assert (instances["minItems"], instances["maxItems"]) == (1, 3)
+    too_many = {"instances": [{"b64": "aGVsbG8="}] * 4}
+    assert httpx.post(f"{server}/v1/models/demo-cxr:predict", json=too_many).status_code == 400

@@ -59,6 +59,15 @@ def test_openapi_documents_uploads() -> None:
     names = {p["name"] for p in spec["paths"]["/explain"]["post"]["parameters"]}
     assert names == {"model", "frame", "window", "methods", "classes", "heatmap", "size",
                      "target", "region_threshold", "score_threshold", "dicom", "preview"}
+    # The server refuses unknown form fields; the file part is one of the image types.
+    form = body["multipart/form-data"]
+    assert form["schema"]["additionalProperties"] is False
+    assert form["encoding"] == {"file": {"contentType": "application/dicom, image/png, "
+                                                        "image/jpeg"}}
+    # DICOM answers need a DICOM upload: /explain/dicom takes nothing else.
+    dicom = spec["paths"]["/explain/dicom"]["post"]["requestBody"]["content"]
+    assert set(dicom) == {"multipart/form-data", "application/dicom"}
+    assert dicom["multipart/form-data"]["encoding"]["file"]["contentType"] == "application/dicom"
 
 
 def _repo(tmp_path: Path, names: list[str]) -> Path:

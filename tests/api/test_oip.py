@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,3 +272,58 @@ def test_a_compression_bomb_stops_at_the_upload_limit(server: str) -> None:
         refused = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=b"{}", timeout=60,
                              headers={"content-encoding": encoding})
         assert refused.status_code == status, refused.text
+
+
+_PNG_B64 = base64.b64encode((PHANTOMS / "normal.png").read_bytes()).decode()
+
+
+def _image(**changes: object) -> dict[str, object]:
+    return {"name": "image", "datatype": "BYTES", "shape": [1], "data": [_PNG_B64], **changes}
+
+
+@pytest.mark.parametrize(("body", "status", "code", "detail"), [
+    # A non-ASCII string is no base64: a ValueError, not binascii.Error (once a 500).
+    ({"inputs": [_image(data=["\u00e9"])]}, 400, "invalid_inference_request",
+     "image's data is not valid base64"),
+    # Nested data, typed parameters and boolean flags as the document states them.
+    ({"inputs": [_image(data=[[_PNG_B64]])]}, 400, "invalid_inference_request",
+     "image's data is one base64 string"),
+    ({"inputs": [_image(shape=[-1, -1])]}, 400, "invalid_inference_request",
+     r"image holds one image: shape \[1\], not \[-1, -1\]"),
+    ({"inputs": [_image()], "parameters": {"frame": "0"}}, 422, "invalid_parameter",
+     "parameter 'frame' is a JSON integer here"),
+    ({"inputs": [_image()], "parameters": {"preview": 1}}, 422, "invalid_parameter",
+     "parameter 'preview' is a JSON boolean here"),
+    ({"inputs": [_image()], "parameters": {"binary_data_output": "yes"}}, 422,
+     "invalid_parameter", "parameter 'binary_data_output' is a JSON boolean"),
+    ({"inputs": [_image()], "outputs": [{"name": "scores", "parameters": {"binary_data": 1}}]},
+     400, "invalid_inference_request", "output scores's binary_data is a JSON boolean"),
+    ({"inputs": [{"name": "tensor", "datatype": "FP32", "shape": [1], "data": [True]}]}, 400,
+     "invalid_inference_request", "tensor's data are not a flat list of numbers"),
+    ({"inputs": [{"name": "tensor", "datatype": "FP32", "shape": [1], "data": [1e39]}]}, 400,
+     "invalid_inference_request", "tensor's data are beyond FP32's range"),
+    ({"inputs": [{"name": "tensor", "datatype": "FP32", "shape": [1], "data": [10**400]}]},
+     400, "invalid_inference_request", "tensor's data are beyond FP32's range"),
+    # What no schema states has codes of its own (schemathesis' run-time refusals).
+    ({"inputs": [{"name": "tensor", "datatype": "FP32", "shape": [2], "data": [1.0]}]}, 400,
+     "tensor_mismatch", r"tensor has 1 values; shape \[2\] needs 2"),
+    ({"inputs": [_image()], "outputs": [{"name": "gradcam"}]}, 400, "output_not_computed",
+     "output 'gradcam' is not computed for this request"),
+], ids=["non-ascii-base64", "nested-data", "shape", "string-frame", "integer-preview",
+        "binary-data-output", "binary-data", "bool-data", "float32-overflow", "big-integer",
+        "tensor-mismatch", "output-not-computed"])
+def test_json_bodies_are_read_as_the_document_states(server: str, body: dict[str, object],
+                                                     status: int, code: str,
+                                                     detail: str) -> None:
+    answer = httpx.post(f"{server}/v2/models/{MODEL}/infer", json=body, timeout=60)
+    assert (answer.status_code, answer.json()["code"]) == (status, code), answer.text
+    assert re.search(detail, answer.json()["detail"]), answer.json()["detail"]
+
+
+def test_typed_parameters(server: str) -> None:
+    """JSON numbers and booleans for the typed parameters, 2.0 an integer as in JSON Schema."""
+    body = {"inputs": [_image()], "parameters": {"methods": "gradcam", "frame": 0.0,
+                                                 "score_threshold": 0, "preview": False}}
+    answer = httpx.post(f"{server}/v2/models/{MODEL}/infer", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert [o["name"] for o in answer.json()["outputs"]] == ["scores", "gradcam"]

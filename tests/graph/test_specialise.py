@@ -4,8 +4,9 @@ arithmetic folded, fixed-batch reshapes batching, and the graphs it unblocks.
 The graphs are small handmade versions of what exporters write: torchvision ShuffleNet's
 ``chunk()`` as the legacy exporter writes it (Shape → Gather → Div → Slice), a dynamo head
 ending in Reshape to ``[1, C]``, the legacy ``view(x.size(0), ...)`` reshapes of a channel
-shuffle (Shape + Concat), "same" padding computed from the input size, and an already static
-graph.
+shuffle (Shape + Concat), "same" padding computed from the input size, an already static
+graph, and dynamo's ``as_strided`` (a Gather from the flattened batch at positions computed
+from the batch size, as in timm ConvNeXt's head).
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from service.graph.specialise import (
     specialise,
     static_input_shape,
 )
+from service.methods.fixations import walk
 from service.models.repository import load_model
 from service.models.spec import Layout
 from service.runtime.engine import Engine
 from service.runtime.sessions import make_session
 from tests import handmade
 from tests.handmade import TARGET, C, H, K, W
+from tests.methods.test_fixations import ReferenceWalker, _points, _with_all_outputs
 
 IN = 2  # image channels of the graphs below (3 where model.toml must say it)
 
@@ -497,3 +500,157 @@ def test_batch_axes_named_anew_along_the_graph_become_one() -> None:
     data = np.random.default_rng(0).normal(size=(2, 3, 4, 4)).astype(np.float32)
     np.testing.assert_array_equal(ReferenceEvaluator(out).run(None, {"x": data})[0],
                                   ReferenceEvaluator(model).run(None, {"x": data})[0])
+
+
+# --- dynamo's as_strided: a Gather from a flattened batch at indices computed from it ------
+
+P = C * H * W  # elements of one image's target map
+
+
+def _view(kind: str) -> np.ndarray:
+    """One image's flat offsets of ``TARGET.as_strided(size, stride)``."""
+    c, y, x = np.meshgrid(np.arange(C), np.arange(H), np.arange(W), indexing="ij")
+    if kind == "contiguous":  # size (C, H, W), its own strides: ConvNeXt's head
+        return (c * H * W + y * W + x).astype(np.int64)
+    # Overlapping windows of two rows, size (C, H − 1, 2W), stride (HW, W, 1): each
+    # element but the first and last rows' is read twice.
+    c, y, x = np.meshgrid(np.arange(C), np.arange(H - 1), np.arange(2 * W), indexing="ij")
+    return (c * H * W + y * W + x).astype(np.int64)
+
+
+def as_strided(kind: str = "contiguous", dtype: type = np.float32, channels: int = IN,
+               reversed_batch: bool = False) -> onnx.ModelProto:
+    """The head of timm's ConvNeXt as torch's dynamo exporter writes ``as_strided``:
+    Reshape(x, [-1]) → Gather at Range(0, N)·P + offsets, N the image's batch size, then a
+    1×1 conv → GAP → Gemm. ``reversed_batch``: image b reads image N − 1 − b instead, which
+    is no per-image Gather and must stay as it is."""
+    g = _Graph(6, dtype, channels)
+    g.node("Relu", ["conv"], [TARGET])
+    g.node("Reshape", [TARGET, g.const("minus_one", _ints(-1))], ["flattened"])
+    g.node("Shape", ["image"], ["batch1"], start=0, end=1)
+    g.node("Squeeze", ["batch1"], ["batch"])
+    g.node("Range", [g.const("zero", _scalar(0)), "batch", g.const("one", _scalar(1))],
+           ["images"])
+    if reversed_batch:
+        g.node("Sub", ["batch", "one"], ["last"])
+        g.node("Sub", ["last", "images"], ["which"])
+    else:
+        g.node("Identity", ["images"], ["which"])
+    g.node("Mul", ["which", g.const("per_image", _scalar(P))], ["starts"])
+    g.node("Unsqueeze", ["starts", g.const("axes", _ints(1, 2, 3))], ["starts4"])
+    offsets = _view(kind)[None]
+    g.node("Add", ["starts4", g.const("offsets", offsets)], ["positions"])
+    g.node("Gather", ["flattened", "positions"], ["strided"], axis=0)
+    g.node("Conv", ["strided", g.weight("mix_w", C, C, 1, 1)], ["mixed"])
+    g.node("Relu", ["mixed"], ["mixed_relu"])
+    g.head("mixed_relu")
+    # Positive weights over rectified features: every class has positive contributions
+    # for CNN Fixations to trace back.
+    g.inits["fc_w"] = np.abs(g.inits["fc_w"])
+    return g.model(["N", channels, H, W], ["N", K], opset=20)
+
+
+STRIDED = ["contiguous", "windows"]
+
+
+@pytest.mark.parametrize("kind", STRIDED)
+def test_as_strided_becomes_a_per_image_gather_with_constant_indices(
+        kind: str, rng: np.random.Generator) -> None:
+    model = as_strided(kind)
+    before = model.SerializeToString()
+    special = specialise(model, SHAPE)
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(special, full_check=True)
+    ops = Counter(n.op_type for n in special.graph.node)
+    assert not ops["Shape"] and not ops["Range"] and not ops["Squeeze"]
+    index = GraphIndex(special)
+    assert "flattened" not in index.producer, "the flattened batch is gone"
+    node = index.producer["strided"]
+    if kind == "contiguous":  # the image's elements in order: a reshape of it
+        assert (node.name, node.op_type, list(node.input[:1])) == ("strided", "Reshape",
+                                                                   [TARGET])
+        assert index.constant(node.input[1]).tolist() == [-1, C, H, W]  # type: ignore[union-attr]
+    else:  # one image's row of the target, then the same offsets in it
+        assert (node.name, node.op_type, helper.get_attribute_value(node.attribute[0])) == (
+            "strided", "Gather", 1)
+        np.testing.assert_array_equal(index.constant(node.input[1]), _view(kind))  # type: ignore[arg-type]
+        rows = index.producer[node.input[0]]
+        assert rows.op_type == "Reshape" and list(rows.input[:1]) == [TARGET]
+        assert index.constant(rows.input[1]).tolist() == [-1, P]  # type: ignore[union-attr]
+    # Bit for bit the original graph's outputs, at the probe sizes and others.
+    for batch in (1, 2, 3, 5):
+        x = rng.normal(size=(batch, *SHAPE[1:])).astype(np.float32)
+        np.testing.assert_array_equal(_run(special, x)[0], _run(model, x)[0])
+
+
+def test_a_gather_reading_other_images_stays_computed(rng: np.random.Generator) -> None:
+    """Image b reading image N − 1 − b: equal to a per-image Gather at one image, not at
+    three; the indices stay computed at run time and so does the flattened batch."""
+    model = as_strided(reversed_batch=True)
+    special = specialise(model, SHAPE)
+    index = GraphIndex(special)
+    node = index.producer["strided"]
+    assert node.op_type == "Gather" and list(node.input) == ["flattened", "positions"]
+    assert not index.is_constant("positions")
+    x = rng.normal(size=(3, *SHAPE[1:])).astype(np.float32)
+    np.testing.assert_array_equal(_run(special, x)[0], _run(model, x)[0])
+    assert "only constant indices" in str(_compile(model, input_shape=SHAPE).fixations_error)
+
+
+@pytest.mark.parametrize("kind", STRIDED)
+def test_as_strided_compiles_to_the_same_answers_and_unblocks_fixations(
+        kind: str, rng: np.random.Generator) -> None:
+    """Predict, Grad-CAM's head VJP and guided backprop give what they gave before the
+    rewrite (through the run-time Gather's ScatterND), at one image and at three."""
+    model = as_strided(kind)
+    before = _compile(model)
+    after = _compile(model, input_shape=SHAPE)
+    assert after.split == before.split
+    assert before.fixations is None and "Gather node 'strided': only constant indices" in str(
+        before.fixations_error)
+    assert after.fixations is not None and after.fixations_error is None
+    assert before.guided is not None and after.guided is not None
+    assert before.head_vjp is not None and after.head_vjp is not None
+    old = Engine(before, ["CPUExecutionProvider"], 1, max_batch=8)
+    new = Engine(after, ["CPUExecutionProvider"], 1, max_batch=8)
+    for batch in (1, 3):
+        x = rng.normal(size=(batch, *SHAPE[1:])).astype(np.float32)
+        acts, logits = new.forward(x)
+        want_acts, want_logits = old.forward(x)
+        np.testing.assert_array_equal(acts, want_acts)
+        np.testing.assert_array_equal(logits, want_logits)
+        np.testing.assert_array_equal(new.head(acts), old.head(acts))
+        seed = rng.normal(size=(batch, K)).astype(np.float32)
+        np.testing.assert_array_equal(new.head_vjp(acts, seed), old.head_vjp(acts, seed))
+        for got, want in zip(new.guided(x, seed), old.guided(x, seed), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", STRIDED)
+def test_fixations_through_as_strided_walk_like_the_reference(
+        kind: str, rng: np.random.Generator) -> None:
+    """The walk of the specialised graph against the per-point reference walker on the
+    exported graph itself (its run-time Gather moved on an iota): the same points on every
+    tensor both graphs have, the flattened batch's at the per-image row's offsets."""
+    model = as_strided(kind)
+    compiled = _compile(model, input_shape=SHAPE)
+    plan = compiled.fixations_plan
+    assert plan is not None
+    engine = Engine(compiled, ["CPUExecutionProvider"], 1)
+    x = rng.normal(size=SHAPE).astype(np.float32)
+    classes = list(range(K))
+    traced = walk(plan, engine.all_activations(x), classes, trace=True)
+    full = _with_all_outputs(model)
+    names = [o.name for o in full.graph.output]
+    values = dict(zip(names, _run(full, x))) | {"image": x}
+    reference = ReferenceWalker(model, values)
+    rows = {"contiguous": set(), "windows": {"flattened/per_image"}}[kind]
+    assert "flattened" not in traced and rows <= set(traced)
+    for tag, cls in enumerate(classes):
+        want = reference.walk("scores", cls)
+        assert want["image"] and want["strided"], "the class traces back through the Gather"
+        for tensor in (set(want) | set(traced)) - rows - {"flattened"}:
+            assert _points(traced, tensor, tag) == want.get(tensor, set()), (cls, tensor)
+        # Batch one: the flattened batch's positions are the row's.
+        for row in rows:
+            assert {(q,) for _, q in _points(traced, row, tag)} == want["flattened"]

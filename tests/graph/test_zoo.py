@@ -24,6 +24,7 @@ from service.models.activation import Activation
 from service.models.spec import Layout
 from service.runtime.engine import Engine
 from service.runtime.sessions import make_session
+from tests.graph.compare import load_npz, rel_err
 
 ZOO = Path(__file__).resolve().parent.parent / "data" / "zoo"
 MANIFEST: dict[str, dict[str, object]] = json.loads((ZOO / "manifest.json").read_text())
@@ -40,8 +41,7 @@ def _model(name: str) -> onnx.ModelProto:
 
 @cache
 def _ref(name: str) -> dict[str, np.ndarray]:
-    with np.load(ZOO / str(MANIFEST[name]["npz"])) as data:
-        return dict(data)
+    return load_npz(ZOO / str(MANIFEST[name]["npz"]))
 
 
 @cache
@@ -50,12 +50,6 @@ def _engine(name: str) -> Engine:
     compiled = compile_model(_model(name), layout=Layout(str(meta["layout"])),
                              activation=str(meta["final_activation"]))
     return Engine(compiled, ["CPUExecutionProvider"], 1)
-
-
-def _rel(got: np.ndarray, want: np.ndarray) -> float:
-    """max |got - want| / max |want| over the whole array."""
-    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
-    return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
 
 
 @by_name
@@ -74,8 +68,8 @@ def test_compiled_forward_matches_reference(name: str) -> None:
     engine, ref = _engine(name), _ref(name)
     assert engine.split.target == MANIFEST[name]["target"]
     acts, logits = engine.forward(ref["x"])
-    assert _rel(acts[0], ref["target"]) <= TOL
-    assert _rel(logits[0], ref["logits"]) <= TOL
+    assert rel_err(acts[0], ref["target"]) <= TOL
+    assert rel_err(logits[0], ref["logits"]) <= TOL
 
 
 @by_name
@@ -84,7 +78,7 @@ def test_head_vjp_matches_autograd(name: str) -> None:
     k = ref["logits"].shape[0]
     acts = np.broadcast_to(ref["target"].astype(np.float32), (k, *ref["target"].shape))
     grads = engine.head_vjp(np.ascontiguousarray(acts), np.eye(k, dtype=np.float32))
-    err = _rel(grads, ref["grad_target"])
+    err = rel_err(grads, ref["grad_target"])
     assert err <= TOL, f"{name}: head VJP relative error {err:.2e}"
 
 
@@ -95,7 +89,7 @@ def test_gradcam_matches_autograd(name: str) -> None:
     k = ref["logits"].shape[0]
     maps = METHODS["gradcam"].compute(captures, rows(range(k)))
     assert [m.index for m in maps] == list(range(k))
-    err = _rel(np.stack([m.values for m in maps]), ref["gradcam"])
+    err = rel_err(np.stack([m.values for m in maps]), ref["gradcam"])
     assert err <= TOL, f"{name}: Grad-CAM relative error {err:.2e}"
 
 
@@ -113,5 +107,5 @@ def test_input_gradient_matches_autograd(name: str, guided: bool) -> None:
     (grads,) = session.run([grad_name(image)],
                            {image: images, SEED: np.eye(k, dtype=np.float32)})
     want = ref["guided_input" if guided else "grad_input"]
-    err = _rel(grads, want)
+    err = rel_err(grads, want)
     assert err <= TOL, f"{name}: {'guided' if guided else 'plain'} input gradient error {err:.2e}"

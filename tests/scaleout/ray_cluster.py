@@ -1,15 +1,16 @@
 """Two Ray nodes on loopback, the app served by two replicas, one per node; answers as JSON.
 
-    python -m tests.scaleout.ray_cluster OUT.json
+    python -m tests.scaleout.ray_cluster OUT.json [proxy|haproxy]
 
 Run by tests/scaleout/test_ray.py inside a network namespace that has only loopback
 (``unshare -n``, then ``ip link set lo up``): Ray binds its control plane to the machine's
 interface address, and there the only one is 127.0.0.1. Each node offers one CPU and each
 replica asks for one, so the two replicas can only start on different nodes. It sends
-``CONCURRENT`` all at once and ``SEQUENTIAL`` one by one to Serve's HTTP proxy and writes, per
-request, the status, the headers, the body and the replica that answered (from the
-replicas' access logs, by the ``X-Request-ID`` the proxy gave the request), and the node
-of every replica. Everything it starts it stops, its Ray folder included: the cluster's
+``CONCURRENT`` all at once and ``SEQUENTIAL`` one by one to Serve's HTTP proxy, then
+``OVERLOAD`` all at once (more than the replicas take and Ray queues, so Ray answers some
+of them itself), and writes, per request, the status, the headers, the body and (for
+``CONCURRENT``) the replica that answered (from the replicas' access logs, by the
+``X-Request-ID`` the proxy gave the request), and the node of every replica. Everything it starts it stops, its Ray folder included: the cluster's
 shutdown kills every process of both nodes.
 """
 
@@ -79,6 +80,11 @@ SEQUENTIAL: list[Call] = [
     Call("/openapi.json"),
     Call("/"),
 ]
+# Each replica takes max(MAX_CONCURRENCY, MAX_BATCH_SIZE) = 2 at once and Ray's router
+# queues MAX_QUEUE = 16 more: 20 of these at most are answered 200, the rest 503 by Ray.
+OVERLOAD: list[Call] = [
+    Call("/explain", "all-findings.png", {"methods": "gradcam,crm,guided_backprop,fixations"})
+] * 40
 
 
 def _free_port() -> int:
@@ -109,7 +115,7 @@ def _answered_by(ray_dir: Path) -> dict[str, str]:
     return answered
 
 
-def run() -> dict[str, Any]:
+def run(ingress: str = "proxy") -> dict[str, Any]:
     # Imported here: the test imports this module for its requests only, and Ray stays out
     # of the test process (importing ray.serve warns under pytest's warnings-as-errors).
     import ray
@@ -127,6 +133,11 @@ def run() -> dict[str, Any]:
     # folder it does not create when the session lives elsewhere: keep that ours as well.
     os.environ["RAY_TMPDIR"] = temp
     os.makedirs(os.path.join(temp, "ray"))
+    # Serve's switches, as `serve --ray` gives a local cluster (and the manifest its pods),
+    # for the ingress asked for: the nodes' processes inherit them.
+    haproxy_dir = os.path.join(temp, "hx")
+    os.makedirs(haproxy_dir)
+    os.environ.update(ray_serve.local_cluster_env(Settings(ray_ingress=ingress), haproxy_dir))
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "temp_dir": temp, "_system_config": ray_serve.LOCAL_SYSTEM_CONFIG})
     try:
@@ -146,6 +157,8 @@ def run() -> dict[str, Any]:
             with ThreadPoolExecutor(len(CONCURRENT)) as pool:
                 concurrent = list(pool.map(lambda c: c.send(client), CONCURRENT))
             sequential = [c.send(client) for c in SEQUENTIAL]
+            with ThreadPoolExecutor(len(OVERLOAD)) as pool:
+                overload = list(pool.map(lambda c: c.send(client), OVERLOAD))
         timings["answered_s"] = time.perf_counter() - start
         # A replica writes its access-log line once the answer has left: wait for them.
         ids = {r.headers["x-request-id"] for r in concurrent}
@@ -160,7 +173,11 @@ def run() -> dict[str, Any]:
             "concurrent": [_answer(r) | {"replica": answered.get(r.headers["x-request-id"])}
                            for r in concurrent],
             "sequential": [_answer(r) for r in sequential],
+            "overload": [_answer(r) for r in overload],
             "timings": timings,
+            # What every process of both nodes names in its command line: the test looks
+            # for any left running once this process has exited.
+            "ray_tmpdir": temp,
         }
     finally:
         ray.shutdown()  # the driver first; the cluster's processes then go with the nodes
@@ -170,7 +187,7 @@ def run() -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     out = Path(argv[1])
-    out.write_text(json.dumps(run()), encoding="utf-8")
+    out.write_text(json.dumps(run(*argv[2:3])), encoding="utf-8")
     return 0
 
 

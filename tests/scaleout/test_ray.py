@@ -15,11 +15,15 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from service.api.admission import SECURITY_HEADERS
+from service.api.problems import response_for
 from service.config import Settings
+from service.errors import Overloaded
 from service.main import create_app
-from tests.scaleout.ray_cluster import CONCURRENT, PLAIN_SETTINGS, SEQUENTIAL
+from tests.scaleout.ray_cluster import CONCURRENT, OVERLOAD, PLAIN_SETTINGS, SEQUENTIAL
 
 ROOT = Path(__file__).resolve().parents[2]
+SECURITY_HEADERS_TEXT = [(k.decode(), v.decode()) for k, v in SECURITY_HEADERS]
 # Two nodes up, two replicas compiling the demo model, 18 requests, everything stopped:
 # 30-55 s here, on a shared 2-core machine at load averages of 6-12.
 TIMEOUT_S = 240
@@ -38,6 +42,20 @@ def _in_loopback_namespace(command: list[str]) -> list[str]:
     return [*unshare, "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
 
 
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of the running processes that contain ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue  # gone meanwhile
+            if text in cmdline:
+                found.append(cmdline)
+    return found
+
+
 def _comparable(body: dict[str, Any] | str) -> dict[str, Any] | str:
     """The answer without its stopwatch readings, which differ from run to run."""
     return body if isinstance(body, str) else {k: v for k, v in body.items()
@@ -52,6 +70,7 @@ def test_two_replicas_on_two_nodes_answer_as_the_plain_server(tmp_path: Path) ->
                           capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert proc.returncode == 0, proc.stderr[-6000:]
     got = json.loads(out.read_text(encoding="utf-8"))
+    assert _processes_naming(got["ray_tmpdir"]) == []  # the cluster stopped all it started
 
     # Two replicas, on two different nodes, and both answered some of the requests.
     assert len(got["nodes"]) == 2
@@ -77,6 +96,26 @@ def test_two_replicas_on_two_nodes_answer_as_the_plain_server(tmp_path: Path) ->
             assert len(answer["request_ids"]) == 1, answer["request_ids"]
     assert [a["status"] for a in got["concurrent"]] == [200] * len(CONCURRENT)
     assert [a["status"] for a in got["sequential"]] == [404, 422, 200, 200, 200]
+
+    # Overload: what Ray answers itself is the plain server's problem+json 503 with
+    # Retry-After (service.api.problems, the edge's security headers), one request id.
+    statuses = [a["status"] for a in got["overload"]]
+    assert 0 < statuses.count(503) <= len(OVERLOAD) - 2 * 2, statuses
+    assert set(statuses) == {200, 503}, statuses
+    plain_problem = response_for(Overloaded("-", retry_after_s=1))
+    for answer in got["overload"]:
+        if answer["status"] != 503:
+            continue
+        body = answer["body"]
+        assert body == {"type": "about:blank", "title": "Service overloaded", "status": 503,
+                        "detail": body["detail"], "code": "overloaded"}
+        assert {k: v for k, v in body.items() if k != "detail"} == \
+            {k: v for k, v in json.loads(plain_problem.body).items() if k != "detail"}
+        headers = answer["headers"]
+        assert headers["content-type"] == plain_problem.media_type == "application/problem+json"
+        assert headers["retry-after"] == plain_problem.headers["retry-after"] == "1"
+        assert {k: headers[k] for k, _ in SECURITY_HEADERS_TEXT} == dict(SECURITY_HEADERS_TEXT)
+        assert len(answer["request_ids"]) == 1, answer["request_ids"]
 
 
 # Importing ray.serve warns (its own pydantic Field(update_type=...)); not ours to fix.
@@ -145,6 +184,25 @@ def test_rayservice_manifest_names_our_builder_with_valid_settings() -> None:
         (container,) = pod["template"]["spec"]["containers"]
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["RAY_automatic_object_spilling_enabled"] == "0"
+        # What `serve --ray` gives a local cluster's processes, the pods have too.
+        assert {k: env.get(k) for k in ray_serve.SERVE_ENV} == ray_serve.SERVE_ENV
+
+
+@pytest.mark.filterwarnings(RAY_IMPORT_WARNING)
+def test_local_cluster_env_per_ingress(tmp_path: Path) -> None:
+    from service.scaleout.ray_serve import HAPROXY_ENV, SERVE_ENV, local_cluster_env
+
+    assert local_cluster_env(Settings()) == SERVE_ENV
+    env = local_cluster_env(Settings(ray_ingress="haproxy"), str(tmp_path))
+    assert env == SERVE_ENV | HAPROXY_ENV | {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(tmp_path / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(tmp_path / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(tmp_path),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(tmp_path / "server-state"),
+    }
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    with pytest.raises(ValueError, match="needs a folder"):
+        local_cluster_env(Settings(ray_ingress="haproxy"))
 
 
 def test_ray_image_dockerfile_lints_clean() -> None:

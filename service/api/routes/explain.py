@@ -126,7 +126,7 @@ async def explain(request: Request, settings: SettingsDep, repository: Repositor
 
 
 @router.post("/explain/dicom", response_class=Response, responses=EXPLAIN_DICOM_RESPONSES,
-             openapi_extra=upload_operation(ExplainParams),
+             openapi_extra=upload_operation(ExplainParams, (DICOM,)),
              summary="/explain answering DICOM: a Secondary Capture or a Structured Report "
                      "in the source study")
 async def explain_dicom(request: Request, settings: SettingsDep, repository: RepositoryDep,

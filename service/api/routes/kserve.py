@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -63,8 +62,12 @@ def _request_body(kind: type[PredictParams]) -> dict[str, Any]:
         "parameters": [{"name": n, "in": "query", "required": False, "schema": s}
                        for n, s in parameter_schemas(kind).items() if n not in _NOT_HERE],
         "requestBody": {"required": True, "content": {
-            JSON: {"schema": body_schema(V1Request)}}},
+            JSON: {"schema": body_schema(V1Request, _instances_limit)}}},
     }
+
+
+def _instances_limit(schemas: dict[str, Any], settings: Settings) -> None:
+    schemas["V1Request"]["properties"]["instances"]["maxItems"] = settings.max_instances
 
 
 @router.get("", response_model=V1ModelsResponse, summary="Served models (KServe V1)")
@@ -169,12 +172,13 @@ async def _instances(request: Request, settings: Settings) -> list[bytes]:
     images = []
     for i, instance in enumerate(parsed.instances):
         text = instance.image_bytes.b64 if instance.image_bytes is not None else instance.b64
-        if text is None or (instance.image_bytes is not None and instance.b64 is not None):
+        if text is None or len(instance.model_fields_set) != 1:
             raise InvalidInferenceRequest(f"instances[{i}] holds one image: "
                                           '{"image_bytes": {"b64": "..."}} or {"b64": "..."}')
         try:
             images.append(base64.b64decode(text, validate=True))
-        except binascii.Error as exc:
+        # binascii.Error for bad base64; a plain ValueError for a non-ASCII string.
+        except ValueError as exc:
             raise InvalidInferenceRequest(f"instances[{i}] is not valid base64") from exc
     return images
 

@@ -41,7 +41,7 @@ def model_info(model: Served, repository: Repository) -> ModelInfo:
         input=InputInfo(size=[spec.height, spec.width], channels=spec.channels,
                         mean=list(spec.mean), std=list(spec.std), layout=spec.layout.value),
         activation=config.activation.value,
-        target_layer=TargetLayerInfo(name=split.target, shape=list(split.target_shape),
+        target_layer=TargetLayerInfo(name=split.layer, shape=list(split.target_shape),
                                      detected=config.target_layer is None),
         methods=_methods(model),
         unavailable_methods=model.unavailable,

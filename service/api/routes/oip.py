@@ -20,7 +20,6 @@ tensors' bytes, little-endian, BYTES elements each behind a 4-byte length.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import struct
 import zlib
@@ -31,6 +30,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from schemas.protocols import (
+    BASE64,
     V2InferRequest,
     V2InferResponse,
     V2Live,
@@ -55,12 +55,15 @@ from service.api.deps import (
 from service.api.docs import ERRORS, body_schema
 from service.api.metrics import label_model
 from service.api.problems import ProtocolRoute
-from service.api.request import ExplainParams, parse_params
+from service.api.request import ExplainParams, parameter_schemas, parse_params
 from service.api.routes.explain import compute, decode_upload, input_size
+from service.config import Settings
 from service.errors import (
     InvalidInferenceRequest,
     InvalidParameter,
+    OutputNotComputed,
     PayloadTooLarge,
+    TensorMismatch,
     UnknownModel,
     UnsupportedMediaType,
 )
@@ -82,6 +85,8 @@ TENSOR: Final[str] = "tensor"
 SCORES: Final[str] = "scores"
 HEADER_LENGTH: Final[str] = "Inference-Header-Content-Length"
 OCTET_STREAM: Final[str] = "application/octet-stream"
+FP32_MAX: Final[float] = float(np.finfo(np.float32).max)
+_COMPONENT: Final[str] = "#/components/schemas/{}"
 # Request parameters tritonclient and Triton reserve; none changes what is computed here.
 _RESERVED: Final[frozenset[str]] = frozenset(
     {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
@@ -154,8 +159,67 @@ async def v2_model_metadata(name: str, request: Request,
 _INFER_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     **ERRORS, 200: {"description": "JSON, or with binary outputs the JSON header then the "
                                    "tensors' bytes", "content": {OCTET_STREAM: {}}}}
-_INFER_BODY: Final[dict[str, Any]] = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": body_schema(V2InferRequest)},
+
+
+def _document_infer_request(schemas: dict[str, Any], settings: Settings) -> None:
+    """The JSON body as :func:`v2_model_infer` reads it: one input, ``image`` (one base64
+    string) or ``tensor`` (FP32 numbers, flat), the request parameters /explain's with
+    their JSON types, outputs by name. A binary body's JSON header may carry
+    binary_data_size besides; the JSON body may not (it has no bytes after it)."""
+    request = schemas["V2InferRequest"]["properties"]
+    request["inputs"].update(minItems=1, maxItems=1)
+    queries = parameter_schemas(ExplainParams)
+    request["parameters"] = {
+        "type": "object", "additionalProperties": False,
+        "description": "/explain's parameters (methods names the maps wanted) with the "
+                       "same values and JSON types, and the parameters Triton reserves "
+                       "(ignored)",
+        "properties": {**{n: queries[n] for n in queries if n in _PARAMETERS},
+                       **{n: {} for n in sorted(_RESERVED)},
+                       "binary_data_output": {"type": "boolean"}}}
+
+    def no_binary() -> dict[str, Any]:
+        return {"type": "object", "not": {"required": ["binary_data_size"]}}
+
+    schemas["V2ImageInput"] = {
+        "type": "object", "additionalProperties": False,
+        "required": ["name", "shape", "datatype", "data"],
+        "description": "the encoded image (DICOM, PNG or JPEG): one element, base64",
+        "properties": {"name": {"const": IMAGE}, "datatype": {"const": "BYTES"},
+                       "shape": {"type": "array", "items": {"const": 1}},
+                       "parameters": no_binary(),
+                       "data": {"type": "array", "minItems": 1, "maxItems": 1,
+                                "items": BASE64}}}
+    schemas["V2TensorInput"] = {
+        "type": "object", "additionalProperties": False,
+        "required": ["name", "shape", "datatype", "data"],
+        "description": "the network input, preprocessed: its shape and layout are the model's "
+                       "(GET /v2/models/{name}: inputs; 400 tensor_mismatch for another), "
+                       "the data flat in row-major order",
+        "properties": {"name": {"const": TENSOR}, "datatype": {"const": "FP32"},
+                       "shape": {"type": "array", "items": {"type": "integer"}},
+                       "parameters": no_binary(),
+                       "data": {"type": "array", "items": {
+                           "type": "number", "minimum": -FP32_MAX, "maximum": FP32_MAX}}}}
+    schemas["V2RequestInput"] = {"oneOf": [{"$ref": _COMPONENT.format("V2ImageInput")},
+                                           {"$ref": _COMPONENT.format("V2TensorInput")}]}
+    output = schemas["V2RequestOutput"]["properties"]
+    output["name"] = {"enum": [SCORES, *METHODS],
+                      "description": "scores, or a method's maps: one named in the request's "
+                                     "methods parameter (400 output_not_computed otherwise)"}
+    output["parameters"] = {"type": "object",
+                            "properties": {"binary_data": {"type": "boolean"}}}
+
+
+_INFER_BODY: Final[dict[str, Any]] = {"requestBody": {
+    "required": True,
+    "description": "JSON, or (binary tensor data) application/octet-stream: the JSON "
+                   "header, as the JSON body but its inputs' parameters.binary_data_size "
+                   "giving the bytes of their data after it, then those bytes; the "
+                   "Inference-Header-Content-Length header gives the JSON's length "
+                   "(without it the whole body is the JSON)",
+    "content": {
+    "application/json": {"schema": body_schema(V2InferRequest, _document_infer_request)},
     OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
@@ -312,15 +376,15 @@ def _tensor_input(infer: V2InferRequest, blobs: bytes,
     raw = _binary(given, blobs)
     if given.name == IMAGE:
         _expect(given, "BYTES")
-        if int(np.prod(given.shape)) != 1:
+        if any(dimension != 1 for dimension in given.shape):
             raise InvalidInferenceRequest(f"{IMAGE} holds one image: shape [1], not "
                                           f"{given.shape}")
         return _one_bytes_element(raw) if raw is not None else _one_b64_element(given.data)
     if given.name == TENSOR:
         _expect(given, "FP32")
         if isinstance(model, Ensemble):
-            raise InvalidInferenceRequest(f"ensemble {model.name!r} takes the {IMAGE} input "
-                                          "only: each member has its own network input")
+            raise TensorMismatch(f"ensemble {model.name!r} takes the {IMAGE} input only: "
+                                 "each member has its own network input")
         return _network_input(given, raw, model)
     raise InvalidInferenceRequest(f"unknown input {given.name[:100]!r}; the inputs are "
                                   f"{IMAGE} (BYTES) and {TENSOR} (FP32)")
@@ -356,15 +420,14 @@ def _one_bytes_element(raw: bytes) -> bytes:
 
 
 def _one_b64_element(data: list[Any] | None) -> bytes:
-    """A BYTES element in JSON: raw image bytes are no text, so they travel as base64."""
-    flat = data
-    while isinstance(flat, list) and len(flat) == 1 and isinstance(flat[0], list):
-        flat = flat[0]
-    if not isinstance(flat, list) or len(flat) != 1 or not isinstance(flat[0], str):
-        raise InvalidInferenceRequest(f"{IMAGE}'s data is one base64 string")
+    """A BYTES element in JSON: raw image bytes are no text, so they travel as base64, in a
+    flat list of one (as tritonclient sends it)."""
+    if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], str):
+        raise InvalidInferenceRequest(f"{IMAGE}'s data is one base64 string: [\"...\"]")
     try:
-        return base64.b64decode(flat[0], validate=True)
-    except binascii.Error as exc:
+        return base64.b64decode(data[0], validate=True)
+    # binascii.Error for bad base64; a plain ValueError for a non-ASCII string.
+    except ValueError as exc:
         raise InvalidInferenceRequest(f"{IMAGE}'s data is not valid base64") from exc
 
 
@@ -373,23 +436,31 @@ def _network_input(given: V2RequestInput, raw: bytes | None, model: Served) -> M
     count = int(np.prod(given.shape)) if given.shape else 0
     if raw is not None:
         if len(raw) != 4 * count:
-            raise InvalidInferenceRequest(f"{TENSOR}'s binary data has {len(raw)} bytes; "
-                                          f"shape {given.shape} in FP32 needs {4 * count}")
+            raise TensorMismatch(f"{TENSOR}'s binary data has {len(raw)} bytes; shape "
+                                 f"{given.shape} in FP32 needs {4 * count}")
         values = np.frombuffer(raw, dtype="<f4")
     else:
+        data = given.data or []
+        # Flat numbers, as the document states and tritonclient sends them (a bool is an
+        # int to Python, not a number to JSON).
+        if any(type(v) not in (int, float) for v in data):
+            raise InvalidInferenceRequest(f"{TENSOR}'s data are not a flat list of numbers")
         try:
-            values = np.asarray(given.data, dtype=np.float32).ravel()
-        except (TypeError, ValueError) as exc:
-            raise InvalidInferenceRequest(f"{TENSOR}'s data are not numbers") from exc
+            wide = np.asarray(data, dtype=np.float64)
+        except OverflowError as exc:  # an integer past float64's range
+            raise InvalidInferenceRequest(f"{TENSOR}'s data are beyond FP32's range") from exc
+        if wide.size and np.abs(wide).max() > FP32_MAX:
+            raise InvalidInferenceRequest(f"{TENSOR}'s data are beyond FP32's range")
+        values = wide.astype(np.float32)
         if values.size != count:
-            raise InvalidInferenceRequest(f"{TENSOR} has {values.size} values; shape "
-                                          f"{given.shape} needs {count}")
+            raise TensorMismatch(f"{TENSOR} has {values.size} values; shape {given.shape} "
+                                 f"needs {count}")
     if not np.isfinite(values).all():
         raise InvalidInferenceRequest(f"{TENSOR} holds NaN or infinite values")
     try:
         return from_tensor(values.reshape(given.shape), spec)
     except ValueError as exc:
-        raise InvalidInferenceRequest(f"{TENSOR}: {exc}") from exc
+        raise TensorMismatch(f"{TENSOR}: {exc}") from exc
 
 
 def _tensor_image(model_input: ModelInput) -> DecodedImage:
@@ -398,20 +469,47 @@ def _tensor_image(model_input: ModelInput) -> DecodedImage:
     return DecodedImage(pixels=model_input.image01, format="tensor")
 
 
+# Each parameter's JSON type, as the document states it: a JSON body carries typed values,
+# where a query string has only text.
+_JSON_TYPES: Final[dict[str, str]] = {
+    name: schema["type"] for name, schema in parameter_schemas(ExplainParams).items()
+    if name in _PARAMETERS}
+
+
+def _as_text(name: str, value: object) -> str:
+    """A typed parameter value as the text /explain's parameters are read from.
+
+    Raises:
+        InvalidParameter: a value of another JSON type than the parameter's.
+    """
+    kind = _JSON_TYPES[name]
+    if kind == "boolean" and isinstance(value, bool):
+        return str(value).lower()
+    if not isinstance(value, bool):
+        if kind == "string" and isinstance(value, str):
+            return value
+        if kind == "number" and isinstance(value, int | float):
+            return str(value)
+        # JSON Schema's integer includes 2.0: a number with no fractional part.
+        if kind == "integer" and (isinstance(value, int)
+                                  or isinstance(value, float) and value.is_integer()):
+            return str(int(value))
+    raise InvalidParameter(f"parameter {name!r} is a JSON {kind} here (a list as a "
+                           "comma-separated string)")
+
+
 def _params(given: dict[str, Any]) -> tuple[ExplainParams, bool]:
     """/explain's parameters from the request's; whether any method is asked for."""
     pairs = []
     for name, value in given.items():
         if name in _RESERVED:
+            if name == "binary_data_output" and not isinstance(value, bool):
+                raise InvalidParameter("parameter 'binary_data_output' is a JSON boolean")
             continue
         if name not in _PARAMETERS:
             raise InvalidParameter(f"unknown parameter {name[:100]!r}; infer takes "
                                    f"{', '.join(sorted(_PARAMETERS))}")
-        if isinstance(value, bool | int | float | str):
-            pairs.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
-        else:
-            raise InvalidParameter(f"parameter {name!r} is a string, number or boolean "
-                                   "(lists as comma-separated strings)")
+        pairs.append((name, _as_text(name, value)))
     params: ExplainParams = parse_params(ExplainParams, pairs)
     return params, "methods" in given
 
@@ -450,10 +548,13 @@ def _answer(infer: V2InferRequest, tensors: list[_Tensor], model: Served) -> Res
         wanted = []
         for requested in infer.outputs:
             if requested.name not in by_name:
-                raise InvalidInferenceRequest(
+                raise OutputNotComputed(
                     f"output {requested.name[:100]!r} is not computed for this request; "
                     f"its outputs are {', '.join(by_name)} (maps need the methods parameter)")
             binary = requested.parameters.get("binary_data", binary_default)
+            if not isinstance(binary, bool):
+                raise InvalidInferenceRequest(f"output {requested.name}'s binary_data is a "
+                                              "JSON boolean")
             wanted.append((by_name[requested.name], bool(binary)))
     blobs: list[bytes] = []
     entries = []
