@@ -15,11 +15,12 @@ PREFIX = "xai/"
 
 # ONNX Runtime's CPU provider runs convolutional layers in a blocked layout (NCHWc: channels
 # in blocks of 8 with AVX2, 16 with AVX-512) and keeps a tensor in it only through ops with a
-# blocked kernel: Conv (with a fused Relu or Clip), pools, Concat, Add/Sum, Relu/Sigmoid/Tanh,
-# and Mul of two blocked tensors of one proven shape. Any other op (Greater, Cast, a Mul by a
-# per-channel constant) gets its inputs reordered to NCHW and its output back: on DenseNet-121
-# that reordering cost more than the guided rule's own ops. Rules that can stay blocked do so
-# for float32 4-D tensors whose channel count is a multiple of the largest block.
+# blocked kernel: Conv (with a fused Relu, Clip, HardSigmoid), pools, Concat, Add/Sum, Relu,
+# Sigmoid, Tanh, and Mul of two blocked tensors of one proven shape. Any other op (Greater,
+# Cast, a Mul by a per-channel constant) gets its inputs reordered to NCHW and its output
+# back: on DenseNet-121 that reordering cost more than the guided rule's own ops. Rules that
+# can stay blocked do so for float32 4-D tensors whose channel count is a multiple of the
+# largest block.
 NCHWC_BLOCK = 16
 
 
@@ -179,10 +180,11 @@ class VjpBuilder:
 
         Mul by Cast(Greater) is measurably cheaper in ONNX Runtime than Where. A tensor that
         can stay in ONNX Runtime's blocked layout (:meth:`blocked_channels`) gets the same
-        values from ops with blocked kernels: twice a 1×1 depthwise Conv by 2^127 clipped to
-        [0, 1]. Exact: a product by a power of two is exact (or +inf), so every x ≥ 2^-127
-        reaches 1 at the first Clip and every positive subnormal (≥ 2^-149) at the second;
-        x ≤ 0 stays at 0.
+        values from ops with blocked kernels: a 1×1 depthwise Conv by 2^127, then a
+        HardSigmoid of slope 2^127 and offset 0 (clip(2^127 · v, 0, 1)), which ONNX Runtime
+        fuses into the Conv. Exact: each product by a power of two is exact (or +inf), so
+        every positive float32, down to the smallest subnormal 2^-149, reaches at least
+        2^105 before the clip and gives 1; x ≤ 0 gives 0.
         """
         channels = self.blocked_channels(x)
         if channels is None:
