@@ -2,8 +2,11 @@
 
     .venv/bin/python tools/make_fixtures.py --bench --bench-out /tmp/densenet121.onnx
     .venv/bin/python tools/bench_methods.py [--model /tmp/densenet121.onnx] [--threads 2]
+    .venv/bin/python tools/bench_methods.py --profile DIR   # per-op profile, backbone/guided
 
-forward = ONNX Runtime on the unmodified model file. Every other call is what the service
+forward = ONNX Runtime on the unmodified model file; backbone = the service's own forward
+pass (``Engine.forward``: the backbone graph, compiled as the service compiles the model,
+i.e. specialised to the file's input shape). Every other call is what the service
 computes for one image, arrays in and out (no HTTP, no pre- or post-processing), through
 ``Engine.capture`` and the method: gradcam = the backbone run + the head's VJP + the map;
 guided_backprop / guided_gradcam with a class known up front = the guided graph (which is
@@ -17,6 +20,7 @@ tools/bench_pgc.py runs the same calls beside pytorch-grad-cam's.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -44,7 +48,8 @@ def our_calls(model: Path, threads: int, image: np.ndarray) -> dict[str, Callabl
     The explained class is the image's top logit; ``*_14`` explain every class at once.
     """
     source = onnx.load(str(model))
-    compiled = compile_model(source)
+    # As the service compiles it: specialised to the input size it is fed (model.toml's).
+    compiled = compile_model(source, input_shape=image.shape)
     engine = Engine(compiled, ["CPUExecutionProvider"], threads)
     plain = make_session(source, ["CPUExecutionProvider"], threads)
     cls = int(np.argmax(engine.forward(image)[1][0]))
@@ -60,6 +65,7 @@ def our_calls(model: Path, threads: int, image: np.ndarray) -> dict[str, Callabl
 
     return {
         "forward": lambda: plain.run(None, {compiled.split.image: image}),
+        "backbone": lambda: engine.forward(image),
         "gradcam": method("gradcam", [cls]),
         "gradcam_14": method("gradcam", list(range(k))),
         "guided_backprop": method("guided_backprop", [cls], prefetch=True),
@@ -83,27 +89,80 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, 
     return times
 
 
+def profile_graphs(model: Path, threads: int, image: np.ndarray, rounds: int,
+                   folder: Path) -> None:
+    """ONNX Runtime's profiler on the backbone and the guided graph, run alternately
+    ``rounds`` times (the backbone once more first, for the seed's class): kernel
+    milliseconds per run by op type, as ONNX Runtime optimised the graphs (NCHWc Conv,
+    ReorderInput/Output, fused activations), every run counted."""
+    compiled = compile_model(onnx.load(str(model)), input_shape=image.shape)
+    if compiled.guided is None:
+        raise SystemExit(f"no guided graph: {compiled.guided_error}")
+    make_session(compiled.backbone, ["CPUExecutionProvider"], threads)  # the shared pool
+    sessions = {}
+    for name, graph in (("backbone", compiled.backbone), ("guided", compiled.guided)):
+        options = ort.SessionOptions()
+        options.use_per_session_threads = False
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(folder / name)
+        sessions[name] = ort.InferenceSession(graph.SerializeToString(), options,
+                                              providers=["CPUExecutionProvider"])
+    image_name = compiled.split.image
+    logits = sessions["backbone"].run(None, {image_name: image})[1]
+    seed = np.zeros_like(logits)
+    seed[0, int(np.argmax(logits))] = 1.0
+    seed_name = next(i.name for i in compiled.guided.graph.input if i.name != image_name)
+    feeds = {"backbone": {image_name: image}, "guided": {image_name: image, seed_name: seed}}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            session.run(None, feeds[name])
+    totals = {}
+    for name, session in sessions.items():
+        events = json.loads(Path(session.end_profiling()).read_text())
+        runs = sum(e.get("name") == "model_run" for e in events)
+        per_op: dict[str, list[float]] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per_op.setdefault(e["args"]["op_name"], []).append(e["dur"] / 1e3 / runs)
+        totals[name] = sum(sum(v) for v in per_op.values())
+        print(f"  {name}: kernels {totals[name]:.1f} ms per run ({runs} runs)")
+        print(f"    {'op':20s} {'nodes':>6s} {'ms/run':>8s} {'÷ backbone kernels':>19s}")
+        for op, values in sorted(per_op.items(), key=lambda kv: -sum(kv[1])):
+            print(f"    {op:20s} {len(values) // runs:6d} {sum(values):8.2f} "
+                  f"{sum(values) / totals['backbone']:19.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("/tmp/densenet121.onnx"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="instead: ONNX Runtime's per-op profile of the backbone and the "
+                         "guided graph, --repeat alternate runs, its files written to DIR")
     args = ap.parse_args()
 
     dims = onnx.load(str(args.model), load_external_data=False).graph.input[0]
     shape = tuple(d.dim_value or 1 for d in dims.type.tensor_type.shape.dim)
     image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        profile_graphs(args.model, args.threads, image, args.repeat, args.profile)
+        return
     # Interleaved, so a neighbour's load on the CPU hits every measurement alike.
     times = interleaved(our_calls(args.model, args.threads, image), args.repeat)
     forward = statistics.median(times["forward"])
     print(f"{args.model.name}: input {'×'.join(map(str, shape))}; machine: "
           f"{platform.processor() or platform.machine()}, ONNX Runtime {ort.__version__}, "
           f"{args.threads} threads, median of {args.repeat}")
-    print(f"  {'call':16s} {'ms':>8s} {'÷ forward':>10s} {'median of per-round ratios':>28s}")
+    print(f"  {'call':16s} {'ms':>8s} {'÷ forward':>10s} {'median of per-round ratios':>28s}"
+          f" {'÷ backbone, per round':>22s}")
     for name, values in times.items():
         ms = statistics.median(values)
         ratio = statistics.median(t / f for t, f in zip(values, times["forward"]))
-        print(f"  {name:16s} {ms:8.1f} {ms / forward:10.2f} {ratio:28.2f}")
+        own = statistics.median(t / f for t, f in zip(values, times["backbone"]))
+        print(f"  {name:16s} {ms:8.1f} {ms / forward:10.2f} {ratio:28.2f} {own:22.2f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -25,6 +26,7 @@ from service.runtime.sessions import make_session
 
 CPU = ["CPUExecutionProvider"]
 RNG = np.random.default_rng(20240611)
+BLOCKED_RNG = np.random.default_rng(16)
 
 
 class ConvTranspose(OpRun):
@@ -610,6 +612,9 @@ def _mod() -> Case:
 OTHER = {
     # activations
     "relu": _unary("Relu", _away(_normal(2, 3, 4), 0.0)),
+    # 16 channels of a 4-D float32 tensor: the forms ONNX Runtime keeps in its blocked
+    # layout (builder.NCHWC_BLOCK), with values of their own so the other cases' stay put
+    "relu_blocked": _unary("Relu", _away(BLOCKED_RNG.normal(size=(2, 16, 2, 3)), 0.0)),
     "leaky_relu": _unary("LeakyRelu", _away(_normal(2, 3, 4), 0.0), alpha=0.1),
     "prelu_per_channel": Case([_node("PRelu", ["x", "slope"])],
                               {"x": _away(_normal(2, 3, 2, 2), 0.0)},
@@ -624,6 +629,8 @@ OTHER = {
     "softmax_last": _unary("Softmax", _normal(2, 4, 3)),
     "log_softmax": _unary("LogSoftmax", _normal(2, 5), axis=-1),
     "clip_relu6": _clip(_away(RNG.uniform(-2, 8, size=(2, 3, 4)), 0.0, 6.0), 0.0, 6.0),
+    "clip_relu6_blocked": _clip(_away(BLOCKED_RNG.uniform(-2, 8, size=(1, 16, 2, 3)), 0.0,
+                                      6.0), 0.0, 6.0),
     "clip_min_only": _clip(_away(_normal(2, 3, 4), -0.5), -0.5, None),
     "clip_max_only": _clip(_away(_normal(2, 3, 4), 0.3), None, 0.3),
     "clip_none": _clip(_normal(2, 3), None, None),
@@ -647,6 +654,11 @@ OTHER = {
                         "v": RNG.uniform(0.5, 2, 3)},
                        # The reference BatchNormalization-9 (opset 13) runs in training mode.
                        opset=15),
+    "batch_norm_blocked": Case(
+        [_node("BatchNormalization", ["x", "s", "b", "m", "v"], epsilon=1e-3)],
+        {"x": BLOCKED_RNG.normal(size=(2, 16, 2, 2))},
+        {k: BLOCKED_RNG.normal(size=16) for k in "sbm"} | {"v": BLOCKED_RNG.uniform(0.5, 2, 16)},
+        opset=15),
     # reductions and global pools
     **{f"{op.lower()}_keep{k}_opset{o}": _reduce(op, o, k, [1, -1])
        for op in ("ReduceMean", "ReduceSum") for o in (13, 18) for k in (0, 1)},
@@ -872,9 +884,11 @@ def test_every_rule_is_covered() -> None:
 
 GUIDED = {
     "relu": (OTHER["relu"], None),
+    "relu_blocked": (OTHER["relu_blocked"], None),
     "leaky_relu": (OTHER["leaky_relu"], None),
     "prelu": (OTHER["prelu_per_channel"], None),
     "clip_relu6": (OTHER["clip_relu6"], 6.0),
+    "clip_relu6_blocked": (OTHER["clip_relu6_blocked"], 6.0),
 }
 
 
@@ -915,6 +929,108 @@ def test_guided_chain_masks_each_rectifier() -> None:
     _, (expected,) = _gradients(first, seed=masked)
     np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-12)
 
+
+# ONNX Runtime's blocked layout ----------------------------------------------------------
+
+
+def _every_kind_of_float32() -> np.ndarray:
+    """16 channels holding zeros of both signs, subnormals, the smallest normals, values
+    near the 2^-127 step of the blocked mask, ordinary and huge values and infinities."""
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    kinds = [0.0, -0.0, tiny, -tiny, 3 * tiny, 2.0**-140, 2.0**-128, 2.0**-127, -2.0**-127,
+             2.0**-126, 1e-30, 0.25, 1.0, 5.999999, 6.0, 6.5, 3e38, -3e38, np.inf, -np.inf,
+             -1.0, -0.5, 2.0, 1e20]
+    values = np.resize(np.array(kinds, dtype=np.float32), 16 * 2 * 3)
+    return np.random.default_rng(3).permutation(values).reshape(1, 16, 2, 3)
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+@pytest.mark.parametrize("high", [None, 6.0], ids=["relu", "clip_relu6"])
+def test_blocked_rectifier_masks_are_exact(guided: bool, high: float | None) -> None:
+    """The mask of a 16-channel float32 rectifier (a depthwise Conv by 2^127 and a
+    HardSigmoid of slope 2^127) is exactly [x > 0] (and [x < max]) for every float32."""
+    x = _every_kind_of_float32()
+    case = (_unary("Relu", x.astype(np.float64)) if high is None
+            else _clip(x.astype(np.float64), 0.0, high))
+    model = vjp(case.model(np.float32), "y", ["x"], guided=guided)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"HardSigmoid", "Conv"} <= ops and "Greater" not in ops
+    seed = np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
+    (grad,) = make_session(model, CPU, 1).run([grad_name("x")], {"x": x, SEED: seed})
+    passed = np.maximum(seed, 0) if guided else seed
+    expected = passed * (x > 0) * (x < high if high is not None else 1)
+    np.testing.assert_array_equal(grad, expected)
+
+
+def test_gradients_state_their_batch_axis() -> None:
+    """Every gradient is declared with its tensor's shape, the batch axis named as in the
+    model: shape inference alone loses the name at the rules' Shape-fed Reshapes."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 16, 4, 4))
+    nodes = [_node("Relu", ["x"], ["r"]), _node("GlobalAveragePool", ["r"], ["p"]),
+             _node("Flatten", ["p"], ["f"]), _node("Gemm", ["f", "w"], transB=1)]
+    case = Case(nodes, {"x": x}, {"w": rng.normal(size=(3, 16))})
+    model = vjp(case.model(np.float32, batch="N"), "y", ["x", "r"], guided=True)
+    declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in model.graph.value_info}
+    feeding = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
+    for tensor in ("x", "r"):
+        assert declared[feeding[grad_name(tensor)]] == ["N", 16, 4, 4]
+
+
+def test_declared_gradient_shapes_agree_with_shape_inference() -> None:
+    """No declared gradient type contradicts what ONNX's strict shape inference derives,
+    over every case whose forward model passes it."""
+    checked = 0
+    for case in CASES.values():
+        forward = case.model(np.float32 if case.ort else np.float64)
+        try:
+            onnx.shape_inference.infer_shapes(forward, strict_mode=True)
+        except onnx.shape_inference.InferenceError:
+            continue  # the case's own declared output type is not the inferred one
+        for guided in (False, True):
+            model = vjp(forward, case.of, list(case.wrt), guided=guided)
+            onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        checked += 1
+    assert checked >= len(CASES) - 2
+
+
+def test_guided_backward_stays_in_the_blocked_layout(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Conv → BN → Relu twice, a residual Add, a last Conv and a Flatten (whose gradient is
+    a Reshape to a Shape), 16 channels, batch axis symbolic: in the graph ONNX Runtime
+    optimises, no elementwise op of the guided backward pass reads a tensor reordered back
+    to NCHW. With the masks as Cast(Greater), or without the gradients' declared shapes,
+    each rectifier's Mul had both inputs reordered to NCHW and its output back."""
+    rng = np.random.default_rng(6)
+    w1, w2, w3 = (rng.normal(size=(16, 16, k, k)) * 0.2 for k in (3, 1, 3))
+    bn = {f"{k}{i}": rng.normal(size=16) for i in (1, 2) for k in "sbm"}
+    bn |= {f"v{i}": rng.uniform(0.5, 2, 16) for i in (1, 2)}
+    nodes = [_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             _node("BatchNormalization", ["c1", "s1", "b1", "m1", "v1"], ["n1"]),
+             _node("Relu", ["n1"], ["r1"]),
+             _node("Conv", ["r1", "w2"], ["c2"]),
+             _node("BatchNormalization", ["c2", "s2", "b2", "m2", "v2"], ["n2"]),
+             _node("Relu", ["n2"], ["r2"]), _node("Add", ["r2", "r1"], ["a"]),
+             _node("Conv", ["a", "w3"], ["c3"], pads=[1, 1, 1, 1]), _node("Flatten", ["c3"])]
+    case = Case(nodes, {"x": rng.normal(size=(1, 16, 6, 6))},
+                {"w1": w1, "w2": w2, "w3": w3, **bn}, opset=15)
+    model = vjp(case.model(np.float32, batch="N"), "y", ["x"], guided=True)
+    optimised = tmp_path / "optimised.onnx"
+    make_session(model, CPU, 1)  # creates the process-wide thread pool the next one shares
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(optimised)
+    ort.InferenceSession(model.SerializeToString(), options, providers=CPU)
+    graph = onnx.load(str(optimised)).graph
+    if not any(n.domain == "com.microsoft.nchwc" for n in graph.node):
+        pytest.skip("ONNX Runtime has no blocked layout on this CPU")
+    producer = {o: n for n in graph.node for o in n.output}
+    elementwise = [n for n in graph.node if n.op_type in ("Mul", "Relu", "Add", "Sum")]
+    assert sum(n.op_type == "Mul" for n in elementwise) == 2  # one per rectifier
+    for node in elementwise:
+        sources = [producer[i].op_type for i in node.input if i in producer]
+        assert "ReorderOutput" not in sources, (node.op_type, sources)
 
 # Refusals -------------------------------------------------------------------------------
 

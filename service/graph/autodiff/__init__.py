@@ -93,6 +93,7 @@ def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = F
             return None
         if len(parts) > 1:
             grads[tensor] = [builder.op("Sum", parts, hint="acc")]
+            builder.shaped_like(grads[tensor][0], tensor)
         return grads[tensor][0]
 
     for node in reversed(path):
@@ -104,6 +105,7 @@ def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = F
         for inp, need, gx in zip(node.input, needs, gxs):
             if need and gx is not None:
                 grads[inp].append(gx)
+                builder.shaped_like(gx, inp)
 
     outputs: list[onnx.ValueInfoProto] = list(model.graph.output) if keep_outputs else []
     for tensor in wrt:
@@ -124,6 +126,7 @@ def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = F
         [*model.graph.input, seed_info],
         outputs,
         initializer=[*model.graph.initializer, *builder.initializers],
+        value_info=builder.value_info(),
     )
     out = helper.make_model(graph, opset_imports=list(model.opset_import),
                             producer_name="medexplain")

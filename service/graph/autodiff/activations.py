@@ -15,12 +15,18 @@ Grads = list[str | None]
 
 
 def relu(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
-    x, gy = node.input[0], gys[0]
+    """gx = gy · [x > 0]; guided: Relu(gy) · [x > 0].
+
+    The mask reads the output: y > 0 exactly where x > 0, and a Relu whose input nothing
+    else reads is fused into the Conv (or BatchNormalization) before it by ONNX Runtime;
+    reading x kept it a separate pass over x on the forward half of the guided graph.
+    """
+    y, gy = node.output[0], gys[0]
     assert gy is not None
     if b.guided:
         # Guided backprop: only positive gradient passes, and only where the input was > 0.
         gy = b.op("Relu", [gy])
-    return [b.op("Mul", [gy, b.mask_positive(x)], hint="grad")]
+    return [b.op("Mul", [gy, b.mask_positive(y)], hint="grad")]
 
 
 def leaky_relu(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
@@ -194,12 +200,15 @@ def clip(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> 
     to = b.index.elem_type(x) or onnx.TensorProto.FLOAT
     masks = []
     rectifier = clip_is_rectifier(b.index, node)
+    # At a rectifier (min 0 < max) the masks read the output, as Relu's do: y > 0 exactly
+    # where x > 0 and y < max exactly where x < max.
+    bounded = node.output[0] if rectifier else x
     if rectifier:
-        masks.append(b.mask_positive(x))
+        masks.append(b.mask_positive(bounded))
     elif low is not None:
         masks.append(b.op("Cast", [b.op("Greater", [x, low])], to=to))
     if high is not None:
-        masks.append(b.op("Cast", [b.op("Less", [x, high])], to=to))
+        masks.append(b.op("Cast", [b.op("Less", [bounded, high])], to=to))
     if b.guided and rectifier:
         gy = b.op("Relu", [gy])
     for mask in masks:

@@ -25,17 +25,16 @@ def batch_normalization(b: VjpBuilder, node: onnx.NodeProto, gys: Grads,
             f"BatchNormalization node {node.name!r}: gradients of its parameters are not supported"
         )
     eps = float(attr(node, "epsilon", 1e-5))  # type: ignore[arg-type]
-    rank = b.rank(x)
     scale, var = b.index.constant(node.input[1]), b.index.constant(node.input[4])
     if scale is not None and var is not None:
         factor = (scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps))
-        shape = (1, -1) + (1,) * (rank - 2)
-        coeff = b.float_const(factor.reshape(shape), x)
+        gx = b.scale_channels(gy, factor, x)
     else:
         denom = b.op("Sqrt", [b.op("Add", [node.input[4], b.float_const(eps, x)])])
         per_channel = b.op("Div", [node.input[1], denom])
-        coeff = b.unsqueeze(per_channel, [0, *range(2, rank)])
-    return [b.op("Mul", [gy, coeff], hint="grad")] + [None] * (len(node.input) - 1)
+        coeff = b.unsqueeze(per_channel, [0, *range(2, b.rank(x))])
+        gx = b.op("Mul", [gy, coeff], hint="grad")
+    return [gx] + [None] * (len(node.input) - 1)
 
 
 def layer_normalization(b: VjpBuilder, node: onnx.NodeProto, gys: Grads,
