@@ -58,11 +58,12 @@ class Engine:
     All arrays crossing this class's boundary hold target-layer activations channel-first,
     (B, C, H, W), whatever the model stores. A vision transformer's head also reads a
     context beside them, its prefix tokens (``split.context``): the forward pass gives it
-    (:meth:`forward_context`) and the head graphs take one context row per activation row. Every graph runs batches: the head in chunks of
-    at most ``max_batch`` copies (CRM's H·W masked copies never need one huge buffer), the
-    graphs fed with images in chunks of at most ``image_batch``. A graph whose batch axis is
-    fixed at 1 (a Reshape to [1, -1] the specialisation could not free) is found out at its
-    first batch and from then on runs one row at a time.
+    (:meth:`forward_context`) and the head graphs take one context row per activation row.
+    Every graph runs batches: the head in chunks of at most ``max_batch`` copies (CRM's
+    H·W masked copies never need one huge buffer), the graphs fed with images in chunks of
+    at most ``image_batch``. A graph whose batch axis is fixed at 1 (a Reshape to [1, -1]
+    the specialisation could not free) is found out at its first batch and from then on
+    runs one row at a time.
 
     On CUDA the sessions run through I/O binding: inputs are bound as device values and
     outputs allocated on the device, then copied back once (``io_binding`` forces it on or

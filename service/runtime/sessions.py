@@ -69,7 +69,8 @@ def _ensure_thread_pool(threads: int) -> None:
                         "ignoring a request for %d", _pool_threads, threads)
 
 
-def provider_options(providers: list[str], conv_algo_search: str) -> list[str | tuple[str, dict[str, str]]]:
+def provider_options(providers: list[str], conv_algo_search: str
+                     ) -> list[str | tuple[str, dict[str, str]]]:
     """``providers`` with the CUDA provider's options.
 
     cuDNN picks each convolution's algorithm per input shape: EXHAUSTIVE benchmarks them
