@@ -21,6 +21,7 @@ from service.config import Settings
 from service.errors import Overloaded
 from service.main import create_app
 from tests.scaleout.ray_cluster import CONCURRENT, OVERLOAD, PLAIN_SETTINGS, SEQUENTIAL
+from tools.bench_ray import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
 SECURITY_HEADERS_TEXT = [(k.decode(), v.decode()) for k, v in SECURITY_HEADERS]
@@ -42,20 +43,6 @@ def _in_loopback_namespace(command: list[str]) -> list[str]:
     return [*unshare, "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
 
 
-def _processes_naming(text: str) -> list[str]:
-    """Command lines of the running processes that contain ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue  # gone meanwhile
-            if text in cmdline:
-                found.append(cmdline)
-    return found
-
-
 def _comparable(body: dict[str, Any] | str) -> dict[str, Any] | str:
     """The answer without its stopwatch readings, which differ from run to run."""
     return body if isinstance(body, str) else {k: v for k, v in body.items()
@@ -70,7 +57,7 @@ def test_two_replicas_on_two_nodes_answer_as_the_plain_server(tmp_path: Path) ->
                           capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert proc.returncode == 0, proc.stderr[-6000:]
     got = json.loads(out.read_text(encoding="utf-8"))
-    assert _processes_naming(got["ray_tmpdir"]) == []  # the cluster stopped all it started
+    assert processes_mentioning(got["ray_tmpdir"]) == []  # the cluster stopped all it started
 
     # Two replicas, on two different nodes, and both answered some of the requests.
     assert len(got["nodes"]) == 2
