@@ -262,6 +262,24 @@ CONV = {
     "conv1d_s1": _conv((2, 3, 9), (4, 3, 3), pads=[1, 2]),
     "conv3d": _conv((1, 2, 4, 4, 3), (3, 2, 3, 3, 2), pads=[1, 1, 0, 1, 1, 1]),
     "conv3d_s2": _conv((1, 2, 5, 4, 4), (3, 2, 3, 3, 2), strides=[2, 2, 1], pads=[1] * 6),
+    # 16 input channels, which ONNX Runtime's blocked layout takes: kernels spanning more
+    # than two strides get the per-phase form, the others ConvTranspose, both followed by
+    # the depthwise Conv back into the blocked layout (float32 only).
+    "conv_phase_k5s2_odd": _conv((1, 16, 7, 9), (3, 16, 5, 5), strides=[2, 2], pads=[2] * 4),
+    "conv_phase_k5s2_even_nopad": _conv((1, 16, 8, 6), (2, 16, 5, 5), bias=False,
+                                        strides=[2, 2]),
+    "conv_phase_k5s2_asym_pads": _conv((1, 16, 8, 7), (2, 16, 5, 5), strides=[2, 2],
+                                       pads=[1, 2, 2, 0]),
+    "conv_phase_k7s2p3": _conv((2, 16, 9, 8), (2, 16, 7, 7), strides=[2, 2], pads=[3] * 4),
+    "conv_phase_k7s3": _conv((1, 16, 10, 8), (2, 16, 7, 7), strides=[3, 3], pads=[3, 2, 1, 3]),
+    "conv_phase_k5x7_s2": _conv((1, 16, 7, 8), (2, 16, 5, 7), strides=[2, 2], pads=[2, 3, 2, 3]),
+    "conv_blocked_k3s2": _conv((1, 16, 7, 6), (3, 16, 3, 3), strides=[2, 2], pads=[1] * 4),
+    "conv_blocked_k1s2": _conv((1, 16, 6, 7), (4, 16, 1, 1), bias=False, strides=[2, 2]),
+    "conv_blocked_k3s3": _conv((1, 16, 8, 7), (2, 16, 3, 3), strides=[3, 3], pads=[1, 0, 1, 2]),
+    "conv_blocked_groups2_s2": _conv((1, 32, 5, 5), (4, 16, 5, 5), group=2, strides=[2, 2],
+                                     pads=[2] * 4),
+    "conv_blocked_dilation2_s2": _conv((1, 16, 8, 7), (2, 16, 3, 3), dilations=[2, 2],
+                                       strides=[2, 2], pads=[2] * 4),
 }
 
 
@@ -1031,6 +1049,64 @@ def test_guided_backward_stays_in_the_blocked_layout(tmp_path) -> None:  # type:
     for node in elementwise:
         sources = [producer[i].op_type for i in node.input if i in producer]
         assert "ReorderOutput" not in sources, (node.op_type, sources)
+
+@pytest.mark.parametrize("name", sorted(n for n in CONV if "_phase_" in n or "_blocked_" in n))
+def test_strided_conv_gradient_forms(name: str) -> None:
+    """Which form a strided convolution's input gradient takes: per-phase convolutions
+    interleaved by DepthToSpace for dense kernels spanning more than two strides, else one
+    ConvTranspose; in float32 either ends in the depthwise Conv by ones that returns the
+    gradient to ONNX Runtime's blocked layout."""
+    for dtype, extra in ((np.float64, 0), (np.float32, 1)):
+        ops = [n.op_type for n in vjp(CASES[name].model(dtype), "y", ["x"]).graph.node]
+        phased = "_phase_" in name
+        assert ("DepthToSpace" in ops, "ConvTranspose" in ops) == (phased, not phased)
+        strides = next(n for n in CASES[name].nodes if n.op_type == "Conv").attribute
+        stride = next(a.ints[0] for a in strides if a.name == "strides")
+        assert ops.count("Conv") == 1 + (stride ** 2 if phased else 0) + extra
+
+
+def test_strided_gradients_stay_in_the_blocked_layout(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A ResNet-style downsampling block (3×3 and 1×1 convolutions at stride 2 beside each
+    other, an Add, a Relu) and a 5×5 stride-2 convolution, 16 channels, batch axis
+    symbolic, a last Conv before the Flatten (as in the test above): in the guided graph
+    ONNX Runtime optimises, no elementwise op reads a tensor reordered back to NCHW. With
+    ConvTranspose's output fed on as it is, the Sum of the two branches' gradients and every
+    mask Mul after it ran in NCHW."""
+    rng = np.random.default_rng(8)
+    weights = {"w1": rng.normal(size=(16, 16, 3, 3)) * 0.2,
+               "w2": rng.normal(size=(32, 16, 3, 3)) * 0.2,
+               "wd": rng.normal(size=(32, 16, 1, 1)) * 0.2,
+               "w3": rng.normal(size=(16, 32, 5, 5)) * 0.1,
+               "w4": rng.normal(size=(16, 16, 1, 1)) * 0.2}
+    nodes = [_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4), _node("Relu", ["c1"], ["r1"]),
+             _node("Conv", ["r1", "w2"], ["c2"], strides=[2, 2], pads=[1] * 4),
+             _node("Relu", ["c2"], ["r2"]),
+             _node("Conv", ["r1", "wd"], ["d"], strides=[2, 2]), _node("Add", ["r2", "d"], ["a"]),
+             _node("Relu", ["a"], ["r3"]),
+             _node("Conv", ["r3", "w3"], ["c3"], strides=[2, 2], pads=[2] * 4),
+             _node("Relu", ["c3"], ["r4"]), _node("Conv", ["r4", "w4"], ["c4"]),
+             _node("Flatten", ["c4"])]
+    case = Case(nodes, {"x": rng.normal(size=(1, 16, 12, 12))}, weights)
+    model = vjp(case.model(np.float32, batch="N"), "y", ["x"], guided=True)
+    optimised = tmp_path / "optimised.onnx"
+    make_session(model, CPU, 1)  # creates the process-wide thread pool the next one shares
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(optimised)
+    ort.InferenceSession(model.SerializeToString(), options, providers=CPU)
+    graph = onnx.load(str(optimised)).graph
+    if not any(n.domain == "com.microsoft.nchwc" for n in graph.node):
+        pytest.skip("ONNX Runtime has no blocked layout on this CPU")
+    assert {"ConvTranspose", "DepthToSpace"} <= {n.op_type for n in graph.node}
+    producer = {o: n for n in graph.node for o in n.output}
+    elementwise = [n for n in graph.node if n.op_type in ("Mul", "Relu", "Add", "Sum")]
+    assert sum(n.op_type == "Mul" for n in elementwise) == 4  # one per rectifier
+    for node in elementwise:
+        sources = [producer[i].op_type for i in node.input if i in producer]
+        assert not {"ReorderOutput", "ConvTranspose", "DepthToSpace"} & set(sources), (
+            node.op_type, sources)
+
 
 # Refusals -------------------------------------------------------------------------------
 

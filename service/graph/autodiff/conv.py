@@ -4,8 +4,11 @@ The input gradient of a stride-1 convolution is itself a convolution of the outp
 gradient with the spatially flipped weights, input and output channels swapped per group,
 and pads' = d·(k−1) − pads; ONNX Runtime runs that much faster than ConvTranspose. Strided
 convolutions use ConvTranspose with the forward weights and an ``output_padding`` that
-gives back the input's spatial size. Weight gradients are not supported (the weights of a
-deployed model are initializers, which never need one).
+gives back the input's spatial size, or, where that measured faster, stride-1
+convolutions per output phase interleaved by DepthToSpace (``_phase_gradient``); either
+is followed by an exact 1×1 depthwise Conv that puts the gradient back into ONNX
+Runtime's blocked layout (``_into_blocked``). Weight gradients are not supported (the
+weights of a deployed model are initializers, which never need one).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import onnx
 
 from service.errors import CompileError
-from service.graph.autodiff.builder import VjpBuilder
+from service.graph.autodiff.builder import NCHWC_BLOCK, VjpBuilder
 from service.graph.onnx_graph import attr
 
 Grads = list[str | None]
@@ -91,6 +94,110 @@ def flipped_weights(b: VjpBuilder, node: onnx.NodeProto, w: str, group: int) -> 
                           b.const(np.full(spatial, -1, dtype=np.int64))], hint="flipped_w")
 
 
+def _phase_taps(size: int, out: int, k: int, s: int, pad: int
+                ) -> list[tuple[np.ndarray, int, int]] | None:
+    """Per output phase r of one spatial axis (input positions i = s·q + r): the kernel
+    taps reaching it, last first, and the (begin, end) pads of the stride-1 convolution of
+    the output gradient that yields it for q < ceil(size / s); an empty tap list where no
+    tap reaches the phase, None where a pad would be negative.
+
+    Forward, y[o] = Σ_j w[j]·x[s·o + j − pad], so x[s·q + r] meets the taps j ≡ r + pad
+    (mod s), j = j0 + s·t, at o = q + c − t with c = (r + pad − j0) / s.
+    """
+    phases = -(-size // s)
+    taps = []
+    for r in range(s):
+        j0 = (r + pad) % s
+        reach = np.arange(j0, k, s)[::-1]
+        if reach.size == 0:
+            taps.append((reach, 0, 0))
+            continue
+        begin = reach.size - 1 - (r + pad - j0) // s
+        end = phases - 1 + reach.size - out - begin
+        if begin < 0 or end < 0:
+            return None
+        taps.append((reach, begin, end))
+    return taps
+
+
+def _phase_gradient(b: VjpBuilder, node: onnx.NodeProto, gy: str, w: str, sizes: list[int],
+                    kernel: list[int], strides: list[int], dilations: list[int],
+                    begin: list[int], end: list[int], group: int) -> str | None:
+    """The input gradient of a strided 2-D convolution as stride-1 convolutions, one per
+    output phase, interleaved by DepthToSpace; None where this form is not the faster one.
+
+    The per-phase convolutions (their sub-kernels together hold exactly the forward's taps)
+    run in ONNX Runtime's blocked layout, which ConvTranspose cannot; the interleaving runs
+    in NCHW and costs a few passes over the gradient. Measured against ConvTranspose
+    (BENCHMARKS.md, "Guided backprop in the blocked layout"), that pays for dense
+    convolutions whose kernel spans more than two strides (5×5 and 7×7 at stride 2: 0.76–1.0
+    of ConvTranspose's time) on inputs ONNX Runtime blocks, and not for 3×3 at stride 2
+    (0.96–1.14), depthwise ones (1.08–1.71) or a 3-channel input (a stem, whose phase
+    convolutions cannot be blocked). Chosen by shape alone, so the graph is the same in
+    every dtype. Also needs equal strides, constant weights and no dilation.
+    """
+    weights = b.index.constant(w)
+    shape = b.shape(node.input[0])
+    if (len(sizes) != 2 or weights is None or group != 1 or any(d != 1 for d in dilations)
+            or strides[0] != strides[1] or any(k < 2 * s + 1 for k, s in zip(kernel, strides))
+            or shape is None or not isinstance(shape[1], int) or shape[1] % NCHWC_BLOCK):
+        return None
+    outs = [(size + pb + pe - k) // s + 1
+            for size, pb, pe, k, s in zip(sizes, begin, end, kernel, strides)]
+    axes = [_phase_taps(size, out, k, s, pb)
+            for size, out, k, s, pb in zip(sizes, outs, kernel, strides, begin)]
+    if any(axis is None or any(reach.size == 0 for reach, _, _ in axis) for axis in axes):
+        return None
+    swapped = weights.swapaxes(0, 1)  # (M, C, *K) -> (C, M, *K)
+    parts = []
+    for (th, bh, eh) in axes[0]:  # type: ignore[union-attr]
+        for (tw, bw, ew) in axes[1]:  # type: ignore[union-attr]
+            sub = np.ascontiguousarray(swapped[:, :, th][:, :, :, tw])
+            parts.append(b.op("Conv", [gy, b.const(sub, hint="phase_w")], pads=[bh, bw, eh, ew],
+                              kernel_shape=list(sub.shape[2:]), hint="grad_phase"))
+    gx = b.op("DepthToSpace", [b.op("Concat", parts, axis=1)], blocksize=strides[0],
+              mode="DCR")
+    phases = [-(-size // s) for size, s in zip(sizes, strides)]
+    if any(p * s != size for p, s, size in zip(phases, strides, sizes)):
+        gx = b.op("Slice", [gx, b.const(_i64([0, 0])), b.const(_i64(sizes)),
+                            b.const(_i64([2, 3]))])
+    return gx
+
+
+def _transposed_gradient(b: VjpBuilder, gy: str, w: str, sizes: list[int], kernel: list[int],
+                         strides: list[int], dilations: list[int], begin: list[int],
+                         end: list[int], group: int) -> str:
+    """The input gradient of any convolution as one ConvTranspose by the forward weights."""
+    # ConvTranspose yields s·(out−1) + d·(k−1) + 1 − pads + output_padding; the forward's
+    # floor division dropped exactly this remainder of the input.
+    output_padding = [
+        (size + pb + pe - d * (k - 1) - 1) % s
+        for size, pb, pe, k, s, d in zip(sizes, begin, end, kernel, strides, dilations)
+    ]
+    return b.op("ConvTranspose", [gy, w], strides=strides, dilations=dilations, group=group,
+                pads=begin + end, output_padding=output_padding, kernel_shape=kernel,
+                hint="grad")
+
+
+def _into_blocked(b: VjpBuilder, gx: str, x: str) -> str:
+    """gx through a 1×1 depthwise Conv by ones (exact) where x can be blocked.
+
+    Neither strided form ends in an op with a blocked kernel in ONNX Runtime, and ONNX
+    Runtime reorders a tensor back into its blocked layout only in front of a Conv or a
+    pool: without this, every elementwise op that met the gradient next ran in NCHW,
+    reordered (on ResNet-50 the whole identity path of the stage below each stride-2
+    block).
+    """
+    channels = b.blocked_channels(x)
+    if channels is None:
+        return gx
+    return b.scale_channels(gx, np.ones(channels), x)
+
+
+def _i64(values: Sequence[int]) -> np.ndarray:
+    return np.array(list(values), dtype=np.int64)
+
+
 def conv(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> Grads:
     x, w, gy = node.input[0], node.input[1], gys[0]
     assert gy is not None
@@ -119,15 +226,11 @@ def conv(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -> 
                       dilations=dilations, group=group, kernel_shape=kernel, hint="grad")
         else:
             sizes = spatial_sizes(b, node, x, "the gradient of a strided convolution")
-            # ConvTranspose yields s·(out−1) + d·(k−1) + 1 − pads + output_padding; the
-            # forward's floor division dropped exactly this remainder of the input.
-            output_padding = [
-                (size + pb + pe - d * (k - 1) - 1) % s
-                for size, pb, pe, k, s, d in zip(sizes, begin, end, kernel, strides, dilations)
-            ]
-            gx = b.op("ConvTranspose", [gy, w], strides=strides, dilations=dilations,
-                      group=group, pads=begin + end, output_padding=output_padding,
-                      kernel_shape=kernel, hint="grad")
+            gx = (_phase_gradient(b, node, gy, w, sizes, kernel, strides, dilations, begin,
+                                  end, group)
+                  or _transposed_gradient(b, gy, w, sizes, kernel, strides, dilations,
+                                          begin, end, group))
+            gx = _into_blocked(b, gx, x)
     gb = None
     if len(node.input) > 2 and node.input[2] and needs[2]:
         gb = b.reduce("ReduceSum", gy, [0, *range(2, 2 + rank)], keepdims=False)
