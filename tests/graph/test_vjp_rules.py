@@ -270,7 +270,7 @@ CONV = {
                                         strides=[2, 2]),
     "conv_phase_k5s2_asym_pads": _conv((1, 16, 8, 7), (2, 16, 5, 5), strides=[2, 2],
                                        pads=[1, 2, 2, 0]),
-    "conv_phase_k7s2p3": _conv((2, 16, 9, 8), (2, 16, 7, 7), strides=[2, 2], pads=[3] * 4),
+    "conv_phase_k7s2p3": _conv((1, 16, 9, 8), (2, 16, 7, 7), strides=[2, 2], pads=[3] * 4),
     "conv_phase_k7s3": _conv((1, 16, 10, 8), (2, 16, 7, 7), strides=[3, 3], pads=[3, 2, 1, 3]),
     "conv_phase_k5x7_s2": _conv((1, 16, 7, 8), (2, 16, 5, 7), strides=[2, 2], pads=[2, 3, 2, 3]),
     "conv_blocked_k3s2": _conv((1, 16, 7, 6), (3, 16, 3, 3), strides=[2, 2], pads=[1] * 4),
