@@ -71,9 +71,10 @@ class Engine:
     off, e.g. to exercise it on CPU).
 
     The sessions of the graphs in ``lazy`` (by default the rarely used ones) are made at
-    their first run: the guided graph's was most of a small network's load (0.5-0.9 s of
-    DenseNet-121's 2.2 s), paid by every start for a method few requests ask for. The
-    first request of such a method pays it instead (BENCHMARKS.md, "Load memory").
+    their first run: the guided graph's was the largest step of a small network's load
+    (0.7 s of DenseNet-121's 1.5 s, of ResNet-50's 1.5 s), paid by every start for methods
+    few requests ask for. The first request of such a method pays it instead
+    (BENCHMARKS.md, "Load memory").
     """
 
     def __init__(self, compiled: CompiledModel, providers: Sequence[str], threads: int,
