@@ -207,7 +207,7 @@ def breakdown_child(folder: Path, threads: int, cache_dir: Path | None = None
     hit = cache_dir is not None and any(cache_dir.glob("*/split.json"))
     compiled = CompileCache(cache_dir).compile(
         raw, model, layout=spec.layout, activation=config.activation.value,
-        target_layer=config.target_layer, input_shape=shape)
+        target_layer=config.target_layer, input_shape=shape, digest=digest)
     del raw
     mark("compile-cache hit (graphs read)" if hit else "compiled (raw file freed)")
     sessions = {}

@@ -211,7 +211,8 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
     compiled = (cache or _DEFAULT_CACHE).compile(
         raw, model, layout=spec.layout, activation=config.activation.value,
         target_layer=config.target_layer,
-        input_shape=image_shape(spec.layout, spec.height, spec.width, spec.channels))
+        input_shape=image_shape(spec.layout, spec.height, spec.width, spec.channels),
+        digest=digest)
     del raw  # the weights live in their own buffer now
     outputs = compiled.backbone.graph.output
     n_out = outputs[1].type.tensor_type.shape.dim[-1].dim_value if len(outputs) > 1 else 0
