@@ -140,7 +140,9 @@ def _copy(key: str, folder: Path, chosen: list[tuple[onnx.TensorProto, tuple[str
     # transparent huge pages on large arrays (madvise), and faulting 0.5 GB of them in on
     # a machine whose memory is fragmented stalls on compaction (VGG-16: 2.4-3.1 s to fill
     # the buffer against 0.5 s here). Freed, the mapping goes straight back to the system.
-    storage = (np.frombuffer(mmap.mmap(-1, total + _ALIGN), dtype=np.uint8) if total
+    storage = (np.frombuffer(mmap.mmap(-1, total + _ALIGN,
+                                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
+                             dtype=np.uint8) if total
                else np.empty(_ALIGN, dtype=np.uint8))
     start = -storage.ctypes.data % _ALIGN
     buffer = storage[start:start + total]
