@@ -138,8 +138,8 @@ def _copy(key: str, folder: Path, chosen: list[tuple[onnx.TensorProto, tuple[str
     total = sum(_aligned(length) for _, (_, _, length) in chosen)
     # An anonymous mapping of its own, not numpy's allocation: numpy asks the kernel for
     # transparent huge pages on large arrays (madvise), and faulting 0.5 GB of them in on
-    # a machine whose memory is fragmented stalls on compaction (VGG-16: 2.4-3.1 s to fill
-    # the buffer against 0.5 s here). Freed, the mapping goes straight back to the system.
+    # a machine whose memory is fragmented stalls on compaction (VGG-16: 2.4-3.5 s to fill
+    # the buffer against 0.3-0.4 s here). Freed, the mapping goes straight back to the system.
     storage = (np.frombuffer(mmap.mmap(-1, total + _ALIGN,
                                        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
                              dtype=np.uint8) if total
