@@ -77,6 +77,11 @@ class Settings(BaseModel):
     # cuDNN's convolution algorithm search on CUDA (EXHAUSTIVE: the fastest kernels, found
     # per input shape at the warm-up; HEURISTIC: a quicker start).
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
+    # Open the sessions of the graphs few requests use (guided backprop, CNN Fixations) at
+    # their first request instead of at load: a shorter start and less memory for models
+    # whose clients never ask for them; that first request pays ~0.6-0.8 s once
+    # (BENCHMARKS.md, "Load memory"). False opens every session at load.
+    lazy_sessions: bool = True
     # Upper bound of masked/seeded copies per head run (CRM on large target layers).
     head_batch: int = Field(256, ge=1)
     # Compiled graphs are always cached in memory by model hash; a folder here also keeps

@@ -47,7 +47,8 @@ def open_repository(settings: Settings) -> Repository:
                                  cache=(CompileCache(settings.compile_cache)
                                         if settings.compile_cache else None),
                                  image_batch=settings.max_batch_size,
-                                 conv_algo_search=settings.cudnn_conv_algo_search)
+                                 conv_algo_search=settings.cudnn_conv_algo_search,
+                                 lazy_sessions=settings.lazy_sessions)
     used = {p for m in repository.models.values() for p in m.engine.providers}
     if providers[0] != CPU and providers[0] not in used:
         log.warning("%s was requested but is not usable here; running on %s",

@@ -21,8 +21,13 @@ the other, so that neighbours' load on the CPU hits both alike:
   a Grad-CAM) and of a guided backprop.
 
 ``--breakdown`` adds a third process per model that builds the same things one at a time
-and records the RSS after each step (after handing the heap's free pages back): the weights held once, the compiled graphs, each
-session (with the engine's own options), each graph's first run. Target = 2.5 × file size
+and records the seconds of each step and the RSS after it (after handing the heap's free
+pages back): read, hash, the weights held once, the compiled graphs, each session (with
+the engine's own options), each graph's first run. ``--cache`` adds two service processes
+loading through one fresh disk compile cache, the first start (a miss: compiled and
+written) and the second (a hit: what a deployment's later starts cost), and with
+``--breakdown`` the hit's breakdown. The service rows also give each method's first call
+in ms (a lazily made session is made there). Target = 2.5 × file size
 + 150 MB (MB = 2^20 bytes), the requirement's bound on what a loaded, warmed-up model adds.
 ``--options`` adds a fourth: the guided and fixations graphs' median run time under the
 engine's session options and under the earlier ones, interleaved in one process.
@@ -38,6 +43,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,8 +114,10 @@ def _calls(loaded):  # type: ignore[no-untyped-def]
     return image, available
 
 
-def service_child(folder: Path, threads: int, repeat: int) -> dict[str, object]:
+def service_child(folder: Path, threads: int, repeat: int,
+                  cache_dir: Path | None = None) -> dict[str, object]:
     sys.path.insert(0, str(ROOT))
+    from service.graph.cache import CompileCache
     from service.models.repository import load_model
     from service.runtime.memory import keep_freed_memory
 
@@ -121,17 +129,22 @@ def service_child(folder: Path, threads: int, repeat: int) -> dict[str, object]:
     rss0, _ = rss_mb()
     start = time.perf_counter()
     loaded = load_model(folder, providers=["CPUExecutionProvider"], threads=threads,
-                        head_batch=256)
+                        head_batch=256,
+                        cache=CompileCache(cache_dir) if cache_dir is not None else None)
     out: dict[str, object] = {"load_s": round(time.perf_counter() - start, 3)}
     rss, peak = rss_mb()
     out["rss_load_mb"] = round(rss - rss0, 1)
     out["peak_load_mb"] = round(peak - rss0, 1)
     image, calls = _calls(loaded)
     warm: dict[str, float] = {}
+    first: dict[str, float] = {}
     for name, call in calls.items():
+        t = time.perf_counter()
         call()
+        first[name] = round((time.perf_counter() - t) * 1e3, 1)
         warm[name] = round(rss_mb()[0] - rss0, 1)
     out["rss_after_method_mb"] = warm
+    out["first_call_ms"] = first
     rss, peak = rss_mb()
     out["rss_warm_mb"] = round(rss - rss0, 1)
     out["peak_mb"] = round(peak - rss0, 1)
@@ -149,15 +162,20 @@ def service_child(folder: Path, threads: int, repeat: int) -> dict[str, object]:
     return out
 
 
-def breakdown_child(folder: Path, threads: int) -> dict[str, object]:
-    """The load step by step (the same calls load_model and Engine make), RSS after each."""
+def breakdown_child(folder: Path, threads: int, cache_dir: Path | None = None
+                    ) -> dict[str, object]:
+    """The load step by step (the same calls load_model and Engine make), the seconds of
+    each and the RSS after it; ``cache_dir``: through that disk compile cache (a second
+    run over the same folder is a start with a warm cache)."""
     sys.path.insert(0, str(ROOT))
     import hashlib
 
     import numpy as np
 
     from service.graph import weights
-    from service.graph.build import Capability, compile_model
+    from service.graph.build import Capability
+    from service.graph.cache import CompileCache
+    from service.graph.specialise import specialise
     from service.models.repository import image_shape, load_model, read_config
     from service.runtime.engine import session_options_for
     from service.runtime.memory import keep_freed_memory, release_freed_memory
@@ -166,34 +184,47 @@ def breakdown_child(folder: Path, threads: int) -> dict[str, object]:
     keep_freed_memory()
     load_model(ROOT / "models" / "demo-cxr", providers=["CPUExecutionProvider"],
                threads=threads, head_batch=256)  # the imports, as in service_child
-    steps: list[tuple[str, float]] = []
+    steps: list[tuple[str, float, float]] = []
     rss0, _ = rss_mb()
+    clock = [time.perf_counter()]
 
     def mark(step: str) -> None:
+        seconds = time.perf_counter() - clock[0]
         release_freed_memory()  # what is still held, not what the heap kept
-        steps.append((step, round(rss_mb()[0] - rss0, 1)))
+        steps.append((step, round(rss_mb()[0] - rss0, 1), round(seconds, 3)))
+        clock[0] = time.perf_counter()
 
     raw = (folder / "model.onnx").read_bytes()
-    model, held = weights.offload(raw, folder, "model.onnx", hashlib.sha256(raw).hexdigest())
+    mark("read file")
+    digest = hashlib.sha256(raw).hexdigest()
+    mark("sha256")
+    model, held = weights.offload(raw, folder, "model.onnx", digest)
     mark("weights held")
     config = read_config(folder, model)
     spec = config.input
     shape = image_shape(spec.layout, spec.height, spec.width, spec.channels)
-    compiled = compile_model(model, layout=spec.layout, activation=config.activation.value,
-                             target_layer=config.target_layer, input_shape=shape)
+    mark("model.toml")
+    hit = cache_dir is not None and any(cache_dir.glob("*/split.json"))
+    compiled = CompileCache(cache_dir).compile(
+        raw, model, layout=spec.layout, activation=config.activation.value,
+        target_layer=config.target_layer, input_shape=shape, digest=digest)
     del raw
-    mark("compiled (raw file freed)")
+    mark("compile-cache hit (graphs read)" if hit else "compiled (raw file freed)")
     sessions = {}
     for cap, graph in compiled.graphs.items():
         sessions[cap] = make_session(graph, ["CPUExecutionProvider"], threads,
                                      **session_options_for(cap))
         mark(f"session {cap}")
     split = compiled.split
-    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    image = np.zeros(shape, dtype=np.float32)
     _c, h, w = split.target_shape
     acts, _ = sessions[Capability.BACKBONE].run([split.target, split.logits],
                                                 {split.image: image})
-    mark("run backbone")
+    mark("run backbone (the load's check)")
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    acts, _ = sessions[Capability.BACKBONE].run([split.target, split.logits],
+                                                {split.image: image})
+    mark("run backbone again")
     masked = np.repeat(acts, min(h * w, 256), axis=0)
     logits = sessions[Capability.HEAD].run([split.logits], {split.target: masked})[0]
     mark(f"run head ×{len(masked)}")
@@ -211,8 +242,12 @@ def breakdown_child(folder: Path, threads: int) -> dict[str, object]:
     if Capability.FIXATIONS in sessions:
         sessions[Capability.FIXATIONS].run(None, {split.image: image})
         mark("run fixations")
-    return {"steps": steps, "weights_mb": round(sum(a.nbytes for a in held.arrays.values())
-                                                / 2**20, 1)}
+    # Outside the steps: how much of a compilation specialising is (compile_model's first
+    # step, on the same proto).
+    t = time.perf_counter()
+    specialise(model, shape)
+    return {"steps": steps, "specialise_s": round(time.perf_counter() - t, 3),
+            "weights_mb": round(sum(a.nbytes for a in held.arrays.values()) / 2**20, 1)}
 
 
 def options_child(folder: Path, threads: int, repeat: int) -> dict[str, object]:
@@ -265,9 +300,14 @@ def options_child(folder: Path, threads: int, repeat: int) -> dict[str, object]:
 # --- the driver ----------------------------------------------------------------------------
 
 
-def child(kind: str, folder: Path, args: argparse.Namespace) -> dict[str, object]:
+def child(kind: str, folder: Path, args: argparse.Namespace,
+          cache_dir: Path | None = None, root: Path | None = None) -> dict[str, object]:
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--_{kind}", str(folder),
            "--threads", str(args.threads), "--repeat", str(args.repeat)]
+    if root is not None:
+        cmd += ["--_root", str(root)]
+    if cache_dir is not None:
+        cmd += ["--_cache", str(cache_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False,
                           timeout=1200)
     if done.returncode != 0:
@@ -305,18 +345,29 @@ def main() -> int:
     ap.add_argument("--_service", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_breakdown", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_options", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--_cache", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--_root", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--before", type=Path,
+                    help="another checkout of the project (e.g. `git archive REV | tar -x`): "
+                         "each round also loads with its service package, interleaved")
+    ap.add_argument("--cache", action="store_true",
+                    help="also load through a disk compile cache: a first start (miss) and a "
+                         "second one (hit), each in a fresh process")
     ap.add_argument("--options", action="store_true",
                     help="also time the guided and fixations graphs under the engine's "
                          "options against the earlier ones")
     args = ap.parse_args()
+    if args._root:
+        global ROOT
+        ROOT = args._root.resolve()  # the service package (and demo model) measured
     if args._plain:
         print(json.dumps(plain_child(args._plain)))
         return 0
     if args._service:
-        print(json.dumps(service_child(args._service, args.threads, args.repeat)))
+        print(json.dumps(service_child(args._service, args.threads, args.repeat, args._cache)))
         return 0
     if args._breakdown:
-        print(json.dumps(breakdown_child(args._breakdown, args.threads)))
+        print(json.dumps(breakdown_child(args._breakdown, args.threads, args._cache)))
         return 0
     if args._options:
         print(json.dumps(options_child(args._options, args.threads, args.repeat)))
@@ -333,14 +384,30 @@ def main() -> int:
         size = file_mb(folder)
         row: dict[str, object] = {"model": folder.name, "file_mb": round(size, 1),
                                   "target_mb": round(2.5 * size + 150, 1), "rounds": []}
+        row["rounds_before"] = []
         for _ in range(args.rounds):
             plain = child("plain", folder, args)
+            if args.before:
+                before = child("service", folder, args, root=args.before)
+                row["rounds_before"].append({**plain, **before})  # type: ignore[attr-defined]
+                print(json.dumps({"model": folder.name, "tree": "before", **plain, **before}),
+                      flush=True)
             service = child("service", folder, args)
             row["rounds"].append({**plain, **service})  # type: ignore[attr-defined]
             print(json.dumps({"model": folder.name, **plain, **service}), flush=True)
         if args.breakdown:
             row["breakdown"] = child("breakdown", folder, args)
             print(json.dumps({"model": folder.name, **row["breakdown"]}), flush=True)
+        if args.cache:
+            with tempfile.TemporaryDirectory(prefix="load-cache-") as tmp:
+                for start in ("miss", "hit"):
+                    got = child("service", folder, args, Path(tmp))
+                    row[f"cache_{start}"] = got
+                    print(json.dumps({"model": folder.name, "cache": start, **got}), flush=True)
+                if args.breakdown:
+                    row["breakdown_hit"] = child("breakdown", folder, args, Path(tmp))
+                    print(json.dumps({"model": folder.name, "cache": "hit",
+                                      **row["breakdown_hit"]}), flush=True)
         if args.options:
             row["options_ms"] = child("options", folder, args)
             print(json.dumps({"model": folder.name, "options_ms": row["options_ms"]}),
@@ -349,7 +416,8 @@ def main() -> int:
     print("\n| model | file MB | target MB | RSS after load | after warm-up | peak | load s "
           "| plain s | ratio | forward ms | Grad-CAM ms | guided ms |\n|---|---:|---:|---:|---:|---:|---:"
           "|---:|---:|---:|---:|---:|")
-    for row in results:
+    for row in [*results, *({**r, "model": f"{r['model']} (before)", "rounds": r["rounds_before"]}
+                            for r in results if r["rounds_before"])]:
         ok = [r for r in row["rounds"] if "error" not in r]  # type: ignore[attr-defined]
         if not ok:
             print(f"| {row['model']} | error: {row['rounds'][0]['error'][-200:]!r} |")  # type: ignore[index]

@@ -26,7 +26,7 @@ from service.methods.base import RawMap
 from service.models.activation import Activation
 from service.models.ensemble import ENSEMBLE_TOML, Ensemble, ensemble_name, load_ensemble
 from service.models.spec import Accepts, Attribute, InputSpec, Layout
-from service.runtime.engine import Engine
+from service.runtime.engine import RARELY_USED, Engine
 from service.runtime.sessions import ORT_ERRORS
 
 log = logging.getLogger(__name__)
@@ -189,11 +189,13 @@ _DEFAULT_CACHE = CompileCache()
 
 def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: int,
                cache: CompileCache | None = None, image_batch: int = 8,
-               conv_algo_search: str = "EXHAUSTIVE") -> LoadedModel:
+               conv_algo_search: str = "EXHAUSTIVE",
+               lazy_sessions: bool = True) -> LoadedModel:
     """Read, compile and open one model folder.
 
     ``image_batch`` bounds the images per graph run (the batcher's batch size);
-    ``conv_algo_search`` is cuDNN's (service.runtime.sessions.provider_options).
+    ``conv_algo_search`` is cuDNN's (service.runtime.sessions.provider_options);
+    ``lazy_sessions`` opens the guided and fixations graphs' sessions at their first run.
 
     Raises:
         ModelError: when the folder, its model.toml or its graph is unusable.
@@ -211,7 +213,8 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
     compiled = (cache or _DEFAULT_CACHE).compile(
         raw, model, layout=spec.layout, activation=config.activation.value,
         target_layer=config.target_layer,
-        input_shape=image_shape(spec.layout, spec.height, spec.width, spec.channels))
+        input_shape=image_shape(spec.layout, spec.height, spec.width, spec.channels),
+        digest=digest)
     del raw  # the weights live in their own buffer now
     outputs = compiled.backbone.graph.output
     n_out = outputs[1].type.tensor_type.shape.dim[-1].dim_value if len(outputs) > 1 else 0
@@ -222,7 +225,8 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
         )
     try:
         engine = Engine(compiled, providers, threads, max_batch=head_batch,
-                        image_batch=image_batch, conv_algo_search=conv_algo_search)
+                        image_batch=image_batch, conv_algo_search=conv_algo_search,
+                        lazy=RARELY_USED if lazy_sessions else ())
     except ORT_ERRORS as exc:
         raise ModelError(f"{folder.name}: ONNX Runtime cannot load the graphs: {exc}") from exc
     _check_input(folder, config, engine)
@@ -309,7 +313,8 @@ def ensemble_folders(root: Path) -> list[Path]:
 
 def load_repository(root: Path, *, default: str | None, providers: list[str], threads: int,
                     head_batch: int, cache: CompileCache | None = None, image_batch: int = 8,
-                    conv_algo_search: str = "EXHAUSTIVE") -> Repository:
+                    conv_algo_search: str = "EXHAUSTIVE", lazy_sessions: bool = True
+                    ) -> Repository:
     """Load every model folder under ``root``, then the ensembles of those models.
 
     A folder that fails to load (or an ensemble of it) is ``unavailable`` with its reason,
@@ -332,7 +337,8 @@ def load_repository(root: Path, *, default: str | None, providers: list[str], th
         try:
             loaded = load_model(folder, providers=providers, threads=threads,
                                 head_batch=head_batch, cache=cache, image_batch=image_batch,
-                                conv_algo_search=conv_algo_search)
+                                conv_algo_search=conv_algo_search,
+                                lazy_sessions=lazy_sessions)
             if loaded.name in models:
                 raise ModelError(f"two model folders are named {loaded.name!r}")
         except ModelError as exc:

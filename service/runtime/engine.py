@@ -4,7 +4,8 @@ one place an image batch becomes the captures every method reads (:meth:`Engine.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -68,18 +69,26 @@ class Engine:
     On CUDA the sessions run through I/O binding: inputs are bound as device values and
     outputs allocated on the device, then copied back once (``io_binding`` forces it on or
     off, e.g. to exercise it on CPU).
+
+    The sessions of the graphs in ``lazy`` (by default the rarely used ones) are made at
+    their first run: the guided graph's was the largest step of a small network's load
+    (0.7 s of DenseNet-121's 1.5 s, of ResNet-50's 1.5 s), paid by every start for methods
+    few requests ask for. The first request of such a method pays it instead
+    (BENCHMARKS.md, "Load memory").
     """
 
     def __init__(self, compiled: CompiledModel, providers: Sequence[str], threads: int,
                  max_batch: int = 256, *, image_batch: int = 8,
-                 conv_algo_search: str = "EXHAUSTIVE", io_binding: bool | None = None) -> None:
+                 conv_algo_search: str = "EXHAUSTIVE", io_binding: bool | None = None,
+                 lazy: Iterable[Capability] = RARELY_USED) -> None:
         self.compiled = compiled
         self.split = compiled.split
-        self._sessions = {
-            cap: make_session(graph, list(providers), threads, **session_options_for(cap),
-                              conv_algo_search=conv_algo_search)
-            for cap, graph in compiled.graphs.items()
-        }
+        self._session_args = (list(providers), threads, conv_algo_search)
+        self._lazy = frozenset(lazy) - {Capability.BACKBONE}
+        self._session_lock = threading.Lock()
+        self._refused: dict[Capability, str] = {}
+        self._sessions = {cap: self._make_session(cap) for cap in compiled.graphs
+                          if cap not in self._lazy}
         self.providers: list[str] = self._sessions[Capability.BACKBONE].get_providers()
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
         # Why the model runs elsewhere than asked (ONNX Runtime quietly drops a provider it
@@ -87,7 +96,7 @@ class Engine:
         self.fallback = (f"{providers[0]} was requested but is not usable here; running on "
                          f"{CPU}" if providers and providers[0] != self.providers[0] else None)
         self._bind = self.device == "cuda" if io_binding is None else io_binding
-        self._run_options = {cap: _shrinking(self.device) for cap in self._sessions
+        self._run_options = {cap: _shrinking(self.device) for cap in compiled.graphs
                              if cap in RARELY_USED}
         self._nhwc = self.split.target_layout is Layout.NHWC
         self.image_batch = max(1, image_batch)
@@ -97,28 +106,55 @@ class Engine:
         self.n_classes = logits[-1].dim_value if len(logits) else 0
         self.max_batch = max_batch if self._head_batches() else 1
 
+    def _make_session(self, cap: Capability) -> ort.InferenceSession:
+        providers, threads, conv_algo_search = self._session_args
+        return make_session(self.compiled.graphs[cap], providers, threads,
+                            **session_options_for(cap), conv_algo_search=conv_algo_search)
+
+    def _session(self, cap: Capability) -> ort.InferenceSession:
+        """The session of ``cap``'s graph, made now if it is a lazy one not made yet."""
+        session = self._sessions.get(cap)
+        if session is not None:
+            return session
+        if cap not in self.compiled.graphs:
+            raise UnknownMethod(f"this model has no {cap.title} (see GET /models)")
+        with self._session_lock:  # two first requests at once make one session
+            session = self._sessions.get(cap)
+            if session is None and cap not in self._refused:
+                try:
+                    session = self._sessions[cap] = self._make_session(cap)
+                    # As at the end of a load: what making the session freed goes back.
+                    release_freed_memory()
+                except ORT_ERRORS as exc:
+                    # Once: a graph ONNX Runtime refuses is refused on every request.
+                    self._refused[cap] = " ".join(str(exc).split())[:300]
+                    log.warning("ONNX Runtime cannot load the %s of %s: %s", cap.title,
+                                self.split.logits, self._refused[cap])
+        if session is None:
+            raise UnknownMethod(f"this model's {cap.title} cannot be loaded by ONNX Runtime: "
+                                f"{self._refused[cap]}")
+        return session
+
     @property
     def available(self) -> frozenset[Capability]:
-        return frozenset(self._sessions)
+        return frozenset(self.compiled.graphs)
 
     @property
     def has_head_vjp(self) -> bool:
-        return Capability.HEAD_VJP in self._sessions
+        return Capability.HEAD_VJP in self.compiled.graphs
 
     @property
     def has_guided(self) -> bool:
-        return Capability.GUIDED in self._sessions
+        return Capability.GUIDED in self.compiled.graphs
 
     @property
     def has_fixations(self) -> bool:
-        return Capability.FIXATIONS in self._sessions
+        return Capability.FIXATIONS in self.compiled.graphs
 
     def run(self, cap: Capability, outputs: Sequence[str],
             feeds: Mapping[str, Feed]) -> list[np.ndarray]:
         """One graph run: the only call into ONNX Runtime for inference."""
-        session = self._sessions.get(cap)
-        if session is None:
-            raise UnknownMethod(f"this model has no {cap.title} (see GET /models)")
+        session = self._session(cap)
         options = self._run_options.get(cap)
         if not self._bind:
             return session.run(list(outputs), dict(feeds), options)  # type: ignore[arg-type]

@@ -16,10 +16,12 @@ from onnx import TensorProto, helper
 from service.config import Settings
 from service.errors import CompileError, ModelError
 from service.graph.target import detect_layout
-from service.main import create_app
+from service.main import create_app, open_repository
 from service.models.activation import Activation
 from service.models.repository import load_model
 from service.models.spec import Layout
+from service.runtime.engine import RARELY_USED
+from tests.api.conftest import MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = ROOT / "tests" / "data" / "zoo"
@@ -143,3 +145,13 @@ def test_a_model_with_its_weights_in_an_external_data_file(tmp_path: Path) -> No
     np.testing.assert_allclose(external.engine.forward(x)[1], inline.engine.forward(x)[1],
                                rtol=1e-6, atol=1e-6)
     assert sorted(external.unavailable) == sorted(inline.unavailable)
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_lazy_sessions_setting_reaches_every_engine(lazy: bool) -> None:
+    repository = open_repository(Settings(models=MODELS, threads=1, lazy_sessions=lazy))
+    for model in repository.models.values():
+        opened = set(model.engine._sessions)
+        rare = RARELY_USED & model.engine.available
+        assert rare, "the demo model has guided and fixations graphs"
+        assert opened.isdisjoint(rare) if lazy else rare <= opened

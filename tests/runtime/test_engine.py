@@ -1,4 +1,5 @@
-"""The engine's execution providers: I/O binding, CUDA options and the CPU fallback.
+"""The engine's execution providers: I/O binding, CUDA options and the CPU fallback; the
+sessions of rarely used graphs, made at their first run.
 
 No GPU here: the I/O-binding path is run on CPU (the same calls with device "cpu") and
 compared with plain runs; asking for CUDA where it cannot start must run on CPU and say so.
@@ -6,14 +7,20 @@ compared with plain runs; asking for CUDA where it cannot start must run on CPU 
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import numpy as np
+import onnx
 import pytest
 from fastapi.testclient import TestClient
 
 from service.config import Settings
+from service.errors import UnknownMethod
+from service.graph.build import Capability
 from service.main import create_app
 from service.models.repository import LoadedModel, load_model
-from service.runtime.engine import Engine
+from service.runtime.engine import RARELY_USED, Engine
 from service.runtime.sessions import CPU, CUDA, provider_options
 from tests.api.conftest import MODELS
 
@@ -63,3 +70,54 @@ def test_cuda_requested_runs_where_it_can_and_says_so() -> None:
 
 def test_a_model_running_where_asked_reports_no_fallback(demo: LoadedModel) -> None:
     assert demo.engine.fallback is None and demo.engine.device == "cpu"
+
+
+def test_rarely_used_sessions_are_made_at_their_first_run_and_answer_like_eager_ones(
+        demo: LoadedModel) -> None:
+    compiled = demo.engine.compiled
+    lazy = Engine(compiled, [CPU], 1)
+    eager = Engine(compiled, [CPU], 1, lazy=())
+    assert set(eager._sessions) == set(Capability)
+    assert set(lazy._sessions) == set(Capability) - RARELY_USED
+    assert lazy.available == eager.available == set(Capability)
+    x = np.random.default_rng(4).normal(size=(2, 3, 256, 256)).astype(np.float32)
+    seeds = np.eye(4, dtype=np.float32)[[2, 0]]
+    # Two first requests at once: one session, made once, both answered.
+    answers: list[tuple[np.ndarray, ...]] = []
+    threads = [threading.Thread(target=lambda: answers.append(lazy.guided(x, seeds)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 2 and Capability.GUIDED in lazy._sessions
+    expected = eager.guided(x, seeds)
+    for answer in answers:
+        for a, b in zip(answer, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    session = lazy._sessions[Capability.GUIDED]
+    lazy.guided(x[:1], seeds[:1])
+    assert lazy._sessions[Capability.GUIDED] is session
+    got, want = lazy.all_activations(x[:1]), eager.all_activations(x[:1])
+    assert set(got) == set(want) and len(got) > 3
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value)
+
+
+def test_a_lazy_graph_onnx_runtime_refuses_is_an_unavailable_method(
+        demo: LoadedModel) -> None:
+    compiled = demo.engine.compiled
+    broken = onnx.ModelProto()
+    broken.CopyFrom(compiled.guided)
+    broken.graph.node[0].op_type = "NoSuchOperator"
+    engine = Engine(dataclasses.replace(compiled, graphs={**compiled.graphs,
+                                                          Capability.GUIDED: broken}), [CPU], 1)
+    x = np.zeros((1, 3, 256, 256), np.float32)
+    seeds = np.eye(4, dtype=np.float32)[:1]
+    for _ in range(2):  # refused once, remembered: the same answer, no new attempt
+        with pytest.raises(UnknownMethod, match="guided-backprop graph cannot be loaded by "
+                                                "ONNX Runtime: .*NoSuchOperator"):
+            engine.guided(x, seeds)
+    assert Capability.GUIDED in engine._refused and Capability.GUIDED not in engine._sessions
+    for a, b in zip(engine.forward(x), demo.engine.forward(x), strict=True):
+        np.testing.assert_array_equal(a, b)
