@@ -25,11 +25,10 @@ log = logging.getLogger(__name__)
 Feed = np.ndarray | ort.OrtValue
 
 
-# The graphs few requests use. Their first run would otherwise leave its peak activations
-# in ONNX Runtime's arena for good (guided backprop keeps every layer's forward output for
-# its backward pass, CNN Fixations exposes every layer's output: DenseNet-121 ~0.1 GB
-# each), so their arena gives the memory back after each run; the backbone and the
-# heads, on every request's path, keep theirs.
+# The graphs few requests use: their sessions are made at the first request that needs them
+# (Engine's ``lazy``). Their runs hold every layer's activations (guided backprop keeps each
+# forward output for its backward pass, CNN Fixations exposes them all: DenseNet-121
+# ~0.1-0.2 GB each); which of them hands its arena back after a run is in Engine.__init__.
 RARELY_USED: frozenset[Capability] = frozenset({Capability.GUIDED, Capability.FIXATIONS})
 
 
