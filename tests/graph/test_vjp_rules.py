@@ -1013,6 +1013,22 @@ def test_declared_gradient_shapes_agree_with_shape_inference() -> None:
     assert checked >= len(CASES) - 2
 
 
+def _optimised_blocked(model: onnx.ModelProto, tmp_path) -> onnx.GraphProto:  # type: ignore[no-untyped-def]
+    """``model`` as ONNX Runtime optimises it for this CPU (skipped where it has no blocked
+    NCHWc layout)."""
+    optimised = tmp_path / "optimised.onnx"
+    make_session(model, CPU, 1)  # creates the process-wide thread pool the next one shares
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(optimised)
+    ort.InferenceSession(model.SerializeToString(), options, providers=CPU)
+    graph = onnx.load(str(optimised)).graph
+    if not any(n.domain == "com.microsoft.nchwc" for n in graph.node):
+        pytest.skip("ONNX Runtime has no blocked layout on this CPU")
+    return graph
+
+
 def test_guided_backward_stays_in_the_blocked_layout(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Conv → BN → Relu twice, a residual Add, a last Conv and a Flatten (whose gradient is
     a Reshape to a Shape), 16 channels, batch axis symbolic: in the graph ONNX Runtime
@@ -1033,16 +1049,7 @@ def test_guided_backward_stays_in_the_blocked_layout(tmp_path) -> None:  # type:
     case = Case(nodes, {"x": rng.normal(size=(1, 16, 6, 6))},
                 {"w1": w1, "w2": w2, "w3": w3, **bn}, opset=15)
     model = vjp(case.model(np.float32, batch="N"), "y", ["x"], guided=True)
-    optimised = tmp_path / "optimised.onnx"
-    make_session(model, CPU, 1)  # creates the process-wide thread pool the next one shares
-    options = ort.SessionOptions()
-    options.use_per_session_threads = False
-    options.log_severity_level = 3
-    options.optimized_model_filepath = str(optimised)
-    ort.InferenceSession(model.SerializeToString(), options, providers=CPU)
-    graph = onnx.load(str(optimised)).graph
-    if not any(n.domain == "com.microsoft.nchwc" for n in graph.node):
-        pytest.skip("ONNX Runtime has no blocked layout on this CPU")
+    graph = _optimised_blocked(model, tmp_path)
     producer = {o: n for n in graph.node for o in n.output}
     elementwise = [n for n in graph.node if n.op_type in ("Mul", "Relu", "Add", "Sum")]
     assert sum(n.op_type == "Mul" for n in elementwise) == 2  # one per rectifier
@@ -1088,16 +1095,7 @@ def test_strided_gradients_stay_in_the_blocked_layout(tmp_path) -> None:  # type
              _node("Flatten", ["c4"])]
     case = Case(nodes, {"x": rng.normal(size=(1, 16, 12, 12))}, weights)
     model = vjp(case.model(np.float32, batch="N"), "y", ["x"], guided=True)
-    optimised = tmp_path / "optimised.onnx"
-    make_session(model, CPU, 1)  # creates the process-wide thread pool the next one shares
-    options = ort.SessionOptions()
-    options.use_per_session_threads = False
-    options.log_severity_level = 3
-    options.optimized_model_filepath = str(optimised)
-    ort.InferenceSession(model.SerializeToString(), options, providers=CPU)
-    graph = onnx.load(str(optimised)).graph
-    if not any(n.domain == "com.microsoft.nchwc" for n in graph.node):
-        pytest.skip("ONNX Runtime has no blocked layout on this CPU")
+    graph = _optimised_blocked(model, tmp_path)
     assert {"ConvTranspose", "DepthToSpace"} <= {n.op_type for n in graph.node}
     producer = {o: n for n in graph.node for o in n.output}
     elementwise = [n for n in graph.node if n.op_type in ("Mul", "Relu", "Add", "Sum")]
