@@ -673,10 +673,24 @@ def export(model, x, path: Path, exporter: str, static_batch: bool) -> None:  # 
     elif exporter == "dynamo":
         torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=20,
                           external_data=False, **common)
+        strip_traces(path)
     elif exporter == "dynamo-extdata":
         torch.onnx.export(model, (x,), str(path), dynamo=True, **common)
     else:
         raise ValueError(f"unknown exporter {exporter!r}")
+
+
+def strip_traces(path: Path) -> None:
+    """Drop the dynamo exporter's per-node metadata (FX node, module stack, Python stack
+    trace): it names the exporting machine's source files, and nothing reads it. The
+    graph and its values stay as exported."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for nodes in [model.graph.node, *(f.node for f in model.functions)]:
+        for node in nodes:
+            del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 _RECT_SKIP = re.compile(r"hard.?(sig|swish)|h_?sig|h_?swish|hsig|hswish", re.IGNORECASE)

@@ -64,7 +64,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 # timm imports torchvision, whose compiled ops may not load here: export_matrix shims them.
-from export_matrix import import_torchvision
+import export_matrix as em  # noqa: E402
+from export_matrix import import_torchvision  # noqa: E402
 
 SEED = 3104
 CLASSES = 3
@@ -203,7 +204,6 @@ def check_real(exporters: Sequence[str]) -> None:
     torch's own float32 run, its floor); nothing is written to the repository."""
     import tempfile
 
-    import export_matrix as em
     import onnx
 
     sys.path.insert(0, str(ROOT))
@@ -265,16 +265,6 @@ def pgc_check(model: torch.nn.Module, x: torch.Tensor, gradcam: np.ndarray) -> f
     return worst
 
 
-def export(model: torch.nn.Module, x: torch.Tensor, path: Path, exporter: str) -> None:
-    common = {"input_names": ["image"], "output_names": ["logits"],
-              "dynamic_axes": {"image": {0: "N"}, "logits": {0: "N"}}}
-    if exporter == "legacy":
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, **common)
-    else:
-        torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=20,
-                          external_data=False, **common)
-
-
 def check_onnx(path: Path, x: np.ndarray, logits: np.ndarray) -> float:
     import onnxruntime as ort
 
@@ -300,7 +290,7 @@ def make(out: Path) -> None:
             path = out / f"{key}.onnx"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                export(copy.deepcopy(model), x, path, exporter)
+                em.export(copy.deepcopy(model), x, path, exporter, False)
             err = check_onnx(path, x.numpy(), ref["logits"])
             assert err <= 1e-4, f"{key}: ONNX Runtime's logits are {err:.2e} off"
             manifest[key] = {
