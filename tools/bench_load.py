@@ -11,7 +11,9 @@ one request per compute batch) and 8 (on, the default; ``MAX_QUEUE_DELAY_MS`` 0 
 wrk (one thread, ``-c`` connections, ``--latency``) POSTs the same 256×256 phantom PNG as a
 raw ``image/png`` body to ``/explain`` with the default parameters (Grad-CAM and CRM of the
 labels over the threshold). Only one server is under load at a time: for each round and
-concurrency, off then on (the order swapped every round), after an untimed warm-up of each.
+concurrency, off then on (the order swapped every round), after an untimed warm-up of each
+at the highest concurrency; after every cell the server is let finish what wrk left in
+flight (until /metrics shows no request in progress) before the next begins.
 Reported per cell: requests per second of 2xx answers, p50 / p99 latency (wrk's
 distribution), non-2xx answers, and the server's peak RSS during the cell (VmRSS sampled
 every 50 ms). A benchmark, not a test: it asserts nothing about the numbers.
@@ -110,6 +112,19 @@ class Server:
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Until the server has no request in progress: wrk stops with requests in flight,
+        and what the server still does for them must not run into the next cell."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with urllib.request.urlopen(f"http://{HOST}:{self.port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            m = re.search(r"^medexplain_pending_requests ([\d.e+-]+)$", text, re.MULTILINE)
+            if m is not None and float(m.group(1)) == 0:
+                return
+            time.sleep(0.1)
+        raise SystemExit("the server did not become idle between cells")
+
 
 def _ms(text: str) -> float:
     value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
@@ -134,6 +149,7 @@ def run_wrk(server: Server, connections: int, duration: int, script: Path) -> di
     finally:
         done.set()
         sampler.join()
+    server.wait_idle()
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     seconds = _ms(re.search(r"requests in ([\d.]+\w+),", out).group(1)) / 1e3  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -163,7 +179,9 @@ def main() -> None:
                        "on": Server(models, 8, args.threads)}
             try:
                 for server in servers.values():
-                    run_wrk(server, 2, 3, script)  # warm-up
+                    # Warm-up at the highest concurrency: batches of every size a cell
+                    # makes have run once (their first run allocates).
+                    run_wrk(server, max(args.concurrency), 3, script)
                 cells: dict[tuple[str, int], list[dict[str, float]]] = {}
                 for round_ in range(args.rounds):
                     for c in args.concurrency:

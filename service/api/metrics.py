@@ -18,9 +18,13 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.api.admission import ABANDONED
 
 if TYPE_CHECKING:
     from service.pipeline import Result
+
+# The status counted for a request whose client went away before its answer (nginx's).
+CLIENT_CLOSED: Final[int] = 499
 
 # Where a route leaves the name of the served model it used (see label_model).
 _MODEL_KEY: Final[str] = "medexplain.model"
@@ -95,6 +99,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            if scope.get(ABANDONED):
+                status = CLIENT_CLOSED
             route = scope.get("route")
             # The route template, never the raw path: unknown paths must not grow label sets.
             handler = getattr(route, "path", "unmatched")

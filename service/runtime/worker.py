@@ -12,6 +12,7 @@ pool beside it. Every request gets its own answer or its own error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -164,8 +165,21 @@ class ComputeStream:
         return job.future
 
     async def run(self, model: str, payload: Any) -> Any:
-        """Queue one request and wait for its answer (raising its own error)."""
-        return await asyncio.wrap_future(self.submit(model, payload))
+        """Queue one request and wait for its answer (raising its own error).
+
+        Cancelled (its client went away), a request still queued leaves its batch unmade;
+        one whose batch is computing is waited for before the cancellation goes on, so that
+        what the request holds stays counted (service.api.admission) until it is freed.
+        """
+        future = self.submit(model, payload)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # wrap_future has tried future.cancel(): it fails once the batch has started.
+            if not future.cancelled():
+                with contextlib.suppress(Exception):
+                    await asyncio.wrap_future(future)
+            raise
 
     def _next(self) -> list[_Job] | None:
         """The next batch: the model whose oldest request is oldest, up to the batch size."""

@@ -8,11 +8,13 @@ security review, and tools/edge_attacks.py on the same machine)."""
 from __future__ import annotations
 
 import select
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.api import attacks
+from tests.api.conftest import small_phantom_png
 from tests.api.live import Live, closed_by_peer, live_server, read_response, request_head
 
 TIMEOUT_S = 1.0  # every timeout of this server, small so that the test is fast
@@ -102,3 +104,48 @@ def test_a_chunked_body_past_the_cap_gets_413_and_the_connection_closes(live: Li
         assert status == 413 and headers["connection"] == "close"
         assert 64 * attacks.MIB <= sent < 100 * attacks.MIB
         assert closed_by_peer(s, 5.0)
+
+
+def _counter(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus counter's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_requests_whose_clients_left_are_not_computed() -> None:
+    """Clients that send an /explain and go away before the answer (a timeout, a load
+    generator stopping): their queued work is dropped, their admission places are given
+    back (the next client gets no 503), and the metrics count them as 499. Before, each was
+    computed for nobody, ahead of the next client, holding its place meanwhile.
+
+    The compute stream waits up to 2 s for batch-mates here, so the eight are still queued
+    when their clients close (0.3 s after sending, once their bodies have been read: a
+    close before that is uvicorn's, a 400 for a body that never came)."""
+    png = small_phantom_png("all-findings.png")
+    abandoned = 8
+    head = request_head("POST", "/explain", {"content-type": "image/png",
+                                             "content-length": str(len(png))})
+    with live_server(max_concurrency="1", max_queue=str(abandoned), max_batch_size="16",
+                     max_queue_delay_ms="2000") as live:
+        sockets = [live.connect() for _ in range(abandoned)]
+        for s in sockets:
+            s.sendall(head + png)
+        time.sleep(0.3)
+        for s in sockets:
+            s.close()
+        deadline = time.monotonic() + 30
+        while _counter(live.get("/metrics")[2].decode(), "medexplain_http_requests_total",
+                       code="499") < abandoned and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # 1 + 8 admitted places: a ninth request gets one only if the eight gave theirs back.
+        with live.connect() as s:
+            s.sendall(head + png)
+            status, _, _ = read_response(s)
+        assert status == 200
+        text = live.get("/metrics")[2].decode()
+    assert _counter(text, "medexplain_http_requests_total", code="499",
+                    handler="/explain") == abandoned
+    assert _counter(text, "medexplain_inference_count_total") == 1  # the ninth alone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -85,6 +86,35 @@ def test_a_full_queue_refuses_with_overloaded() -> None:
         stream.submit("other", 4)  # each model has its own queue
         gate.release.set()
         assert running.result(10) == 0 and [f.result(10) for f in waiting] == [2, 4]
+    finally:
+        stream.close()
+
+
+def test_a_cancelled_request_leaves_its_batch_or_waits_for_it() -> None:
+    """A request cancelled while queued is not computed; one cancelled while its batch
+    computes ends only with that batch (what it holds is freed then, not before)."""
+    gate = Gate()
+    stream = ComputeStream(gate, max_batch_size=1, max_queue_delay_ms=0, capacity=16).start()
+
+    async def scenario() -> None:
+        running = asyncio.ensure_future(stream.run("m", 1))
+        while not gate.entered.is_set():
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(stream.run("m", 2))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        running.cancel()
+        await asyncio.sleep(0.2)
+        # The running one is still waiting for its batch; the queued one is gone.
+        assert queued.done() and not running.done()
+        gate.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+
+    try:
+        asyncio.run(scenario())
+        assert gate.sizes == [1]  # the queued request never reached the execute function
+        assert stream.submit("m", 3).result(10) == 6  # and the stream goes on
     finally:
         stream.close()
 
