@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -43,6 +44,83 @@ _TITLES = {Capability.BACKBONE: "backbone graph", Capability.HEAD: "head graph",
            Capability.HEAD_VJP: "head VJP graph", Capability.GUIDED: "guided-backprop graph",
            Capability.FIXATIONS: "CNN Fixations plan"}
 
+# The graphs few requests use. Their runs hold every layer's activations (guided backprop
+# keeps each forward output for its backward pass, CNN Fixations exposes them all:
+# DenseNet-121 ~0.1-0.2 GB each). compile_model runs their builders' rules, so whether
+# they can be built (and why not) is known when the model is loaded, but assembles them
+# into protos (and checks them) at their first lookup in ``CompiledModel.graphs``: on
+# DenseNet-121 that was 0.13 of the compilation's 0.22 s. The engine makes their sessions
+# at their first run too (service.runtime.engine.Engine's ``lazy``).
+RARELY_USED: frozenset[Capability] = frozenset({Capability.GUIDED, Capability.FIXATIONS})
+
+# Makes one graph's proto from what its builder decided; raises no CompileError of the
+# model's (the builder raised those), only the checker's on a generated graph.
+Assembly = Callable[[], onnx.ModelProto]
+
+
+class Graphs(Mapping[Capability, onnx.ModelProto]):
+    """The graphs of one compiled model by capability; those in ``deferred`` are assembled
+    and checked at their first lookup (once, whatever the threads), the others at once.
+
+    Membership (``cap in graphs``, iterating the keys) never assembles: it is what the
+    compiler decided. A deferred graph whose check fails raises that CompileError at every
+    lookup.
+
+    Raises:
+        CompileError: a generated graph the ONNX checker rejects (at once or at its first
+            lookup).
+    """
+
+    def __init__(self, assemblies: Mapping[Capability, Assembly],
+                 deferred: Iterable[Capability] = ()) -> None:
+        later = frozenset(deferred)
+        self._order = list(assemblies)
+        self._pending = {cap: make for cap, make in assemblies.items() if cap in later}
+        self._failed: dict[Capability, CompileError] = {}
+        self._lock = threading.Lock()
+        self._graphs = {cap: _checked(cap, make()) for cap, make in assemblies.items()
+                        if cap not in later}
+
+    def __getitem__(self, cap: Capability) -> onnx.ModelProto:
+        graph = self._graphs.get(cap)
+        if graph is not None:
+            return graph
+        with self._lock:
+            if cap not in self._graphs and cap not in self._failed:
+                make = self._pending[cap]  # KeyError: not a graph of this model
+                try:
+                    self._graphs[cap] = _checked(cap, make())
+                except CompileError as exc:
+                    self._failed[cap] = exc
+                del self._pending[cap]  # what it held (the source model, ...) goes
+            if cap in self._failed:
+                raise self._failed[cap]
+            return self._graphs[cap]
+
+    def __contains__(self, cap: object) -> bool:
+        return cap in self._order
+
+    def __iter__(self) -> Iterator[Capability]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @property
+    def assembled(self) -> frozenset[Capability]:
+        """The graphs whose protos exist now."""
+        return frozenset(self._graphs)
+
+
+def _checked(cap: Capability, graph: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        # The structure is what is generated; the weights are the source model's own,
+        # and serialising them for the checker cost ~3 s per graph of a 500 MB network.
+        onnx.checker.check_model(without_weights(graph))
+    except onnx.checker.ValidationError as exc:
+        raise CompileError(f"the generated {cap} graph is invalid: {exc}") from exc
+    return graph
+
 
 @dataclass(frozen=True)
 class CompiledModel:
@@ -50,7 +128,9 @@ class CompiledModel:
 
     Attributes:
         split: where the classifier was cut.
-        graphs: every graph that could be built; always BACKBONE and HEAD.
+        graphs: every graph that could be built; always BACKBONE and HEAD (from
+            compile_model a :class:`Graphs`: the RARELY_USED ones assembled at their first
+            lookup).
         errors: why each missing graph is missing (the op without a rule, ...): the model
             still serves every method that does not require it.
         fixations_plan: the walk over the FIXATIONS graph; rebuilt from the graph when not
@@ -66,9 +146,8 @@ class CompiledModel:
         missing = {Capability.BACKBONE, Capability.HEAD} - set(self.graphs)
         if missing:
             raise CompileError(f"no {', '.join(sorted(missing))} graph")
-        fixations = self.graphs.get(Capability.FIXATIONS)
-        if fixations is not None and self.fixations_plan is None:
-            plan = fixation_plan.plan_from_graph(fixations, self.split)
+        if Capability.FIXATIONS in self.graphs and self.fixations_plan is None:
+            plan = fixation_plan.plan_from_graph(self.graphs[Capability.FIXATIONS], self.split)
             object.__setattr__(self, "fixations_plan", plan)
 
     @property
@@ -127,11 +206,11 @@ class _Source:
     fixations_plan: fixation_plan.FixationPlan | None = None
 
 
-def _head_vjp(src: _Source) -> onnx.ModelProto:
-    return autodiff.vjp(src.head, src.cut.logits, [src.cut.target])
+def _head_vjp(src: _Source) -> Assembly:
+    return autodiff.differentiate(src.head, src.cut.logits, [src.cut.target]).model
 
 
-def _guided(src: _Source) -> onnx.ModelProto:
+def _guided(src: _Source) -> Assembly:
     if src.cut.tokens is not None:
         raise CompileError(
             "guided backprop is defined for rectifier networks (it lets only positive "
@@ -139,18 +218,21 @@ def _guided(src: _Source) -> onnx.ModelProto:
             "transformer's MLPs use GELU, which is not a rectifier, so the map would be the "
             "plain input gradient under another name"
         )
-    return autodiff.vjp(src.backbone, src.cut.logits, [src.cut.image], guided=True,
-                        prefix=GUIDED_PREFIX)
+    return autodiff.differentiate(src.backbone, src.cut.logits, [src.cut.image], guided=True,
+                                  prefix=GUIDED_PREFIX).model
 
 
-def _fixations(src: _Source) -> onnx.ModelProto:
-    src.fixations_plan = fixation_plan.build_plan(src.model, src.cut, src.layout)
-    return fixation_plan.expose(src.model, src.fixations_plan)
+def _fixations(src: _Source) -> Assembly:
+    model = src.model
+    plan = src.fixations_plan = fixation_plan.build_plan(model, src.cut, src.layout)
+    return lambda: fixation_plan.expose(model, plan)
 
 
 # The optional graphs, each built by one function that raises CompileError when some op has
-# no rule. A method needing a new graph adds a Capability and its builder here.
-BUILDERS: dict[Capability, Callable[[_Source], onnx.ModelProto]] = {
+# no rule and otherwise returns the graph's assembly (everything that can fail on the
+# model's ops runs in the builder, before it returns). A method needing a new graph adds a
+# Capability and its builder here.
+BUILDERS: dict[Capability, Callable[[_Source], Assembly]] = {
     Capability.HEAD_VJP: _head_vjp,
     Capability.GUIDED: _guided,
     Capability.FIXATIONS: _fixations,
@@ -176,9 +258,11 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
 
     A graph that cannot be built (an op without a rule) is left out of ``graphs`` with the
     reason in ``errors``; the model keeps the forward graphs, hence predictions and CRM.
+    The RARELY_USED graphs are assembled at their first lookup (see :class:`Graphs`).
 
     Raises:
-        CompileError: when the graph cannot be cut, or a generated graph is invalid.
+        CompileError: when the graph cannot be cut, or a generated graph is invalid (a
+            RARELY_USED one: at its first lookup).
     """
     if input_shape is not None:
         model = specialise(model, input_shape)
@@ -201,22 +285,16 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
     backbone = extract(index, [cut.image], [cut.target, cut.logits, *context],
                        name="backbone", batch=False)
     head = extract(index, [cut.target, *context], [cut.logits], name="head")
-    graphs = {Capability.BACKBONE: backbone, Capability.HEAD: head}
+    assemblies: dict[Capability, Assembly] = {Capability.BACKBONE: lambda: backbone,
+                                              Capability.HEAD: lambda: head}
     errors: dict[Capability, str] = {}
     source = _Source(model, cut, layout, backbone, head)
     for capability, build in BUILDERS.items():
         try:
-            graphs[capability] = build(source)
+            assemblies[capability] = build(source)
         except CompileError as exc:
             # Only the methods requiring this graph are lost; predictions and CRM run the
             # forward graphs, which ONNX Runtime runs whatever the ops.
             errors[capability] = str(exc)
-    compiled = CompiledModel(cut, graphs, errors, source.fixations_plan)
-    for name, graph in compiled.graphs.items():
-        try:
-            # The structure is what is generated; the weights are the source model's own,
-            # and serialising them for the checker cost ~3 s per graph of a 500 MB network.
-            onnx.checker.check_model(without_weights(graph))
-        except onnx.checker.ValidationError as exc:
-            raise CompileError(f"the generated {name} graph is invalid: {exc}") from exc
-    return compiled
+    return CompiledModel(cut, Graphs(assemblies, deferred=RARELY_USED), errors,
+                         source.fixations_plan)

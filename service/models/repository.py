@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from service.errors import CompileError, ModelError, ModelUnavailable, UnknownModel
 from service.graph import weights
+from service.graph.build import RARELY_USED
 from service.graph.cache import CompileCache
 from service.graph.specialise import image_shape
 from service.graph.target import FINAL_ACTIVATIONS, detect_layout
@@ -26,7 +27,7 @@ from service.methods.base import RawMap
 from service.models.activation import Activation
 from service.models.ensemble import ENSEMBLE_TOML, Ensemble, ensemble_name, load_ensemble
 from service.models.spec import Accepts, Attribute, InputSpec, Layout
-from service.runtime.engine import RARELY_USED, Engine
+from service.runtime.engine import Engine
 from service.runtime.sessions import ORT_ERRORS
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,12 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from service.errors import UnknownMethod
+from service.errors import CompileError, UnknownMethod
 from service.graph.autodiff import SEED, grad_name
-from service.graph.build import GUIDED_PREFIX, Capability, CompiledModel
+from service.graph.build import GUIDED_PREFIX, RARELY_USED, Capability, CompiledModel
 from service.graph.fixations import FixationPlan
 from service.methods.base import Captures, Row, Target
 from service.models.activation import Activation
@@ -23,13 +24,6 @@ from service.runtime.sessions import CPU, CUDA, ORT_ERRORS, make_session
 log = logging.getLogger(__name__)
 
 Feed = np.ndarray | ort.OrtValue
-
-
-# The graphs few requests use: their sessions are made at the first request that needs them
-# (Engine's ``lazy``). Their runs hold every layer's activations (guided backprop keeps each
-# forward output for its backward pass, CNN Fixations exposes them all: DenseNet-121
-# ~0.1-0.2 GB each); which of them hands its arena back after a run is in Engine.__init__.
-RARELY_USED: frozenset[Capability] = frozenset({Capability.GUIDED, Capability.FIXATIONS})
 
 
 def session_options_for(cap: Capability) -> dict[str, bool]:
@@ -109,10 +103,12 @@ class Engine:
         self.n_classes = logits[-1].dim_value if len(logits) else 0
         self.max_batch = max_batch if self._head_batches() else 1
 
-    def _make_session(self, cap: Capability) -> ort.InferenceSession:
+    def _make_session(self, cap: Capability,
+                      graph: onnx.ModelProto | None = None) -> ort.InferenceSession:
         providers, threads, conv_algo_search = self._session_args
-        return make_session(self.compiled.graphs[cap], providers, threads,
-                            **session_options_for(cap), conv_algo_search=conv_algo_search)
+        return make_session(self.compiled.graphs[cap] if graph is None else graph, providers,
+                            threads, **session_options_for(cap),
+                            conv_algo_search=conv_algo_search)
 
     def _session(self, cap: Capability) -> ort.InferenceSession:
         """The session of ``cap``'s graph, made now if it is a lazy one not made yet."""
@@ -125,17 +121,25 @@ class Engine:
             session = self._sessions.get(cap)
             if session is None and cap not in self._refused:
                 try:
-                    session = self._sessions[cap] = self._make_session(cap)
-                    # As at the end of a load: what making the session freed goes back.
-                    release_freed_memory()
-                except ORT_ERRORS as exc:
-                    # Once: a graph ONNX Runtime refuses is refused on every request.
-                    self._refused[cap] = " ".join(str(exc).split())[:300]
-                    log.warning("ONNX Runtime cannot load the %s of %s: %s", cap.title,
-                                self.split.logits, self._refused[cap])
+                    # A graph assembled at its first lookup (build.RARELY_USED) is made here.
+                    graph = self.compiled.graphs[cap]
+                except CompileError as exc:
+                    self._refused[cap] = "cannot be built: " + " ".join(str(exc).split())[:300]
+                else:
+                    try:
+                        session = self._sessions[cap] = self._make_session(cap, graph)
+                    except ORT_ERRORS as exc:
+                        self._refused[cap] = ("cannot be loaded by ONNX Runtime: "
+                                              + " ".join(str(exc).split())[:300])
+                # As at the end of a load: what assembling and making the session freed
+                # goes back.
+                release_freed_memory()
+                if cap in self._refused:
+                    # Once: a graph refused is refused on every request.
+                    log.warning("the %s of %s %s", cap.title, self.split.logits,
+                                self._refused[cap])
         if session is None:
-            raise UnknownMethod(f"this model's {cap.title} cannot be loaded by ONNX Runtime: "
-                                f"{self._refused[cap]}")
+            raise UnknownMethod(f"this model's {cap.title} {self._refused[cap]}")
         return session
 
     @property

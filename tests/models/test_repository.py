@@ -15,12 +15,12 @@ from onnx import TensorProto, helper
 
 from service.config import Settings
 from service.errors import CompileError, ModelError
+from service.graph.build import RARELY_USED
 from service.graph.target import detect_layout
 from service.main import create_app, open_repository
 from service.models.activation import Activation
 from service.models.repository import load_model
 from service.models.spec import Layout
-from service.runtime.engine import RARELY_USED
 from tests.api.conftest import MODELS
 
 ROOT = Path(__file__).resolve().parents[2]

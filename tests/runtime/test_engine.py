@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.errors import UnknownMethod
-from service.graph.build import Capability
+from service.graph.build import RARELY_USED, Capability, Graphs
 from service.main import create_app
 from service.models.repository import LoadedModel, load_model
-from service.runtime.engine import RARELY_USED, Engine
+from service.runtime.engine import Engine
 from service.runtime.sessions import CPU, CUDA, provider_options
 from tests.api.conftest import MODELS
 
@@ -120,4 +120,35 @@ def test_a_lazy_graph_onnx_runtime_refuses_is_an_unavailable_method(
             engine.guided(x, seeds)
     assert Capability.GUIDED in engine._refused and Capability.GUIDED not in engine._sessions
     for a, b in zip(engine.forward(x), demo.engine.forward(x), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_lazy_graph_the_checker_rejects_at_its_assembly_is_an_unavailable_method(
+        demo: LoadedModel) -> None:
+    """The compiler decided the graph can be built; its assembly, at the first run, fails
+    the checker (a compiler fault): the methods needing it refuse with that reason, once
+    tried, and the model serves the others."""
+    compiled = demo.engine.compiled
+    broken = onnx.ModelProto()
+    broken.CopyFrom(compiled.fixations)  # type: ignore[arg-type]
+    broken.graph.node[0].input[0] = "nowhere"
+    calls: list[int] = []
+
+    def assemble() -> onnx.ModelProto:
+        calls.append(1)
+        return broken
+
+    graphs = Graphs({**{cap: (lambda g=compiled.graphs[cap]: g) for cap in compiled.graphs},
+                     Capability.FIXATIONS: assemble}, deferred=RARELY_USED)
+    engine = Engine(dataclasses.replace(compiled, graphs=graphs), [CPU], 1)
+    assert engine.has_fixations and calls == []
+    x = np.zeros((1, 3, 256, 256), np.float32)
+    for _ in range(2):
+        with pytest.raises(UnknownMethod, match="^this model's CNN Fixations plan cannot be "
+                                                "built: the generated fixations graph is "
+                                                "invalid: .*nowhere"):
+            engine.all_activations(x)
+    assert calls == [1] and Capability.FIXATIONS in engine._refused
+    seeds = np.eye(4, dtype=np.float32)[:1]
+    for a, b in zip(engine.guided(x, seeds), demo.engine.guided(x, seeds), strict=True):
         np.testing.assert_array_equal(a, b)

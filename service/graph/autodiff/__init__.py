@@ -42,9 +42,42 @@ def op_name(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
 
 
-def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = False,
-        keep_outputs: bool = True, prefix: str = PREFIX) -> onnx.ModelProto:
-    """Append the gradient of <seed, ``of``> with respect to ``wrt`` to ``model``.
+class Gradient:
+    """A gradient graph whose rules have all run, assembled into a model on demand.
+
+    :func:`differentiate` runs every rule (so it raises every CompileError the graph can
+    raise); :meth:`model` only turns what they recorded into protos, which is most of the
+    build's time and cannot fail on a missing rule.
+    """
+
+    def __init__(self, model: onnx.ModelProto, builder: VjpBuilder,
+                 outputs: list[onnx.ValueInfoProto], seed: onnx.ValueInfoProto) -> None:
+        self._source = model
+        self._builder = builder
+        self._outputs = outputs
+        self._seed = seed
+
+    def model(self) -> onnx.ModelProto:
+        """The forward model with the gradient appended (a new proto each call)."""
+        source, builder = self._source, self._builder
+        graph = helper.make_graph(
+            [*source.graph.node, *builder.node_protos()],
+            f"{source.graph.name}_vjp",
+            [*source.graph.input, self._seed],
+            self._outputs,
+            initializer=[*source.graph.initializer, *builder.initializer_protos()],
+            value_info=builder.value_info(),
+        )
+        out = helper.make_model(graph, opset_imports=list(source.opset_import),
+                                producer_name="medexplain")
+        out.ir_version = source.ir_version
+        return out
+
+
+def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], *,
+                  guided: bool = False, keep_outputs: bool = True,
+                  prefix: str = PREFIX) -> Gradient:
+    """The gradient of <seed, ``of``> with respect to ``wrt``, not yet assembled.
 
     Args:
         model: the forward model; not modified.
@@ -112,26 +145,23 @@ def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = F
         g = total(tensor)
         if g is None:
             raise CompileError(f"tensor {of!r} does not depend on {tensor!r}")
-        builder.nodes.append(helper.make_node("Identity", [g], [grad_name(tensor, prefix)],
-                                              name=builder.fresh("n_out")))
+        builder.rename(g, grad_name(tensor, prefix))
         info = value_info(index, tensor, batch=False)
         info.name = grad_name(tensor, prefix)
         outputs.append(info)
 
     seed_info = value_info(index, of, batch=False)
     seed_info.name = seed
-    graph = helper.make_graph(
-        [*model.graph.node, *builder.nodes],
-        f"{model.graph.name}_vjp",
-        [*model.graph.input, seed_info],
-        outputs,
-        initializer=[*model.graph.initializer, *builder.initializers],
-        value_info=builder.value_info(),
-    )
-    out = helper.make_model(graph, opset_imports=list(model.opset_import),
-                            producer_name="medexplain")
-    out.ir_version = model.ir_version
-    return out
+    return Gradient(model, builder, outputs, seed_info)
 
 
-__all__ = ["RULES", "SEED", "grad_name", "op_name", "rule", "vjp"]
+def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = False,
+        keep_outputs: bool = True, prefix: str = PREFIX) -> onnx.ModelProto:
+    """Append the gradient of <seed, ``of``> with respect to ``wrt`` to ``model``: the
+    model of :func:`differentiate` (see there for the arguments and errors)."""
+    return differentiate(model, of, wrt, guided=guided, keep_outputs=keep_outputs,
+                         prefix=prefix).model()
+
+
+__all__ = ["RULES", "SEED", "Gradient", "differentiate", "grad_name", "op_name", "rule",
+           "vjp"]

@@ -76,7 +76,7 @@ def flipped_weights(b: VjpBuilder, node: onnx.NodeProto, w: str, group: int) -> 
         swapped = value.reshape(group, m // group, cg, *kernel).swapaxes(1, 2)
         flipped = swapped.reshape(group * cg, m // group, *kernel)
         flipped = flipped[(slice(None), slice(None), *[slice(None, None, -1)] * len(kernel))]
-        return b.const(np.ascontiguousarray(flipped), hint="flipped_w")
+        return b.const(flipped, hint="flipped_w")  # a view: copied when the proto is made
     shape = b.static_shape(w)
     if shape is None:
         raise CompileError(f"Conv node {node.name!r}: the shape of its weights {w!r} is unknown")
