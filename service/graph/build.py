@@ -199,6 +199,7 @@ class _Source:
     """What the optional graphs are built from; builders may leave products beside them."""
 
     model: onnx.ModelProto
+    index: GraphIndex  # the model's
     cut: Split
     layout: Layout
     backbone: onnx.ModelProto
@@ -224,7 +225,8 @@ def _guided(src: _Source) -> Assembly:
 
 def _fixations(src: _Source) -> Assembly:
     model = src.model
-    plan = src.fixations_plan = fixation_plan.build_plan(model, src.cut, src.layout)
+    plan = src.fixations_plan = fixation_plan.build_plan(model, src.cut, src.layout,
+                                                         index=src.index)
     return lambda: fixation_plan.expose(model, plan)
 
 
@@ -288,7 +290,7 @@ def compile_model(model: onnx.ModelProto, *, layout: Layout = Layout.NCHW,
     assemblies: dict[Capability, Assembly] = {Capability.BACKBONE: lambda: backbone,
                                               Capability.HEAD: lambda: head}
     errors: dict[Capability, str] = {}
-    source = _Source(model, cut, layout, backbone, head)
+    source = _Source(model, index, cut, layout, backbone, head)
     for capability, build in BUILDERS.items():
         try:
             assemblies[capability] = build(source)

@@ -118,14 +118,18 @@ class FixationPlan:
         return self.image_shape[2], self.image_shape[3]
 
 
-def build_plan(model: onnx.ModelProto, split: Split, layout: Layout) -> FixationPlan:
-    """The steps from ``split.logits`` back to ``split.image``.
+def build_plan(model: onnx.ModelProto, split: Split, layout: Layout, *,
+               index: GraphIndex | None = None) -> FixationPlan:
+    """The steps from ``split.logits`` back to ``split.image``; ``index``: ``model``'s,
+    when the caller has it (its shape inference was 7 ms of DenseNet-121's compilation).
 
     Raises:
         CompileError: when an op on the path has no fixation rule, when a weight is not a
             constant, or when a shape on the path is not static.
     """
-    index = GraphIndex(model)
+    if index is None:
+        index = GraphIndex(model)
+    assert index.model is model, "the index of another model"
     dynamic = index.descendants([split.image])
     if split.logits not in dynamic:
         raise CompileError(f"fixations: the logits {split.logits!r} do not depend on the image")
