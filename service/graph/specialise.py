@@ -78,6 +78,11 @@ from service.models.spec import Layout
 FOLD_LIMIT = 1 << 16
 # Batch sizes the graph is specialised at; a value equal at both is batch-independent.
 PROBES = (1, 3)
+# Floating-point values shape inference is given (a Resize's scales, a Range's bounds):
+# no ONNX op's output shape depends on a longer floating-point input, and handing it a
+# network's weights (every Conv kernel up to FOLD_LIMIT, twice per node) was a third of this
+# pass on DenseNet-121.
+_FLOAT_DATA_LIMIT = 16
 # The batch axis's name when the model's image input does not name one.
 BATCH = "N"
 
@@ -362,7 +367,7 @@ class _Specialiser:
         elem = image.type.tensor_type.elem_type
         self.types: list[dict[str, onnx.TypeProto]] = [
             {image.name: helper.make_tensor_type_proto(elem, [b, *shape[1:]])} for b in PROBES]
-        self._data: list[dict[str, onnx.TensorProto]] = [{} for _ in PROBES]
+        self._data: list[dict[str, onnx.TensorProto | None]] = [{} for _ in PROBES]
         self.nodes: list[onnx.NodeProto] = []
         self.folded: dict[str, np.ndarray] = {}
         self.added: dict[str, np.ndarray] = {}
@@ -403,9 +408,11 @@ class _Specialiser:
         cache = self._data[0 if name in self.constants or name in self.inits else p]
         if name not in cache:
             value = self.value(p, name)
-            if value.size > FOLD_LIMIT or value.dtype == object:
-                return None
-            cache[name] = numpy_helper.from_array(value, name)
+            if value.size > FOLD_LIMIT or value.dtype == object or (
+                    value.dtype.kind == "f" and value.size > _FLOAT_DATA_LIMIT):
+                cache[name] = None
+            else:
+                cache[name] = numpy_helper.from_array(value, name)
         return cache[name]
 
     # The walk.
