@@ -15,7 +15,8 @@ from onnx import TensorProto, helper
 
 from service.config import Settings
 from service.errors import CompileError, ModelError
-from service.graph.build import RARELY_USED
+from service.graph.build import RARELY_USED, Capability
+from service.graph.cache import CompileCache
 from service.graph.target import detect_layout
 from service.main import create_app, open_repository
 from service.models.activation import Activation
@@ -155,3 +156,21 @@ def test_lazy_sessions_setting_reaches_every_engine(lazy: bool) -> None:
         rare = RARELY_USED & model.engine.available
         assert rare, "the demo model has guided and fixations graphs"
         assert opened.isdisjoint(rare) if lazy else rare <= opened
+
+
+
+def test_a_loaded_model_knows_its_methods_before_assembling_its_rarely_used_graphs() -> None:
+    """Availability (GET /models, /readyz) is decided at load; the guided and fixations
+    graphs are assembled at their first run (test_build: as the eager build makes them)."""
+    loaded = load_model(MODELS / "demo-cxr", providers=["CPUExecutionProvider"], threads=1,
+                        head_batch=256, cache=CompileCache())  # not the process's: unused
+    graphs = loaded.engine.compiled.graphs
+    assert loaded.unavailable == {} and set(graphs) == set(Capability)
+    assert graphs.assembled == set(Capability) - RARELY_USED  # type: ignore[attr-defined]
+    spec = loaded.config.input
+    x = np.random.default_rng(2).normal(size=(1, 3, spec.height, spec.width)).astype(np.float32)
+    grads = loaded.engine.guided(x, np.eye(len(loaded.config.labels), dtype=np.float32)[:1])[2]
+    assert grads.shape == x.shape and np.abs(grads).max() > 0
+    assert graphs.assembled == set(Capability) - {Capability.FIXATIONS}  # type: ignore[attr-defined]
+    loaded.engine.all_activations(x)
+    assert graphs.assembled == set(Capability)  # type: ignore[attr-defined]
