@@ -143,8 +143,8 @@ def _copy(key: str, folder: Path, chosen: list[tuple[onnx.TensorProto, tuple[str
     # a machine whose memory is fragmented stalls on compaction (VGG-16: 2.4-3.5 s to fill
     # the buffer against 0.3-0.4 s here). Freed, the mapping goes straight back to the system.
     # Its pages are faulted in by the kernel when it is made (MAP_POPULATE: every byte is
-    # written next anyway), not one write fault each: 512 MB filled in 0.17-0.21 s
-    # against 0.33-0.36 s, 27 MB in 11-12 ms against 14-18.
+    # written next anyway), not one write fault each: 512 MB filled in 0.18-0.19 s
+    # against 0.35-0.36 s, 27 MB in 11-12 ms against 14-16 (BENCHMARKS.md, "Load memory").
     storage = (np.frombuffer(mmap.mmap(-1, total + _ALIGN, flags=_ANONYMOUS),
                              dtype=np.uint8) if total
                else np.empty(_ALIGN, dtype=np.uint8))

@@ -45,8 +45,8 @@ class VjpBuilder:
 
     It records them as plain values and makes their protos only when asked
     (:meth:`node_protos`, :meth:`initializer_protos`, :meth:`value_info`): every rule,
-    and every CompileError a rule raises, runs in the recording, while the protos were
-    three quarters of a guided graph's build on DenseNet-121 (26 of 110 ms without them),
+    and every CompileError a rule raises, runs in the recording, while making the protos
+    (and copying the flipped kernels) was most of a guided graph's build on DenseNet-121,
     which a graph assembled at its first use (service.graph.build.RARELY_USED) does not
     pay at load.
     """
