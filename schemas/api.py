@@ -143,7 +143,9 @@ class ModelInfo(BaseModel):
         None, description="why the model runs on another execution provider than the one "
                           "asked for (CUDA requested but not usable here: CPU); null when "
                           "it runs where asked")
-    sha256: str
+    sha256: str = Field(description="SHA-256 of model.onnx; for an export whose weights are "
+                               "in external data files, of model.onnx and those files; "
+                               "for an ensemble, of ensemble.toml and its members' digests")
     members: list[str] | None = Field(
         None, description="an ensemble's member models (scores and max-normalised maps "
                           "averaged over them); null for a single network")

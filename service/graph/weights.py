@@ -15,10 +15,11 @@ a truthful one; :func:`embed` puts the bytes back for graphs written to disk.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -66,24 +67,25 @@ class Weights:
         return self._values[name]
 
 
-def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelProto, Weights]:
+def offload(raw: bytes, folder: Path, file: str,
+            key: str | None = None) -> tuple[onnx.ModelProto, Weights]:
     """Parse a model file into a proto whose large initializers are references, and the
     :class:`Weights` they refer to (registered until nothing holds it).
 
     Initializers stored as external data (torch's dynamo exporter writes its weights to
-    ``model.onnx.data`` beside the model by default) are read from those files. A file
+    ``model.onnx.data`` beside the model by default) are read from those files. A model
     whose weights are already held (the same model loaded twice) gets those: its graphs
     and the first copy's name the same key, and both stay valid while either is loaded.
 
     Args:
         raw: the model file's bytes.
         folder, file: where the file is.
-        key: a name unique to this file's content (its SHA-256).
+        key: the registry key; by default :func:`content_digest` of the model, which
+            ``Weights.key`` then gives the caller (the compile cache's key too).
 
     Raises:
         ValueError: an external data reference outside ``folder`` or past its file's end,
-            or weights held under ``key`` already that differ from these (external data
-            that changed beside the same model file).
+            or weights held under ``key`` already, with other tensors.
         OSError: an external data file that cannot be read.
     """
     model = onnx.load_from_string(raw)
@@ -96,20 +98,27 @@ def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelPr
             chosen.append((tensor, (file, *span)))
     files: dict[str, np.ndarray] = {file: np.frombuffer(raw, dtype=np.uint8)}
 
-    def source_bytes(tensor: onnx.TensorProto, source: str, offset: int,
+    def source_bytes(tensor: onnx.TensorProto | None, source: str, offset: int,
                      length: int) -> np.ndarray:
+        """``length`` bytes of ``source`` from ``offset``; -1: all of the file."""
         if source not in files:
             files[source] = np.memmap(folder / source, dtype=np.uint8, mode="r")
         data = files[source]
+        if length < 0:
+            return data
         if offset + length > data.size:
-            raise ValueError(f"initializer {tensor.name!r}: its data runs past the end of "
-                             f"{source}")
+            raise ValueError(f"initializer {tensor.name if tensor else ''!r}: its data runs "
+                             f"past the end of {source}")
         return data[offset:offset + length]
 
+    if key is None:
+        key = content_digest(raw, [source_bytes(None, name, 0, -1) for name in
+                                   sorted({src for _, (src, _, _) in chosen} - {file})])
     with _registry_lock:
         weights = _registry.get(key)
     if weights is not None:
-        _check_same(weights, chosen, file, source_bytes)
+        if {tensor.name for tensor, _ in chosen} != set(weights.arrays):
+            raise ValueError("the weights of this model are held already, with other tensors")
     else:
         weights = _copy(key, folder, chosen, source_bytes)
         with _registry_lock:
@@ -131,7 +140,23 @@ def offload(raw: bytes, folder: Path, file: str, key: str) -> tuple[onnx.ModelPr
     return skeleton, weights
 
 
-_SourceBytes = Callable[[onnx.TensorProto, str, int, int], np.ndarray]
+_SourceBytes = Callable[[onnx.TensorProto | None, str, int, int], np.ndarray]
+
+
+def content_digest(raw: bytes, external: Sequence[np.ndarray | bytes] = ()) -> str:
+    """The SHA-256 that names a model: of its file's bytes, and, for an export whose
+    weights are in external data files, of those files' bytes too (in the order given:
+    sorted by name). A dynamo export's model.onnx is the same file for every fine-tuning
+    of an architecture; only its .data differs, so the file's hash alone named them all
+    alike, and the second such model was refused at load. Without external data it is
+    the model file's plain SHA-256."""
+    if not external:
+        return hashlib.sha256(raw).hexdigest()
+    digest = hashlib.sha256(raw)
+    for data in external:
+        part = hashlib.sha256(data)
+        digest.update(len(data).to_bytes(8, "little") + part.digest())
+    return digest.hexdigest()
 
 
 def _copy(key: str, folder: Path, chosen: list[tuple[onnx.TensorProto, tuple[str, int, int]]],
@@ -163,24 +188,6 @@ def _copy(key: str, folder: Path, chosen: list[tuple[onnx.TensorProto, tuple[str
         sources[tensor.name] = (source, offset, length)
         position += _aligned(length)
     return Weights(key, folder, arrays, sources)
-
-
-def _check_same(weights: Weights, chosen: list[tuple[onnx.TensorProto, tuple[str, int, int]]],
-                file: str, source_bytes: _SourceBytes) -> None:
-    """Raise unless ``chosen`` are the tensors ``weights`` holds, byte for byte.
-
-    Bytes inside the model file are covered by the key (its hash); those of an external
-    data file beside it are not, so they are compared.
-    """
-    if {tensor.name for tensor, _ in chosen} != set(weights.arrays):
-        raise ValueError("the weights of this model file are held already, with other "
-                         "tensors")
-    for tensor, (source, offset, length) in chosen:
-        held = weights.arrays[tensor.name]
-        if held.nbytes != length or source != file and not np.array_equal(
-                held.reshape(-1).view(np.uint8), source_bytes(tensor, source, offset, length)):
-            raise ValueError(f"initializer {tensor.name!r}: its bytes differ from those of "
-                             "the same model file loaded before (changed external data?)")
 
 
 def _external_source(tensor: onnx.TensorProto, folder: Path) -> tuple[str, int, int]:

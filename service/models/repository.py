@@ -3,7 +3,6 @@ ensembles (folders with ensemble.toml, see :mod:`service.models.ensemble`)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import tomllib
@@ -142,7 +141,12 @@ def _accepts(table: object, where: str) -> Accepts:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to serve."""
+    """A model ready to serve.
+
+    ``sha256`` names its content: model.onnx's SHA-256, or for an export with external
+    data files, the digest of model.onnx and those files (service.graph.weights.
+    content_digest).
+    """
 
     config: ModelConfig
     engine: Engine
@@ -204,9 +208,10 @@ def load_model(folder: Path, *, providers: list[str], threads: int, head_batch: 
     start = time.perf_counter()
     try:
         raw = (folder / "model.onnx").read_bytes()
-        digest = hashlib.sha256(raw).hexdigest()
-        # The weights are held once, outside every graph the compiler makes of this one.
-        model, _weights = weights.offload(raw, folder, "model.onnx", digest)
+        # The weights are held once, outside every graph the compiler makes of this one;
+        # their key is the model's content digest (its external data files included).
+        model, held = weights.offload(raw, folder, "model.onnx")
+        digest = held.key
     except (OSError, DecodeError, ValueError, IndexError) as exc:
         raise ModelError(f"{folder.name}/model.onnx: {exc}") from exc
     config = read_config(folder, model)

@@ -171,7 +171,11 @@ def test_the_same_file_loaded_twice_shares_one_copy_and_outlives_either() -> Non
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_changed_external_data_beside_the_same_model_file_is_refused(tmp_path: Path) -> None:
+def test_the_same_model_file_with_other_external_data_is_another_model(tmp_path: Path
+                                                                        ) -> None:
+    """A dynamo export's model.onnx is the same file for every set of weights of an
+    architecture (they are in model.onnx.data): two such models get their own keys and
+    their own weights; the same folder loaded again shares the first copy."""
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         onnx.save(onnx.load(ZOO / "vgg.onnx"), tmp_path / name / "model.onnx",
@@ -182,11 +186,18 @@ def test_changed_external_data_beside_the_same_model_file_is_refused(tmp_path: P
     (tmp_path / "b" / "model.onnx.data").write_bytes(bytes(data))
     raw = (tmp_path / "a" / "model.onnx").read_bytes()
     assert raw == (tmp_path / "b" / "model.onnx").read_bytes()
-    _skeleton, held = weights.offload(raw, tmp_path / "a", "model.onnx", "same-graph")
-    _again, same = weights.offload(raw, tmp_path / "a", "model.onnx", "same-graph")
-    assert same is held
-    with pytest.raises(ValueError, match="its bytes differ from those of the same model"):
-        weights.offload(raw, tmp_path / "b", "model.onnx", "same-graph")
+    _skeleton_a, held_a = weights.offload(raw, tmp_path / "a", "model.onnx")
+    _again, same = weights.offload(raw, tmp_path / "a", "model.onnx")
+    skeleton_b, held_b = weights.offload(raw, tmp_path / "b", "model.onnx")
+    assert same is held_a and held_b is not held_a
+    assert held_a.key == weights.content_digest(
+        raw, [(tmp_path / "a" / "model.onnx.data").read_bytes()])
+    assert held_a.key != held_b.key != hashlib.sha256(raw).hexdigest()
+    first = next(t for t in skeleton_b.graph.initializer if weights.is_offloaded(t))
+    assert weights.to_array(first).reshape(-1)[0] == 7.0
+    # A model file without external data keeps its plain SHA-256.
+    _skeleton, inline = weights.offload((ZOO / "resnet.onnx").read_bytes(), ZOO, "resnet.onnx")
+    assert inline.key == hashlib.sha256((ZOO / "resnet.onnx").read_bytes()).hexdigest()
 
 
 def test_every_engine_session_computes_with_the_shared_memory() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper
@@ -22,6 +23,7 @@ from service.main import create_app, open_repository
 from service.models.activation import Activation
 from service.models.repository import load_model
 from service.models.spec import Layout
+from service.runtime.sessions import make_session
 from tests.api.conftest import MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,6 +148,34 @@ def test_a_model_with_its_weights_in_an_external_data_file(tmp_path: Path) -> No
     np.testing.assert_allclose(external.engine.forward(x)[1], inline.engine.forward(x)[1],
                                rtol=1e-6, atol=1e-6)
     assert sorted(external.unavailable) == sorted(inline.unavailable)
+
+
+def test_two_models_that_differ_only_in_their_external_data(tmp_path: Path) -> None:
+    """Two fine-tunings of one architecture exported by dynamo: the same model.onnx, other
+    model.onnx.data. Each loads and computes with its own weights (the second used to be
+    refused: the weights and the compile cache were keyed by model.onnx alone)."""
+    folders = []
+    for name in ("first", "second"):
+        folder = _folder(tmp_path / name, "resnet", activation="none")
+        model = onnx.load(str(folder / "model.onnx"))
+        if name == "second":
+            big = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+            values = onnx.numpy_helper.to_array(big) * 0.5
+            big.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), big.name))
+        onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True,
+                  location="model.onnx.data", size_threshold=1024)
+        folders.append(folder)
+    assert (folders[0] / "model.onnx").read_bytes() == (folders[1] / "model.onnx").read_bytes()
+    first, second = (_load(f) for f in folders)
+    assert first.sha256 != second.sha256
+    x = np.random.default_rng(0).normal(size=(1, *MANIFEST["resnet"]["input_shape"]))
+    x = x.astype(np.float32)
+    for loaded, folder in zip((first, second), folders, strict=True):
+        plain = make_session(str(folder / "model.onnx"), ["CPUExecutionProvider"], 1)
+        expected = plain.run(None, {plain.get_inputs()[0].name: x})
+        np.testing.assert_allclose(loaded.engine.forward(x)[1], expected[0].reshape(1, -1),
+                                   rtol=1e-5, atol=1e-5)
+    assert not np.allclose(first.engine.forward(x)[1], second.engine.forward(x)[1])
 
 
 @pytest.mark.parametrize("lazy", [True, False])
