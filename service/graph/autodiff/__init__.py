@@ -17,6 +17,7 @@ from onnx import helper
 
 from service.errors import CompileError
 from service.graph.autodiff.builder import PREFIX, VjpBuilder
+from service.graph.autodiff.fold import fold_channel_scales
 from service.graph.autodiff.registry import RULES, Rule
 from service.graph.extract import value_info
 from service.graph.onnx_graph import GraphIndex
@@ -131,7 +132,7 @@ def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = F
     out = helper.make_model(graph, opset_imports=list(model.opset_import),
                             producer_name="medexplain")
     out.ir_version = model.ir_version
-    return out
+    return fold_channel_scales(out, prefix)
 
 
 __all__ = ["RULES", "SEED", "grad_name", "op_name", "rule", "vjp"]
