@@ -250,6 +250,15 @@ def _pre_activation(channels: int, *, negative: bool, opset: int = 15) -> Case:
                 opset=opset)
 
 
+def _conv_own_values(seed: int, x: tuple[int, ...], w: tuple[int, ...], bias: bool = True,
+                     **attrs: object) -> Case:
+    """A Conv case like :func:`_conv`'s with values from a generator of its own: a case
+    added later leaves the module generator's values for every other case as they were."""
+    rng = np.random.default_rng(seed)
+    inits = {"w": rng.normal(size=w)} | ({"b": rng.normal(size=w[0])} if bias else {})
+    return Case([_node("Conv", ["x", *inits], **attrs)], {"x": rng.normal(size=x)}, inits)
+
+
 CONV = {
     "conv_s1_p1": _conv((2, 3, 5, 6), (4, 3, 3, 3), pads=[1, 1, 1, 1]),
     "conv_s2_pads": _conv((2, 3, 7, 7), (4, 3, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1]),
@@ -294,6 +303,14 @@ CONV = {
     "conv_phase_k7s2p3": _conv((1, 16, 9, 8), (2, 16, 7, 7), strides=[2, 2], pads=[3] * 4),
     "conv_phase_k7s3": _conv((1, 16, 10, 8), (2, 16, 7, 7), strides=[3, 3], pads=[3, 2, 1, 3]),
     "conv_phase_k5x7_s2": _conv((1, 16, 7, 8), (2, 16, 5, 7), strides=[2, 2], pads=[2, 3, 2, 3]),
+    # an input ONNX Runtime does not block (a stem's image): every phase in one convolution
+    **{name: _conv_own_values(63 + i, x, w, **attrs) for i, (name, x, w, attrs) in enumerate([
+        ("conv_phase_stem_k7s2p3", (1, 3, 9, 10), (16, 3, 7, 7),
+         {"strides": [2, 2], "pads": [3] * 4}),
+        ("conv_phase_stem_k5s2_asym", (1, 2, 8, 7), (16, 2, 5, 5),
+         {"strides": [2, 2], "pads": [2, 1, 1, 2], "bias": False}),
+        ("conv_phase_stem_k7s3", (1, 3, 10, 8), (16, 3, 7, 7),
+         {"strides": [3, 3], "pads": [3, 2, 1, 3]})])},
     "conv_blocked_k3s2": _conv((1, 16, 7, 6), (3, 16, 3, 3), strides=[2, 2], pads=[1] * 4),
     "conv_blocked_k1s2": _conv((1, 16, 6, 7), (4, 16, 1, 1), bias=False, strides=[2, 2]),
     "conv_blocked_k3s3": _conv((1, 16, 8, 7), (2, 16, 3, 3), strides=[3, 3], pads=[1, 0, 1, 2]),
@@ -1143,16 +1160,19 @@ def test_guided_backward_stays_in_the_blocked_layout(tmp_path) -> None:  # type:
 @pytest.mark.parametrize("name", sorted(n for n in CONV if "_phase_" in n or "_blocked_" in n))
 def test_strided_conv_gradient_forms(name: str) -> None:
     """Which form a strided convolution's input gradient takes: per-phase convolutions
-    interleaved by DepthToSpace for dense kernels spanning more than two strides, else one
+    interleaved by DepthToSpace for dense kernels spanning more than two strides (one
+    convolution for every phase where the input is not blocked, a stem's), else one
     ConvTranspose; in float32 either ends in the depthwise Conv by ones that returns the
-    gradient to ONNX Runtime's blocked layout."""
-    for dtype, extra in ((np.float64, 0), (np.float32, 1)):
+    gradient to ONNX Runtime's blocked layout where the input is blocked."""
+    merged = "_stem_" in name  # the input is not blocked: one convolution for all phases
+    for dtype, extra in ((np.float64, 0), (np.float32, 0 if merged else 1)):
         ops = [n.op_type for n in vjp(CASES[name].model(dtype), "y", ["x"]).graph.node]
         phased = "_phase_" in name
         assert ("DepthToSpace" in ops, "ConvTranspose" in ops) == (phased, not phased)
         strides = next(n for n in CASES[name].nodes if n.op_type == "Conv").attribute
         stride = next(a.ints[0] for a in strides if a.name == "strides")
-        assert ops.count("Conv") == 1 + (stride ** 2 if phased else 0) + extra
+        phase_convs = 1 if merged else stride ** 2 if phased else 0
+        assert ops.count("Conv") == 1 + phase_convs + extra
 
 
 def test_strided_gradients_stay_in_the_blocked_layout(tmp_path) -> None:  # type: ignore[no-untyped-def]
