@@ -138,9 +138,10 @@ def _phase_gradient(b: VjpBuilder, node: onnx.NodeProto, gy: str, w: str, sizes:
     3-channel image) separate phases of 3 channels each ran slower than ConvTranspose; one
     convolution yielding every phase's channels (the sub-kernels zero-padded to one size and
     one set of pads) runs blocked on its blocked gy instead: the 7×7 stride-2 stem of
-    DenseNet-121 (and of ResNets) took 0.68 of ConvTranspose's time ("Guided backprop in the
-    blocked layout", 2026-12-02). Chosen by shape alone, so the graph is the same in every
-    dtype. Also needs equal strides, constant weights and no dilation.
+    DenseNet-121 (and of ResNets) took 0.63–0.68 of ConvTranspose's time at 224
+    (BENCHMARKS.md, "Guided backprop in the blocked layout", 2026-12-02). Chosen by shape
+    alone, so the graph is the same in every dtype. Also needs equal strides, constant
+    weights and no dilation.
     """
     weights = b.index.constant(w)
     shape = b.shape(node.input[0])
