@@ -2,15 +2,18 @@
 weights, each library in its own process, interleaved rounds.
 
     .venv/bin/python tools/bench_pgc.py [--size 224] [--threads 2] [--rounds 15]
+        [--calls guided_backprop,guided_gradcam] [--before <another checkout>]
 
 The torch worker builds tools/make_fixtures.py's benchmark DenseNet-121 (growth 32, blocks
 6-12-24-16, 14 classes, random weights from seed 121; its rectifiers as nn.ReLU, which
 pytorch-grad-cam's guided model swaps for its own) and exports it to ONNX in a temporary
 folder; the ONNX Runtime worker compiles that file as the service does. Both get the same
 random image; the explained class is its top logit. Each round sends every call once to each
-worker, one at a time (the order of the calls and of the two workers rotated every round),
-so the processes never compete for the cores and slow drifts of the machine hit both alike;
-each worker times its own call. After one warm-up round (without the 14-class call):
+worker, one at a time (the order of the calls and of the workers rotated every round), so
+the processes never compete for the cores and slow drifts of the machine hit all alike;
+each worker times its own call. ``--before`` adds a third worker, the ONNX Runtime worker of
+another checkout (its own tools/ and service/), for before/after numbers from one run;
+``--calls`` runs a subset (more rounds in the same time). After one warm-up round (without the 14-class call):
 medians per call; ratios are medians of the per-round ratios.
 
 pytorch-grad-cam's calls (grad-cam 1.5.7): forward = ``model(x)`` without gradients;
@@ -150,12 +153,15 @@ def _calls(kind: str, size: int, threads: int, image: np.ndarray,
 
 
 class Worker:
-    def __init__(self, kind: str, args: argparse.Namespace, onnx_path: Path) -> None:
+    def __init__(self, kind: str, args: argparse.Namespace, onnx_path: Path,
+                 root: Path = ROOT) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        # The worker runs this file of ``root``'s tree, so ``root``'s service is measured.
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", kind, "--size", str(args.size),
-             "--threads", str(args.threads), "--onnx", str(onnx_path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            [sys.executable, str(root / "tools" / Path(__file__).name), "--worker", kind,
+             "--size", str(args.size), "--threads", str(args.threads), "--onnx",
+             str(onnx_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
         self.ready = self._read()
 
     def _read(self) -> dict[str, object]:
@@ -185,32 +191,45 @@ def main() -> None:
     ap.add_argument("--worker", choices=["torch", "ort"])
     ap.add_argument("--onnx", type=Path)
     ap.add_argument("--out", type=Path, help="also write the medians as JSON")
+    ap.add_argument("--calls", help=f"comma-separated subset of {','.join(CALLS)} "
+                                    "(forward and backbone are always run: the ratios need them)")
+    ap.add_argument("--before", type=Path,
+                    help="another checkout of the project (e.g. `git archive REV | tar -x`): "
+                         "a third worker runs its service, interleaved with the other two")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.size, args.threads, args.onnx)
         return
+    wanted = args.calls.split(",") if args.calls else list(CALLS)
+    unknown = sorted(set(wanted) - set(CALLS))
+    if unknown:
+        raise SystemExit(f"unknown calls {', '.join(unknown)}; choose from {', '.join(CALLS)}")
+    selected = [c for c in CALLS if c in wanted or c in ("forward", "backbone")]
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / f"densenet121_{args.size}.onnx"
         torch_worker = Worker("torch", args, onnx_path)  # writes the ONNX file first
-        ort_worker = Worker("ort", args, onnx_path)
+        workers = [("pgc", torch_worker), ("ours", Worker("ort", args, onnx_path))]
+        if args.before:
+            workers.append(("before", Worker("ort", args, onnx_path, args.before.resolve())))
         try:
-            gap = np.abs(np.subtract(torch_worker.ready["logits"], ort_worker.ready["logits"]))
-            times: dict[str, dict[str, list[float]]] = {"pgc": {}, "ours": {}}
+            gap = np.abs(np.subtract(torch_worker.ready["logits"], workers[1][1].ready["logits"]))
+            times: dict[str, dict[str, list[float]]] = {side: {} for side, _ in workers}
             for round_ in range(args.rounds + 1):
-                calls = CALLS[round_ % len(CALLS):] + CALLS[:round_ % len(CALLS)]
-                pair = [("pgc", torch_worker), ("ours", ort_worker)]
+                calls = selected[round_ % len(selected):] + selected[:round_ % len(selected)]
+                # The workers' order rotates too, so none always runs right after another.
+                turn = round_ % len(workers)
                 for name in calls:
                     if not round_ and name.endswith("_14"):
                         continue  # the one-class call warmed the same path up
-                    for side, w in (pair if round_ % 2 else pair[::-1]):
+                    for side, w in workers[turn:] + workers[:turn]:
                         ms = w.call(name)
                         print(f"round {round_} {side} {name}: {ms} ms", file=sys.stderr,
                               flush=True)
                         if round_ and ms is not None:
                             times[side].setdefault(name, []).append(ms)
         finally:
-            torch_worker.close()
-            ort_worker.close()
+            for _, w in workers:
+                w.close()
     med = {side: {n: statistics.median(v) for n, v in t.items()} for side, t in times.items()}
 
     def ratio(a: list[float], b: list[float]) -> float:
@@ -224,16 +243,20 @@ def main() -> None:
           f"ONNX Runtime {onnxruntime.__version__}; {args.threads} threads; "
           f"{platform.processor() or platform.machine()}; medians of {args.rounds} rounds "
           f"(ratios: medians of per-round ratios); logits differ by ≤ {gap.max():.1e}")
-    print("| call | pytorch-grad-cam ms | medexplain ms | pgc ÷ ours | ours ÷ our forward "
-          "| ours ÷ our backbone |")
-    print("|---|---:|---:|---:|---:|---:|")
-    ours_t, pgc_t = times["ours"], times["pgc"]
-    for name in CALLS:
+    sides = [side for side in ("ours", "before") if side in times]
+    print("| call | pytorch-grad-cam ms | " + " | ".join(
+        f"{s} ms | pgc ÷ {s} | {s} ÷ its forward | {s} ÷ its backbone" for s in sides) + " |")
+    print("|---|---:|" + "---:|---:|---:|---:|" * len(sides))
+    pgc_t = times["pgc"]
+    for name in selected:
         pgc = med["pgc"].get(name)
-        versus = "" if pgc is None else f"{ratio(pgc_t[name], ours_t[name]):.1f}"
-        print(f"| {name} | {'' if pgc is None else f'{pgc:,.1f}'} | {med['ours'][name]:,.1f} | "
-              f"{versus} | {ratio(ours_t[name], ours_t['forward']):.2f} | "
-              f"{ratio(ours_t[name], ours_t['backbone']):.2f} |")
+        cells = [name, "" if pgc is None else f"{pgc:,.1f}"]
+        for side in sides:
+            t = times[side]
+            cells += [f"{med[side][name]:,.1f}",
+                      "" if pgc is None else f"{ratio(pgc_t[name], t[name]):.1f}",
+                      f"{ratio(t[name], t['forward']):.2f}", f"{ratio(t[name], t['backbone']):.2f}"]
+        print("| " + " | ".join(cells) + " |")
     if args.out:
         args.out.write_text(json.dumps({"size": args.size, "medians": med,
                                         "logit_gap": float(gap.max())}, indent=1))

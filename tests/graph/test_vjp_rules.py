@@ -229,6 +229,36 @@ def _conv(x: tuple[int, ...], w: tuple[int, ...], bias: bool = True, weights_nod
     return Case([*nodes, _node("Conv", inputs, **attrs)], {"x": _normal(*x)}, inits)
 
 
+def _pre_activation(channels: int, *, negative: bool, opset: int = 15) -> Case:
+    """BatchNormalization → Relu → Conv, a DenseNet layer's start: the BN's gradient is the
+    Conv's input gradient times the mask, which the compiler folds into the Conv's weights
+    (autodiff/fold.py). Values of their own generator, so the other cases' stay put; the
+    Relu's input is kept away from 0."""
+    rng = np.random.default_rng(61 + channels + negative)
+    scale = rng.uniform(0.5, 1.5, channels)
+    if negative:
+        scale[::3] *= -1.0
+    bn = {"s": scale, "b": rng.normal(size=channels), "m": rng.normal(size=channels),
+          "v": rng.uniform(0.5, 2, channels)}
+    factor = bn["s"] / np.sqrt(bn["v"] + 1e-3)
+    shift = (bn["b"] - bn["m"] * factor)[None, :, None, None]
+    wanted = _away(rng.normal(size=(2, channels, 3, 3)), 0.0, margin=0.1)
+    x = (wanted - shift) / factor[None, :, None, None]
+    nodes = [_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["n"], epsilon=1e-3),
+             _node("Relu", ["n"], ["r"]), _node("Conv", ["r", "w"], pads=[1, 1, 1, 1])]
+    return Case(nodes, {"x": x}, {**bn, "w": rng.normal(size=(4, channels, 3, 3))},
+                opset=opset)
+
+
+def _conv_own_values(seed: int, x: tuple[int, ...], w: tuple[int, ...], bias: bool = True,
+                     **attrs: object) -> Case:
+    """A Conv case like :func:`_conv`'s with values from a generator of its own: a case
+    added later leaves the module generator's values for every other case as they were."""
+    rng = np.random.default_rng(seed)
+    inits = {"w": rng.normal(size=w)} | ({"b": rng.normal(size=w[0])} if bias else {})
+    return Case([_node("Conv", ["x", *inits], **attrs)], {"x": rng.normal(size=x)}, inits)
+
+
 CONV = {
     "conv_s1_p1": _conv((2, 3, 5, 6), (4, 3, 3, 3), pads=[1, 1, 1, 1]),
     "conv_s2_pads": _conv((2, 3, 7, 7), (4, 3, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1]),
@@ -273,6 +303,14 @@ CONV = {
     "conv_phase_k7s2p3": _conv((1, 16, 9, 8), (2, 16, 7, 7), strides=[2, 2], pads=[3] * 4),
     "conv_phase_k7s3": _conv((1, 16, 10, 8), (2, 16, 7, 7), strides=[3, 3], pads=[3, 2, 1, 3]),
     "conv_phase_k5x7_s2": _conv((1, 16, 7, 8), (2, 16, 5, 7), strides=[2, 2], pads=[2, 3, 2, 3]),
+    # an input ONNX Runtime does not block (a stem's image): every phase in one convolution
+    **{name: _conv_own_values(63 + i, x, w, **attrs) for i, (name, x, w, attrs) in enumerate([
+        ("conv_phase_stem_k7s2p3", (1, 3, 9, 10), (16, 3, 7, 7),
+         {"strides": [2, 2], "pads": [3] * 4}),
+        ("conv_phase_stem_k5s2_asym", (1, 2, 8, 7), (16, 2, 5, 5),
+         {"strides": [2, 2], "pads": [2, 1, 1, 2], "bias": False}),
+        ("conv_phase_stem_k7s3", (1, 3, 10, 8), (16, 3, 7, 7),
+         {"strides": [3, 3], "pads": [3, 2, 1, 3]})])},
     "conv_blocked_k3s2": _conv((1, 16, 7, 6), (3, 16, 3, 3), strides=[2, 2], pads=[1] * 4),
     "conv_blocked_k1s2": _conv((1, 16, 6, 7), (4, 16, 1, 1), bias=False, strides=[2, 2]),
     "conv_blocked_k3s3": _conv((1, 16, 8, 7), (2, 16, 3, 3), strides=[3, 3], pads=[1, 0, 1, 2]),
@@ -677,6 +715,11 @@ OTHER = {
         {"x": BLOCKED_RNG.normal(size=(2, 16, 2, 2))},
         {k: BLOCKED_RNG.normal(size=16) for k in "sbm"} | {"v": BLOCKED_RNG.uniform(0.5, 2, 16)},
         opset=15),
+    # the BN gradient folded into the next Conv's input gradient (both signs of scale;
+    # 16 channels: the depthwise-Conv form of the scaling, in float32)
+    "batch_norm_relu_conv": _pre_activation(3, negative=False),
+    "batch_norm_relu_conv_negative": _pre_activation(3, negative=True),
+    "batch_norm_relu_conv_blocked": _pre_activation(16, negative=False),
     # reductions and global pools
     **{f"{op.lower()}_keep{k}_opset{o}": _reduce(op, o, k, [1, -1])
        for op in ("ReduceMean", "ReduceSum") for o in (13, 18) for k in (0, 1)},
@@ -948,6 +991,63 @@ def test_guided_chain_masks_each_rectifier() -> None:
     np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-12)
 
 
+def _channel_scalings(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The generated per-channel scalings: Muls by a (1, C, 1, 1) constant, depthwise 1×1
+    Convs other than the rectifier masks (those feed a HardSigmoid)."""
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    masks = {n.input[0] for n in model.graph.node if n.op_type == "HardSigmoid"}
+    found = []
+    for n in model.graph.node:
+        if not n.output[0].startswith("xai/"):
+            continue
+        values = [consts[i] for i in n.input if i in consts]
+        if n.op_type == "Mul" and any(v.ndim == 4 and v.shape[0] == 1 and v.size > 1
+                                      for v in values):
+            found.append(n)
+        if (n.op_type == "Conv" and n.output[0] not in masks and values
+                and values[0].shape[1:] == (1, 1, 1) and values[0].shape[0] > 1):
+            found.append(n)
+    return found
+
+
+@pytest.mark.parametrize("name", ["batch_norm_relu_conv", "batch_norm_relu_conv_negative",
+                                  "batch_norm_relu_conv_blocked"])
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+def test_batch_norm_gradient_folds_into_the_conv(name: str, guided: bool) -> None:
+    """BN → Relu → Conv: the BN's per-channel factor becomes part of the Conv's flipped
+    weights, except under guided backprop with a negative factor (the guided Relu would
+    then pass the wrong sign), where it stays; the gradient is the same either way."""
+    case = CASES[name]
+    for dtype in (np.float64, np.float32):
+        model = vjp(case.model(dtype), case.of, ["x"], guided=guided)
+        kept = guided and "negative" in name
+        assert len(_channel_scalings(model)) == int(kept), dtype
+    seed, (grad,) = _gradients(case, guided=guided)
+    n = _run_ref(case.model(), ["n"], case.inputs)[0]
+    probe = Case([case.nodes[-1]], {"r": np.maximum(n, 0)}, {"w": case.inits["w"]}, wrt=("r",))
+    _, (g_r,) = _gradients(probe, seed=seed)
+    factor = case.inits["s"] / np.sqrt(case.inits["v"] + 1e-3)
+    passed = np.maximum(g_r, 0) if guided else g_r
+    expected = passed * (n > 0) * factor[None, :, None, None]
+    np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-12)
+    _, (fast,) = _gradients(case, np.float32, guided=guided, engine="ort", seed=seed)
+    np.testing.assert_allclose(fast, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_leaves_the_forward_pass_alone() -> None:
+    """A per-channel Mul after a Conv and a Relu in the model itself is not folded: the
+    forward pass keeps its bits; only generated gradient nodes are."""
+    rng = np.random.default_rng(62)
+    nodes = [_node("Conv", ["x", "w"], ["c"]), _node("Relu", ["c"], ["r"]),
+             _node("Mul", ["r", "k"])]
+    case = Case(nodes, {"x": rng.normal(size=(1, 3, 4, 4))},
+                {"w": rng.normal(size=(3, 3, 1, 1)), "k": rng.uniform(0.5, 1, (1, 3, 1, 1))})
+    model = vjp(case.model(np.float32), "y", ["x"])
+    forward = [n for n in model.graph.node if not n.output[0].startswith("xai/")]
+    assert [n.op_type for n in forward] == ["Conv", "Relu", "Mul"]
+    assert {i.name for i in model.graph.initializer} >= {"w", "k"}
+
+
 # ONNX Runtime's blocked layout ----------------------------------------------------------
 
 
@@ -1060,16 +1160,19 @@ def test_guided_backward_stays_in_the_blocked_layout(tmp_path) -> None:  # type:
 @pytest.mark.parametrize("name", sorted(n for n in CONV if "_phase_" in n or "_blocked_" in n))
 def test_strided_conv_gradient_forms(name: str) -> None:
     """Which form a strided convolution's input gradient takes: per-phase convolutions
-    interleaved by DepthToSpace for dense kernels spanning more than two strides, else one
+    interleaved by DepthToSpace for dense kernels spanning more than two strides (one
+    convolution for every phase where the input is not blocked, a stem's), else one
     ConvTranspose; in float32 either ends in the depthwise Conv by ones that returns the
-    gradient to ONNX Runtime's blocked layout."""
-    for dtype, extra in ((np.float64, 0), (np.float32, 1)):
+    gradient to ONNX Runtime's blocked layout where the input is blocked."""
+    merged = "_stem_" in name  # the input is not blocked: one convolution for all phases
+    for dtype, extra in ((np.float64, 0), (np.float32, 0 if merged else 1)):
         ops = [n.op_type for n in vjp(CASES[name].model(dtype), "y", ["x"]).graph.node]
         phased = "_phase_" in name
         assert ("DepthToSpace" in ops, "ConvTranspose" in ops) == (phased, not phased)
         strides = next(n for n in CASES[name].nodes if n.op_type == "Conv").attribute
         stride = next(a.ints[0] for a in strides if a.name == "strides")
-        assert ops.count("Conv") == 1 + (stride ** 2 if phased else 0) + extra
+        phase_convs = 1 if merged else stride ** 2 if phased else 0
+        assert ops.count("Conv") == 1 + phase_convs + extra
 
 
 def test_strided_gradients_stay_in_the_blocked_layout(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from onnx import helper
 
 from service.errors import CompileError
 from service.graph.autodiff.builder import PREFIX, VjpBuilder
+from service.graph.autodiff.fold import fold_channel_scales
 from service.graph.autodiff.registry import RULES, Rule
 from service.graph.extract import value_info
 from service.graph.onnx_graph import GraphIndex
@@ -51,14 +52,17 @@ class Gradient:
     """
 
     def __init__(self, model: onnx.ModelProto, builder: VjpBuilder,
-                 outputs: list[onnx.ValueInfoProto], seed: onnx.ValueInfoProto) -> None:
+                 outputs: list[onnx.ValueInfoProto], seed: onnx.ValueInfoProto,
+                 prefix: str) -> None:
         self._source = model
         self._builder = builder
         self._outputs = outputs
         self._seed = seed
+        self._prefix = prefix
 
     def model(self) -> onnx.ModelProto:
-        """The forward model with the gradient appended (a new proto each call)."""
+        """The forward model with the gradient appended (a new proto each call), its
+        per-channel gradient scales folded into the convolutions after them (fold.py)."""
         source, builder = self._source, self._builder
         graph = helper.make_graph(
             [*source.graph.node, *builder.node_protos()],
@@ -71,7 +75,7 @@ class Gradient:
         out = helper.make_model(graph, opset_imports=list(source.opset_import),
                                 producer_name="medexplain")
         out.ir_version = source.ir_version
-        return out
+        return fold_channel_scales(out, self._prefix)
 
 
 def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], *,
@@ -152,7 +156,7 @@ def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], *,
 
     seed_info = value_info(index, of, batch=False)
     seed_info.name = seed
-    return Gradient(model, builder, outputs, seed_info)
+    return Gradient(model, builder, outputs, seed_info, prefix)
 
 
 def vjp(model: onnx.ModelProto, of: str, wrt: Sequence[str], *, guided: bool = False,

@@ -5,7 +5,8 @@ gradient with the spatially flipped weights, input and output channels swapped p
 and pads' = d·(k−1) − pads; ONNX Runtime runs that much faster than ConvTranspose. Strided
 convolutions use ConvTranspose with the forward weights and an ``output_padding`` that
 gives back the input's spatial size, or, where that measured faster, stride-1
-convolutions per output phase interleaved by DepthToSpace (``_phase_gradient``); either
+convolutions per output phase (one convolution for all phases on an input ONNX Runtime
+does not block) interleaved by DepthToSpace (``_phase_gradient``); either
 is followed by an exact 1×1 depthwise Conv that puts the gradient back into ONNX
 Runtime's blocked layout (``_into_blocked``). Weight gradients are not supported (the
 weights of a deployed model are initializers, which never need one).
@@ -123,24 +124,33 @@ def _phase_taps(size: int, out: int, k: int, s: int, pad: int
 def _phase_gradient(b: VjpBuilder, node: onnx.NodeProto, gy: str, w: str, sizes: list[int],
                     kernel: list[int], strides: list[int], dilations: list[int],
                     begin: list[int], end: list[int], group: int) -> str | None:
-    """The input gradient of a strided 2-D convolution as stride-1 convolutions, one per
-    output phase, interleaved by DepthToSpace; None where this form is not the faster one.
+    """The input gradient of a strided 2-D convolution as stride-1 convolutions of gy, one
+    per output phase, interleaved by DepthToSpace; None where this form is not the faster
+    one.
 
-    The per-phase convolutions (their sub-kernels together hold exactly the forward's taps)
-    run in ONNX Runtime's blocked layout, which ConvTranspose cannot; the interleaving runs
-    in NCHW and costs a few passes over the gradient. Measured against ConvTranspose
-    (BENCHMARKS.md, "Guided backprop in the blocked layout"), that pays for dense
-    convolutions whose kernel spans more than two strides (5×5 and 7×7 at stride 2: 0.76–1.0
-    of ConvTranspose's time) on inputs ONNX Runtime blocks, and not for 3×3 at stride 2
-    (0.96–1.14), depthwise ones (1.08–1.71) or a 3-channel input (a stem, whose phase
-    convolutions cannot be blocked). Chosen by shape alone, so the graph is the same in
-    every dtype. Also needs equal strides, constant weights and no dilation.
+    The phase sub-kernels together hold exactly the forward's taps. On an input ONNX Runtime
+    blocks, each phase is its own convolution, run blocked (which ConvTranspose cannot) and
+    concatenated; the interleaving runs in NCHW and costs a few passes over the gradient.
+    Measured against ConvTranspose (BENCHMARKS.md, "Guided backprop in the blocked
+    layout"), that pays for dense convolutions whose kernel spans more than two strides (5×5
+    and 7×7 at stride 2: 0.76–1.0 of ConvTranspose's time), and not for 3×3 at stride 2
+    (0.96–1.14) or depthwise ones (1.08–1.71). On an input it does not block (a stem's
+    3-channel image) separate phases of 3 channels each ran slower than ConvTranspose; one
+    convolution yielding every phase's channels (the sub-kernels zero-padded to one size and
+    one set of pads) runs blocked on its blocked gy instead: the 7×7 stride-2 stem of
+    DenseNet-121 (and of ResNets) took 0.63–0.68 of ConvTranspose's time at 224
+    (BENCHMARKS.md, "Guided backprop in the blocked layout", 2026-12-02). Chosen by shape
+    alone, so the graph is the same in every dtype. Also needs equal strides, constant
+    weights and no dilation.
     """
     weights = b.index.constant(w)
     shape = b.shape(node.input[0])
     if (len(sizes) != 2 or weights is None or group != 1 or any(d != 1 for d in dilations)
             or strides[0] != strides[1] or any(k < 2 * s + 1 for k, s in zip(kernel, strides))
-            or shape is None or not isinstance(shape[1], int) or shape[1] % NCHWC_BLOCK):
+            or shape is None or not isinstance(shape[1], int)):
+        return None
+    separate = shape[1] % NCHWC_BLOCK == 0
+    if not separate and weights.shape[0] % NCHWC_BLOCK:
         return None
     outs = [(size + pb + pe - k) // s + 1
             for size, pb, pe, k, s in zip(sizes, begin, end, kernel, strides)]
@@ -149,15 +159,40 @@ def _phase_gradient(b: VjpBuilder, node: onnx.NodeProto, gy: str, w: str, sizes:
     if any(axis is None or any(reach.size == 0 for reach, _, _ in axis) for axis in axes):
         return None
     swapped = weights.swapaxes(0, 1)  # (M, C, *K) -> (C, M, *K)
-    parts = []
-    for (th, bh, eh) in axes[0]:  # type: ignore[union-attr]
-        for (tw, bw, ew) in axes[1]:  # type: ignore[union-attr]
-            sub = np.ascontiguousarray(swapped[:, :, th][:, :, :, tw])
-            parts.append(b.op("Conv", [gy, b.const(sub, hint="phase_w")], pads=[bh, bw, eh, ew],
-                              kernel_shape=list(sub.shape[2:]), hint="grad_phase"))
-    gx = b.op("DepthToSpace", [b.op("Concat", parts, axis=1)], blocksize=strides[0],
-              mode="DCR")
     phases = [-(-size // s) for size, s in zip(sizes, strides)]
+    if separate:
+        parts = []
+        for (th, bh, eh) in axes[0]:  # type: ignore[union-attr]
+            for (tw, bw, ew) in axes[1]:  # type: ignore[union-attr]
+                sub = np.ascontiguousarray(swapped[:, :, th][:, :, :, tw])
+                parts.append(b.op("Conv", [gy, b.const(sub, hint="phase_w")],
+                                  pads=[bh, bw, eh, ew], kernel_shape=list(sub.shape[2:]),
+                                  hint="grad_phase"))
+        every = b.op("Concat", parts, axis=1)
+    else:
+        # Per axis, each phase's taps shifted right by (first pad - its own begin pad)
+        # within one length: a stride-1 convolution with a leading zero tap and one more
+        # pad gives the same outputs, and the trailing pad then agrees for every phase.
+        first = [max(bg for _, bg, _ in axis) for axis in axes]  # type: ignore[union-attr]
+        length = [max(reach.size + f - bg for reach, bg, _ in axis)  # type: ignore[union-attr]
+                  for axis, f in zip(axes, first)]
+        trailing = [p - o + n - 1 - f for p, o, n, f in zip(phases, outs, length, first)]
+        if min(trailing) < 0:
+            return None
+        c = swapped.shape[0]
+        merged = np.zeros((len(axes[0]) * len(axes[1]) * c, swapped.shape[1], *length),  # type: ignore[arg-type]
+                          dtype=weights.dtype)
+        phase = 0
+        for (th, bh, _) in axes[0]:  # type: ignore[union-attr]
+            for (tw, bw, _) in axes[1]:  # type: ignore[union-attr]
+                oh, ow = first[0] - bh, first[1] - bw
+                merged[phase * c:(phase + 1) * c, :, oh:oh + th.size, ow:ow + tw.size] = (
+                    swapped[:, :, th][:, :, :, tw])
+                phase += 1
+        every = b.op("Conv", [gy, b.const(merged, hint="phase_w")],
+                     pads=[*first, *trailing], kernel_shape=length, hint="grad_phase")
+    # DCR: channel (r_h·s + r_w)·C + c holds phase (r_h, r_w) of channel c, as built above.
+    gx = b.op("DepthToSpace", [every], blocksize=strides[0], mode="DCR")
     if any(p * s != size for p, s, size in zip(phases, strides, sizes)):
         gx = b.op("Slice", [gx, b.const(_i64([0, 0])), b.const(_i64(sizes)),
                             b.const(_i64([2, 3]))])
