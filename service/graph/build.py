@@ -72,13 +72,15 @@ class Graphs(Mapping[Capability, onnx.ModelProto]):
     """
 
     def __init__(self, assemblies: Mapping[Capability, Assembly],
-                 deferred: Iterable[Capability] = ()) -> None:
+                 deferred: Iterable[Capability] = (), *, check: bool = True) -> None:
         later = frozenset(deferred)
         self._order = list(assemblies)
         self._pending = {cap: make for cap, make in assemblies.items() if cap in later}
         self._failed: dict[Capability, CompileError] = {}
         self._lock = threading.Lock()
-        self._graphs = {cap: _checked(cap, make()) for cap, make in assemblies.items()
+        # Graphs read back from the compile cache were checked when they were compiled.
+        self._check = _checked if check else (lambda _cap, graph: graph)
+        self._graphs = {cap: self._check(cap, make()) for cap, make in assemblies.items()
                         if cap not in later}
 
     def __getitem__(self, cap: Capability) -> onnx.ModelProto:
@@ -89,7 +91,7 @@ class Graphs(Mapping[Capability, onnx.ModelProto]):
             if cap not in self._graphs and cap not in self._failed:
                 make = self._pending[cap]  # KeyError: not a graph of this model
                 try:
-                    self._graphs[cap] = _checked(cap, make())
+                    self._graphs[cap] = self._check(cap, make())
                 except CompileError as exc:
                     self._failed[cap] = exc
                 del self._pending[cap]  # what it held (the source model, ...) goes
@@ -133,22 +135,30 @@ class CompiledModel:
             lookup).
         errors: why each missing graph is missing (the op without a rule, ...): the model
             still serves every method that does not require it.
-        fixations_plan: the walk over the FIXATIONS graph; rebuilt from the graph when not
-            given (e.g. by the compile cache).
+        _plan: the walk over the FIXATIONS graph, when the compiler has it; else
+            :attr:`fixations_plan` derives it from the graph at its first use.
     """
 
     split: Split
     graphs: Mapping[Capability, onnx.ModelProto]
     errors: Mapping[Capability, str] = field(default_factory=dict)
-    fixations_plan: fixation_plan.FixationPlan | None = None
+    _plan: fixation_plan.FixationPlan | None = None
 
     def __post_init__(self) -> None:
         missing = {Capability.BACKBONE, Capability.HEAD} - set(self.graphs)
         if missing:
             raise CompileError(f"no {', '.join(sorted(missing))} graph")
-        if Capability.FIXATIONS in self.graphs and self.fixations_plan is None:
+
+    @property
+    def fixations_plan(self) -> fixation_plan.FixationPlan | None:
+        """The walk over the FIXATIONS graph; None for a model without one. A compile
+        cache hit has none yet: it is derived from the graph (which that assembles) at its
+        first use, i.e. at the first CNN Fixations request, not at load. Two threads that
+        get here at once derive the same plan."""
+        if self._plan is None and Capability.FIXATIONS in self.graphs:
             plan = fixation_plan.plan_from_graph(self.graphs[Capability.FIXATIONS], self.split)
-            object.__setattr__(self, "fixations_plan", plan)
+            object.__setattr__(self, "_plan", plan)
+        return self._plan
 
     @property
     def available(self) -> frozenset[Capability]:

@@ -10,14 +10,15 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 
-from service.graph.build import Capability, CompiledModel, compile_model
+from service.errors import CompileError
+from service.graph.build import RARELY_USED, Capability, CompiledModel, Graphs, compile_model
 from service.graph.target import Split
 from service.models.spec import Layout
 
@@ -30,6 +31,21 @@ def compiler_fingerprint() -> str:
     for path in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _reader(path: Path) -> Callable[[], onnx.ModelProto]:
+    """Reads one cached graph (weights held outside it stay references: the loader
+    supplies them).
+
+    Raises:
+        CompileError: the file cannot be read or parsed.
+    """
+    def read() -> onnx.ModelProto:
+        try:
+            return onnx.load(path, load_external_data=False)
+        except (OSError, DecodeError) as exc:
+            raise CompileError(f"the compile cache's {path.name} cannot be read: {exc}") from exc
+    return read
 
 
 class CompileCache:
@@ -72,16 +88,20 @@ class CompileCache:
         entry = self.folder / key
         try:
             meta = json.loads((entry / "split.json").read_text(encoding="utf-8"))
-            # Weights held outside the graphs stay references: the loader supplies them.
-            graphs = {cap: onnx.load(entry / f"{cap}.onnx", load_external_data=False)
-                      for cap in Capability if (entry / f"{cap}.onnx").exists()}
             errors = {Capability(k): str(v) for k, v in meta.get("errors", {}).items()}
-        except (OSError, ValueError, DecodeError):
+            files = {cap: entry / f"{cap}.onnx" for cap in Capability
+                     if (entry / f"{cap}.onnx").exists()}
+            if set(Capability) - set(files) - set(errors):
+                return None  # a graph file went missing: compile again
+            # The rarely used graphs are read at their first use, as a compilation would
+            # assemble them (the guided one, with its flipped kernels inline, was most of
+            # a hit's time); the others now, so that a bad entry is compiled again.
+            graphs = Graphs({cap: _reader(path) for cap, path in files.items()},
+                            deferred=RARELY_USED, check=False)
+        except (OSError, ValueError, CompileError):
             return None
         split = Split(**{**meta["split"], "target_layout": Layout(meta["split"]["target_layout"]),
                          "target_shape": tuple(meta["split"]["target_shape"])})
-        if set(Capability) - set(graphs) - set(errors):
-            return None  # a graph file went missing: compile again
         return CompiledModel(split, graphs, errors)
 
     def _store(self, key: str, compiled: CompiledModel) -> None:

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from service.graph.cache import CompileCache
 from service.models.spec import Layout
@@ -48,3 +49,38 @@ def test_a_load_through_the_disk_cache_hits_the_entry_a_first_load_wrote(
     x = np.random.default_rng(5).normal(size=(2, 3, 256, 256)).astype(np.float32)
     for a, b in zip(second.engine.forward(x), first.engine.forward(x), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_disk_hit_reads_the_rarely_used_graphs_at_their_first_use(tmp_path: Path) -> None:
+    """A hit reads the backbone, head and head VJP at once and the guided and fixations
+    graphs (and the fixations plan) at their first use, giving what the compilation gave;
+    a cached file that went bad is that graph's CompileError then, not a crash."""
+    from service.errors import CompileError
+    from service.graph.build import RARELY_USED, Capability, compile_model
+    from service.graph.weights import offload
+
+    raw = (ZOO / "resnet.onnx").read_bytes()
+    model, _held = offload(raw, ZOO, "resnet.onnx")
+    options = {"layout": Layout.NCHW, "activation": "sigmoid", "target_layer": None,
+               "input_shape": (1, 3, 32, 32)}
+    compiled = CompileCache(tmp_path).compile(raw, model, **options)
+    assert set(RARELY_USED) <= set(compiled.graphs)
+    hit = CompileCache(tmp_path).compile(raw, model, **options)
+    assert hit is not compiled
+    assert hit.graphs.assembled == {Capability.BACKBONE, Capability.HEAD,  # type: ignore[attr-defined]
+                                    Capability.HEAD_VJP}
+    assert set(hit.graphs) == set(compiled.graphs) and hit.errors == compiled.errors
+    for cap in RARELY_USED:
+        assert hit.graphs[cap].SerializeToString() == compiled.graphs[cap].SerializeToString()
+    assert hit.fixations_plan is not None and compiled.fixations_plan is not None
+    assert hit.fixations_plan.needed == compiled.fixations_plan.needed
+    fresh = compile_model(model, **options)
+    assert fresh.graphs[Capability.GUIDED].SerializeToString() == \
+        hit.graphs[Capability.GUIDED].SerializeToString()
+
+    (key,) = [p for p in tmp_path.iterdir()]
+    (key / f"{Capability.GUIDED}.onnx").write_bytes(b"not a graph")
+    broken = CompileCache(tmp_path).compile(raw, model, **options)
+    with pytest.raises(CompileError, match="compile cache's .* cannot be read"):
+        broken.graphs[Capability.GUIDED]
+    assert broken.graphs[Capability.FIXATIONS] is not None
