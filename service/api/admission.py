@@ -220,6 +220,9 @@ class EdgeMiddleware:
             if (message["type"] == "http.disconnect" or not message.get("more_body", False)) \
                     and not exchange.body_done.done():
                 exchange.body_read = message["type"] == "http.request"
+                if not exchange.body_read:
+                    # Gone before the whole body came: the app's 400 reaches nobody.
+                    scope[ABANDONED] = True
                 exchange.body_done.set_result(None)
             return message
 

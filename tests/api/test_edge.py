@@ -149,3 +149,20 @@ def test_requests_whose_clients_left_are_not_computed() -> None:
     assert _counter(text, "medexplain_http_requests_total", code="499",
                     handler="/explain") == abandoned
     assert _counter(text, "medexplain_inference_count_total") == 1  # the ninth alone
+
+
+def test_a_client_gone_before_its_whole_body_counts_as_499(live: Live) -> None:
+    png = small_phantom_png("all-findings.png")
+    before = _counter(live.get("/metrics")[2].decode(), "medexplain_http_requests_total",
+                      code="499", handler="/explain")
+    with live.connect() as s:
+        s.sendall(request_head("POST", "/explain", {"content-type": "image/png",
+                                                    "content-length": str(len(png))})
+                  + png[:len(png) // 2])
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while (after := _counter(live.get("/metrics")[2].decode(),
+                             "medexplain_http_requests_total", code="499",
+                             handler="/explain")) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert after == before + 1
