@@ -621,10 +621,7 @@ class _Specialiser:
             axes, new = found
         if new is None:
             return node
-        name = self.fresh(f"{shape}/any_batch")
-        self.added[name] = self.constants[name] = new
-        for types in self.types:
-            types[name] = _type_of(new)
+        name = self.new_constant(f"{shape}/any_batch", new)
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.input[position] = name
@@ -680,10 +677,7 @@ class _Specialiser:
             return [self.reshape(x, [-1, *base.shape], node.name, node.output[0])]
         rows = self.reshape(x, [-1, per], self.fresh(f"{node.name}/per_image"),
                             self.fresh(f"{data}/per_image"))
-        name = self.fresh(f"{indices}/per_image")
-        self.added[name] = self.constants[name] = base
-        for types in self.types:
-            types[name] = _type_of(base)
+        name = self.new_constant(f"{indices}/per_image", base)
         gather = onnx.NodeProto()
         gather.CopyFrom(node)
         gather.input[:] = [rows.output[0], name]
@@ -693,12 +687,16 @@ class _Specialiser:
 
     def reshape(self, data: str, shape: list[int], name: str, output: str) -> onnx.NodeProto:
         """A Reshape of ``data`` to the constant ``shape``."""
-        target = self.fresh(f"{output}/shape")
-        value = np.array(shape, dtype=np.int64)
-        self.added[target] = self.constants[target] = value
-        for types in self.types:
-            types[target] = _type_of(value)
+        target = self.new_constant(f"{output}/shape", np.array(shape, dtype=np.int64))
         return helper.make_node("Reshape", [data, target], [output], name=name)
+
+    def new_constant(self, hint: str, value: np.ndarray) -> str:
+        """A new initializer holding ``value``, known at every probe; its name."""
+        name = self.fresh(hint)
+        self.added[name] = self.constants[name] = value
+        for types in self.types:
+            types[name] = _type_of(value)
+        return name
 
     def resize(self, node: onnx.NodeProto, data: Sequence[Dims],
                targets: Sequence[np.ndarray]) -> tuple[list[int], np.ndarray] | None:
