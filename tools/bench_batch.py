@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ def measure(folder: Path, threads: int, batches: list[int], rounds: int) -> dict
 
     repository = load_repository(folder.parent, default=None, providers=["CPUExecutionProvider"],
                                  threads=threads, head_batch=256, image_batch=max(batches))
-    model = repository.get(folder.name)
+    model = repository.get(None)  # the folder holds one model
     engine = model.members[0].engine
     options = pipeline.ExplainOptions(methods=("gradcam", "crm"), classes=None,
                                       target=Target.LOGIT, region_threshold=0.5,
@@ -86,22 +85,6 @@ def measure(folder: Path, threads: int, batches: list[int], rounds: int) -> dict
     return out
 
 
-def repository_folder(onnx_file: Path, root: Path) -> Path:
-    """A model folder for a 14-class benchmark file (tools/bench_load.py's model.toml)."""
-    import onnx
-
-    from tools.bench_load import DENSENET_TOML
-
-    dims = onnx.load(onnx_file, load_external_data=False).graph.input[0].type.tensor_type
-    folder = root / "bench" / "bench"
-    folder.mkdir(parents=True)
-    shutil.copy(onnx_file, folder / "model.onnx")
-    labels = ", ".join(f'"finding {i}"' for i in range(14))
-    (folder / "model.toml").write_text(DENSENET_TOML.format(
-        labels=labels, size=dims.shape.dim[2].dim_value).replace("densenet121", "bench"))
-    return folder
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("/tmp/densenet121.onnx"))
@@ -113,8 +96,10 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(measure(args.worker, args.threads[0], args.batch, args.rounds)))
         return
+    from tools.bench_load import repository
+
     with tempfile.TemporaryDirectory() as tmp:
-        folder = repository_folder(args.model, Path(tmp))
+        folder = repository(f"bench={args.model}", Path(tmp)) / "bench"
         print(f"{args.model.name}: {platform.processor() or platform.machine()}, "
               f"{args.rounds} rounds; ms per image, single = the same images one at a time")
         print("| threads | batch | compute single | compute batch | single ÷ batch "

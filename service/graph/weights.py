@@ -98,21 +98,21 @@ def offload(raw: bytes, folder: Path, file: str,
             chosen.append((tensor, (file, *span)))
     files: dict[str, np.ndarray] = {file: np.frombuffer(raw, dtype=np.uint8)}
 
-    def source_bytes(tensor: onnx.TensorProto | None, source: str, offset: int,
-                     length: int) -> np.ndarray:
-        """``length`` bytes of ``source`` from ``offset``; -1: all of the file."""
+    def mapped(source: str) -> np.ndarray:
         if source not in files:
             files[source] = np.memmap(folder / source, dtype=np.uint8, mode="r")
-        data = files[source]
-        if length < 0:
-            return data
+        return files[source]
+
+    def source_bytes(tensor: onnx.TensorProto, source: str, offset: int,
+                     length: int) -> np.ndarray:
+        data = mapped(source)
         if offset + length > data.size:
-            raise ValueError(f"initializer {tensor.name if tensor else ''!r}: its data runs "
-                             f"past the end of {source}")
+            raise ValueError(f"initializer {tensor.name!r}: its data runs past the end of "
+                             f"{source}")
         return data[offset:offset + length]
 
     if key is None:
-        key = content_digest(raw, [source_bytes(None, name, 0, -1) for name in
+        key = content_digest(raw, [mapped(name) for name in
                                    sorted({src for _, (src, _, _) in chosen} - {file})])
     with _registry_lock:
         weights = _registry.get(key)
@@ -140,7 +140,7 @@ def offload(raw: bytes, folder: Path, file: str,
     return skeleton, weights
 
 
-_SourceBytes = Callable[[onnx.TensorProto | None, str, int, int], np.ndarray]
+_SourceBytes = Callable[[onnx.TensorProto, str, int, int], np.ndarray]
 
 
 def content_digest(raw: bytes, external: Sequence[np.ndarray | bytes] = ()) -> str:
