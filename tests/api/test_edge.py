@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api import attacks
 from tests.api.conftest import small_phantom_png
@@ -108,11 +109,9 @@ def test_a_chunked_body_past_the_cap_gets_413_and_the_connection_closes(live: Li
 
 def _counter(text: str, name: str, **labels: str) -> float:
     """The sum of a Prometheus counter's samples whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
 
 
 def test_requests_whose_clients_left_are_not_computed() -> None:
