@@ -3,6 +3,7 @@
     .venv/bin/python tools/make_fixtures.py --bench --bench-out /tmp/densenet121.onnx
     .venv/bin/python tools/bench_methods.py [--model /tmp/densenet121.onnx] [--threads 2]
     .venv/bin/python tools/bench_methods.py --profile DIR   # per-op profile, backbone/guided
+    .venv/bin/python tools/bench_methods.py --provider cuda --check   # on a GPU (tools/gpu_check.sh)
 
 forward = ONNX Runtime on the unmodified model file; backbone = the service's own forward
 pass (``Engine.forward``: the backbone graph, compiled as the service compiles the model,
@@ -13,8 +14,10 @@ guided_backprop / guided_gradcam with a class known up front = the guided graph 
 also the forward pass) (+ Grad-CAM's head VJP + the product); crm = the backbone + H·W
 masked head runs; fixations = the backbone + the all-activations run + the walk (the
 authors' FC rule; fixations_summed: the class-discriminative one). Medians
-over ``--repeat`` interleaved rounds after one warm-up, on this machine's CPU.
-tools/bench_pgc.py runs the same calls beside pytorch-grad-cam's.
+over ``--repeat`` interleaved rounds after one warm-up, on this machine's CPU, or with
+``--provider cuda`` on its GPU through the service's CUDA path (I/O binding, cuDNN's
+search, the engine's warm-up); ``--check`` then also compares every call's maps with the
+same calls on the CPU. tools/bench_pgc.py runs the same calls beside pytorch-grad-cam's.
 """
 
 from __future__ import annotations
@@ -39,19 +42,29 @@ from service.graph.build import compile_model
 from service.methods import METHODS, Row, rows
 from service.models.activation import Activation
 from service.runtime.engine import Engine
-from service.runtime.sessions import make_session
+from service.runtime.sessions import CPU, make_session, requested_providers
 
 
-def our_calls(model: Path, threads: int, image: np.ndarray) -> dict[str, Callable[[], object]]:
-    """The service's calls for one image of ``model`` (and the plain forward), by name.
+def our_calls(model: Path, threads: int, image: np.ndarray, provider: str = "cpu"
+              ) -> dict[str, Callable[[], object]]:
+    """The service's calls for one image of ``model`` (and the plain forward), by name, on
+    ``provider`` ("cpu" or "cuda", as ``MEDEXPLAIN_PROVIDERS`` takes it).
 
     The explained class is the image's top logit; ``*_14`` explain every class at once.
+
+    Raises:
+        SystemExit: CUDA was asked for and the engine fell back to the CPU.
     """
     source = onnx.load(str(model))
     # As the service compiles it: specialised to the input size it is fed (model.toml's).
     compiled = compile_model(source, input_shape=image.shape)
-    engine = Engine(compiled, ["CPUExecutionProvider"], threads)
-    plain = make_session(source, ["CPUExecutionProvider"], threads)
+    providers = requested_providers(provider)
+    engine = Engine(compiled, providers, threads)
+    if engine.device != provider:
+        raise SystemExit(engine.fallback or f"{provider} is not available in this "
+                         f"ONNX Runtime ({', '.join(ort.get_available_providers())})")
+    engine.warm_up(image.shape)
+    plain = make_session(source, providers, threads)
     cls = int(np.argmax(engine.forward(image)[1][0]))
     k = engine.n_classes
     act = Activation.SIGMOID
@@ -75,6 +88,28 @@ def our_calls(model: Path, threads: int, image: np.ndarray) -> dict[str, Callabl
         "fixations": method("fixations", [cls]),
         "fixations_summed": method("fixations_summed", [cls]),
     }
+
+
+def differences(model: Path, threads: int, image: np.ndarray, provider: str
+                ) -> dict[str, float]:
+    """Per call, the largest difference between its maps on ``provider`` and on the CPU,
+    relative to the largest magnitude of the CPU's maps (points: in pixels)."""
+    calls = {p: our_calls(model, threads, image, p) for p in (provider, "cpu")}
+    out: dict[str, float] = {}
+    for name, fn in calls[provider].items():
+        if name in ("forward", "backbone"):
+            got, want = fn()[-1], calls["cpu"][name]()[-1]  # the logits
+            out[name] = float(np.abs(got - want).max() / np.abs(want).max())
+            continue
+        got_maps, want_maps = fn(), calls["cpu"][name]()
+        worst = 0.0
+        for got, want in zip(got_maps, want_maps, strict=True):
+            scale = float(np.abs(want.values).max()) or 1.0
+            worst = max(worst, float(np.abs(got.values - want.values).max()) / scale)
+            if want.points is not None:
+                worst = max(worst, float(np.abs(got.points - want.points).max()))
+        out[name] = worst
+    return out
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
@@ -137,6 +172,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("/tmp/densenet121.onnx"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                    help="where the service's calls and the plain forward run (default cpu)")
+    ap.add_argument("--check", action="store_true",
+                    help="also compare every call's maps with the CPU's (for --provider cuda)")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="instead: ONNX Runtime's per-op profile of the backbone and the "
@@ -151,11 +190,12 @@ def main() -> None:
         profile_graphs(args.model, args.threads, image, args.repeat, args.profile)
         return
     # Interleaved, so a neighbour's load on the CPU hits every measurement alike.
-    times = interleaved(our_calls(args.model, args.threads, image), args.repeat)
+    times = interleaved(our_calls(args.model, args.threads, image, args.provider), args.repeat)
     forward = statistics.median(times["forward"])
-    print(f"{args.model.name}: input {'×'.join(map(str, shape))}; machine: "
-          f"{platform.processor() or platform.machine()}, ONNX Runtime {ort.__version__}, "
-          f"{args.threads} threads, median of {args.repeat}")
+    where = (f"{platform.processor() or platform.machine()}, {args.threads} threads"
+             if args.provider == "cpu" else f"{args.provider} (CPU threads: {args.threads})")
+    print(f"{args.model.name}: input {'×'.join(map(str, shape))}; machine: {where}, ONNX "
+          f"Runtime {ort.__version__}, median of {args.repeat}")
     print(f"  {'call':16s} {'ms':>8s} {'÷ forward':>10s} {'median of per-round ratios':>28s}"
           f" {'÷ backbone, per round':>22s}")
     for name, values in times.items():
@@ -163,6 +203,11 @@ def main() -> None:
         ratio = statistics.median(t / f for t, f in zip(values, times["forward"]))
         own = statistics.median(t / f for t, f in zip(values, times["backbone"]))
         print(f"  {name:16s} {ms:8.1f} {ms / forward:10.2f} {ratio:28.2f} {own:22.2f}")
+    if args.check:
+        print(f"  largest difference from {CPU}, relative to the CPU map's largest value "
+              "(points: pixels):")
+        for name, diff in differences(args.model, args.threads, image, args.provider).items():
+            print(f"  {name:16s} {diff:.2e}")
 
 
 if __name__ == "__main__":

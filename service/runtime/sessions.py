@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import logging
 import threading
+from functools import cache
 
 import onnx
 import onnxruntime as ort
@@ -35,6 +38,29 @@ def _cuda_driver_present() -> bool:
     return True
 
 
+@cache
+def _load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that pip's nvidia-* wheels hold, once.
+
+    ``pip install 'medexplain[cuda]'`` brings them (onnxruntime-gpu's ``cuda`` and
+    ``cudnn`` extras) into site-packages, where the dynamic loader does not look; ONNX
+    Runtime's ``preload_dlls`` loads them from there, or by name from the system's library
+    path (a CUDA image), so the CUDA provider finds them without LD_LIBRARY_PATH. It prints
+    what it cannot load: that goes to the log, not to the server's stdout.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # onnxruntime < 1.21, or the CPU package
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            preload()
+        except (OSError, RuntimeError) as exc:
+            print(exc)
+    if printed.getvalue().strip():
+        log.warning("loading the CUDA libraries: %s", " ".join(printed.getvalue().split()))
+
+
 def requested_providers(preference: str) -> list[str]:
     """Providers to ask for: "cpu", "cuda" or "auto" (CUDA when a GPU driver is present)."""
     available = ort.get_available_providers()
@@ -42,7 +68,10 @@ def requested_providers(preference: str) -> list[str]:
         return [CPU]
     if preference == "cuda" or (preference == "auto" and CUDA in available
                                 and _cuda_driver_present()):
-        return [CUDA, CPU] if CUDA in available else [CPU]
+        if CUDA not in available:
+            return [CPU]
+        _load_cuda_libraries()
+        return [CUDA, CPU]
     return [CPU]
 
 

@@ -7,11 +7,14 @@ compared with plain runs; asking for CUDA where it cannot start must run on CPU 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import logging
 import threading
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 
@@ -20,8 +23,9 @@ from service.errors import UnknownMethod
 from service.graph.build import RARELY_USED, Capability, Graphs
 from service.main import create_app
 from service.models.repository import LoadedModel, load_model
+from service.runtime import sessions
 from service.runtime.engine import Engine
-from service.runtime.sessions import CPU, CUDA, provider_options
+from service.runtime.sessions import CPU, CUDA, provider_options, requested_providers
 from tests.api.conftest import MODELS
 
 
@@ -66,6 +70,26 @@ def test_cuda_requested_runs_where_it_can_and_says_so() -> None:
         assert info["execution_providers"] == [CPU]
         assert info["execution_fallback"] == (
             f"{CUDA} was requested but is not usable here; running on {CPU}")
+
+
+def test_asking_for_cuda_loads_its_libraries_and_logs_what_it_cannot(
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    sessions._load_cuda_libraries.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=sessions.__name__):
+        providers = requested_providers("cuda")
+    assert capsys.readouterr().out == ""  # ONNX Runtime's own prints went to the log
+    if CUDA not in ort.get_available_providers():  # the CPU package: nothing to load
+        assert providers == [CPU] and not caplog.records
+        return
+    assert providers == [CUDA, CPU]
+    from onnxruntime.capi.build_and_package_info import cuda_version
+    runtime = f"libcudart.so.{cuda_version.split('.')[0]}"
+    try:
+        ctypes.CDLL(runtime)  # found by its name if the loading found it anywhere
+    except OSError:
+        assert [r.getMessage() for r in caplog.records if "Failed to load" in r.getMessage()]
+    else:
+        assert not [r for r in caplog.records if runtime in r.getMessage()]
 
 
 def test_a_model_running_where_asked_reports_no_fallback(demo: LoadedModel) -> None:
