@@ -1,33 +1,34 @@
 #!/usr/bin/env bash
-# The GPU measurements of BENCHMARKS.md ("Throughput"), prepared for a lent GPU machine that
-# reaches no package registry and takes at most 64 MiB of files per call.
+# The GPU measurements of BENCHMARKS.md ("Throughput"), for an offline GPU machine: one that
+# reaches no package index and takes files in transfers of at most 64 MiB, each with a
+# copy of this checkout (~15 MB).
 #
 #   bash tools/gpu_check.sh fetch      # here: wheels for that machine's Python into .whl/
-#   bash tools/gpu_check.sh receive    # there: keep the parts this call carried
+#   bash tools/gpu_check.sh receive    # there: keep the wheel parts this transfer brought
 #   bash tools/gpu_check.sh run        # there: install, build the model, measure into $OUT
 #
-# `fetch` prints the calls to make, one per part of onnxruntime-gpu's wheel (255 MB: its
-# CUDA provider alone is 284 MB unpacked and 186 MB compressed, so it travels in parts);
-# the last call carries the small wheels and the last part and runs everything. Parts are
-# kept in $PARTS on that machine, which lasts as long as the machine stays warm: make the
-# calls back to back. What `run` measures: the bench DenseNet-121 (tools/make_fixtures.py
-# --bench, 14 classes) at 224 and 320, every method of tools/bench_methods.py on CUDA
-# through the service's own path (I/O binding, cuDNN's exhaustive search, warm-up), with
-# every call's maps compared with the same calls on the CPU.
+# onnxruntime-gpu's wheel is 255 MB (its CUDA provider alone is 284 MB unpacked and 186 MB
+# compressed), so it travels in parts: `fetch` prints what each transfer takes; the last
+# one brings the small wheels and the last part and runs everything. Parts are kept in
+# $PARTS there, which must survive between the transfers. What `run` measures: the bench
+# DenseNet-121 (tools/make_fixtures.py --bench, 14 classes) at 224 and 320, every method of
+# tools/bench_methods.py on CUDA through the service's own path (I/O binding, cuDNN's
+# exhaustive search, warm-up), with every call's maps compared with the same calls on the
+# CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=.whl
 PARTS=/tmp/medexplain-gpu-parts
-PART_BYTES=$((46 * 1024 * 1024))  # with the ~15 MB tree, under the 64 MiB a call takes
-DEVICE_PYTHON=${DEVICE_PYTHON:-3.12}  # the lent machine's python3 (its image has PyTorch)
+PART_BYTES=$((46 * 1024 * 1024))  # with the ~15 MB checkout, under 64 MiB a transfer
+DEVICE_PYTHON=${DEVICE_PYTHON:-3.12}  # the GPU machine's python3
 PYTHON=${PYTHON:-python3}             # there; a dry run here: PYTHON=.venv/bin/python
-# pip matches a manylinux tag exactly: every glibc the machine's (2.39) covers.
+# pip matches a manylinux tag exactly: every one a glibc 2.39 runs.
 PLATFORMS=(manylinux2014_x86_64 $(for n in $(seq 17 39); do echo "manylinux_2_${n}_x86_64"; done))
 
-# What the service imports that the lent machine's image lacks (it has numpy, onnx,
-# opencv, prometheus-client, protobuf, flatbuffers and torch), pinned to this checkout's
-# environment so both run the same code.
+# What the service imports beyond a PyTorch image's packages (numpy, onnx, opencv,
+# prometheus-client, protobuf, flatbuffers, torch), pinned to this checkout's environment
+# so both run the same code.
 SMALL=(pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle pyjpegls)
 
 pinned() {  # NAME==VERSION as this checkout's .venv has it
@@ -55,11 +56,11 @@ fetch() {
     i=$((i + 1))
   done
   rmdir "$WHEELS/whole"
-  echo "$i parts of $(basename "$wheel"); the device calls, back to back:"
+  echo "$i parts of $(basename "$wheel"); one transfer each, in this order:"
   for ((k = 0; k < i - 1; k++)); do
-    echo "  run(command=\"bash tools/gpu_check.sh receive\", carry=[\"$WHEELS/part$k\"], timeout_s=120)"
+    echo "  $WHEELS/part$k, then there: bash tools/gpu_check.sh receive"
   done
-  echo "  run(command=\"bash tools/gpu_check.sh run\", carry=[\"$WHEELS/small\", \"$WHEELS/part$((i - 1))\"], timeout_s=540)"
+  echo "  $WHEELS/small and $WHEELS/part$((i - 1)), then there: bash tools/gpu_check.sh run"
 }
 
 receive() {
@@ -80,10 +81,10 @@ run() {
   wheel="$PARTS/$(cat "$WHEELS/small/onnxruntime-gpu.name")"
   cat "$PARTS"/part* > "$wheel"
   (cd "$PARTS" && sha256sum -c "$OLDPWD/$WHEELS/small/onnxruntime-gpu.sha256") \
-    || { echo "the wheel's parts do not add up: was a receive call missed?" >&2; exit 3; }
+    || { echo "the wheel's parts do not add up: was a part not received?" >&2; exit 3; }
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" "$wheel" "$WHEELS"/small/*.whl
-  # The image's CUDA 13 and cuDNN 9 are NVIDIA's wheels beside its PyTorch, not on the
+  # Where CUDA 13 and cuDNN 9 are NVIDIA's wheels (beside a PyTorch), they are not on the
   # loader's path: put their folders there (the service's preload looks beside
   # onnxruntime, which is installed elsewhere here).
   local libs
