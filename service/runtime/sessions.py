@@ -12,6 +12,7 @@ from functools import cache
 import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+from threadpoolctl import threadpool_limits
 
 from service.graph import weights
 
@@ -80,18 +81,25 @@ _pool_threads: int | None = None
 
 
 def _ensure_thread_pool(threads: int) -> None:
-    """Create ONNX Runtime's process-wide thread pool once.
+    """Create ONNX Runtime's process-wide thread pool once, and leave it the cores.
 
     One request runs several sessions in turn (backbone, head, VJPs, ...). With a pool per
     session, the idle threads of the session that just ran spin for work on the very cores
     the next one needs: on 2 cores that made an interleaved forward pass ~1.5× slower. One
     shared pool has no such neighbours. Its size is fixed for the process's life, so the
     first caller's ``threads`` wins.
+
+    NumPy's BLAS (OpenBLAS) is such a neighbour too: after each matrix product its threads
+    spin for work for a while, and a forward pass started then ran 1.9× slower (DenseNet-121
+    224 on 2 cores, 44 against 23.5 ms; BENCHMARKS.md, "BLAS threads"). The products here
+    are small (an RGB image's luma, CNN Fixations' blur), so BLAS gets one thread: the
+    caller's.
     """
     global _pool_threads
     with _pool_lock:
         if _pool_threads is None:
             ort.set_global_thread_pool_sizes(max(threads, 0), 1)
+            threadpool_limits(1, user_api="blas")
             _pool_threads = threads
         elif threads != _pool_threads:
             log.warning("ONNX Runtime's thread pool already has %d threads (0 = all cores); "

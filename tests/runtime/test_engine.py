@@ -92,6 +92,13 @@ def test_asking_for_cuda_loads_its_libraries_and_logs_what_it_cannot(
         assert not [r for r in caplog.records if runtime in r.getMessage()]
 
 
+def test_numpy_blas_runs_on_one_thread_beside_onnx_runtime(demo: LoadedModel) -> None:
+    # Its spinning threads made a forward pass after a matrix product 1.9× slower.
+    from threadpoolctl import threadpool_info
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert blas and all(pool["num_threads"] == 1 for pool in blas)
+
+
 def test_a_model_running_where_asked_reports_no_fallback(demo: LoadedModel) -> None:
     assert demo.engine.fallback is None and demo.engine.device == "cpu"
 
