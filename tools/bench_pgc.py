@@ -193,6 +193,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the medians as JSON")
     ap.add_argument("--calls", help=f"comma-separated subset of {','.join(CALLS)} "
                                     "(forward and backbone are always run: the ratios need them)")
+    ap.add_argument("--pause", type=float, default=0.2,
+                    help="seconds of idle before each call (default 0.2): the threads of the "
+                         "process that ran the call before, spinning for more work, otherwise "
+                         "share the cores with this one")
     ap.add_argument("--before", type=Path,
                     help="another checkout of the project (e.g. `git archive REV | tar -x`): "
                          "a third worker runs its service, interleaved with the other two")
@@ -222,6 +226,7 @@ def main() -> None:
                     if not round_ and name.endswith("_14"):
                         continue  # the one-class call warmed the same path up
                     for side, w in workers[turn:] + workers[:turn]:
+                        time.sleep(args.pause)
                         ms = w.call(name)
                         print(f"round {round_} {side} {name}: {ms} ms", file=sys.stderr,
                               flush=True)
