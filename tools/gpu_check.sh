@@ -6,6 +6,7 @@
 #   bash tools/gpu_check.sh fetch      # here: wheels for that machine's Python into .whl/
 #   bash tools/gpu_check.sh receive    # there: keep the wheel parts this transfer brought
 #   bash tools/gpu_check.sh run        # there: install, build the model, measure into $OUT
+#   (split FILE and assemble: the steps of fetch and run that cut and rejoin the wheel)
 #
 # onnxruntime-gpu's wheel is 255 MB (its CUDA provider alone is 284 MB unpacked and 186 MB
 # compressed), so it travels in parts: `fetch` prints what each transfer takes; the last
@@ -18,9 +19,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=.whl
-PARTS=/tmp/medexplain-gpu-parts
-PART_BYTES=$((46 * 1024 * 1024))  # with the ~15 MB checkout, under 64 MiB a transfer
+WHEELS=${WHEELS:-.whl}
+PARTS=${PARTS:-/tmp/medexplain-gpu-parts}
+PART_BYTES=${PART_BYTES:-$((46 * 1024 * 1024))}  # with the ~15 MB checkout, under 64 MiB
 DEVICE_PYTHON=${DEVICE_PYTHON:-3.12}  # the GPU machine's python3
 PYTHON=${PYTHON:-python3}             # there; a dry run here: PYTHON=.venv/bin/python
 # pip matches a manylinux tag exactly: every one a glibc 2.39 runs.
@@ -44,19 +45,24 @@ fetch() {
                   --python-version "$DEVICE_PYTHON" --implementation cp "${platform_args[@]}")
   for name in "${SMALL[@]}"; do "${download[@]}" -d "$WHEELS/small" "$(pinned "$name")"; done
   "${download[@]}" -d "$WHEELS/whole" "$(pinned onnxruntime-gpu)"
-  local wheel
-  wheel=$(ls "$WHEELS"/whole/onnxruntime_gpu-*.whl)
-  basename "$wheel" > "$WHEELS/small/onnxruntime-gpu.name"
-  (cd "$WHEELS/whole" && sha256sum "$(basename "$wheel")") > "$WHEELS/small/onnxruntime-gpu.sha256"
-  split -b "$PART_BYTES" -d -a 2 "$wheel" "$WHEELS/whole/part"
-  rm "$wheel"
-  local parts=("$WHEELS"/whole/part*) i=0
+  split_wheel "$(ls "$WHEELS"/whole/onnxruntime_gpu-*.whl)"
+  rm -r "$WHEELS/whole"
+}
+
+split_wheel() {  # FILE -> $WHEELS/partK/partNN, its name and digest in $WHEELS/small
+  local wheel=$1 name
+  name=$(basename "$wheel")
+  mkdir -p "$WHEELS/small" "$WHEELS/cut"
+  echo "$name" > "$WHEELS/small/onnxruntime-gpu.name"
+  (cd "$(dirname "$wheel")" && sha256sum "$name") > "$WHEELS/small/onnxruntime-gpu.sha256"
+  split -b "$PART_BYTES" -d -a 2 "$wheel" "$WHEELS/cut/part"
+  local parts=("$WHEELS"/cut/part*) i=0
   for part in "${parts[@]}"; do
     mkdir -p "$WHEELS/part$i" && mv "$part" "$WHEELS/part$i/"
     i=$((i + 1))
   done
-  rmdir "$WHEELS/whole"
-  echo "$i parts of $(basename "$wheel"); one transfer each, in this order:"
+  rmdir "$WHEELS/cut"
+  echo "$i parts of $name; one transfer each, in this order:"
   for ((k = 0; k < i - 1; k++)); do
     echo "  $WHEELS/part$k, then there: bash tools/gpu_check.sh receive"
   done
@@ -73,15 +79,21 @@ receive() {
   echo "received $found part(s); $PARTS holds: $(ls "$PARTS" | tr '\n' ' ')"
 }
 
+assemble() {  # the parts in $PARTS -> the wheel, its digest checked; prints its path
+  local wheel sums
+  wheel="$PARTS/$(cat "$WHEELS/small/onnxruntime-gpu.name")"
+  sums=$(realpath "$WHEELS/small/onnxruntime-gpu.sha256")
+  cat "$PARTS"/part* > "$wheel"
+  (cd "$PARTS" && sha256sum --quiet -c "$sums") >&2 \
+    || { echo "the wheel's parts do not add up: was a part not received?" >&2; exit 3; }
+  echo "$wheel"
+}
+
 run() {
   receive
-  local out=${OUT:-/tmp/medexplain-gpu-out} site=/tmp/medexplain-site
+  local out=${OUT:-/tmp/medexplain-gpu-out} site=/tmp/medexplain-site wheel
   mkdir -p "$out"
-  local wheel
-  wheel="$PARTS/$(cat "$WHEELS/small/onnxruntime-gpu.name")"
-  cat "$PARTS"/part* > "$wheel"
-  (cd "$PARTS" && sha256sum -c "$OLDPWD/$WHEELS/small/onnxruntime-gpu.sha256") \
-    || { echo "the wheel's parts do not add up: was a part not received?" >&2; exit 3; }
+  wheel=$(assemble)
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" "$wheel" "$WHEELS"/small/*.whl
   # Where CUDA 13 and cuDNN 9 are NVIDIA's wheels (beside a PyTorch), they are not on the
@@ -108,5 +120,7 @@ case "${1:-}" in
   fetch) fetch ;;
   receive) receive ;;
   run) run ;;
-  *) echo "usage: $0 fetch|receive|run" >&2; exit 2 ;;
+  split) split_wheel "$2" ;;
+  assemble) assemble ;;
+  *) echo "usage: $0 fetch|receive|run (split FILE|assemble)" >&2; exit 2 ;;
 esac
