@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ def measure(folder: Path, threads: int, batches: list[int], rounds: int) -> dict
     from service import imaging, pipeline
     from service.methods import Target
     from service.models.repository import load_repository
+    from tools.bench_methods import interleaved
 
     repository = load_repository(folder.parent, default=None, providers=["CPUExecutionProvider"],
                                  threads=threads, head_batch=256, image_batch=max(batches))
@@ -64,14 +64,8 @@ def measure(folder: Path, threads: int, batches: list[int], rounds: int) -> dict
         calls[f"forward_batch_{b}"] = (lambda b=b: engine.forward(tensors[:b]))
         calls[f"forward_single_{b}"] = (lambda b=b: [engine.forward(tensors[k:k + 1])
                                                      for k in range(b)])
-    for call in calls.values():  # warm-up: every shape's first run allocates
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - start) * 1e3)
+    # After an untimed round: every shape's first run allocates.
+    times = interleaved(calls, rounds)
     medians = {name: statistics.median(v) for name, v in times.items()}
     out: dict[str, object] = {"threads": threads, "onnxruntime": ort.__version__, "rows": []}
     for b in batches:

@@ -90,18 +90,18 @@ def our_calls(model: Path, threads: int, image: np.ndarray, provider: str = "cpu
     }
 
 
-def differences(model: Path, threads: int, image: np.ndarray, provider: str
-                ) -> dict[str, float]:
-    """Per call, the largest difference between its maps on ``provider`` and on the CPU,
-    relative to the largest magnitude of the CPU's maps (points: in pixels)."""
-    calls = {p: our_calls(model, threads, image, p) for p in (provider, "cpu")}
+def differences(calls: dict[str, Callable[[], object]],
+                cpu: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Per call, the largest difference between its maps from ``calls`` and from the same
+    call on the CPU, relative to the largest magnitude of the CPU's maps (points: in
+    pixels)."""
     out: dict[str, float] = {}
-    for name, fn in calls[provider].items():
+    for name, fn in calls.items():
         if name in ("forward", "backbone"):
-            got, want = fn()[-1], calls["cpu"][name]()[-1]  # the logits
+            got, want = fn()[-1], cpu[name]()[-1]  # the logits
             out[name] = float(np.abs(got - want).max() / np.abs(want).max())
             continue
-        got_maps, want_maps = fn(), calls["cpu"][name]()
+        got_maps, want_maps = fn(), cpu[name]()
         worst = 0.0
         for got, want in zip(got_maps, want_maps, strict=True):
             scale = float(np.abs(want.values).max()) or 1.0
@@ -190,7 +190,8 @@ def main() -> None:
         profile_graphs(args.model, args.threads, image, args.repeat, args.profile)
         return
     # Interleaved, so a neighbour's load on the CPU hits every measurement alike.
-    times = interleaved(our_calls(args.model, args.threads, image, args.provider), args.repeat)
+    calls = our_calls(args.model, args.threads, image, args.provider)
+    times = interleaved(calls, args.repeat)
     forward = statistics.median(times["forward"])
     where = (f"{platform.processor() or platform.machine()}, {args.threads} threads"
              if args.provider == "cpu" else f"{args.provider} (CPU threads: {args.threads})")
@@ -206,7 +207,8 @@ def main() -> None:
     if args.check:
         print(f"  largest difference from {CPU}, relative to the CPU map's largest value "
               "(points: pixels):")
-        for name, diff in differences(args.model, args.threads, image, args.provider).items():
+        cpu = our_calls(args.model, args.threads, image, "cpu")
+        for name, diff in differences(calls, cpu).items():
             print(f"  {name:16s} {diff:.2e}")
 
 

@@ -53,11 +53,11 @@ def _load_cuda_libraries() -> None:
     if preload is None:  # onnxruntime < 1.21, or the CPU package
         return
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        try:
+    try:
+        with contextlib.redirect_stdout(printed):
             preload()
-        except (OSError, RuntimeError) as exc:
-            print(exc)
+    except (OSError, RuntimeError) as exc:
+        log.warning("loading the CUDA libraries: %s", exc)
     if printed.getvalue().strip():
         log.warning("loading the CUDA libraries: %s", " ".join(printed.getvalue().split()))
 
@@ -91,7 +91,8 @@ def _ensure_thread_pool(threads: int) -> None:
 
     NumPy's BLAS (OpenBLAS) is such a neighbour too: after each matrix product its threads
     spin for work for a while, and a forward pass started then ran 1.9× slower (DenseNet-121
-    224 on 2 cores, 44 against 23.5 ms; BENCHMARKS.md, "BLAS threads"). The products here
+    224 on 2 cores, 44 against 23.5 ms; BENCHMARKS.md, "NumPy's BLAS threads beside ONNX
+    Runtime"). The products here
     are small (an RGB image's luma, CNN Fixations' blur), so BLAS gets one thread: the
     caller's.
     """
