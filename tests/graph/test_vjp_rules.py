@@ -1080,6 +1080,21 @@ def test_blocked_rectifier_masks_are_exact(guided: bool, high: float | None) -> 
     np.testing.assert_array_equal(grad, expected)
 
 
+def test_gradient_parts_are_summed_by_add_or_sum() -> None:
+    """A tensor read twice gets its two gradient parts added by one Add (ONNX Runtime's CPU
+    Sum runs on one thread, its Add on the whole pool), one read three times by one Sum;
+    the gradient equals finite differences either way, in ORT's float32 too."""
+    case = Case([_node("Mul", ["x", "x"], ["t"]), _node("Add", ["t", "x"], ["u"]),
+                 _node("Mul", ["t", "u"])], {"x": _normal(2, 3)})
+    graph = vjp(case.model(), case.of, list(case.wrt)).graph
+    parts = {n.op_type: len(n.input) for n in graph.node if "/acc" in n.output[0]}
+    assert parts == {"Add": 2, "Sum": 3}  # t's two parts, x's three
+    seed, grads = _gradients(case)
+    np.testing.assert_allclose(grads[0], _fd(case, "x", seed), rtol=1e-6, atol=1e-6)
+    _, fast = _gradients(case, np.float32, engine="ort", seed=seed)
+    np.testing.assert_allclose(fast[0], grads[0], rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_state_their_batch_axis() -> None:
     """Every gradient is declared with its tensor's shape, the batch axis named as in the
     model: shape inference alone loses the name at the rules' Shape-fed Reshapes."""

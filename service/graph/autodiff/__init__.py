@@ -129,7 +129,7 @@ def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], *,
         if not parts:
             return None
         if len(parts) > 1:
-            grads[tensor] = [builder.op("Sum", parts, hint="acc")]
+            grads[tensor] = [builder.add(parts, hint="acc")]
             builder.shaped_like(grads[tensor][0], tensor)
         return grads[tensor][0]
 

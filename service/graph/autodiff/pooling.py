@@ -80,7 +80,7 @@ def max_pool(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool])
                         b.const(np.array(periods, dtype=np.int64))]
                 idx, upd = b.op("Slice", [indices, *args]), b.op("Slice", [gy, *args])
             parts.append(b.op("ScatterElements", [zeros, _flat(b, idx), _flat(b, upd)], axis=2))
-        scattered = parts[0] if len(parts) == 1 else b.op("Sum", parts)
+        scattered = parts[0] if len(parts) == 1 else b.add(parts)
     return [b.reshape_like(scattered, x)]
 
 

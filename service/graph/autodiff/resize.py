@@ -137,7 +137,7 @@ def resize(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -
         for axis, scale in zip(axes, scales_value.tolist()):
             size, out = in_shape[axis], out_shape[axis]
             if not isinstance(out, int):
-                out = int(math.floor(size * scale)) if isinstance(size, int) else None
+                out = math.floor(size * scale) if isinstance(size, int) else None
             plan[axis] = (float(scale), out)
     elif isinstance(sizes_value, np.ndarray):
         policy = str(attr(node, "keep_aspect_ratio_policy", "stretch"))
@@ -150,7 +150,7 @@ def resize(b: VjpBuilder, node: onnx.NodeProto, gys: Grads, needs: list[bool]) -
             common = min(ratios) if policy == "not_larger" else max(ratios)
             ratios = [common] * len(axes)
         for axis, ratio, target, size in zip(axes, ratios, sizes_value.tolist(), sizes):
-            out = int(target) if policy == "stretch" else int(round(ratio * size))  # type: ignore[operator]
+            out = int(target) if policy == "stretch" else round(ratio * size)  # type: ignore[operator]
             plan[axis] = (ratio, out)
     elif isinstance(sizes_value, str) and str(attr(node, "keep_aspect_ratio_policy",
                                                    "stretch")) == "stretch":
