@@ -5,7 +5,11 @@
 Run by tests/scaleout/test_ray.py inside a network namespace that has only loopback
 (``unshare -n``, then ``ip link set lo up``): Ray binds its control plane to the machine's
 interface address, and there the only one is 127.0.0.1. Each node offers one CPU and each
-replica asks for one, so the two replicas can only start on different nodes. It sends
+replica asks for one, so the two replicas can only start on different nodes. With the
+``haproxy`` ingress both replicas run on one node of two CPUs instead: Ray 2.60 numbers
+each node's direct-ingress ports from 30000 on its own, so two nodes on one host give their
+replicas the same port and one of them never answers (on separate hosts, as in a real
+cluster, the ports do not meet). It sends
 ``CONCURRENT`` all at once and ``SEQUENTIAL`` one by one to Serve's HTTP proxy, then
 ``OVERLOAD`` all at once (more than the replicas take and Ray queues, so Ray answers some
 of them itself), and writes, per request, the status, the headers, the body and (for
@@ -100,6 +104,32 @@ def _answer(response: httpx.Response) -> dict[str, Any]:
             "body": response.json() if json_body else response.text}
 
 
+def _wait_for_haproxy_servers(count: int) -> None:
+    """Until HAProxy's stats page shows ``count`` replica servers UP (bounded).
+
+    serve.run returns once the replicas are running, before HAProxy's health checks
+    (Ray's template: two, 250 ms apart) have marked both UP: sent right then, all 16
+    concurrent requests went to one replica.
+    """
+    port = int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"))
+    deadline = time.monotonic() + LOG_WAIT_S
+    up = 0
+    while time.monotonic() < deadline:
+        try:
+            rows = httpx.get(f"http://{HOST}:{port}/stats;csv", timeout=2.0).text.splitlines()
+        except httpx.HTTPError:
+            rows = []
+        fields = rows[0].lstrip("# ").split(",") if rows else []
+        if "svname" in fields and "status" in fields:
+            name, status = fields.index("svname"), fields.index("status")
+            up = sum(1 for row in rows[1:] if (cells := row.split(",")) and len(cells) > status
+                     and cells[name].startswith("SERVE_REPLICA") and cells[status] == "UP")
+            if up >= count:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"HAProxy showed {up} of {count} replicas UP after {LOG_WAIT_S} s")
+
+
 def _answered_by(ray_dir: Path) -> dict[str, str]:
     """request id → replica id, from the replicas' access logs.
 
@@ -138,16 +168,21 @@ def run(ingress: str = "proxy") -> dict[str, Any]:
     haproxy_dir = os.path.join(temp, "hx")
     os.makedirs(haproxy_dir)
     os.environ.update(ray_serve.local_cluster_env(Settings(ray_ingress=ingress), haproxy_dir))
+    one_node = ingress == "haproxy"
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "temp_dir": temp, "_system_config": ray_serve.LOCAL_SYSTEM_CONFIG})
+        "num_cpus": 2 if one_node else 1, "temp_dir": temp,
+        "_system_config": ray_serve.LOCAL_SYSTEM_CONFIG})
     try:
-        cluster.add_node(num_cpus=1)
+        if not one_node:
+            cluster.add_node(num_cpus=1)
         timings["nodes_up_s"] = time.perf_counter() - start
         settings = Settings(**PLAIN_SETTINGS, port=_free_port(),
                             ray_address=cluster.address, ray_replicas=2, ray_num_cpus=1,
                             ray_proxy_location="HeadOnly", ray_access_log=True)
         ray_serve.start(settings)
         serve.run(ray_serve.application(settings), name=ray_serve.APP_NAME)
+        if ingress == "haproxy":
+            _wait_for_haproxy_servers(settings.ray_replicas)
         timings["serving_s"] = time.perf_counter() - start
         nodes = {a.name.rsplit("#", 1)[-1]: a.node_id
                  for a in list_actors(filters=[("state", "=", "ALIVE")])
