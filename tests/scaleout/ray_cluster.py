@@ -6,10 +6,7 @@ Run by tests/scaleout/test_ray.py inside a network namespace that has only loopb
 (``unshare -n``, then ``ip link set lo up``): Ray binds its control plane to the machine's
 interface address, and there the only one is 127.0.0.1. Each node offers one CPU and each
 replica asks for one, so the two replicas can only start on different nodes. With the
-``haproxy`` ingress both replicas run on one node of two CPUs instead: Ray 2.60 numbers
-each node's direct-ingress ports from 30000 on its own, so two nodes on one host give their
-replicas the same port and one of them never answers (on separate hosts, as in a real
-cluster, the ports do not meet). It sends
+``haproxy`` ingress it first waits until HAProxy shows both replicas UP. It sends
 ``CONCURRENT`` all at once and ``SEQUENTIAL`` one by one to Serve's HTTP proxy, then
 ``OVERLOAD`` all at once (more than the replicas take and Ray queues, so Ray answers some
 of them itself), and writes, per request, the status, the headers, the body and (for
@@ -168,13 +165,10 @@ def run(ingress: str = "proxy") -> dict[str, Any]:
     haproxy_dir = os.path.join(temp, "hx")
     os.makedirs(haproxy_dir)
     os.environ.update(ray_serve.local_cluster_env(Settings(ray_ingress=ingress), haproxy_dir))
-    one_node = ingress == "haproxy"
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2 if one_node else 1, "temp_dir": temp,
-        "_system_config": ray_serve.LOCAL_SYSTEM_CONFIG})
+        "num_cpus": 1, "temp_dir": temp, "_system_config": ray_serve.LOCAL_SYSTEM_CONFIG})
     try:
-        if not one_node:
-            cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1)
         timings["nodes_up_s"] = time.perf_counter() - start
         settings = Settings(**PLAIN_SETTINGS, port=_free_port(),
                             ray_address=cluster.address, ray_replicas=2, ray_num_cpus=1,
