@@ -158,7 +158,7 @@ def _compile(args: argparse.Namespace) -> int:
 
     from service.errors import CompileError
     from service.graph import report
-    from service.graph.build import compile_model
+    from service.graph.build import Capability, compile_model
     from service.graph.target import detect_layout
     from service.models.spec import Layout
 
@@ -204,6 +204,8 @@ def _compile(args: argparse.Namespace) -> int:
         print(f"  no guided graph: {compiled.guided_error}")
     if compiled.fixations is None:
         print(f"  no CNN Fixations graph: {compiled.fixations_error}")
+    if Capability.POOLED_HEAD not in compiled.graphs:
+        print(f"  no pooled head graph: {compiled.errors.get(Capability.POOLED_HEAD)}")
     print(f"wrote {len(written)} graphs and report.json to {out}")
     return 0
 

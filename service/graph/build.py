@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from service.errors import CompileError
 from service.graph import autodiff, tokens
 from service.graph import fixations as fixation_plan
 from service.graph.extract import extract
-from service.graph.onnx_graph import GraphIndex, without_weights
+from service.graph.onnx_graph import GraphIndex, attr, without_weights
 from service.graph.specialise import specialise
 from service.graph.target import Split, split
 from service.models.spec import Layout
@@ -33,6 +34,7 @@ class Capability(StrEnum):
     HEAD_VJP = "head_vjp"    # target activations, seed over logits → ∂/∂activations
     GUIDED = "guided"        # image, seed over logits → guided ∂/∂image (+ activations, logits)
     FIXATIONS = "fixations"  # image → logits plus every tensor CNN Fixations reads
+    POOLED_HEAD = "pooled_head"  # spatial means of the target activations (batched) → logits
 
     @property
     def title(self) -> str:
@@ -42,7 +44,8 @@ class Capability(StrEnum):
 
 _TITLES = {Capability.BACKBONE: "backbone graph", Capability.HEAD: "head graph",
            Capability.HEAD_VJP: "head VJP graph", Capability.GUIDED: "guided-backprop graph",
-           Capability.FIXATIONS: "CNN Fixations plan"}
+           Capability.FIXATIONS: "CNN Fixations plan",
+           Capability.POOLED_HEAD: "pooled head graph"}
 
 # The graphs few requests use. Their runs hold every layer's activations (guided backprop
 # keeps each forward output for its backward pass, CNN Fixations exposes them all:
@@ -240,6 +243,47 @@ def _fixations(src: _Source) -> Assembly:
     return lambda: fixation_plan.expose(model, plan)
 
 
+def _pooled_head(src: _Source) -> Assembly:
+    """The head from its first step on, when that step is the mean of the target
+    activations over their spatial axes and nothing else in the head reads them (the
+    GlobalAveragePool → classifier of most CNNs). A masked copy's mean is then the image's
+    mean less the masked position's share, so CRM runs this graph on H·W such means instead
+    of the whole head on H·W copies of the activations (service.methods.crm)."""
+    cut = src.cut
+    if cut.context:
+        raise CompileError("the head reads prefix tokens beside the activations")
+    readers = [n for n in src.head.graph.node if cut.target in n.input]
+    first = readers[0] if len(readers) == 1 else None
+    if first is None or not _spatial_mean(first, src.index, cut.target_layout):
+        what = ", ".join(sorted({n.op_type for n in readers})) or "nothing"
+        raise CompileError(
+            f"the head does not begin with the spatial mean of {cut.target!r} (it reads it "
+            f"with {what}): CRM re-evaluates the whole head on H·W masked copies")
+    pooled = first.output[0]
+    shape = src.index.shape(pooled)
+    if shape is None or not all(isinstance(d, int) for d in shape[1:]) or \
+            math.prod(shape[1:]) != cut.target_shape[0]:  # type: ignore[arg-type]
+        raise CompileError(f"the spatial mean {pooled!r} has no static shape of one value "
+                           "per channel")
+    graph = extract(src.index, [pooled], [cut.logits], name="pooled_head")
+    return lambda: graph
+
+
+def _spatial_mean(node: onnx.NodeProto, index: GraphIndex, layout: Layout) -> bool:
+    """Whether ``node`` averages its 4-D input over exactly the spatial axes."""
+    spatial = {1, 2} if layout is Layout.NHWC else {2, 3}
+    if node.op_type == "GlobalAveragePool":
+        return layout is Layout.NCHW
+    if node.op_type != "ReduceMean":
+        return False
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = index.constant(node.input[1])
+    if axes is None:
+        return False
+    return {int(a) % 4 for a in list(axes)} == spatial  # type: ignore[call-overload]
+
+
 # The optional graphs, each built by one function that raises CompileError when some op has
 # no rule and otherwise returns the graph's assembly (everything that can fail on the
 # model's ops runs in the builder, before it returns). A method needing a new graph adds a
@@ -248,6 +292,7 @@ BUILDERS: dict[Capability, Callable[[_Source], Assembly]] = {
     Capability.HEAD_VJP: _head_vjp,
     Capability.GUIDED: _guided,
     Capability.FIXATIONS: _fixations,
+    Capability.POOLED_HEAD: _pooled_head,
 }
 
 

@@ -47,6 +47,15 @@ class Graphs(Protocol):
         """(R, C, H, W) activations → (R, K) logits; row r is a variant of the batch's image
         ``images[r]`` (a transformer's head also reads that image's prefix tokens)."""
 
+    @property
+    def pooled(self) -> bool:
+        """Whether the head begins with the mean of the activations over their spatial axes
+        (and reads them no other way), so that :meth:`pooled_head` can stand in for it."""
+
+    def pooled_head(self, means: np.ndarray) -> np.ndarray:
+        """(R, C) spatial means of activations → (R, K) logits: the head from that mean on
+        (only where :attr:`pooled`)."""
+
     def head_vjp(self, acts: np.ndarray, seeds: np.ndarray,
                  images: Sequence[int]) -> np.ndarray:
         """Σ_k seed[r, k]·∂logit_k/∂acts[r], (R, C, H, W); ``images`` as for ``head``."""

@@ -18,24 +18,46 @@ def masked_scores(captures: Captures, rows: Sequence[Row]) -> list[tuple[np.ndar
     (l, m) the scores after zeroing A(:, l, m) across all channels and re-evaluating the
     real head. S has shape (K,), S_masked (H, W, K).
 
-    Each image's H·W masked copies run through the head once per batch (the memo keeps
-    the logits for the other CRM rows of the image), in runs of that image's copies only:
+    Each image is evaluated on its own (the memo keeps its logits for the other CRM rows):
     CRM subtracts nearly equal scores, so it would magnify the last-bit differences a
     kernel gives for other batch compositions; this way a batch-mate never changes a map.
     """
     h, w = captures.activations.shape[2:]
     for image in dict.fromkeys(r.image for r in rows):
         if ("crm", image) not in captures.memo:
-            captures.memo["crm", image] = np.concatenate(
-                [captures.graphs.head(copies, [image] * len(copies))
-                 for copies in _masked_copies(captures.activations[image])])
+            captures.memo["crm", image] = (_pooled_logits(captures, image)
+                                           if captures.graphs.pooled else
+                                           _copied_logits(captures, image))
     out = []
     for row in rows:
-        masked = captures.memo["crm", row.image]
-        base = captures.scores(captures.logits[row.image][None], row.target)[0]
-        scores = captures.scores(masked, row.target)  # type: ignore[arg-type]
+        base_logits, masked = captures.memo["crm", row.image]  # type: ignore[misc]
+        base = captures.scores(base_logits, row.target)[0]
+        scores = captures.scores(masked, row.target)
         out.append((base.astype(np.float64), scores.astype(np.float64).reshape(h, w, -1)))
     return out
+
+
+def _pooled_logits(captures: Captures, image: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the image's logits (1, K), the H·W masked copies' (H·W, K)) for a head that begins
+    with the spatial mean of the activations: zeroing A(:, l, m) leaves that mean at
+    (Σ A − A(:, l, m)) / HW, so the head from the mean on runs on H·W + 1 mean vectors (in
+    float64 before the head, the image's own among them) instead of H·W copies of A.
+    Equal to re-evaluating the whole head on each copy, up to float32 rounding (the tests'
+    brute-force references)."""
+    acts = captures.activations[image].astype(np.float64)
+    flat = acts.reshape(acts.shape[0], -1)
+    total = flat.sum(axis=1)
+    means = np.concatenate([total[None], total[None] - flat.T]) / flat.shape[1]
+    logits = captures.graphs.pooled_head(means)
+    return logits[:1], logits[1:]
+
+
+def _copied_logits(captures: Captures, image: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the image's logits from the forward pass (1, K), the head's on each of the H·W
+    masked copies (H·W, K)), the copies in runs of this image's only."""
+    masked = np.concatenate([captures.graphs.head(copies, [image] * len(copies))
+                             for copies in _masked_copies(captures.activations[image])])
+    return captures.logits[image][None], masked
 
 
 def _masked_copies(acts: np.ndarray) -> Iterator[np.ndarray]:
@@ -55,7 +77,8 @@ class Crm(Method):
 
     S_c(l, m) re-evaluates the network's real head with location (l, m) of the target layer
     zeroed across channels (all H·W copies in batched runs), so it is right for any head,
-    not only a linear one.
+    not only a linear one. Where the head begins with a spatial mean of the activations it
+    runs from that mean on, on the copies' means (:func:`masked_scores`).
 
     Kim, Rajaraman, Antani, "Visual Interpretation of Convolutional Neural Network
     Predictions in Classifying Medical Image Modalities", Diagnostics 2019, 9(2):38,

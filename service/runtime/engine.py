@@ -158,6 +158,10 @@ class Engine:
     def has_fixations(self) -> bool:
         return Capability.FIXATIONS in self.compiled.graphs
 
+    @property
+    def has_pooled_head(self) -> bool:
+        return Capability.POOLED_HEAD in self.compiled.graphs
+
     def run(self, cap: Capability, outputs: Sequence[str],
             feeds: Mapping[str, Feed]) -> list[np.ndarray]:
         """One graph run: the only call into ONNX Runtime for inference."""
@@ -269,6 +273,15 @@ class Engine:
             Capability.HEAD, [self.split.logits], self._head_feeds(a, *c)),
             [acts.astype(np.float32, copy=False), *self._context_rows(context)],
             self.max_batch)[0]
+
+    def pooled_head(self, means: np.ndarray) -> np.ndarray:
+        """Spatial means of activations (R, C) → logits (R, K), for a head whose first step
+        is that mean (:attr:`has_pooled_head`)."""
+        graph_input = self._session(Capability.POOLED_HEAD).get_inputs()[0]
+        means = means.astype(np.float32, copy=False).reshape(len(means), *graph_input.shape[1:])
+        return self._rows(Capability.POOLED_HEAD, lambda m: self.run(
+            Capability.POOLED_HEAD, [self.split.logits], {graph_input.name: m}),
+            [means], self.max_batch)[0]
 
     def head_vjp(self, acts: np.ndarray, seed: np.ndarray,
                  context: np.ndarray | None = None) -> np.ndarray:
@@ -382,6 +395,13 @@ class BatchGraphs:
 
     def head(self, acts: np.ndarray, images: Sequence[int]) -> np.ndarray:
         return self.engine.head(acts, self._context(images))
+
+    @property
+    def pooled(self) -> bool:
+        return self.engine.has_pooled_head
+
+    def pooled_head(self, means: np.ndarray) -> np.ndarray:
+        return self.engine.pooled_head(means)
 
     def head_vjp(self, acts: np.ndarray, seeds: np.ndarray,
                  images: Sequence[int]) -> np.ndarray:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from service.errors import CompileError
 from service.graph import autodiff
@@ -20,6 +21,7 @@ from service.graph.build import (
     compile_model,
 )
 from service.models.spec import Layout
+from service.runtime.sessions import make_session
 from tests import handmade
 from tests.handmade import TARGET
 
@@ -112,3 +114,59 @@ def test_an_eager_graph_the_checker_rejects_fails_the_compilation() -> None:
     with pytest.raises(CompileError, match="^the generated head graph is invalid: .*nowhere"):
         Graphs({Capability.BACKBONE: lambda: compiled.backbone,
                 Capability.HEAD: lambda: broken}, deferred=RARELY_USED)
+
+
+@pytest.mark.parametrize(("name", "opset"), [("linear", 17), ("mlp", 17), ("nhwc", 17),
+                                             ("bn_softmax", 17), ("bn_softmax", 18)])
+def test_pooled_head_starts_at_the_heads_spatial_mean(name: str, opset: int) -> None:
+    """GlobalAveragePool (NCHW) and ReduceMean over the spatial axes (NHWC, keepdims 0) start
+    a pooled head, which maps the mean to the head's logits; a head that reads the
+    activations through anything else (BatchNormalization first) has none, and says why."""
+    h = handmade.build(name, opset=opset)
+    compiled = compile_model(h.model, layout=Layout(h.layout), target_layer=TARGET)
+    if name == "bn_softmax":
+        assert Capability.POOLED_HEAD not in compiled.graphs
+        assert "BatchNormalization" in compiled.errors[Capability.POOLED_HEAD]
+        return
+    graph = compiled.graphs[Capability.POOLED_HEAD]
+    assert [i.name for i in graph.graph.input] == ["gap"]
+    acts = np.random.default_rng(5).normal(size=(4, handmade.C, handmade.H, handmade.W))
+    means = acts.mean(axis=(2, 3)).reshape(4, *[d.dim_value for d in
+                                                graph.graph.input[0].type.tensor_type.shape.dim[1:]])
+    session = make_session(graph, ["CPUExecutionProvider"], 1)
+    (logits,) = session.run([compiled.split.logits], {"gap": means.astype(np.float32)})
+    np.testing.assert_allclose(logits, h.numpy_head(acts), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("op", "attrs", "pooled"), [
+    ("GlobalAveragePool", {}, True),
+    ("ReduceMean", {"axes": [2, 3], "keepdims": 1}, True),
+    ("ReduceMean", {"axes": [-1, -2], "keepdims": 0}, True),
+    ("ReduceMean", {"axes": [1, 2, 3], "keepdims": 0}, False),
+    ("ReduceMean", {"axes": [3], "keepdims": 1}, False),
+    ("ReduceMax", {"axes": [2, 3], "keepdims": 0}, False),
+    ("GlobalMaxPool", {}, False),
+])
+def test_only_a_mean_over_exactly_the_spatial_axes_starts_a_pooled_head(
+        op: str, attrs: dict[str, object], pooled: bool) -> None:
+    """image → Conv → Relu (target) → ``op`` → Flatten → ReduceSum: the pooled head exists
+    for a mean over H and W only."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["conv"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["conv"], [TARGET]),
+         helper.make_node(op, [TARGET], ["pool"], **attrs),
+         helper.make_node("Flatten", ["pool"], ["flat"]),
+         helper.make_node("ReduceSum", ["flat", "one"], ["scores"], keepdims=1)],
+        "g", [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", 2, 5, 4])],
+        [helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.normal(size=(6, 2, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([1], dtype=np.int64), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    compiled = compile_model(model, layout=Layout.NCHW, target_layer=TARGET,
+                             input_shape=(1, 2, 5, 4))
+    assert (Capability.POOLED_HEAD in compiled.graphs) is pooled
+    if not pooled:
+        error = compiled.errors[Capability.POOLED_HEAD]
+        assert "spatial mean" in error and f"with {op}" in error
