@@ -72,8 +72,9 @@ SERVE_ENV: dict[str, str] = {
 # ray_ingress = "haproxy": Ray 2.60's HAProxy ingress (Ray's KubeRay guide "Enable High
 # Throughput on Ray Serve"), with direct ingress: HAProxy listens on host:port and
 # balances over the replicas, each serving HTTP on a port of its own (30000-31000); Serve's
-# proxy actors are not started. HAProxy's Prometheus exporter (port 9101) is switched off;
-# its stats page (port 8404, all interfaces) cannot be.
+# proxy actors are not started. Ray's reading of HAProxy's per-request log (its
+# serve_haproxy_* metrics) is switched off. HAProxy's stats page (port 8404) and Prometheus
+# exporter (port 9101) cannot be: Ray's template binds both on every interface.
 HAPROXY_ENV: dict[str, str] = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
