@@ -35,6 +35,7 @@ class Capability(StrEnum):
     GUIDED = "guided"        # image, seed over logits → guided ∂/∂image (+ activations, logits)
     FIXATIONS = "fixations"  # image → logits plus every tensor CNN Fixations reads
     POOLED_HEAD = "pooled_head"  # spatial means of the target activations (batched) → logits
+    POOLED_HEAD_VJP = "pooled_head_vjp"  # those means, seed over logits → ∂/∂means
 
     @property
     def title(self) -> str:
@@ -45,7 +46,8 @@ class Capability(StrEnum):
 _TITLES = {Capability.BACKBONE: "backbone graph", Capability.HEAD: "head graph",
            Capability.HEAD_VJP: "head VJP graph", Capability.GUIDED: "guided-backprop graph",
            Capability.FIXATIONS: "CNN Fixations plan",
-           Capability.POOLED_HEAD: "pooled head graph"}
+           Capability.POOLED_HEAD: "pooled head graph",
+           Capability.POOLED_HEAD_VJP: "pooled head VJP graph"}
 
 # The graphs few requests use. Their runs hold every layer's activations (guided backprop
 # keeps each forward output for its backward pass, CNN Fixations exposes them all:
@@ -218,6 +220,8 @@ class _Source:
     backbone: onnx.ModelProto
     head: onnx.ModelProto
     fixations_plan: fixation_plan.FixationPlan | None = None
+    pooled_head: onnx.ModelProto | None = None
+    pooled: str | None = None  # the tensor the pooled head starts from
 
 
 def _head_vjp(src: _Source) -> Assembly:
@@ -265,8 +269,18 @@ def _pooled_head(src: _Source) -> Assembly:
             math.prod(shape[1:]) != cut.target_shape[0]:  # type: ignore[arg-type]
         raise CompileError(f"the spatial mean {pooled!r} has no static shape of one value "
                            "per channel")
-    graph = extract(src.index, [pooled], [cut.logits], name="pooled_head")
+    graph = src.pooled_head = extract(src.index, [pooled], [cut.logits], name="pooled_head")
+    src.pooled = pooled
     return lambda: graph
+
+
+def _pooled_head_vjp(src: _Source) -> Assembly:
+    """The pooled head's VJP: with the head reading the activations only through their
+    spatial mean, ∂S/∂A_k(i, j) is ∂S/∂mean_k / HW at every (i, j), so Grad-CAM's weights
+    come from this graph on R mean vectors instead of the head's VJP on R copies of A."""
+    if src.pooled_head is None or src.pooled is None:
+        raise CompileError("no pooled head")
+    return autodiff.differentiate(src.pooled_head, src.cut.logits, [src.pooled]).model
 
 
 def _spatial_mean(node: onnx.NodeProto, index: GraphIndex, layout: Layout) -> bool:
@@ -293,6 +307,7 @@ BUILDERS: dict[Capability, Callable[[_Source], Assembly]] = {
     Capability.GUIDED: _guided,
     Capability.FIXATIONS: _fixations,
     Capability.POOLED_HEAD: _pooled_head,
+    Capability.POOLED_HEAD_VJP: _pooled_head_vjp,  # after POOLED_HEAD, which it differentiates
 }
 
 

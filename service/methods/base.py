@@ -56,6 +56,13 @@ class Graphs(Protocol):
         """(R, C) spatial means of activations → (R, K) logits: the head from that mean on
         (only where :attr:`pooled`)."""
 
+    @property
+    def pooled_vjp(self) -> bool:
+        """Whether :meth:`pooled_head_vjp` can run (a pooled head the rules differentiate)."""
+
+    def pooled_head_vjp(self, means: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """Σ_k seed[r, k]·∂logit_k/∂means[r], (R, C) (only where :attr:`pooled_vjp`)."""
+
     def head_vjp(self, acts: np.ndarray, seeds: np.ndarray,
                  images: Sequence[int]) -> np.ndarray:
         """Σ_k seed[r, k]·∂logit_k/∂acts[r], (R, C, H, W); ``images`` as for ``head``."""

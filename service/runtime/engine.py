@@ -162,6 +162,10 @@ class Engine:
     def has_pooled_head(self) -> bool:
         return Capability.POOLED_HEAD in self.compiled.graphs
 
+    @property
+    def has_pooled_head_vjp(self) -> bool:
+        return Capability.POOLED_HEAD_VJP in self.compiled.graphs
+
     def run(self, cap: Capability, outputs: Sequence[str],
             feeds: Mapping[str, Feed]) -> list[np.ndarray]:
         """One graph run: the only call into ONNX Runtime for inference."""
@@ -274,14 +278,27 @@ class Engine:
             [acts.astype(np.float32, copy=False), *self._context_rows(context)],
             self.max_batch)[0]
 
+    def _pooled_feed(self, cap: Capability, means: np.ndarray) -> tuple[str, np.ndarray]:
+        """The pooled graphs' input: its name, and (R, C) means in its shape."""
+        graph_input = next(i for i in self._session(cap).get_inputs() if i.name != SEED)
+        return graph_input.name, means.astype(np.float32, copy=False).reshape(
+            len(means), *graph_input.shape[1:])
+
     def pooled_head(self, means: np.ndarray) -> np.ndarray:
         """Spatial means of activations (R, C) → logits (R, K), for a head whose first step
         is that mean (:attr:`has_pooled_head`)."""
-        graph_input = self._session(Capability.POOLED_HEAD).get_inputs()[0]
-        means = means.astype(np.float32, copy=False).reshape(len(means), *graph_input.shape[1:])
+        name, means = self._pooled_feed(Capability.POOLED_HEAD, means)
         return self._rows(Capability.POOLED_HEAD, lambda m: self.run(
-            Capability.POOLED_HEAD, [self.split.logits], {graph_input.name: m}),
-            [means], self.max_batch)[0]
+            Capability.POOLED_HEAD, [self.split.logits], {name: m}), [means], self.max_batch)[0]
+
+    def pooled_head_vjp(self, means: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        """Σ_k seed[r, k] · ∂logit_k/∂means[r] for spatial means (R, C): (R, C)
+        (:attr:`has_pooled_head_vjp`)."""
+        name, means = self._pooled_feed(Capability.POOLED_HEAD_VJP, means)
+        out = self._rows(Capability.POOLED_HEAD_VJP, lambda m, s: self.run(
+            Capability.POOLED_HEAD_VJP, [grad_name(name)], {name: m, SEED: s}),
+            [means, seed.astype(np.float32, copy=False)], self.max_batch)[0]
+        return out.reshape(len(out), -1)
 
     def head_vjp(self, acts: np.ndarray, seed: np.ndarray,
                  context: np.ndarray | None = None) -> np.ndarray:
@@ -402,6 +419,13 @@ class BatchGraphs:
 
     def pooled_head(self, means: np.ndarray) -> np.ndarray:
         return self.engine.pooled_head(means)
+
+    @property
+    def pooled_vjp(self) -> bool:
+        return self.engine.has_pooled_head_vjp
+
+    def pooled_head_vjp(self, means: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        return self.engine.pooled_head_vjp(means, seeds)
 
     def head_vjp(self, acts: np.ndarray, seeds: np.ndarray,
                  images: Sequence[int]) -> np.ndarray:

@@ -52,9 +52,10 @@ def test_a_load_through_the_disk_cache_hits_the_entry_a_first_load_wrote(
 
 
 def test_a_disk_hit_reads_the_rarely_used_graphs_at_their_first_use(tmp_path: Path) -> None:
-    """A hit reads the backbone, head, head VJP and pooled head at once and the guided and
-    fixations graphs (and the fixations plan) at their first use, giving what the compilation gave;
-    a cached file that went bad is that graph's CompileError then, not a crash."""
+    """A hit reads the backbone, head, head VJP and pooled head (and its VJP) at once and the
+    guided and fixations graphs (and the fixations plan) at their first use, giving what the
+    compilation gave; a cached file that went bad is that graph's CompileError then, not a
+    crash."""
     from service.errors import CompileError
     from service.graph.build import RARELY_USED, Capability, compile_model
     from service.graph.weights import offload
@@ -68,7 +69,8 @@ def test_a_disk_hit_reads_the_rarely_used_graphs_at_their_first_use(tmp_path: Pa
     hit = CompileCache(tmp_path).compile(raw, model, **options)
     assert hit is not compiled
     assert hit.graphs.assembled == {Capability.BACKBONE, Capability.HEAD,  # type: ignore[attr-defined]
-                                    Capability.HEAD_VJP, Capability.POOLED_HEAD}
+                                    Capability.HEAD_VJP, Capability.POOLED_HEAD,
+                                    Capability.POOLED_HEAD_VJP}
     assert set(hit.graphs) == set(compiled.graphs) and hit.errors == compiled.errors
     for cap in RARELY_USED:
         assert hit.graphs[cap].SerializeToString() == compiled.graphs[cap].SerializeToString()

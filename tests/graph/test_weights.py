@@ -211,10 +211,12 @@ def test_every_engine_session_computes_with_the_shared_memory() -> None:
     compiled = compile_model(skeleton, layout=Layout.NCHW, input_shape=shape)
     engine = Engine(compiled, ["CPUExecutionProvider"], 1, lazy=())
     # VGG's head flattens the activations: no spatial mean to start a pooled head from.
-    assert engine.available == set(Capability) - {Capability.POOLED_HEAD}
+    pooled = {Capability.POOLED_HEAD, Capability.POOLED_HEAD_VJP}
+    assert engine.available == set(Capability) - pooled
     assert "spatial mean" in compiled.errors[Capability.POOLED_HEAD]
+    assert compiled.errors[Capability.POOLED_HEAD_VJP] == "no pooled head"
     sessions = engine._sessions.values()
-    assert len(sessions) == len(Capability) - 1
+    assert len(sessions) == len(Capability) - len(pooled)
     assert all(s.shared_weights is held for s in sessions)
     x = np.random.default_rng(3).normal(size=(2, *shape[1:])).astype(np.float32)
     acts, logits = engine.forward(x)

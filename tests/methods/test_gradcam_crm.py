@@ -125,26 +125,35 @@ def test_crm_of_a_nonlinear_head_is_not_the_seed_shortcut(rng: np.random.Generat
 
 
 @pytest.mark.parametrize("zoo", ["resnet", "densenet", "nhwc"])
-def test_crm_from_the_pooled_head_equals_crm_on_masked_copies(zoo: str) -> None:
-    """A real export's head from its spatial mean on, run on the copies' means, gives the
-    maps the whole head gives on the H·W masked copies (compiled without the pooled head)."""
+def test_the_pooled_head_gives_the_maps_of_the_whole_head(zoo: str) -> None:
+    """A real export's head from its spatial mean on gives the CRM maps the whole head gives
+    on the H·W masked copies, and its VJP the Grad-CAM maps of the head's VJP on the
+    activations (both compared with a compilation left without the pooled graphs)."""
     manifest = json.loads((ZOO / "manifest.json").read_text())[zoo]
     shape = (1, *manifest["input_shape"])
     layout = Layout(manifest.get("layout", "NCHW"))
     compiled = compile_model(onnx.load(ZOO / f"{zoo}.onnx"), layout=layout, input_shape=shape)
-    assert Capability.POOLED_HEAD in compiled.graphs
-    copies = CompiledModel(compiled.split, {k: v for k, v in compiled.graphs.items()
-                                            if k is not Capability.POOLED_HEAD})
+    pooled_caps = {Capability.POOLED_HEAD, Capability.POOLED_HEAD_VJP}
+    assert pooled_caps <= set(compiled.graphs)
+    whole = CompiledModel(compiled.split, {k: v for k, v in compiled.graphs.items()
+                                           if k not in pooled_caps})
     image = np.random.default_rng(11).normal(size=shape).astype(np.float32)
     maps = {}
-    for name, model in (("pooled", compiled), ("copies", copies)):
+    for name, model in (("pooled", compiled), ("whole", whole)):
         engine = Engine(model, ["CPUExecutionProvider"], 1)
         cap = engine.capture(image, Activation("sigmoid"))
-        assert cap.graphs.pooled is (name == "pooled")
-        k = cap.logits.shape[1]
-        maps[name] = [m.values for m in METHODS["crm"].compute(cap, rows(list(range(k))))] + \
-            [METHODS["crm_combined"].compute(cap, rows([None]))[0].values]
-    for pooled, copied in zip(maps["pooled"], maps["copies"], strict=True):
-        assert copied.max() > 0
-        # Both are float32 heads on nearly equal scores: 1e-6 to 5e-5 of the map's peak here.
-        np.testing.assert_allclose(pooled, copied, rtol=0, atol=2e-4 * copied.max())
+        assert cap.graphs.pooled is cap.graphs.pooled_vjp is (name == "pooled")
+        every = rows(list(range(cap.logits.shape[1])))
+        maps[name] = {"crm": [m.values for m in METHODS["crm"].compute(cap, every)],
+                      "crm_combined": [METHODS["crm_combined"].compute(cap, rows([None]))[0]
+                                       .values],
+                      "gradcam": [m.values for m in METHODS["gradcam"].compute(cap, every)]}
+    for method, pooled_maps in maps["pooled"].items():
+        for pooled, reference in zip(pooled_maps, maps["whole"][method], strict=True):
+            if method == "gradcam":  # equal here, or up to 2e-7 of the peak
+                np.testing.assert_allclose(pooled, reference, rtol=0,
+                                           atol=1e-6 * reference.max())
+                continue
+            assert reference.max() > 0
+            # Both are float32 heads on nearly equal scores: 1e-6 to 5e-5 of the peak here.
+            np.testing.assert_allclose(pooled, reference, rtol=0, atol=2e-4 * reference.max())
