@@ -20,17 +20,22 @@ def gradcam_maps(captures: Captures, rows: Sequence[Row]) -> list[np.ndarray]:
     todo = captures.missing("gradcam", rows)
     if todo:
         images = [r.image for r in todo]
-        acts = captures.activations[images]
+        _, _, h, w = captures.activations.shape
         if captures.graphs.pooled_vjp:
-            means = acts.mean(axis=(2, 3), dtype=np.float64)
+            means = captures.activations.mean(axis=(2, 3), dtype=np.float64)[images]
             grads = captures.graphs.pooled_head_vjp(means, captures.seeds(todo))
-            weights = grads.astype(np.float64) / (acts.shape[2] * acts.shape[3])
+            weights = grads.astype(np.float64) / (h * w)
         else:
-            grads = captures.graphs.head_vjp(acts, captures.seeds(todo), images)
+            grads = captures.graphs.head_vjp(captures.activations[images],
+                                             captures.seeds(todo), images)
             weights = grads.mean(axis=(2, 3), dtype=np.float64)
-        maps = np.maximum(np.einsum("rc,rchw->rhw", weights, acts.astype(np.float64)), 0.0)
-        for row, values in zip(todo, maps):
-            captures.memo["gradcam", row] = values.astype(np.float32)
+        # Σ_k α_k A_k per image, one product for all of its rows.
+        for image in dict.fromkeys(images):
+            mine = [k for k, i in enumerate(images) if i == image]
+            acts = captures.activations[image].astype(np.float64).reshape(-1, h * w)
+            maps = np.maximum(weights[mine] @ acts, 0.0).reshape(len(mine), h, w)
+            for k, values in zip(mine, maps):
+                captures.memo["gradcam", todo[k]] = values.astype(np.float32)
     return [captures.memo["gradcam", r] for r in rows]  # type: ignore[misc]
 
 
