@@ -158,14 +158,6 @@ class Engine:
     def has_fixations(self) -> bool:
         return Capability.FIXATIONS in self.compiled.graphs
 
-    @property
-    def has_pooled_head(self) -> bool:
-        return Capability.POOLED_HEAD in self.compiled.graphs
-
-    @property
-    def has_pooled_head_vjp(self) -> bool:
-        return Capability.POOLED_HEAD_VJP in self.compiled.graphs
-
     def run(self, cap: Capability, outputs: Sequence[str],
             feeds: Mapping[str, Feed]) -> list[np.ndarray]:
         """One graph run: the only call into ONNX Runtime for inference."""
@@ -286,14 +278,14 @@ class Engine:
 
     def pooled_head(self, means: np.ndarray) -> np.ndarray:
         """Spatial means of activations (R, C) → logits (R, K), for a head whose first step
-        is that mean (:attr:`has_pooled_head`)."""
+        is that mean (a POOLED_HEAD graph in :attr:`available`)."""
         name, means = self._pooled_feed(Capability.POOLED_HEAD, means)
         return self._rows(Capability.POOLED_HEAD, lambda m: self.run(
             Capability.POOLED_HEAD, [self.split.logits], {name: m}), [means], self.max_batch)[0]
 
     def pooled_head_vjp(self, means: np.ndarray, seed: np.ndarray) -> np.ndarray:
         """Σ_k seed[r, k] · ∂logit_k/∂means[r] for spatial means (R, C): (R, C)
-        (:attr:`has_pooled_head_vjp`)."""
+        (a POOLED_HEAD_VJP graph in :attr:`available`)."""
         name, means = self._pooled_feed(Capability.POOLED_HEAD_VJP, means)
         out = self._rows(Capability.POOLED_HEAD_VJP, lambda m, s: self.run(
             Capability.POOLED_HEAD_VJP, [grad_name(name)], {name: m, SEED: s}),
@@ -415,14 +407,14 @@ class BatchGraphs:
 
     @property
     def pooled(self) -> bool:
-        return self.engine.has_pooled_head
+        return Capability.POOLED_HEAD in self.engine.available
 
     def pooled_head(self, means: np.ndarray) -> np.ndarray:
         return self.engine.pooled_head(means)
 
     @property
     def pooled_vjp(self) -> bool:
-        return self.engine.has_pooled_head_vjp
+        return Capability.POOLED_HEAD_VJP in self.engine.available
 
     def pooled_head_vjp(self, means: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         return self.engine.pooled_head_vjp(means, seeds)
