@@ -147,22 +147,29 @@ def test_pooled_head_starts_at_the_heads_spatial_mean(name: str, opset: int) -> 
     ("ReduceMax", {"axes": [2, 3], "keepdims": 0}, False),
     ("GlobalMaxPool", {}, False),
 ])
+@pytest.mark.parametrize("opset", [17, 18])
 def test_only_a_mean_over_exactly_the_spatial_axes_starts_a_pooled_head(
-        op: str, attrs: dict[str, object], pooled: bool) -> None:
+        op: str, attrs: dict[str, object], pooled: bool, opset: int) -> None:
     """image → Conv → Relu (target) → ``op`` → Flatten → ReduceSum: the pooled head exists
-    for a mean over H and W only."""
+    for a mean over H and W only, its axes an attribute (opset 17) or an input (18)."""
     rng = np.random.default_rng(0)
+    attrs = dict(attrs)
+    inputs = [TARGET]
+    if opset >= 18 and "axes" in attrs:
+        inputs.append("axes")
+    axes = np.array(attrs.pop("axes") if len(inputs) > 1 else [0], dtype=np.int64)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["image", "w"], ["conv"], pads=[1, 1, 1, 1]),
          helper.make_node("Relu", ["conv"], [TARGET]),
-         helper.make_node(op, [TARGET], ["pool"], **attrs),
+         helper.make_node(op, inputs, ["pool"], **attrs),
          helper.make_node("Flatten", ["pool"], ["flat"]),
          helper.make_node("ReduceSum", ["flat", "one"], ["scores"], keepdims=1)],
         "g", [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", 2, 5, 4])],
         [helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, None)],
         [numpy_helper.from_array(rng.normal(size=(6, 2, 3, 3)).astype(np.float32), "w"),
-         numpy_helper.from_array(np.array([1], dtype=np.int64), "one")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+         numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+         numpy_helper.from_array(axes, "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 9
     compiled = compile_model(model, layout=Layout.NCHW, target_layer=TARGET,
                              input_shape=(1, 2, 5, 4))
