@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, Association, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -62,6 +62,14 @@ def status_of(answer: Answer) -> int:
     return PROCESSING_FAILURE
 
 
+# How long stop() waits for connections still awaiting their A-ASSOCIATE-RQ to close.
+_CLOSE_WAIT_S = 1.0
+
+
+def _awaiting_request(assoc: Association) -> bool:
+    return assoc.is_alive() and assoc.dul.state_machine.current_state == "Sta2"
+
+
 class StoreServer:
     """A pynetdicom AE listening on ``host:dicom_port`` as ``dicom_ae_title``."""
 
@@ -91,8 +99,25 @@ class StoreServer:
             evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
 
     def stop(self) -> None:
+        """Stop listening, then end every connection.
+
+        pynetdicom's shutdown sends each association an A-ABORT, which is no event of a
+        connection still waiting for its A-ASSOCIATE-RQ (state Sta2: a port check, a peer
+        that connected and said nothing): its thread raised InvalidEventError and left the
+        socket open. Such a connection gets its request timer (ARTIM) expired instead, the
+        state machine's own way out of Sta2 (it closes the transport), before the rest are
+        aborted.
+        """
+        if self._server is not None:
+            self._server.shutdown()  # no new connections from here on
+            self._server = None
+        waiting = [a for a in self._ae.active_associations if _awaiting_request(a)]
+        for assoc in waiting:
+            assoc.dul.artim_timer.timeout = 0
+        deadline = time.monotonic() + _CLOSE_WAIT_S
+        while any(_awaiting_request(a) for a in waiting) and time.monotonic() < deadline:
+            time.sleep(0.01)
         self._ae.shutdown()
-        self._server = None
 
     @property
     def port(self) -> int:

@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -60,6 +61,22 @@ def test_the_scp_listens_only_while_the_app_runs() -> None:
             pass
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_a_peer_that_connected_and_said_nothing_does_not_break_the_shutdown() -> None:
+    """A connection still waiting for its A-ASSOCIATE-RQ when the app stops (a port check,
+    a silent peer): the SCP closes it, with no A-ABORT (no event of that state; pynetdicom's
+    thread raised InvalidEventError, which the suite's warnings-as-errors turn into a
+    failure), and stops within a second."""
+    port = free_port()
+    with socket.socket() as silent:
+        with TestClient(create_app(Settings(models=MODELS, threads=1, dicom_port=port))):
+            silent.settimeout(5)
+            silent.connect(("127.0.0.1", port))
+            time.sleep(0.3)  # the SCP has accepted it and waits for an A-ASSOCIATE-RQ
+            started = time.monotonic()
+        assert time.monotonic() - started < 1.0
+        assert silent.recv(1) == b""  # closed by the SCP, nothing sent
 
 
 def test_a_taken_port_stops_the_start_up() -> None:
