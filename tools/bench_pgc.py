@@ -12,10 +12,11 @@ random image; the explained class is its top logit. Each round sends every call 
 worker, one at a time (the order of the calls and of the workers rotated every round), so
 the processes never compete for the cores and slow drifts of the machine hit all alike;
 each worker times its own call, after ``--pause`` seconds of idle (the previous call's
-threads, spinning for more work, would otherwise share the cores with it). ``--before`` adds a third worker, the ONNX Runtime worker of
-another checkout (its own tools/ and service/), for before/after numbers from one run;
-``--calls`` runs a subset (more rounds in the same time). After one warm-up round (without the 14-class call):
-medians per call; ratios are medians of the per-round ratios.
+threads, spinning for more work, would otherwise share the cores with it). ``--before``
+adds a third worker, the ONNX Runtime worker of another checkout (its own tools/ and
+service/), for before/after numbers from one run; ``--calls`` runs a subset (more rounds in
+the same time). After one warm-up round (without the 14-class call): medians per call;
+ratios are medians of the per-round ratios.
 
 pytorch-grad-cam's calls (grad-cam 1.5.7): forward = ``model(x)`` without gradients;
 gradcam = ``GradCAM(model, [target layer])(x, [ClassifierOutputTarget(c)])``, the target

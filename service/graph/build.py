@@ -220,8 +220,7 @@ class _Source:
     backbone: onnx.ModelProto
     head: onnx.ModelProto
     fixations_plan: fixation_plan.FixationPlan | None = None
-    pooled_head: onnx.ModelProto | None = None
-    pooled: str | None = None  # the tensor the pooled head starts from
+    pooled_head: onnx.ModelProto | None = None  # its one input is the spatial mean
 
 
 def _head_vjp(src: _Source) -> Assembly:
@@ -270,7 +269,6 @@ def _pooled_head(src: _Source) -> Assembly:
         raise CompileError(f"the spatial mean {pooled!r} has no static shape of one value "
                            "per channel")
     graph = src.pooled_head = extract(src.index, [pooled], [cut.logits], name="pooled_head")
-    src.pooled = pooled
     return lambda: graph
 
 
@@ -278,9 +276,10 @@ def _pooled_head_vjp(src: _Source) -> Assembly:
     """The pooled head's VJP: with the head reading the activations only through their
     spatial mean, ∂S/∂A_k(i, j) is ∂S/∂mean_k / HW at every (i, j), so Grad-CAM's weights
     come from this graph on R mean vectors instead of the head's VJP on R copies of A."""
-    if src.pooled_head is None or src.pooled is None:
+    if src.pooled_head is None:
         raise CompileError("no pooled head")
-    return autodiff.differentiate(src.pooled_head, src.cut.logits, [src.pooled]).model
+    mean = src.pooled_head.graph.input[0].name
+    return autodiff.differentiate(src.pooled_head, src.cut.logits, [mean]).model
 
 
 def _spatial_mean(node: onnx.NodeProto, index: GraphIndex, layout: Layout) -> bool:
