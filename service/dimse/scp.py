@@ -66,8 +66,14 @@ def status_of(answer: Answer) -> int:
 _CLOSE_WAIT_S = 1.0
 
 
-def _awaiting_request(assoc: Association) -> bool:
-    return assoc.is_alive() and assoc.dul.state_machine.current_state == "Sta2"
+# Where A-ABORT is a valid event (pynetdicom's fsm, Evt15): an association requested or
+# established. Sta1 (idle: a connection its thread has not handled yet, or one closing),
+# Sta2 (awaiting the A-ASSOCIATE-RQ) and Sta13 (awaiting the close) are not.
+_ABORTABLE = frozenset(f"Sta{n}" for n in range(3, 13))
+
+
+def _state(assoc: Association) -> str:
+    return str(assoc.dul.state_machine.current_state)
 
 
 class StoreServer:
@@ -106,18 +112,27 @@ class StoreServer:
         that connected and said nothing): its thread raised InvalidEventError and left the
         socket open. Such a connection gets its request timer (ARTIM) expired instead, the
         state machine's own way out of Sta2 (it closes the transport), before the rest are
-        aborted.
+        aborted. Only associations get the A-ABORT: on a busy machine a connection
+        accepted just before the server stopped can still be in Sta1, its thread not yet
+        having handled it (a CI run and a test run beside three busy processes failed on
+        this); its timer of 0 expires as soon as Sta2 starts it.
         """
         if self._server is not None:
-            self._server.shutdown()  # no new connections from here on
+            self._server.shutdown()  # no new connections; each accepted one has its thread
             self._server = None
-        waiting = [a for a in self._ae.active_associations if _awaiting_request(a)]
-        for assoc in waiting:
-            assoc.dul.artim_timer.timeout = 0
         deadline = time.monotonic() + _CLOSE_WAIT_S
-        while any(_awaiting_request(a) for a in waiting) and time.monotonic() < deadline:
+        while True:
+            unassociated = [a for a in self._ae.active_associations
+                            if _state(a) not in _ABORTABLE]
+            for assoc in unassociated:
+                assoc.dul.artim_timer.timeout = 0
+            if (not any(_state(a) == "Sta2" for a in unassociated)
+                    or time.monotonic() >= deadline):
+                break
             time.sleep(0.01)
-        self._ae.shutdown()
+        for assoc in self._ae.active_associations:
+            if _state(assoc) in _ABORTABLE:
+                assoc.abort()
 
     @property
     def port(self) -> int:
