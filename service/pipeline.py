@@ -175,6 +175,7 @@ class _Plan:
     methods: tuple[Method, ...]
     known: tuple[int, ...]  # classes known before the forward pass (given by the client)
     prefetch: bool          # their guided maps come out of the guided graph's forward pass
+    fixations: bool         # the forward pass is the fixations graph's
 
 
 def prepare(model: Served, image: DecodedImage, options: ExplainOptions | None,
@@ -189,7 +190,7 @@ def _plan(model: Served, options: ExplainOptions | None) -> _Plan:
     """Raises: UnknownMethod for a method a network cannot serve, UnknownLabel for a class
     that is none."""
     if options is None:
-        return _Plan((), (), False)
+        return _Plan((), (), False, False)
     methods = tuple(get_method(name) for name in options.methods)
     for member in model.members:
         for name in options.methods:
@@ -200,7 +201,8 @@ def _plan(model: Served, options: ExplainOptions | None) -> _Plan:
                                    options.score_threshold)) if options.classes else ())
     prefetch = bool(known) and options.target is Target.LOGIT and any(
         Capability.GUIDED in m.requires for m in methods)
-    return _Plan(methods, known, prefetch)
+    return _Plan(methods, known, prefetch,
+                 any(Capability.FIXATIONS in m.requires for m in methods))
 
 
 def compute(model: Served, jobs: Sequence[Job]) -> list[Computed | ServiceError]:
@@ -240,8 +242,10 @@ def _compute(model: Served, jobs: Sequence[Job], plans: Sequence[_Plan]) -> list
     everyone = range(len(jobs))
     t = time.perf_counter()
     prefetch = [Row(k, c) for k, plan in enumerate(plans) if plan.prefetch for c in plan.known]
+    traced = [k for k, plan in enumerate(plans) if plan.fixations]
     captures = [member.engine.capture(np.concatenate([job.inputs[m].tensor for job in jobs]),
-                                      member.config.activation, member.config.input, prefetch)
+                                      member.config.activation, member.config.input, prefetch,
+                                      traced)
                 for m, member in enumerate(model.members)]
     scores = [model.combine_scores([member.config.activation.scores(c.logits[k:k + 1])[0]
                                     for member, c in zip(model.members, captures)])

@@ -38,7 +38,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.graph.build import compile_model
+from service.graph.build import Capability, compile_model
 from service.methods import METHODS, Row, rows
 from service.models.activation import Activation
 from service.runtime.engine import Engine
@@ -70,10 +70,13 @@ def our_calls(model: Path, threads: int, image: np.ndarray, provider: str = "cpu
     act = Activation.SIGMOID
 
     def method(name: str, classes: list[int | None], prefetch: bool = False) -> Callable[[], object]:
+        # As the pipeline asks: known guided rows prefetched, fixations' forward pass traced.
+        traced = [0] if Capability.FIXATIONS in METHODS[name].requires else []
+
         def run() -> object:
             known = [Row(0, c) for c in classes if c is not None] if prefetch else []
-            return METHODS[name].compute(engine.capture(image, act, prefetch=known),
-                                         rows(classes))
+            return METHODS[name].compute(engine.capture(image, act, prefetch=known,
+                                                        fixations=traced), rows(classes))
         return run
 
     return {

@@ -240,10 +240,10 @@ def _guided(src: _Source) -> Assembly:
 
 
 def _fixations(src: _Source) -> Assembly:
-    model = src.model
+    model, target = src.model, src.cut.target
     plan = src.fixations_plan = fixation_plan.build_plan(model, src.cut, src.layout,
                                                          index=src.index)
-    return lambda: fixation_plan.expose(model, plan)
+    return lambda: fixation_plan.expose(model, plan, target)
 
 
 def _pooled_head(src: _Source) -> Assembly:

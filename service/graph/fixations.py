@@ -160,13 +160,16 @@ def build_plan(model: onnx.ModelProto, split: Split, layout: Layout, *,
                         _static(index, split.logits), tuple(steps), needed)
 
 
-def expose(model: onnx.ModelProto, plan: FixationPlan) -> onnx.ModelProto:
-    """Image → logits plus the tensors the walk reads, as a new model (``model`` untouched).
+def expose(model: onnx.ModelProto, plan: FixationPlan, target: str) -> onnx.ModelProto:
+    """Image → logits, the ``target`` activations and the tensors the walk reads, as a new
+    model (``model`` untouched): on a CNN Fixations request its forward pass stands in for
+    the backbone's.
 
     The graph input itself is never an output: the engine hands back the tensor it fed.
     """
     index = GraphIndex(model)
-    outputs = [plan.logits, *(t for t in plan.needed if t not in (plan.image, plan.logits))]
+    outputs = list(dict.fromkeys([plan.logits, target,
+                                  *(t for t in plan.needed if t != plan.image)]))
     exposed = extract(index, [plan.image], outputs, name="fixations", batch=False)
     onnx.helper.set_model_props(exposed, {LAYOUT_KEY: plan.image_layout.value})
     return exposed

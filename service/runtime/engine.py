@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -36,13 +37,26 @@ def session_options_for(cap: Capability) -> dict[str, bool]:
     graphs compute with the shared weights; packed, the guided graph alone held 1.2 GB on
     VGG-16 beside the 0.51 GB of shared weights.
 
-    CNN Fixations runs without the NCHWc layout: its reordered convolution weights are one
-    more copy of the network's convolutions (0.1 GB on ResNet-50), and a graph exposing
-    every layer converts back at each of them anyway. The guided graph keeps it: its
-    forward pass stands in for the backbone's on guided requests and must give the same
-    bits (im2col convolutions round differently). Measured in BENCHMARKS.md, "Load memory".
+    Every graph gets the NCHWc layout. On requests asking for guided backprop or CNN
+    Fixations, the guided or fixations graph's forward pass stands in for the backbone's,
+    so it must compute the same (im2col convolutions would round differently):
+    - the guided graph's target activations are the backbone's bit for bit, its logits
+      within float rounding (the unpacked GEMM: 2.4e-7 on DenseNet-121);
+    - the fixations graph's are bit for bit too where exposing every layer blocks no
+      fusion (DenseNet, VGG, Inception), else within float rounding (ResNet's Conv fuses
+      the residual Add only when the sum is no output: 3.6e-6 on the test zoo's, maps
+      ≤ 8e-6 of their peak apart).
+    Measured in BENCHMARKS.md, "Load memory".
     """
-    return {"prepack": cap is Capability.BACKBONE, "layout": cap is not Capability.FIXATIONS}
+    return {"prepack": cap is Capability.BACKBONE}
+
+
+class Traced(NamedTuple):
+    """The fixations graph's forward pass of one image (:meth:`Engine.all_activations`)."""
+
+    acts: np.ndarray                   # (1, C, H, W) } the backbone's within float rounding
+    logits: np.ndarray                 # (1, K)       } (session_options_for)
+    activations: dict[str, np.ndarray]  # what the walk reads, by tensor name
 
 
 class Engine:
@@ -89,12 +103,9 @@ class Engine:
         self.fallback = (f"{providers[0]} was requested but is not usable here; running on "
                          f"{CPU}" if providers and providers[0] != self.providers[0] else None)
         self._bind = self.device == "cuda" if io_binding is None else io_binding
-        # CNN Fixations hands its arena back after each run (its activations are every
-        # layer's, and few requests ask for it). The guided graph does not: re-growing the
-        # arena on every run made guided backprop ~1.5× slower (DenseNet-121 224: 180-210
-        # against 119-137 ms, fresh processes, 2026-12-02).
-        self._run_options = {cap: _shrinking(self.device) for cap in compiled.graphs
-                             if cap is Capability.FIXATIONS}
+        # No graph hands its arena back after a run: re-growing it on every run made guided
+        # backprop ~1.5× slower (DenseNet-121 224: 180-210 against 119-137 ms, fresh
+        # processes, 2026-12-02) and the fixations graph ~2× (161 against 82 ms).
         self._nhwc = self.split.target_layout is Layout.NHWC
         self.image_batch = max(1, image_batch)
         self._batches: dict[Capability, bool] = {}
@@ -162,9 +173,8 @@ class Engine:
             feeds: Mapping[str, Feed]) -> list[np.ndarray]:
         """One graph run: the only call into ONNX Runtime for inference."""
         session = self._session(cap)
-        options = self._run_options.get(cap)
         if not self._bind:
-            return session.run(list(outputs), dict(feeds), options)  # type: ignore[arg-type]
+            return session.run(list(outputs), dict(feeds))
         binding = session.io_binding()
         for name, value in feeds.items():
             if not isinstance(value, ort.OrtValue):
@@ -173,7 +183,7 @@ class Engine:
             binding.bind_ortvalue_input(name, value)
         for name in outputs:
             binding.bind_output(name, self.device)
-        session.run_with_iobinding(binding, options)
+        session.run_with_iobinding(binding)
         return list(binding.copy_outputs_to_cpu())
 
     def warm_up(self, image_shape: Sequence[int]) -> None:
@@ -322,22 +332,26 @@ class Engine:
             [images, seeds], self.image_batch)
         return self._from_native(acts), logits, grads
 
-    def all_activations(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
-        """The tensors CNN Fixations reads (``fixations_plan.needed``) for one image (1, ...),
-        each in the model's own layout; the image itself is ``tensor``."""
+    def all_activations(self, tensor: np.ndarray) -> Traced:
+        """The forward pass of one image (1, ...) through the fixations graph: the
+        activations, logits and the tensors CNN Fixations reads (``fixations_plan.needed``,
+        each in the model's own layout; the image itself is ``tensor``)."""
         plan = self.compiled.fixations_plan
         if plan is None:
             raise UnknownMethod(f"this model has no {Capability.FIXATIONS.title} "
                                 "(see GET /models)")
-        names = [n for n in plan.needed if n != plan.image]
-        values = self.run(Capability.FIXATIONS, names, {plan.image: tensor}) if names else []
-        found = dict(zip(names, values))
+        names = list(dict.fromkeys([self.split.target, self.split.logits,
+                                    *(n for n in plan.needed if n != plan.image)]))
+        values = dict(zip(names, self.run(Capability.FIXATIONS, names, {plan.image: tensor})))
+        found = {n: values[n] for n in plan.needed if n != plan.image}
         if plan.image in plan.needed:
             found[plan.image] = tensor
-        return found
+        return Traced(self._from_native(values[self.split.target]), values[self.split.logits],
+                      found)
 
     def capture(self, images: np.ndarray, activation: Activation,
-                spec: InputSpec | None = None, prefetch: Sequence[Row] = ()) -> Captures:
+                spec: InputSpec | None = None, prefetch: Sequence[Row] = (),
+                fixations: Iterable[int] = ()) -> Captures:
         """The forward pass of an image batch (B, ...) as the captures methods read.
 
         Args:
@@ -347,13 +361,25 @@ class Engine:
                 before normalisation) and their layout; None: as fed, NCHW.
             prefetch: guided rows (logit target) known before the forward pass: their images'
                 forward pass is the guided graph's, which leaves their maps in the memo.
+            fixations: images whose requests ask for CNN Fixations: unless the guided graph
+                runs them, their forward pass is the fixations graph's, which leaves the
+                tensors the walk reads with the batch's graphs.
         """
         graphs = BatchGraphs(self, images, spec)
         rows = list(dict.fromkeys(r for r in prefetch if r.cls is not None)) \
             if self.has_guided and self.n_classes else []
         assert all(r.target is Target.LOGIT for r in rows), "prefetched seeds are one-hot"
         guided_images = {r.image for r in rows}
-        plain = [i for i in range(len(images)) if i not in guided_images]
+        traced: dict[int, Traced] = {}
+        if self.has_fixations and not self.split.context:
+            for image in dict.fromkeys(fixations):
+                if image in guided_images:
+                    continue
+                try:
+                    traced[image] = self.all_activations(images[image:image + 1])
+                except UnknownMethod:
+                    break  # the graph cannot run: the method says so, to its requests only
+        plain = [i for i in range(len(images)) if i not in guided_images and i not in traced]
         acts: list[np.ndarray | None] = [None] * len(images)
         logits: list[np.ndarray | None] = [None] * len(images)
         if plain:
@@ -364,6 +390,9 @@ class Engine:
                 # A model with context has no guided graph (the compiler refuses it for
                 # transformers), so every image of the batch went through this forward.
                 graphs.context = context
+        for image, trace in traced.items():
+            acts[image], logits[image] = trace.acts[0], trace.logits[0]
+            graphs.traced[image] = trace.activations
         memo: dict[object, object] = {}
         # One guided run per image, of that image's rows only: its activations and logits
         # then never depend on batch-mates (CRM magnifies the last bits of the logits).
@@ -377,14 +406,6 @@ class Engine:
         return Captures(np.stack(acts), np.stack(logits), activation, graphs, memo)  # type: ignore[arg-type]
 
 
-def _shrinking(device: str) -> ort.RunOptions:
-    """Run options that hand the arena's free chunks back after the run."""
-    options = ort.RunOptions()
-    options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
-                                 "gpu:0" if device == "cuda" else "cpu:0")
-    return options
-
-
 class BatchGraphs:
     """The graphs of one engine bound to one image batch (service.methods.base.Graphs)."""
 
@@ -395,7 +416,8 @@ class BatchGraphs:
         channels = images.shape[-1] if self._nhwc else images.shape[1]
         std = np.asarray(spec.std if spec is not None else [1.0] * channels, dtype=np.float32)
         self._inv_std = (1.0 / std)[None, :, None, None]
-        self._fixations: dict[int, dict[str, np.ndarray]] = {}
+        # Per image, the tensors the fixations walk reads, once its graph has run.
+        self.traced: dict[int, dict[str, np.ndarray]] = {}
         # The batch's context rows (a transformer's prefix tokens), set by the forward pass.
         self.context: np.ndarray | None = None
 
@@ -438,6 +460,7 @@ class BatchGraphs:
         if plan is None:
             raise UnknownMethod(f"this model has no {Capability.FIXATIONS.title} "
                                 "(see GET /models)")
-        if image not in self._fixations:
-            self._fixations[image] = self.engine.all_activations(self.images[image:image + 1])
-        return self._fixations[image], plan
+        if image not in self.traced:
+            self.traced[image] = self.engine.all_activations(
+                self.images[image:image + 1]).activations
+        return self.traced[image], plan

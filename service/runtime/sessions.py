@@ -122,7 +122,7 @@ def provider_options(providers: list[str], conv_algo_search: str
 
 
 def make_session(model: onnx.ModelProto | bytes | str, providers: list[str],
-                 threads: int, *, prepack: bool = True, layout: bool = True,
+                 threads: int, *, prepack: bool = True,
                  conv_algo_search: str = "EXHAUSTIVE") -> ort.InferenceSession:
     """A session on the shared thread pool; ``model`` as a proto, bytes or a file path.
 
@@ -130,15 +130,11 @@ def make_session(model: onnx.ModelProto | bytes | str, providers: list[str],
     shared initializers: every session of a model uses the same memory. ``prepack=False``
     keeps ONNX Runtime from repacking the weights of MatMul/Gemm/Conv for its kernels, a
     private copy per session: worth it for the graph that runs on every request, not for
-    the ones a few methods use. ``layout=False`` stops at ONNX Runtime's extended
-    optimisations: no NCHWc layout, whose reordered convolution weights are another
-    private copy per session (and whose layout conversions a graph exposing every layer
-    pays at each of them anyway).
+    the ones a few methods use.
     """
     _ensure_thread_pool(threads)
     options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout
-                                        else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.use_per_session_threads = False
     # Severity 3 = errors only: the generated graphs trigger harmless shape-merge warnings.
     options.log_severity_level = 3

@@ -351,7 +351,10 @@ def test_big_jpeg2000_radiograph_is_decoded_reduced_but_answered_in_original_pix
     scores = [p["score"] for p in body["predictions"]]
     np.testing.assert_allclose(scores, expected, atol=0.1)
     assert not np.allclose(scores, expected, atol=1e-3)  # it was decoded reduced
-    assert [p["score"] for p in predicted["predictions"]] == scores
+    # The fixations graph's forward pass stood in for the backbone's: the same scores
+    # within float rounding (its GEMM is unpacked; service.runtime.engine).
+    np.testing.assert_allclose([p["score"] for p in predicted["predictions"]], scores,
+                               rtol=0, atol=2e-6)
 
 
 def test_fixations_points_equal_the_in_process_walk(client: TestClient, demo, phantoms) -> None:  # type: ignore[no-untyped-def]

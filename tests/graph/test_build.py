@@ -43,7 +43,8 @@ def test_rarely_used_graphs_are_assembled_at_their_first_lookup_as_built_at_once
     at_once = {
         Capability.GUIDED: autodiff.vjp(compiled.backbone, split.logits, [split.image],
                                         guided=True, prefix=GUIDED_PREFIX),
-        Capability.FIXATIONS: fixation_plan.expose(h.model, compiled.fixations_plan),
+        Capability.FIXATIONS: fixation_plan.expose(h.model, compiled.fixations_plan,
+                                                      split.target),
     }
     for cap, graph in at_once.items():
         assert graphs[cap].SerializeToString() == graph.SerializeToString()

@@ -639,7 +639,7 @@ def test_fixations_through_as_strided_walk_like_the_reference(
     engine = Engine(compiled, ["CPUExecutionProvider"], 1)
     x = rng.normal(size=SHAPE).astype(np.float32)
     classes = list(range(K))
-    traced = walk(plan, engine.all_activations(x), classes, trace=True)
+    traced = walk(plan, engine.all_activations(x).activations, classes, trace=True)
     full = _with_all_outputs(model)
     names = [o.name for o in full.graph.output]
     values = dict(zip(names, _run(full, x))) | {"image": x}

@@ -60,7 +60,7 @@ def _trace(model: onnx.ModelProto, x: np.ndarray,
            classes: list[int]) -> tuple[FixationPlan, dict[str, np.ndarray]]:
     split = Split("image", "logits", "logits", "none", "image", Layout.NCHW, (1, 1, 1))
     plan = build_plan(model, split, Layout.NCHW)
-    exposed = expose(model, plan)
+    exposed = expose(model, plan, split.target)
     session = make_session(exposed, ["CPUExecutionProvider"], 1)
     names = [n for n in plan.needed if n != "image"]
     acts = dict(zip(names, session.run(names, {"image": x}))) | {"image": x}
@@ -447,7 +447,7 @@ def _zoo(name: str) -> tuple[Engine, dict[str, np.ndarray], dict[str, np.ndarray
     names = [o.name for o in full.graph.output]
     values = dict(zip(names, session.run(names, {str(meta["input"]): x})))
     values[str(meta["input"])] = x
-    return engine, values, engine.all_activations(x)
+    return engine, values, engine.all_activations(x).activations
 
 
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)
@@ -478,6 +478,47 @@ def test_exposed_activations_match_the_full_graph(name: str) -> None:
     height, width = plan.image_hw
     xy = image_points(plan, points, 0)
     assert len(xy) and (xy >= 0).all() and (xy < [width, height]).all()
+
+
+@pytest.mark.parametrize("name", NAMES, ids=NAMES)
+def test_the_fixations_graph_stands_in_for_the_backbone(name: str) -> None:
+    """On a CNN Fixations request the fixations graph's forward pass is the request's and
+    the backbone does not run. Its activations and logits are the backbone's within float
+    rounding: bit for bit where exposing the layers changes no fusion (DenseNet, VGG,
+    Inception here); 3.6e-6 apart on ResNet, whose Conv fuses the residual Add only when
+    the sum is not an output."""
+    engine, values, _ = _zoo(name)
+    x = values[str(MANIFEST[name]["input"])]
+    acts, logits = engine.forward(x)
+    trace = engine.all_activations(x)
+    for got, want in ((trace.acts, acts), (trace.logits, logits)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    if name in ("densenet", "vgg", "inception"):
+        np.testing.assert_array_equal(trace.acts, acts)
+    ran: list[Capability] = []
+    run = engine.run
+
+    def counted(cap: Capability, *args: object) -> list[np.ndarray]:
+        ran.append(cap)
+        return run(cap, *args)  # type: ignore[arg-type]
+
+    batch = np.concatenate([x, x])
+    engine.run = counted  # type: ignore[method-assign]
+    try:
+        captures = engine.capture(batch, Activation.SIGMOID, fixations=[1])
+        (got,) = METHODS["fixations"].compute(captures, rows([0], image=1))
+    finally:
+        del engine.run
+    # Image 1 through the fixations graph, once (the walk reads what it left); image 0 alone
+    # through the backbone.
+    assert ran == [Capability.FIXATIONS, Capability.BACKBONE]
+    np.testing.assert_array_equal(captures.activations[1], trace.acts[0])
+    np.testing.assert_array_equal(captures.logits[1], trace.logits[0])
+    (want,) = METHODS["fixations"].compute(engine.capture(batch, Activation.SIGMOID),
+                                           rows([0], image=1))
+    assert want.points is not None and len(want.points)
+    np.testing.assert_array_equal(got.points, want.points)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(got.values, want.values)
 
 
 def test_cached_graph_rebuilds_the_same_plan() -> None:
@@ -746,7 +787,7 @@ def test_small_network_with_slices_and_splits_walks_like_the_reference() -> None
         ("Split", "left"), ("Split", "right"), ("Slice", "ghost"), ("Slice", "cropped")}
     engine = Engine(compiled, ["CPUExecutionProvider"], 1)
     x = np.random.default_rng(12).normal(size=(1, 3, 12, 12)).astype(np.float32)
-    acts = engine.all_activations(x)
+    acts = engine.all_activations(x).activations
     classes = [0, 1, 2, 3]
     traced = walk(plan, acts, classes, trace=True)
     assert len(traced["left"]) and len(traced["right"]), "both Split outputs are traced"
@@ -808,7 +849,7 @@ def test_convnext_like_block_walks_like_the_reference() -> None:
     engine = Engine(compiled, ["CPUExecutionProvider"], 1)
     x = np.random.default_rng(22).normal(size=(1, 3, 16, 16)).astype(np.float32)
     classes = [0, 1, 2, 3]
-    traced = walk(plan, engine.all_activations(x), classes, trace=True)
+    traced = walk(plan, engine.all_activations(x).activations, classes, trace=True)
     assert len(traced["ln"]), "the points pass the LayerNorm"
     _walks_like_the_reference(model, x, "logits", classes, traced)
 
@@ -859,7 +900,7 @@ def test_gather_moves_every_point_like_the_reference(indices: np.ndarray, axis: 
     engine = Engine(compiled, ["CPUExecutionProvider"], 1)
     x = np.random.default_rng(32).normal(size=(1, 3, 10, 10)).astype(np.float32)
     classes = [0, 1, 2]
-    traced = walk(plan, engine.all_activations(x), classes, trace=True)
+    traced = walk(plan, engine.all_activations(x).activations, classes, trace=True)
     assert len(traced["r1"]), "the points pass the Gather"
     _walks_like_the_reference(model, x, "logits", classes, traced)
 

@@ -140,7 +140,7 @@ def _walk_with(selection: FcSelection) -> dict[str, np.ndarray]:
     model, x = _head()
     split = Split("image", "logits", "logits", "none", "image", Layout.NCHW, (1, 1, 1))
     plan = build_plan(model, split, Layout.NCHW)
-    session = make_session(expose(model, plan), ["CPUExecutionProvider"], 1)
+    session = make_session(expose(model, plan, split.target), ["CPUExecutionProvider"], 1)
     names = [n for n in plan.needed if n != "image"]
     acts = dict(zip(names, session.run(names, {"image": x}))) | {"image": x}
     return walk(plan, acts, [0, 1], fc=selection, trace=True)

@@ -129,7 +129,8 @@ def test_rarely_used_sessions_are_made_at_their_first_run_and_answer_like_eager_
     session = lazy._sessions[Capability.GUIDED]
     lazy.guided(x[:1], seeds[:1])
     assert lazy._sessions[Capability.GUIDED] is session
-    got, want = lazy.all_activations(x[:1]), eager.all_activations(x[:1])
+    got = lazy.all_activations(x[:1]).activations
+    want = eager.all_activations(x[:1]).activations
     assert set(got) == set(want) and len(got) > 3
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value)
