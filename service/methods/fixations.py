@@ -342,6 +342,8 @@ def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tu
         return [(step.inputs[0], _conv_1x1(step, points, x))]
     out = []
     per = max(1, CHUNK // (cg * kh * kw))
+    channels = np.arange(cg) * (height * width)
+    whole = x.shape[0] == 1 and a["group"] == 1
     for lo in range(0, len(points), per):
         p = points[lo:lo + per]
         n, rows = len(p), np.arange(len(p))
@@ -350,25 +352,34 @@ def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tu
         xs, vx = _taps(p[:, 4], sx, px, kw, dx, width)
         valid = vy[:, :, None] & vx[:, None, :]  # (n, kh, kw)
         first = (m // per_group) * cg  # the group's first input channel
-        plane = (b * x.shape[1] + first)[:, None] + np.arange(cg)  # (n, cg)
         pixel = (np.clip(ys, 0, height - 1) * width)[:, :, None] + np.clip(xs, 0, width - 1)[
             :, None, :]  # (n, kh, kw)
-        flat = (plane * (height * width))[:, :, None, None] + pixel[:, None]
-        window = x.reshape(-1).take(flat).astype(np.float64)
-        window *= valid[:, None]  # zero padding
+        if whole:
+            # One image, every point reading every channel: gather the taps' columns of
+            # the (C, H·W) map, an index per tap rather than per tap and channel.
+            window = x.reshape(cg, -1).take(pixel.reshape(-1), axis=1).reshape(
+                cg, n, kh, kw).transpose(1, 0, 2, 3).astype(np.float64)
+        else:
+            pixel += ((b * x.shape[1] + first) * (height * width))[:, None, None]
+            flat = channels[None, :, None, None] + pixel[:, None]  # (n, cg, kh, kw)
+            window = x.reshape(-1).take(flat).astype(np.float64)
+        if not valid.all():
+            window *= valid[:, None]  # zero padding
         kernels = w[m]
         channel = np.einsum("nckl,nckl->nc", window, kernels).argmax(axis=1)
-        contribution = np.where(valid, window[rows, channel] * kernels[rows, channel], -np.inf)
+        contribution = window[rows, channel] * kernels[rows, channel]
+        contribution[~valid] = -np.inf
         taps = contribution.reshape(n, -1)
         best = taps.argmax(axis=1)
         ky, kx = np.divmod(best, kw)
         dead = ~(taps[rows, best] > 0)
-        ky = np.where(dead, _centre(kh, vy), ky)
-        kx = np.where(dead, _centre(kw, vx), kx)
+        if dead.any():
+            ky = np.where(dead, _centre(kh, vy), ky)
+            kx = np.where(dead, _centre(kw, vx), kx)
+        index = np.stack([p[:, 0], b, first + channel, ys[rows, ky], xs[rows, kx]], axis=1)
         keep = vy.any(axis=1) & vx.any(axis=1)
-        index = np.stack([b, first + channel, ys[rows, ky], xs[rows, kx]], axis=1)
-        out.append(_with(p, index)[keep])
-    return [(step.inputs[0], np.concatenate(out))]
+        out.append(index if keep.all() else index[keep])
+    return [(step.inputs[0], out[0] if len(out) == 1 else np.concatenate(out))]
 
 
 def _conv_1x1(step: Step, points: Points, x: np.ndarray) -> Points:
