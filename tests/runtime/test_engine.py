@@ -22,6 +22,7 @@ from service.config import Settings
 from service.errors import UnknownMethod
 from service.graph.build import RARELY_USED, Capability, Graphs
 from service.main import create_app
+from service.models.activation import Activation
 from service.models.repository import LoadedModel, load_model
 from service.runtime import sessions
 from service.runtime.engine import Engine
@@ -175,6 +176,11 @@ def test_a_lazy_graph_the_checker_rejects_at_its_assembly_is_an_unavailable_meth
     engine = Engine(dataclasses.replace(compiled, graphs=graphs), [CPU], 1)
     assert engine.has_fixations and calls == []
     x = np.zeros((1, 3, 256, 256), np.float32)
+    # A fixations request's forward pass falls back to the backbone; the method refuses.
+    captures = engine.capture(x, Activation.SIGMOID, fixations=[0])
+    for a, b in zip((captures.activations, captures.logits), demo.engine.forward(x),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
     for _ in range(2):
         with pytest.raises(UnknownMethod, match="^this model's CNN Fixations plan cannot be "
                                                 "built: the generated fixations graph is "
