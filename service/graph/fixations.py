@@ -160,6 +160,11 @@ def build_plan(model: onnx.ModelProto, split: Split, layout: Layout, *,
                         _static(index, split.logits), tuple(steps), needed)
 
 
+def exposed(plan: FixationPlan, target: str) -> list[str]:
+    """The outputs of :func:`expose`'s graph: logits, ``target``, then what the walk reads."""
+    return list(dict.fromkeys([plan.logits, target, *(t for t in plan.needed if t != plan.image)]))
+
+
 def expose(model: onnx.ModelProto, plan: FixationPlan, target: str) -> onnx.ModelProto:
     """Image → logits, the ``target`` activations and the tensors the walk reads, as a new
     model (``model`` untouched): on a CNN Fixations request its forward pass stands in for
@@ -168,11 +173,9 @@ def expose(model: onnx.ModelProto, plan: FixationPlan, target: str) -> onnx.Mode
     The graph input itself is never an output: the engine hands back the tensor it fed.
     """
     index = GraphIndex(model)
-    outputs = list(dict.fromkeys([plan.logits, target,
-                                  *(t for t in plan.needed if t != plan.image)]))
-    exposed = extract(index, [plan.image], outputs, name="fixations", batch=False)
-    onnx.helper.set_model_props(exposed, {LAYOUT_KEY: plan.image_layout.value})
-    return exposed
+    graph = extract(index, [plan.image], exposed(plan, target), name="fixations", batch=False)
+    onnx.helper.set_model_props(graph, {LAYOUT_KEY: plan.image_layout.value})
+    return graph
 
 
 def plan_from_graph(graph: onnx.ModelProto, split: Split) -> FixationPlan:

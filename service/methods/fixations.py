@@ -342,7 +342,6 @@ def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tu
         return [(step.inputs[0], _conv_1x1(step, points, x))]
     out = []
     per = max(1, CHUNK // (cg * kh * kw))
-    channels = np.arange(cg) * (height * width)
     whole = x.shape[0] == 1 and a["group"] == 1
     for lo in range(0, len(points), per):
         p = points[lo:lo + per]
@@ -361,7 +360,7 @@ def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tu
                 cg, n, kh, kw).transpose(1, 0, 2, 3).astype(np.float64)
         else:
             pixel += ((b * x.shape[1] + first) * (height * width))[:, None, None]
-            flat = channels[None, :, None, None] + pixel[:, None]  # (n, cg, kh, kw)
+            flat = (np.arange(cg) * (height * width))[None, :, None, None] + pixel[:, None]
             window = x.reshape(-1).take(flat).astype(np.float64)
         if not valid.all():
             window *= valid[:, None]  # zero padding

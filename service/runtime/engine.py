@@ -15,7 +15,7 @@ import onnxruntime as ort
 from service.errors import CompileError, UnknownMethod
 from service.graph.autodiff import SEED, grad_name
 from service.graph.build import GUIDED_PREFIX, RARELY_USED, Capability, CompiledModel
-from service.graph.fixations import FixationPlan
+from service.graph.fixations import FixationPlan, exposed
 from service.methods.base import Captures, Row, Target
 from service.models.activation import Activation
 from service.models.spec import InputSpec, Layout
@@ -340,8 +340,7 @@ class Engine:
         if plan is None:
             raise UnknownMethod(f"this model has no {Capability.FIXATIONS.title} "
                                 "(see GET /models)")
-        names = list(dict.fromkeys([self.split.target, self.split.logits,
-                                    *(n for n in plan.needed if n != plan.image)]))
+        names = exposed(plan, self.split.target)
         values = dict(zip(names, self.run(Capability.FIXATIONS, names, {plan.image: tensor})))
         found = {n: values[n] for n in plan.needed if n != plan.image}
         if plan.image in plan.needed:
