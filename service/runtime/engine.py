@@ -103,9 +103,11 @@ class Engine:
         self.fallback = (f"{providers[0]} was requested but is not usable here; running on "
                          f"{CPU}" if providers and providers[0] != self.providers[0] else None)
         self._bind = self.device == "cuda" if io_binding is None else io_binding
-        # No graph hands its arena back after a run: re-growing it on every run made guided
+        # No graph hands its memory back after a run: re-growing it on every run made guided
         # backprop ~1.5× slower (DenseNet-121 224: 180-210 against 119-137 ms, fresh
-        # processes, 2026-12-02) and the fixations graph ~2× (161 against 82 ms).
+        # processes, 2026-12-02) and the fixations graph ~2× (161 against 82 ms). Every
+        # session draws on one CPU arena (sessions._ensure_thread_pool), so what is kept is
+        # the largest graph's peak, not the sum of them all.
         self._nhwc = self.split.target_layout is Layout.NHWC
         self.image_batch = max(1, image_batch)
         self._batches: dict[Capability, bool] = {}

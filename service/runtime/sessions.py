@@ -81,7 +81,8 @@ _pool_threads: int | None = None
 
 
 def _ensure_thread_pool(threads: int) -> None:
-    """Create ONNX Runtime's process-wide thread pool once, and leave it the cores.
+    """Create ONNX Runtime's process-wide thread pool and CPU arena once, and leave the
+    pool the cores.
 
     One request runs several sessions in turn (backbone, head, VJPs, ...). With a pool per
     session, the idle threads of the session that just ran spin for work on the very cores
@@ -95,11 +96,26 @@ def _ensure_thread_pool(threads: int) -> None:
     Runtime"). The products here
     are small (an RGB image's luma, CNN Fixations' blur), so BLAS gets one thread: the
     caller's.
+
+    The arena: each session kept an arena of its own, grown to the peak of its graph and
+    never handed back (handing it back after each run made guided backprop ~1.5× slower,
+    engine.py), so a model that had run every method held the sum of its graphs' peaks
+    (the guided graph's, the fixations graph's, the backbone's), and two models the sum of
+    both. Sessions run one after another (one compute stream per device), so one arena
+    registered with the environment and used by every session
+    (``session.use_env_allocators``) holds the largest peak instead. With make_session's
+    memory-pattern setting, after every method had run once, torchvision's VGG-16,
+    ResNet-50 and DenseNet-121 added 1,722-1,745 → 1,467-1,472, 780-785 → 626 and 652 →
+    368 MB, at the same speed (BENCHMARKS.md, "One CPU arena for every session"). Sessions
+    on a GPU keep ONNX Runtime's own allocators (make_session).
     """
     global _pool_threads
     with _pool_lock:
         if _pool_threads is None:
             ort.set_global_thread_pool_sizes(max(threads, 0), 1)
+            ort.create_and_register_allocator(
+                ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                  ort.OrtMemType.DEFAULT), None)
             threadpool_limits(1, user_api="blas")
             _pool_threads = threads
         elif threads != _pool_threads:
@@ -136,6 +152,17 @@ def make_session(model: onnx.ModelProto | bytes | str, providers: list[str],
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.use_per_session_threads = False
+    if CUDA not in providers:
+        # The process's one CPU arena (_ensure_thread_pool). A CUDA session keeps ONNX
+        # Runtime's defaults: not measured on a GPU, and environment allocators have known
+        # faults beside the CUDA provider's pinned memory (onnxruntime issue 25211).
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        # With its memory pattern ONNX Runtime serves a graph's first run tensor by tensor
+        # and every later run from one block planned from it: a second allocation of the
+        # graph's peak beside the first run's, which the arena keeps (DenseNet-121's guided
+        # graph: +113 MB at its second run). Without it each run reuses the freed tensors,
+        # as fast (BENCHMARKS.md, "One CPU arena for every session").
+        options.enable_mem_pattern = False
     # Severity 3 = errors only: the generated graphs trigger harmless shape-merge warnings.
     options.log_severity_level = 3
     if not prepack:
