@@ -3,15 +3,16 @@
     apt-get install wrk    # the load generator (Debian's package)
     .venv/bin/python tools/make_fixtures.py --bench --bench-out /tmp/densenet121.onnx
     .venv/bin/python tools/bench_load.py [--model demo] [--model densenet121=/tmp/densenet121.onnx]
-        [--concurrency 1 4 16] [--duration 20] [--rounds 1] [--threads 2]
+        [--concurrency 1 4 16] [--duration 20] [--rounds 1] [--threads 2] [--on 8 ...]
 
-For each model, two ``medexplain serve`` processes run side by side on 127.0.0.1, the same
+For each model, ``medexplain serve`` processes run side by side on 127.0.0.1, the same
 settings (``MEDEXPLAIN_THREADS``, default 2) except ``MEDEXPLAIN_MAX_BATCH_SIZE``: 1 (off:
-one request per compute batch) and 8 (on, the default; ``MAX_QUEUE_DELAY_MS`` 0 in both).
+one request per compute batch) and each ``--on`` value (on; 8 by default, the service's
+default; ``MAX_QUEUE_DELAY_MS`` 0 in all).
 wrk (one thread, ``-c`` connections, ``--latency``) POSTs the same 256×256 phantom PNG as a
 raw ``image/png`` body to ``/explain`` with the default parameters (Grad-CAM and CRM of the
 labels over the threshold). Only one server is under load at a time: for each round and
-concurrency, off then on (the order swapped every round), after an untimed warm-up of each
+concurrency, off then on (the order rotated every round), after an untimed warm-up of each
 at the highest concurrency; after every cell the server is let finish what wrk left in
 flight (until /metrics shows no request in progress) before the next begins.
 Reported per cell: requests per second of 2xx answers, p50 / p99 latency (wrk's
@@ -167,26 +168,32 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--on", type=int, nargs="+", default=[8], metavar="N",
+                    help="MEDEXPLAIN_MAX_BATCH_SIZE of the batching servers (default 8); "
+                         "each value is one more server beside the unbatched one")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
+    batches = {"off": 1, **{f"on ({n})" if len(args.on) > 1 else "on": n for n in args.on}}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
         script.write_text(LUA.format(image=IMAGE))
         for spec in args.model or ["demo"]:
             models = repository(spec, Path(tmp))
-            servers = {"off": Server(models, 1, args.threads),
-                       "on": Server(models, 8, args.threads)}
+            servers = {mode: Server(models, batch, args.threads)
+                       for mode, batch in batches.items()}
             try:
                 for server in servers.values():
                     # Warm-up at the highest concurrency: batches of every size a cell
                     # makes have run once (their first run allocates).
                     run_wrk(server, max(args.concurrency), 3, script)
                 cells: dict[tuple[str, int], list[dict[str, float]]] = {}
+                modes = list(servers)
                 for round_ in range(args.rounds):
                     for c in args.concurrency:
-                        order = ["off", "on"] if round_ % 2 == 0 else ["on", "off"]
-                        for mode in order:
+                        # The order of the servers rotates every round.
+                        shift = round_ % len(modes)
+                        for mode in modes[shift:] + modes[:shift]:
                             cells.setdefault((mode, c), []).append(
                                 run_wrk(servers[mode], c, args.duration, script))
             finally:
@@ -198,14 +205,18 @@ def main() -> None:
             print("| concurrency | batching | req/s | p50 ms | p99 ms | non-2xx | peak RSS MB |")
             print("|---:|---|---:|---:|---:|---:|---:|")
             for c in args.concurrency:
-                for mode in ("off", "on"):
+                medians = {}
+                for mode in modes:
                     runs = cells[(mode, c)]
-                    med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
+                    med = medians[mode] = {k: sorted(r[k] for r in runs)[len(runs) // 2]
+                                           for k in runs[0]}
                     print(f"| {c} | {mode} | {med['rps']:.2f} | {med['p50']:.0f} | "
                           f"{med['p99']:.0f} | {int(med['non2xx'])} | {med['rss']:.0f} |")
-                off, on = cells[("off", c)][0], cells[("on", c)][0]
-                print(f"|  | on ÷ off | {on['rps'] / off['rps']:.2f} | "
-                      f"{on['p50'] / off['p50']:.2f} | {on['p99'] / off['p99']:.2f} | | |")
+                off = medians["off"]
+                for mode in modes[1:]:
+                    on = medians[mode]
+                    print(f"|  | {mode} ÷ off | {on['rps'] / off['rps']:.2f} | "
+                          f"{on['p50'] / off['p50']:.2f} | {on['p99'] / off['p99']:.2f} | | |")
 
 
 if __name__ == "__main__":
