@@ -69,7 +69,8 @@ class Graphs(Mapping[Capability, onnx.ModelProto]):
 
     Membership (``cap in graphs``, iterating the keys) never assembles: it is what the
     compiler decided. A deferred graph whose check fails raises that CompileError at every
-    lookup.
+    lookup. :meth:`release` drops a deferred graph's proto once a session holds what it
+    needs of it; a later lookup assembles it again.
 
     Raises:
         CompileError: a generated graph the ONNX checker rejects (at once or at its first
@@ -99,10 +100,24 @@ class Graphs(Mapping[Capability, onnx.ModelProto]):
                     self._graphs[cap] = self._check(cap, make())
                 except CompileError as exc:
                     self._failed[cap] = exc
-                del self._pending[cap]  # what it held (the source model, ...) goes
+                    del self._pending[cap]  # what it held (the source model, ...) goes
             if cap in self._failed:
                 raise self._failed[cap]
             return self._graphs[cap]
+
+    def release(self, cap: Capability) -> None:
+        """Drop ``cap``'s proto if it is a deferred graph (else nothing).
+
+        An ONNX Runtime session copies what it needs of a graph, and the guided graph's
+        proto holds its flipped convolution kernels inline: torchvision's DenseNet-121,
+        ResNet-50 and VGG-16 kept 56-76 MB each in it after its session was made. The
+        assembler is kept (the source it reads holds its weights outside it, so it is
+        small), and a later lookup, another engine's first session of the graph,
+        assembles and checks the graph again.
+        """
+        with self._lock:
+            if cap in self._pending:
+                self._graphs.pop(cap, None)
 
     def __contains__(self, cap: object) -> bool:
         return cap in self._order

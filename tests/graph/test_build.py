@@ -107,6 +107,19 @@ def test_a_deferred_graph_the_checker_rejects_fails_at_every_lookup_assembled_on
         graphs[Capability.FIXATIONS]
 
 
+def test_a_released_deferred_graph_is_assembled_again_at_its_next_lookup() -> None:
+    compiled = compile_model(handmade.build("linear").model, target_layer=TARGET)
+    first = compiled.graphs[Capability.GUIDED]
+    graphs = compiled.graphs
+    assert isinstance(graphs, Graphs) and Capability.GUIDED in graphs.assembled
+    graphs.release(Capability.GUIDED)
+    graphs.release(Capability.BACKBONE)  # not deferred: kept
+    assert graphs.assembled == EAGER and Capability.GUIDED in graphs
+    again = graphs[Capability.GUIDED]
+    assert again is not first and again.SerializeToString() == first.SerializeToString()
+    assert Capability.GUIDED in graphs.assembled
+
+
 def test_an_eager_graph_the_checker_rejects_fails_the_compilation() -> None:
     compiled = compile_model(handmade.build("linear").model, target_layer=TARGET)
     broken = onnx.ModelProto()
