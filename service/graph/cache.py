@@ -112,6 +112,12 @@ class CompileCache:
             entry.mkdir(parents=True, exist_ok=True)
             for cap, graph in compiled.graphs.items():
                 onnx.save(graph, entry / f"{cap}.onnx")
+            # Writing assembled the rarely used graphs: they go again, to be assembled at
+            # their first use as without a folder (not held for a model's life whether or
+            # not that use ever comes; the guided one holds its flipped kernels inline).
+            if isinstance(compiled.graphs, Graphs):
+                for cap in RARELY_USED:
+                    compiled.graphs.release(cap)
             split = {**compiled.split.__dict__, "target_layout": compiled.split.target_layout.value,
                      "target_shape": list(compiled.split.target_shape)}
             # split.json last: its presence marks a complete entry.

@@ -66,6 +66,8 @@ def test_a_disk_hit_reads_the_rarely_used_graphs_at_their_first_use(tmp_path: Pa
                "input_shape": (1, 3, 32, 32)}
     compiled = CompileCache(tmp_path).compile(raw, model, **options)
     assert set(RARELY_USED) <= set(compiled.graphs)
+    # Written to the folder, and not kept assembled for the model's life.
+    assert not compiled.graphs.assembled & RARELY_USED  # type: ignore[attr-defined]
     hit = CompileCache(tmp_path).compile(raw, model, **options)
     assert hit is not compiled
     assert hit.graphs.assembled == {Capability.BACKBONE, Capability.HEAD,  # type: ignore[attr-defined]
