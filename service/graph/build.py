@@ -81,7 +81,7 @@ class Graphs(Mapping[Capability, onnx.ModelProto]):
                  deferred: Iterable[Capability] = (), *, check: bool = True) -> None:
         later = frozenset(deferred)
         self._order = list(assemblies)
-        self._pending = {cap: make for cap, make in assemblies.items() if cap in later}
+        self._deferred = {cap: make for cap, make in assemblies.items() if cap in later}
         self._failed: dict[Capability, CompileError] = {}
         self._lock = threading.Lock()
         # Graphs read back from the compile cache were checked when they were compiled.
@@ -95,12 +95,12 @@ class Graphs(Mapping[Capability, onnx.ModelProto]):
             return graph
         with self._lock:
             if cap not in self._graphs and cap not in self._failed:
-                make = self._pending[cap]  # KeyError: not a graph of this model
+                make = self._deferred[cap]  # KeyError: not a graph of this model
                 try:
                     self._graphs[cap] = self._check(cap, make())
                 except CompileError as exc:
                     self._failed[cap] = exc
-                    del self._pending[cap]  # what it held (the source model, ...) goes
+                    del self._deferred[cap]  # what it held (the source model, ...) goes
             if cap in self._failed:
                 raise self._failed[cap]
             return self._graphs[cap]
@@ -116,7 +116,7 @@ class Graphs(Mapping[Capability, onnx.ModelProto]):
         assembles and checks the graph again.
         """
         with self._lock:
-            if cap in self._pending:
+            if cap in self._deferred:
                 self._graphs.pop(cap, None)
 
     def __contains__(self, cap: object) -> bool:
@@ -168,6 +168,12 @@ class CompiledModel:
         missing = {Capability.BACKBONE, Capability.HEAD} - set(self.graphs)
         if missing:
             raise CompileError(f"no {', '.join(sorted(missing))} graph")
+
+    def release(self, cap: Capability) -> None:
+        """Drop ``cap``'s proto where it can be assembled again (Graphs.release); a
+        mapping of ready protos keeps it."""
+        if isinstance(self.graphs, Graphs):
+            self.graphs.release(cap)
 
     @property
     def fixations_plan(self) -> fixation_plan.FixationPlan | None:

@@ -115,9 +115,8 @@ class CompileCache:
             # Writing assembled the rarely used graphs: they go again, to be assembled at
             # their first use as without a folder (not held for a model's life whether or
             # not that use ever comes; the guided one holds its flipped kernels inline).
-            if isinstance(compiled.graphs, Graphs):
-                for cap in RARELY_USED:
-                    compiled.graphs.release(cap)
+            for cap in RARELY_USED:
+                compiled.release(cap)
             split = {**compiled.split.__dict__, "target_layout": compiled.split.target_layout.value,
                      "target_shape": list(compiled.split.target_shape)}
             # split.json last: its presence marks a complete entry.

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from service.errors import CompileError, UnknownMethod
 from service.graph.autodiff import SEED, grad_name
-from service.graph.build import GUIDED_PREFIX, RARELY_USED, Capability, CompiledModel, Graphs
+from service.graph.build import GUIDED_PREFIX, RARELY_USED, Capability, CompiledModel
 from service.graph.fixations import FixationPlan, exposed
 from service.methods.base import Captures, Row, Target
 from service.models.activation import Activation
@@ -96,8 +96,8 @@ class Engine:
         self._refused: dict[Capability, str] = {}
         self._sessions = {cap: self._make_session(cap) for cap in compiled.graphs
                           if cap not in self._lazy}
-        for cap in self._sessions:
-            self._release(cap)
+        for cap in self._sessions:  # a session holds its graph: the proto may go
+            compiled.release(cap)
         self.providers: list[str] = self._sessions[Capability.BACKBONE].get_providers()
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
         # Why the model runs elsewhere than asked (ONNX Runtime quietly drops a provider it
@@ -125,12 +125,6 @@ class Engine:
                             threads, **session_options_for(cap),
                             conv_algo_search=conv_algo_search)
 
-    def _release(self, cap: Capability) -> None:
-        """Let the compiled model drop ``cap``'s proto now that a session holds it
-        (Graphs.release: the guided graph's inline kernels)."""
-        if isinstance(self.compiled.graphs, Graphs):
-            self.compiled.graphs.release(cap)
-
     def _session(self, cap: Capability) -> ort.InferenceSession:
         """The session of ``cap``'s graph, made now if it is a lazy one not made yet."""
         session = self._sessions.get(cap)
@@ -154,7 +148,7 @@ class Engine:
                                               + " ".join(str(exc).split())[:300])
                     else:
                         del graph  # the proto goes before the heap is trimmed below
-                        self._release(cap)
+                        self.compiled.release(cap)
                 # As at the end of a load: what assembling and making the session freed
                 # goes back.
                 release_freed_memory()
