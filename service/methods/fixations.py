@@ -40,8 +40,8 @@ class-discriminative variant); the authors' walk carries no weights.
 Every rule works on all points of a tensor at once: points are int64 rows
 ``[tag, *index]`` (``tag`` = position of the class in the request, ``index`` = the full
 index into the tensor, batch axis included), windows are gathered by fancy indexing, FC
-rows are processed in chunks, and ``np.unique(axis=0)`` sorts and deduplicates the points
-of each tensor once all its consumers have contributed. Contributions are float64 (the
+rows are processed in chunks, and the points of each tensor are sorted and deduplicated
+(as ``np.unique(axis=0)`` would) once all its consumers have contributed. Contributions are float64 (the
 products of float32 values are exact), so ties break the same way in any summation order.
 
 Mopuri, Garg, Babu, "CNN Fixations: An unraveling approach to visualize the discriminative
@@ -50,6 +50,7 @@ image regions", IEEE TIP 2019, https://arxiv.org/abs/1708.06670
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
@@ -147,19 +148,36 @@ def _one_to_one(step: Step) -> bool:
 
 def _unique(parts: list[tuple[Points, Weights | None]], tags: int, shape: Sequence[int],
             weighted: bool) -> tuple[Points, Weights | None]:
-    """Sorted unique rows, as ``np.unique(axis=0)`` gives, via one int64 key per row; with
-    ``weighted``, each row's weight summed over its duplicates (1 where none was given)."""
+    """Sorted unique rows, as ``np.unique(axis=0)`` gives; with ``weighted``, each row's
+    weight summed over its duplicates (1 where none was given).
+
+    Rows are ordered by one int64 key each (their row-major offset in the tag × tensor
+    grid) and the first row of each key is kept: a stable argsort and a mask, not
+    ``np.unique`` and ``np.unravel_index``, which took 2.5× as long on the few hundred
+    points a step has (the walk calls this at every step that moves points). The stable
+    sort keeps duplicates in their given order, so their weights add up in that order.
+    """
     arrays = [p for p, _ in parts]
     points = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-    dims = (tags, *shape)
-    flat = np.ravel_multi_index(tuple(points.T), dims)
+    offsets = points @ _strides(tags, tuple(shape))
+    order = np.argsort(offsets, kind="stable")
+    keys = offsets[order]
+    first = np.empty(len(keys), dtype=bool)
+    first[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    unique = points[order[first]]
     if not weighted:
-        keys = np.unique(flat)
-        return np.stack(np.unravel_index(keys, dims), axis=1), None
-    keys, inverse = np.unique(flat, return_inverse=True)
+        return unique, None
     given = np.concatenate([np.ones(len(p)) if w is None else w for p, w in parts])
-    weights = np.bincount(inverse.reshape(-1), weights=given, minlength=len(keys))
-    return np.stack(np.unravel_index(keys, dims), axis=1), weights
+    weights = np.bincount(np.cumsum(first) - 1, weights=given[order], minlength=len(unique))
+    return unique, weights
+
+
+@lru_cache(maxsize=1024)
+def _strides(tags: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Row-major strides of the (tags, *shape) grid: a point's offset is ``point @ strides``."""
+    dims = (tags, *shape)
+    return np.array([math.prod(dims[d + 1:]) for d in range(len(dims))], dtype=np.int64)
 
 
 def _with(points: Points, index: np.ndarray) -> Points:
@@ -364,7 +382,8 @@ def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tu
             window = x.reshape(-1).take(flat).astype(np.float64)
         if not valid.all():
             window *= valid[:, None]  # zero padding
-        kernels = w[m]
+        # In float64 before einsum, which casts a float32 operand more slowly itself.
+        kernels = w[m].astype(np.float64)
         channel = np.einsum("nckl,nckl->nc", window, kernels).argmax(axis=1)
         contribution = window[rows, channel] * kernels[rows, channel]
         contribution[~valid] = -np.inf
@@ -375,7 +394,8 @@ def _conv(step: Step, points: Points, acts: Mapping[str, np.ndarray]) -> list[tu
         if dead.any():
             ky = np.where(dead, _centre(kh, vy), ky)
             kx = np.where(dead, _centre(kw, vx), kx)
-        index = np.stack([p[:, 0], b, first + channel, ys[rows, ky], xs[rows, kx]], axis=1)
+        index = p.copy()  # [tag, b] stay
+        index[:, 2], index[:, 3], index[:, 4] = first + channel, ys[rows, ky], xs[rows, kx]
         keep = vy.any(axis=1) & vx.any(axis=1)
         out.append(index if keep.all() else index[keep])
     return [(step.inputs[0], out[0] if len(out) == 1 else np.concatenate(out))]
@@ -391,16 +411,25 @@ def _conv_1x1(step: Step, points: Points, x: np.ndarray) -> Points:
     m_total, cg = w.shape[:2]
     out = []
     per = max(1, CHUNK // x.shape[1])
+    width = x.shape[3]
     for lo in range(0, len(points), per):
         p = points[lo:lo + per]
         b, m, y, xx = p[:, 1], p[:, 2], p[:, 3] * sy, p[:, 4] * sx
         first = (m // (m_total // group)) * cg
-        window = x[b, :, y, xx]  # (n, C): every channel of each point's one tap
-        if group > 1:
-            window = np.take_along_axis(window, first[:, None] + np.arange(cg), axis=1)
-        channel = (window.astype(np.float64) * w[m, :, 0, 0]).argmax(axis=1)
-        out.append(_with(p, np.stack([b, first + channel, y, xx], axis=1)))
-    return np.concatenate(out)
+        if x.shape[0] == 1 and group == 1:
+            # One image: the taps' columns of the (C, H·W) map, one index per point
+            # (x[b, :, y, xx] took about twice as long).
+            window = x.reshape(x.shape[1], -1).take(y * width + xx, axis=1).T
+        else:
+            window = x[b, :, y, xx]  # (n, C): every channel of each point's one tap
+            if group > 1:
+                window = np.take_along_axis(window, first[:, None] + np.arange(cg), axis=1)
+        channel = np.multiply(window, w[m, :, 0, 0], dtype=np.float64).argmax(axis=1)
+        moved = p.copy()
+        moved[:, 2] = first + channel
+        moved[:, 3], moved[:, 4] = y, xx
+        out.append(moved)
+    return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 def _reduce(step: Step, points: Points,
