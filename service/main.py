@@ -8,13 +8,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service import __version__, dimse, logs, pipeline
 from service.api import docs, problems
 from service.api.admission import Admission, EdgeMiddleware
+from service.api.cors import Cors
 from service.api.deps import State
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.request_id import RequestIdMiddleware
@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None, *,
     if settings.cors_origins:
         # Off unless configured: without these headers browsers keep other origins' pages
         # out. Outside the metrics, so that preflights are answered before routing.
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+        app.add_middleware(Cors, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"],
                            allow_headers=["Accept", "Authorization", "Content-Type",
                                           "X-API-Key", "X-Request-ID",

@@ -12,6 +12,7 @@ the process exits). The body's minimum rate and the request timeout are the app'
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from functools import partial
@@ -22,14 +23,26 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.api.admission import Admission
+from service.api.admission import SECURITY_HEADERS, Admission
+from service.api.problems import MEDIA_TYPE
 from service.config import Settings
 
 log = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
-                          b"content-length: 24\r\nconnection: close\r\n\r\n"
-                          b"request head too slow.\r\n")
+def _timeout_answer() -> bytes:
+    """The 408 for a head that came too slowly: problem+json with the security headers,
+    as every other answer (written to the socket: no app sees this request)."""
+    body = json.dumps({"type": "about:blank", "title": "Request head too slow", "status": 408,
+                       "detail": "the request line and headers did not arrive within "
+                                 "MEDEXPLAIN_HEADER_TIMEOUT_S", "code": "header_timeout"},
+                      separators=(",", ":")).encode()
+    head = [b"HTTP/1.1 408 Request Timeout", b"content-type: " + MEDIA_TYPE.encode(),
+            b"content-length: %d" % len(body), *(k + b": " + v for k, v in SECURITY_HEADERS),
+            b"connection: close"]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+REQUEST_TIMEOUT_ANSWER = _timeout_answer()
 
 
 class EdgeProtocol(H11Protocol):

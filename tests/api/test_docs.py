@@ -179,6 +179,14 @@ def test_cors_when_configured() -> None:
         other = _preflight(client, "https://elsewhere.example.org")
         assert other.status_code == 400
         assert "access-control-allow-origin" not in other.headers
+        # Preflights are answered before the edge middleware: as every other answer all the
+        # same, and a refusal as problem+json (Starlette's own is text/plain).
+        assert other.headers["content-type"] == "application/problem+json"
+        assert other.json()["code"] == "cors_refused"
+        assert other.json()["detail"].startswith("Disallowed CORS origin")
+        for preflight in (answer, other):
+            assert preflight.headers["x-content-type-options"] == "nosniff"
+            assert preflight.headers["cache-control"] == "no-store"
         simple = client.get("/models", headers={"Origin": "https://viewer.example.org"})
         assert simple.headers["access-control-allow-origin"] == "https://viewer.example.org"
         assert "retry-after" in simple.headers["access-control-expose-headers"].lower()
@@ -206,8 +214,23 @@ def test_explain_dicom_answers_dicom_only(client: TestClient) -> None:
                         headers={**headers,
                                  "accept": 'multipart/related; type="application/dicom"'})
     assert parts.headers["content-type"].startswith("multipart/related")
-    for accept in ("application/json", None):
-        refused = client.post("/explain/dicom", content=(PHANTOMS / "nodule.png").read_bytes(),
-                              headers={"accept": accept} if accept else {})
-        assert refused.status_code == 406
-        assert refused.json()["code"] == "not_acceptable"
+    png = (PHANTOMS / "nodule.png").read_bytes()
+    # An Accept without DICOM: refused before the upload is read.
+    refused = client.post("/explain/dicom", content=png, headers={"accept": "application/json"})
+    assert refused.status_code == 406
+    assert refused.json()["code"] == "not_acceptable"
+    # A PNG, whatever its part or body says it is: the route takes DICOM only.
+    for headers in ({}, {"content-type": "application/dicom"}):
+        refused = client.post("/explain/dicom", content=png, headers=headers)
+        assert refused.status_code == 415, refused.text
+        assert refused.json()["code"] == "unsupported_media_type"
+        assert "takes DICOM uploads only; this upload is png" in refused.json()["detail"]
+    # A DICOM without what the Secondary Capture needs is still the answer's problem: 406.
+    ds = pydicom.dcmread(DICOM)
+    del ds.StudyInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    refused = client.post("/explain/dicom", content=buf.getvalue(),
+                          headers={"content-type": "application/dicom"})
+    assert refused.status_code == 406, refused.text
+    assert refused.json()["code"] == "not_acceptable"

@@ -7,6 +7,7 @@ security review, and tools/edge_attacks.py on the same machine)."""
 
 from __future__ import annotations
 
+import json
 import select
 import time
 from collections.abc import Iterator
@@ -56,6 +57,17 @@ def test_slow_request_heads_are_cut_off(live: Live) -> None:
     assert len(lifetimes) == 20
     assert max(lifetimes) < TIMEOUT_S + 2.0, lifetimes
     assert min(lifetimes) >= TIMEOUT_S * 0.9, lifetimes
+
+
+def test_a_slow_head_gets_a_408_problem(live: Live) -> None:
+    with live.connect() as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")  # the head never ends
+        status, headers, body = read_response(s)
+    assert status == 408
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["cache-control"] == "no-store"
+    assert json.loads(body)["code"] == "header_timeout"
 
 
 def test_a_silent_connection_is_closed(live: Live) -> None:

@@ -32,7 +32,7 @@ from service.api.metrics import Metrics, label_model
 from service.api.negotiation import accept_header, negotiate
 from service.api.request import ExplainParams, PredictParams, read_upload
 from service.config import Settings
-from service.errors import NotAcceptable
+from service.errors import NotAcceptable, UnsupportedMediaType
 from service.imaging.base import DecodedImage
 from service.models.repository import Repository, Served
 from service.models.spec import check_accepted
@@ -139,12 +139,12 @@ async def explain_dicom(request: Request, settings: SettingsDep, repository: Rep
     if not packagings:
         raise NotAcceptable(f"the Accept header allows none of {DICOM}, {MULTIPART_DICOM}")
     return await _explain(request, packagings, settings, repository, limiter, scheduler,
-                          metrics)
+                          metrics, dicom_only=True)
 
 
 async def _explain(request: Request, packagings: list[Packaging], settings: Settings,
                    repository: Repository, limiter: Limiter, scheduler: Scheduler,
-                   metrics: Metrics) -> Response:
+                   metrics: Metrics, *, dicom_only: bool = False) -> Response:
     upload = await read_upload(request, settings, ExplainParams)
     params: ExplainParams = upload.params
     model = repository.get(params.model)
@@ -163,6 +163,11 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
         check_accepted(model, image)
         chosen = next(((o, p) for o, p in candidates if o.accepts(image)), None)
         if chosen is None:
+            if dicom_only and image.format != "dicom":
+                # The route takes DICOM only: the upload is what is wrong, not the Accept.
+                raise UnsupportedMediaType(f"POST /explain/dicom takes DICOM uploads only; "
+                                           f"this upload is {image.format} (POST /explain "
+                                           "answers it in JSON)")
             raise NotAcceptable(f"DICOM output needs {first.needs}; this upload is "
                                 f"{image.format}")
         output, used = chosen
