@@ -5,7 +5,9 @@ Two layers:
 - :func:`install` (called by the app factory, so it holds wherever the app runs) keeps
   library output from carrying upload data: records of the libraries that read uploads
   (pydicom, Pillow, OpenJPEG, ...) keep their logger, level and source line but lose their
-  text, which quotes attribute values (``Invalid value for VR UI: '...'``); warnings become
+  text, which quotes attribute values (``Invalid value for VR UI: '...'``), and the
+  decoders' errors (an upload that does not decode: the client gets a 4xx) are logged as
+  warnings; warnings become
   such scrubbed log lines instead of stderr text; and pydicom stops validating the values
   it converts (it only warned, quoting them: the decoder validates what it uses itself).
 - :func:`configure` (called by ``medexplain serve``) writes every record to stderr as plain
@@ -37,18 +39,26 @@ UNTRUSTED_LOGGERS: Final[tuple[str, ...]] = (
     "cv2", "py.warnings",
 )
 WITHHELD: Final[str] = "(message withheld: library text may quote upload data)"
+# Of those, the decoders: their errors are about an upload that cannot be decoded, which
+# the client is told of (a 4xx), not faults of the service, so they are logged as warnings
+# (pydicom logged two ERROR lines for each such JPEG, noise for whoever alerts on ERROR).
+DECODER_LOGGERS: Final[tuple[str, ...]] = (
+    "pydicom", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "rle", "cv2",
+)
 WARNINGS_LOGGER: Final[str] = "medexplain.warnings"
 
 
-def _untrusted(name: str) -> bool:
-    return any(name == prefix or name.startswith(prefix + ".") for prefix in UNTRUSTED_LOGGERS)
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 
 
 def _scrubbing_factory(base: Any) -> Any:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record: logging.LogRecord = base(*args, **kwargs)
-        if _untrusted(record.name):
+        if _under(record.name, UNTRUSTED_LOGGERS):
             record.msg, record.args = WITHHELD, ()
+            if record.levelno > logging.WARNING and _under(record.name, DECODER_LOGGERS):
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
             if record.exc_info is not None and record.exc_info[0] is not None:
                 record.msg = f"{WITHHELD}; {record.exc_info[0].__qualname__} raised"
                 record.exc_info = None

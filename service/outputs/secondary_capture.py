@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, ClassVar, Final
 import cv2
 import highdicom
 import numpy as np
+
+# The standard's SOP Class → IOD tables that highdicom itself checks references with.
+from highdicom._standard_utils import get_sop_class_iod_map, is_attribute_in_iod
 from pydicom import config
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR
@@ -97,6 +100,9 @@ _PURPOSE: Final[tuple[str, str, str]] = (
     "121322", "DCM", "Source image for image processing operation"
 )
 _ORIENTATION: Final[frozenset[str]] = frozenset("AFHLPR")
+# The (row, column) pairs highdicom takes: one letter each.
+_BIPED_AXES: Final[frozenset[tuple[str, str]]] = frozenset(
+    (row, column) for row in _ORIENTATION for column in _ORIENTATION)
 _UTF8: Final[str] = "ISO_IR 192"
 _MAX_ROWS: Final[int] = 65535  # Rows is US
 
@@ -140,6 +146,23 @@ class Explained:
     heatmap: np.ndarray
     caption: Caption
     gradient: bool = False
+
+
+def referenced_frames(image: DecodedImage) -> int:
+    """How many frames a reference to the source may name: its Number of Frames where its
+    SOP Class is a multi-frame one, else 1 (Referenced Frame Number is then not allowed,
+    PS3.3 C.12.1.1.5: some files carry several frames under a single-frame class)."""
+    frames = int(image.meta.get("frames", 1))
+    sop_class = _uid(image.source, "SOPClassUID") if image.source is not None else None
+    if frames > 1 and sop_class is not None and in_standard(sop_class):
+        return frames if is_attribute_in_iod("NumberOfFrames", sop_class) else 1
+    return frames
+
+
+def in_standard(sop_class: str) -> bool:
+    """Whether the SOP Class is one of the standard's current edition, which highdicom
+    reads its IODs from (retired and private classes are not)."""
+    return sop_class in get_sop_class_iod_map()
 
 
 def is_capturable(image: DecodedImage) -> bool:
@@ -192,7 +215,7 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
         series[method] = (highdicom.UID(), _series_description(captions),
                           series_number(SERIES_BASE, [method]))
     instances = dict.fromkeys(series, 0)
-    frames = int(image.meta.get("frames", 1))
+    frames = referenced_frames(image)
     # The image's own grid only: no model-grid backdrop is ever drawn on.
     canvas = Canvas(image, image.pixels)
     out = []
@@ -228,9 +251,10 @@ def _secondary_capture(source: Dataset, meta: dict[str, str | int], rgb: np.ndar
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        # Patient Orientation is Type 2C: highdicom insists on one, so an unknown
-        # orientation goes in as a placeholder and is emptied below.
-        patient_orientation=orientation or ("L", "F"),
+        # Patient Orientation is Type 2C: highdicom insists on one and takes one letter
+        # per direction only, so an unknown orientation goes in as a placeholder and is
+        # emptied below, and an oblique one (e.g. "PF", legal DICOM) is set below.
+        patient_orientation=orientation if orientation in _BIPED_AXES else ("L", "F"),
         study_instance_uid=str(meta["StudyInstanceUID"]),
         series_instance_uid=series_uid,
         series_number=series_number,
@@ -243,6 +267,8 @@ def _secondary_capture(source: Dataset, meta: dict[str, str | int], rgb: np.ndar
     )
     if orientation is None:
         sc.PatientOrientation = []
+    elif orientation not in _BIPED_AXES:
+        sc.PatientOrientation = list(orientation)
     # Laterality is Type 2C (paired body parts): the source's R or L, else empty.
     laterality = (_text(source, "Laterality", ["iso8859"]) or "").strip()
     sc.Laterality = laterality if laterality in ("R", "L") else ""

@@ -73,7 +73,9 @@ from service.outputs.secondary_capture import (
     _ascii,
     _copy_patient_and_study,
     _uid,
+    in_standard,
     is_capturable,
+    referenced_frames,
     series_number,
 )
 from service.pipeline import Result
@@ -142,11 +144,16 @@ class Report:
 
 
 def is_reportable(image: DecodedImage) -> bool:
-    """Whether an SR can join the image's study: as for a capture, plus a Series UID.
+    """Whether an SR can join the image's study: as for a capture, plus a Series UID and a
+    SOP Class of the standard's current edition.
 
-    The SR's evidence (Current Requested Procedure Evidence) names the source's series.
+    The SR's evidence (Current Requested Procedure Evidence) names the source's series; its
+    image regions reference the source, which highdicom checks against the standard's IOD
+    of the source's class (a retired class, e.g. the old Ultrasound Image Storage, failed
+    there with a KeyError: a 500).
     """
-    return is_capturable(image) and "SeriesInstanceUID" in image.meta
+    return (is_capturable(image) and "SeriesInstanceUID" in image.meta
+            and in_standard(str(_uid(image.source, "SOPClassUID"))))
 
 
 def rectangle(box: Sequence[int]) -> np.ndarray:
@@ -173,7 +180,7 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
     source = image.source
     assert source is not None
     evidence = _evidence(source, image.meta)
-    frames = int(image.meta.get("frames", 1))
+    frames = referenced_frames(image)
     reference = SourceImageForRegion(
         referenced_sop_class_uid=evidence.SOPClassUID,
         referenced_sop_instance_uid=evidence.SOPInstanceUID,
@@ -301,7 +308,8 @@ class StructuredReport(Output):
     packagings: ClassVar[frozenset[Packaging]] = frozenset({Packaging.DICOM,
                                                             Packaging.MULTIPART})
     needs: ClassVar[str] = ("a DICOM upload with valid Study, Series and SOP Instance UIDs "
-                            "(the Structured Report joins its study)")
+                            "(the Structured Report joins its study) and a SOP Class of the "
+                            "current DICOM standard, not a retired or private one")
 
     def accepts(self, image: DecodedImage) -> bool:
         return is_reportable(image)

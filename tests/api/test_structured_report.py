@@ -228,3 +228,45 @@ def test_no_patient_data_in_logs_while_building_an_sr(
     _assert_clean(sink.records, "a log record")
     _assert_clean(sink.warnings, "a warning")
     _assert_clean([captured.out, captured.err], "stdout/stderr")
+
+
+def _with_class(sop_class: str) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(PHANTOM)
+    ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def test_a_retired_sop_class_gets_406_not_a_500(client: TestClient) -> None:
+    # The retired Ultrasound Image Storage (pydicom-data's color-pl.dcm has it): highdicom
+    # checks an image region's source against the standard's IOD of its class, and raised
+    # KeyError for one it does not have.
+    data = _with_class("1.2.840.10008.5.1.4.1.1.6")
+    body = assert_problem(_post(client, data, DICOM, dicom="sr", methods="gradcam"), 406,
+                          "not_acceptable")
+    assert "not a retired or private one" in str(body["detail"])
+    # The capture needs no IOD of the source, and JSON none at all.
+    assert _post(client, data, DICOM, dicom="sc", methods="gradcam").status_code == 200
+    assert _post(client, data, None, dicom="sr", methods="gradcam").status_code == 200
+
+
+def test_frames_of_a_single_frame_class_are_not_referenced(tmp_path: Path) -> None:
+    # Two frames under Secondary Capture Image Storage, a single-frame class: Referenced
+    # Frame Number is not allowed there (dciodvfy's Error), so the reference names none.
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("SC_rgb_2frame.dcm", download=False)
+    assert path is not None
+    image = decode(Path(path).read_bytes(), DICOM, frame=1)
+    assert image.meta["frames"] == 2
+    data = structured_report(image, [Finding("gradcam", "Nodule", 0.25,
+                                             [Region((0, 0, 2, 2), 1.0)])],
+                             Report("m", "2", "0", not_for_diagnosis=False), frame=1)
+    (group,) = _groups(_srread(data))
+    assert "ReferencedFrameNumber" not in group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+    report = dciodvfy(data, tmp_path, "sr.dcm")
+    assert not [line for line in report.splitlines() if "Error" in line], report

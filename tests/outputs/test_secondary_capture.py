@@ -228,3 +228,21 @@ def test_too_tall_for_a_capture_is_not_acceptable() -> None:
                         source=_write(PHANTOM.read_bytes()).source)
     with pytest.raises(NotAcceptable, match="65535"):
         capture_series(tall, [Explained(np.zeros((65500, 4)), CAPTION)], software_version="0")
+
+
+def test_oblique_orientation_is_kept() -> None:
+    # "PF" is legal DICOM (PS3.3 C.7.6.1.1.1) but no value highdicom's SCImage takes: it
+    # raised ValueError (a 500), and is now set after highdicom's checks.
+    data = _with(PHANTOM, PatientOrientation="PF\\L")
+    (sc,) = _capture(_write(data))
+    assert list(sc.PatientOrientation) == ["PF", "L"]
+
+
+def test_frames_of_a_single_frame_class_are_not_referenced() -> None:
+    path = get_testdata_file("SC_rgb_2frame.dcm", download=False)
+    assert path is not None
+    image = decode(Path(path).read_bytes(), "application/dicom", frame=1)
+    (part,) = capture_series(image, [Explained(_blob(image.height, image.width), CAPTION)],
+                             software_version="0.1.0", frame=1)
+    assert "ReferencedFrameNumber" not in pydicom.dcmread(io.BytesIO(part)
+                                                          ).SourceImageSequence[0]
