@@ -586,7 +586,8 @@ def _raise_without_pixels(ds: Dataset) -> None:
         or "Image Storage" in UID(str(sop_class)).name
     ):
         raise InvalidDicom(
-            "DICOM data is truncated or corrupt: no Pixel Data where an image is expected"
+            "DICOM data has no Pixel Data where an image is expected: a truncated or "
+            "corrupt file, or an image's header only"
         )
     sop_text = str(sop_class)
     sop_detail = UID(sop_text).name if _UID_RE.fullmatch(sop_text) else "unknown"

@@ -703,3 +703,15 @@ def test_error_details_never_contain_patient_data() -> None:
             failure()
         for secret in secrets:
             assert secret not in caught.value.detail
+
+
+def test_a_header_only_image_is_not_called_truncated() -> None:
+    # pydicom-data's TINY_ALPHA stubs (CT headers, no Pixel Data) read whole: the message
+    # names that case too, not only a cut file.
+    ds = _dataset("CT_small.dcm")
+    del ds.PixelData
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(InvalidDicom, match="truncated or corrupt file, or an image's header "
+                                           "only"):
+        decode_dicom(buf.getvalue())
