@@ -411,25 +411,16 @@ def _conv_1x1(step: Step, points: Points, x: np.ndarray) -> Points:
     m_total, cg = w.shape[:2]
     out = []
     per = max(1, CHUNK // x.shape[1])
-    width = x.shape[3]
     for lo in range(0, len(points), per):
         p = points[lo:lo + per]
         b, m, y, xx = p[:, 1], p[:, 2], p[:, 3] * sy, p[:, 4] * sx
         first = (m // (m_total // group)) * cg
-        if x.shape[0] == 1 and group == 1:
-            # One image: the taps' columns of the (C, H·W) map, one index per point
-            # (x[b, :, y, xx] took about twice as long).
-            window = x.reshape(x.shape[1], -1).take(y * width + xx, axis=1).T
-        else:
-            window = x[b, :, y, xx]  # (n, C): every channel of each point's one tap
-            if group > 1:
-                window = np.take_along_axis(window, first[:, None] + np.arange(cg), axis=1)
-        channel = np.multiply(window, w[m, :, 0, 0], dtype=np.float64).argmax(axis=1)
-        moved = p.copy()
-        moved[:, 2] = first + channel
-        moved[:, 3], moved[:, 4] = y, xx
-        out.append(moved)
-    return out[0] if len(out) == 1 else np.concatenate(out)
+        window = x[b, :, y, xx]  # (n, C): every channel of each point's one tap
+        if group > 1:
+            window = np.take_along_axis(window, first[:, None] + np.arange(cg), axis=1)
+        channel = (window.astype(np.float64) * w[m, :, 0, 0]).argmax(axis=1)
+        out.append(_with(p, np.stack([b, first + channel, y, xx], axis=1)))
+    return np.concatenate(out)
 
 
 def _reduce(step: Step, points: Points,
