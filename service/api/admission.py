@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.paths import DOCS, METRICS
 from service.api.problems import response_for
 from service.config import Settings
 from service.errors import (
@@ -55,7 +56,6 @@ ABANDONED = "medexplain.abandoned"
 # Probes a drain does not wait for (they are answered at once, and a load balancer polls
 # /readyz throughout the drain).
 PROBES = frozenset({"/healthz", "/readyz"})
-DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 # Headers every answer carries unless its route set them: no content sniffing, and nothing
 # kept by caches (answers are about patients' images; /models and the rest are cheap).
@@ -193,7 +193,7 @@ class EdgeMiddleware:
         self.keys = settings.api_keys
         protected: set[str] = set()
         if settings.api_keys and settings.protect_metrics:
-            protected.add("/metrics")
+            protected.add(METRICS)
         if settings.api_keys and settings.protect_docs:
             protected |= DOCS
         self.protected = frozenset(protected)

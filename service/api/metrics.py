@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api.admission import ABANDONED
+from service.api.paths import UNMATCHED, route_label
 
 if TYPE_CHECKING:
     from service.pipeline import Result
@@ -101,11 +102,10 @@ class MetricsMiddleware:
         finally:
             if scope.get(ABANDONED):
                 status = CLIENT_CLOSED
-            route = scope.get("route")
-            # The route template, never the raw path: unknown paths must not grow label sets.
-            handler = getattr(route, "path", "unmatched")
-            # Only the methods routes take; anything else is one value, for the same reason.
-            method = scope["method"] if route is not None else "other"
+            handler = route_label(scope)
+            # Only the methods of known paths; anything else is one value, for the same
+            # reason (label sets must not grow with what clients send).
+            method = scope["method"] if handler != UNMATCHED else "other"
             labels = (method, handler, str(status), scope.get(_MODEL_KEY, ""))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

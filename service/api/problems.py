@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from schemas import Problem
 from service import errors
+from service.api.paths import route_label
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def response_for(exc: errors.ServiceError, **extensions: str) -> JSONResponse:
 
 
 def _log(request: Request, exc: errors.ServiceError) -> None:
-    log.info("%s %s -> %d %s", request.method, _route(request), status_of(exc), exc.code)
+    log.info("%s %s -> %d %s", request.method, route_label(request.scope), status_of(exc), exc.code)
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
@@ -110,11 +111,6 @@ def internal_error() -> JSONResponse:
     """The answer to a failure no handler knows: nothing about it reaches the client."""
     return problem(500, "Internal error", "the service failed to process the request",
                    "internal_error")
-
-
-def _route(request: Request) -> str:
-    """The route's template (``/models/{name}``): the path itself may carry client values."""
-    return str(getattr(request.scope.get("route"), "path", "unmatched"))
 
 
 def install(app: FastAPI) -> None:

@@ -24,6 +24,7 @@ from typing import Final
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
+from service.api.paths import route_label
 from service.api.problems import internal_error
 
 log = logging.getLogger("medexplain.access")
@@ -78,7 +79,7 @@ class RequestIdMiddleware:
             if not started:
                 await internal_error()(scope, receive, send_with_id)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = route_label(scope)
             duration = (time.perf_counter() - start) * 1000
             log.info("%s %s %d %.1f ms", scope.get("method", "?"), route, status, duration,
                      extra={"method": scope.get("method"), "route": route, "status": status,

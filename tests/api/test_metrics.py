@@ -26,8 +26,9 @@ def fresh() -> Iterator[TestClient]:
         yield c
 
 
-def _samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = client.get("/metrics").text
+def _samples(client: TestClient, headers: dict[str, str] | None = None
+             ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = client.get("/metrics", headers=headers).text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -79,3 +80,30 @@ def test_process_and_build_info(fresh: TestClient) -> None:
     assert re.search(r"^# TYPE medexplain_http_requests_total counter$", text, re.MULTILINE)
     assert re.search(r"^# TYPE medexplain_http_request_duration_seconds histogram$", text,
                      re.MULTILINE)
+
+
+def test_answers_before_routing_name_their_fixed_path() -> None:
+    # A protected /metrics or /docs answers 401 before routing, and a mount's static files
+    # leave no route in the scope: both were counted as handler="unmatched".
+    key = "k" * 16
+    settings = Settings(models=MODELS, threads=1, api_keys=(key,), protect_metrics=True,
+                        protect_docs=True)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/docs").status_code == 401
+        assert client.get("/static/app.js").status_code == 200
+        assert client.get("/docs/assets/favicon.png").status_code == 200
+        assert client.get("/static/../../etc/passwd").status_code == 404
+        samples = _samples(client, {"x-api-key": key})
+
+    def requests(**labels: str) -> float:
+        return samples.get(("medexplain_http_requests_total", tuple(sorted(labels.items()))),
+                           0.0)
+
+    assert requests(method="GET", handler="/metrics", code="401", model="") == 1
+    assert requests(method="GET", handler="/docs", code="401", model="") == 1
+    assert requests(method="GET", handler="/static", code="200", model="") == 1
+    assert requests(method="GET", handler="/docs/assets", code="200", model="") == 1
+    handlers = {dict(labels)["handler"] for name, labels in samples
+                if name == "medexplain_http_requests_total"}
+    assert handlers <= {"/metrics", "/docs", "/static", "/docs/assets", "unmatched"}, handlers
