@@ -12,7 +12,6 @@ the process exits). The body's minimum rate and the request timeout are the app'
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 from functools import partial
@@ -23,19 +22,21 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from schemas import Problem
 from service.api.admission import SECURITY_HEADERS, Admission
 from service.api.problems import MEDIA_TYPE
 from service.config import Settings
 
 log = logging.getLogger(__name__)
 
+
 def _timeout_answer() -> bytes:
     """The 408 for a head that came too slowly: problem+json with the security headers,
     as every other answer (written to the socket: no app sees this request)."""
-    body = json.dumps({"type": "about:blank", "title": "Request head too slow", "status": 408,
-                       "detail": "the request line and headers did not arrive within "
-                                 "MEDEXPLAIN_HEADER_TIMEOUT_S", "code": "header_timeout"},
-                      separators=(",", ":")).encode()
+    body = Problem(title="Request head too slow", status=408,
+                   detail="the request line and headers did not arrive within "
+                          "MEDEXPLAIN_HEADER_TIMEOUT_S", code="header_timeout"
+                   ).model_dump_json().encode()
     head = [b"HTTP/1.1 408 Request Timeout", b"content-type: " + MEDIA_TYPE.encode(),
             b"content-length: %d" % len(body), *(k + b": " + v for k, v in SECURITY_HEADERS),
             b"connection: close"]

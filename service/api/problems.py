@@ -63,7 +63,8 @@ def response_for(exc: errors.ServiceError, **extensions: str) -> JSONResponse:
 
 
 def _log(request: Request, exc: errors.ServiceError) -> None:
-    log.info("%s %s -> %d %s", request.method, route_label(request.scope), status_of(exc), exc.code)
+    log.info("%s %s -> %d %s", request.method, route_label(request.scope), status_of(exc),
+             exc.code)
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:

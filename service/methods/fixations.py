@@ -41,8 +41,9 @@ Every rule works on all points of a tensor at once: points are int64 rows
 ``[tag, *index]`` (``tag`` = position of the class in the request, ``index`` = the full
 index into the tensor, batch axis included), windows are gathered by fancy indexing, FC
 rows are processed in chunks, and the points of each tensor are sorted and deduplicated
-(as ``np.unique(axis=0)`` would) once all its consumers have contributed. Contributions are float64 (the
-products of float32 values are exact), so ties break the same way in any summation order.
+(as ``np.unique(axis=0)`` would) once all its consumers have contributed. Contributions
+are float64 (the products of float32 values are exact), so ties break the same way in any
+summation order.
 
 Mopuri, Garg, Babu, "CNN Fixations: An unraveling approach to visualize the discriminative
 image regions", IEEE TIP 2019, https://arxiv.org/abs/1708.06670

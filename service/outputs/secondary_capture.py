@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, ClassVar, Final
 import cv2
 import highdicom
 import numpy as np
-
-# The standard's SOP Class → IOD tables that highdicom itself checks references with.
-from highdicom._standard_utils import get_sop_class_iod_map, is_attribute_in_iod
+from highdicom._standard_utils import (  # the tables highdicom checks references with
+    get_sop_class_iod_map,
+    is_attribute_in_iod,
+)
 from pydicom import config
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR
@@ -100,9 +101,6 @@ _PURPOSE: Final[tuple[str, str, str]] = (
     "121322", "DCM", "Source image for image processing operation"
 )
 _ORIENTATION: Final[frozenset[str]] = frozenset("AFHLPR")
-# The (row, column) pairs highdicom takes: one letter each.
-_BIPED_AXES: Final[frozenset[tuple[str, str]]] = frozenset(
-    (row, column) for row in _ORIENTATION for column in _ORIENTATION)
 _UTF8: Final[str] = "ISO_IR 192"
 _MAX_ROWS: Final[int] = 65535  # Rows is US
 
@@ -246,6 +244,7 @@ def _secondary_capture(source: Dataset, meta: dict[str, str | int], rgb: np.ndar
                        instance_number: int, frame: int | None,
                        software_version: str) -> highdicom.sc.SCImage:
     orientation = _patient_orientation(source)
+    one_letter_each = orientation is not None and all(len(p) == 1 for p in orientation)
     sc = highdicom.sc.SCImage(
         pixel_array=rgb,
         photometric_interpretation="RGB",
@@ -254,7 +253,7 @@ def _secondary_capture(source: Dataset, meta: dict[str, str | int], rgb: np.ndar
         # Patient Orientation is Type 2C: highdicom insists on one and takes one letter
         # per direction only, so an unknown orientation goes in as a placeholder and is
         # emptied below, and an oblique one (e.g. "PF", legal DICOM) is set below.
-        patient_orientation=orientation if orientation in _BIPED_AXES else ("L", "F"),
+        patient_orientation=orientation if one_letter_each else ("L", "F"),
         study_instance_uid=str(meta["StudyInstanceUID"]),
         series_instance_uid=series_uid,
         series_number=series_number,
@@ -267,7 +266,7 @@ def _secondary_capture(source: Dataset, meta: dict[str, str | int], rgb: np.ndar
     )
     if orientation is None:
         sc.PatientOrientation = []
-    elif orientation not in _BIPED_AXES:
+    elif not one_letter_each:
         sc.PatientOrientation = list(orientation)
     # Laterality is Type 2C (paired body parts): the source's R or L, else empty.
     laterality = (_text(source, "Laterality", ["iso8859"]) or "").strip()

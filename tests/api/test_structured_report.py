@@ -7,8 +7,10 @@ from pathlib import Path
 
 import highdicom
 import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.data import get_testdata_file
 from pydicom.uid import Comprehensive3DSRStorage
 
 from service.imaging import decode
@@ -231,8 +233,6 @@ def test_no_patient_data_in_logs_while_building_an_sr(
 
 
 def _with_class(sop_class: str) -> bytes:
-    import pydicom
-
     ds = pydicom.dcmread(PHANTOM)
     ds.SOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -257,8 +257,6 @@ def test_a_retired_sop_class_gets_406_not_a_500(client: TestClient) -> None:
 def test_frames_of_a_single_frame_class_are_not_referenced(tmp_path: Path) -> None:
     # Two frames under Secondary Capture Image Storage, a single-frame class: Referenced
     # Frame Number is not allowed there (dciodvfy's Error), so the reference names none.
-    from pydicom.data import get_testdata_file
-
     path = get_testdata_file("SC_rgb_2frame.dcm", download=False)
     assert path is not None
     image = decode(Path(path).read_bytes(), DICOM, frame=1)
