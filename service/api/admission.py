@@ -320,7 +320,7 @@ def _ended(task: asyncio.Task[None], exchange: Exchange) -> None:
 
 
 async def _answer(error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
-    await response_for(error)(scope, receive, send)
+    await response_for(error, scope.get("path", ""))(scope, receive, send)
 
 
 __all__ = ["ABANDONED", "EXCHANGE", "Admission", "EdgeMiddleware", "Exchange", "admit", "given_key", "key_error"]

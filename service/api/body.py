@@ -8,8 +8,9 @@ many tiny parts would otherwise hold the event loop (and /healthz) for seconds.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -27,6 +28,7 @@ from service.errors import (
     InvalidInferenceRequest,
     InvalidMultipart,
     PayloadTooLarge,
+    UnsupportedMediaType,
 )
 
 # A form holds each parameter at most once and one file: far fewer parts than this. Past it
@@ -69,6 +71,59 @@ async def read_body(request: Request, settings: Settings) -> bytes:
     except ClientDisconnect as exc:
         raise EmptyBody("the client disconnected before sending the whole body") from exc
     return b"".join(chunks)
+
+
+# Content-Encoding -> zlib's wbits (deflate is the zlib format, RFC 9110 section 8.4.1.2).
+_ENCODINGS: Final[dict[str, int]] = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# Concatenated gzip files are a few members; a body of a million empty ones would cost seconds.
+MAX_MEMBERS: Final[int] = 64
+
+
+async def read_inflated_body(request: Request, settings: Settings) -> bytes:
+    """:func:`read_body`, inflated as its Content-Encoding says (the inference protocols'
+    clients compress requests: tritonclient's request_compression_algorithm), in a worker
+    thread: inflating up to the upload limit takes long enough to hold the event loop."""
+    body = await read_body(request, settings)
+    return await anyio.to_thread.run_sync(inflate, body, request.headers.get("content-encoding"),
+                                          settings.max_upload_bytes)
+
+
+def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as it was before compression, at most ``limit`` bytes: a small compressed
+    body can inflate to any size, so inflating stops there. A gzip body may be several
+    members one after another (RFC 1952 section 2.2), as concatenated gzip files are; at
+    most MAX_MEMBERS of them.
+
+    Raises:
+        UnsupportedMediaType: an encoding other than gzip or deflate.
+        InvalidInferenceRequest: data that is not what the encoding says, or bytes after it.
+        PayloadTooLarge: more than ``limit`` bytes inflated.
+    """
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return body
+    if name not in _ENCODINGS:
+        raise UnsupportedMediaType(f"Content-Encoding {name[:20]!r} is not gzip or deflate")
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while len(parts) < MAX_MEMBERS:
+        inflater = zlib.decompressobj(_ENCODINGS[name])
+        try:
+            data = inflater.decompress(rest, limit - size + 1)
+        except zlib.error as exc:
+            raise InvalidInferenceRequest(f"the body is not valid {name} data") from exc
+        size += len(data)
+        if size > limit or inflater.unconsumed_tail:
+            raise PayloadTooLarge(f"the body inflates to more than the limit of {limit} bytes")
+        if not inflater.eof:
+            raise InvalidInferenceRequest(f"the {name} body is truncated")
+        parts.append(data)
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(parts)
+        if name != "gzip":
+            raise InvalidInferenceRequest(f"the body holds bytes after its {name} data")
+    raise InvalidInferenceRequest(f"the gzip body has more than {MAX_MEMBERS} members")
 
 
 @dataclass

@@ -12,6 +12,15 @@ DOCS: Final[frozenset[str]] = frozenset({"/docs", "/docs/oauth2-redirect", "/red
 # Static files, served by mounts (which leave no route in the scope).
 MOUNTS: Final[tuple[str, ...]] = ("/docs/assets", "/static")
 UNMATCHED: Final[str] = "unmatched"
+# The inference protocols' routes (KServe V1, Open Inference Protocol V2): their clients read
+# an error's message from an ``error`` member, on every answer under these prefixes.
+KSERVE_V1: Final[str] = "/v1/models"
+OIP_V2: Final[str] = "/v2"
+
+
+def is_protocol(path: str) -> bool:
+    """Whether ``path`` is under an inference protocol's prefix, matched or not."""
+    return any(path == p or path.startswith(p + "/") for p in (KSERVE_V1, OIP_V2))
 
 
 def route_label(scope: Scope) -> str:

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 
 from schemas import Problem
 from service import errors
-from service.api.paths import route_label
+from service.api.paths import is_protocol, route_label
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +41,26 @@ def status_of(exc: errors.ServiceError) -> int:
 
 
 def problem(status: int, title: str, detail: str, code: str,
-            headers: dict[str, str] | None = None, **extensions: str) -> JSONResponse:
-    """A problem+json answer; ``extensions`` are extra members (RFC 9457 section 3.2)."""
-    body = Problem(title=title, status=status, detail=detail, code=code)
-    return JSONResponse({**body.model_dump(), **extensions}, status_code=status,
-                        media_type=MEDIA_TYPE, headers=headers)
+            headers: dict[str, str] | None = None, *, path: str = "") -> JSONResponse:
+    """A problem+json answer to a request for ``path``. Under an inference protocol's prefix
+    the detail is also in an ``error`` member (an extension member, RFC 9457 section 3.2):
+    tritonclient and KServe's clients read an error's message from there, for a route's
+    own errors and for an unknown path or method alike."""
+    body = Problem(title=title, status=status, detail=detail, code=code).model_dump()
+    if is_protocol(path):
+        body["error"] = detail
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
-def response_for(exc: errors.ServiceError, **extensions: str) -> JSONResponse:
-    """The problem+json answer to ``exc``, with the headers its status calls for;
-    ``extensions``: extra members."""
+def response_for(exc: errors.ServiceError, path: str = "") -> JSONResponse:
+    """The problem+json answer to ``exc`` for a request for ``path``, with the headers its
+    status calls for."""
     headers = None
     if isinstance(exc, errors.Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, errors.Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="medexplain"'}
-    return problem(status_of(exc), exc.title, exc.detail, exc.code, headers, **extensions)
+    return problem(status_of(exc), exc.title, exc.detail, exc.code, headers, path=path)
 
 
 def _log(request: Request, exc: errors.ServiceError) -> None:
@@ -70,25 +71,7 @@ def _log(request: Request, exc: errors.ServiceError) -> None:
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.ServiceError)
     _log(request, exc)
-    return response_for(exc)
-
-
-class ProtocolRoute(APIRoute):
-    """A route of an inference protocol (KServe V1, Open Inference Protocol V2): its
-    clients (tritonclient, KServe's) read an error's message from an ``error`` member, so
-    the problem+json answer carries the detail there too."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
-
-        async def handler(request: Request) -> Response:
-            try:
-                return await handle(request)
-            except errors.ServiceError as exc:
-                _log(request, exc)
-                return response_for(exc, error=exc.detail)
-
-        return handler
+    return response_for(exc, request.url.path)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -98,20 +81,20 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return problem(422, "Invalid parameter", "; ".join(parts) or "invalid request",
-                   "invalid_parameter")
+                   "invalid_parameter", path=request.url.path)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return problem(exc.status_code, str(exc.detail), f"{request.method} {request.url.path}: "
-                   f"{exc.detail}", code, dict(exc.headers or {}))
+                   f"{exc.detail}", code, dict(exc.headers or {}), path=request.url.path)
 
 
-def internal_error() -> JSONResponse:
+def internal_error(path: str = "") -> JSONResponse:
     """The answer to a failure no handler knows: nothing about it reaches the client."""
     return problem(500, "Internal error", "the service failed to process the request",
-                   "internal_error")
+                   "internal_error", path=path)
 
 
 def install(app: FastAPI) -> None:

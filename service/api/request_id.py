@@ -77,7 +77,7 @@ class RequestIdMiddleware:
         except Exception as exc:  # noqa: BLE001 - the edge: nothing may escape to the server
             errors_log.error("unhandled %s at %s", type(exc).__qualname__, _where(exc))
             if not started:
-                await internal_error()(scope, receive, send_with_id)
+                await internal_error(scope.get("path", ""))(scope, receive, send_with_id)
         finally:
             route = route_label(scope)
             duration = (time.perf_counter() - start) * 1000

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,24 @@ def test_the_served_document_states_the_instance_limit(server: str) -> None:
     assert (instances["minItems"], instances["maxItems"]) == (1, 3)
     too_many = {"instances": [{"b64": "aGVsbG8="}] * 4}
     assert httpx.post(f"{server}/v1/models/demo-cxr:predict", json=too_many).status_code == 400
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_body_is_inflated(server: str, encoding: str) -> None:
+    """As on the V2 routes. The instance count is read after inflating: the compressed
+    bytes' commas once made one gzip instance "more than 3 instances"."""
+    data = (PHANTOMS / "nodule.png").read_bytes()
+    body = json.dumps({"instances": [{"b64": _b64(data)}]}).encode()
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}[encoding]
+    packer = zlib.compressobj(wbits=wbits)
+    packed = packer.compress(body) + packer.flush()
+    answer = httpx.post(f"{server}/v1/models/demo-cxr:predict", content=packed, timeout=60,
+                        headers={"content-encoding": encoding,
+                                 "content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    direct = httpx.post(f"{server}/predict", content=data, timeout=60).json()
+    assert _without_timings(answer.json()["predictions"][0]) == _without_timings(direct)
+    refused = httpx.post(f"{server}/v1/models/demo-cxr:predict", content=body, timeout=60,
+                         headers={"content-encoding": "br"})
+    assert (refused.status_code, refused.json()["error"]) == (
+        415, "Content-Encoding 'br' is not gzip or deflate")

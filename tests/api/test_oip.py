@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -327,3 +329,115 @@ def test_typed_parameters(server: str) -> None:
     answer = httpx.post(f"{server}/v2/models/{MODEL}/infer", json=body, timeout=60)
     assert answer.status_code == 200, answer.text
     assert [o["name"] for o in answer.json()["outputs"]] == ["scores", "gradcam"]
+
+
+@pytest.mark.parametrize("length", ["9" * 5000, "0" * 5000 + "5", "\u00b2", "\u00b9", "1e3", "-1"],
+                         ids=["5000-digits", "leading-zeros", "superscript-2",
+                              "superscript-1", "exponent", "negative"])
+def test_a_header_length_that_is_no_byte_count_is_refused(server: str, length: str) -> None:
+    """Only ASCII digits, and few (Python's int() refuses 4,300 of them; str.isdigit takes
+    "²"): each of these was a 500 without an ``error`` member."""
+    answer = httpx.post(f"{server}/v2/models/{MODEL}/infer", content=b'{"inputs":[]}',
+                        headers={"Inference-Header-Content-Length": length.encode("latin-1")},
+                        timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == ("Inference-Header-Content-Length must be a byte count "
+                                      "no larger than the body's 13")
+
+
+def test_gzip_members_one_after_another_are_one_body(server: str) -> None:
+    """A gzip body may be several members (RFC 1952 2.2), as concatenated .gz files are;
+    bytes that are no member after the data are refused, not ignored."""
+    data = (PHANTOMS / "pneumothorax.png").read_bytes()
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                   "data": [base64.b64encode(data).decode()]}]}).encode()
+    half = len(body) // 2
+    url = f"{server}/v2/models/{MODEL}/infer"
+    joined = httpx.post(url, content=gzip.compress(body[:half]) + gzip.compress(body[half:]),
+                        headers={"content-encoding": "gzip"}, timeout=60)
+    assert joined.status_code == 200, joined.text
+    scores = np.array(joined.json()["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_array_equal(scores, _predict(server, data))
+    for tail, detail in ((b"junk", "the body is not valid gzip data"),
+                         (gzip.compress(b"")[:5], "the gzip body is truncated")):
+        refused = httpx.post(url, content=gzip.compress(body) + tail,
+                             headers={"content-encoding": "gzip"}, timeout=60)
+        assert (refused.status_code, refused.json()["error"]) == (400, detail)
+    deflated = zlib.compress(body)
+    refused = httpx.post(url, content=deflated + deflated,
+                         headers={"content-encoding": "deflate"}, timeout=60)
+    assert (refused.status_code, refused.json()["error"]) == (
+        400, "the body holds bytes after its deflate data")
+    many = gzip.compress(b"") * 64 + gzip.compress(body)
+    refused = httpx.post(url, content=many, headers={"content-encoding": "gzip"}, timeout=60)
+    assert (refused.status_code, refused.json()["error"]) == (
+        400, "the gzip body has more than 64 members")
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", f"/v2/models/{MODEL}/config", 404),
+    ("GET", "/v2/repository/index", 404),
+    ("POST", f"/v2/models/{MODEL}/versions//infer", 404),
+    ("DELETE", f"/v2/models/{MODEL}", 405),
+    ("GET", f"/v1/models/{MODEL}/unknown", 404),
+    ("PUT", "/v1/models", 405),
+], ids=["config", "repository-index", "empty-version", "delete", "v1-unknown", "v1-put"])
+def test_unknown_paths_and_methods_of_the_protocols_carry_an_error(
+        server: str, method: str, path: str, status: int) -> None:
+    """tritonclient reads the message from ``error``: without it, get_model_config raised
+    "an exception occurred in the client while decoding the response: 'error'"."""
+    answer = httpx.request(method, f"{server}{path}", timeout=60)
+    assert answer.status_code == status
+    body = answer.json()
+    assert body["error"] == body["detail"] == f"{method} {path}: " + (
+        "Not Found" if status == 404 else "Method Not Allowed")
+    # The service's own paths keep the plain problem.
+    assert "error" not in httpx.get(f"{server}/models/nothing", timeout=60).json()
+
+
+def test_get_model_config_raises_the_reason(client: triton.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException,
+                       match=rf"\[404\] GET /v2/models/{MODEL}/config: Not Found"):
+        client.get_model_config(MODEL)
+
+
+@pytest.mark.parametrize(("body", "detail"), [
+    ({"inputs": [_image()],
+      "outputs": [{"name": "scores", "parameters": {"classification": 2}}]},
+     ("output scores: the classification extension is not served; scores holds every "
+      "label's score, and the model metadata its labels")),
+    ({"inputs": [_image()], "outputs": [{"name": "scores"}, {"name": "scores"}]},
+     "output scores is asked for twice"),
+    ({"inputs": [_image(parameters={"binary_data_size": 4})]},
+     "input image has both data and parameters.binary_data_size: give one"),
+    ({"inputs": [_image(data=None, parameters={"binary_data_size": "4"})]},
+     "input image's binary_data_size is a JSON integer"),
+], ids=["classification", "output-twice", "data-and-binary", "string-size"])
+def test_what_the_answer_cannot_honour_is_refused(server: str, body: dict[str, object],
+                                                  detail: str) -> None:
+    answer = httpx.post(f"{server}/v2/models/{MODEL}/infer", json=body, timeout=60)
+    assert (answer.status_code, answer.json()["error"]) == (400, detail), answer.text
+
+
+def test_json_outputs_are_bounded_binary_ones_not(server: str) -> None:
+    """A 1500² image's map at size=original is 2.25 M values: ~135 MB while written as JSON.
+    Refused as JSON (pointing at binary data), answered as binary data."""
+    big = cv2.resize(cv2.imread(str(PHANTOMS / "nodule.png"), cv2.IMREAD_GRAYSCALE),
+                     (1500, 1500), interpolation=cv2.INTER_LINEAR)
+    ok, png = cv2.imencode(".png", big)
+    assert ok
+    image = _image(data=[base64.b64encode(png.tobytes()).decode()])
+    url = f"{server}/v2/models/{MODEL}/infer"
+    params = {"methods": "gradcam", "classes": "Nodule", "size": "original"}
+    refused = httpx.post(url, json={"inputs": [image], "parameters": params}, timeout=120)
+    assert refused.status_code == 400
+    assert refused.json()["error"].startswith(
+        "the outputs asked for as JSON hold 2250004 values, more than the 2097152 a JSON "
+        "answer may: ask for them as binary data")
+    answer = httpx.post(url, json={"inputs": [image], "parameters": {
+        **params, "binary_data_output": True}}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    size = int(answer.headers["Inference-Header-Content-Length"])
+    header = json.loads(answer.content[:size])
+    assert [o["shape"] for o in header["outputs"]] == [[1, 4], [1, 1, 1500, 1500]]
+    assert len(answer.content) == size + 4 * (4 + 1500 * 1500)

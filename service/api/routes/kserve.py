@@ -25,7 +25,7 @@ from schemas.protocols import (
     V1Request,
 )
 from service import outputs, pipeline
-from service.api.body import parse_inference_json, read_body
+from service.api.body import parse_inference_json, read_inflated_body
 from service.api.deps import (
     ApiKey,
     LimiterDep,
@@ -36,7 +36,7 @@ from service.api.deps import (
 )
 from service.api.docs import ERRORS, body_schema
 from service.api.metrics import label_model
-from service.api.problems import ProtocolRoute
+from service.api.paths import KSERVE_V1
 from service.api.request import ExplainParams, PredictParams, parameter_schemas, parse_params
 from service.api.routes.explain import compute, decode_upload, input_size
 from service.config import Settings
@@ -49,7 +49,7 @@ from service.runtime.worker import Limiter, Scheduler
 
 T = TypeVar("T")
 
-router = APIRouter(prefix="/v1/models", tags=["kserve-v1"], route_class=ProtocolRoute,
+router = APIRouter(prefix=KSERVE_V1, tags=["kserve-v1"],
                    dependencies=[ApiKey])
 
 # The model is the path's; the DICOM object belongs to /explain's DICOM answers.
@@ -153,10 +153,12 @@ async def _instances(request: Request, settings: Settings) -> list[bytes]:
     """The images of the instances body.
 
     Raises:
-        InvalidInferenceRequest: not the instances JSON, bad base64, too many instances.
-        PayloadTooLarge: a body over the upload limit.
+        InvalidInferenceRequest: not the instances JSON, bad base64, too many instances,
+            a compressed body that does not inflate.
+        PayloadTooLarge: a body over the upload limit, compressed or inflated.
+        UnsupportedMediaType: a Content-Encoding other than gzip or deflate.
     """
-    body = await read_body(request, settings)
+    body = await read_inflated_body(request, settings)
     # Refused before parsing: millions of tiny instances would cost far more memory parsed
     # than as bytes. Instances are separated by commas, and base64 holds none.
     if body.count(b",") >= 4 * settings.max_instances + 16:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -42,7 +42,7 @@ from schemas.protocols import (
     V2TensorMetadata,
 )
 from service import __version__, outputs, pipeline
-from service.api.body import parse_inference_json, read_body
+from service.api.body import parse_inference_json, read_inflated_body
 from service.api.deps import (
     AdmissionDep,
     ApiKey,
@@ -54,7 +54,7 @@ from service.api.deps import (
 )
 from service.api.docs import ERRORS, body_schema
 from service.api.metrics import label_model
-from service.api.problems import ProtocolRoute
+from service.api.paths import OIP_V2
 from service.api.request import ExplainParams, parameter_schemas, parse_params
 from service.api.routes.explain import compute, decode_upload, input_size
 from service.config import Settings
@@ -62,10 +62,8 @@ from service.errors import (
     InvalidInferenceRequest,
     InvalidParameter,
     OutputNotComputed,
-    PayloadTooLarge,
     TensorMismatch,
     UnknownModel,
-    UnsupportedMediaType,
 )
 from service.imaging.base import DecodedImage
 from service.imaging.preprocess import ModelInput, from_tensor
@@ -77,8 +75,7 @@ from service.models.spec import check_accepted
 from service.outputs.base import Packaging
 from service.outputs.render import Size
 
-router = APIRouter(prefix="/v2", tags=["open-inference-protocol-v2"],
-                   route_class=ProtocolRoute)
+router = APIRouter(prefix=OIP_V2, tags=["open-inference-protocol-v2"])
 
 IMAGE: Final[str] = "image"
 TENSOR: Final[str] = "tensor"
@@ -86,6 +83,12 @@ SCORES: Final[str] = "scores"
 HEADER_LENGTH: Final[str] = "Inference-Header-Content-Length"
 OCTET_STREAM: Final[str] = "application/octet-stream"
 FP32_MAX: Final[float] = float(np.finfo(np.float32).max)
+# Values a JSON answer may hold: each costs ~60 bytes while it is written (a Python float
+# in a list, then its text), so 2^21 of them ~120 MB, about the decode budget of a request.
+# The network's grid fits (demo-cxr: every method for every label is 1.6 M); a 1841 × 1955
+# radiograph's map at size=original (3.6 M) travels as binary data.
+MAX_JSON_VALUES: Final[int] = 1 << 21
+_BYTE_COUNT: Final[re.Pattern[str]] = re.compile(r"[0-9]{1,20}")
 _COMPONENT: Final[str] = "#/components/schemas/{}"
 # Request parameters tritonclient and Triton reserve; none changes what is computed here.
 _RESERVED: Final[frozenset[str]] = frozenset(
@@ -231,8 +234,7 @@ async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
                          scheduler: SchedulerDep, metrics: MetricsDep) -> Response:
     model = repository.get(name)
     label_model(request, model.name)
-    body = _inflated(await read_body(request, settings),
-                     request.headers.get("content-encoding"), settings.max_upload_bytes)
+    body = await read_inflated_body(request, settings)
     infer, blobs = _parse(body, request.headers.get(HEADER_LENGTH), _max_values(model))
     given = _tensor_input(infer, blobs, model)
     params, explaining = _params(infer.parameters)
@@ -307,37 +309,6 @@ class _Tensor:
     parameters: dict[str, str | int | bool]
 
 
-# Content-Encoding -> zlib's wbits (deflate is the zlib format, RFC 9110 section 8.4.1.2).
-_ENCODINGS: Final[dict[str, int]] = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-
-
-def _inflated(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body as it was before compression (tritonclient's
-    request_compression_algorithm), at most ``limit`` bytes: a small compressed body can
-    inflate to any size, so inflating stops there.
-
-    Raises:
-        UnsupportedMediaType: an encoding other than gzip or deflate.
-        InvalidInferenceRequest: data that is not what the encoding says.
-        PayloadTooLarge: more than ``limit`` bytes inflated.
-    """
-    name = (encoding or "identity").strip().lower()
-    if name == "identity":
-        return body
-    if name not in _ENCODINGS:
-        raise UnsupportedMediaType(f"Content-Encoding {name[:20]!r} is not gzip or deflate")
-    inflater = zlib.decompressobj(_ENCODINGS[name])
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInferenceRequest(f"the body is not valid {name} data") from exc
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"the body inflates to more than the limit of {limit} bytes")
-    if not inflater.eof:
-        raise InvalidInferenceRequest(f"the {name} body is truncated")
-    return data
-
-
 def _max_values(model: Served) -> int:
     """How many JSON values a request for ``model`` may hold: the network input's, twice,
     and room for the rest. Parsed, each value is a Python object of ~30 bytes, so a body
@@ -352,10 +323,13 @@ def _parse(body: bytes, header_length: str | None,
     """The JSON header and the binary data after it."""
     size = len(body)
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        # ASCII digits only, and few: str.isdigit also takes "²", and int() refuses more
+        # than 4,300 digits.
+        text = header_length.strip()
+        if not _BYTE_COUNT.fullmatch(text) or int(text) > len(body):
             raise InvalidInferenceRequest(f"{HEADER_LENGTH} must be a byte count no larger "
                                           f"than the body's {len(body)}")
-        size = int(header_length)
+        size = int(text)
     header = body[:size]
     # Every value after the first follows a comma (base64 holds none): a cheap upper bound.
     if header.count(b",") >= max_values:
@@ -399,12 +373,17 @@ def _expect(given: V2RequestInput, datatype: str) -> None:
 def _binary(given: V2RequestInput, blobs: bytes) -> bytes | None:
     """The tensor's bytes when it travels as binary data (one input: all of them)."""
     size = given.parameters.get("binary_data_size")
+    if size is not None and given.data is not None:
+        raise InvalidInferenceRequest(f"input {given.name} has both data and "
+                                      "parameters.binary_data_size: give one")
     if size is None:
         if given.data is None:
             raise InvalidInferenceRequest(f"input {given.name} has neither data nor "
                                           "parameters.binary_data_size")
         return None
-    if not isinstance(size, int) or isinstance(size, bool) or size != len(blobs):
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise InvalidInferenceRequest(f"input {given.name}'s binary_data_size is a JSON integer")
+    if size != len(blobs):
         raise InvalidInferenceRequest(f"input {given.name}'s binary_data_size does not match "
                                       f"the {len(blobs)} bytes after the JSON header")
     return blobs
@@ -551,11 +530,25 @@ def _answer(infer: V2InferRequest, tensors: list[_Tensor], model: Served) -> Res
                 raise OutputNotComputed(
                     f"output {requested.name[:100]!r} is not computed for this request; "
                     f"its outputs are {', '.join(by_name)} (maps need the methods parameter)")
+            if any(t.name == requested.name for t, _ in wanted):
+                raise InvalidInferenceRequest(f"output {requested.name} is asked for twice")
+            if "classification" in requested.parameters:
+                # Triton's classification extension answers BYTES "score:index:label"
+                # values in place of the tensor: silently ignoring it would hand back FP32.
+                raise InvalidInferenceRequest(
+                    f"output {requested.name}: the classification extension is not served; "
+                    f"{SCORES} holds every label's score, and the model metadata its labels")
             binary = requested.parameters.get("binary_data", binary_default)
             if not isinstance(binary, bool):
                 raise InvalidInferenceRequest(f"output {requested.name}'s binary_data is a "
                                               "JSON boolean")
             wanted.append((by_name[requested.name], bool(binary)))
+    in_json = sum(tensor.values.size for tensor, binary in wanted if not binary)
+    if in_json > MAX_JSON_VALUES:
+        raise InvalidInferenceRequest(
+            f"the outputs asked for as JSON hold {in_json} values, more than the "
+            f"{MAX_JSON_VALUES} a JSON answer may: ask for them as binary data "
+            "(binary_data_output, or an output's binary_data) or on a smaller grid (size)")
     blobs: list[bytes] = []
     entries = []
     for tensor, binary in wanted:
