@@ -66,7 +66,6 @@ def _explain(args: argparse.Namespace) -> int:
     from service.api.routes.explain import decode_upload, input_size
     from service.errors import ModelError, ServiceError
     from service.main import open_repository
-    from service.models.spec import check_accepted
     from service.outputs.base import Packaging
 
     try:
@@ -90,9 +89,8 @@ def _explain(args: argparse.Namespace) -> int:
         wanted = [outputs.DICOM_OUTPUTS[name] for name in dict.fromkeys(args.dicom or ())]
         options = outputs.JSON_OUTPUT.options(params, model, Packaging.JSON)
         full = any(o.full_resolution for o in wanted)
-        image = decode_upload(data, None, params, settings,
+        image = decode_upload(data, None, params, settings, model,
                               None if full else input_size(model, settings))
-        check_accepted(model, image)
         refused = [o for o in wanted if not o.accepts(image)]
         if refused:
             print(f"medexplain explain: dicom {refused[0].name} needs {refused[0].needs}; "

@@ -12,9 +12,10 @@ class Destination(ABC):
     name: str
 
     @abstractmethod
-    def send(self, objects: Sequence[bytes]) -> None:
-        """Send DICOM objects (Part 10 files).
+    def send(self, objects: Sequence[bytes], timeout_s: float) -> None:
+        """Send DICOM objects (Part 10 files) within ``timeout_s`` seconds.
 
         Raises:
             DeliveryError: when the destination does not take every object.
+            TimeoutError: when it has not taken them in time.
         """

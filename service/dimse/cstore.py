@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 from collections.abc import Sequence
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, Association
 
 from service.config import Settings
 from service.dimse.base import Destination
@@ -16,6 +18,11 @@ from service.errors import DeliveryError
 
 # What /explain's DICOM outputs write: Secondary Capture, Comprehensive 3D SR.
 SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34")
+# Our results are written in Explicit VR Little Endian; Implicit VR Little Endian is
+# proposed beside it because it is the one every SCP must accept (PS3.5 §10.1), and
+# pynetdicom converts between the two.
+TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the three warnings (PS3.4 B.2.3)
 
 
 class CStore(Destination):
@@ -23,10 +30,7 @@ class CStore(Destination):
 
     def __init__(self, calling: str, called: str, host: str, port: int) -> None:
         self.name = f"{called}@{host}:{port}"
-        self._called, self._host, self._port = called, host, port
-        self._ae = AE(ae_title=calling)
-        for sop_class in SOP_CLASSES:
-            self._ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+        self._calling, self._called, self._host, self._port = calling, called, host, port
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CStore | None:
@@ -36,20 +40,60 @@ class CStore(Destination):
         host, _, port = address.rpartition(":")
         return cls(settings.dicom_ae_title, called, host, int(port))
 
-    def send(self, objects: Sequence[bytes]) -> None:
-        assoc = self._ae.associate(self._host, self._port, ae_title=self._called)
+    def send(self, objects: Sequence[bytes], timeout_s: float) -> None:
+        datasets = []
+        for data in objects:
+            try:
+                datasets.append(dcmread(io.BytesIO(data)))
+            except InvalidDicomError as exc:  # our own output: a bug, not the sender's
+                raise DeliveryError(f"a result is not DICOM: {exc}") from exc
+        needed = list(dict.fromkeys(str(ds.SOPClassUID) for ds in datasets))
+        deadline = time.monotonic() + timeout_s
+        # An AE per delivery: its timeouts are this delivery's, and deliveries of images
+        # received on other associations run at the same time. Connecting and waiting for
+        # the A-ASSOCIATE-AC share the first half of the time; the rest is bounded below.
+        ae = AE(ae_title=self._calling)
+        ae.connection_timeout = ae.acse_timeout = timeout_s / 2
+        ae.dimse_timeout = ae.network_timeout = timeout_s
+        for sop_class in SOP_CLASSES:
+            ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES))
+        assoc = ae.associate(self._host, self._port, ae_title=self._called)
         if not assoc.is_established:
-            raise DeliveryError(f"{self.name} refused or did not answer the association")
+            raise DeliveryError(f"{self.name} {_why_not_associated(assoc, needed)}")
+        # A destination that stops answering mid-delivery is aborted at the deadline.
+        watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), assoc.abort)
+        watchdog.start()
         try:
-            for data in objects:
-                try:
-                    dataset = dcmread(io.BytesIO(data))
-                except InvalidDicomError as exc:  # our own output: a bug, not the sender's
-                    raise DeliveryError(f"a result is not DICOM: {exc}") from exc
+            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            refused = [uid for uid in needed if uid not in accepted]
+            if refused:  # before sending any: a result is delivered whole or not at all
+                raise DeliveryError(f"{self.name} does not take {_names(refused)} results "
+                                    "(it refused their presentation context)")
+            for dataset in datasets:
                 status = assoc.send_c_store(dataset)
                 code = getattr(status, "Status", None)
-                if code is None or code not in (0x0000, 0xB000, 0xB006, 0xB007):
+                if code is None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"{self.name} had not stored the results in "
+                                       f"{timeout_s:.1f} s")
+                if code is None or code not in STORED:
                     shown = "no answer" if code is None else f"status 0x{code:04X}"
                     raise DeliveryError(f"{self.name} did not store a result ({shown})")
         finally:
-            assoc.release()
+            watchdog.cancel()
+            if assoc.is_established:
+                assoc.release()
+
+
+def _names(uids: Sequence[str]) -> str:
+    return ", ".join(UID(uid).name for uid in uids)
+
+
+def _why_not_associated(assoc: Association, needed: Sequence[str]) -> str:
+    if assoc.is_rejected:
+        return "rejected the association"
+    if assoc.is_aborted:
+        # pynetdicom aborts when no presentation context was accepted.
+        if not assoc.accepted_contexts and assoc.rejected_contexts:
+            return f"accepted no presentation context for {_names(needed)} results"
+        return "aborted the association"
+    return "did not answer the association request"

@@ -61,22 +61,21 @@ class InProcess:
         self._state = state
         self._loop = loop
         self._query = parse_qsl(settings.dicom_query)
-        self._timeout_s = settings.dicom_timeout_s
         # When the service needs API keys, the SCP is a client like any other.
         self._headers = [(b"x-api-key", settings.api_keys[0].encode())] if settings.api_keys \
             else []
 
-    def explain(self, dicom: bytes, output: str) -> Answer:
+    def explain(self, dicom: bytes, output: str, timeout_s: float) -> Answer:
         """``POST /explain?<dicom_query>&dicom=<output>`` with the DICOM body, answered as
         multipart/related DICOM; blocks the calling thread, never the loop.
 
         Raises:
-            TimeoutError: no answer within ``dicom_timeout_s``.
+            TimeoutError: no answer within ``timeout_s`` (the request is cancelled).
         """
         query = urlencode([*self._query, ("dicom", output)]).encode()
         future = asyncio.run_coroutine_threadsafe(self._call(query, dicom), self._loop)
         try:
-            return future.result(timeout=self._timeout_s)
+            return future.result(timeout=timeout_s)
         except TimeoutError:
             future.cancel()
             raise

@@ -10,6 +10,8 @@ became of it (PS3.4 B.2.3):
 422 dicom_not_accepted,     0x0000      a valid image this model is not for (another
 415 (no pixel data, ...)                modality or body part): taken, not explained
 400 (bad DICOM)             0xC000      Error: cannot understand
+406 (no valid Study or SOP  0xA900      Error: data set does not match SOP class (the
+Instance UID, ...)                      results have no study to join)
 413, 503                    0xA700      Refused: out of resources (the sender may retry)
 anything else, a timeout    0x0110      processing failure
 or a failed delivery
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
+DATASET_MISMATCH = 0xA900
 OUT_OF_RESOURCES = 0xA700
 PROCESSING_FAILURE = 0x0110
 
@@ -55,11 +58,25 @@ def status_of(answer: Answer) -> int:
     """The C-STORE status for an /explain answer that is not a 200 (table above)."""
     if answer.status == 400:
         return CANNOT_UNDERSTAND
+    if answer.status == 406:  # the SCP accepts any answer: only the image is lacking
+        return DATASET_MISMATCH
     if answer.status in (413, 503):
         return OUT_OF_RESOURCES
     if problem_code(answer) in NOT_EXPLAINED:
         return SUCCESS
     return PROCESSING_FAILURE
+
+
+def _left(deadline: float) -> float:
+    """Seconds left before ``deadline``.
+
+    Raises:
+        TimeoutError: none.
+    """
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
 
 
 # How long stop() waits for connections still awaiting their A-ASSOCIATE-RQ to close.
@@ -102,7 +119,8 @@ class StoreServer:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         self._server = self._ae.start_server(
             (self._settings.host, self._settings.dicom_port), block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                          (evt.EVT_REJECTED, self._on_rejected)])
 
     def stop(self) -> None:
         """Stop listening, then end every connection.
@@ -139,14 +157,27 @@ class StoreServer:
         assert self._server is not None
         return int(self._server.server_address[1])
 
+    def _on_rejected(self, event: Event) -> None:
+        """Log why an association was refused (pynetdicom's own line says only that)."""
+        calling = event.assoc.requestor.ae_title
+        called = event.assoc.requestor.primitive.called_ae_title
+        if self._ae.require_calling_aet and calling not in self._ae.require_calling_aet:
+            why = "calling AE title not allowed"
+        elif called != self._ae.ae_title:
+            why = f"called AE title {called} is not ours"
+        else:
+            why = f"{self._ae.maximum_associations} associations already open"
+        log.warning("association from %s rejected: %s", calling, why)
+
     def _on_store(self, event: Event) -> int:
         calling = event.assoc.requestor.ae_title
         started = time.monotonic()
         dicom = event.encoded_dataset(include_meta=True)
         try:
             status, what = self._handle(dicom)
-        except TimeoutError:
-            status, what = PROCESSING_FAILURE, "timed out"
+        except TimeoutError as exc:
+            limit = f"timed out after {self._settings.dicom_timeout_s:g} s"
+            status, what = PROCESSING_FAILURE, f"{limit}: {exc}" if str(exc) else limit
         except DeliveryError as exc:
             status, what = PROCESSING_FAILURE, f"not delivered: {exc.detail}"
         log.info("C-STORE from %s: 0x%04X %s (%.1f s)", calling, status, what,
@@ -154,14 +185,16 @@ class StoreServer:
         return status
 
     def _handle(self, dicom: bytes) -> tuple[int, str]:
+        # One budget for the image: every explanation and every delivery.
+        deadline = time.monotonic() + self._settings.dicom_timeout_s
         objects: list[bytes] = []
         for output in self._settings.dicom_outputs:
-            answer = self._client.explain(dicom, output)
+            answer = self._client.explain(dicom, output, _left(deadline))
             if answer.status != 200:
                 code = problem_code(answer)
                 return status_of(answer), f"not explained: HTTP {answer.status} {code}"
             objects += answer.objects()
         for destination in self._destinations:
-            destination.send(objects)
+            destination.send(objects, _left(deadline))
         names = ", ".join(d.name for d in self._destinations) or "nowhere"
         return SUCCESS, f"explained: {len(objects)} object(s) to {names}"

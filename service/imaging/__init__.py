@@ -15,7 +15,13 @@ from typing import Final
 from service.errors import EmptyBody, FrameOutOfRange, UnsupportedMediaType
 from service.imaging.base import DecodedImage
 from service.imaging.budget import DEFAULT_MAX_DECODE_BYTES
-from service.imaging.dicom import DEFAULT_MAX_FRAMES, Window, decode_dicom, looks_like_dicom
+from service.imaging.dicom import (
+    DEFAULT_MAX_FRAMES,
+    Accept,
+    Window,
+    decode_dicom,
+    looks_like_dicom,
+)
 from service.imaging.raster import (
     DEFAULT_MAX_PIXELS,
     JPEG_SOI,
@@ -29,35 +35,39 @@ __all__ = [
     "DEFAULT_MAX_FRAMES",
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_MEDIA_TYPES",
+    "Accept",
     "DecodedImage",
     "Window",
     "decode",
     "sniff_media_type",
 ]
 
-# (data, frame, window, max_pixels, max_frames, max_decode_bytes, min_size) -> image;
-# adapters give every format one signature.
-_Decoder = Callable[[bytes, int, Window, int, int, int, "tuple[int, int] | None"],
-                    DecodedImage]
+# (data, frame, window, max_pixels, max_frames, max_decode_bytes, min_size, accept) ->
+# image; adapters give every format one signature.
+_Decoder = Callable[[bytes, int, Window, int, int, int, "tuple[int, int] | None",
+                     "Accept | None"], DecodedImage]
 
 
 def _png(data: bytes, frame: int, window: Window, max_pixels: int, max_frames: int,
-         max_decode_bytes: int, min_size: tuple[int, int] | None) -> DecodedImage:
+         max_decode_bytes: int, min_size: tuple[int, int] | None,
+         accept: Accept | None) -> DecodedImage:
     _single_frame_only(frame)
     return decode_png(data, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
 
 
 def _jpeg(data: bytes, frame: int, window: Window, max_pixels: int, max_frames: int,
-          max_decode_bytes: int, min_size: tuple[int, int] | None) -> DecodedImage:
+          max_decode_bytes: int, min_size: tuple[int, int] | None,
+          accept: Accept | None) -> DecodedImage:
     _single_frame_only(frame)
     return decode_jpeg(data, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
 
 
 def _dicom(data: bytes, frame: int, window: Window, max_pixels: int, max_frames: int,
-           max_decode_bytes: int, min_size: tuple[int, int] | None) -> DecodedImage:
+           max_decode_bytes: int, min_size: tuple[int, int] | None,
+           accept: Accept | None) -> DecodedImage:
     return decode_dicom(data, frame=frame, window=window, max_pixels=max_pixels,
                         max_frames=max_frames, max_decode_bytes=max_decode_bytes,
-                        min_size=min_size)
+                        min_size=min_size, accept=accept)
 
 
 # ---- The registry: media type -> decoder. Add a format here (and to the sniffer). ----
@@ -113,6 +123,7 @@ def decode(
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     min_size: tuple[int, int] | None = None,
+    accept: Accept | None = None,
 ) -> DecodedImage:
     """Decode an upload, trusting its bytes over its declared media type.
 
@@ -130,6 +141,8 @@ def decode(
         min_size: (height, width) the pixels are needed at (a network's input); JPEG 2000
             DICOM may then be decoded at a reduced resolution no smaller than that (see
             :func:`service.imaging.dicom.decode_dicom`). None: full resolution.
+        accept: called with a DICOM object's attributes before any size check or pixel
+            decode, to refuse an object it raises for (PNG and JPEG carry no header).
 
     Returns:
         The decoded image.
@@ -140,7 +153,7 @@ def decode(
             bytes that are not PNG, JPEG or DICOM.
         InvalidImage, InvalidDicom, DicomWithoutPixels, UnsupportedTransferSyntax,
         PayloadTooLarge, DecodeBudgetExceeded, InvalidParameter, TooManyFrames: from the
-            decoder.
+            decoder; whatever ``accept`` raises.
     """
     if not data:
         raise EmptyBody("the request carries no image bytes")
@@ -164,7 +177,7 @@ def decode(
             + ", ".join(SUPPORTED_MEDIA_TYPES)
         )
     return _REGISTRY[chosen](data, frame, window, max_pixels, max_frames, max_decode_bytes,
-                             min_size)
+                             min_size, accept)
 
 
 def _single_frame_only(frame: int) -> None:

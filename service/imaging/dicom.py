@@ -16,6 +16,7 @@ import numbers
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
@@ -61,6 +62,9 @@ from service.imaging.raster import DEFAULT_MAX_PIXELS, check_pixel_count, jpeg_h
 
 Window: TypeAlias = tuple[float, float] | None | Literal["none"]
 """None: the file's own VOI; (center, width): that linear window; "none": min-max."""
+
+Accept: TypeAlias = Callable[[Dataset], None]
+"""Called with a DICOM object's attributes (pixels not read); raises to refuse it."""
 
 DICM_OFFSET: Final[int] = 128
 # Cine loops and breast tomosynthesis run to a few hundred frames; see Settings.max_frames.
@@ -185,6 +189,7 @@ def decode_dicom(
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     min_size: tuple[int, int] | None = None,
+    accept: Accept | None = None,
 ) -> DecodedImage:
     """Decode one frame of a DICOM object to 0..1 display pixels.
 
@@ -210,6 +215,10 @@ def decode_dicom(
             it, JPEG 2000 frames are decoded at the smallest power-of-two reduction still
             at least that large in both axes (see :mod:`service.imaging.j2k`); the image's
             ``original_size`` then keeps Rows x Columns. None: always full resolution.
+        accept: called with the object's attributes once they are read, before the frame
+            count, pixel count and budget are checked and before any pixel is decoded: an
+            object the caller does not want is refused as such, whatever its size or
+            encoding (a C-STORE SCP is sent every image of a study).
 
     Returns:
         The decoded frame: (H, W) grey or (H, W, 3) RGB float32 in 0..1, with non-identifying
@@ -225,11 +234,18 @@ def decode_dicom(
         DecodeBudgetExceeded: decoding would take more than ``max_decode_bytes``.
         InvalidParameter: frame out of range, a malformed window, or a window on colour.
         TooManyFrames: Number of Frames exceeds ``max_frames``.
+        Whatever ``accept`` raises.
     """
     window = _check_window(window)
     min_size = _check_min_size(min_size)
     ds, inflated = _read_dataset(data, max_decode_bytes)
     header = _read_header(ds)
+    if accept is not None:
+        try:
+            accept(ds)
+        except _PYDICOM_ERRORS as exc:
+            raise InvalidDicom("DICOM attributes could not be read (corrupt attributes)") \
+                from exc
     if header.frames > max_frames:
         raise TooManyFrames(
             f"the DICOM object has {header.frames} frames; the limit is {max_frames}"

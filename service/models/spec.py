@@ -16,8 +16,6 @@ from service.errors import DicomNotAccepted
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from service.imaging.base import DecodedImage
-
 
 class Layout(StrEnum):
     NCHW = "NCHW"
@@ -101,16 +99,17 @@ class _WithAccepts(Protocol):
     def accepts(self) -> Accepts: ...
 
 
-def check_accepted(model: Guarded, image: DecodedImage) -> None:
-    """Refuse a DICOM image that any of the model's networks is not meant for.
+def check_accepted(model: Guarded, source: Dataset) -> None:
+    """Refuse a DICOM object that any of the model's networks is not meant for.
+
+    Called by the decoder with the object's attributes, before any size check or pixel
+    decode: an image the model is not for is told so, whatever its size or encoding.
 
     Raises:
         DicomNotAccepted: naming the attribute and the accepted values.
     """
-    if image.source is None:
-        return
     for member in model.members:
-        reason = member.config.accepts.refusal(image.source)
+        reason = member.config.accepts.refusal(source)
         if reason is not None:
             raise DicomNotAccepted(f"model {model.name} is not for this image: {reason}")
 

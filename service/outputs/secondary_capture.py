@@ -94,6 +94,7 @@ PATIENT_STUDY_KEYWORDS: Final[tuple[str, ...]] = (
     "ReferringPhysicianName",
     "AccessionNumber",
     "StudyID",
+    "StudyDescription",
 )
 
 # CID 7202 "Source Image Purposes of Reference".

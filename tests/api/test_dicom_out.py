@@ -123,6 +123,7 @@ def test_real_compressed_radiograph(client: TestClient) -> None:
     sc, source = _read(r.content), _read(data)
     assert sc.StudyInstanceUID == source.StudyInstanceUID
     assert sc.PatientName == source.PatientName == "CompressedSamples^RG1"
+    assert sc.StudyDescription == source.StudyDescription == "THORAX"  # a PACS lists it
     assert sc.PatientOrientation == source.PatientOrientation
     assert sc.pixel_array.shape[1:] == (source.Columns, 3)
     assert sc.SeriesDescription == "medexplain crm_combined all"

@@ -51,3 +51,22 @@ def test_the_rules_are_published(client: TestClient) -> None:
     info = client.get("/models/demo-cxr").json()
     assert info["accepts"] == {"modalities": ["CR", "DX"], "body_parts": ["CHEST"],
                                "view_positions": []}
+
+
+def test_an_image_not_for_the_model_is_refused_as_such_whatever_its_size(
+        client: TestClient, any_dicom_client: TestClient) -> None:
+    """The service's own capture of a real radiograph sent back (a PACS forwards every
+    object of the study): "not for this model", not "too large", which a sender retries."""
+    capture = client.post("/explain", content=_pydicom_data("RG1_UNCR.dcm"),
+                          headers={"content-type": "application/dicom",
+                                   "accept": "application/dicom"})
+    assert capture.status_code == 200, capture.text
+    r = client.post("/explain", content=capture.content,
+                    headers={"content-type": "application/dicom"})
+    body = assert_problem(r, 422, "dicom_not_accepted")
+    assert body["detail"] == ("model demo-cxr is not for this image: Modality is OT; the "
+                              "model accepts CR, DX")
+    # Where no rule refuses it, its size is what stops it.
+    r = any_dicom_client.post("/explain", content=capture.content,
+                              headers={"content-type": "application/dicom"})
+    assert_problem(r, 413, "decode_budget_exceeded")

@@ -96,6 +96,7 @@ def _problem(status: int, code: str) -> Answer:
 
 @pytest.mark.parametrize(("status", "code", "expected"), [
     (400, "invalid_dicom", 0xC000),  # Error: cannot understand
+    (406, "not_acceptable", 0xA900),  # no Study Instance UID for the results to join
     (413, "payload_too_large", 0xA700),  # Refused: out of resources
     (503, "overloaded", 0xA700),
     (422, "dicom_not_accepted", 0x0000),  # valid, not for this model: taken

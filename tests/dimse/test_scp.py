@@ -178,13 +178,17 @@ def test_results_by_stow_rs_to_dicomweb(pacs: tuple[str, int], by_stow: tuple[Te
 
 def test_a_caller_outside_the_list_is_rejected(pacs: tuple[str, int],
                                                by_cstore: tuple[TestClient, int],
-                                               tmp_path: Path) -> None:
+                                               tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     _, port = by_cstore
+    caplog.set_level(logging.INFO, logger="service.dimse.scp")
     path, source = _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
     result = _storescu(port, [path], calling="INTRUDER")
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
     assert _study(pacs[0], source.StudyInstanceUID) == []
+    assert [r.getMessage() for r in caplog.records if r.name == "service.dimse.scp"] == [
+        "association from INTRUDER rejected: calling AE title not allowed"]
 
 
 def test_a_bad_file_gets_a_failure_status_and_the_scp_keeps_serving(

@@ -83,9 +83,11 @@ def j2k_decoy_dicom(side: int) -> bytes:
 
     A check that reads the first SOC/SIZ pattern anywhere in the frame sees the decoy
     (64 x 64, the file's Rows/Columns); OpenJPEG decodes the ``jp2c`` box's codestream and
-    allocates side x side samples.
+    allocates side x side samples. It is dressed as a chest radiograph (CR, CHEST): an
+    attacker passes a model's ``[accepts]`` as easily, and only the size checks are left.
     """
     ds = pydicom.dcmread(testdata("MR_small_jp2klossless.dcm"))
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
     frame = get_frame(ds.PixelData, 0, number_of_frames=1)
     decoy = box(b"xml ", b"<x>" + frame[:64] + b"</x>")
     ds.PixelData = encapsulate([jp2(with_siz(frame, side, side), before=decoy)])

@@ -8,8 +8,9 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 
-from service.errors import DecodeBudgetExceeded, PayloadTooLarge
+from service.errors import DecodeBudgetExceeded, PayloadTooLarge, ServiceError
 from service.imaging import budget, decode
 from tests.imaging import bombs
 from tests.imaging.memory import MiB, peak_rss
@@ -112,6 +113,33 @@ def test_dicom_budget_is_checked_before_the_pixels_are_decoded(
     monkeypatch.setattr(Decoder, "as_array", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(DecodeBudgetExceeded, match=r"DICOM image \(1841x1955\)"):
         decode(data, None, max_decode_bytes=16 * MiB)
+
+
+def test_an_image_the_caller_refuses_is_refused_before_its_size_is_checked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-STORE SCP is sent every image of a study: a huge one of another modality is
+    "not for this model", not "too large" (the sender would retry it) nor a decode error."""
+    from pydicom.pixels.decoders.base import Decoder
+
+    class Refused(ServiceError):
+        pass
+
+    seen: list[object] = []
+
+    def refuse(source: Dataset) -> None:
+        seen.append((source.Modality, source.Rows, source.Columns))
+        raise Refused("not for this model")
+
+    data = bombs.testdata("RG1_UNCR.dcm").read_bytes()
+    monkeypatch.setattr(Decoder, "as_array", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(Refused):  # the budget alone refuses it (the test above)
+        decode(data, None, max_decode_bytes=16 * MiB, max_pixels=1000, accept=refuse)
+    assert seen == [("CR", 1955, 1841)]
+    # Taken: the limits apply as before, PNG and JPEG are never asked about.
+    with pytest.raises(DecodeBudgetExceeded):
+        decode(data, None, max_decode_bytes=16 * MiB, accept=lambda source: None)
+    decode(bombs.png_bomb(64, 64), "image/png", accept=refuse)
+    assert len(seen) == 1
 
 
 def test_a_deflate_bomb_is_counted_in_bounded_memory() -> None:

@@ -13,6 +13,7 @@ operation, so that generated clients take its answer as bytes).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -84,10 +85,19 @@ EXPLAIN_DICOM_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def decode_upload(data: bytes, media_type: str | None, params: PredictParams,
-            settings: Settings, min_size: tuple[int, int] | None) -> DecodedImage:
+                  settings: Settings, model: Served,
+                  min_size: tuple[int, int] | None) -> DecodedImage:
+    """The upload decoded for ``model``; a DICOM image it is not for is refused before its
+    size is checked or its pixels decoded.
+
+    Raises:
+        DicomNotAccepted: the model's ``[accepts]`` refuse the DICOM header.
+        ServiceError: the decoder's errors (:func:`service.imaging.decode`).
+    """
     return imaging.decode(data, media_type, frame=params.frame, window=params.window,
                           max_pixels=settings.max_pixels, max_frames=settings.max_frames,
-                          max_decode_bytes=settings.max_decode_bytes, min_size=min_size)
+                          max_decode_bytes=settings.max_decode_bytes, min_size=min_size,
+                          accept=functools.partial(check_accepted, model))
 
 
 def input_size(model: Served, settings: Settings) -> tuple[int, int] | None:
@@ -157,10 +167,9 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
 
     def prepare() -> tuple[outputs.Output, outputs.Packaging, pipeline.Job]:
         watch = pipeline.Stopwatch()
-        image = decode_upload(upload.data, upload.media_type, params, settings,
+        image = decode_upload(upload.data, upload.media_type, params, settings, model,
                               None if first.full_resolution else input_size(model, settings))
         watch.lap("decode")
-        check_accepted(model, image)
         chosen = next(((o, p) for o, p in candidates if o.accepts(image)), None)
         if chosen is None:
             if dicom_only and image.format != "dicom":
@@ -199,10 +208,9 @@ async def predict(request: Request, settings: SettingsDep, repository: Repositor
 
     def prepare() -> pipeline.Job:
         watch = pipeline.Stopwatch()
-        image = decode_upload(upload.data, upload.media_type, params, settings,
+        image = decode_upload(upload.data, upload.media_type, params, settings, model,
                               input_size(model, settings))
         watch.lap("decode")
-        check_accepted(model, image)
         return pipeline.prepare(model, image, None, watch)
 
     async with limiter.admit():

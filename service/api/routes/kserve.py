@@ -42,7 +42,6 @@ from service.api.routes.explain import compute, decode_upload, input_size
 from service.config import Settings
 from service.errors import InvalidInferenceRequest, InvalidParameter
 from service.models.repository import Served
-from service.models.spec import check_accepted
 from service.outputs.base import JSON, Packaging
 from service.outputs.json_maps import predict_response
 from service.runtime.worker import Limiter, Scheduler
@@ -131,9 +130,8 @@ async def _run(images: list[bytes], model: Served, options: pipeline.ExplainOpti
 
     def prepare(data: bytes) -> pipeline.Job:
         watch = pipeline.Stopwatch()
-        image = decode_upload(data, None, params, settings, input_size(model, settings))
+        image = decode_upload(data, None, params, settings, model, input_size(model, settings))
         watch.lap("decode")
-        check_accepted(model, image)
         return pipeline.prepare(model, image, options, watch)
 
     async with limiter.admit():

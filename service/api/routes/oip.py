@@ -71,7 +71,6 @@ from service.methods import METHODS
 from service.methods.maps import resize
 from service.models.ensemble import Ensemble
 from service.models.repository import Repository, Served
-from service.models.spec import check_accepted
 from service.outputs.base import Packaging
 from service.outputs.render import Size
 
@@ -245,9 +244,9 @@ async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
         watch = pipeline.Stopwatch()
         if isinstance(given, ModelInput):  # already the network's input: nothing to do
             return pipeline.Job(_tensor_image(given), (given,), options, watch)
-        image = decode_upload(given, None, params, settings, input_size(model, settings))
+        image = decode_upload(given, None, params, settings, model,
+                              input_size(model, settings))
         watch.lap("decode")
-        check_accepted(model, image)
         return pipeline.prepare(model, image, options, watch)
 
     def finish(computed: pipeline.Computed) -> Response:

@@ -1,0 +1,144 @@
+"""Results out by C-STORE (service.dimse.cstore) to DCMTK's ``storescp`` as destinations
+that are stricter or slower than Orthanc: one that takes Implicit VR Little Endian only,
+one that takes no Structured Reports, one that never answers its C-STOREs. Images go in
+with DCMTK's ``storescu``, as in test_scp.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
+
+from service.config import Settings
+from service.main import create_app
+from tests.api.conftest import DATA, MODELS
+from tests.orthanc_tools import free_port
+
+pytestmark = [pytest.mark.slow]
+
+STORESCP = shutil.which("storescp")
+STORESCU = shutil.which("storescu")
+DESTINATION = "ARCHIVE"
+
+# DCMTK's association configuration (asccfg): Secondary Capture only, uncompressed.
+CAPTURES_ONLY = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = OppositeEndianExplicit
+TransferSyntax3 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[CapturesOnly]
+PresentationContext1 = SecondaryCaptureImageStorage\\Uncompressed
+
+[[Profiles]]
+[CapturesOnly]
+PresentationContexts = CapturesOnly
+"""
+
+
+@contextmanager
+def _storescp(folder: Path, *options: str) -> Iterator[int]:
+    """A storescp writing what it receives into ``folder``; yields its port."""
+    assert STORESCP is not None, "DCMTK is not installed: `bash scripts/system-deps.sh`"
+    port = free_port()
+    process = subprocess.Popen([STORESCP, "-aet", DESTINATION, "-od", str(folder), *options,
+                                str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):  # up to 10 s to listen
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("storescp did not start listening")
+        yield port
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def _send(destination_port: int, caplog: pytest.LogCaptureFixture,
+          **settings: object) -> tuple[str, list[str], float]:
+    """One radiograph through the service (SC and SR out to the destination): storescu's
+    output, the SCP's log lines and storescu's seconds."""
+    assert STORESCU is not None, "DCMTK is not installed: `bash scripts/system-deps.sh`"
+    config = Settings(models=MODELS, threads=1, dicom_port=free_port(),
+                      dicom_destination=f"{DESTINATION}@127.0.0.1:{destination_port}",
+                      dicom_outputs=("sc", "sr"), **settings)  # type: ignore[arg-type]
+    caplog.set_level(logging.INFO, logger="service.dimse.scp")
+    with TestClient(create_app(config)):
+        started = time.monotonic()
+        result = subprocess.run([STORESCU, "-v", "-aec", "MEDEXPLAIN", "127.0.0.1",
+                                 str(config.dicom_port),
+                                 str(DATA / "dicom" / "phantom_nodule.dcm")],
+                                capture_output=True, text=True, timeout=120, check=False)
+        took = time.monotonic() - started
+    lines = [r.getMessage() for r in caplog.records if r.name == "service.dimse.scp"]
+    return result.stdout + result.stderr, lines, took
+
+
+def _response(output: str) -> list[str]:
+    return re.findall(r"Received Store Response \((.*)\)", output)
+
+
+def test_a_destination_taking_only_implicit_vr_gets_every_result(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Implicit VR Little Endian is the one syntax every SCP must take (PS3.5 §10.1); only
+    Explicit VR was proposed, and such a destination accepted nothing."""
+    with _storescp(tmp_path, "+xi") as port:
+        output, lines, _ = _send(port, caplog)
+    assert _response(output) == ["Success"], output
+    assert len(lines) == 1 and " 0x0000 explained: 2 object(s) to ARCHIVE@" in lines[0], lines
+    received = [pydicom.dcmread(path) for path in sorted(tmp_path.iterdir())]
+    assert sorted(str(d.SOPClassUID) for d in received) == sorted(
+        [SecondaryCaptureImageStorage, Comprehensive3DSRStorage])
+    assert {str(d.file_meta.TransferSyntaxUID) for d in received} == {ImplicitVRLittleEndian}
+
+
+def test_a_destination_refusing_reports_is_a_failure_that_names_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The sender is told the image failed (0x0110, not 0xC211 from an exception in the
+    handler), the log says which results were refused, and none is sent half-way."""
+    config = tmp_path / "storescp.cfg"
+    config.write_text(CAPTURES_ONLY)
+    received = tmp_path / "received"
+    received.mkdir()
+    with _storescp(received, "-xf", str(config), "CapturesOnly") as port:
+        output, lines, _ = _send(port, caplog)
+    assert _response(output) == ["Unknown Status: 0x110"]  # DCMTK has no name for it, output
+    assert len(lines) == 1 and re.fullmatch(
+        r"C-STORE from STORESCU: 0x0110 not delivered: ARCHIVE@127\.0\.0\.1:\d+ does not take "
+        r"Comprehensive 3D SR Storage results \(it refused their presentation context\) "
+        r"\(\d+\.\d s\)", lines[0]), lines
+    assert list(received.iterdir()) == []
+
+
+def test_a_destination_that_never_answers_is_cut_at_the_timeout(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """MEDEXPLAIN_DICOM_TIMEOUT_S bounds explaining and delivering together: a destination
+    holding its C-STORE response held the sender for pynetdicom's 30 s default."""
+    with _storescp(tmp_path, "--sleep-during", "60") as port:
+        output, lines, took = _send(port, caplog, dicom_timeout_s=4.0)
+    assert _response(output) == ["Unknown Status: 0x110"]  # DCMTK has no name for it, output
+    assert len(lines) == 1 and "0x0110 timed out after 4 s" in lines[0], lines
+    assert took < 4.0 + 3.0, took  # the budget, plus storescu's own association
