@@ -105,7 +105,7 @@ def _explain(args: argparse.Namespace) -> int:
             suffix = {"png": ".png", "npy": ".npy", "overlay": ".jpg"}[item["heatmap"]["encoding"]]
             files[stem + suffix] = base64.b64decode(item["heatmap"]["data"])
         for output in wanted:
-            parts = _parts(output.render(result, params, Packaging.MULTIPART))
+            parts = output.objects(result, params, Packaging.MULTIPART)
             for number, part in enumerate(parts, start=1):
                 name = output.name if len(parts) == 1 else f"{output.name}-{number:02d}"
                 files[f"{name}.dcm"] = part
@@ -122,18 +122,6 @@ def _explain(args: argparse.Namespace) -> int:
 def _file_part(label: str) -> str:
     """A label as part of a file name: letters, digits, '-' and '_' only."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-
-
-def _parts(response: object) -> list[bytes]:
-    """The DICOM objects of a multipart/related answer (service.outputs.base writes it:
-    each part is its header line, a blank line, the object, CRLF)."""
-    from starlette.responses import Response
-
-    assert isinstance(response, Response)
-    boundary = response.media_type.rsplit("boundary=", 1)[1].encode()  # type: ignore[union-attr]
-    body = bytes(response.body)
-    chunks = body.split(b"--" + boundary)[1:-1]
-    return [chunk.split(b"\r\n\r\n", 1)[1][:-2] for chunk in chunks]
 
 
 def _openapi(args: argparse.Namespace) -> int:

@@ -1,10 +1,13 @@
-"""DICOM validators from Debian's dicom3tools and DCMTK, as the tests run them."""
+"""DICOM validators from Debian's dicom3tools and DCMTK, as the tests run them, and what
+the tests compare in a Structured Report."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 from pathlib import Path
+
+import pydicom
 
 
 def dciodvfy(data: bytes, folder: Path, name: str = "object.dcm") -> str:
@@ -24,3 +27,15 @@ def dcmdump(path: Path) -> subprocess.CompletedProcess[str] | None:
         return None
     return subprocess.run(["dcmdump", str(path)], check=False, capture_output=True,
                           text=True, timeout=60)
+
+
+def sr_values(report: pydicom.Dataset) -> list[float | list[float]]:
+    """An SR's numbers and region coordinates, depth first (its UIDs are its own)."""
+    found: list[float | list[float]] = []
+    for item in report.get("ContentSequence", []):
+        if item.ValueType == "NUM":
+            found.append(float(item.MeasuredValueSequence[0].NumericValue))
+        elif item.ValueType == "SCOORD":
+            found.append([float(v) for v in item.GraphicData])
+        found += sr_values(item)
+    return found

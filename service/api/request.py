@@ -56,6 +56,7 @@ def _comma_list_of(item: str) -> str:
 # server checks (re.fullmatch): explicit ASCII classes only, as Python's \d and \s also
 # match non-ASCII digits and spaces, and ECMA's do not.
 METHODS_PATTERN = _comma_list_of(_one_of(METHODS))
+DICOM_PATTERN = _comma_list_of(_one_of(DICOM_OUTPUTS))
 _NUMBER = r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,2})?"
 # A number > 0: a non-zero digit in the integer or the fraction part. The digit and exponent
 # counts are bounded, so both numbers are finite and the width never rounds to 0.
@@ -65,6 +66,7 @@ _POSITIVE = (r"\+?(?:[0-9]{0,20}[1-9][0-9]{0,20}(?:\.[0-9]{0,20})?"
 WINDOW_PATTERN = f"^(?:|none|{_NUMBER} *, *{_POSITIVE})$"
 _WINDOW = re.compile(WINDOW_PATTERN)
 _METHODS = re.compile(METHODS_PATTERN)
+_DICOM = re.compile(DICOM_PATTERN)
 
 
 def _comma_list(value: object) -> object:
@@ -95,6 +97,19 @@ def _methods(value: object) -> object:
             "unknown_method", "unknown method {name}; available: {available}",
             {"name": repr(str(unknown)[:100]), "available": ", ".join(METHODS)})
     return tuple(dict.fromkeys(names))
+
+
+def _dicom_objects(value: object) -> object:
+    """A comma list of DICOM output names (or, from Python, a sequence of them) → the
+    names, each once, in order."""
+    if isinstance(value, str):
+        if not _DICOM.fullmatch(value):
+            raise PydanticCustomError("dicom_objects", "is not a comma list of {available}",
+                                      {"available": ", ".join(DICOM_OUTPUTS)})
+        value = [item.strip(" ") for item in value.split(",")]
+    if isinstance(value, tuple | list):
+        return tuple(dict.fromkeys(value))
+    return value
 
 
 def _window(value: object) -> object:
@@ -170,12 +185,16 @@ class ExplainParams(PredictParams):
                                     description="cut on the max-normalised map for region boxes")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0,
                                    description="score from which a label is explained by default")
-    dicom: DicomObject = Field(
-        next(iter(DicomObject)),
-        description="the DICOM object of a DICOM answer (Accept: application/dicom or "
-                    "multipart/related; type=\"application/dicom\"): "
+    dicom: Annotated[tuple[DicomObject, ...], BeforeValidator(_dicom_objects),
+                     WithJsonSchema({"type": "string", "pattern": DICOM_PATTERN,
+                                     "maxLength": MAX_VALUE_CHARS})] = Field(
+        (next(iter(DicomObject)),),
+        description="comma list of the DICOM objects of a DICOM answer (Accept: "
+                    "application/dicom or multipart/related; type=\"application/dicom\"): "
                     + "; ".join(f"{name}: {o.summary}" for name, o in DICOM_OUTPUTS.items())
-                    + ". Ignored for JSON.")
+                    + ". Several (a repeated name counts once) are computed once and "
+                      "answered as the parts of one multipart/related, in the order given; "
+                      "application/dicom holds one (406 not_acceptable). Ignored for JSON.")
     preview: bool = Field(
         False, description="JSON only: also return the image as the network saw it "
                            "(windowed, MONOCHROME1 inverted) as an 8-bit grey PNG on the maps' "
@@ -230,6 +249,8 @@ def _problem(kind: type[PredictParams], exc: ValidationError) -> InvalidParamete
     shown = f"{name}={value[:100]!r}" if isinstance(value, str) else name
     if error["type"] == "unknown_method":
         return UnknownMethod(error["msg"])
+    if error["type"] == "dicom_objects":
+        return InvalidParameter(f"{shown} {error['msg']}")
     field = kind.model_fields.get(name)
     annotation = field.annotation if field is not None else None
     if isinstance(annotation, type) and issubclass(annotation, Enum):

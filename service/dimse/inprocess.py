@@ -65,14 +65,14 @@ class InProcess:
         self._headers = [(b"x-api-key", settings.api_keys[0].encode())] if settings.api_keys \
             else []
 
-    def explain(self, dicom: bytes, output: str, timeout_s: float) -> Answer:
-        """``POST /explain?<dicom_query>&dicom=<output>`` with the DICOM body, answered as
+    def explain(self, dicom: bytes, outputs: str, timeout_s: float) -> Answer:
+        """``POST /explain?<dicom_query>&dicom=<outputs>`` with the DICOM body, answered as
         multipart/related DICOM; blocks the calling thread, never the loop.
 
         Raises:
             TimeoutError: no answer within ``timeout_s`` (the request is cancelled).
         """
-        query = urlencode([*self._query, ("dicom", output)]).encode()
+        query = urlencode([*self._query, ("dicom", outputs)]).encode()
         future = asyncio.run_coroutine_threadsafe(self._call(query, dicom), self._loop)
         try:
             return future.result(timeout=timeout_s)

@@ -187,13 +187,13 @@ class StoreServer:
     def _handle(self, dicom: bytes) -> tuple[int, str]:
         # One budget for the image: every explanation and every delivery.
         deadline = time.monotonic() + self._settings.dicom_timeout_s
-        objects: list[bytes] = []
-        for output in self._settings.dicom_outputs:
-            answer = self._client.explain(dicom, output, _left(deadline))
-            if answer.status != 200:
-                code = problem_code(answer)
-                return status_of(answer), f"not explained: HTTP {answer.status} {code}"
-            objects += answer.objects()
+        # Every output from one explanation (dicom=sc,sr: multipart/related).
+        answer = self._client.explain(dicom, ",".join(self._settings.dicom_outputs),
+                                      _left(deadline))
+        if answer.status != 200:
+            code = problem_code(answer)
+            return status_of(answer), f"not explained: HTTP {answer.status} {code}"
+        objects = answer.objects()
         for destination in self._destinations:
             destination.send(objects, _left(deadline))
         names = ", ".join(d.name for d in self._destinations) or "nowhere"

@@ -49,8 +49,8 @@ class Output(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     packagings: ClassVar[frozenset[Packaging]]
-    full_resolution: ClassVar[bool] = False
-    needs: ClassVar[str] = ""
+    full_resolution: bool = False
+    needs: str = ""
 
     def accepts(self, image: DecodedImage) -> bool:
         """Whether this output can answer for the decoded upload."""
@@ -70,14 +70,27 @@ class Output(ABC):
         """The HTTP answer."""
 
 
-def dicom_response(parts: list[bytes], packaging: Packaging) -> Response:
-    """DICOM objects as one body (the first) or as multipart/related (RFC 2387)."""
-    headers = {"Vary": "Accept"}
-    if packaging is Packaging.DICOM:
-        return Response(parts[0], media_type=DICOM, headers=headers)
-    body, boundary = multipart_related(parts)
-    return Response(body, media_type=f"{MULTIPART_DICOM}; boundary={boundary}",
-                    headers=headers)
+class DicomOutput(Output):
+    """An output of DICOM objects: one as the whole body, or the parts of multipart/related
+    (RFC 2387)."""
+
+    packagings: ClassVar[frozenset[Packaging]] = frozenset({Packaging.DICOM,
+                                                            Packaging.MULTIPART})
+
+    @abstractmethod
+    def objects(self, result: Result, params: ExplainParams,
+                packaging: Packaging) -> list[bytes]:
+        """The encoded objects (exactly one for ``Packaging.DICOM``)."""
+
+    def render(self, result: Result, params: ExplainParams, packaging: Packaging) -> Response:
+        parts = self.objects(result, params, packaging)
+        result.watch.lap("render")
+        headers = {"Vary": "Accept"}
+        if packaging is Packaging.DICOM:
+            return Response(parts[0], media_type=DICOM, headers=headers)
+        body, boundary = multipart_related(parts)
+        return Response(body, media_type=f"{MULTIPART_DICOM}; boundary={boundary}",
+                        headers=headers)
 
 
 def multipart_related(parts: list[bytes]) -> tuple[bytes, str]:
@@ -99,5 +112,5 @@ def not_for_diagnosis(model: Served) -> bool:
     return "synthetic" in description or "not for diagnosis" in description
 
 
-__all__ = ["DICOM", "JSON", "MULTIPART_DICOM", "Output", "Packaging", "dicom_response",
+__all__ = ["DICOM", "JSON", "MULTIPART_DICOM", "DicomOutput", "Output", "Packaging",
            "multipart_related", "not_for_diagnosis"]

@@ -37,13 +37,12 @@ from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.valuerep import PersonName
-from starlette.responses import Response
 
 from service import __version__
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
 from service.methods import METHODS
-from service.outputs.base import Output, Packaging, dicom_response, not_for_diagnosis
+from service.outputs.base import DicomOutput, Packaging, not_for_diagnosis
 from service.outputs.render import Canvas
 from service.pipeline import ExplainOptions, Map, Result
 
@@ -436,17 +435,15 @@ def _fit(text: str, scale: float, thickness: int, width: int) -> float:
     return scale * width / text_width
 
 
-class SecondaryCaptures(Output):
+class SecondaryCaptures(DicomOutput):
     """``dicom=sc``: the maps over the image as Secondary Captures in the source study."""
 
     name: ClassVar[str] = "sc"
     summary: ClassVar[str] = ("Secondary Capture(s) of the maps over the image, with a caption "
                               "and colour bar")
-    packagings: ClassVar[frozenset[Packaging]] = frozenset({Packaging.DICOM,
-                                                            Packaging.MULTIPART})
-    full_resolution: ClassVar[bool] = True
-    needs: ClassVar[str] = ("a DICOM upload with valid Study and SOP Instance UIDs (the "
-                            "Secondary Capture joins its study)")
+    full_resolution: bool = True
+    needs: str = ("a DICOM upload with valid Study and SOP Instance UIDs (the "
+                  "Secondary Capture joins its study)")
 
     def accepts(self, image: DecodedImage) -> bool:
         return is_capturable(image)
@@ -458,12 +455,11 @@ class SecondaryCaptures(Output):
             options = replace(options, methods=options.methods[:1])
         return options
 
-    def render(self, result: Result, params: ExplainParams, packaging: Packaging) -> Response:
+    def objects(self, result: Result, params: ExplainParams,
+                packaging: Packaging) -> list[bytes]:
         maps = result.maps[:1] if packaging is Packaging.DICOM else result.maps
-        parts = capture_series(result.image, [_explained(m, result) for m in maps],
-                               software_version=__version__, frame=params.frame)
-        result.watch.lap("render")
-        return dicom_response(parts, packaging)
+        return capture_series(result.image, [_explained(m, result) for m in maps],
+                              software_version=__version__, frame=params.frame)
 
 
 def _explained(m: Map, result: Result) -> Explained:

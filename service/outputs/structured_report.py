@@ -62,12 +62,11 @@ from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
-from starlette.responses import Response
 
 from service import __version__
 from service.imaging.base import DecodedImage
 from service.methods.regions import Region
-from service.outputs.base import Output, Packaging, dicom_response, not_for_diagnosis
+from service.outputs.base import DicomOutput, Packaging, not_for_diagnosis
 from service.outputs.secondary_capture import (
     MANUFACTURER,
     _ascii,
@@ -299,22 +298,21 @@ def _lo(text: str) -> str:
     return _ascii(text)[:64]
 
 
-class StructuredReport(Output):
+class StructuredReport(DicomOutput):
     """``dicom=sr``: one Comprehensive 3D SR (TID 1500) of every explanation's regions."""
 
     name: ClassVar[str] = "sr"
     summary: ClassVar[str] = ("one Comprehensive 3D SR (TID 1500) with a measurement group "
                               "per region")
-    packagings: ClassVar[frozenset[Packaging]] = frozenset({Packaging.DICOM,
-                                                            Packaging.MULTIPART})
-    needs: ClassVar[str] = ("a DICOM upload with valid Study, Series and SOP Instance UIDs "
-                            "(the Structured Report joins its study) and a SOP Class of the "
-                            "current DICOM standard, not a retired or private one")
+    needs: str = ("a DICOM upload with valid Study, Series and SOP Instance UIDs "
+                  "(the Structured Report joins its study) and a SOP Class of the "
+                  "current DICOM standard, not a retired or private one")
 
     def accepts(self, image: DecodedImage) -> bool:
         return is_reportable(image)
 
-    def render(self, result: Result, params: ExplainParams, packaging: Packaging) -> Response:
+    def objects(self, result: Result, params: ExplainParams,
+                packaging: Packaging) -> list[bytes]:
         findings = [Finding(
             method=m.method,
             label=result.label(m.index),
@@ -324,6 +322,4 @@ class StructuredReport(Output):
         report = Report(model=result.model.name, model_version=result.model.config.version,
                         software_version=__version__,
                         not_for_diagnosis=not_for_diagnosis(result.model))
-        sr = structured_report(result.image, findings, report, frame=params.frame)
-        result.watch.lap("render")
-        return dicom_response([sr], packaging)
+        return [structured_report(result.image, findings, report, frame=params.frame)]

@@ -96,6 +96,14 @@ def any_dicom_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestC
         yield c
 
 
+def explanations_computed(client: TestClient) -> float:
+    """How many (request, method) explanations the app has computed: the count of its
+    method-duration histogram on /metrics."""
+    text = client.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("medexplain_method_duration_seconds_count{"))
+
+
 def multipart_parts(response) -> list[bytes]:  # type: ignore[no-untyped-def]
     """The bodies of a multipart/related response, each checked to be application/dicom."""
     content_type = response.headers["content-type"]

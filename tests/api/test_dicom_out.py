@@ -20,12 +20,13 @@ from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
 from tests.api.conftest import (
     DATA,
     assert_problem,
+    explanations_computed,
     multipart_parts,
     phantom_bytes,
     post_dicom,
     read_dicom,
 )
-from tests.dicom_tools import dciodvfy, dcmdump
+from tests.dicom_tools import dciodvfy, dcmdump, sr_values
 from tests.outputs import reference as drawing
 
 DICOM = "application/dicom"
@@ -112,6 +113,42 @@ def test_multipart_gives_one_capture_per_explanation(client: TestClient) -> None
     for sc, e in zip(captures, explanations, strict=True):
         assert f"{e['method']} explanation of {e['label']}" in sc.DerivationDescription
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_captures_and_a_report_from_one_request(client: TestClient) -> None:
+    """dicom=sc,sr: the captures, then the report, computed once; each as dicom=sc and
+    dicom=sr answer alone. Only multipart/related carries several objects."""
+    data = PHANTOM.read_bytes()
+    params = {"methods": "gradcam,crm", "classes": "Nodule"}
+    before = explanations_computed(client)
+    r = _post(client, data, MULTIPART, dicom="sc,sr", **params)
+    assert r.status_code == 200, r.text
+    assert explanations_computed(client) - before == 2, "each method ran once for both objects"
+    parts = [_read(part) for part in multipart_parts(r)]
+    captures = [_read(p) for p in multipart_parts(_post(client, data, MULTIPART, **params))]
+    report = _read(_post(client, data, DICOM, dicom="sr", **params).content)
+    assert [d.Modality for d in parts] == ["OT", "OT", "SR"]
+    for got, want in zip(parts, [*captures, report], strict=True):
+        assert (got.SOPClassUID, got.SeriesNumber, got.SeriesDescription) == (
+            want.SOPClassUID, want.SeriesNumber, want.SeriesDescription)
+    for got, want in zip(parts, captures):
+        np.testing.assert_array_equal(got.pixel_array, want.pixel_array)
+    assert sr_values(parts[2]) == sr_values(report) != []
+    # Reversed, in that order; a name given twice counts once.
+    again = _post(client, data, MULTIPART, dicom="sr,sc,sr", **params)
+    assert [_read(p).Modality for p in multipart_parts(again)] == ["SR", "OT", "OT"]
+    # application/dicom is one object: refused, unless multipart/related is acceptable too.
+    body = assert_problem(_post(client, data, DICOM, dicom="sc,sr", **params), 406,
+                          "not_acceptable")
+    assert body["detail"] == ("dicom=sc,sr answers several DICOM objects and application/dicom "
+                              f"holds one: accept {MULTIPART}")
+    either = _post(client, data, f"{DICOM}, {MULTIPART};q=0.5", dicom="sc,sr", **params)
+    assert len(multipart_parts(either)) == 3
+    for accept, status in ((DICOM, 406), ("*/*", 200)):
+        r = client.post("/explain/dicom", content=data, params={"dicom": "sc,sr", **params},
+                        headers={"content-type": DICOM, "accept": accept})
+        assert r.status_code == status, r.text
+    assert len(multipart_parts(r)) == 3
 
 
 def test_real_compressed_radiograph(client: TestClient) -> None:

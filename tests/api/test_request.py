@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jsonschema_rs
 import pytest
 from fastapi.testclient import TestClient
@@ -20,7 +22,7 @@ def test_defaults() -> None:
     assert (params.methods, params.classes, params.heatmap, params.size, params.target) == (
         ("gradcam", "crm"), None, Encoding.PNG, Size.MODEL, Target.LOGIT)
     assert (params.region_threshold, params.score_threshold, params.frame) == (0.5, 0.5, 0)
-    assert (params.model, params.window, params.dicom) == (None, None, DicomObject.SC)
+    assert (params.model, params.window, params.dicom) == (None, None, (DicomObject.SC,))
     options = params.options()
     assert (options.methods, options.classes, options.target) == (("gradcam", "crm"), None,
                                                                    Target.LOGIT)
@@ -31,11 +33,11 @@ def test_values_are_read_from_strings() -> None:
         ("methods", " crm , gradcam,gradcam "), ("classes", "Nodule, 2"),
         ("heatmap", "overlay"), ("size", "original"), ("target", "probability"),
         ("region_threshold", "0.25"), ("score_threshold", "1"), ("frame", "3"),
-        ("window", "40, 400"), ("dicom", "sr"), ("model", "demo-cxr")])
+        ("window", "40, 400"), ("dicom", "sr , sc,sr"), ("model", "demo-cxr")])
     assert params.methods == ("crm", "gradcam")  # duplicates dropped, order kept
     assert params.classes == ("Nodule", "2")
     assert (params.heatmap, params.size, params.target, params.dicom) == (
-        Encoding.OVERLAY, Size.ORIGINAL, Target.PROBABILITY, DicomObject.SR)
+        Encoding.OVERLAY, Size.ORIGINAL, Target.PROBABILITY, (DicomObject.SR, DicomObject.SC))
     assert (params.region_threshold, params.score_threshold, params.frame) == (0.25, 1.0, 3)
     assert (params.window, params.model) == ((40.0, 400.0), "demo-cxr")
     assert parse_params(PredictParams, [("window", "none")]).window == "none"
@@ -46,7 +48,8 @@ def test_values_are_read_as_sent() -> None:
     """The document's enums and patterns are lower case and exact; so is the server: a value
     the document refuses is refused (schemathesis' negative_data_rejection)."""
     for name, value in [("heatmap", "PNG"), ("size", " original "), ("target", "Logit"),
-                        ("dicom", "SR"), ("methods", "GradCAM"), ("methods", "crm,,gradcam"),
+                        ("dicom", "SR"), ("dicom", "sc,,sr"), ("dicom", "sc\tsr"),
+                        ("methods", "GradCAM"), ("methods", "crm,,gradcam"),
                         ("methods", "crm\tgradcam"), ("window", "NONE"), ("window", "none ")]:
         with pytest.raises(InvalidParameter):
             parse_params(ExplainParams, [(name, value)])
@@ -70,7 +73,8 @@ def test_empty_values() -> None:
     ([("methods", "")], UnknownMethod, "unknown method ''; available: crm"),
     ([("heatmap", "gif")], InvalidParameter, "heatmap='gif' is not one of png, npy, overlay"),
     ([("size", "huge")], InvalidParameter, "size='huge' is not one of model, original, feature"),
-    ([("dicom", "pm")], InvalidParameter, "dicom='pm' is not one of sc, sr"),
+    ([("dicom", "pm")], InvalidParameter, "dicom='pm' is not a comma list of sc, sr"),
+    ([("dicom", "sc,pm")], InvalidParameter, "dicom='sc,pm' is not a comma list of sc, sr"),
     ([("region_threshold", "1.5")], InvalidParameter,
      "region_threshold='1.5' must be between 0.0 and 1.0"),
     ([("score_threshold", "nan")], InvalidParameter, "score_threshold='nan'"),
@@ -145,7 +149,10 @@ def test_the_openapi_document_comes_from_the_models(client: TestClient) -> None:
     assert set(METHODS) <= set(query["methods"]["description"].replace(",", " ").split())
     assert (query["size"]["enum"], query["size"]["default"]) == (list(Size), "model")
     assert query["heatmap"]["enum"] == list(Encoding)
-    assert query["dicom"]["enum"] == list(DICOM_OUTPUTS)
+    assert query["dicom"]["default"] == "sc"
+    assert re.fullmatch(query["dicom"]["pattern"], "sr, sc")
+    assert not re.fullmatch(query["dicom"]["pattern"], "sc,pdf")
+    assert set(DICOM_OUTPUTS) <= set(query["dicom"]["description"].replace(":", " ").split())
     assert (query["region_threshold"]["minimum"], query["region_threshold"]["maximum"]) == (0, 1)
 
 

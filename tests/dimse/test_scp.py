@@ -26,7 +26,7 @@ from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, 
 
 from service.config import Settings
 from service.main import create_app
-from tests.api.conftest import DATA, MODELS, multipart_parts
+from tests.api.conftest import DATA, MODELS, explanations_computed, multipart_parts
 from tests.orthanc_tools import PLUGINS, free_port, get_json, orthanc, request
 
 pytestmark = [pytest.mark.slow]
@@ -125,8 +125,11 @@ def test_stored_radiographs_come_back_as_captures_and_a_report_in_their_study(
     caplog.set_level(logging.DEBUG)
     sent = [_fresh(_pydicom_data("RG1_UNCR.dcm"), tmp_path),
             _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)]
+    before = explanations_computed(client)
     result = _storescu(port, [path for path, _ in sent])
     assert result.returncode == 0, result.stdout + result.stderr
+    # One explanation per image for its captures and its report (dicom=sc,sr).
+    assert explanations_computed(client) - before == 2
     done = [r.getMessage() for r in caplog.records if r.name == "service.dimse.scp"]
     assert len(done) == 2 and all(
         re.fullmatch(rf"C-STORE from {SENDER}: 0x0000 explained: \d object\(s\) to "

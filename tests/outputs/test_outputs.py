@@ -19,6 +19,8 @@ from service.imaging.base import DecodedImage
 from service.models.repository import LoadedModel, load_model
 from service.outputs import DICOM_OUTPUTS, JSON_OUTPUT, DicomObject, Packaging, for_packaging
 from service.outputs.render import Size
+from service.outputs.several import SeveralObjects
+from tests.dicom_tools import sr_values
 
 ROOT = Path(__file__).resolve().parents[2]
 PHANTOM = ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm"
@@ -41,11 +43,19 @@ def _result(demo: LoadedModel, image: DecodedImage, params: ExplainParams) -> pi
 
 def test_registry() -> None:
     assert [o.value for o in DicomObject] == list(DICOM_OUTPUTS) == ["sc", "sr"]
-    assert for_packaging(Packaging.JSON, "sr") is JSON_OUTPUT
+    assert for_packaging(Packaging.JSON, ("sr",)) is JSON_OUTPUT
     for packaging in (Packaging.DICOM, Packaging.MULTIPART):
         for name, output in DICOM_OUTPUTS.items():
-            assert for_packaging(packaging, name) is output
+            assert for_packaging(packaging, (name,)) is output
             assert packaging in output.packagings and output.needs
+    # Several objects: multipart/related only; each part's needs, full resolution if any.
+    assert for_packaging(Packaging.DICOM, ("sc", "sr")) is None
+    several = for_packaging(Packaging.MULTIPART, ("sr", "sc"))
+    assert isinstance(several, SeveralObjects)
+    assert several.outputs == (DICOM_OUTPUTS["sr"], DICOM_OUTPUTS["sc"])
+    assert several.full_resolution and several.packagings == {Packaging.MULTIPART}
+    assert several.needs == (f"dicom=sr: {DICOM_OUTPUTS['sr'].needs}; "
+                             f"dicom=sc: {DICOM_OUTPUTS['sc'].needs}")
     assert JSON_OUTPUT.packagings == {Packaging.JSON}
     # Only what draws on the image at its own resolution needs the full-resolution pixels.
     assert {name: o.full_resolution for name, o in DICOM_OUTPUTS.items()} == {
@@ -109,3 +119,27 @@ def test_each_output_writes_its_answer(demo: LoadedModel, image: DecodedImage) -
                                         Packaging.MULTIPART)
     assert report.media_type.startswith('multipart/related; type="application/dicom"')
     assert report.body.count(b"Content-Type: application/dicom") == 1
+
+
+def test_several_objects_come_from_one_result(demo: LoadedModel, image: DecodedImage) -> None:
+    """dicom=sc,sr: the captures, then the report, each what its output alone writes from
+    the same result (the objects' own UIDs aside)."""
+    params = ExplainParams(methods=("gradcam", "crm"), classes=("Nodule",))
+    several = for_packaging(Packaging.MULTIPART, ("sc", "sr"))
+    assert several is not None
+    assert several.options(params, demo, Packaging.MULTIPART) == params.options()
+    result = _result(demo, image, params)
+    parts = [pydicom.dcmread(io.BytesIO(p))
+             for p in several.objects(result, params, Packaging.MULTIPART)]
+    alone = [pydicom.dcmread(io.BytesIO(p)) for name in ("sc", "sr")
+             for p in DICOM_OUTPUTS[name].objects(result, params, Packaging.MULTIPART)]
+    assert [d.Modality for d in parts] == ["OT", "OT", "SR"]
+    for got, want in zip(parts, alone, strict=True):
+        assert (got.SOPClassUID, got.SeriesNumber, got.SeriesDescription) == (
+            want.SOPClassUID, want.SeriesNumber, want.SeriesDescription)
+        assert got.StudyInstanceUID == want.StudyInstanceUID == \
+            pydicom.dcmread(PHANTOM).StudyInstanceUID
+    for got, want in zip(parts[:2], alone[:2], strict=True):
+        np.testing.assert_array_equal(got.pixel_array, want.pixel_array)
+    assert sr_values(parts[2]) == sr_values(alone[2]) != []
+

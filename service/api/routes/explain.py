@@ -58,14 +58,16 @@ DICOM_DESCRIPTION = (
     "edges with the top-left pixel centre at (0.5,0.5)), the label's score and the region's "
     "peak score (UCUM 1), labels and methods coded in 99MEDEXPLAIN, the model as algorithm "
     "identification; the whole body for application/dicom, the only part for "
-    "multipart/related. DICOM output needs a DICOM upload; heatmap and size do not apply "
-    "to it.")
+    "multipart/related. A comma list (dicom=sc,sr) answers multipart/related only: every "
+    "object named, in that order, from one computation of the explanations. DICOM output "
+    "needs a DICOM upload; heatmap and size do not apply to it.")
 
 NOT_ACCEPTABLE: dict[str, Any] = {
     "model": Problem, "description": "the Accept header allows no representation "
                                      "(not_acceptable); DICOM output for a PNG/JPEG upload "
                                      "or a DICOM without valid UIDs (Study, SOP Instance; "
-                                     "dicom=sr: Series too)",
+                                     "dicom=sr: Series too); several DICOM objects "
+                                     "(dicom=sc,sr) without multipart/related",
     "content": {"application/problem+json": {}}}
 
 EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -161,7 +163,11 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
     label_model(request, model.name)
     # Best first; an output that cannot answer for this upload (DICOM for a PNG) gives way
     # to the next one the client accepts.
-    candidates = [(outputs.for_packaging(p, params.dicom), p) for p in packagings]
+    candidates = [(o, p) for p in packagings
+                  if (o := outputs.for_packaging(p, params.dicom)) is not None]
+    if not candidates:
+        raise NotAcceptable(f"dicom={','.join(params.dicom)} answers several DICOM objects "
+                            f"and {DICOM} holds one: accept {MULTIPART_DICOM}")
     first, packaging = candidates[0]
     options = first.options(params, model, packaging)
 
