@@ -142,7 +142,7 @@ class Settings(BaseModel):
     dicom_destination: str | None = None
     dicom_stow_url: str | None = None
     # Which DICOM objects are sent for each received image (sc: a Secondary Capture per
-    # explanation, one series per method; sr: one Structured Report). Each is one /explain.
+    # explanation, one series per method; sr: one Structured Report), all from one /explain.
     dicom_outputs: tuple[Literal["sc", "sr"], ...] = ("sc",)
     # /explain parameters for received images (model, methods, classes, ...); not dicom=.
     dicom_query: str = "methods=gradcam"

@@ -16,6 +16,7 @@ from service.api import docs, problems
 from service.api.admission import Admission, EdgeMiddleware
 from service.api.cors import Cors
 from service.api.deps import State
+from service.api.head import HeadAsGet
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.request_id import RequestIdMiddleware
 from service.api.routes import explain, health, kserve, models, oip
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None, *,
         return HTMLResponse(demo_page, headers=page_headers)
 
     # The last added runs first: metrics see every answer, the edge's own included.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(EdgeMiddleware, admission=admission, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.cors_origins:

@@ -9,6 +9,7 @@ own. Nothing touches the network or the disk.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -25,6 +26,9 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]],
                     Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 _BOUNDARY = re.compile(r';\s*boundary="?([^";]+)"?')
+# How long a timed-out call waits for the app to abandon the request once hung up (it
+# answers at once: the compute in a thread is not waited for), before cancelling it.
+_HANG_UP_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -73,14 +77,21 @@ class InProcess:
             TimeoutError: no answer within ``timeout_s`` (the request is cancelled).
         """
         query = urlencode([*self._query, ("dicom", outputs)]).encode()
-        future = asyncio.run_coroutine_threadsafe(self._call(query, dicom), self._loop)
+        gone = asyncio.Event()
+        future = asyncio.run_coroutine_threadsafe(self._call(query, dicom, gone), self._loop)
         try:
             return future.result(timeout=timeout_s)
         except TimeoutError:
-            future.cancel()
-            raise
+            # Hang up as an HTTP client does: the edge abandons the request (its queued
+            # compute dropped) and the metrics count it as 499, not as a server error.
+            self._loop.call_soon_threadsafe(gone.set)
+            try:
+                future.result(timeout=_HANG_UP_WAIT_S)
+            except (TimeoutError, concurrent.futures.CancelledError):
+                future.cancel()
+            raise TimeoutError from None
 
-    async def _call(self, query: bytes, body: bytes) -> Answer:
+    async def _call(self, query: bytes, body: bytes, gone: asyncio.Event) -> Answer:
         scope: Scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
             "method": "POST", "scheme": "http", "path": "/explain", "raw_path": b"/explain",
@@ -99,8 +110,9 @@ class InProcess:
 
         async def receive() -> Message:
             nonlocal sent
-            if sent:
-                await asyncio.Event().wait()  # the body is whole: wait to be cancelled
+            if sent:  # the body is whole: what is left to tell is the hang-up
+                await gone.wait()
+                return {"type": "http.disconnect"}
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 

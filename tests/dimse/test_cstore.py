@@ -78,23 +78,24 @@ def _storescp(folder: Path, *options: str) -> Iterator[int]:
 
 
 def _send(destination_port: int, caplog: pytest.LogCaptureFixture,
-          **settings: object) -> tuple[str, list[str], float]:
+          **settings: object) -> tuple[str, list[str], float, str]:
     """One radiograph through the service (SC and SR out to the destination): storescu's
-    output, the SCP's log lines and storescu's seconds."""
+    output, the SCP's log lines, storescu's seconds and the service's /metrics after."""
     assert STORESCU is not None, "DCMTK is not installed: `bash scripts/system-deps.sh`"
     config = Settings(models=MODELS, threads=1, dicom_port=free_port(),
                       dicom_destination=f"{DESTINATION}@127.0.0.1:{destination_port}",
                       dicom_outputs=("sc", "sr"), **settings)  # type: ignore[arg-type]
     caplog.set_level(logging.INFO, logger="service.dimse.scp")
-    with TestClient(create_app(config)):
+    with TestClient(create_app(config)) as client:
         started = time.monotonic()
         result = subprocess.run([STORESCU, "-v", "-aec", "MEDEXPLAIN", "127.0.0.1",
                                  str(config.dicom_port),
                                  str(DATA / "dicom" / "phantom_nodule.dcm")],
                                 capture_output=True, text=True, timeout=120, check=False)
         took = time.monotonic() - started
+        metrics = client.get("/metrics").text
     lines = [r.getMessage() for r in caplog.records if r.name == "service.dimse.scp"]
-    return result.stdout + result.stderr, lines, took
+    return result.stdout + result.stderr, lines, took, metrics
 
 
 def _response(output: str) -> list[str]:
@@ -106,7 +107,7 @@ def test_a_destination_taking_only_implicit_vr_gets_every_result(
     """Implicit VR Little Endian is the one syntax every SCP must take (PS3.5 §10.1); only
     Explicit VR was proposed, and such a destination accepted nothing."""
     with _storescp(tmp_path, "+xi") as port:
-        output, lines, _ = _send(port, caplog)
+        output, lines, _, _ = _send(port, caplog)
     assert _response(output) == ["Success"], output
     assert len(lines) == 1 and " 0x0000 explained: 2 object(s) to ARCHIVE@" in lines[0], lines
     received = [pydicom.dcmread(path) for path in sorted(tmp_path.iterdir())]
@@ -124,7 +125,7 @@ def test_a_destination_refusing_reports_is_a_failure_that_names_them(
     received = tmp_path / "received"
     received.mkdir()
     with _storescp(received, "-xf", str(config), "CapturesOnly") as port:
-        output, lines, _ = _send(port, caplog)
+        output, lines, _, _ = _send(port, caplog)
     assert _response(output) == ["Unknown Status: 0x110"]  # DCMTK has no name for it, output
     assert len(lines) == 1 and re.fullmatch(
         r"C-STORE from STORESCU: 0x0110 not delivered: ARCHIVE@127\.0\.0\.1:\d+ does not take "
@@ -138,7 +139,27 @@ def test_a_destination_that_never_answers_is_cut_at_the_timeout(
     """MEDEXPLAIN_DICOM_TIMEOUT_S bounds explaining and delivering together: a destination
     holding its C-STORE response held the sender for pynetdicom's 30 s default."""
     with _storescp(tmp_path, "--sleep-during", "60") as port:
-        output, lines, took = _send(port, caplog, dicom_timeout_s=4.0)
+        output, lines, took, _ = _send(port, caplog, dicom_timeout_s=4.0)
     assert _response(output) == ["Unknown Status: 0x110"]  # DCMTK has no name for it, output
     assert len(lines) == 1 and "0x0110 timed out after 4 s" in lines[0], lines
     assert took < 4.0 + 3.0, took  # the budget, plus storescu's own association
+
+
+def _explain_requests(metrics: str) -> dict[str, float]:
+    """POST /explain requests by status code, from /metrics."""
+    found = re.findall(r'^medexplain_http_requests_total\{code="(\d+)",handler="/explain",'
+                       r'method="POST",[^}]*\} (\S+)$', metrics, re.MULTILINE)
+    return {code: float(count) for code, count in found}
+
+
+def test_an_explanation_over_the_budget_is_a_client_that_hung_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The SCP stops waiting for /explain as an HTTP client does, by hanging up: the request
+    is abandoned and counted 499 (client closed); cancelling it counted a 500, a server
+    error that was none."""
+    with _storescp(tmp_path) as port:
+        output, lines, _, metrics = _send(port, caplog, dicom_timeout_s=0.01)
+    assert _response(output) == ["Unknown Status: 0x110"], output
+    assert len(lines) == 1 and "0x0110 timed out after 0.01 s" in lines[0], lines
+    assert _explain_requests(metrics) == {"499": 1.0}, metrics
+    assert list(tmp_path.iterdir()) == []
