@@ -40,6 +40,7 @@ from tools import bench_http as http
 DESTINATION = "BENCHPACS"
 CALLING = "BENCHSCU"
 SEND_TIMEOUT_S = 600
+_RESPONSE = re.compile(r"Received Store Response \((.*)\)")
 _LINE = re.compile(rf"C-STORE from {CALLING}: (0x[0-9A-F]{{4}}) (.*) \((\d+\.\d) s\)$")
 
 
@@ -67,13 +68,15 @@ def _tool(name: str) -> str:
     return path
 
 
-def send(storescu: str, port: int, path: Path) -> tuple[float, int]:
-    """storescu's wall seconds and exit code for one file."""
+def send(storescu: str, port: int, path: Path) -> tuple[float, str]:
+    """storescu's wall seconds, and the response it reports (or its exit code)."""
     start = time.perf_counter()
-    done = subprocess.run([storescu, "-aet", CALLING, "-aec", "MEDEXPLAIN", http.HOST,
-                           str(port), str(path)], capture_output=True, timeout=SEND_TIMEOUT_S,
-                          check=False)
-    return time.perf_counter() - start, done.returncode
+    done = subprocess.run([storescu, "-v", "-aet", CALLING, "-aec", "MEDEXPLAIN", http.HOST,
+                           str(port), str(path)], capture_output=True, text=True,
+                          timeout=SEND_TIMEOUT_S, check=False)
+    seconds = time.perf_counter() - start
+    response = _RESPONSE.search(done.stdout + done.stderr)
+    return seconds, response.group(1) if response else f"no response, exit {done.returncode}"
 
 
 def scp_lines(server: http.Server) -> list[tuple[str, str, float]]:
@@ -93,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--outputs", default="sc,sr", help="MEDEXPLAIN_DICOM_OUTPUTS")
     parser.add_argument("--query", default="methods=gradcam,crm", help="MEDEXPLAIN_DICOM_QUERY")
+    parser.add_argument("--timeout-s", type=float, default=None,
+                        help="MEDEXPLAIN_DICOM_TIMEOUT_S (default: the service's)")
+    parser.add_argument("--destination-options", default="",
+                        help="more storescp options, e.g. '--sleep-during 60' for a "
+                             "destination that holds its C-STORE responses")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--port-base", type=int, default=8700)
     args = parser.parse_args(argv)
@@ -106,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         received.mkdir()
         pacs_port = _free_port()
         pacs = subprocess.Popen([storescp, "-aet", DESTINATION, "-od", str(received),
-                                 str(pacs_port)], stdout=subprocess.DEVNULL,
+                                 *shlex.split(args.destination_options), str(pacs_port)],
+                                stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
             if not _listening(pacs_port):
@@ -118,19 +127,20 @@ def main(argv: list[str] | None = None) -> int:
                     "MEDEXPLAIN_DICOM_DESTINATION": f"{DESTINATION}@{http.HOST}:{pacs_port}",
                     "MEDEXPLAIN_DICOM_OUTPUTS": args.outputs,
                     "MEDEXPLAIN_DICOM_QUERY": args.query,
-                }
+                } | ({} if args.timeout_s is None else
+                     {"MEDEXPLAIN_DICOM_TIMEOUT_S": f"{args.timeout_s:g}"})
                 http.start_server(server, env, Path(scratch))
             for server in servers:
                 http.wait_ready(server)
                 server.service_file = http.imported_from(server)
-            samples: dict[str, list[tuple[float, int, int]]] = {s.label: [] for s in servers}
+            samples: dict[str, list[tuple[float, str, int]]] = {s.label: [] for s in servers}
             for round_ in range(args.rounds + 1):  # round 0: the untimed warm-up
                 for server in http.rotated(servers, round_):
                     before = len(list(received.iterdir()))
-                    seconds, code = send(storescu, server.port + 1, image)
+                    seconds, response = send(storescu, server.port + 1, image)
                     arrived = len(list(received.iterdir())) - before
                     if round_:
-                        samples[server.label].append((seconds, code, arrived))
+                        samples[server.label].append((seconds, response, arrived))
         finally:
             for server in servers:
                 http.stop_server(server)
@@ -141,25 +151,28 @@ def main(argv: list[str] | None = None) -> int:
               f"onnxruntime {info['onnxruntime']}")
         print(f"Command: `{command}`")
         print(f"MEDEXPLAIN_THREADS={args.threads}, MEDEXPLAIN_DICOM_OUTPUTS={args.outputs}, "
-              f"MEDEXPLAIN_DICOM_QUERY={args.query}; {args.rounds} round(s) after one "
-              "warm-up send")
+              f"MEDEXPLAIN_DICOM_QUERY={args.query}"
+              + ("" if args.timeout_s is None else
+                 f", MEDEXPLAIN_DICOM_TIMEOUT_S={args.timeout_s:g}")
+              + (f"; storescp {args.destination_options}" if args.destination_options else "")
+              + f"; {args.rounds} round(s) after one warm-up send")
         for server in servers:
             print(f"- {server.label}: {server.revision or 'no git'}, service from "
                   f"{server.service_file}")
         print()
-        print("| server | storescu s (median) | min – max | SCP s (median) | status | "
-              "objects arrived per image |")
-        print("|---|---:|---:|---:|---|---:|")
+        print("| server | storescu s (median) | min – max | SCP s (median) | SCP's status | "
+              "storescu's response | objects arrived per image |")
+        print("|---|---:|---:|---:|---|---|---:|")
         for server in servers:
             walls = [s for s, _, _ in samples[server.label]]
             lines = scp_lines(server)[1:]  # the warm-up's first
             statuses = sorted({status for status, _, _ in lines}) or ["?"]
-            codes = {code for _, code, _ in samples[server.label]}
+            responses = sorted({r for _, r, _ in samples[server.label]})
             arrived = sorted({n for _, _, n in samples[server.label]})
             print(f"| {server.label} | {statistics.median(walls):.2f} | {min(walls):.2f} – "
                   f"{max(walls):.2f} | "
                   f"{statistics.median(s for _, _, s in lines) if lines else float('nan'):.1f} "
-                  f"| {', '.join(statuses)} (storescu exit {', '.join(map(str, codes))}) | "
+                  f"| {', '.join(statuses)} | {', '.join(responses)} | "
                   f"{', '.join(map(str, arrived))} |")
     return 0
 
