@@ -150,6 +150,16 @@ def test_infer_bytes_as_json(client: triton.InferenceServerClient, server: str) 
     assert [o["name"] for o in result.get_response()["outputs"]] == ["scores", "crm_combined"]
 
 
+def test_no_outputs_requested_is_every_output(server: str) -> None:
+    """"outputs": [] requests none in particular: every output, as when it is absent
+    (it answered none)."""
+    body = {"inputs": [_image()], "parameters": {"methods": "gradcam"}}
+    answers = [httpx.post(f"{server}/v2/models/{MODEL}/infer", json=b, timeout=120).json()
+               for b in (body, {**body, "outputs": []})]
+    assert [o["name"] for o in answers[0]["outputs"]] == ["scores", "gradcam"]
+    assert answers[1]["outputs"] == answers[0]["outputs"]
+
+
 def _network_input(path: Path) -> np.ndarray:
     """demo-cxr's input for a 256 x 256 grey PNG, by hand: 0..1, replicated to 3 channels,
     (x - mean) / std, NCHW."""

@@ -520,7 +520,7 @@ def _answer(infer: V2InferRequest, tensors: list[_Tensor], model: Served) -> Res
     """JSON, or the JSON header followed by the binary outputs."""
     by_name = {t.name: t for t in tensors}
     binary_default = bool(infer.parameters.get("binary_data_output", False))
-    if infer.outputs is None:
+    if not infer.outputs:  # none requested (absent or []): every output, as Triton does
         wanted = [(t, binary_default) for t in tensors]
     else:
         wanted = []
