@@ -85,9 +85,9 @@ class InProcess:
             # Hang up as an HTTP client does: the edge abandons the request (its queued
             # compute dropped) and the metrics count it as 499, not as a server error.
             self._loop.call_soon_threadsafe(gone.set)
-            try:
-                future.result(timeout=_HANG_UP_WAIT_S)
-            except (TimeoutError, concurrent.futures.CancelledError):
+            # Its own end (an answer, a cancellation, an error) has nobody to read it.
+            done, _ = concurrent.futures.wait([future], timeout=_HANG_UP_WAIT_S)
+            if not done:
                 future.cancel()
             raise TimeoutError from None
 

@@ -37,7 +37,8 @@ class Packaging(Enum):
 class Output(ABC):
     """One kind of answer to /explain.
 
-    Class attributes:
+    Attributes (of the class; ``full_resolution`` and ``needs`` may be an instance's, as
+    for several outputs answering together: service.outputs.several):
         name: the registry key (for DICOM outputs, the ``dicom`` parameter's value).
         summary: one line for the docs.
         packagings: the packagings it answers in.
