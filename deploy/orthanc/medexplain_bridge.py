@@ -1,8 +1,9 @@
 """Orthanc -> medexplain bridge, run by Orthanc's Python plugin.
 
 Every instance Orthanc stores is posted to medexplain's ``POST /explain`` with
-``Accept: application/dicom``; the Secondary Capture that comes back (same study, new
-series) is stored into Orthanc. Instances that are Secondary Captures, or whose
+``Accept: multipart/related; type="application/dicom"``; every object that comes back (a
+Secondary Capture per explanation, and the Structured Report with ``dicom=sc,sr`` or
+``dicom=sr`` in the query; same study, new series) is stored into Orthanc. Instances that are Secondary Captures, or whose
 Manufacturer is ``medexplain``, are skipped, so the bridge never explains its own output.
 Instances outside the model's accepted modalities / body parts / view positions (its
 ``accepts`` in ``GET /models/{name}``, read once) are skipped too, with the same rules as the
@@ -51,6 +52,7 @@ SKIPPED_SOP_CLASSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.7.4",
 })
 OWN_MANUFACTURER = "medexplain"
+MULTIPART = 'multipart/related; type="application/dicom"'
 # The service may start after Orthanc or be briefly overloaded (503): retry with backoff.
 ATTEMPTS = 5
 QUEUE_SIZE = 10_000
@@ -124,16 +126,36 @@ def _problem_code(error: urllib.error.HTTPError) -> str:
         return "?"
 
 
-def _explain(instance_id: str, dicom: bytes) -> bytes | None:
+def _parts(body: bytes, content_type: str) -> list[bytes]:
+    """The objects of a multipart/related answer (RFC 2387): each part is its headers, a
+    blank line and the object; the service picks a boundary that is in no object."""
+    boundary = next((p.strip().split("=", 1)[1].strip('"') for p in content_type.split(";")
+                     if p.strip().lower().startswith("boundary=")), None)
+    if not boundary:
+        raise ValueError("a multipart answer without a boundary")
+    delimiter = b"\r\n--" + boundary.encode("ascii")
+    body = b"\r\n" + body  # the first delimiter then looks like the others
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):  # the close delimiter
+            break
+        _headers, separator, payload = chunk.partition(b"\r\n\r\n")
+        if not separator:
+            raise ValueError("a multipart part without headers")
+        parts.append(payload)
+    return parts
+
+
+def _explain(instance_id: str, dicom: bytes) -> list[bytes] | None:
     url = f"{SERVICE_URL}/explain" + (f"?{QUERY}" if QUERY else "")
-    headers = {"Content-Type": "application/dicom", "Accept": "application/dicom"}
+    headers = {"Content-Type": "application/dicom", "Accept": MULTIPART}
     if API_KEY:
         headers["X-API-Key"] = API_KEY
     for attempt in range(1, ATTEMPTS + 1):
         request = urllib.request.Request(url, data=dicom, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-                return bytes(response.read())
+                return _parts(bytes(response.read()), response.headers["Content-Type"] or "")
         except urllib.error.HTTPError as error:
             code = _problem_code(error)
             if code == "dicom_not_accepted":
@@ -155,7 +177,7 @@ def _explain(instance_id: str, dicom: bytes) -> bytes | None:
 
 
 def process(instance_id: str) -> None:
-    """Explain one stored instance and store the Secondary Capture back."""
+    """Explain one stored instance and store the objects that come back."""
     if _is_skipped(instance_id):
         return
     outside = _not_for_the_model(instance_id)
@@ -164,11 +186,11 @@ def process(instance_id: str) -> None:
         return
     dicom = bytes(orthanc.RestApiGet(f"/instances/{instance_id}/file"))
     started = time.monotonic()
-    capture = _explain(instance_id, dicom)
-    if capture is None:
+    objects = _explain(instance_id, dicom)
+    if objects is None:
         return
-    stored = json.loads(orthanc.RestApiPost("/instances", capture))
-    _log(f"instance {instance_id} -> secondary capture {stored.get('ID')} "
+    stored = [json.loads(orthanc.RestApiPost("/instances", o)).get("ID") for o in objects]
+    _log(f"instance {instance_id} -> {len(stored)} object(s) stored: {', '.join(stored)} "
          f"({time.monotonic() - started:.1f} s)")
 
 

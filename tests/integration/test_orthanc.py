@@ -3,7 +3,8 @@
 Orthanc (Debian packages ``orthanc`` and ``orthanc-python``; ``.ci/run`` installs them) runs
 with ``deploy/orthanc/orthanc.json`` on a free loopback port, a temporary storage folder and
 the DICOM server off; the service runs as ``medexplain serve`` in a subprocess. Radiographs
-uploaded through Orthanc's REST API come back as Secondary Captures in their own study.
+uploaded through Orthanc's REST API come back as Secondary Captures (and, when the
+bridge's query asks, a Structured Report) in their own study.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
     url, orthanc_log = orthanc
     data = dict(_radiographs())[name]
     source = pydicom.dcmread(io.BytesIO(data))
+    # What the service's JSON answer gives for the bridge's request: one capture each.
+    explained = json.loads(_request_with(
+        f"{service[0]}/explain?methods=gradcam&heatmap=npy&size=feature", data,
+        {"Content-Type": "application/dicom", "Accept": "application/json"}))["explanations"]
     started = time.monotonic()
     stored = json.loads(request(f"{url}/instances", data))
     assert stored["Status"] in ("Success", "AlreadyStored")
@@ -116,60 +121,103 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
 
     deadline = started + ROUND_TRIP_TIMEOUT_S
     captures: list[str] = []
-    while not captures and time.monotonic() < deadline:
+    while len(captures) < len(explained) and time.monotonic() < deadline:
         time.sleep(0.25)
         captures = _captures(url, study)
-    assert captures, (f"no Secondary Capture after {ROUND_TRIP_TIMEOUT_S} s:\n"
-                      f"{orthanc_log.read_text()[-3000:]}")
+    assert len(captures) == len(explained), (
+        f"{len(captures)} of {len(explained)} Secondary Captures after "
+        f"{ROUND_TRIP_TIMEOUT_S} s:\n{orthanc_log.read_text()[-3000:]}")
 
-    (capture,) = captures
-    sc = pydicom.dcmread(io.BytesIO(request(f"{url}/instances/{capture}/file")))
-    assert sc.SOPClassUID == SecondaryCaptureImageStorage
-    assert sc.StudyInstanceUID == source.StudyInstanceUID
-    assert sc.SeriesInstanceUID != source.SeriesInstanceUID
-    assert sc.SOPInstanceUID != source.SOPInstanceUID
-    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        assert sc.get(keyword) == source.get(keyword), keyword
-
-    # Pixels: the image part is the colour overlay of the map the service's JSON answer
-    # gives for the same request, on the decoded radiograph; where the map is zero it is
-    # the grey radiograph itself.
-    explained = json.loads(_request_with(
-        f"{service[0]}/explain?methods=gradcam&heatmap=npy&size=feature", data,
-        {"Content-Type": "application/dicom", "Accept": "application/json"}))
-    first = explained["explanations"][0]
-    assert sc.SeriesDescription == f"medexplain gradcam {first['label']}"
-    cam = np.load(io.BytesIO(base64.b64decode(first["heatmap"]["data"])))
+    scs = sorted((pydicom.dcmread(io.BytesIO(request(f"{url}/instances/{c}/file")))
+                  for c in captures), key=lambda d: int(d.InstanceNumber))
     image = decode(data, "application/dicom").pixels
-    picture = sc.pixel_array[: source.Rows]
-    levels = drawing.strength(cam, source.Rows, source.Columns)
-    # float32 upsampling against the float64 reference can round a level differently, and
-    # adjacent JET colours differ by up to 4: one blend step of 0.45 of that, plus rounding.
-    assert np.abs(picture.astype(int) - drawing.overlay(levels, image)).max() <= 2
-    heat = levels / 255
-    grey = np.round(image * 255)
-    for channel in range(3):
-        assert np.abs(picture[..., channel][heat == 0] - grey[heat == 0]).max(initial=0) <= 0.5
-    grey_pixels = (picture[..., 0] == picture[..., 1]) & (picture[..., 1] == picture[..., 2])
-    assert not grey_pixels[heat > 0.5].any(), "coloured where the map is"
+    labels = ",".join(e["label"] for e in explained)
+    for sc, explanation in zip(scs, explained, strict=True):
+        assert sc.SOPClassUID == SecondaryCaptureImageStorage
+        assert sc.StudyInstanceUID == source.StudyInstanceUID
+        assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+        assert sc.SOPInstanceUID != source.SOPInstanceUID
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        for keyword in PATIENT_STUDY_KEYWORDS:
+            assert sc.get(keyword) == source.get(keyword), keyword
+        assert sc.SeriesDescription == f"medexplain gradcam {labels}"
+        assert f"gradcam explanation of {explanation['label']}" in sc.DerivationDescription
+
+        # Pixels: the image part is the colour overlay of the map the JSON answer gives,
+        # on the decoded radiograph; where the map is zero it is the grey radiograph itself.
+        cam = np.load(io.BytesIO(base64.b64decode(explanation["heatmap"]["data"])))
+        picture = sc.pixel_array[: source.Rows]
+        levels = drawing.strength(cam, source.Rows, source.Columns)
+        # float32 upsampling against the float64 reference can round a level differently,
+        # and adjacent JET colours differ by up to 4: one blend step of 0.45 of that, plus
+        # rounding.
+        assert np.abs(picture.astype(int) - drawing.overlay(levels, image)).max() <= 2
+        heat = levels / 255
+        grey = np.round(image * 255)
+        for channel in range(3):
+            assert np.abs(picture[..., channel][heat == 0]
+                          - grey[heat == 0]).max(initial=0) <= 0.5
+        grey_pixels = (picture[..., 0] == picture[..., 1]) & (picture[..., 1] == picture[..., 2])
+        assert not grey_pixels[heat > 0.5].any(), "coloured where the map is"
 
     # The bridge skipped its own output: one series more than the source, no more, even a
     # moment later.
     time.sleep(2)
     series = get_json(f"{url}/studies/{study}/series")
     assert len(series) == 2
-    assert _captures(url, study) == [capture]
+    assert sorted(_captures(url, study)) == sorted(captures)
 
     # Neither the bridge nor the service logged patient data.
     bridge = [line for line in orthanc_log.read_text().splitlines() if "medexplain" in line]
-    assert any(f"-> secondary capture {capture}" in line for line in bridge)
+    assert any(f"-> {len(captures)} object(s) stored: " in line
+               and all(c in line for c in captures) for line in bridge), bridge
     served = service[1].read_text()
     for keyword in ("PatientName", "PatientID", "AccessionNumber"):
         value = str(source.get(keyword) or "")
         if value:
             assert not [line for line in bridge if value in line], keyword
             assert value not in served, keyword
+
+
+@pytest.fixture(scope="module")
+def orthanc_with_reports(service: tuple[str, Path],
+                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A second Orthanc whose bridge asks for the captures and the report."""
+    config = {"Name": "medexplain-test-sr", "DicomServerEnabled": False,
+              "PythonScript": str(DEPLOY / "medexplain_bridge.py")}
+    env = {**os.environ, "MEDEXPLAIN_URL": service[0], "PYTHONDONTWRITEBYTECODE": "1",
+           "MEDEXPLAIN_BRIDGE_QUERY": "methods=gradcam&dicom=sc,sr"}
+    with run_orthanc(tmp_path_factory.mktemp("orthanc-sr"), config, env) as running:
+        yield running
+
+
+def test_the_bridge_stores_captures_and_the_report(
+        orthanc_with_reports: tuple[str, Path]) -> None:
+    """dicom=sc,sr in the bridge's query: both kinds of object come back into the study,
+    from one request, and neither is explained in turn."""
+    url, orthanc_log = orthanc_with_reports
+    data = (ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm").read_bytes()
+    source = pydicom.dcmread(io.BytesIO(data))
+    stored = json.loads(request(f"{url}/instances", data))
+    study = stored["ParentStudy"]
+    deadline = time.monotonic() + ROUND_TRIP_TIMEOUT_S
+    modalities: list[str] = []
+    while sorted(modalities) != ["DX", "OT", "SR"] and time.monotonic() < deadline:
+        time.sleep(0.25)
+        modalities = [s["MainDicomTags"].get("Modality", "")
+                      for s in get_json(f"{url}/studies/{study}/series")]
+    assert sorted(modalities) == ["DX", "OT", "SR"], orthanc_log.read_text()[-3000:]
+    (report_series,) = [s for s in get_json(f"{url}/studies/{study}/series")
+                        if s["MainDicomTags"].get("Modality") == "SR"]
+    (report_id,) = report_series["Instances"]
+    report = pydicom.dcmread(io.BytesIO(request(f"{url}/instances/{report_id}/file")))
+    evidence = report.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == source.SOPInstanceUID
+    time.sleep(2)  # nothing more: the bridge skips its own objects
+    assert len(get_json(f"{url}/studies/{study}/series")) == 3
+    assert any("-> 2 object(s) stored: " in line and report_id in line
+               for line in orthanc_log.read_text().splitlines()), orthanc_log.read_text()[-3000:]
 
 
 def test_an_instance_outside_the_model_rules_is_skipped(orthanc: tuple[str, Path],
