@@ -36,18 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
 from tools import bench_http as http
+from tools.bench_load import free_port
 
 DESTINATION = "BENCHPACS"
 CALLING = "BENCHSCU"
 SEND_TIMEOUT_S = 600
 _RESPONSE = re.compile(r"Received Store Response \((.*)\)")
 _LINE = re.compile(rf"C-STORE from {CALLING}: (0x[0-9A-F]{{4}}) (.*) \((\d+\.\d) s\)$")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((http.HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _listening(port: int, timeout_s: float = 10.0) -> bool:
@@ -112,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_dimse-") as scratch:
         received = Path(scratch) / "received"
         received.mkdir()
-        pacs_port = _free_port()
+        pacs_port = free_port()
         pacs = subprocess.Popen([storescp, "-aet", DESTINATION, "-od", str(received),
                                  *shlex.split(args.destination_options), str(pacs_port)],
                                 stdout=subprocess.DEVNULL,

@@ -13,7 +13,7 @@ refused rather than one silently preferred.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -80,36 +80,42 @@ def _empty_is_default(value: object) -> object:
     return None if value == "" else value
 
 
-def _methods(value: object) -> object:
-    """A comma list as the pattern states it (or, from Python, a sequence of names) → the
-    names, each once, in order."""
+def _names(value: object, pattern: re.Pattern[str], known: Collection[str],
+           refusal: Callable[[list[str], object], PydanticCustomError]) -> object:
+    """A comma list as ``pattern`` states it (or, from Python, a sequence of names) → the
+    names, each once, in order; ``refusal(names, value)`` is raised unless there is at
+    least one and each is in ``known``. Another type is left to pydantic to refuse."""
     if isinstance(value, str):
         names = [item.strip(" ") for item in value.split(",")]
-        valid = bool(_METHODS.fullmatch(value))
+        valid = bool(pattern.fullmatch(value))
     elif isinstance(value, tuple | list):
-        names = list(value)
-        valid = bool(names) and all(name in METHODS for name in names)
+        names = [str(name) for name in value]
+        valid = bool(names) and all(name in known for name in names)
     else:
         return value
     if not valid:
-        unknown = next((n for n in names if n not in METHODS), value)
-        raise PydanticCustomError(
-            "unknown_method", "unknown method {name}; available: {available}",
-            {"name": repr(str(unknown)[:100]), "available": ", ".join(METHODS)})
+        raise refusal(names, value)
     return tuple(dict.fromkeys(names))
 
 
+def _unknown_method(names: list[str], value: object) -> PydanticCustomError:
+    unknown = next((n for n in names if n not in METHODS), value)
+    return PydanticCustomError(
+        "unknown_method", "unknown method {name}; available: {available}",
+        {"name": repr(str(unknown)[:100]), "available": ", ".join(METHODS)})
+
+
+def _not_dicom_objects(names: list[str], value: object) -> PydanticCustomError:
+    return PydanticCustomError("dicom_objects", "is not a comma list of {available}",
+                               {"available": ", ".join(DICOM_OUTPUTS)})
+
+
+def _methods(value: object) -> object:
+    return _names(value, _METHODS, METHODS, _unknown_method)
+
+
 def _dicom_objects(value: object) -> object:
-    """A comma list of DICOM output names (or, from Python, a sequence of them) → the
-    names, each once, in order."""
-    if isinstance(value, str):
-        if not _DICOM.fullmatch(value):
-            raise PydanticCustomError("dicom_objects", "is not a comma list of {available}",
-                                      {"available": ", ".join(DICOM_OUTPUTS)})
-        value = [item.strip(" ") for item in value.split(",")]
-    if isinstance(value, tuple | list):
-        return tuple(dict.fromkeys(value))
-    return value
+    return _names(value, _DICOM, DICOM_OUTPUTS, _not_dicom_objects)
 
 
 def _window(value: object) -> object:

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
 from service.main import create_app
@@ -96,12 +97,18 @@ def any_dicom_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestC
         yield c
 
 
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus sample's values (``name`` as exposed: ``..._total``,
+    ``..._count``) over those whose labels include ``labels``."""
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
 def explanations_computed(client: TestClient) -> float:
     """How many (request, method) explanations the app has computed: the count of its
     method-duration histogram on /metrics."""
-    text = client.get("/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("medexplain_method_duration_seconds_count{"))
+    return metric_sum(client.get("/metrics").text, "medexplain_method_duration_seconds_count")
 
 
 def multipart_parts(response) -> list[bytes]:  # type: ignore[no-untyped-def]

@@ -13,10 +13,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api import attacks
-from tests.api.conftest import small_phantom_png
+from tests.api.conftest import metric_sum, small_phantom_png
 from tests.api.live import Live, closed_by_peer, live_server, read_response, request_head
 
 TIMEOUT_S = 1.0  # every timeout of this server, small so that the test is fast
@@ -119,13 +118,6 @@ def test_a_chunked_body_past_the_cap_gets_413_and_the_connection_closes(live: Li
         assert closed_by_peer(s, 5.0)
 
 
-def _counter(text: str, name: str, **labels: str) -> float:
-    """The sum of a Prometheus counter's samples whose labels include ``labels``."""
-    return sum(s.value for family in text_string_to_metric_families(text)
-               for s in family.samples
-               if s.name == name and labels.items() <= s.labels.items())
-
-
 def test_requests_whose_clients_left_are_not_computed() -> None:
     """Clients that send an /explain and go away before the answer (a timeout, a load
     generator stopping): their queued work is dropped, their admission places are given
@@ -148,7 +140,7 @@ def test_requests_whose_clients_left_are_not_computed() -> None:
         for s in sockets:
             s.close()
         deadline = time.monotonic() + 30
-        while _counter(live.get("/metrics")[2].decode(), "medexplain_http_requests_total",
+        while metric_sum(live.get("/metrics")[2].decode(), "medexplain_http_requests_total",
                        code="499") < abandoned and time.monotonic() < deadline:
             time.sleep(0.05)
         # 1 + 8 admitted places: a ninth request gets one only if the eight gave theirs back.
@@ -157,14 +149,14 @@ def test_requests_whose_clients_left_are_not_computed() -> None:
             status, _, _ = read_response(s)
         assert status == 200
         text = live.get("/metrics")[2].decode()
-    assert _counter(text, "medexplain_http_requests_total", code="499",
+    assert metric_sum(text, "medexplain_http_requests_total", code="499",
                     handler="/explain") == abandoned
-    assert _counter(text, "medexplain_inference_count_total") == 1  # the ninth alone
+    assert metric_sum(text, "medexplain_inference_count_total") == 1  # the ninth alone
 
 
 def test_a_client_gone_before_its_whole_body_counts_as_499(live: Live) -> None:
     png = small_phantom_png("all-findings.png")
-    before = _counter(live.get("/metrics")[2].decode(), "medexplain_http_requests_total",
+    before = metric_sum(live.get("/metrics")[2].decode(), "medexplain_http_requests_total",
                       code="499", handler="/explain")
     with live.connect() as s:
         s.sendall(request_head("POST", "/explain", {"content-type": "image/png",
@@ -172,7 +164,7 @@ def test_a_client_gone_before_its_whole_body_counts_as_499(live: Live) -> None:
                   + png[:len(png) // 2])
         time.sleep(0.2)
     deadline = time.monotonic() + 10
-    while (after := _counter(live.get("/metrics")[2].decode(),
+    while (after := metric_sum(live.get("/metrics")[2].decode(),
                              "medexplain_http_requests_total", code="499",
                              handler="/explain")) == before and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ImplicitVRLittleEndian,
@@ -147,9 +148,9 @@ def test_a_destination_that_never_answers_is_cut_at_the_timeout(
 
 def _explain_requests(metrics: str) -> dict[str, float]:
     """POST /explain requests by status code, from /metrics."""
-    found = re.findall(r'^medexplain_http_requests_total\{code="(\d+)",handler="/explain",'
-                       r'method="POST",[^}]*\} (\S+)$', metrics, re.MULTILINE)
-    return {code: float(count) for code, count in found}
+    return {s.labels["code"]: s.value for family in text_string_to_metric_families(metrics)
+            for s in family.samples if s.name == "medexplain_http_requests_total"
+            and (s.labels["handler"], s.labels["method"]) == ("/explain", "POST")}
 
 
 def test_an_explanation_over_the_budget_is_a_client_that_hung_up(
