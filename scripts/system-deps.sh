@@ -16,6 +16,10 @@ need=()
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 { command -v dcmdump && command -v storescu; } >/dev/null 2>&1 || need+=(dcmtk)
+# tests/dimse/test_tls.py: stunnel terminates TLS in front of Orthanc's DICOMweb (STOW-RS to
+# an https URL), as a hospital's reverse proxy does; Debian's Orthanc crashes on its own
+# HTTPS (libcivetweb jumps to a null OpenSSL function at the first request).
+command -v stunnel4 >/dev/null 2>&1 || need+=(stunnel4)
 # `docker compose config` when the compose plugin is there, else Debian's docker-compose
 # (tests/deploy: the compose file resolves; neither needs a Docker engine).
 { docker compose version || command -v docker-compose; } >/dev/null 2>&1 || need+=(docker-compose)

@@ -29,17 +29,31 @@ def _serve(args: argparse.Namespace) -> int:
     # Imported once the settings are known good: a bad setting fails in a moment.
     from service import logs
     from service.api.admission import Admission
+    from service.errors import TlsError
     from service.main import create_app
     from service.server import serve
+    from service.tls import server_context
 
     logs.configure(settings.log_level, settings.log_format)
+    if args.ray and settings.tls_certfile is not None:
+        # Serve's proxies (or HAProxy) take the connections there, and a joined cluster's
+        # were started with their own options: TLS ends in front of the cluster.
+        print("medexplain: MEDEXPLAIN_TLS_* are for the plain server; under Ray Serve end "
+              "TLS in front of the cluster (a load balancer, a Kubernetes Ingress)",
+              file=sys.stderr)
+        return 2
+    try:  # before the models load: a bad certificate fails in a moment
+        tls = server_context(settings)
+    except TlsError as exc:
+        print(f"medexplain: TLS: {exc}", file=sys.stderr)
+        return 2
     if args.ray:
         return _serve_ray(settings)
     from service.runtime.memory import keep_freed_memory
 
     keep_freed_memory()
     admission = Admission(settings)
-    serve(create_app(settings, admission=admission), settings, admission)
+    serve(create_app(settings, admission=admission), settings, admission, tls)
     return 0
 
 

@@ -130,6 +130,21 @@ class Settings(BaseModel):
     protect_metrics: bool = False
     protect_docs: bool = False
 
+    # --- TLS (service.tls) ---
+    # The service's certificate (PEM, followed by its chain) and its unencrypted private key
+    # (PEM, readable by the service alone). With both set, the HTTP API is HTTPS and the
+    # DICOM SCP speaks DICOM TLS (PS3.15 Annex B), TLS 1.2 or later, on the same ports.
+    # Unset: plain TCP, for a private network or behind a proxy that terminates TLS.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    # CA certificates (PEM) that sign the clients' certificates: when set, every HTTPS and
+    # DICOM TLS client must present one (mutual TLS; IHE ATNA's node authentication).
+    tls_client_ca: Path | None = None
+    # CA certificates (PEM) trusted when the service connects out (C-STORE over DICOM TLS,
+    # STOW-RS to an https URL); unset: the system's. The service's own certificate, when
+    # set, is shown to those servers.
+    tls_ca: Path | None = None
+
     # DICOM networking (service.dimse): a C-STORE SCP listening on ``host`` at this port,
     # explaining what it receives through the service's own /explain. Off when unset.
     dicom_port: int | None = Field(None, ge=1, le=65535)
@@ -141,6 +156,8 @@ class Settings(BaseModel):
     # explained (and checked) but the results go nowhere, which is only useful for tests.
     dicom_destination: str | None = None
     dicom_stow_url: str | None = None
+    # Results by C-STORE over DICOM TLS (verified against tls_ca, the host name checked).
+    dicom_destination_tls: bool = False
     # Which DICOM objects are sent for each received image (sc: a Secondary Capture per
     # explanation, one series per method; sr: one Structured Report), all from one /explain.
     dicom_outputs: tuple[Literal["sc", "sr"], ...] = ("sc",)
@@ -210,6 +227,22 @@ class Settings(BaseModel):
         if self.max_inflight_bytes < self.max_upload_bytes:
             raise ValueError("max_inflight_bytes must be at least max_upload_bytes, or the "
                              "largest allowed upload could never be admitted")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile are set together (the certificate "
+                             "and its private key)")
+        if self.tls_client_ca is not None and self.tls_certfile is None:
+            raise ValueError("tls_client_ca needs tls_certfile and tls_keyfile: clients are "
+                             "asked for a certificate only over TLS")
+        if self.dicom_destination_tls and self.dicom_destination is None:
+            raise ValueError("dicom_destination_tls needs dicom_destination")
+        for name in ("tls_certfile", "tls_keyfile", "tls_client_ca", "tls_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} is not a file")
         return self
 
     @field_validator("dicom_allowed_callers", "dicom_outputs", mode="before")

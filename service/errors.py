@@ -251,5 +251,9 @@ class DicomServerError(Exception):
     """Raised when the DICOM C-STORE SCP cannot start (its packages missing, its port taken)."""
 
 
+class TlsError(Exception):
+    """Raised when the TLS settings' certificates or key cannot be loaded."""
+
+
 class CompileError(ModelError):
     """Raised when the model compiler cannot build the explanation graphs."""

@@ -6,7 +6,8 @@ headers) must arrive within ``header_timeout_s`` (a connection that sends nothin
 drips its headers, is closed), and SIGTERM drains (``/readyz`` answers 503 ``draining`` at
 once, new uploads get 503, requests in progress finish within ``shutdown_timeout_s``, then
 the process exits). The body's minimum rate and the request timeout are the app's
-(service.api.body, service.api.admission).
+(service.api.body, service.api.admission). With TLS on (service.tls) the TLS handshake
+gets ``header_timeout_s`` too, and the head's deadline starts once it is done.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from functools import partial
 from types import FrameType
 from typing import Any
@@ -101,10 +103,23 @@ class DrainingServer(uvicorn.Server):
     the connections, cancelling what is left when the timeout has passed.
     """
 
-    def __init__(self, config: uvicorn.Config, admission: Admission, timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, admission: Admission, timeout: float,
+                 handshake_timeout: float) -> None:
         super().__init__(config)
         self.admission = admission
         self.drain_timeout = timeout
+        self.handshake_timeout = handshake_timeout
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.config.is_ssl:
+            # asyncio and uvloop give a TLS handshake 60 s, and the protocol (with the
+            # head's deadline) sees the connection only once it is done: a client that
+            # connected and said nothing held it six header timeouts. uvicorn has no
+            # setting for it; the loop is this server's own.
+            loop = asyncio.get_running_loop()
+            loop.create_server = partial(  # type: ignore[method-assign]
+                loop.create_server, ssl_handshake_timeout=self.handshake_timeout)
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.admission.start_drain()
@@ -122,8 +137,10 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(app: Any, settings: Settings, admission: Admission) -> None:
-    """Run ``app`` on ``settings.host:port`` until SIGTERM/SIGINT, then drain and return."""
+def serve(app: Any, settings: Settings, admission: Admission,
+          tls: ssl.SSLContext | None = None) -> None:
+    """Run ``app`` on ``settings.host:port`` until SIGTERM/SIGINT, then drain and return;
+    HTTPS with ``tls`` (service.tls.server_context)."""
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         # log_config=None: uvicorn's loggers go through service.logs; its access log (which
@@ -134,8 +151,10 @@ def serve(app: Any, settings: Settings, admission: Admission) -> None:
         # No "server: uvicorn" banner: it tells an attacker what to look up.
         server_header=False,
         lifespan="on",
+        ssl_context_factory=None if tls is None else lambda _config, _default: tls,
     )
-    DrainingServer(config, admission, settings.shutdown_timeout_s).run()
+    DrainingServer(config, admission, settings.shutdown_timeout_s,
+                   handshake_timeout=settings.header_timeout_s).run()
 
 
 __all__ = ["DrainingServer", "EdgeProtocol", "serve"]

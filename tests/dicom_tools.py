@@ -3,11 +3,27 @@ the tests compare in a Structured Report."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import generate_uid
+
+
+def dcmtk(tool: str) -> str | None:
+    """The path of DCMTK's ``tool`` (storescu, storescp, echoscu), or None.
+
+    pynetdicom installs command-line apps of the same names beside the interpreter; with
+    that folder on PATH (an activated virtual environment) a plain lookup finds them, and
+    they take none of DCMTK's options.
+    """
+    own = os.path.dirname(sys.executable)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
+                           if p and os.path.realpath(p) != os.path.realpath(own))
+    return shutil.which(tool, path=path)
 
 
 def dciodvfy(data: bytes, folder: Path, name: str = "object.dcm") -> str:
@@ -39,3 +55,13 @@ def sr_values(report: pydicom.Dataset) -> list[float | list[float]]:
             found.append([float(v) for v in item.GraphicData])
         found += sr_values(item)
     return found
+
+
+def fresh_copy(source: Path, folder: Path) -> tuple[Path, pydicom.Dataset]:
+    """A copy of a DICOM file in a new study (new Study, Series and SOP Instance UIDs)."""
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = folder / f"{source.stem}-{ds.SOPInstanceUID[-8:]}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import shutil
 import socket
@@ -14,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +47,17 @@ def request(url: str, data: bytes | None = None, timeout: float = 10.0) -> bytes
 
 def get_json(url: str) -> Any:
     return json.loads(request(url))
+
+
+def study_instances(url: str, study_uid: str) -> list[pydicom.Dataset]:
+    """Every instance Orthanc holds in the study with this Study Instance UID."""
+    hits = [h for h in json.loads(request(f"{url}/tools/lookup", study_uid.encode()))
+            if h["Type"] == "Study"]
+    if not hits:
+        return []
+    instances = get_json(f"{url}/studies/{hits[0]['ID']}/instances")
+    return [pydicom.dcmread(io.BytesIO(request(f"{url}/instances/{i['ID']}/file")))
+            for i in instances]
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from service.config import Settings
 from service.errors import DicomServerError
+from service.tls import server_context
 
 if TYPE_CHECKING:
     from service.dimse.base import Destination
@@ -55,6 +56,7 @@ async def listening(settings: Settings, app: object, state: object) -> AsyncIter
 
     Raises:
         DicomServerError: the ``dicom`` extra is not installed, or the port cannot be bound.
+        TlsError: TLS is on (``tls_*``) and its files cannot be loaded.
     """
     if settings.dicom_port is None:
         yield
@@ -68,14 +70,16 @@ async def listening(settings: Settings, app: object, state: object) -> AsyncIter
                                f"{exc}") from exc
     destinations = [d for d in (make(settings) for make in DESTINATIONS) if d is not None]
     client = InProcess(app, state, asyncio.get_running_loop(), settings)
-    server = StoreServer(settings, client, destinations)
+    # DICOM TLS (PS3.15 B.9) on the same port when the service has a certificate.
+    server = StoreServer(settings, client, destinations, server_context(settings))
     try:
         server.start()
     except OSError as exc:
         raise DicomServerError(
             f"the DICOM port {settings.dicom_port} cannot be opened: {exc}") from exc
-    log.info("DICOM C-STORE SCP %s on %s:%d, results to %s", settings.dicom_ae_title,
+    log.info("DICOM C-STORE SCP %s on %s:%d%s, results to %s", settings.dicom_ae_title,
              settings.host, settings.dicom_port,
+             " (TLS)" if settings.tls_certfile is not None else "",
              ", ".join(d.name for d in destinations) or "nowhere")
     try:
         yield

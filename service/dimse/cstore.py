@@ -1,8 +1,10 @@
-"""Results out by C-STORE (``MEDEXPLAIN_DICOM_DESTINATION=AET@host:port``)."""
+"""Results out by C-STORE (``MEDEXPLAIN_DICOM_DESTINATION=AET@host:port``), over DICOM TLS
+with ``MEDEXPLAIN_DICOM_DESTINATION_TLS``."""
 
 from __future__ import annotations
 
 import io
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -15,6 +17,7 @@ from pynetdicom import AE, Association
 from service.config import Settings
 from service.dimse.base import Destination
 from service.errors import DeliveryError
+from service.tls import client_context
 
 # What /explain's DICOM outputs write: Secondary Capture, Comprehensive 3D SR.
 SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34")
@@ -28,9 +31,12 @@ STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the three warnings (PS
 class CStore(Destination):
     """One association per received image, one C-STORE per result."""
 
-    def __init__(self, calling: str, called: str, host: str, port: int) -> None:
-        self.name = f"{called}@{host}:{port}"
+    def __init__(self, calling: str, called: str, host: str, port: int,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.name = f"{called}@{host}:{port}" + (" (TLS)" if tls is not None else "")
         self._calling, self._called, self._host, self._port = calling, called, host, port
+        # pynetdicom's tls_args: the context, and the host name the certificate must name.
+        self._tls_args = None if tls is None else (tls, host)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CStore | None:
@@ -38,7 +44,8 @@ class CStore(Destination):
             return None
         called, _, address = settings.dicom_destination.partition("@")
         host, _, port = address.rpartition(":")
-        return cls(settings.dicom_ae_title, called, host, int(port))
+        tls = client_context(settings) if settings.dicom_destination_tls else None
+        return cls(settings.dicom_ae_title, called, host, int(port), tls)
 
     def send(self, objects: Sequence[bytes], timeout_s: float) -> None:
         datasets = []
@@ -57,9 +64,11 @@ class CStore(Destination):
         ae.dimse_timeout = ae.network_timeout = timeout_s
         for sop_class in SOP_CLASSES:
             ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES))
-        assoc = ae.associate(self._host, self._port, ae_title=self._called)
+        assoc = ae.associate(self._host, self._port, ae_title=self._called,
+                             tls_args=self._tls_args)
         if not assoc.is_established:
-            raise DeliveryError(f"{self.name} {_why_not_associated(assoc, needed)}")
+            why = _why_not_associated(assoc, needed, tls=self._tls_args is not None)
+            raise DeliveryError(f"{self.name} {why}")
         # A destination that stops answering mid-delivery is aborted at the deadline.
         watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), assoc.abort)
         watchdog.start()
@@ -88,12 +97,19 @@ def _names(uids: Sequence[str]) -> str:
     return ", ".join(UID(uid).name for uid in uids)
 
 
-def _why_not_associated(assoc: Association, needed: Sequence[str]) -> str:
+def _why_not_associated(assoc: Association, needed: Sequence[str], *, tls: bool) -> str:
     if assoc.is_rejected:
         return "rejected the association"
     if assoc.is_aborted:
         # pynetdicom aborts when no presentation context was accepted.
         if not assoc.accepted_contexts and assoc.rejected_contexts:
             return f"accepted no presentation context for {_names(needed)} results"
+        if not assoc.accepted_contexts:
+            # No A-ASSOCIATE-AC at all: the connection failed before it. pynetdicom's own
+            # log line has the reason, and the service's log withholds library text.
+            if tls:
+                return ("could not be reached, or the TLS handshake failed (its certificate "
+                        "not signed by a CA in MEDEXPLAIN_TLS_CA, or ours refused)")
+            return "could not be reached (connection refused or closed)"
         return "aborted the association"
     return "did not answer the association request"

@@ -26,6 +26,7 @@ patient data or UIDs.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 
@@ -97,8 +98,10 @@ class StoreServer:
     """A pynetdicom AE listening on ``host:dicom_port`` as ``dicom_ae_title``."""
 
     def __init__(self, settings: Settings, client: InProcess,
-                 destinations: Sequence[Destination]) -> None:
+                 destinations: Sequence[Destination],
+                 tls: ssl.SSLContext | None = None) -> None:
         self._settings = settings
+        self._tls = tls
         self._client = client
         self._destinations = list(destinations)
         self._server: ThreadedAssociationServer | None = None
@@ -119,7 +122,7 @@ class StoreServer:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         self._server = self._ae.start_server(
             (self._settings.host, self._settings.dicom_port), block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+            ssl_context=self._tls, evt_handlers=[(evt.EVT_C_STORE, self._on_store),
                           (evt.EVT_REJECTED, self._on_rejected)])
 
     def stop(self) -> None:

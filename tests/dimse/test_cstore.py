@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -29,12 +28,13 @@ from pydicom.uid import (
 from service.config import Settings
 from service.main import create_app
 from tests.api.conftest import DATA, MODELS
+from tests.dicom_tools import dcmtk
 from tests.orthanc_tools import free_port
 
 pytestmark = [pytest.mark.slow]
 
-STORESCP = shutil.which("storescp")
-STORESCU = shutil.which("storescu")
+STORESCP = dcmtk("storescp")
+STORESCU = dcmtk("storescu")
 DESTINATION = "ARCHIVE"
 
 # DCMTK's association configuration (asccfg): Secondary Capture only, uncompressed.

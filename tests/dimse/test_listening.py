@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -21,6 +20,7 @@ from service.errors import DicomServerError
 from service.main import create_app
 from service.outputs.base import multipart_related
 from tests.api.conftest import DATA, MODELS
+from tests.dicom_tools import dcmtk
 from tests.orthanc_tools import free_port
 
 
@@ -121,7 +121,7 @@ def test_the_objects_of_an_answer() -> None:
 
 def test_with_api_keys_the_scp_calls_explain_as_a_keyed_client(
         caplog: pytest.LogCaptureFixture) -> None:
-    storescu = shutil.which("storescu")
+    storescu = dcmtk("storescu")
     assert storescu is not None, "DCMTK is not installed: `bash scripts/system-deps.sh`"
     port = free_port()
     settings = Settings(models=MODELS, threads=1, dicom_port=port,

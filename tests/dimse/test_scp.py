@@ -9,10 +9,8 @@ One Orthanc serves the module. Each test sends files with fresh Study/Series/SOP
 from __future__ import annotations
 
 import io
-import json
 import logging
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,16 +20,17 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
-from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from service.config import Settings
 from service.main import create_app
 from tests.api.conftest import DATA, MODELS, explanations_computed, multipart_parts
-from tests.orthanc_tools import PLUGINS, free_port, get_json, orthanc, request
+from tests.dicom_tools import dcmtk, fresh_copy
+from tests.orthanc_tools import PLUGINS, free_port, get_json, orthanc, study_instances
 
 pytestmark = [pytest.mark.slow]
 
-STORESCU = shutil.which("storescu")
+STORESCU = dcmtk("storescu")
 ORTHANC_AET = "ORTHANC"
 SENDER = "MODALITY1"
 MULTIPART = 'multipart/related; type="application/dicom"'
@@ -84,31 +83,10 @@ def _storescu(port: int, files: list[Path], calling: str = SENDER,
                           capture_output=True, text=True, timeout=300, check=False)
 
 
-def _fresh(source: Path, folder: Path) -> tuple[Path, pydicom.Dataset]:
-    """A copy of a DICOM file in a new study (new Study, Series and SOP Instance UIDs)."""
-    ds = pydicom.dcmread(source)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    path = folder / f"{source.stem}-{ds.SOPInstanceUID[-8:]}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path, ds
-
-
 def _pydicom_data(name: str) -> Path:
     path = get_testdata_file(name, download=False)
     assert path is not None, f"{name} is not in the installed pydicom-data"
     return Path(path)
-
-
-def _study(url: str, study_uid: str) -> list[pydicom.Dataset]:
-    """Every instance Orthanc holds in the study with this Study Instance UID."""
-    hits = [h for h in json.loads(request(f"{url}/tools/lookup", study_uid.encode()))
-            if h["Type"] == "Study"]
-    if not hits:
-        return []
-    instances = get_json(f"{url}/studies/{hits[0]['ID']}/instances")
-    return [pydicom.dcmread(io.BytesIO(request(f"{url}/instances/{i['ID']}/file")))
-            for i in instances]
 
 
 def _explained_over_http(client: TestClient, data: bytes, **params: str) -> list[pydicom.Dataset]:
@@ -118,13 +96,13 @@ def _explained_over_http(client: TestClient, data: bytes, **params: str) -> list
     return [pydicom.dcmread(io.BytesIO(part)) for part in multipart_parts(r)]
 
 
-def test_stored_radiographs_come_back_as_captures_and_a_report_in_their_study(
+def test_stored_radiographs_come_back_as_captures_and_a_report_in_theirstudy_instances(
         pacs: tuple[str, int], by_cstore: tuple[TestClient, int], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     client, port = by_cstore
     caplog.set_level(logging.DEBUG)
-    sent = [_fresh(_pydicom_data("RG1_UNCR.dcm"), tmp_path),
-            _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)]
+    sent = [fresh_copy(_pydicom_data("RG1_UNCR.dcm"), tmp_path),
+            fresh_copy(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)]
     before = explanations_computed(client)
     result = _storescu(port, [path for path, _ in sent])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -140,7 +118,7 @@ def test_stored_radiographs_come_back_as_captures_and_a_report_in_their_study(
             value = str(source.get(keyword) or "")
             assert not value or value not in caplog.text, keyword
     for path, source in sent:
-        arrived = _study(pacs[0], source.StudyInstanceUID)
+        arrived = study_instances(pacs[0], source.StudyInstanceUID)
         captures = [d for d in arrived if d.SOPClassUID == SecondaryCaptureImageStorage]
         reports = [d for d in arrived if d.SOPClassUID == Comprehensive3DSRStorage]
         # What an HTTP client gets for the same file and parameters, capture for capture.
@@ -166,10 +144,10 @@ def test_stored_radiographs_come_back_as_captures_and_a_report_in_their_study(
 def test_results_by_stow_rs_to_dicomweb(pacs: tuple[str, int], by_stow: tuple[TestClient, int],
                                         tmp_path: Path) -> None:
     client, port = by_stow
-    path, source = _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+    path, source = fresh_copy(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
     result = _storescu(port, [path], calling="ANY-SENDER")  # no caller list: any AE title
     assert result.returncode == 0, result.stdout + result.stderr
-    (capture,) = _study(pacs[0], source.StudyInstanceUID)
+    (capture,) = study_instances(pacs[0], source.StudyInstanceUID)
     (expected,) = _explained_over_http(client, path.read_bytes(), methods="crm_combined")
     assert capture.SOPClassUID == SecondaryCaptureImageStorage
     assert capture.SeriesNumber == 9912 and capture.SeriesDescription == "medexplain crm_combined all"
@@ -185,11 +163,11 @@ def test_a_caller_outside_the_list_is_rejected(pacs: tuple[str, int],
                                                caplog: pytest.LogCaptureFixture) -> None:
     _, port = by_cstore
     caplog.set_level(logging.INFO, logger="service.dimse.scp")
-    path, source = _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+    path, source = fresh_copy(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
     result = _storescu(port, [path], calling="INTRUDER")
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
-    assert _study(pacs[0], source.StudyInstanceUID) == []
+    assert study_instances(pacs[0], source.StudyInstanceUID) == []
     assert [r.getMessage() for r in caplog.records if r.name == "service.dimse.scp"] == [
         "association from INTRUDER rejected: calling AE title not allowed"]
 
@@ -197,35 +175,35 @@ def test_a_caller_outside_the_list_is_rejected(pacs: tuple[str, int],
 def test_a_bad_file_gets_a_failure_status_and_the_scp_keeps_serving(
         pacs: tuple[str, int], by_cstore: tuple[TestClient, int], tmp_path: Path) -> None:
     client, port = by_cstore
-    path, source = _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+    path, source = fresh_copy(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
     ds = pydicom.dcmread(path)
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # the header promises more
     ds.save_as(path, enforce_file_format=True)
-    good, good_source = _fresh(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+    good, good_source = fresh_copy(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
     result = _storescu(port, [path, good], SENDER, "--no-halt")  # go on after a failure
     output = result.stdout + result.stderr
     # The failed store is 0xC000 (Error: cannot understand); the next one succeeds.
     responses = re.findall(r"Received Store Response \((.*)\)", output)
     assert responses == ["Error: CannotUnderstand", "Success"], output
-    assert _study(pacs[0], source.StudyInstanceUID) == []
-    assert len(_study(pacs[0], good_source.StudyInstanceUID)) == 2  # capture and report
+    assert study_instances(pacs[0], source.StudyInstanceUID) == []
+    assert len(study_instances(pacs[0], good_source.StudyInstanceUID)) == 2  # capture and report
     assert client.get("/healthz").status_code == 200
 
 
 def test_a_ct_slice_is_taken_but_not_explained_by_the_chest_model(
         pacs: tuple[str, int], by_cstore: tuple[TestClient, int], tmp_path: Path) -> None:
     client, port = by_cstore
-    path, source = _fresh(_pydicom_data("CT_small.dcm"), tmp_path)
+    path, source = fresh_copy(_pydicom_data("CT_small.dcm"), tmp_path)
     result = _storescu(port, [path])
     assert result.returncode == 0, result.stdout + result.stderr  # a valid object: Success
-    assert _study(pacs[0], source.StudyInstanceUID) == []
+    assert study_instances(pacs[0], source.StudyInstanceUID) == []
     r = client.post("/explain", content=path.read_bytes(),
                     headers={"content-type": "application/dicom"})
     assert r.status_code == 422 and r.json()["code"] == "dicom_not_accepted"
 
 
 def test_c_echo_answers(by_cstore: tuple[TestClient, int]) -> None:
-    result = subprocess.run(["echoscu", "-aet", SENDER, "-aec", "MEDEXPLAIN", "127.0.0.1",
+    result = subprocess.run([dcmtk("echoscu") or "echoscu", "-aet", SENDER, "-aec", "MEDEXPLAIN", "127.0.0.1",
                              str(by_cstore[1])], capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
