@@ -34,9 +34,11 @@ COPY models ./models
 RUN useradd --system --uid 10001 medexplain
 USER 10001
 EXPOSE 8000 11112
-# Liveness on whatever port the container is configured for (MEDEXPLAIN_PORT).
+# Liveness on whatever port the container is configured for (MEDEXPLAIN_PORT); over HTTPS
+# when MEDEXPLAIN_TLS_CERTFILE is set, showing the service's own certificate (which a
+# MEDEXPLAIN_TLS_CLIENT_CA that signed it accepts) and not checking the server's (itself).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('MEDEXPLAIN_PORT', '8000'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status != 200)"]
+    CMD ["python", "-c", "import os, ssl, sys, urllib.request; e = os.environ; cert = e.get('MEDEXPLAIN_TLS_CERTFILE'); tls = cert and ssl._create_unverified_context(); tls and tls.load_cert_chain(cert, e['MEDEXPLAIN_TLS_KEYFILE']); url = ('https' if tls else 'http') + '://127.0.0.1:' + e.get('MEDEXPLAIN_PORT', '8000') + '/healthz'; sys.exit(urllib.request.urlopen(url, timeout=2, context=tls or None).status != 200)"]
 CMD ["medexplain", "serve"]
 
 FROM ${CUDA_IMAGE} AS gpu
@@ -67,5 +69,5 @@ RUN useradd --system --uid 10001 medexplain
 USER 10001
 EXPOSE 8000 11112
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('MEDEXPLAIN_PORT', '8000'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status != 200)"]
+    CMD ["python", "-c", "import os, ssl, sys, urllib.request; e = os.environ; cert = e.get('MEDEXPLAIN_TLS_CERTFILE'); tls = cert and ssl._create_unverified_context(); tls and tls.load_cert_chain(cert, e['MEDEXPLAIN_TLS_KEYFILE']); url = ('https' if tls else 'http') + '://127.0.0.1:' + e.get('MEDEXPLAIN_PORT', '8000') + '/healthz'; sys.exit(urllib.request.urlopen(url, timeout=2, context=tls or None).status != 200)"]
 CMD ["medexplain", "serve"]

@@ -34,7 +34,6 @@ def _serve(args: argparse.Namespace) -> int:
     from service.server import serve
     from service.tls import server_context
 
-    logs.configure(settings.log_level, settings.log_format)
     if args.ray and settings.tls_certfile is not None:
         # Serve's proxies (or HAProxy) take the connections there, and a joined cluster's
         # were started with their own options: TLS ends in front of the cluster.
@@ -47,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
     except TlsError as exc:
         print(f"medexplain: TLS: {exc}", file=sys.stderr)
         return 2
+    logs.configure(settings.log_level, settings.log_format)
     if args.ray:
         return _serve_ray(settings)
     from service.runtime.memory import keep_freed_memory

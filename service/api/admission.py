@@ -63,6 +63,8 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-content-type-options", b"nosniff"),
     (b"cache-control", b"no-store"),
 )
+# Over HTTPS: a browser that has been here uses HTTPS for a year, never plain HTTP.
+HSTS = (b"strict-transport-security", b"max-age=31536000")
 
 
 class Admission:
@@ -229,6 +231,8 @@ class EdgeMiddleware:
         async def own_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 extra = list(SECURITY_HEADERS)
+                if scope.get("scheme") == "https":  # MEDEXPLAIN_TLS_*: browsers stay on it
+                    extra.append(HSTS)
                 # Answered before the whole body arrived (413, 401, 503, ...), or draining:
                 # close rather than read (and discard) what the client still sends.
                 if not exchange.body_done.done() or self.admission.draining:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -26,13 +27,18 @@ class Live:
 
     process: subprocess.Popen[bytes]
     port: int
+    tls: ssl.SSLContext | None = None  # a client context, for a server with TLS on
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def connect(self, timeout: float = 30.0) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        """A connection to the server; over TLS when the server has it on."""
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        if self.tls is None:
+            return s
+        return self.tls.wrap_socket(s, server_hostname="127.0.0.1")
 
     def memory_kib(self, field: str) -> int:
         """``VmRSS`` (now) or ``VmHWM`` (peak so far) of the server process, in KiB."""
@@ -49,9 +55,11 @@ class Live:
 
 
 @contextmanager
-def live_server(root: Path = ROOT, **env: str) -> Iterator[Live]:
+def live_server(root: Path = ROOT, tls: ssl.SSLContext | None = None,
+                **env: str) -> Iterator[Live]:
     """``medexplain serve`` of the source tree ``root`` on a free loopback port with
-    ``MEDEXPLAIN_<KEY>`` settings; killed (by its pid) when the block ends."""
+    ``MEDEXPLAIN_<KEY>`` settings; killed (by its pid) when the block ends. ``tls``: the
+    client context to reach it with, when the settings turn TLS on."""
     port = free_port()
     environ = {**os.environ, "PYTHONPATH": str(root), "MEDEXPLAIN_THREADS": "1",
                **{f"MEDEXPLAIN_{k.upper()}": v for k, v in env.items()}}
@@ -61,7 +69,7 @@ def live_server(root: Path = ROOT, **env: str) -> Iterator[Live]:
             [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
              "--port", str(port)], cwd=root, env=environ, stdout=log,
             stderr=subprocess.STDOUT)
-        live = Live(process, port)
+        live = Live(process, port, tls)
         try:
             _wait_until_up(live, log)
             yield live

@@ -20,7 +20,9 @@ import pytest
 import yaml
 
 from service.config import Settings
+from tests.api.live import live_server
 from tests.orthanc_tools import free_port, stop, wait_until_up
+from tests.tls_tools import make_certificates
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -108,6 +110,25 @@ def test_the_healthcheck_probes_liveness_on_the_configured_port(server: int) -> 
 
     assert run(server) == 0
     assert run(free_port()) != 0  # nothing listens there
+
+
+def test_the_healthcheck_speaks_tls_when_the_service_does(tmp_path: Path) -> None:
+    """Over HTTPS with client certificates required, the probe shows the service's own
+    certificate (signed by the hospital CA the service asks clients' from)."""
+    certs = make_certificates(tmp_path)
+    tls = {"tls_certfile": str(certs.service.cert), "tls_keyfile": str(certs.service.key),
+           "tls_client_ca": str(certs.ca)}
+    (command,) = {tuple(_healthcheck())}
+    with live_server(tls=certs.client(certs.modality), **tls) as live:
+        env = {**os.environ, "MEDEXPLAIN_PORT": str(live.port),
+               **{f"MEDEXPLAIN_{k.upper()}": v for k, v in tls.items()}}
+        probe = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True,
+                               timeout=30, check=False)
+        assert probe.returncode == 0, probe.stderr
+        # Without the certificates in its environment it asks plain HTTP, and fails.
+        env.pop("MEDEXPLAIN_TLS_CERTFILE")
+        assert subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True,
+                              timeout=30, check=False).returncode != 0
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
