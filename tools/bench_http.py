@@ -1,7 +1,8 @@
 """End-to-end HTTP latency of the service on a real-size radiograph, several checkouts at once.
 
     .venv/bin/python tools/bench_http.py [--server LABEL=CHECKOUT_DIR ...] [--rounds 7]
-        [--port-base 8600] [--threads 2] [--out results.json] [--markdown]
+        [--port-base 8600] [--threads 2] [--tls LABEL ...] [--out results.json] [--markdown]
+    .venv/bin/python tools/bench_http.py --server http=. --server https=. --tls https
 
 What it measures: for each request in ``REQUESTS`` (``/predict`` and ``/explain`` variants on
 pydicom-data's computed radiograph ``RG1_UNCR.dcm``, 1841x1955 16-bit MONOCHROME1, sent as
@@ -17,7 +18,10 @@ How it is run: every server gets two untimed warm-up passes of every request; th
 round, each request is sent once to each server, the order of the servers and of the
 requests rotated every round, so that slow drifts of the machine hit every checkout alike
 and no request always follows the same one. The connection is
-re-opened, untimed, when the server has closed it while idle.
+re-opened, untimed, when the server has closed it while idle. ``--tls LABEL`` serves that
+server over HTTPS (MEDEXPLAIN_TLS_CERTFILE / KEYFILE, a throwaway certificate from a trustme
+CA, a test dependency) and reaches it with a client that verifies it; the same checkout
+under two labels, one of them ``--tls``, measures what TLS adds.
 
 How to read it: medians over the rounds, per server and request: wall ms (what a client
 waits), ÷ predict (that median over the same server's ``/predict`` median: the cost of an
@@ -39,6 +43,7 @@ import select
 import shlex
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -137,6 +142,14 @@ class Server:
     connection: http.client.HTTPConnection | None = None
     reconnects: int = 0
     log: str = ""
+    # --tls: the client context that verifies it, and the server's certificate and key.
+    tls: ssl.SSLContext | None = None
+    tls_files: tuple[Path, Path] | None = None
+
+    def open(self, timeout: float) -> http.client.HTTPConnection:
+        if self.tls is None:
+            return http.client.HTTPConnection(HOST, self.port, timeout=timeout)
+        return http.client.HTTPSConnection(HOST, self.port, timeout=timeout, context=self.tls)
 
 
 @dataclass
@@ -305,6 +318,9 @@ def start_server(server: Server, env: dict[str, str], log_dir: Path) -> None:
     if not port_is_free(server.port):
         raise RuntimeError(f"port {server.port} is in use (pick another --port-base)")
     server.log_path = log_dir / f"{server.port}.log"
+    if server.tls_files is not None:
+        env = {**env, "MEDEXPLAIN_TLS_CERTFILE": str(server.tls_files[0]),
+               "MEDEXPLAIN_TLS_KEYFILE": str(server.tls_files[1])}
     with server.log_path.open("wb") as log:
         server.process = subprocess.Popen(
             [sys.executable, "-c", CHILD_CODE, str(server.checkout), "serve",
@@ -337,7 +353,7 @@ def wait_ready(server: Server, timeout_s: float = READY_TIMEOUT_S) -> float:
         if server.process.poll() is not None:
             raise RuntimeError(f"server {server.label} exited with {server.process.returncode}:"
                                f"\n{log_tail(server)}")
-        conn = http.client.HTTPConnection(HOST, server.port, timeout=5)
+        conn = server.open(timeout=5)
         try:
             conn.request("GET", "/readyz")
             if conn.getresponse().status == 200:
@@ -379,6 +395,8 @@ def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable:
             return False
+        if isinstance(sock, ssl.SSLSocket):  # no MSG_PEEK; an idle server only says goodbye
+            return True
         return sock.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
@@ -392,7 +410,7 @@ def connection(server: Server) -> http.client.HTTPConnection:
     if conn is not None:
         conn.close()
         server.reconnects += 1
-    conn = http.client.HTTPConnection(HOST, server.port, timeout=REQUEST_TIMEOUT_S)
+    conn = server.open(timeout=REQUEST_TIMEOUT_S)
     conn.connect()
     server.connection = conn
     return conn
@@ -597,7 +615,8 @@ def header(info: dict[str, Any], command: str, servers: list[Server],
              (f"MEDEXPLAIN_THREADS={threads}; {rounds} round(s) after {WARMUP_PASSES} warm-up "
               f"passes; median round {per_round:.1f} s with {len(servers)} server(s)")]
     for server in servers:
-        lines.append(f"- {server.label}: {server.revision or 'no git'}, "
+        lines.append(f"- {server.label}{' (HTTPS)' if server.tls else ''}: "
+                     f"{server.revision or 'no git'}, "
                      f"service from {server.service_file}")
     return "\n".join(lines)
 
@@ -621,6 +640,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds to wait for GET /readyz (default 180)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file for every sample and the medians")
+    parser.add_argument("--tls", action="append", default=[], metavar="LABEL",
+                        help="serve this server over HTTPS (repeatable)")
     parser.add_argument("--markdown", action="store_true",
                         help="print only the markdown (header and table), no progress")
     args = parser.parse_args(argv)
@@ -631,7 +652,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("server labels must be unique")
     if not args.server:
         args.server = [("current", ROOT)]
+    unknown = set(args.tls) - {label for label, _ in args.server}
+    if unknown:
+        parser.error(f"--tls names no server: {', '.join(sorted(unknown))}")
     return args
+
+
+def certificates(folder: Path) -> tuple[ssl.SSLContext, tuple[Path, Path]]:
+    """A throwaway CA's certificate for 127.0.0.1: (a client context trusting it only,
+    (certificate file, key file))."""
+    try:
+        import trustme
+    except ImportError:
+        sys.exit("--tls needs trustme (a test dependency: pip install -e '.[test]')")
+    ca = trustme.CA()
+    issued = ca.issue_cert(HOST)
+    cert, key = folder / "server.crt", folder / "server.key"
+    issued.cert_chain_pems[0].write_to_path(cert)
+    issued.private_key_pem.write_to_path(key)
+    return ssl.create_default_context(cadata=ca.cert_pem.bytes().decode()), (cert, key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -647,6 +686,11 @@ def main(argv: list[str] | None = None) -> int:
     env = child_env(args.threads)
     try:
         with tempfile.TemporaryDirectory(prefix="bench_http-") as log_dir:
+            if args.tls:
+                context, files = certificates(Path(log_dir))
+                for server in servers:
+                    if server.label in args.tls:
+                        server.tls, server.tls_files = context, files
             try:
                 for server in servers:
                     start_server(server, env, Path(log_dir))
@@ -681,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds, "warmup_passes": WARMUP_PASSES,
             "round_seconds": round_seconds,
             "servers": [{"label": s.label, "checkout": str(s.checkout), "port": s.port,
+                         "tls": s.tls is not None,
                          "revision": s.revision, "service_file": s.service_file,
                          "reconnects": s.reconnects, "log_tail": s.log} for s in servers],
             "requests": [asdict(r) for r in REQUESTS],
