@@ -49,6 +49,7 @@ class Stow(Destination):
         self.name = url
         self._url = url
         self._adapter = _Tls(ca, own)
+
     @classmethod
     def from_settings(cls, settings: Settings) -> Stow | None:
         if not settings.dicom_stow_url:
@@ -72,8 +73,8 @@ class Stow(Destination):
         try:
             answer = client.store_instances(datasets=datasets)
         except requests.exceptions.SSLError as exc:  # before ConnectionError, its base
-            raise DeliveryError(f"{self.name}: TLS failed (is it signed by a CA in "
-                                "MEDEXPLAIN_TLS_CA?)") from exc
+            raise DeliveryError(f"{self.name}: the TLS handshake failed (its certificate not "
+                                "signed by a CA in MEDEXPLAIN_TLS_CA, or ours refused)") from exc
         except requests.Timeout as exc:
             raise TimeoutError(f"{self.name} did not answer in {timeout_s:.1f} s") from exc
         except (requests.RequestException, OSError) as exc:

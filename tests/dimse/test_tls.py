@@ -195,7 +195,7 @@ def test_a_destination_whose_certificate_we_do_not_trust_gets_nothing(
     assert _responses(result) == ["Unknown Status: 0x110"], result.stdout + result.stderr
     (line,) = _scp_lines(caplog)
     why = ("could not be reached, or the TLS handshake failed"
-           if destination == "cstore" else "TLS failed")
+           if destination == "cstore" else "the TLS handshake failed")
     assert "0x0110 not delivered:" in line and why in line, line
     assert study_instances(pacs[0], source.StudyInstanceUID) == []
 
