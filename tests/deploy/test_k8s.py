@@ -52,7 +52,12 @@ def gpu() -> dict[str, list[dict[str, Any]]]:
     return _by_kind(_render(K8S / "overlays" / "gpu"))
 
 
-@pytest.mark.parametrize("variant", ["base", "gpu"])
+@pytest.fixture(scope="module")
+def tls() -> dict[str, list[dict[str, Any]]]:
+    return _by_kind(_render(K8S / "overlays" / "tls"))
+
+
+@pytest.mark.parametrize("variant", ["base", "gpu", "tls"])
 def test_every_resource_is_valid_against_the_kubernetes_schemas(
         variant: str, request: pytest.FixtureRequest) -> None:
     kinds = request.getfixturevalue(variant)
@@ -157,3 +162,31 @@ def test_the_gpu_overlay(gpu: dict[str, list[dict[str, Any]]],
     assert labels["app.kubernetes.io/variant"] == "gpu"
     (service,) = gpu["Service"]
     assert service["spec"]["selector"]["app.kubernetes.io/variant"] == "gpu"
+
+
+def test_the_tls_overlay(tls: dict[str, list[dict[str, Any]]],
+                         base: dict[str, list[dict[str, Any]]]) -> None:
+    container = _container(tls)
+    (deployment,) = tls["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # Settings the service reads, pointing into the Secret's mount.
+    names = {k for k in env if k.startswith("MEDEXPLAIN_TLS_")}
+    assert names == {"MEDEXPLAIN_TLS_CERTFILE", "MEDEXPLAIN_TLS_KEYFILE"}
+    assert {n.removeprefix("MEDEXPLAIN_").lower() for n in names} <= set(Settings.model_fields)
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    secret = volume["secret"]
+    assert secret["secretName"] == "medexplain-tls"
+    files = {f"{mount['mountPath']}/{item['path']}": item["key"] for item in secret["items"]}
+    assert files == {env["MEDEXPLAIN_TLS_CERTFILE"]: "tls.crt",
+                     env["MEDEXPLAIN_TLS_KEYFILE"]: "tls.key"}  # kubernetes.io/tls keys
+    # The key is readable by the service's group only.
+    assert secret["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == 10001
+    assert pod["securityContext"]["runAsGroup"] == 10001
+    # The probes speak HTTPS to the same paths; the base's hardening is kept.
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"),
+                        ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http", "scheme": "HTTPS"}
+    assert container["securityContext"] == _container(base)["securityContext"]
