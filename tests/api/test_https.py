@@ -11,7 +11,9 @@ import warnings
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.http as triton
 from fastapi.testclient import TestClient
 
 from service.config import Settings
@@ -127,3 +129,24 @@ def test_with_a_client_ca_only_clients_with_its_certificates_get_in(
     for context in (certs.client(), certs.client(certs.stranger)):
         with pytest.raises((ssl.SSLError, ConnectionError)):
             _get_with(mutual, context)
+
+
+def test_tritonclient_over_https_gets_the_scores_of_predict(
+        https: Live, certs: Certificates) -> None:
+    """The Open Inference Protocol's own client, with its TLS options."""
+    data = (DATA / "dicom" / "phantom_nodule.dcm").read_bytes()
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{https.port}", ssl=True,
+                                          ssl_context_factory=certs.client)
+    try:
+        assert client.is_server_ready() and client.is_model_ready("demo-cxr")
+        image = triton.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([data], dtype=np.object_))
+        scores = client.infer("demo-cxr", [image]).as_numpy("scores")
+    finally:
+        client.close()
+    with httpx.Client(verify=certs.client(), timeout=60) as plain:
+        r = plain.post(f"https://127.0.0.1:{https.port}/predict", content=data,
+                       headers={"content-type": "application/dicom"})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(scores.reshape(-1),
+                               [p["score"] for p in r.json()["predictions"]], rtol=1e-5)
