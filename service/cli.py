@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.server import serve
     from service.tls import server_context
 
-    if args.ray and settings.tls_certfile is not None:
+    if args.ray and settings.tls_pair is not None:
         # Serve's proxies (or HAProxy) take the connections there, and a joined cluster's
         # were started with their own options: TLS ends in front of the cluster.
         print("medexplain: MEDEXPLAIN_TLS_* are for the plain server; under Ray Serve end "

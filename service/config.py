@@ -245,6 +245,14 @@ class Settings(BaseModel):
                 raise ValueError(f"{name} is not a file")
         return self
 
+    @property
+    def tls_pair(self) -> tuple[Path, Path] | None:
+        """The service's (certificate, key) files when TLS is on (_tls_complete keeps the
+        two set together), else None."""
+        if self.tls_certfile is None or self.tls_keyfile is None:
+            return None
+        return self.tls_certfile, self.tls_keyfile
+
     @field_validator("dicom_allowed_callers", "dicom_outputs", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:

@@ -42,11 +42,11 @@ def server_context(settings: Settings) -> ServerContext | None:
     Raises:
         TlsError: a certificate, key or CA file cannot be loaded.
     """
-    if settings.tls_certfile is None or settings.tls_keyfile is None:
+    if settings.tls_pair is None:
         return None
     context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MINIMUM_VERSION
-    _load_own(context, settings.tls_certfile, settings.tls_keyfile)
+    _load_own(context, *settings.tls_pair)
     if settings.tls_client_ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED
         _load_cas(context, settings.tls_client_ca, "tls_client_ca")
@@ -69,8 +69,8 @@ def client_context(settings: Settings) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         _load_cas(context, settings.tls_ca, "tls_ca")
     context.minimum_version = MINIMUM_VERSION
-    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
-        _load_own(context, settings.tls_certfile, settings.tls_keyfile)
+    if settings.tls_pair is not None:
+        _load_own(context, *settings.tls_pair)
     return context
 
 

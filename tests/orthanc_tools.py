@@ -60,6 +60,18 @@ def study_instances(url: str, study_uid: str) -> list[pydicom.Dataset]:
             for i in instances]
 
 
+def wait_for_port(port: int, process: subprocess.Popen[bytes], name: str) -> None:
+    """Wait up to 10 s for ``process`` (called ``name``) to listen on loopback ``port``."""
+    for _ in range(100):
+        assert process.poll() is None, f"{name} exited at start"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+    pytest.fail(f"{name} did not start listening on port {port}")
+
+
 def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

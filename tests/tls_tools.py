@@ -1,6 +1,6 @@
 """Certificates for the TLS tests: a hospital CA (trustme) that signs the service's, a
 PACS's and a modality's certificates, and a second CA that nobody trusts. RSA keys, the
-kind DICOM's TLS profiles and Orthanc's default ciphers expect."""
+kind DICOM's TLS profiles expect."""
 
 from __future__ import annotations
 
@@ -17,14 +17,6 @@ class Pair:
 
     cert: Path
     key: Path
-
-    @property
-    def combined(self) -> Path:
-        """Certificate and key in one file (Orthanc's SslCertificate)."""
-        path = self.cert.with_suffix(".both.pem")
-        if not path.exists():
-            path.write_bytes(self.cert.read_bytes() + self.key.read_bytes())
-        return path
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ async def listening(settings: Settings, app: object, state: object) -> AsyncIter
             f"the DICOM port {settings.dicom_port} cannot be opened: {exc}") from exc
     log.info("DICOM C-STORE SCP %s on %s:%d%s, results to %s", settings.dicom_ae_title,
              settings.host, settings.dicom_port,
-             " (TLS)" if settings.tls_certfile is not None else "",
+             " (TLS)" if settings.tls_pair is not None else "",
              ", ".join(d.name for d in destinations) or "nowhere")
     try:
         yield

@@ -54,10 +54,7 @@ class Stow(Destination):
     def from_settings(cls, settings: Settings) -> Stow | None:
         if not settings.dicom_stow_url:
             return None
-        own = None
-        if settings.tls_certfile is not None and settings.tls_keyfile is not None:
-            own = (settings.tls_certfile, settings.tls_keyfile)
-        return cls(settings.dicom_stow_url, settings.tls_ca, own)
+        return cls(settings.dicom_stow_url, settings.tls_ca, settings.tls_pair)
 
     def send(self, objects: Sequence[bytes], timeout_s: float) -> None:
         datasets = [dcmread(io.BytesIO(data)) for data in objects]

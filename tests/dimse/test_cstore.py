@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from service.config import Settings
 from service.main import create_app
 from tests.api.conftest import DATA, MODELS
 from tests.dicom_tools import dcmtk
-from tests.orthanc_tools import free_port
+from tests.orthanc_tools import free_port, wait_for_port
 
 pytestmark = [pytest.mark.slow]
 
@@ -64,14 +63,7 @@ def _storescp(folder: Path, *options: str) -> Iterator[int]:
                                 str(port)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):  # up to 10 s to listen
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except ConnectionRefusedError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("storescp did not start listening")
+        wait_for_port(port, process, "storescp")
         yield port
     finally:
         process.kill()

@@ -26,7 +26,7 @@ from service.config import Settings
 from service.main import create_app
 from tests.api.conftest import DATA, MODELS, explanations_computed
 from tests.dicom_tools import dcmtk, fresh_copy
-from tests.orthanc_tools import PLUGINS, free_port, orthanc, study_instances
+from tests.orthanc_tools import PLUGINS, free_port, orthanc, study_instances, wait_for_port
 from tests.tls_tools import Certificates, Pair, make_certificates
 
 pytestmark = [pytest.mark.slow]
@@ -86,22 +86,11 @@ requireCert = yes
         process = subprocess.Popen([STUNNEL, str(folder / "stunnel.conf")], stdout=log,
                                    stderr=subprocess.STDOUT)
     try:
-        _wait_for_port(port, process)
+        wait_for_port(port, process, "stunnel")
         yield f"https://127.0.0.1:{port}/dicom-web"
     finally:
         process.kill()
         process.wait(timeout=10)
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    for _ in range(100):  # up to 10 s
-        assert process.poll() is None, "stunnel exited at start"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except ConnectionRefusedError:
-            time.sleep(0.1)
-    pytest.fail(f"nothing listens on port {port}")
 
 
 def _service(certs: Certificates, **settings: object) -> Iterator[tuple[TestClient, int]]:
