@@ -81,6 +81,7 @@ def _explain(args: argparse.Namespace) -> int:
     from service.errors import ModelError, ServiceError
     from service.main import open_repository
     from service.outputs.base import Packaging
+    from service.outputs.transfer_syntax import TRANSFER_SYNTAXES
 
     try:
         settings = Settings.from_env(models=args.models)
@@ -119,10 +120,11 @@ def _explain(args: argparse.Namespace) -> int:
             suffix = {"png": ".png", "npy": ".npy", "overlay": ".jpg"}[item["heatmap"]["encoding"]]
             files[stem + suffix] = base64.b64decode(item["heatmap"]["data"])
         for output in wanted:
-            parts = output.objects(result, params, Packaging.MULTIPART)
+            parts = output.objects(result, params, Packaging.MULTIPART,
+                                   TRANSFER_SYNTAXES[args.transfer_syntax])
             for number, part in enumerate(parts, start=1):
                 name = output.name if len(parts) == 1 else f"{output.name}-{number:02d}"
-                files[f"{name}.dcm"] = part
+                files[f"{name}.dcm"] = part.data
     except (ServiceError, ModelError) as exc:
         print(f"medexplain explain: {getattr(exc, 'detail', exc)}", file=sys.stderr)
         return 2
@@ -285,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 def _explain_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from service.methods import METHODS
     from service.outputs import DICOM_OUTPUTS
+    from service.outputs.transfer_syntax import DEFAULT as DEFAULT_SYNTAX
+    from service.outputs.transfer_syntax import TRANSFER_SYNTAXES
 
     exp = sub.add_parser(
         "explain", help="explain one image file, with no server",
@@ -319,6 +323,12 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                      help="also write DICOM objects in the source study (DICOM files "
                           "only): sc, one Secondary Capture per map; sr, one Structured "
                           "Report of the regions; repeat for both")
+    exp.add_argument("--transfer-syntax", dest="transfer_syntax",
+                     default=str(DEFAULT_SYNTAX.uid), choices=list(TRANSFER_SYNTAXES),
+                     metavar="UID",
+                     help="transfer syntax of the captures' pixels: "
+                          + ", ".join(f"{uid} ({uid.name})" for uid in TRANSFER_SYNTAXES)
+                          + f"; default {DEFAULT_SYNTAX.uid}")
     exp.set_defaults(run=_explain)
 
 

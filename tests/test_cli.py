@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from service import __version__
 from service.cli import main
@@ -75,6 +76,23 @@ def test_explain_writes_the_http_answer(tmp_path: Path, http: TestClient) -> Non
         **headers, "accept": "application/dicom"}, params={**params, "dicom": "sr"})
     assert _stable(pydicom.dcmread(tmp_path / "sr.dcm")) == _stable(
         pydicom.dcmread(_bytes(report.content)))
+
+
+def test_explain_writes_captures_in_the_transfer_syntax_asked(tmp_path: Path) -> None:
+    args = ["explain", str(DICOM), "--methods", "gradcam", "--classes", "Nodule", "--dicom",
+            "sc", "--dicom", "sr"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--transfer-syntax", JPEGLSLossless, "--out", str(tmp_path / "ls")]) == 0
+    plain, packed = (pydicom.dcmread(tmp_path / d / "sc.dcm") for d in ("plain", "ls"))
+    assert plain.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert packed.file_meta.TransferSyntaxUID == JPEGLSLossless
+    np.testing.assert_array_equal(packed.pixel_array, plain.pixel_array)
+    # The report has no pixels to compress.
+    assert pydicom.dcmread(tmp_path / "ls" / "sr.dcm").file_meta.TransferSyntaxUID == \
+        ExplicitVRLittleEndian
+    with pytest.raises(SystemExit):  # argparse's exit 2 for a syntax it does not offer
+        main([*args, "--transfer-syntax", "1.2.840.10008.1.2", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 def _bytes(data: bytes) -> Any:

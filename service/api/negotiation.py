@@ -1,22 +1,34 @@
 """Content negotiation for /explain: JSON, one DICOM object, or multipart/related DICOM.
 
-The Accept header picks the packaging only. Which DICOM object is chosen by the ``dicom``
-parameter: a Secondary Capture and a Structured Report are both ``application/dicom``
-(there is no registered media type per SOP class).
+The Accept header picks the packaging, and for DICOM the transfer syntax (its
+``transfer-syntax`` parameter: service.outputs.transfer_syntax). Which DICOM object is
+chosen by the ``dicom`` parameter: a Secondary Capture and a Structured Report are both
+``application/dicom`` (there is no registered media type per SOP class).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import NamedTuple
 
 from starlette.requests import Request
 
 from service.outputs.base import DICOM, Packaging
+from service.outputs.transfer_syntax import DEFAULT, TRANSFER_SYNTAXES, TransferSyntax
 
-# The only transfer syntax DICOM answers are written in.
-_EXPLICIT_VR_LITTLE_ENDIAN: Final[str] = "1.2.840.10008.1.2.1"
+
+class Offer(NamedTuple):
+    """One answer the service can give: a packaging and, for DICOM, a transfer syntax."""
+
+    packaging: Packaging
+    transfer_syntax: TransferSyntax = DEFAULT
+
+
+# Every offer in the server's order: JSON, then each packaging of DICOM in each syntax.
+OFFERS: tuple[Offer, ...] = (Offer(Packaging.JSON), *(
+    Offer(p, t) for p in (Packaging.DICOM, Packaging.MULTIPART)
+    for t in TRANSFER_SYNTAXES.values()))
 
 
 @dataclass(frozen=True)
@@ -53,41 +65,49 @@ def _media_ranges(accept: str) -> list[_MediaRange]:
     return ranges
 
 
-def _specificity(media: _MediaRange, offer: Packaging) -> int | None:
-    """How closely a media range matches an offer (higher is closer); None: no match."""
-    kind, _, subtype = offer.value.split(";")[0].partition("/")
+def _specificity(media: _MediaRange, offer: Offer) -> int | None:
+    """How closely a media range matches an offer (higher is closer); None: no match.
+
+    A range without a transfer-syntax parameter (``*/*`` and ``application/*`` included)
+    asks for the default syntax, as DICOMweb has it; ``transfer-syntax=*`` takes any.
+    """
+    packaging, syntax = offer
+    kind, _, subtype = packaging.value.split(";")[0].partition("/")
     if media.type == "*" and media.subtype == "*":
-        return 0
-    if media.type != kind:
+        specificity = 0
+    elif media.type != kind:
         return None
-    if media.subtype == "*":
-        return 1
-    if media.subtype != subtype:
+    elif media.subtype == "*":
+        specificity = 1
+    elif media.subtype != subtype:
         return None
-    if offer is Packaging.JSON:
+    elif packaging is Packaging.JSON:
         return 2
-    if offer is Packaging.MULTIPART and media.params.get("type", DICOM) != DICOM:
+    elif packaging is Packaging.MULTIPART and media.params.get("type", DICOM) != DICOM:
         return None
-    if media.params.get("transfer-syntax", "*") not in ("*", _EXPLICIT_VR_LITTLE_ENDIAN):
+    else:
+        specificity = 2 + len(media.params)
+    asked = media.params.get("transfer-syntax")
+    if packaging is not Packaging.JSON and asked != "*" and (asked or DEFAULT.uid) != syntax.uid:
         return None
-    return 2 + len(media.params)
+    return specificity
 
 
-def negotiate(accept: str | None) -> list[Packaging]:
-    """The packagings the Accept header allows, best first.
+def negotiate(accept: str | None) -> list[Offer]:
+    """The answers the Accept header allows, best first.
 
     Each offer gets the quality of its most specific matching range; higher quality comes
-    first, ties in the server's order (JSON first). No or an empty Accept header is JSON.
-    Empty when the header allows none.
+    first, ties in the server's order (JSON first, the default transfer syntax before the
+    others). No or an empty Accept header is JSON. Empty when the header allows none.
 
     Args:
         accept: the request's Accept header(s), comma-joined; None when absent.
     """
     if accept is None or not accept.strip():
-        return [Packaging.JSON]
+        return [Offer(Packaging.JSON)]
     ranges = _media_ranges(accept)
-    ranked: list[tuple[float, int, Packaging]] = []
-    for order, offer in enumerate(Packaging):
+    ranked: list[tuple[float, int, Offer]] = []
+    for order, offer in enumerate(OFFERS):
         matches = [(spec, r.q) for r in ranges
                    if (spec := _specificity(r, offer)) is not None]
         if matches and (q := max(matches)[1]) > 0:

@@ -41,7 +41,7 @@ class Answer:
 
     def objects(self) -> list[bytes]:
         """The DICOM objects of a 200 answer: the body, or the parts of multipart/related."""
-        if self.media_type == DICOM:
+        if self.media_type.partition(";")[0].strip() == DICOM:
             return [self.body]
         match = _BOUNDARY.search(self.media_type)
         if not self.media_type.startswith("multipart/related") or match is None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import secrets
 from abc import ABC, abstractmethod
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, ClassVar, Final, NamedTuple
 
 from starlette.responses import Response
 
 from service.imaging.base import DecodedImage
+from service.outputs.transfer_syntax import DEFAULT, TransferSyntax, media_type
 from service.pipeline import ExplainOptions, Result
 
 if TYPE_CHECKING:
@@ -67,8 +68,16 @@ class Output(ABC):
         return params.options()
 
     @abstractmethod
-    def render(self, result: Result, params: ExplainParams, packaging: Packaging) -> Response:
-        """The HTTP answer."""
+    def render(self, result: Result, params: ExplainParams, packaging: Packaging,
+               syntax: TransferSyntax = DEFAULT) -> Response:
+        """The HTTP answer; ``syntax`` is the negotiated transfer syntax of DICOM objects."""
+
+
+class Encoded(NamedTuple):
+    """One DICOM object as a Part 10 file, and the transfer syntax it is written in."""
+
+    data: bytes
+    transfer_syntax: TransferSyntax
 
 
 class DicomOutput(Output):
@@ -79,30 +88,36 @@ class DicomOutput(Output):
                                                             Packaging.MULTIPART})
 
     @abstractmethod
-    def objects(self, result: Result, params: ExplainParams,
-                packaging: Packaging) -> list[bytes]:
-        """The encoded objects (exactly one for ``Packaging.DICOM``)."""
+    def objects(self, result: Result, params: ExplainParams, packaging: Packaging,
+                syntax: TransferSyntax = DEFAULT) -> list[Encoded]:
+        """The encoded objects (exactly one for ``Packaging.DICOM``), their Pixel Data in
+        ``syntax`` (an object without Pixel Data is in the default syntax)."""
 
-    def render(self, result: Result, params: ExplainParams, packaging: Packaging) -> Response:
-        parts = self.objects(result, params, packaging)
+    def render(self, result: Result, params: ExplainParams, packaging: Packaging,
+               syntax: TransferSyntax = DEFAULT) -> Response:
+        parts = self.objects(result, params, packaging, syntax)
         result.watch.lap("render")
         headers = {"Vary": "Accept"}
         if packaging is Packaging.DICOM:
-            return Response(parts[0], media_type=DICOM, headers=headers)
+            (part,) = parts
+            return Response(part.data, media_type=media_type(DICOM, part.transfer_syntax),
+                            headers=headers)
         body, boundary = multipart_related(parts)
-        return Response(body, media_type=f"{MULTIPART_DICOM}; boundary={boundary}",
-                        headers=headers)
+        # The transfer-syntax parameter of the whole is its first part's (PS3.18 8.7.3.4).
+        return Response(body, headers=headers, media_type=(
+            f"{media_type(MULTIPART_DICOM, parts[0].transfer_syntax)}; boundary={boundary}"))
 
 
-def multipart_related(parts: list[bytes]) -> tuple[bytes, str]:
-    """A multipart/related body of DICOM parts, and its boundary."""
+def multipart_related(parts: list[Encoded]) -> tuple[bytes, str]:
+    """A multipart/related body of DICOM parts, each with its media type, and its boundary."""
     boundary = secrets.token_hex(16)
-    while any(boundary.encode() in part for part in parts):
+    while any(boundary.encode() in part.data for part in parts):
         boundary = secrets.token_hex(16)
     chunks = []
     for part in parts:
-        chunks += [b"--", boundary.encode(), b"\r\nContent-Type: ", DICOM.encode(),
-                   b"\r\n\r\n", part, b"\r\n"]
+        chunks += [b"--", boundary.encode(), b"\r\nContent-Type: ",
+                   media_type(DICOM, part.transfer_syntax).encode(), b"\r\n\r\n", part.data,
+                   b"\r\n"]
     chunks += [b"--", boundary.encode(), b"--\r\n"]
     return b"".join(chunks), boundary
 
@@ -113,5 +128,5 @@ def not_for_diagnosis(model: Served) -> bool:
     return "synthetic" in description or "not for diagnosis" in description
 
 
-__all__ = ["DICOM", "JSON", "MULTIPART_DICOM", "DicomOutput", "Output", "Packaging",
+__all__ = ["DICOM", "JSON", "MULTIPART_DICOM", "DicomOutput", "Encoded", "Output", "Packaging",
            "multipart_related", "not_for_diagnosis"]

@@ -32,6 +32,7 @@ from service.methods import METHODS
 from service.methods.maps import normalise, resize
 from service.outputs.base import JSON, Output, Packaging
 from service.outputs.render import MEDIA_TYPES, Canvas, Encoding, Size, jpeg, npy, png, to_uint8
+from service.outputs.transfer_syntax import DEFAULT, TransferSyntax
 from service.pipeline import ExplainOptions, Map, Result
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ class JsonMaps(Output):
                 )
         return params.options()
 
-    def render(self, result: Result, params: ExplainParams, packaging: Packaging) -> Response:
+    def render(self, result: Result, params: ExplainParams, packaging: Packaging,
+               syntax: TransferSyntax = DEFAULT) -> Response:
         canvas = Canvas(result.image, result.image01)
         explanations = [_explanation(m, result, canvas, params.heatmap, params.size)
                         for m in result.maps]

@@ -33,6 +33,7 @@ from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
@@ -42,8 +43,9 @@ from service import __version__
 from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
 from service.methods import METHODS
-from service.outputs.base import DicomOutput, Packaging, not_for_diagnosis
+from service.outputs.base import DicomOutput, Encoded, Packaging, not_for_diagnosis
 from service.outputs.render import Canvas
+from service.outputs.transfer_syntax import DEFAULT, TransferSyntax
 from service.pipeline import ExplainOptions, Map, Result
 
 if TYPE_CHECKING:
@@ -187,7 +189,8 @@ def render(picture: np.ndarray, caption: Caption) -> np.ndarray:
 
 
 def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
-                   software_version: str, frame: int = 0) -> list[bytes]:
+                   software_version: str, frame: int = 0,
+                   syntax: TransferSyntax = DEFAULT) -> list[bytes]:
     """One Secondary Capture per explanation, in one new series of the source study per
     method (its own Series Number and Description, see :func:`series_number`).
 
@@ -196,9 +199,10 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
         explained: the maps (each on its own grid) and captions, in instance order.
         software_version: the service version, for Software Versions.
         frame: the 0-based frame that was decoded, referenced when the source has several.
+        syntax: the transfer syntax of the Pixel Data.
 
     Returns:
-        Each instance as a DICOM file (Part 10, Explicit VR Little Endian).
+        Each instance as a DICOM file (Part 10, in ``syntax``).
 
     Raises:
         NotAcceptable: the image is too tall to fit a capture with its caption.
@@ -233,6 +237,7 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
             series_uid=series_uid, series_number=series_no, series_description=description,
             instance_number=instances[item.caption.method],
             frame=frame + 1 if frames > 1 else None, software_version=software_version,
+            syntax=syntax,
         )
         out.append(_encode(sc))
     return out
@@ -242,12 +247,13 @@ def _secondary_capture(source: Dataset, meta: dict[str, str | int], rgb: np.ndar
                        caption: Caption, *, series_uid: str, series_number: int,
                        series_description: str,
                        instance_number: int, frame: int | None,
-                       software_version: str) -> highdicom.sc.SCImage:
+                       software_version: str, syntax: TransferSyntax) -> highdicom.sc.SCImage:
     orientation = _patient_orientation(source)
     one_letter_each = orientation is not None and all(len(p) == 1 for p in orientation)
     sc = highdicom.sc.SCImage(
-        pixel_array=rgb,
-        photometric_interpretation="RGB",
+        pixel_array=rgb,  # highdicom converts it to the syntax's colour space
+        photometric_interpretation=syntax.colour,
+        transfer_syntax_uid=syntax.uid,
         bits_allocated=8,
         coordinate_system="PATIENT",
         # Patient Orientation is Type 2C: highdicom insists on one and takes one letter
@@ -280,6 +286,13 @@ def _secondary_capture(source: Dataset, meta: dict[str, str | int], rgb: np.ndar
         f"medexplain {caption.method} explanation of {label} by model {caption.model}"
     )[:1024]
     sc.SourceImageSequence = [_source_reference(source, meta, frame)]
+    if syntax.lossy_method is not None:
+        # Type 1C once the pixels were compressed lossily (PS3.3 C.7.6.1.1.5); highdicom
+        # leaves them out. The ratio: the RGB bytes over the compressed frame's.
+        (compressed,) = generate_frames(sc.PixelData, number_of_frames=1)
+        sc.LossyImageCompression = "01"
+        sc.LossyImageCompressionRatio = f"{rgb.nbytes / len(compressed):.2f}"
+        sc.LossyImageCompressionMethod = syntax.lossy_method
     _copy_patient_and_study(source, sc)
     return sc
 
@@ -455,11 +468,13 @@ class SecondaryCaptures(DicomOutput):
             options = replace(options, methods=options.methods[:1])
         return options
 
-    def objects(self, result: Result, params: ExplainParams,
-                packaging: Packaging) -> list[bytes]:
+    def objects(self, result: Result, params: ExplainParams, packaging: Packaging,
+                syntax: TransferSyntax = DEFAULT) -> list[Encoded]:
         maps = result.maps[:1] if packaging is Packaging.DICOM else result.maps
-        return capture_series(result.image, [_explained(m, result) for m in maps],
-                              software_version=__version__, frame=params.frame)
+        captures = capture_series(result.image, [_explained(m, result) for m in maps],
+                                  software_version=__version__, frame=params.frame,
+                                  syntax=syntax)
+        return [Encoded(data, syntax) for data in captures]
 
 
 def _explained(m: Map, result: Result) -> Explained:

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from service.imaging.base import DecodedImage
-from service.outputs.base import DicomOutput, Packaging
+from service.outputs.base import DicomOutput, Encoded, Packaging
+from service.outputs.transfer_syntax import DEFAULT, TransferSyntax
 from service.pipeline import ExplainOptions, Result
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class SeveralObjects(DicomOutput):
             raise AssertionError("DICOM outputs asking for different computations")
         return wanted.pop()
 
-    def objects(self, result: Result, params: ExplainParams,
-                packaging: Packaging) -> list[bytes]:
-        return [obj for o in self.outputs for obj in o.objects(result, params, packaging)]
+    def objects(self, result: Result, params: ExplainParams, packaging: Packaging,
+                syntax: TransferSyntax = DEFAULT) -> list[Encoded]:
+        return [obj for o in self.outputs
+                for obj in o.objects(result, params, packaging, syntax)]

@@ -66,7 +66,7 @@ from pydicom.uid import generate_uid
 from service import __version__
 from service.imaging.base import DecodedImage
 from service.methods.regions import Region
-from service.outputs.base import DicomOutput, Packaging, not_for_diagnosis
+from service.outputs.base import DicomOutput, Encoded, Packaging, not_for_diagnosis
 from service.outputs.secondary_capture import (
     MANUFACTURER,
     _ascii,
@@ -77,6 +77,7 @@ from service.outputs.secondary_capture import (
     referenced_frames,
     series_number,
 )
+from service.outputs.transfer_syntax import DEFAULT, TransferSyntax
 from service.pipeline import Result
 
 if TYPE_CHECKING:
@@ -311,8 +312,10 @@ class StructuredReport(DicomOutput):
     def accepts(self, image: DecodedImage) -> bool:
         return is_reportable(image)
 
-    def objects(self, result: Result, params: ExplainParams,
-                packaging: Packaging) -> list[bytes]:
+    def objects(self, result: Result, params: ExplainParams, packaging: Packaging,
+                syntax: TransferSyntax = DEFAULT) -> list[Encoded]:
+        # No Pixel Data, so nothing for a compressed syntax to compress: always the default
+        # (service.outputs.transfer_syntax).
         findings = [Finding(
             method=m.method,
             label=result.label(m.index),
@@ -322,4 +325,5 @@ class StructuredReport(DicomOutput):
         report = Report(model=result.model.name, model_version=result.model.config.version,
                         software_version=__version__,
                         not_for_diagnosis=not_for_diagnosis(result.model))
-        return [structured_report(result.image, findings, report, frame=params.frame)]
+        return [Encoded(structured_report(result.image, findings, report, frame=params.frame),
+                        DEFAULT)]

@@ -51,12 +51,13 @@ def small_phantom_png(name: str) -> bytes:
     return png.tobytes()
 
 
-def post_dicom(client: TestClient, data: bytes, accept: str | None, **params: str):  # type: ignore[no-untyped-def]
-    """POST a DICOM body to /explain with an optional Accept header."""
+def post_dicom(client: TestClient, data: bytes, accept: str | None, *,  # type: ignore[no-untyped-def]
+               path: str = "/explain", **params: str):
+    """POST a DICOM body to /explain (or ``path``) with an optional Accept header."""
     headers = {"content-type": "application/dicom"}
     if accept is not None:
         headers["accept"] = accept
-    return client.post("/explain", content=data, headers=headers, params=params)
+    return client.post(path, content=data, headers=headers, params=params)
 
 
 def read_dicom(data: bytes):  # type: ignore[no-untyped-def]
@@ -112,9 +113,19 @@ def explanations_computed(client: TestClient) -> float:
 
 
 def multipart_parts(response) -> list[bytes]:  # type: ignore[no-untyped-def]
-    """The bodies of a multipart/related response, each checked to be application/dicom."""
+    """The bodies of a multipart/related response, each checked to be application/dicom
+    in the default transfer syntax (no transfer-syntax parameter)."""
+    assert response.headers["content-type"].startswith(
+        'multipart/related; type="application/dicom"; boundary=')
+    items = multipart_items(response)
+    assert {media for media, _ in items} == {"application/dicom"}, items
+    return [payload for _, payload in items]
+
+
+def multipart_items(response) -> list[tuple[str, bytes]]:  # type: ignore[no-untyped-def]
+    """The parts of a multipart/related response: each one's Content-Type and body."""
     content_type = response.headers["content-type"]
-    assert content_type.startswith('multipart/related; type="application/dicom"; boundary=')
+    assert content_type.startswith('multipart/related; type="application/dicom";')
     boundary = re.search(r"boundary=([^;]+)", content_type)
     assert boundary is not None
     delimiter = b"--" + boundary.group(1).encode()
@@ -122,10 +133,11 @@ def multipart_parts(response) -> list[bytes]:  # type: ignore[no-untyped-def]
     assert body.endswith(delimiter + b"--\r\n")
     chunks = body[: -len(delimiter + b"--\r\n")].split(delimiter)
     assert chunks[0] == b""
-    parts = []
+    items = []
     for chunk in chunks[1:]:
         head, _, payload = chunk.partition(b"\r\n\r\n")
-        assert head.strip() == b"Content-Type: application/dicom"
+        name, _, media = head.strip().decode("ascii").partition(": ")
+        assert name == "Content-Type", head
         assert payload.endswith(b"\r\n")
-        parts.append(payload[:-2])
-    return parts
+        items.append((media, payload[:-2]))
+    return items

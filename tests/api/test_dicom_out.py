@@ -178,7 +178,9 @@ def test_json_stays_the_default(client: TestClient, accept: str | None) -> None:
 
 
 @pytest.mark.parametrize("accept", ["text/html", "image/png, text/*",
-                                    "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50",
+                                    # JPEG 2000 (lossy): a syntax not written
+                                    "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.91",
+                                    "application/dicom; transfer-syntax=bogus",
                                     'multipart/related; type="image/jpeg"',
                                     "application/json;q=0, application/dicom;q=0"])
 def test_unsatisfiable_accept_is_406(client: TestClient, accept: str) -> None:
@@ -209,7 +211,8 @@ def test_dicom_output_needs_a_dicom_upload(client: TestClient) -> None:
         ("application/dicom", False, None),
         ("application/dicom; transfer-syntax=*", True, Packaging.DICOM),
         ("application/dicom; transfer-syntax=1.2.840.10008.1.2.1", True, Packaging.DICOM),
-        ("application/dicom; transfer-syntax=1.2.840.10008.1.2.4.90", True, None),
+        ("application/dicom; transfer-syntax=1.2.840.10008.1.2.4.90", True, Packaging.DICOM),
+        ("application/dicom; transfer-syntax=1.2.840.10008.1.2.4.91", True, None),
         ('multipart/related; type="application/dicom"', True, Packaging.MULTIPART),
         ("multipart/related", True, Packaging.MULTIPART),
         ("multipart/*", True, Packaging.MULTIPART),
@@ -227,7 +230,7 @@ def test_dicom_output_needs_a_dicom_upload(client: TestClient) -> None:
 )
 def test_negotiate(accept: str | None, dicom: bool, expected: Packaging | None) -> None:
     """The best packaging allowed, when DICOM is possible (dicom) or not."""
-    allowed = [p for p in negotiate(accept) if dicom or p is Packaging.JSON]
+    allowed = [o.packaging for o in negotiate(accept) if dicom or o.packaging is Packaging.JSON]
     assert (allowed[0] if allowed else None) is expected
 
 

@@ -12,13 +12,15 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.uid import JPEGLSLossless
 
 from service.config import Settings, ValidationError
 from service.dimse.inprocess import Answer
 from service.dimse.scp import status_of
 from service.errors import DicomServerError
 from service.main import create_app
-from service.outputs.base import multipart_related
+from service.outputs.base import Encoded, multipart_related
+from service.outputs.transfer_syntax import DEFAULT, TRANSFER_SYNTAXES
 from tests.api.conftest import DATA, MODELS
 from tests.dicom_tools import dcmtk
 from tests.orthanc_tools import free_port
@@ -111,10 +113,15 @@ def test_status_of_each_answer(status: int, code: str, expected: int) -> None:
 
 def test_the_objects_of_an_answer() -> None:
     parts = [b"DICM-one\r\n--not-the-boundary", b"two"]
-    body, boundary = multipart_related(parts)
+    body, boundary = multipart_related([Encoded(parts[0], TRANSFER_SYNTAXES[JPEGLSLossless]),
+                                        Encoded(parts[1], DEFAULT)])
+    assert body.count(b"Content-Type: application/dicom; transfer-syntax=1.2.840.10008.1.2.4.80"
+                      b"\r\n") == 1
     media = f'multipart/related; type="application/dicom"; boundary={boundary}'
     assert Answer(200, media, body).objects() == parts
     assert Answer(200, "application/dicom", b"whole").objects() == [b"whole"]
+    assert Answer(200, f"application/dicom; transfer-syntax={JPEGLSLossless}",
+                  b"whole").objects() == [b"whole"]
     with pytest.raises(ValueError, match="no DICOM objects"):
         Answer(200, "application/json", b"{}").objects()
 

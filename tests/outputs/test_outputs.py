@@ -129,9 +129,9 @@ def test_several_objects_come_from_one_result(demo: LoadedModel, image: DecodedI
     assert several is not None
     assert several.options(params, demo, Packaging.MULTIPART) == params.options()
     result = _result(demo, image, params)
-    parts = [pydicom.dcmread(io.BytesIO(p))
+    parts = [pydicom.dcmread(io.BytesIO(p.data))
              for p in several.objects(result, params, Packaging.MULTIPART)]
-    alone = [pydicom.dcmread(io.BytesIO(p)) for name in ("sc", "sr")
+    alone = [pydicom.dcmread(io.BytesIO(p.data)) for name in ("sc", "sr")
              for p in DICOM_OUTPUTS[name].objects(result, params, Packaging.MULTIPART)]
     assert [d.Modality for d in parts] == ["OT", "OT", "SR"]
     for got, want in zip(parts, alone, strict=True):

@@ -30,7 +30,7 @@ from service.api.deps import (
 )
 from service.api.docs import BINARY, ERRORS, upload_operation
 from service.api.metrics import Metrics, label_model
-from service.api.negotiation import accept_header, negotiate
+from service.api.negotiation import Offer, accept_header, negotiate
 from service.api.request import ExplainParams, PredictParams, read_upload
 from service.config import Settings
 from service.errors import NotAcceptable, UnsupportedMediaType
@@ -39,9 +39,13 @@ from service.models.repository import Repository, Served
 from service.models.spec import check_accepted
 from service.outputs.base import DICOM, MULTIPART_DICOM, Packaging
 from service.outputs.json_maps import predict_response
+from service.outputs.transfer_syntax import TRANSFER_SYNTAXES
 from service.runtime.worker import Limiter, Scheduler
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKey])
+
+# For the 406: what a transfer-syntax parameter may name.
+SYNTAXES = f" (DICOM in transfer-syntax {', '.join(TRANSFER_SYNTAXES)} or *)"
 
 DICOM_DESCRIPTION = (
     "With Accept: application/dicom (the default here), one DICOM Secondary Capture (RGB: "
@@ -129,12 +133,11 @@ async def compute(scheduler: Scheduler, model: Served,
 async def explain(request: Request, settings: SettingsDep, repository: RepositoryDep,
                   limiter: LimiterDep, scheduler: SchedulerDep,
                   metrics: MetricsDep) -> Response:
-    packagings = negotiate(accept_header(request))
-    if not packagings:
-        raise NotAcceptable(
-            f"the Accept header allows none of application/json, {DICOM}, {MULTIPART_DICOM}")
-    return await _explain(request, packagings, settings, repository, limiter, scheduler,
-                          metrics)
+    offers = negotiate(accept_header(request))
+    if not offers:
+        raise NotAcceptable(f"the Accept header allows none of application/json, {DICOM}, "
+                            f"{MULTIPART_DICOM}{SYNTAXES}")
+    return await _explain(request, offers, settings, repository, limiter, scheduler, metrics)
 
 
 @router.post("/explain/dicom", response_class=Response, responses=EXPLAIN_DICOM_RESPONSES,
@@ -146,15 +149,16 @@ async def explain_dicom(request: Request, settings: SettingsDep, repository: Rep
                         metrics: MetricsDep) -> Response:
     # Its own operation, so that generated clients take the answer as bytes, not JSON.
     accept = accept_header(request)
-    packagings = [p for p in negotiate(accept if accept and accept.strip() else DICOM)
-                  if p is not Packaging.JSON]
-    if not packagings:
-        raise NotAcceptable(f"the Accept header allows none of {DICOM}, {MULTIPART_DICOM}")
-    return await _explain(request, packagings, settings, repository, limiter, scheduler,
+    offers = [o for o in negotiate(accept if accept and accept.strip() else DICOM)
+              if o.packaging is not Packaging.JSON]
+    if not offers:
+        raise NotAcceptable(f"the Accept header allows none of {DICOM}, {MULTIPART_DICOM}"
+                            f"{SYNTAXES}")
+    return await _explain(request, offers, settings, repository, limiter, scheduler,
                           metrics, dicom_only=True)
 
 
-async def _explain(request: Request, packagings: list[Packaging], settings: Settings,
+async def _explain(request: Request, offers: list[Offer], settings: Settings,
                    repository: Repository, limiter: Limiter, scheduler: Scheduler,
                    metrics: Metrics, *, dicom_only: bool = False) -> Response:
     upload = await read_upload(request, settings, ExplainParams)
@@ -163,15 +167,15 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
     label_model(request, model.name)
     # Best first; an output that cannot answer for this upload (DICOM for a PNG) gives way
     # to the next one the client accepts.
-    candidates = [(o, p) for p in packagings
-                  if (o := outputs.for_packaging(p, params.dicom)) is not None]
+    candidates = [(o, offer) for offer in offers
+                  if (o := outputs.for_packaging(offer.packaging, params.dicom)) is not None]
     if not candidates:
         raise NotAcceptable(f"dicom={','.join(params.dicom)} answers several DICOM objects "
                             f"and {DICOM} holds one: accept {MULTIPART_DICOM}")
-    first, packaging = candidates[0]
-    options = first.options(params, model, packaging)
+    first, offer = candidates[0]
+    options = first.options(params, model, offer.packaging)
 
-    def prepare() -> tuple[outputs.Output, outputs.Packaging, pipeline.Job]:
+    def prepare() -> tuple[outputs.Output, Offer, pipeline.Job]:
         watch = pipeline.Stopwatch()
         image = decode_upload(upload.data, upload.media_type, params, settings, model,
                               None if first.full_resolution else input_size(model, settings))
@@ -186,7 +190,7 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
             raise NotAcceptable(f"DICOM output needs {first.needs}; this upload is "
                                 f"{image.format}")
         output, used = chosen
-        wanted = options if output is first else output.options(params, model, used)
+        wanted = options if output is first else output.options(params, model, used.packaging)
         return output, used, pipeline.prepare(model, image, wanted, watch)
 
     async with limiter.admit():
@@ -195,7 +199,7 @@ async def _explain(request: Request, packagings: list[Packaging], settings: Sett
 
         def render() -> tuple[Response, pipeline.Result]:
             result = pipeline.finish(model, computed)
-            return output.render(result, params, used), result
+            return output.render(result, params, *used), result
 
         answer, result = await limiter.run(render)
     metrics.observe_methods(result)
