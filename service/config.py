@@ -161,6 +161,10 @@ class Settings(BaseModel):
     # Which DICOM objects are sent for each received image (sc: a Secondary Capture per
     # explanation, one series per method; sr: one Structured Report), all from one /explain.
     dicom_outputs: tuple[Literal["sc", "sr"], ...] = ("sc",)
+    # The transfer syntax of the captures' pixels sent on (one of
+    # service.outputs.transfer_syntax's, e.g. 1.2.840.10008.1.2.4.80 for JPEG-LS lossless);
+    # a C-STORE destination that takes only uncompressed ones gets them decompressed.
+    dicom_transfer_syntax: str = "1.2.840.10008.1.2.1"
     # /explain parameters for received images (model, methods, classes, ...); not dicom=.
     dicom_query: str = "methods=gradcam"
     # Seconds for one received image's explanation and delivery before it gets a failure.
@@ -287,6 +291,17 @@ class Settings(BaseModel):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("dicom_stow_url must be an http(s) DICOMweb base URL")
         return value.rstrip("/") if value else None
+
+    @field_validator("dicom_transfer_syntax")
+    @classmethod
+    def _transfer_syntax(cls, value: str) -> str:
+        from service.outputs.transfer_syntax import TRANSFER_SYNTAXES  # the outputs' registry
+
+        value = value.strip()
+        if value not in TRANSFER_SYNTAXES:
+            raise ValueError(f"dicom_transfer_syntax must be one of "
+                             f"{', '.join(TRANSFER_SYNTAXES)}")
+        return value
 
     @field_validator("dicom_query")
     @classmethod

@@ -4,12 +4,14 @@ with ``MEDEXPLAIN_DICOM_DESTINATION_TLS``."""
 from __future__ import annotations
 
 import io
+import logging
 import ssl
 import threading
 import time
 from collections.abc import Sequence
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association
@@ -19,12 +21,16 @@ from service.dimse.base import Destination
 from service.errors import DeliveryError
 from service.tls import client_context
 
+log = logging.getLogger(__name__)
+
 # What /explain's DICOM outputs write: Secondary Capture, Comprehensive 3D SR.
 SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34")
-# Our results are written in Explicit VR Little Endian; Implicit VR Little Endian is
-# proposed beside it because it is the one every SCP must accept (PS3.5 §10.1), and
-# pynetdicom converts between the two.
-TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Every result can go uncompressed: Explicit VR Little Endian, and Implicit VR Little
+# Endian beside it because it is the one every SCP must accept (PS3.5 §10.1); pynetdicom
+# converts between the two. Results compressed (MEDEXPLAIN_DICOM_TRANSFER_SYNTAX) are
+# proposed in their own syntax too, in a context of its own so that the destination can
+# take it or leave it; one that leaves it gets them decompressed.
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the three warnings (PS3.4 B.2.3)
 
 
@@ -63,7 +69,9 @@ class CStore(Destination):
         ae.connection_timeout = ae.acse_timeout = timeout_s / 2
         ae.dimse_timeout = ae.network_timeout = timeout_s
         for sop_class in SOP_CLASSES:
-            ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES))
+            ae.add_requested_context(sop_class, list(UNCOMPRESSED))
+        for sop_class, syntax in _compressed(datasets):
+            ae.add_requested_context(sop_class, [syntax])
         assoc = ae.associate(self._host, self._port, ae_title=self._called,
                              tls_args=self._tls_args)
         if not assoc.is_established:
@@ -78,7 +86,16 @@ class CStore(Destination):
             if refused:  # before sending any: a result is delivered whole or not at all
                 raise DeliveryError(f"{self.name} does not take {_names(refused)} results "
                                     "(it refused their presentation context)")
+            taken = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                     for cx in assoc.accepted_contexts}
+            for sop_class, syntax in _compressed(datasets):
+                if (sop_class, syntax) not in taken:
+                    log.info("%s takes no %s %s: sent uncompressed", self.name,
+                             UID(syntax).name, UID(sop_class).name)
             for dataset in datasets:
+                key = (str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID))
+                if key[1] not in UNCOMPRESSED and key not in taken:
+                    dataset.decompress()  # pydicom's decoders; YCbCr becomes RGB
                 status = assoc.send_c_store(dataset)
                 code = getattr(status, "Status", None)
                 if code is None and time.monotonic() >= deadline:
@@ -91,6 +108,12 @@ class CStore(Destination):
             watchdog.cancel()
             if assoc.is_established:
                 assoc.release()
+
+
+def _compressed(datasets: Sequence[Dataset]) -> list[tuple[str, str]]:
+    """The (SOP Class, transfer syntax) pairs of the datasets written compressed."""
+    pairs = ((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets)
+    return list(dict.fromkeys(p for p in pairs if p[1] not in UNCOMPRESSED))
 
 
 def _names(uids: Sequence[str]) -> str:

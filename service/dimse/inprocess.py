@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from service.config import Settings
 from service.outputs.base import DICOM, MULTIPART_DICOM
+from service.outputs.transfer_syntax import TRANSFER_SYNTAXES, media_type
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -65,13 +66,16 @@ class InProcess:
         self._state = state
         self._loop = loop
         self._query = parse_qsl(settings.dicom_query)
+        self._accept = media_type(MULTIPART_DICOM,
+                                  TRANSFER_SYNTAXES[settings.dicom_transfer_syntax]).encode()
         # When the service needs API keys, the SCP is a client like any other.
         self._headers = [(b"x-api-key", settings.api_keys[0].encode())] if settings.api_keys \
             else []
 
     def explain(self, dicom: bytes, outputs: str, timeout_s: float) -> Answer:
         """``POST /explain?<dicom_query>&dicom=<outputs>`` with the DICOM body, answered as
-        multipart/related DICOM; blocks the calling thread, never the loop.
+        multipart/related DICOM in ``dicom_transfer_syntax``; blocks the calling thread,
+        never the loop.
 
         Raises:
             TimeoutError: no answer within ``timeout_s`` (the request is cancelled).
@@ -98,7 +102,7 @@ class InProcess:
             "root_path": "", "query_string": query, "client": ("127.0.0.1", 0),
             "server": ("127.0.0.1", 0),
             "headers": [(b"content-type", DICOM.encode()),
-                        (b"accept", MULTIPART_DICOM.encode()),
+                        (b"accept", self._accept),
                         (b"content-length", str(len(body)).encode()), *self._headers],
             # A server hands each request a shallow copy of the lifespan state.
             "state": dict(self._state),  # type: ignore[call-overload]

@@ -14,17 +14,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import (
+    UID,
     Comprehensive3DSRStorage,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
     SecondaryCaptureImageStorage,
 )
 
 from service.config import Settings
+from service.dimse.cstore import UNCOMPRESSED
 from service.main import create_app
 from tests.api.conftest import DATA, MODELS
 from tests.dicom_tools import dcmtk
@@ -156,3 +161,43 @@ def test_an_explanation_over_the_budget_is_a_client_that_hung_up(
     assert len(lines) == 1 and "0x0110 timed out after 0.01 s" in lines[0], lines
     assert _explain_requests(metrics) == {"499": 1.0}, metrics
     assert list(tmp_path.iterdir()) == []
+
+
+def _received(folder: Path) -> dict[str, pydicom.Dataset]:
+    """What a storescp wrote, by SOP Class."""
+    return {str(d.SOPClassUID): d for d in map(pydicom.dcmread, sorted(folder.iterdir()))}
+
+
+@pytest.mark.parametrize(("syntax", "prefer"), [(JPEGLSLossless, "+xt"),
+                                                (JPEGBaseline8Bit, "+xy")])
+def test_compressed_results_go_compressed_where_taken_and_decompressed_where_not(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, syntax: str, prefer: str) -> None:
+    """MEDEXPLAIN_DICOM_TRANSFER_SYNTAX: a destination taking the syntax gets the captures
+    in it, one taking only uncompressed ones (storescp's default) gets them decompressed
+    (the report has no pixels and goes uncompressed to both)."""
+    caplog.set_level(logging.INFO, logger="service.dimse.cstore")
+    folders = {name: tmp_path / name for name in ("plain", "taken", "left")}
+    for folder in folders.values():
+        folder.mkdir()
+    with _storescp(folders["plain"]) as port:
+        _send(port, caplog)
+    for name, options in (("taken", (prefer,)), ("left", ())):
+        with _storescp(folders[name], *options) as port:
+            output, _, _, _ = _send(port, caplog, dicom_transfer_syntax=syntax)
+        assert _response(output) == ["Success"], output
+    plain, taken, left = (_received(f) for f in folders.values())
+    reference = plain[SecondaryCaptureImageStorage].pixel_array
+    assert taken[SecondaryCaptureImageStorage].file_meta.TransferSyntaxUID == syntax
+    assert left[SecondaryCaptureImageStorage].file_meta.TransferSyntaxUID in UNCOMPRESSED
+    assert left[SecondaryCaptureImageStorage].PhotometricInterpretation == "RGB"
+    for received in (taken, left):
+        assert received[Comprehensive3DSRStorage].file_meta.TransferSyntaxUID in UNCOMPRESSED
+        pixels = received[SecondaryCaptureImageStorage].pixel_array
+        if syntax == JPEGBaseline8Bit:  # lossy, and says so wherever it went
+            assert received[SecondaryCaptureImageStorage].LossyImageCompression == "01"
+            assert np.abs(pixels.astype(np.int16) - reference).mean() < 2.5
+        else:
+            np.testing.assert_array_equal(pixels, reference)
+    said = [r.getMessage() for r in caplog.records if r.name == "service.dimse.cstore"]
+    assert said == [(f"ARCHIVE@127.0.0.1:{port} takes no {UID(syntax).name} Secondary "
+                     "Capture Image Storage: sent uncompressed")], said

@@ -9,6 +9,7 @@ One Orthanc serves the module. Each test sends files with fresh Study/Series/SOP
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import subprocess
@@ -20,13 +21,24 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
-from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    JPEGLSLossless,
+    SecondaryCaptureImageStorage,
+)
 
 from service.config import Settings
 from service.main import create_app
 from tests.api.conftest import DATA, MODELS, explanations_computed, multipart_parts
 from tests.dicom_tools import dcmtk, fresh_copy
-from tests.orthanc_tools import PLUGINS, free_port, get_json, orthanc, study_instances
+from tests.orthanc_tools import (
+    PLUGINS,
+    free_port,
+    get_json,
+    orthanc,
+    request,
+    study_instances,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -207,3 +219,25 @@ def test_c_echo_answers(by_cstore: tuple[TestClient, int]) -> None:
                              str(by_cstore[1])], capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compressed_results_by_stow_rs_are_stored_and_decoded_by_the_pacs(
+        pacs: tuple[str, int], tmp_path: Path) -> None:
+    """MEDEXPLAIN_DICOM_TRANSFER_SYNTAX=JPEG-LS lossless: Orthanc keeps the capture as sent
+    and its own decoder gives back every pixel of the uncompressed capture."""
+    settings = Settings(models=MODELS, threads=1, dicom_port=free_port(),
+                        dicom_stow_url=f"{pacs[0]}/dicom-web", dicom_outputs=("sc",),
+                        dicom_query="methods=crm_combined",
+                        dicom_transfer_syntax=JPEGLSLossless)
+    for client, port in _app(settings):
+        path, source = fresh_copy(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+        result = _storescu(port, [path], calling="ANY-SENDER")
+        assert result.returncode == 0, result.stdout + result.stderr
+        (expected,) = _explained_over_http(client, path.read_bytes(), methods="crm_combined")
+    (capture,) = study_instances(pacs[0], source.StudyInstanceUID)
+    assert capture.file_meta.TransferSyntaxUID == JPEGLSLossless
+    np.testing.assert_array_equal(capture.pixel_array, expected.pixel_array)
+    (hit,) = json.loads(request(f"{pacs[0]}/tools/lookup", capture.SOPInstanceUID.encode()))
+    decoded = np.load(io.BytesIO(request(f"{pacs[0]}/instances/{hit['ID']}/numpy")))
+    np.testing.assert_array_equal(decoded.reshape(expected.pixel_array.shape),
+                                  expected.pixel_array)
