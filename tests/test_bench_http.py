@@ -14,11 +14,22 @@ from tools import bench_http as bench
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_requests_start_with_predict_and_have_unique_names() -> None:
-    names = [r.name for r in bench.REQUESTS]
-    assert names[0] == "predict" and bench.REQUESTS[0].path == "/predict"
+@pytest.mark.parametrize("chosen", ["json", "dicom"])
+def test_requests_start_with_predict_and_have_unique_names(chosen: str) -> None:
+    requests = bench.REQUEST_SETS[chosen]
+    names = [r.name for r in requests]
+    assert names[0] == "predict" and requests[0].path == "/predict"
     assert len(set(names)) == len(names)
-    assert {r.body for r in bench.REQUESTS} <= {"dicom", "demo_png"}
+    assert {r.body for r in requests} <= {"dicom", "demo_png"}
+
+
+def test_dicom_requests_ask_for_every_transfer_syntax_the_service_writes() -> None:
+    from service.api.negotiation import negotiate
+    from service.outputs.transfer_syntax import TRANSFER_SYNTAXES
+
+    asked = [negotiate(r.accept)[0] for r in bench.DICOM_REQUESTS[1:]]
+    assert {o.transfer_syntax.uid for o in asked} == set(TRANSFER_SYNTAXES)
+    assert {o.packaging.name for o in asked} == {"DICOM", "MULTIPART"}
 
 
 def test_target_keeps_commas() -> None:

@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_http.py [--server LABEL=CHECKOUT_DIR ...] [--rounds 7]
         [--port-base 8600] [--threads 2] [--tls LABEL ...] [--out results.json] [--markdown]
     .venv/bin/python tools/bench_http.py --server http=. --server https=. --tls https
+    .venv/bin/python tools/bench_http.py --requests dicom --rounds 5
 
 What it measures: for each request in ``REQUESTS`` (``/predict`` and ``/explain`` variants on
 pydicom-data's computed radiograph ``RG1_UNCR.dcm``, 1841x1955 16-bit MONOCHROME1, sent as
@@ -79,6 +80,7 @@ class Request:
     query: dict[str, str] = field(default_factory=dict)
     body: str = "dicom"
     form: dict[str, str] = field(default_factory=dict)
+    accept: str = "application/json"
 
 
 # The requests, in the order they are sent and reported; the first one is the reference of
@@ -100,6 +102,23 @@ REQUESTS: list[Request] = [
     Request("web demo: 2800x3000 PNG, all methods, overlay", "/explain", body="demo_png",
             form={"methods": ALL_METHODS, "heatmap": "overlay"}),
 ]
+
+# --requests dicom: DICOM answers in each transfer syntax the service writes (the Accept
+# header's transfer-syntax parameter): one capture, and the captures of 4 methods x 2
+# classes, one per map, as multipart/related.
+_SYNTAXES = {"explicit": "1.2.840.10008.1.2.1", "jpeg-ls": "1.2.840.10008.1.2.4.80",
+             "j2k lossless": "1.2.840.10008.1.2.4.90", "rle": "1.2.840.10008.1.2.5",
+             "baseline jpeg": "1.2.840.10008.1.2.4.50"}
+DICOM_REQUESTS: list[Request] = [
+    Request("predict", "/predict"),
+    *(Request(f"1 capture, {name}", "/explain", {"methods": "gradcam", "classes": "0"},
+              accept=f"application/dicom; transfer-syntax={uid}")
+      for name, uid in _SYNTAXES.items()),
+    *(Request(f"8 captures, {name}", "/explain", {"methods": FOUR_METHODS, "classes": "0,1"},
+              accept=f'multipart/related; type="application/dicom"; transfer-syntax={uid}')
+      for name, uid in _SYNTAXES.items()),
+]
+REQUEST_SETS = {"json": REQUESTS, "dicom": DICOM_REQUESTS}
 
 WARMUP_PASSES = 2
 READY_TIMEOUT_S = 180.0
@@ -434,8 +453,7 @@ def timings(body: bytes, content_type: str) -> dict[str, float | None]:
 def send(server: Server, req: Request, payload: tuple[bytes, str], round_: int) -> Sample:
     """Send ``req`` once over the server's connection; time from send to the last byte."""
     body, content_type = payload
-    headers = {"Content-Type": content_type, "Accept": "application/json",
-               "Connection": "keep-alive"}
+    headers = {"Content-Type": content_type, "Accept": req.accept, "Connection": "keep-alive"}
     for attempt in range(2):  # one retry on a connection the server dropped at send time
         conn = connection(server)
         start = time.perf_counter()
@@ -632,6 +650,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a checkout to serve and measure (repeatable; default: "
                              "current=this repository)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    parser.add_argument("--requests", choices=list(REQUEST_SETS), default="json",
+                        help="json: the JSON answers (default); dicom: DICOM answers in "
+                             "each transfer syntax")
     parser.add_argument("--port-base", type=int, default=8600,
                         help="first port; server i listens on port-base + i")
     parser.add_argument("--threads", type=int, default=2,
@@ -680,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         else shlex.join(["python", "tools/bench_http.py", *argv])
     servers = [Server(label, path, args.port_base + i, revision=git_revision(path))
                for i, (label, path) in enumerate(args.server)]
-    payloads = make_payloads(REQUESTS)
+    requests = REQUEST_SETS[args.requests]
+    payloads = make_payloads(requests)
     info = machine()
     progress = not args.markdown
     env = child_env(args.threads)
@@ -700,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
                     if progress:
                         print(f"{server.label} ready on port {server.port} in {seconds:.1f} s; "
                               f"service from {server.service_file}", file=sys.stderr)
-                samples, round_seconds = run_rounds(servers, REQUESTS, payloads, args.rounds,
+                samples, round_seconds = run_rounds(servers, requests, payloads, args.rounds,
                                                     progress)
             finally:
                 for server in servers:
@@ -710,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_http: {exc}", file=sys.stderr)
         return 1
     labels = [s.label for s in servers]
-    rows = summarize(samples, labels, [r.name for r in REQUESTS])
+    rows = summarize(samples, labels, [r.name for r in requests])
     if progress:
         for server in servers:
             if any(r["errors"] for r in rows if r["server"] == server.label):
@@ -728,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
                          "tls": s.tls is not None,
                          "revision": s.revision, "service_file": s.service_file,
                          "reconnects": s.reconnects, "log_tail": s.log} for s in servers],
-            "requests": [asdict(r) for r in REQUESTS],
+            "requests": [asdict(r) for r in requests],
             "medians": rows,
             "samples": [asdict(s) for s in samples],
         }

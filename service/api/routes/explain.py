@@ -64,11 +64,18 @@ DICOM_DESCRIPTION = (
     "identification; the whole body for application/dicom, the only part for "
     "multipart/related. A comma list (dicom=sc,sr) answers multipart/related only: every "
     "object named, in that order, from one computation of the explanations. DICOM output "
-    "needs a DICOM upload; heatmap and size do not apply to it.")
+    "needs a DICOM upload; heatmap and size do not apply to it. Objects are Explicit VR "
+    "Little Endian unless the Accept header's transfer-syntax parameter (DICOMweb's) names "
+    "another for the captures' pixels: "
+    + ", ".join(f"{t.uid} ({t.uid.name}{', lossy' if t.lossy_method else ''})"
+                for t in TRANSFER_SYNTAXES.values() if t.compressed)
+    + "; * is the default; a compressed answer (or part) names its syntax in its "
+    "Content-Type; the SR, without pixels, is always Explicit VR Little Endian.")
 
 NOT_ACCEPTABLE: dict[str, Any] = {
     "model": Problem, "description": "the Accept header allows no representation "
-                                     "(not_acceptable); DICOM output for a PNG/JPEG upload "
+                                     "(not_acceptable), a transfer-syntax it does not "
+                                     "write among them; DICOM output for a PNG/JPEG upload "
                                      "or a DICOM without valid UIDs (Study, SOP Instance; "
                                      "dicom=sr: Series too); several DICOM objects "
                                      "(dicom=sc,sr) without multipart/related",
