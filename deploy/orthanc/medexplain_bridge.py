@@ -17,6 +17,10 @@ Settings (environment variables of the Orthanc process):
     MEDEXPLAIN_URL              the service, default http://127.0.0.1:8000
     MEDEXPLAIN_BRIDGE_QUERY     query string for /explain, default ``methods=gradcam``
     MEDEXPLAIN_BRIDGE_TIMEOUT   seconds per /explain call, default 120
+    MEDEXPLAIN_BRIDGE_TRANSFER_SYNTAX
+                                transfer syntax of the captures' pixels (the Accept header's
+                                transfer-syntax parameter), e.g. 1.2.840.10008.1.2.4.80 for
+                                JPEG-LS lossless; default uncompressed
     MEDEXPLAIN_API_KEY          sent as X-API-Key when the service requires keys
 
 Logs name Orthanc instance IDs (hashes of UIDs), HTTP statuses and problem codes only,
@@ -42,6 +46,7 @@ SERVICE_URL = os.environ.get("MEDEXPLAIN_URL", "http://127.0.0.1:8000").rstrip("
 QUERY = os.environ.get("MEDEXPLAIN_BRIDGE_QUERY", "methods=gradcam")
 TIMEOUT_S = float(os.environ.get("MEDEXPLAIN_BRIDGE_TIMEOUT", "120"))
 API_KEY = os.environ.get("MEDEXPLAIN_API_KEY", "")
+TRANSFER_SYNTAX = os.environ.get("MEDEXPLAIN_BRIDGE_TRANSFER_SYNTAX", "").strip()
 
 # Secondary Capture Image Storage and its multi-frame variants: never explained.
 SKIPPED_SOP_CLASSES = frozenset({
@@ -148,7 +153,8 @@ def _parts(body: bytes, content_type: str) -> list[bytes]:
 
 def _explain(instance_id: str, dicom: bytes) -> list[bytes] | None:
     url = f"{SERVICE_URL}/explain" + (f"?{QUERY}" if QUERY else "")
-    headers = {"Content-Type": "application/dicom", "Accept": MULTIPART}
+    accept = f"{MULTIPART}; transfer-syntax={TRANSFER_SYNTAX}" if TRANSFER_SYNTAX else MULTIPART
+    headers = {"Content-Type": "application/dicom", "Accept": accept}
     if API_KEY:
         headers["X-API-Key"] = API_KEY
     for attempt in range(1, ATTEMPTS + 1):

@@ -20,14 +20,16 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import SecondaryCaptureImageStorage
+from pydicom.uid import JPEGLSLossless, SecondaryCaptureImageStorage
 
 from service.imaging import decode
 from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
+from tests.api.conftest import multipart_parts
 from tests.orthanc_tools import (
     DEPLOY,
     ROOT,
@@ -182,20 +184,31 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
 @pytest.fixture(scope="module")
 def orthanc_with_reports(service: tuple[str, Path],
                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """A second Orthanc whose bridge asks for the captures and the report."""
+    """A second Orthanc whose bridge asks for the captures, in JPEG-LS, and the report."""
     config = {"Name": "medexplain-test-sr", "DicomServerEnabled": False,
               "PythonScript": str(DEPLOY / "medexplain_bridge.py")}
     env = {**os.environ, "MEDEXPLAIN_URL": service[0], "PYTHONDONTWRITEBYTECODE": "1",
-           "MEDEXPLAIN_BRIDGE_QUERY": "methods=gradcam&dicom=sc,sr"}
+           "MEDEXPLAIN_BRIDGE_QUERY": "methods=gradcam&dicom=sc,sr",
+           "MEDEXPLAIN_BRIDGE_TRANSFER_SYNTAX": JPEGLSLossless}
     with run_orthanc(tmp_path_factory.mktemp("orthanc-sr"), config, env) as running:
         yield running
 
 
+def _explained_by_the_service(service_url: str, data: bytes) -> list[np.ndarray]:
+    """The captures' pixels the service answers uncompressed for the bridge's query."""
+    answer = httpx.post(f"{service_url}/explain", params={"methods": "gradcam"}, content=data,
+                        timeout=120, headers={
+                            "content-type": "application/dicom",
+                            "accept": 'multipart/related; type="application/dicom"'})
+    return [pydicom.dcmread(io.BytesIO(part)).pixel_array for part in multipart_parts(answer)]
+
+
 def test_the_bridge_stores_captures_and_the_report(
-        orthanc_with_reports: tuple[str, Path]) -> None:
+        orthanc_with_reports: tuple[str, Path], service: tuple[str, Path]) -> None:
     """dicom=sc,sr in the bridge's query: both kinds of object come back into the study,
     from one request, and neither is explained in turn."""
     url, orthanc_log = orthanc_with_reports
+    service_url = service[0]
     data = (ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm").read_bytes()
     source = pydicom.dcmread(io.BytesIO(data))
     stored = json.loads(request(f"{url}/instances", data))
@@ -214,6 +227,15 @@ def test_the_bridge_stores_captures_and_the_report(
     evidence = report.CurrentRequestedProcedureEvidenceSequence[0]
     assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
         .ReferencedSOPInstanceUID == source.SOPInstanceUID
+    # The captures as asked, JPEG-LS, which Orthanc decodes to the service's own pixels.
+    (captures,) = [s for s in get_json(f"{url}/studies/{study}/series")
+                   if s["MainDicomTags"].get("Modality") == "OT"]
+    uncompressed = _explained_by_the_service(service_url, data)
+    for instance, expected in zip(captures["Instances"], uncompressed, strict=True):
+        capture = pydicom.dcmread(io.BytesIO(request(f"{url}/instances/{instance}/file")))
+        assert capture.file_meta.TransferSyntaxUID == JPEGLSLossless
+        decoded = np.load(io.BytesIO(request(f"{url}/instances/{instance}/numpy")))
+        np.testing.assert_array_equal(decoded.reshape(expected.shape), expected)
     time.sleep(2)  # nothing more: the bridge skips its own objects
     assert len(get_json(f"{url}/studies/{study}/series")) == 3
     assert any("-> 2 object(s) stored: " in line and report_id in line
