@@ -206,7 +206,7 @@ async def _explain(request: Request, offers: list[Offer], settings: Settings,
 
         def render() -> tuple[Response, pipeline.Result]:
             result = pipeline.finish(model, computed)
-            return output.render(result, params, *used), result
+            return output.render(result, params, used.packaging, used.transfer_syntax), result
 
         answer, result = await limiter.run(render)
     metrics.observe_methods(result)
