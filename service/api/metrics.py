@@ -57,6 +57,27 @@ class Metrics:
             "medexplain_pending_requests", "requests computing or waiting",
             registry=self.registry,
         )
+        # The DICOM SCP (service.dimse): what became of each received image, and of each
+        # delivery of its results. Label values are fixed words, statuses and the
+        # configured destinations' names: never anything a sender wrote.
+        self.dicom_stores = Counter(
+            "medexplain_dicom_stores", "C-STOREs the SCP answered, by status and outcome",
+            ["status", "outcome"], registry=self.registry,
+        )
+        self.dicom_deliveries = Counter(
+            "medexplain_dicom_deliveries", "results sent on, by destination and outcome",
+            ["destination", "outcome"], registry=self.registry,
+        )
+        self.dicom_delivery_latency = Histogram(
+            "medexplain_dicom_delivery_duration_seconds",
+            "time to send one image's results to a destination, by destination",
+            ["destination"], registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.dicom_rejected = Counter(
+            "medexplain_dicom_associations_rejected",
+            "associations the SCP rejected, by reason", ["reason"], registry=self.registry,
+        )
         build = Gauge(
             "medexplain_build_info", "what is running: always 1, the facts are the labels",
             ["version", "python_version", "onnxruntime_version"], registry=self.registry,

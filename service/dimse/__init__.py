@@ -24,6 +24,7 @@ from service.errors import DicomServerError
 from service.tls import server_context
 
 if TYPE_CHECKING:
+    from service.api.deps import State
     from service.dimse.base import Destination
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ DESTINATIONS: tuple[Callable[[Settings], Destination | None], ...] = (_cstore, _
 
 
 @contextlib.asynccontextmanager
-async def listening(settings: Settings, app: object, state: object) -> AsyncIterator[None]:
+async def listening(settings: Settings, app: object, state: State) -> AsyncIterator[None]:
     """Run the C-STORE SCP for the body of the ``async with``, when ``dicom_port`` is set.
 
     Args:
@@ -71,7 +72,8 @@ async def listening(settings: Settings, app: object, state: object) -> AsyncIter
     destinations = [d for d in (make(settings) for make in DESTINATIONS) if d is not None]
     client = InProcess(app, state, asyncio.get_running_loop(), settings)
     # DICOM TLS (PS3.15 B.9) on the same port when the service has a certificate.
-    server = StoreServer(settings, client, destinations, server_context(settings))
+    server = StoreServer(settings, client, destinations, state["metrics"],
+                         server_context(settings))
     try:
         server.start()
     except OSError as exc:

@@ -37,6 +37,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from service.api.metrics import Metrics
 from service.config import Settings
 from service.dimse.base import Destination
 from service.dimse.inprocess import Answer, InProcess, problem_code
@@ -50,6 +51,10 @@ DATASET_MISMATCH = 0xA900
 OUT_OF_RESOURCES = 0xA700
 PROCESSING_FAILURE = 0x0110
 
+# What became of an image whose /explain was not a 200, by its status (the metrics' label).
+_OUTCOMES = {SUCCESS: "not_explained", CANNOT_UNDERSTAND: "rejected",
+             DATASET_MISMATCH: "rejected", OUT_OF_RESOURCES: "refused",
+             PROCESSING_FAILURE: "failed"}
 # Valid objects the service does not explain: their sender did nothing wrong.
 NOT_EXPLAINED = frozenset({"dicom_not_accepted", "dicom_without_pixels",
                            "unsupported_transfer_syntax", "unsupported_media_type"})
@@ -98,9 +103,10 @@ class StoreServer:
     """A pynetdicom AE listening on ``host:dicom_port`` as ``dicom_ae_title``."""
 
     def __init__(self, settings: Settings, client: InProcess,
-                 destinations: Sequence[Destination],
+                 destinations: Sequence[Destination], metrics: Metrics,
                  tls: ssl.SSLContext | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._tls = tls
         self._client = client
         self._destinations = list(destinations)
@@ -165,11 +171,13 @@ class StoreServer:
         calling = event.assoc.requestor.ae_title
         called = event.assoc.requestor.primitive.called_ae_title
         if self._ae.require_calling_aet and calling not in self._ae.require_calling_aet:
-            why = "calling AE title not allowed"
+            reason, why = "calling_ae_title", "calling AE title not allowed"
         elif called != self._ae.ae_title:
-            why = f"called AE title {called} is not ours"
+            reason, why = "called_ae_title", f"called AE title {called} is not ours"
         else:
+            reason = "association_limit"
             why = f"{self._ae.maximum_associations} associations already open"
+        self._metrics.dicom_rejected.labels(reason).inc()
         log.warning("association from %s rejected: %s", calling, why)
 
     def _on_store(self, event: Event) -> int:
@@ -177,27 +185,47 @@ class StoreServer:
         started = time.monotonic()
         dicom = event.encoded_dataset(include_meta=True)
         try:
-            status, what = self._handle(dicom)
+            status, outcome, what = self._handle(dicom)
         except TimeoutError as exc:
             limit = f"timed out after {self._settings.dicom_timeout_s:g} s"
-            status, what = PROCESSING_FAILURE, f"{limit}: {exc}" if str(exc) else limit
+            status, outcome = PROCESSING_FAILURE, "timed_out"
+            what = f"{limit}: {exc}" if str(exc) else limit
         except DeliveryError as exc:
-            status, what = PROCESSING_FAILURE, f"not delivered: {exc.detail}"
+            status, outcome = PROCESSING_FAILURE, "not_delivered"
+            what = f"not delivered: {exc.detail}"
+        self._metrics.dicom_stores.labels(f"0x{status:04X}", outcome).inc()
         log.info("C-STORE from %s: 0x%04X %s (%.1f s)", calling, status, what,
                  time.monotonic() - started)
         return status
 
-    def _handle(self, dicom: bytes) -> tuple[int, str]:
+    def _handle(self, dicom: bytes) -> tuple[int, str, str]:
+        """The C-STORE status, the outcome (the metrics' label) and what to log."""
         # One budget for the image: every explanation and every delivery.
         deadline = time.monotonic() + self._settings.dicom_timeout_s
         # Every output from one explanation (dicom=sc,sr: multipart/related).
         answer = self._client.explain(dicom, ",".join(self._settings.dicom_outputs),
                                       _left(deadline))
         if answer.status != 200:
-            code = problem_code(answer)
-            return status_of(answer), f"not explained: HTTP {answer.status} {code}"
+            status = status_of(answer)
+            return (status, _OUTCOMES[status],
+                    f"not explained: HTTP {answer.status} {problem_code(answer)}")
         objects = answer.objects()
         for destination in self._destinations:
-            destination.send(objects, _left(deadline))
+            self._deliver(destination, objects, deadline)
         names = ", ".join(d.name for d in self._destinations) or "nowhere"
-        return SUCCESS, f"explained: {len(objects)} object(s) to {names}"
+        return SUCCESS, "explained", f"explained: {len(objects)} object(s) to {names}"
+
+    def _deliver(self, destination: Destination, objects: list[bytes],
+                 deadline: float) -> None:
+        started = time.monotonic()
+        outcome = "failed"
+        try:
+            destination.send(objects, _left(deadline))
+            outcome = "delivered"
+        except TimeoutError:
+            outcome = "timed_out"
+            raise
+        finally:
+            self._metrics.dicom_deliveries.labels(destination.name, outcome).inc()
+            self._metrics.dicom_delivery_latency.labels(destination.name).observe(
+                time.monotonic() - started)

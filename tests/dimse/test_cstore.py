@@ -31,7 +31,7 @@ from pydicom.uid import (
 from service.config import Settings
 from service.dimse.cstore import UNCOMPRESSED
 from service.main import create_app
-from tests.api.conftest import DATA, MODELS
+from tests.api.conftest import DATA, MODELS, metric_sum
 from tests.dicom_tools import dcmtk
 from tests.orthanc_tools import free_port, wait_for_port
 
@@ -105,8 +105,10 @@ def test_a_destination_taking_only_implicit_vr_gets_every_result(
     """Implicit VR Little Endian is the one syntax every SCP must take (PS3.5 §10.1); only
     Explicit VR was proposed, and such a destination accepted nothing."""
     with _storescp(tmp_path, "+xi") as port:
-        output, lines, _, _ = _send(port, caplog)
+        output, lines, _, metrics = _send(port, caplog)
     assert _response(output) == ["Success"], output
+    assert _dicom_metrics(metrics, port) == {"stores": {("0x0000", "explained"): 1.0},
+                                             "deliveries": {"delivered": 1.0}, "timed": 1.0}
     assert len(lines) == 1 and " 0x0000 explained: 2 object(s) to ARCHIVE@" in lines[0], lines
     received = [pydicom.dcmread(path) for path in sorted(tmp_path.iterdir())]
     assert sorted(str(d.SOPClassUID) for d in received) == sorted(
@@ -123,8 +125,10 @@ def test_a_destination_refusing_reports_is_a_failure_that_names_them(
     received = tmp_path / "received"
     received.mkdir()
     with _storescp(received, "-xf", str(config), "CapturesOnly") as port:
-        output, lines, _, _ = _send(port, caplog)
+        output, lines, _, metrics = _send(port, caplog)
     assert _response(output) == ["Unknown Status: 0x110"]  # DCMTK has no name for it, output
+    assert _dicom_metrics(metrics, port) == {"stores": {("0x0110", "not_delivered"): 1.0},
+                                             "deliveries": {"failed": 1.0}, "timed": 1.0}
     assert len(lines) == 1 and re.fullmatch(
         r"C-STORE from STORESCU: 0x0110 not delivered: ARCHIVE@127\.0\.0\.1:\d+ does not take "
         r"Comprehensive 3D SR Storage results \(it refused their presentation context\) "
@@ -137,10 +141,28 @@ def test_a_destination_that_never_answers_is_cut_at_the_timeout(
     """MEDEXPLAIN_DICOM_TIMEOUT_S bounds explaining and delivering together: a destination
     holding its C-STORE response held the sender for pynetdicom's 30 s default."""
     with _storescp(tmp_path, "--sleep-during", "60") as port:
-        output, lines, took, _ = _send(port, caplog, dicom_timeout_s=4.0)
+        output, lines, took, metrics = _send(port, caplog, dicom_timeout_s=4.0)
+    assert _dicom_metrics(metrics, port) == {"stores": {("0x0110", "timed_out"): 1.0},
+                                             "deliveries": {"timed_out": 1.0}, "timed": 1.0}
     assert _response(output) == ["Unknown Status: 0x110"]  # DCMTK has no name for it, output
     assert len(lines) == 1 and "0x0110 timed out after 4 s" in lines[0], lines
     assert took < 4.0 + 3.0, took  # the budget, plus storescu's own association
+
+
+def _dicom_metrics(metrics: str, port: int) -> dict[str, object]:
+    """The SCP's metrics after one image: its C-STOREs by (status, outcome), the deliveries
+    to the storescp on ``port`` by outcome, and how many of them were timed."""
+    destination = f"{DESTINATION}@127.0.0.1:{port}"
+    samples = [s for family in text_string_to_metric_families(metrics) for s in family.samples]
+    return {
+        "stores": {(s.labels["status"], s.labels["outcome"]): s.value for s in samples
+                   if s.name == "medexplain_dicom_stores_total"},
+        "deliveries": {s.labels["outcome"]: s.value for s in samples
+                       if s.name == "medexplain_dicom_deliveries_total"
+                       and s.labels["destination"] == destination},
+        "timed": metric_sum(metrics, "medexplain_dicom_delivery_duration_seconds_count",
+                            destination=destination),
+    }
 
 
 def _explain_requests(metrics: str) -> dict[str, float]:
@@ -160,6 +182,9 @@ def test_an_explanation_over_the_budget_is_a_client_that_hung_up(
     assert _response(output) == ["Unknown Status: 0x110"], output
     assert len(lines) == 1 and "0x0110 timed out after 0.01 s" in lines[0], lines
     assert _explain_requests(metrics) == {"499": 1.0}, metrics
+    # Never delivered: the time ran out in the explanation.
+    assert _dicom_metrics(metrics, port) == {"stores": {("0x0110", "timed_out"): 1.0},
+                                             "deliveries": {}, "timed": 0.0}
     assert list(tmp_path.iterdir()) == []
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
     Comprehensive3DSRStorage,
@@ -93,6 +95,21 @@ def _storescu(port: int, files: list[Path], calling: str = SENDER,
     return subprocess.run([STORESCU, "-v", "-aet", calling, "-aec", "MEDEXPLAIN", "-xv",
                            *options, "127.0.0.1", str(port), *map(str, files)],
                           capture_output=True, text=True, timeout=300, check=False)
+
+
+def _scp_counts(client: TestClient) -> Counter[str]:
+    """The SCP's counters on /metrics: C-STOREs by status and outcome, deliveries by
+    destination and outcome, rejected associations by reason."""
+    keys = {"medexplain_dicom_stores_total": ("store", "status", "outcome"),
+            "medexplain_dicom_deliveries_total": ("delivery", "destination", "outcome"),
+            "medexplain_dicom_associations_rejected_total": ("rejected", "reason")}
+    counts: Counter[str] = Counter()
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name in keys:
+                kind, *labels = keys[sample.name]
+                counts[" ".join([kind, *(sample.labels[k] for k in labels)])] += sample.value
+    return counts
 
 
 def _pydicom_data(name: str) -> Path:
@@ -173,15 +190,17 @@ def test_a_caller_outside_the_list_is_rejected(pacs: tuple[str, int],
                                                by_cstore: tuple[TestClient, int],
                                                tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    _, port = by_cstore
+    client, port = by_cstore
     caplog.set_level(logging.INFO, logger="service.dimse.scp")
     path, source = fresh_copy(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+    before = _scp_counts(client)
     result = _storescu(port, [path], calling="INTRUDER")
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
     assert study_instances(pacs[0], source.StudyInstanceUID) == []
     assert [r.getMessage() for r in caplog.records if r.name == "service.dimse.scp"] == [
         "association from INTRUDER rejected: calling AE title not allowed"]
+    assert _scp_counts(client) - before == Counter({"rejected calling_ae_title": 1})
 
 
 def test_a_bad_file_gets_a_failure_status_and_the_scp_keeps_serving(
@@ -192,6 +211,7 @@ def test_a_bad_file_gets_a_failure_status_and_the_scp_keeps_serving(
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # the header promises more
     ds.save_as(path, enforce_file_format=True)
     good, good_source = fresh_copy(DATA / "dicom" / "phantom_nodule.dcm", tmp_path)
+    before = _scp_counts(client)
     result = _storescu(port, [path, good], SENDER, "--no-halt")  # go on after a failure
     output = result.stdout + result.stderr
     # The failed store is 0xC000 (Error: cannot understand); the next one succeeds.
@@ -200,15 +220,21 @@ def test_a_bad_file_gets_a_failure_status_and_the_scp_keeps_serving(
     assert study_instances(pacs[0], source.StudyInstanceUID) == []
     assert len(study_instances(pacs[0], good_source.StudyInstanceUID)) == 2  # capture and report
     assert client.get("/healthz").status_code == 200
+    destination = f"{ORTHANC_AET}@127.0.0.1:{pacs[1]}"
+    assert _scp_counts(client) - before == Counter({
+        "store 0xC000 rejected": 1, "store 0x0000 explained": 1,
+        f"delivery {destination} delivered": 1})
 
 
 def test_a_ct_slice_is_taken_but_not_explained_by_the_chest_model(
         pacs: tuple[str, int], by_cstore: tuple[TestClient, int], tmp_path: Path) -> None:
     client, port = by_cstore
     path, source = fresh_copy(_pydicom_data("CT_small.dcm"), tmp_path)
+    before = _scp_counts(client)
     result = _storescu(port, [path])
     assert result.returncode == 0, result.stdout + result.stderr  # a valid object: Success
     assert study_instances(pacs[0], source.StudyInstanceUID) == []
+    assert _scp_counts(client) - before == Counter({"store 0x0000 not_explained": 1})
     r = client.post("/explain", content=path.read_bytes(),
                     headers={"content-type": "application/dicom"})
     assert r.status_code == 422 and r.json()["code"] == "dicom_not_accepted"
