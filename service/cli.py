@@ -16,7 +16,10 @@ from service.config import Settings, ValidationError
 if TYPE_CHECKING:
     import onnx
 
+    from service.api.request import ExplainParams
+    from service.models.repository import Served
     from service.models.spec import Layout
+    from service.pipeline import ExplainOptions
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -73,36 +76,76 @@ _EXPLAIN_PARAMETERS = ("model", "methods", "classes", "heatmap", "size", "target
 
 
 def _explain(args: argparse.Namespace) -> int:
-    """One file through the pipeline /explain runs, with no server: the JSON answer, each
-    map as its own file, and the DICOM objects asked for."""
-    from service import outputs, pipeline
+    """Files through the pipeline /explain runs, with no server: for each, the JSON answer,
+    each map as its own file, and the DICOM objects asked for. The model loads once."""
+    from service import outputs
     from service.api.request import ExplainParams, parse_params
-    from service.api.routes.explain import decode_upload, input_size
     from service.errors import ModelError, ServiceError
     from service.main import open_repository
     from service.outputs.base import Packaging
-    from service.outputs.transfer_syntax import TRANSFER_SYNTAXES
 
     try:
         settings = Settings.from_env(models=args.models)
     except ValidationError as exc:
         print(f"medexplain explain: bad settings: {exc}", file=sys.stderr)
         return 2
-    source = Path(args.file)
-    try:
-        data = source.read_bytes()
-    except OSError as exc:
-        print(f"medexplain explain: cannot read {source}: {exc.strerror}", file=sys.stderr)
-        return 2
     pairs = [(name, str(getattr(args, name))) for name in _EXPLAIN_PARAMETERS
              if getattr(args, name) is not None]
-    out = Path(args.out)
     try:
         params: ExplainParams = parse_params(ExplainParams, pairs)
         repository = open_repository(settings)
         model = repository.get(params.model)
-        wanted = [outputs.DICOM_OUTPUTS[name] for name in dict.fromkeys(args.dicom or ())]
         options = outputs.JSON_OUTPUT.options(params, model, Packaging.JSON)
+    except (ServiceError, ModelError) as exc:
+        print(f"medexplain explain: {getattr(exc, 'detail', exc)}", file=sys.stderr)
+        return 2
+    sources = [Path(name) for name in args.file]
+    failed = 0
+    for source, folder in zip(sources, _folders(sources, Path(args.out)), strict=True):
+        files = _explain_file(source, args, params, options, settings, model)
+        if files is None:
+            failed += 1
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (folder / name).write_bytes(content)
+            print(folder / name)
+    return 2 if failed else 0
+
+
+def _folders(sources: list[Path], out: Path) -> list[Path]:
+    """Where each file's answer goes: ``out`` itself for one file; for several, a folder
+    per file named after it (``-2``, ``-3``, ... when names repeat)."""
+    if len(sources) == 1:
+        return [out]
+    taken: set[str] = set()
+    folders = []
+    for source in sources:
+        name, n = _file_part(source.stem) or "image", 1
+        while (name if n == 1 else f"{name}-{n}") in taken:
+            n += 1
+        taken.add(name if n == 1 else f"{name}-{n}")
+        folders.append(out / (name if n == 1 else f"{name}-{n}"))
+    return folders
+
+
+def _explain_file(source: Path, args: argparse.Namespace, params: ExplainParams,
+                  options: ExplainOptions, settings: Settings,
+                  model: Served) -> dict[str, bytes] | None:
+    """One file's answer as named files; None (said on stderr) when it has none."""
+    from service import outputs, pipeline
+    from service.api.routes.explain import decode_upload, input_size
+    from service.errors import ModelError, ServiceError
+    from service.outputs.base import Packaging
+    from service.outputs.transfer_syntax import TRANSFER_SYNTAXES
+
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        print(f"medexplain explain: cannot read {source}: {exc.strerror}", file=sys.stderr)
+        return None
+    try:
+        wanted = [outputs.DICOM_OUTPUTS[name] for name in dict.fromkeys(args.dicom or ())]
         full = any(o.full_resolution for o in wanted)
         image = decode_upload(data, None, params, settings, model,
                               None if full else input_size(model, settings))
@@ -110,7 +153,7 @@ def _explain(args: argparse.Namespace) -> int:
         if refused:
             print(f"medexplain explain: dicom {refused[0].name} needs {refused[0].needs}; "
                   f"{source.name} is {image.format}", file=sys.stderr)
-            return 2
+            return None
         result = pipeline.explain(model, image, options, pipeline.Stopwatch())
         answer = bytes(outputs.JSON_OUTPUT.render(result, params, Packaging.JSON).body)
         files = {"explanation.json": answer}
@@ -126,13 +169,10 @@ def _explain(args: argparse.Namespace) -> int:
                 name = output.name if len(parts) == 1 else f"{output.name}-{number:02d}"
                 files[f"{name}.dcm"] = part.data
     except (ServiceError, ModelError) as exc:
-        print(f"medexplain explain: {getattr(exc, 'detail', exc)}", file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        (out / name).write_bytes(content)
-        print(out / name)
-    return 0
+        print(f"medexplain explain: {source.name}: {getattr(exc, 'detail', exc)}",
+              file=sys.stderr)
+        return None
+    return files
 
 
 def _file_part(label: str) -> str:
@@ -291,11 +331,13 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     from service.outputs.transfer_syntax import TRANSFER_SYNTAXES
 
     exp = sub.add_parser(
-        "explain", help="explain one image file, with no server",
-        description="Explain one DICOM, PNG or JPEG file as POST /explain would, with no "
-                    "server: writes explanation.json (the /explain answer), each map as a "
-                    "file (NN-method-label.png), and the DICOM objects --dicom names.")
-    exp.add_argument("file", help="the image: DICOM, PNG or JPEG")
+        "explain", help="explain image files, with no server",
+        description="Explain DICOM, PNG or JPEG files as POST /explain would, with no "
+                    "server (the model loads once): writes explanation.json (the /explain "
+                    "answer), each map as a file (NN-method-label.png), and the DICOM "
+                    "objects --dicom names; for several files, each into a folder of its "
+                    "own named after it. Exit status 2 when any file got no answer.")
+    exp.add_argument("file", nargs="+", help="the images: DICOM, PNG or JPEG")
     exp.add_argument("--out", default=".", help="folder to write into (default: here)")
     exp.add_argument("--models", default=None,
                      help="model repository folder (default: the bundled models/)")

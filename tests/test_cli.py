@@ -95,6 +95,31 @@ def test_explain_writes_captures_in_the_transfer_syntax_asked(tmp_path: Path) ->
     assert not (tmp_path / "x").exists()
 
 
+def test_explain_several_files_each_into_its_own_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One model load for every file; each answer what the file alone gets; a file that
+    gets none is said on stderr, the others are still written, and the exit status is 2."""
+    args = ["--methods", "gradcam", "--classes", "Nodule"]
+    assert main(["explain", str(DICOM), *args, "--out", str(tmp_path / "one")]) == 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a whole PNG")
+    capsys.readouterr()
+    assert main(["explain", str(DICOM), str(PNG), str(broken), str(DICOM), *args,
+                 "--out", str(tmp_path / "all")]) == 2
+    said = capsys.readouterr()
+    assert "broken.png" in said.err
+    folders = sorted(p.name for p in (tmp_path / "all").iterdir())
+    assert folders == sorted([DICOM.stem, PNG.stem, f"{DICOM.stem}-2"])
+    alone = json.loads((tmp_path / "one" / "explanation.json").read_text())
+    for name in (DICOM.stem, f"{DICOM.stem}-2"):
+        written = json.loads((tmp_path / "all" / name / "explanation.json").read_text())
+        assert _without_timings(written) == _without_timings(alone)
+        assert (tmp_path / "all" / name / "01-gradcam-Nodule.png").read_bytes() == \
+            (tmp_path / "one" / "01-gradcam-Nodule.png").read_bytes()
+    assert (tmp_path / "all" / PNG.stem / "explanation.json").exists()
+    assert str(tmp_path / "all" / PNG.stem / "explanation.json") in said.out.split()
+
+
 def _bytes(data: bytes) -> Any:
     import io
     return io.BytesIO(data)
