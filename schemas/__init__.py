@@ -2,6 +2,7 @@
 
 from schemas.api import (
     AcceptsInfo,
+    CodeInfo,
     DicomInfo,
     ExplainResponse,
     Explanation,
@@ -22,7 +23,7 @@ from schemas.api import (
 )
 
 __all__ = [
-    "AcceptsInfo", "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo",
+    "AcceptsInfo", "CodeInfo", "DicomInfo", "ExplainResponse", "Explanation", "Health", "Heatmap", "ImageInfo",
     "ImagePreview", "InputInfo", "ModelInfo", "ModelRef", "ModelsResponse", "PredictResponse",
     "Prediction", "Problem", "Region", "TargetLayerInfo", "UnavailableModel",
 ]

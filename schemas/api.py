@@ -123,6 +123,15 @@ class AcceptsInfo(BaseModel):
         description="View Position, when present, must be one of these")
 
 
+class CodeInfo(BaseModel):
+    """A label's meaning in a coding scheme (model.toml [codes]), as the Structured Report
+    codes its finding type."""
+
+    scheme: str = Field(description="Coding Scheme Designator, e.g. SCT")
+    value: str = Field(description="Code Value, e.g. 287272002")
+    meaning: str = Field(description="Code Meaning, e.g. Cardiomegaly")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -153,6 +162,11 @@ class ModelInfo(BaseModel):
         None, description="the DICOM images the model is meant for; any other DICOM gets "
                           "422 dicom_not_accepted (PNG/JPEG are not checked). null for an "
                           "ensemble: it accepts what every member accepts")
+    codes: dict[str, CodeInfo] = Field(
+        default_factory=dict,
+        description="labels' codes in a standard scheme (model.toml [codes]), used as the "
+                    "Structured Report's finding types; a label without one is coded in "
+                    "the local scheme 99MEDEXPLAIN. For an ensemble, its members'")
 
 
 # A model folder that failed to load; the others serve, requests naming it get 503.

@@ -296,6 +296,13 @@ activation = "sigmoid"
 # dicom_not_accepted instead of scores the network was never trained to give.
 modalities = ["CR", "DX"]
 body_parts = ["CHEST"]
+[codes]
+# The labels' SNOMED CT concepts (as pydicom's DICOM code dictionary has them): the
+# Structured Report's finding types. The model is still a synthetic demo, not for diagnosis.
+Cardiomegaly = { scheme = "SCT", value = "287272002", meaning = "Cardiomegaly" }
+Nodule = { scheme = "SCT", value = "27925004", meaning = "Nodule" }
+"Pleural Effusion" = { scheme = "SCT", value = "60046008", meaning = "Pleural effusion" }
+Pneumothorax = { scheme = "SCT", value = "36118008", meaning = "Pneumothorax" }
 """
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ import numpy as np
 from service.errors import ModelError
 from service.methods.base import RawMap
 from service.methods.ensemble import mean_map, mean_scores
+from service.models.spec import LabelCode
 
 if TYPE_CHECKING:
     from service.models.repository import LoadedModel
@@ -47,6 +48,8 @@ class EnsembleConfig:
     members: tuple[str, ...]
     labels: tuple[str, ...]
     folder: Path
+    # The labels' codes its members give (model.toml [codes]); members must not disagree.
+    codes: Mapping[str, LabelCode] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,8 @@ def load_ensemble(folder: Path, models: Mapping[str, LoadedModel],
 
     Raises:
         ModelError: for a malformed file, fewer than two members, an unknown or repeated
-            member, a member that is an ensemble, or members whose labels differ.
+            member, a member that is an ensemble, or members whose labels (or their codes)
+            differ.
     """
     data, raw = _read(folder)
     where = f"{folder.name}/{ENSEMBLE_TOML}"
@@ -125,12 +129,21 @@ def load_ensemble(folder: Path, models: Mapping[str, LoadedModel],
                 f"{loaded[0].name!r} has {', '.join(labels)} but {model.name!r} has "
                 f"{', '.join(model.config.labels)}"
             )
+    codes: dict[str, LabelCode] = {}
+    for model in loaded:
+        for label, code in model.config.codes.items():
+            if codes.setdefault(label, code) != code:
+                raise ModelError(f"{where}: members code label {label!r} differently "
+                                 f"(model.toml [codes]); {model.name!r} has {code.scheme} "
+                                 f"{code.value}, another {codes[label].scheme} "
+                                 f"{codes[label].value}")
     digest = hashlib.sha256(raw)
     for model in loaded:
         digest.update(model.sha256.encode())
     config = EnsembleConfig(name=name, version=str(data.get("version", "1")),
                             description=str(data.get("description", "")),
-                            members=tuple(members), labels=labels, folder=folder)
+                            members=tuple(members), labels=labels, folder=folder,
+                            codes=codes)
     return Ensemble(config, loaded, digest.hexdigest())
 
 

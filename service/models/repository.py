@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +25,7 @@ from service.methods import METHODS
 from service.methods.base import RawMap
 from service.models.activation import Activation
 from service.models.ensemble import ENSEMBLE_TOML, Ensemble, ensemble_name, load_ensemble
-from service.models.spec import Accepts, Attribute, InputSpec, Layout
+from service.models.spec import Accepts, Attribute, InputSpec, LabelCode, Layout
 from service.runtime.engine import Engine
 from service.runtime.sessions import ORT_ERRORS
 
@@ -45,6 +45,7 @@ class ModelConfig:
     target_layer: str | None
     folder: Path
     accepts: Accepts = field(default_factory=Accepts)
+    codes: Mapping[str, LabelCode] = field(default_factory=dict)
 
 
 def _require(table: dict[str, object], key: str, kind: type, where: str) -> object:
@@ -109,6 +110,7 @@ def read_config(folder: Path, model: onnx.ModelProto) -> ModelConfig:
             "(the outputs are the scores)")
     target = data.get("explain", {}).get("target_layer")
     accepts = _accepts(data.get("accepts", {}), where)
+    codes = _codes(data.get("codes", {}), labels, where)  # type: ignore[arg-type]
     return ModelConfig(
         name=str(data.get("name", folder.name)),
         version=str(data.get("version", "1")),
@@ -119,7 +121,35 @@ def read_config(folder: Path, model: onnx.ModelProto) -> ModelConfig:
         target_layer=str(target) if target else None,
         folder=folder,
         accepts=accepts,
+        codes=codes,
     )
+
+
+# Code Value is SH (16 characters), Code Meaning LO (64); a designator is SH too.
+_CODE_LIMITS = {"scheme": 16, "value": 16, "meaning": 64}
+
+
+def _codes(table: object, labels: list[str], where: str) -> dict[str, LabelCode]:
+    """``[codes]``: per label, ``{ scheme = "SCT", value = "287272002", meaning = "..." }``."""
+    if not isinstance(table, dict):
+        raise ModelError(f"{where}: [codes] must be a table")
+    codes = {}
+    for label, entry in table.items():
+        if label not in labels:
+            raise ModelError(f"{where}: [codes] names {label!r}, which is not one of labels")
+        if not isinstance(entry, dict) or set(entry) != set(_CODE_LIMITS):
+            raise ModelError(f"{where}: codes.{label!r} must be a table of scheme, value and "
+                             "meaning, e.g. { scheme = \"SCT\", value = \"287272002\", "
+                             "meaning = \"Cardiomegaly\" }")
+        for key, limit in _CODE_LIMITS.items():
+            text = entry[key]
+            if not isinstance(text, str) or not text.strip() or len(text) > limit \
+                    or not text.isascii() or "\\" in text:
+                raise ModelError(f"{where}: codes.{label!r}.{key} must be ASCII text of 1 "
+                                 f"to {limit} characters without a backslash")
+        codes[label] = LabelCode(entry["scheme"].strip(), entry["value"].strip(),
+                                 entry["meaning"].strip())
+    return codes
 
 
 def _accepts(table: object, where: str) -> Accepts:

@@ -1,5 +1,5 @@
-"""The parts of model.toml that describe how an image becomes a network input, and which
-images a model is meant for."""
+"""The parts of model.toml that describe how an image becomes a network input, which
+images a model is meant for, and what its labels mean in a coding scheme."""
 
 from __future__ import annotations
 
@@ -35,6 +35,17 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     layout: Layout = Layout.NCHW
+
+
+@dataclass(frozen=True)
+class LabelCode:
+    """What a label means in a coding scheme (model.toml ``[codes]``), for the Structured
+    Report's finding type: e.g. SCT 287272002 "Cardiomegaly". Without one, a label is coded
+    in the service's local scheme."""
+
+    scheme: str  # Coding Scheme Designator (SH): "SCT", "RADLEX", ...
+    value: str  # Code Value (SH, at most 16 characters)
+    meaning: str  # Code Meaning (LO, at most 64 characters)
 
 
 class Attribute(StrEnum):

@@ -6,8 +6,9 @@ Measurements and Qualitative Evaluations) per explanation region, each with:
 
 - the region as a closed ``POLYLINE`` rectangle (SCOORD) on the source image (Source Image
   For Region: its SOP Class / Instance UIDs, and the frame of a multi-frame source);
-- a finding type coded in the local scheme ``99MEDEXPLAIN`` (value and meaning: the label,
-  or ``all classes`` for a class-agnostic map); no SNOMED code is implied;
+- a finding type: the label's code from model.toml ``[codes]`` (e.g. SCT 287272002
+  "Cardiomegaly"), else coded in the local scheme ``99MEDEXPLAIN`` (value and meaning: the
+  label, or ``all classes`` for a class-agnostic map), which implies no standard concept;
 - the explanation method as the group's method, coded in ``99MEDEXPLAIN`` too;
 - the model as Algorithm Identification (TID 4019: name and version);
 - measurements ``score`` (the model's score of the label; absent for class-agnostic maps)
@@ -66,6 +67,7 @@ from pydicom.uid import generate_uid
 from service import __version__
 from service.imaging.base import DecodedImage
 from service.methods.regions import Region
+from service.models.spec import LabelCode
 from service.outputs.base import DicomOutput, Encoded, Packaging, not_for_diagnosis
 from service.outputs.secondary_capture import (
     MANUFACTURER,
@@ -124,13 +126,15 @@ def _series_description(methods: Sequence[str], not_for_diagnosis: bool) -> str:
 
 @dataclass(frozen=True)
 class Finding:
-    """One explanation: its method, label (None: class-agnostic), the label's score, and
-    its regions (box in original pixels, x1 and y1 exclusive; score: the map's peak)."""
+    """One explanation: its method, label (None: class-agnostic), the label's score, its
+    regions (box in original pixels, x1 and y1 exclusive; score: the map's peak), and the
+    label's code in a standard scheme when the model gives one."""
 
     method: str
     label: str | None
     score: float | None
     regions: Sequence[Region]
+    code: LabelCode | None = None  # the label's meaning in a standard scheme, if known
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,9 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
     groups: list[PlanarROIMeasurementsAndQualitativeEvaluations
                  | MeasurementsAndQualitativeEvaluations] = []
     for finding in findings:
-        finding_type = ALL_CLASSES if finding.label is None else _code(finding.label)
+        finding_type = (ALL_CLASSES if finding.label is None
+                        else _code(finding.label) if finding.code is None
+                        else Code(finding.code.value, finding.code.scheme, finding.code.meaning))
         scores = [] if finding.score is None else [
             Measurement(name=SCORE, value=finding.score, unit=codes.UCUM.NoUnits,
                         algorithm_id=algorithm)]
@@ -316,11 +322,13 @@ class StructuredReport(DicomOutput):
                 syntax: TransferSyntax = DEFAULT) -> list[Encoded]:
         # No Pixel Data, so nothing for a compressed syntax to compress: always the default
         # (service.outputs.transfer_syntax).
+        codes = result.model.config.codes
         findings = [Finding(
             method=m.method,
-            label=result.label(m.index),
+            label=(label := result.label(m.index)),
             score=result.score(m.index),
             regions=m.regions,
+            code=None if label is None else codes.get(label),
         ) for m in result.maps]
         report = Report(model=result.model.name, model_version=result.model.config.version,
                         software_version=__version__,

@@ -146,6 +146,9 @@ BAD = [
     ('members = ["a", "odd"]', "members must have identical labels in the same order; 'a' has "
                                "Cardiomegaly, Nodule, Pleural Effusion, Pneumothorax but 'odd' "
                                "has Cardiomegaly, Nodule, Pleural Effusion, PTX"),
+    ('members = ["a", "recoded"]', "ens/ensemble.toml: members code label 'Nodule' "
+                                   "differently (model.toml [codes]); 'recoded' has SCT "
+                                   "1, another SCT 27925004"),
     ('members = ["a", "b"]\nname = "a"', "two model folders are named 'a'"),
     ("members = [", "ens/ensemble.toml: "),
 ]
@@ -158,12 +161,15 @@ def test_bad_ensembles_are_unavailable_and_the_rest_serves(tmp_path: Path, text:
     _copy(tmp_path, "b")
     odd = _copy(tmp_path, "odd")
     toml = odd / "model.toml"
-    toml.write_text(toml.read_text().replace('"Pneumothorax"]', '"PTX"]'))
+    toml.write_text(toml.read_text().replace('"Pneumothorax"]', '"PTX"]')
+                    .replace("Pneumothorax = {", "PTX = {"))
+    recoded = _copy(tmp_path, "recoded") / "model.toml"
+    recoded.write_text(recoded.read_text().replace('value = "27925004"', 'value = "1"'))
     _ensemble(tmp_path, "other", 'members = ["a", "b"]')
     _ensemble(tmp_path, "ens", text)
     with TestClient(create_app(Settings(models=tmp_path, threads=1))) as client:
         listed = client.get("/models").json()
-        assert [m["name"] for m in listed["models"]] == ["a", "b", "odd", "other"]
+        assert [m["name"] for m in listed["models"]] == ["a", "b", "odd", "other", "recoded"]
         [broken] = listed["unavailable"]
         assert broken["name"] == "ens" and broken["state"] == "UNAVAILABLE"
         assert message in broken["reason"]
@@ -209,3 +215,11 @@ def test_an_ensemble_refuses_what_a_member_is_not_for(ens_client: TestClient) ->
                               "accepts CR, DX")
     assert ens_client.get("/models/ens").json()["accepts"] is None  # see its members
     assert ens_client.get("/models/a").json()["accepts"]["modalities"] == ["CR", "DX"]
+
+
+def test_an_ensemble_codes_labels_as_its_members_do(ens_client: TestClient) -> None:
+    member = ens_client.get("/models/a").json()["codes"]
+    assert member["Pleural Effusion"] == {"scheme": "SCT", "value": "60046008",
+                                          "meaning": "Pleural effusion"}
+    assert sorted(member) == ["Cardiomegaly", "Nodule", "Pleural Effusion", "Pneumothorax"]
+    assert ens_client.get("/models/ens").json()["codes"] == member

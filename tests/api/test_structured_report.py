@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tomllib
 from pathlib import Path
 
 import highdicom
@@ -15,6 +16,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from service.imaging import decode
 from service.methods import METHODS
+from service.models.spec import LabelCode
 from service.outputs.secondary_capture import PATIENT_STUDY_KEYWORDS
 from service.outputs.structured_report import (
     SCHEME,
@@ -26,6 +28,7 @@ from service.outputs.structured_report import (
 )
 from tests.api.conftest import (
     DATA,
+    MODELS,
     assert_problem,
     multipart_parts,
     phantom_bytes,
@@ -48,6 +51,9 @@ PARAMS = {"methods": "gradcam,crm,crm_combined", "classes": "Nodule,Cardiomegaly
 
 
 _post, _read = post_dicom, read_dicom
+
+# The demo model's label codes, as its model.toml writes them.
+DEMO_CODES = tomllib.loads((MODELS / "demo-cxr" / "model.toml").read_text())["codes"]
 
 
 def _srread(data: bytes) -> highdicom.sr.Comprehensive3DSR:
@@ -129,8 +135,14 @@ def test_sr_holds_every_region_with_the_json_scores(client: TestClient) -> None:
         assert "ReferencedFrameNumber" not in reference  # single-frame source
 
         label = explanation["label"]
-        assert group.finding_type.scheme_designator == SCHEME
-        assert group.finding_type.meaning == (label if label is not None else "all classes")
+        if label is None:
+            assert (group.finding_type.value, group.finding_type.scheme_designator,
+                    group.finding_type.meaning) == ("all", SCHEME, "all classes")
+        else:  # the model's code for the label (model.toml [codes], read here by tomllib)
+            code = DEMO_CODES[label]
+            assert (group.finding_type.value, group.finding_type.scheme_designator,
+                    group.finding_type.meaning) == (code["value"], code["scheme"],
+                                                    code["meaning"])
         assert group.method.value == explanation["method"]
         assert group.method.scheme_designator == SCHEME
         texts = _texts(group)
@@ -206,7 +218,23 @@ def test_region_coordinates_and_region_less_findings() -> None:
     np.testing.assert_array_equal(group.roi.value, [[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]])
     (image_level,) = _report(sr).get_image_measurement_groups()
     assert image_level.finding_type.meaning == "Cardiomegaly"
+    assert image_level.finding_type.scheme_designator == SCHEME  # no code given: local
     assert float(_measurement(image_level, "score").value) == 0.5
+
+
+def test_a_label_with_a_code_is_reported_as_that_concept() -> None:
+    image = decode(PHANTOM.read_bytes(), DICOM)
+    code = LabelCode("SCT", "287272002", "Cardiomegaly")
+    sr = _srread(structured_report(
+        image, [Finding("gradcam", "Big heart", 0.5, [Region((0, 0, 1, 1), 1.0)], code),
+                Finding("crm", "Big heart", 0.5, [], code)],
+        Report("m", "2", "0")))
+    (group,) = _groups(sr)
+    (image_level,) = _report(sr).get_image_measurement_groups()
+    for found in (group.finding_type, image_level.finding_type):
+        assert (found.value, found.scheme_designator, found.meaning) == (
+            "287272002", "SCT", "Cardiomegaly")
+    assert group.method.scheme_designator == SCHEME  # methods stay local
 
 
 def test_dciodvfy_accepts_the_sr(client: TestClient, tmp_path: Path) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import APIRouter
 
 from schemas import (
     AcceptsInfo,
+    CodeInfo,
     InputInfo,
     ModelInfo,
     ModelsResponse,
@@ -17,6 +20,7 @@ from service.api.docs import ERRORS
 from service.methods import METHODS
 from service.models.ensemble import Ensemble
 from service.models.repository import LoadedModel, Repository, Served
+from service.models.spec import LabelCode
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[ApiKey],
                    responses={401: ERRORS[401]})
@@ -50,7 +54,13 @@ def model_info(model: Served, repository: Repository) -> ModelInfo:
         sha256=model.sha256,
         accepts=AcceptsInfo(**{key: sorted(getattr(config.accepts, key))
                                for key in AcceptsInfo.model_fields}),
+        codes=_codes(config.codes),
     )
+
+
+def _codes(codes: Mapping[str, LabelCode]) -> dict[str, CodeInfo]:
+    return {label: CodeInfo(scheme=c.scheme, value=c.value, meaning=c.meaning)
+            for label, c in codes.items()}
 
 
 def ensemble_info(model: Ensemble, repository: Repository) -> ModelInfo:
@@ -74,6 +84,7 @@ def ensemble_info(model: Ensemble, repository: Repository) -> ModelInfo:
                                      for m in model.members if m.engine.fallback) or None,
         sha256=model.sha256,
         members=list(model.config.members),
+        codes=_codes(model.config.codes),
     )
 
 
