@@ -146,9 +146,9 @@ BAD = [
     ('members = ["a", "odd"]', "members must have identical labels in the same order; 'a' has "
                                "Cardiomegaly, Nodule, Pleural Effusion, Pneumothorax but 'odd' "
                                "has Cardiomegaly, Nodule, Pleural Effusion, PTX"),
-    ('members = ["a", "recoded"]', "ens/ensemble.toml: members code label 'Nodule' "
-                                   "differently (model.toml [codes]); 'recoded' has SCT "
-                                   "1, another SCT 27925004"),
+    ('members = ["a", "recoded"]', ("ens/ensemble.toml: members code label 'Nodule' "
+                                    "differently (model.toml [codes]); 'recoded' has SCT "
+                                    "1, another SCT 27925004")),
     ('members = ["a", "b"]\nname = "a"', "two model folders are named 'a'"),
     ("members = [", "ens/ensemble.toml: "),
 ]

@@ -45,24 +45,25 @@ def test_codes_are_optional_and_may_cover_some_labels(tmp_path: Path) -> None:
     assert some.codes == {"Nodule": LabelCode("SCT", "27925004", "Nodule")}
 
 
+NOT_A_TABLE = ("m/model.toml: codes.'Nodule' must be a table of scheme, value and meaning, "
+               'e.g. { scheme = "SCT", value = "287272002", meaning = "Cardiomegaly" }')
+
+
+def _too_long(key: str, limit: int) -> str:
+    return (f"m/model.toml: codes.'Nodule'.{key} must be ASCII text of 1 to {limit} "
+            "characters without a backslash")
+
+
 @pytest.mark.parametrize(("table", "message"), [
     ('[codes]\nFracture = { scheme = "SCT", value = "1", meaning = "x" }\n',
      "m/model.toml: [codes] names 'Fracture', which is not one of labels"),
-    ('[codes]\nNodule = "SCT:27925004"\n',
-     'm/model.toml: codes.\'Nodule\' must be a table of scheme, value and meaning, e.g. '
-     '{ scheme = "SCT", value = "287272002", meaning = "Cardiomegaly" }'),
-    ('[codes]\nNodule = { scheme = "SCT", value = "27925004" }\n',
-     'm/model.toml: codes.\'Nodule\' must be a table of scheme, value and meaning, e.g. '
-     '{ scheme = "SCT", value = "287272002", meaning = "Cardiomegaly" }'),
+    ('[codes]\nNodule = "SCT:27925004"\n', NOT_A_TABLE),
+    ('[codes]\nNodule = { scheme = "SCT", value = "27925004" }\n', NOT_A_TABLE),
     ('[codes]\nNodule = { scheme = "SCT", value = "12345678901234567", meaning = "x" }\n',
-     "m/model.toml: codes.'Nodule'.value must be ASCII text of 1 to 16 characters "
-     "without a backslash"),
+     _too_long("value", 16)),
     ('[codes]\nNodule = { scheme = "SCT", value = "1", meaning = "a\\\\b" }\n',
-     "m/model.toml: codes.'Nodule'.meaning must be ASCII text of 1 to 64 characters "
-     "without a backslash"),
-    ('[codes]\nNodule = { scheme = " ", value = "1", meaning = "x" }\n',
-     "m/model.toml: codes.'Nodule'.scheme must be ASCII text of 1 to 16 characters "
-     "without a backslash"),
+     _too_long("meaning", 64)),
+    ('[codes]\nNodule = { scheme = " ", value = "1", meaning = "x" }\n', _too_long("scheme", 16)),
 ])
 def test_bad_codes_stop_the_start_up(tmp_path: Path, table: str, message: str) -> None:
     assert tomllib.loads(table)  # the TOML itself is good: what it says is not
