@@ -59,6 +59,12 @@ class Settings(BaseModel):
     # table, every fragment before the frame is walked; cine loops and tomosynthesis run
     # to a few hundred frames, so 1000 refuses only the pathological ones.
     max_frames: int = Field(1000, ge=1)
+    # Bytes one request's answer may hold (service.outputs.limit), counted as its maps and
+    # captures are encoded: past it, 422 answer_too_large. 256 MiB holds a chest
+    # radiograph's eight uncompressed captures (101 MB for RG1_UNCR) or eight npy maps at
+    # its full size (154 MB); a 27-megapixel image's eight captures (746 MB) need a
+    # compressed transfer syntax, or fewer maps.
+    max_answer_bytes: int = Field(256 << 20, ge=64 << 10)
     # JPEG 2000 frames decoded at the smallest power-of-two reduction still as large as the
     # network input: ~14x faster on a 2k radiograph, but the pixels (hence the scores) are
     # no longer those of the full image, so a lossless file would stop matching its

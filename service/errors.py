@@ -153,6 +153,14 @@ class FrameOutOfRange(InvalidParameter):
     title = "Frame out of range"
 
 
+class AnswerTooLarge(InvalidParameter):
+    """Raised when the answer the parameters ask for would hold more than a request's answer
+    may (service.outputs.limit)."""
+
+    code = "answer_too_large"
+    title = "Answer too large"
+
+
 class IncompatibleParameters(InvalidParameter):
     """Raised when parameters that are each valid cannot be used together (size=feature
     with a method whose map is on the input grid, or with an ensemble)."""

@@ -102,7 +102,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                   "not have (frame_out_of_range), parameters that do not go together "
                   "(incompatible_parameters), a DICOM with more frames than the limit "
                   "(too_many_frames) or one the model is not meant for "
-                  "(dicom_not_accepted)"),
+                  "(dicom_not_accepted), an answer larger than MEDEXPLAIN_MAX_ANSWER_BYTES "
+                  "(answer_too_large)"),
     503: _problem("overloaded, draining or timed out (retry after the Retry-After header's "
                   "seconds), or the model failed to load (model_unavailable)"),
 }

@@ -31,6 +31,7 @@ from service.imaging.base import DecodedImage
 from service.methods import METHODS
 from service.methods.maps import normalise, resize
 from service.outputs.base import JSON, Output, Packaging
+from service.outputs.limit import spend
 from service.outputs.render import MEDIA_TYPES, Canvas, Encoding, Size, jpeg, npy, png, to_uint8
 from service.outputs.transfer_syntax import DEFAULT, TransferSyntax
 from service.pipeline import ExplainOptions, Map, Result
@@ -120,12 +121,14 @@ def _preview(result: Result, canvas: Canvas, size: Size) -> ImagePreview:
     else:
         h, w = result.model.grid
     data = png(canvas.backdrop(h, w))
+    spend(_base64_length(data))
     return ImagePreview(width=w, height=h, data=base64.b64encode(data).decode("ascii"))
 
 
 def _explanation(m: Map, result: Result, canvas: Canvas, encoding: Encoding,
                  size: Size) -> Explanation:
     data, h, w = heatmap_bytes(m, result, canvas, encoding, size)
+    spend(_base64_length(data))
     return Explanation(
         method=m.method,
         label=result.label(m.index),
@@ -135,6 +138,10 @@ def _explanation(m: Map, result: Result, canvas: Canvas, encoding: Encoding,
         regions=[Region(box=list(r.box), score=r.score) for r in m.regions],
         points=None if m.points is None else _points(m.points),
     )
+
+
+def _base64_length(data: bytes) -> int:
+    return 4 * ((len(data) + 2) // 3)
 
 
 def _points(xy: np.ndarray) -> list[list[float]]:

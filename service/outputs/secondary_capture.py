@@ -44,6 +44,7 @@ from service.errors import NotAcceptable
 from service.imaging.base import DecodedImage
 from service.methods import METHODS
 from service.outputs.base import DicomOutput, Encoded, Packaging, not_for_diagnosis
+from service.outputs.limit import spend
 from service.outputs.render import Canvas
 from service.outputs.transfer_syntax import DEFAULT, TransferSyntax
 from service.pipeline import ExplainOptions, Map, Result
@@ -240,6 +241,7 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
             syntax=syntax,
         )
         out.append(_encode(sc))
+        spend(len(out[-1]))  # before the next capture: past the limit, none more
     return out
 
 

@@ -69,6 +69,7 @@ from service.imaging.base import DecodedImage
 from service.methods.regions import Region
 from service.models.spec import LabelCode
 from service.outputs.base import DicomOutput, Encoded, Packaging, not_for_diagnosis
+from service.outputs.limit import spend
 from service.outputs.secondary_capture import (
     MANUFACTURER,
     _ascii,
@@ -274,6 +275,7 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
     _copy_patient_and_study(source, sr)
     buf = io.BytesIO()
     dcmwrite(buf, sr, enforce_file_format=True)
+    spend(buf.tell())
     return buf.getvalue()
 
 

@@ -39,6 +39,7 @@ from service.models.repository import Repository, Served
 from service.models.spec import check_accepted
 from service.outputs.base import DICOM, MULTIPART_DICOM, Packaging
 from service.outputs.json_maps import predict_response
+from service.outputs.limit import AnswerLimit
 from service.outputs.transfer_syntax import TRANSFER_SYNTAXES
 from service.runtime.worker import Limiter, Scheduler
 
@@ -207,7 +208,9 @@ async def _explain(request: Request, offers: list[Offer], settings: Settings,
 
         def render() -> tuple[Response, pipeline.Result]:
             result = pipeline.finish(model, computed)
-            return output.render(result, params, used.packaging, used.transfer_syntax), result
+            with AnswerLimit(settings.max_answer_bytes).applied():
+                answer = output.render(result, params, used.packaging, used.transfer_syntax)
+            return answer, result
 
         answer, result = await limiter.run(render)
     metrics.observe_methods(result)

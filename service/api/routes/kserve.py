@@ -44,6 +44,7 @@ from service.errors import InvalidInferenceRequest, InvalidParameter
 from service.models.repository import Served
 from service.outputs.base import JSON, Packaging
 from service.outputs.json_maps import predict_response
+from service.outputs.limit import AnswerLimit
 from service.runtime.worker import Limiter, Scheduler
 
 T = TypeVar("T")
@@ -110,12 +111,14 @@ async def v1_explain(name: str, request: Request, settings: SettingsDep,
     params: ExplainParams = _params(request, ExplainParams)
     output = outputs.JSON_OUTPUT
     options = output.options(params, model, Packaging.JSON)
+    limit = AnswerLimit(settings.max_answer_bytes)  # every instance's maps together
 
     def render(result: pipeline.Result) -> tuple[bytes, bytes]:
         metrics.observe_methods(result)
         # /predict's body first: the JSON output's render also closes the timings.
-        return (bytes(predict_response(result).body),
-                bytes(output.render(result, params, Packaging.JSON).body))
+        with limit.applied():
+            return (bytes(predict_response(result).body),
+                    bytes(output.render(result, params, Packaging.JSON).body))
 
     bodies = await _run(images, model, options, params, settings, limiter, scheduler, render)
     return _compose({"predictions": [p for p, _ in bodies],

@@ -72,6 +72,7 @@ from service.methods.maps import resize
 from service.models.ensemble import Ensemble
 from service.models.repository import Repository, Served
 from service.outputs.base import Packaging
+from service.outputs.limit import AnswerLimit, spend
 from service.outputs.render import Size
 
 router = APIRouter(prefix=OIP_V2, tags=["open-inference-protocol-v2"])
@@ -252,7 +253,8 @@ async def v2_model_infer(name: str, request: Request, settings: SettingsDep,
     def finish(computed: pipeline.Computed) -> Response:
         result = pipeline.finish(model, computed)
         metrics.observe_methods(result)
-        return _answer(infer, _tensors(result, params.size), model)
+        with AnswerLimit(settings.max_answer_bytes).applied():
+            return _answer(infer, _tensors(result, params.size), model)
 
     async with limiter.admit():
         job = await limiter.run(prepare)
@@ -500,7 +502,9 @@ def _tensors(result: pipeline.Result, size: Size) -> list[_Tensor]:
         maps = [m for m in result.maps if m.method == method]
         grid = [_on_grid(m, result, size) for m in maps]
         indices = [m.index for m in maps]
-        out.append(_Tensor(method, np.stack(grid)[np.newaxis].astype(np.float32, copy=False), {
+        stacked = np.stack(grid)[np.newaxis].astype(np.float32, copy=False)
+        spend(stacked.nbytes)
+        out.append(_Tensor(method, stacked, {
             "classes": ",".join("" if i is None else str(i) for i in indices),
             "labels": ",".join(result.label(i) or "" for i in indices),
         }))
