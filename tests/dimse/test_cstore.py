@@ -226,3 +226,17 @@ def test_compressed_results_go_compressed_where_taken_and_decompressed_where_not
     said = [r.getMessage() for r in caplog.records if r.name == "service.dimse.cstore"]
     assert said == [(f"ARCHIVE@127.0.0.1:{port} takes no {UID(syntax).name} Secondary "
                      "Capture Image Storage: sent uncompressed")], said
+
+
+def test_results_past_the_answer_limit_are_a_processing_failure(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """MEDEXPLAIN_MAX_ANSWER_BYTES bounds the SCP's results as it bounds any answer: the
+    sender is told, the log says why, the destination gets nothing."""
+    with _storescp(tmp_path) as port:
+        output, lines, _, metrics = _send(port, caplog, max_answer_bytes=64 << 10)
+    assert _response(output) == ["Unknown Status: 0x110"], output
+    assert len(lines) == 1 and "0x0110 not explained: HTTP 422 answer_too_large" in lines[0], \
+        lines
+    assert _dicom_metrics(metrics, port) == {"stores": {("0x0110", "failed"): 1.0},
+                                             "deliveries": {}, "timed": 0.0}
+    assert list(tmp_path.iterdir()) == []
