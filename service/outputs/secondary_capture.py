@@ -225,9 +225,8 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
     for item in explained:
         series_uid, description, series_no = series[item.caption.method]
         instances[item.caption.method] += 1
-        picture = canvas.overlay(item.heatmap, item.gradient, image.height, image.width,
-                                 rgb=True)
-        rgb = render(picture, item.caption)
+        rgb = render(canvas.overlay(item.heatmap, item.gradient, image.height, image.width,
+                                    rgb=True), item.caption)
         if rgb.shape[0] > _MAX_ROWS:
             raise NotAcceptable(
                 f"a Secondary Capture of this image would have {rgb.shape[0]} rows "
@@ -240,7 +239,11 @@ def capture_series(image: DecodedImage, explained: Sequence[Explained], *,
             frame=frame + 1 if frames > 1 else None, software_version=software_version,
             syntax=syntax,
         )
+        # The capture holds its pixels as bytes now: of a big image's picture, its RGB and
+        # its dataset, only the file being written need be alive at once.
+        del rgb
         out.append(_encode(sc))
+        del sc
         spend(len(out[-1]))  # before the next capture: past the limit, none more
     return out
 
