@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from service.api.request import ExplainParams
     from service.models.repository import Served
     from service.models.spec import Layout
+    from service.outputs.base import DicomOutput
+    from service.outputs.transfer_syntax import TransferSyntax
     from service.pipeline import ExplainOptions
 
 
@@ -83,6 +85,7 @@ def _explain(args: argparse.Namespace) -> int:
     from service.errors import ModelError, ServiceError
     from service.main import open_repository
     from service.outputs.base import Packaging
+    from service.outputs.transfer_syntax import TRANSFER_SYNTAXES
 
     try:
         settings = Settings.from_env(models=args.models)
@@ -99,10 +102,12 @@ def _explain(args: argparse.Namespace) -> int:
     except (ServiceError, ModelError) as exc:
         print(f"medexplain explain: {getattr(exc, 'detail', exc)}", file=sys.stderr)
         return 2
+    wanted = [outputs.DICOM_OUTPUTS[name] for name in dict.fromkeys(args.dicom or ())]
+    syntax = TRANSFER_SYNTAXES[args.transfer_syntax]
     sources = [Path(name) for name in args.file]
     failed = 0
     for source, folder in zip(sources, _folders(sources, Path(args.out)), strict=True):
-        files = _explain_file(source, args, params, options, settings, model)
+        files = _explain_file(source, wanted, syntax, params, options, settings, model)
         if files is None:
             failed += 1
             continue
@@ -118,26 +123,26 @@ def _folders(sources: list[Path], out: Path) -> list[Path]:
     per file named after it (``-2``, ``-3``, ... when names repeat)."""
     if len(sources) == 1:
         return [out]
-    taken: set[str] = set()
-    folders = []
+    names: list[str] = []
     for source in sources:
-        name, n = _file_part(source.stem) or "image", 1
-        while (name if n == 1 else f"{name}-{n}") in taken:
+        stem = name = _file_part(source.stem) or "image"
+        n = 1
+        while name in names:
             n += 1
-        taken.add(name if n == 1 else f"{name}-{n}")
-        folders.append(out / (name if n == 1 else f"{name}-{n}"))
-    return folders
+            name = f"{stem}-{n}"
+        names.append(name)
+    return [out / name for name in names]
 
 
-def _explain_file(source: Path, args: argparse.Namespace, params: ExplainParams,
-                  options: ExplainOptions, settings: Settings,
+def _explain_file(source: Path, wanted: list[DicomOutput], syntax: TransferSyntax,
+                  params: ExplainParams, options: ExplainOptions, settings: Settings,
                   model: Served) -> dict[str, bytes] | None:
-    """One file's answer as named files; None (said on stderr) when it has none."""
+    """One file's answer as named files (the DICOM objects of ``wanted`` in ``syntax``);
+    None (said on stderr) when it has none."""
     from service import outputs, pipeline
     from service.api.routes.explain import decode_upload, input_size
     from service.errors import ModelError, ServiceError
     from service.outputs.base import Packaging
-    from service.outputs.transfer_syntax import TRANSFER_SYNTAXES
 
     try:
         data = source.read_bytes()
@@ -145,7 +150,6 @@ def _explain_file(source: Path, args: argparse.Namespace, params: ExplainParams,
         print(f"medexplain explain: cannot read {source}: {exc.strerror}", file=sys.stderr)
         return None
     try:
-        wanted = [outputs.DICOM_OUTPUTS[name] for name in dict.fromkeys(args.dicom or ())]
         full = any(o.full_resolution for o in wanted)
         image = decode_upload(data, None, params, settings, model,
                               None if full else input_size(model, settings))
@@ -163,8 +167,7 @@ def _explain_file(source: Path, args: argparse.Namespace, params: ExplainParams,
             suffix = {"png": ".png", "npy": ".npy", "overlay": ".jpg"}[item["heatmap"]["encoding"]]
             files[stem + suffix] = base64.b64decode(item["heatmap"]["data"])
         for output in wanted:
-            parts = output.objects(result, params, Packaging.MULTIPART,
-                                   TRANSFER_SYNTAXES[args.transfer_syntax])
+            parts = output.objects(result, params, Packaging.MULTIPART, syntax)
             for number, part in enumerate(parts, start=1):
                 name = output.name if len(parts) == 1 else f"{output.name}-{number:02d}"
                 files[f"{name}.dcm"] = part.data

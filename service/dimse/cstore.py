@@ -70,7 +70,8 @@ class CStore(Destination):
         ae.dimse_timeout = ae.network_timeout = timeout_s
         for sop_class in SOP_CLASSES:
             ae.add_requested_context(sop_class, list(UNCOMPRESSED))
-        for sop_class, syntax in _compressed(datasets):
+        compressed = _compressed(datasets)
+        for sop_class, syntax in compressed:
             ae.add_requested_context(sop_class, [syntax])
         assoc = ae.associate(self._host, self._port, ae_title=self._called,
                              tls_args=self._tls_args)
@@ -88,13 +89,12 @@ class CStore(Destination):
                                     "(it refused their presentation context)")
             taken = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                      for cx in assoc.accepted_contexts}
-            for sop_class, syntax in _compressed(datasets):
-                if (sop_class, syntax) not in taken:
-                    log.info("%s takes no %s %s: sent uncompressed", self.name,
-                             UID(syntax).name, UID(sop_class).name)
+            left = [pair for pair in compressed if pair not in taken]
+            for sop_class, syntax in left:
+                log.info("%s takes no %s %s: sent uncompressed", self.name,
+                         UID(syntax).name, UID(sop_class).name)
             for dataset in datasets:
-                key = (str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID))
-                if key[1] not in UNCOMPRESSED and key not in taken:
+                if _key(dataset) in left:
                     dataset.decompress()  # pydicom's decoders; YCbCr becomes RGB
                 status = assoc.send_c_store(dataset)
                 code = getattr(status, "Status", None)
@@ -110,10 +110,14 @@ class CStore(Destination):
                 assoc.release()
 
 
+def _key(dataset: Dataset) -> tuple[str, str]:
+    """A dataset's (SOP Class, transfer syntax): the presentation context it needs."""
+    return str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID)
+
+
 def _compressed(datasets: Sequence[Dataset]) -> list[tuple[str, str]]:
     """The (SOP Class, transfer syntax) pairs of the datasets written compressed."""
-    pairs = ((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets)
-    return list(dict.fromkeys(p for p in pairs if p[1] not in UNCOMPRESSED))
+    return list(dict.fromkeys(k for k in map(_key, datasets) if k[1] not in UNCOMPRESSED))
 
 
 def _names(uids: Sequence[str]) -> str:

@@ -4,6 +4,7 @@ uncompressed capture of the same request by pydicom's decoders and by DCMTK's ow
 
 from __future__ import annotations
 
+import io
 import subprocess
 from pathlib import Path
 
@@ -169,8 +170,8 @@ def _dcmtk_decoded(sc: pydicom.Dataset, uid: str, folder: Path) -> np.ndarray:
 
 
 def _valid(sc: pydicom.Dataset, folder: Path) -> None:
-    path = folder / "check.dcm"
-    sc.save_as(path, enforce_file_format=True)
-    report = dciodvfy(path.read_bytes(), folder, "check.dcm")
+    buf = io.BytesIO()
+    sc.save_as(buf, enforce_file_format=True)
+    report = dciodvfy(buf.getvalue(), folder, "check.dcm")
     assert "SCImage" in report
     assert not [line for line in report.splitlines() if line.startswith("Error")], report
