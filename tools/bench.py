@@ -26,21 +26,21 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-import phantoms  # noqa: E402
-import quality as metrics  # noqa: E402
+import phantoms
+import quality as metrics
 
-from service import pipeline  # noqa: E402
-from service.api.request import ExplainParams  # noqa: E402
-from service.graph.build import Capability  # noqa: E402
-from service.imaging.base import DecodedImage  # noqa: E402
-from service.imaging.preprocess import to_model_input  # noqa: E402
-from service.methods import RawMap, Target, get_method, rows  # noqa: E402
-from service.methods.fixations_summed import FcSelection, SummedFixations  # noqa: E402
-from service.methods.maps import normalise, resize, smooth  # noqa: E402
-from service.methods.regions import map_regions  # noqa: E402
-from service.models.repository import LoadedModel, load_model  # noqa: E402
-from service.outputs import JSON_OUTPUT, Packaging  # noqa: E402
-from service.outputs import render as drawing  # noqa: E402
+from service import pipeline
+from service.api.request import ExplainParams
+from service.graph.build import Capability
+from service.imaging.base import DecodedImage
+from service.imaging.preprocess import to_model_input
+from service.methods import RawMap, Target, get_method, rows
+from service.methods.fixations_summed import FcSelection, SummedFixations
+from service.methods.maps import normalise, resize, smooth
+from service.methods.regions import map_regions
+from service.models.repository import LoadedModel, load_model
+from service.outputs import JSON_OUTPUT, Packaging
+from service.outputs import render as drawing
 
 METHODS = ("gradcam", "crm", "crm_combined")
 
@@ -336,7 +336,7 @@ def _plot(means: dict[tuple[str, str], float], names: tuple[str, ...]) -> np.nda
         cv2.line(img, (x0, base), (x0 + bar * len(names), base), (0, 0, 0), 1)
         for i, m in enumerate(names):
             v = means[(m, metric)]
-            h = int(round(v * (base - top - 14)))
+            h = round(v * (base - top - 14))
             x = x0 + i * bar
             colour = _COLOURS[i % len(_COLOURS)]
             cv2.rectangle(img, (x + 2, base - h), (x + bar - 3, base), colour, -1)
@@ -376,7 +376,7 @@ def _gallery(model: LoadedModel, seed: int, cell: int = 120) -> np.ndarray:
             tile = drawing.overlay(levels, drawing.grey_uint8(image01, *values.shape),
                                    rgb=True, alpha=0.6)
             for x, y in (e.points if e.points is not None else []):
-                cv2.circle(tile, (int(round(x)), int(round(y))), 2, (255, 255, 255), -1)
+                cv2.circle(tile, (round(x), round(y)), 2, (255, 255, 255), -1)
             tiles.append(tile)
         mask = cv2.resize(ph.masks[label].astype(np.uint8), image01.shape[1::-1],
                           interpolation=cv2.INTER_NEAREST)

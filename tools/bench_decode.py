@@ -36,12 +36,12 @@ from pydicom.data import get_testdata_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.imaging import decode  # noqa: E402
-from service.imaging.dicom import decode_dicom  # noqa: E402
-from service.imaging.preprocess import to_model_input  # noqa: E402
-from service.models.repository import LoadedModel, load_model  # noqa: E402
-from service.models.spec import InputSpec  # noqa: E402
-from tests.imaging import reference_preprocess, reference_voi  # noqa: E402
+from service.imaging import decode
+from service.imaging.dicom import decode_dicom
+from service.imaging.preprocess import to_model_input
+from service.models.repository import LoadedModel, load_model
+from service.models.spec import InputSpec
+from tests.imaging import reference_preprocess, reference_voi
 
 MODEL = ROOT / "models" / "demo-cxr"
 TWINS = {"RG1_J2KR.dcm": "RG1_UNCR.dcm", "RG3_J2KR.dcm": "RG3_UNCR.dcm"}

@@ -61,7 +61,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from tools import bench_http as http  # noqa: E402
+from tools import bench_http as http
 
 INSIDE_MARK = "--inside-namespace"
 FLOOR_MARK = "--floor-child"

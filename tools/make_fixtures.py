@@ -55,9 +55,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.graph.onnx_graph import GraphIndex  # noqa: E402
-from service.graph.target import split  # noqa: E402
-from service.models.spec import Layout  # noqa: E402
+from service.graph.onnx_graph import GraphIndex
+from service.graph.target import split
+from service.models.spec import Layout
 
 OPSET = 17
 # A kink input must lie at least MARGIN * max|tensor| from its kink (float64). The float32

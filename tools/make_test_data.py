@@ -35,7 +35,7 @@ from pydicom.uid import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import phantoms  # noqa: E402  (tools/ is a folder of scripts, not a package)
+import phantoms
 
 # (name, findings, seed); "_" joins findings, "-" joins words. Seeds are fixed
 # so the fixtures are byte-stable across runs on the same library versions.

@@ -64,8 +64,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 # timm imports torchvision, whose compiled ops may not load here: export_matrix shims them.
-import export_matrix as em  # noqa: E402
-from export_matrix import import_torchvision  # noqa: E402
+import export_matrix as em
+from export_matrix import import_torchvision
 
 SEED = 3104
 CLASSES = 3

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import phantoms  # noqa: E402  (tools/ is a folder of scripts, not a package)
+import phantoms
 
 SIZE = 256
 MEAN = (0.485, 0.456, 0.406)
@@ -299,10 +299,10 @@ body_parts = ["CHEST"]
 [codes]
 # The labels' SNOMED CT concepts (as pydicom's DICOM code dictionary has them): the
 # Structured Report's finding types. The model is still a synthetic demo, not for diagnosis.
-Cardiomegaly = { scheme = "SCT", value = "287272002", meaning = "Cardiomegaly" }
-Nodule = { scheme = "SCT", value = "27925004", meaning = "Nodule" }
-"Pleural Effusion" = { scheme = "SCT", value = "60046008", meaning = "Pleural effusion" }
-Pneumothorax = { scheme = "SCT", value = "36118008", meaning = "Pneumothorax" }
+Cardiomegaly = {{ scheme = "SCT", value = "287272002", meaning = "Cardiomegaly" }}
+Nodule = {{ scheme = "SCT", value = "27925004", meaning = "Nodule" }}
+"Pleural Effusion" = {{ scheme = "SCT", value = "60046008", meaning = "Pleural effusion" }}
+Pneumothorax = {{ scheme = "SCT", value = "36118008", meaning = "Pneumothorax" }}
 """
 
 

@@ -141,11 +141,11 @@ BAD = [
     ('members = "a"', "ens/ensemble.toml: members must be a list of model names"),
     ('members = ["a", "a"]', "ens/ensemble.toml: member 'a' is listed twice"),
     ('members = ["a", "ens"]', "ensemble 'ens' lists itself as a member"),
-    ('members = ["a", "other"]', "ens/ensemble.toml: member 'other' is itself an ensemble; "
-                                 "ensembles of ensembles are not supported"),
-    ('members = ["a", "odd"]', "members must have identical labels in the same order; 'a' has "
-                               "Cardiomegaly, Nodule, Pleural Effusion, Pneumothorax but 'odd' "
-                               "has Cardiomegaly, Nodule, Pleural Effusion, PTX"),
+    ('members = ["a", "other"]', ("ens/ensemble.toml: member 'other' is itself an ensemble; "
+                                  "ensembles of ensembles are not supported")),
+    ('members = ["a", "odd"]', ("members must have identical labels in the same order; 'a' has "
+                                "Cardiomegaly, Nodule, Pleural Effusion, Pneumothorax but 'odd' "
+                                "has Cardiomegaly, Nodule, Pleural Effusion, PTX")),
     ('members = ["a", "recoded"]', ("ens/ensemble.toml: members code label 'Nodule' "
                                     "differently (model.toml [codes]); 'recoded' has SCT "
                                     "1, another SCT 27925004")),
@@ -184,15 +184,15 @@ def test_bad_ensembles_are_unavailable_and_the_rest_serves(tmp_path: Path, text:
 def test_a_folder_is_a_model_or_an_ensemble(tmp_path: Path) -> None:
     _copy(tmp_path, "a")
     (tmp_path / "a" / "ensemble.toml").write_text('members = ["a", "a"]')
-    with pytest.raises(ModelError, match="a holds both model.toml and ensemble.toml"):
-        with TestClient(create_app(Settings(models=tmp_path, threads=1))):
-            pass
+    with (pytest.raises(ModelError, match="a holds both model.toml and ensemble.toml"),
+          TestClient(create_app(Settings(models=tmp_path, threads=1)))):
+        pass
 
 
 def test_ensemble_answers_with_dicom_too(ens_client: TestClient) -> None:
-    import pydicom  # noqa: PLC0415
+    import pydicom
 
-    from tests.api.conftest import DATA  # noqa: PLC0415
+    from tests.api.conftest import DATA
 
     source = DATA / "dicom" / "phantom_nodule.dcm"
     r = ens_client.post("/explain", content=source.read_bytes(),

@@ -81,7 +81,7 @@ def test_npy_maps_equal_brute_force_references(client: TestClient, demo, phantom
     x = to_model_input(decode(data, "image/png"), demo.config.input)
     acts, logits = engine.forward(x.tensor)
     a = acts[0].astype(np.float64)
-    c, h, w = a.shape
+    _, h, w = a.shape
     # CRM: zero each location, one copy at a time, through the real head.
     crm = np.zeros((h, w))
     combined = np.zeros((h, w))
@@ -365,7 +365,7 @@ def test_fixations_points_equal_the_in_process_walk(client: TestClient, demo, ph
     assert r.status_code == 200, r.text
     body = r.json()
     assert [e["method"] for e in body["explanations"]] == ["fixations", "fixations"]
-    from service.methods import METHODS, rows  # noqa: PLC0415
+    from service.methods import METHODS, rows
 
     spec = demo.config.input
     captures = demo.engine.capture(to_model_input(decode(data, "image/png"), spec).tensor,

@@ -92,18 +92,18 @@ def test_default_model_is_first_by_name_or_configured(tmp_path: Path) -> None:
 
 
 def test_bad_repositories_fail_at_start_up(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="holds no folder with a model.toml"):
-        with TestClient(create_app(Settings(models=tmp_path))):
-            pass
+    with (pytest.raises(ModelError, match="holds no folder with a model.toml"),
+          TestClient(create_app(Settings(models=tmp_path)))):
+        pass
     root = _repo(tmp_path, ["one"])
-    with pytest.raises(ModelError, match="default model 'two' is not in one"):
-        with TestClient(create_app(Settings(models=root, default_model="two"))):
-            pass
+    with (pytest.raises(ModelError, match="default model 'two' is not in one"),
+          TestClient(create_app(Settings(models=root, default_model="two")))):
+        pass
     toml = root / "one" / "model.toml"
     toml.write_text(toml.read_text().replace('"Pneumothorax"]', '"Pneumothorax", "Extra"]'))
-    with pytest.raises(ModelError, match="4 outputs but model.toml lists 5 labels"):
-        with TestClient(create_app(Settings(models=root))):
-            pass
+    with (pytest.raises(ModelError, match="4 outputs but model.toml lists 5 labels"),
+          TestClient(create_app(Settings(models=root)))):
+        pass
 
 
 def test_settings_from_environment() -> None:
@@ -118,12 +118,12 @@ def test_settings_from_environment() -> None:
 def test_service_never_imports_torch() -> None:
     code = ("import sys, service.main, service.cli, service.pipeline, tools.phantoms;"
             "sys.exit('torch' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
 
 
 def test_methods_a_model_cannot_serve_are_listed_with_the_reason(tmp_path: Path) -> None:
-    import onnx  # noqa: PLC0415
-    from onnx import helper  # noqa: PLC0415
+    import onnx
+    from onnx import helper
 
     root = _repo(tmp_path, ["contrib"])
     path = root / "contrib" / "model.onnx"
@@ -162,13 +162,13 @@ def test_methods_a_model_cannot_serve_are_listed_with_the_reason(tmp_path: Path)
 def test_a_head_without_gradient_rules_still_predicts_and_serves_crm(tmp_path: Path) -> None:
     """An op ONNX Runtime runs but no rule differentiates, in the head: the model loads,
     predicts and serves CRM; the methods that differentiate are listed with the op."""
-    import base64  # noqa: PLC0415
-    import io  # noqa: PLC0415
+    import base64
+    import io
 
-    import numpy as np  # noqa: PLC0415
-    import onnx  # noqa: PLC0415
+    import numpy as np
+    import onnx
 
-    from tests import handmade  # noqa: PLC0415
+    from tests import handmade
 
     h = handmade.build("contrib_head")
     folder = tmp_path / "contrib"

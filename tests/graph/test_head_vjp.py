@@ -189,7 +189,7 @@ def test_head_without_rules_keeps_the_forward_graphs(rng: np.random.Generator) -
 def _as_strided_head() -> onnx.ModelProto:
     """torch dynamo's as_strided in a head: positions computed from the image's batch."""
     rng = np.random.default_rng(3)
-    i64 = lambda *v: onnx.numpy_helper.from_array(np.array(v, np.int64))  # noqa: E731
+    i64 = lambda *v: onnx.numpy_helper.from_array(np.array(v, np.int64))
     inits = [
         onnx.numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
         onnx.numpy_helper.from_array(rng.normal(size=(2, 4)).astype(np.float32), "fc"),

@@ -283,8 +283,8 @@ class ReferenceWalker:
             return [(x, tuple(int(i) for i in np.unravel_index(flat, self.shape(x))))]
         if op == "Transpose":
             source = [0] * len(p)
-            for k, axis in enumerate(a["perm"]):  # type: ignore[arg-type]
-                source[axis] = p[k]
+            for i, axis in enumerate(a["perm"]):  # type: ignore[arg-type]
+                source[axis] = p[i]
             return [(x, tuple(source))]
         if op in ("Add", "Sub", "Mul", "Div"):
             dyn = [i for i in node.input if i in self.dynamic]

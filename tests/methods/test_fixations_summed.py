@@ -240,10 +240,10 @@ def test_two_findings_get_points_in_their_own_masks(demo: LoadedModel,
 
 
 def test_served_by_explain_and_listed_by_models(demo: LoadedModel) -> None:
-    from fastapi.testclient import TestClient  # noqa: PLC0415
+    from fastapi.testclient import TestClient
 
-    from service.config import Settings  # noqa: PLC0415
-    from service.main import create_app  # noqa: PLC0415
+    from service.config import Settings
+    from service.main import create_app
 
     data = (PHANTOMS / "nodule_pneumothorax.png").read_bytes()
     with TestClient(create_app(Settings(models=ROOT / "models", threads=1))) as client:
