@@ -35,7 +35,7 @@ from pydicom.uid import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import phantoms
+import phantoms  # tools/ is a folder of scripts, not a package: found through sys.path above
 
 # (name, findings, seed); "_" joins findings, "-" joins words. Seeds are fixed
 # so the fixtures are byte-stable across runs on the same library versions.

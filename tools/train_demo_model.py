@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import phantoms
+import phantoms  # tools/ is a folder of scripts, not a package: found through sys.path above
 
 SIZE = 256
 MEAN = (0.485, 0.456, 0.406)
