@@ -27,8 +27,9 @@ class DicomInfo(BaseModel):
 
 # The uploaded image as decoded.
 class ImageInfo(BaseModel):
-    width: int
-    height: int
+    width: int = Field(description="the upload's width in pixels, as shown: a PNG's or "
+                                   "JPEG's EXIF orientation applied")
+    height: int = Field(description="the upload's height in pixels, as shown")
     format: str = Field(description="png, jpeg or dicom")
     dicom: DicomInfo | None = None
 

@@ -28,9 +28,15 @@ _JPEG_SOF_MARKERS: Final[frozenset[int]] = frozenset(
 _JPEG_STANDALONE_MARKERS: Final[frozenset[int]] = frozenset({0x01, *range(0xD0, 0xD8)})
 _JPEG_SOS: Final[int] = 0xDA
 
-# Samples per pixel OpenCV's IMREAD_UNCHANGED gives per PNG colour type: grey, -, RGB,
-# palette (expanded to BGR), grey + alpha (expanded to BGRA), -, RGBA.
-_PNG_SAMPLES: Final[dict[int, int]] = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}
+# How OpenCV decodes: any colour and depth, alpha dropped (it says nothing about the
+# pixels a network sees), and the EXIF orientation (a JPEG's APP1, a PNG's eXIf chunk)
+# applied, so the image is the one viewers and browsers show and every coordinate of an
+# answer is in that picture; IMREAD_UNCHANGED would ignore the orientation.
+_IMREAD_FLAGS: Final[int] = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
+
+# Samples per pixel _IMREAD_FLAGS gives per PNG colour type: grey (with or without tRNS),
+# -, RGB, palette (expanded to BGR), grey + alpha (expanded to BGR), -, RGBA (to BGR).
+_PNG_SAMPLES: Final[dict[int, int]] = {0: 1, 2: 3, 3: 3, 4: 3, 6: 3}
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,9 @@ class RasterHeader:
     def footprint(self, what: str) -> budget.Footprint:
         """The decode's peak: OpenCV's array, then the 0..1 float32 image (see
         :func:`_decode_raster`): grey costs the decoded samples plus 4 bytes; colour adds
-        a reordered (or grey) copy and a 3-sample float32 image."""
+        a reordered (or grey) copy and a 3-sample float32 image. That also bounds OpenCV
+        turning an image to its EXIF orientation, which holds the decoded image twice
+        (at most 2 × 2 bytes a grey pixel, 2 × 6 a colour one) before either exists."""
         decoded = self.samples * self.bytes_per_sample
         if self.samples == 1:
             per_pixel = decoded + budget.FLOAT32
@@ -55,10 +63,10 @@ class RasterHeader:
 
 
 def png_header(data: bytes) -> RasterHeader:
-    """Read a PNG's IHDR chunk (and whether a tRNS chunk adds alpha) without decoding.
+    """Read a PNG's IHDR chunk without decoding.
 
     Args:
-        data: the PNG file bytes (the chunk headers before the first IDAT are looked at).
+        data: the PNG file bytes (only the IHDR chunk is looked at).
 
     Returns:
         Size, samples and sample size as OpenCV will decode them.
@@ -73,23 +81,8 @@ def png_header(data: bytes) -> RasterHeader:
     if len(data) < 26 or data[12:16] != b"IHDR":
         raise InvalidImage("PNG data could not be decoded (truncated or missing IHDR header)")
     width, height, bit_depth, colour_type = struct.unpack(">IIBB", data[16:26])
-    samples = _PNG_SAMPLES.get(colour_type, 4)
-    if _png_has_chunk(data, b"tRNS"):
-        samples = 4  # transparency becomes an alpha channel
+    samples = _PNG_SAMPLES.get(colour_type, 3)
     return RasterHeader(int(width), int(height), samples, 2 if bit_depth > 8 else 1)
-
-
-def _png_has_chunk(data: bytes, kind: bytes) -> bool:
-    """Whether a chunk of ``kind`` comes before the image data."""
-    pos = len(PNG_SIGNATURE)
-    while pos + 8 <= len(data):
-        length, chunk = struct.unpack(">I4s", data[pos : pos + 8])
-        if chunk == kind:
-            return True
-        if chunk in (b"IDAT", b"IEND"):
-            return False
-        pos += 12 + length
-    return False
 
 
 def jpeg_header(data: bytes) -> RasterHeader:
@@ -221,7 +214,7 @@ def _decode_raster(data: bytes, fmt: str, what: str) -> DecodedImage:
     """Decode with OpenCV and normalise channels and range (shared by PNG and JPEG)."""
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
-        decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+        decoded = cv2.imdecode(buffer, _IMREAD_FLAGS)
     except cv2.error as exc:
         # imdecode reports most failures by returning None, but asserts (cv2.error) on
         # inputs it rejects outright, e.g. sizes over OPENCV_IO_MAX_IMAGE_PIXELS.
@@ -246,21 +239,15 @@ def _decode_raster(data: bytes, fmt: str, what: str) -> DecodedImage:
 
 
 def _to_grey_or_rgb(decoded: np.ndarray) -> np.ndarray:
-    """Map OpenCV's (H, W), (H, W, 2|3|4) BGR(A) layouts to (H, W) grey or (H, W, 3) RGB."""
+    """Map OpenCV's (H, W) grey or (H, W, 3) BGR (what _IMREAD_FLAGS gives) to (H, W) grey
+    or (H, W, 3) RGB."""
     if decoded.ndim == 2:
         return decoded
-    channels = decoded.shape[2]
-    if channels == 1:
-        return decoded[:, :, 0]
-    if channels == 2:
-        # Grey + alpha: alpha is dropped, as for RGBA.
-        return decoded[:, :, 0]
-    if channels not in (3, 4):
-        raise InvalidImage(f"images with {channels} channels are not supported")
-    bgr = decoded[:, :, :3]
-    blue, green, red = bgr[:, :, 0], bgr[:, :, 1], bgr[:, :, 2]
+    if decoded.ndim != 3 or decoded.shape[2] != 3:
+        raise InvalidImage(f"images decoded to shape {decoded.shape} are not supported")
+    blue, green, red = decoded[:, :, 0], decoded[:, :, 1], decoded[:, :, 2]
     # Radiographs are often saved as RGB with three equal channels (and OpenCV expands
-    # grey+alpha PNGs to BGRA): keep those grey so nothing downstream treats them as colour.
+    # grey + alpha PNGs to BGR): keep those grey so nothing downstream treats them as colour.
     if np.array_equal(blue, green) and np.array_equal(green, red):
         return np.ascontiguousarray(blue)
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    return np.ascontiguousarray(decoded[:, :, ::-1])

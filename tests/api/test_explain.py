@@ -16,6 +16,7 @@ from service.imaging import decode
 from service.imaging.preprocess import to_model_input
 from service.models.repository import load_model
 from tests.api.conftest import DATA, MODELS, phantom_bytes
+from tests.imaging.exif import DISPLAYED, orientation_tiff, png_with_exif
 from tests.outputs import reference as drawing
 
 LABELS = ["Cardiomegaly", "Nodule", "Pleural Effusion", "Pneumothorax"]
@@ -245,6 +246,34 @@ def test_predict(client: TestClient, phantoms) -> None:  # type: ignore[no-untyp
     assert set(body) == {"model", "image", "predictions", "timings_ms"}
     assert body["model"] == {"name": "demo-cxr", "version": "1"}
     assert all(0 <= p["score"] <= 1 for p in body["predictions"])
+
+
+def test_an_upload_is_explained_as_viewers_show_it(client: TestClient) -> None:
+    """A PNG stored turned a quarter anticlockwise, with the EXIF orientation that turns it
+    back (6: 90° clockwise, as a phone writes a photo taken sideways), gets exactly the
+    answer of the upright PNG: the network sees the upright image, and sizes, boxes and
+    maps are in the picture browsers show."""
+    phantom = cv2.imdecode(np.frombuffer(phantom_bytes("all-findings.png"), np.uint8),
+                           cv2.IMREAD_GRAYSCALE)
+    upright = np.ascontiguousarray(phantom[:, 32:224])  # 256 high, 192 wide: not square
+    stored = np.ascontiguousarray(np.rot90(upright, 1))
+    assert np.array_equal(DISPLAYED[6](stored), upright)
+    tagged = png_with_exif(cv2.imencode(".png", stored)[1].tobytes(), orientation_tiff(6))
+    params = {"methods": "gradcam,crm", "classes": "0,1,2,3", "heatmap": "npy",
+              "size": "original"}
+    answers = [client.post("/explain", content=data, headers={"content-type": "image/png"},
+                           params=params)
+               for data in (cv2.imencode(".png", upright)[1].tobytes(), tagged)]
+    assert [r.status_code for r in answers] == [200, 200], answers[1].text
+    want, got = (r.json() for r in answers)
+    assert got["image"] == want["image"] == {"width": 192, "height": 256, "format": "png",
+                                             "dicom": None}
+    assert got["predictions"] == want["predictions"]
+    for mine, theirs in zip(got["explanations"], want["explanations"], strict=True):
+        assert mine["regions"] == theirs["regions"]
+        np.testing.assert_array_equal(_npy(mine["heatmap"]["data"]),
+                                      _npy(theirs["heatmap"]["data"]))
+        assert _npy(mine["heatmap"]["data"]).shape == (256, 192)
 
 
 def test_gradient_maps_give_regions_not_pixels(client: TestClient) -> None:

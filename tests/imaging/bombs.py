@@ -27,7 +27,7 @@ def testdata(name: str) -> Path:
     return Path(str(path))
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
     crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
@@ -45,7 +45,7 @@ def png_bomb(width: int, height: int, *, colour_type: int = 0, bit_depth: int = 
     squeezer = zlib.compressobj(9)
     idat = b"".join(squeezer.compress(row) for _ in range(height)) + squeezer.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def box(kind: bytes, payload: bytes) -> bytes:

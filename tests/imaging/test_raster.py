@@ -12,21 +12,14 @@ import pytest
 from service.errors import InvalidImage, PayloadTooLarge
 from service.imaging import raster
 from service.imaging.raster import RasterHeader, decode_jpeg, decode_png, jpeg_header, png_header
+from tests.imaging.bombs import png_chunk
+from tests.imaging.exif import DISPLAYED, jpeg_with_exif, orientation_tiff, png_with_exif
 
 
 def _encode(ext: str, bgr_or_grey: np.ndarray, *params: int) -> bytes:
     ok, buf = cv2.imencode(ext, bgr_or_grey, list(params))
     assert ok
     return buf.tobytes()
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))
-        + kind
-        + payload
-        + struct.pack(">I", zlib.crc32(kind + payload))
-    )
 
 
 def _handmade_png(pixels: np.ndarray, colour_type: int, bit_depth: int) -> bytes:
@@ -37,9 +30,9 @@ def _handmade_png(pixels: np.ndarray, colour_type: int, bit_depth: int) -> bytes
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     return (
         raster.PNG_SIGNATURE
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(raw))
-        + _png_chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -135,19 +128,77 @@ def test_header_dimensions_non_square(grey8: np.ndarray) -> None:
     assert jpeg_header(_encode(".jpg", grey8)) == RasterHeader(7, 5, 1, 1)
 
 
+def _samples(data: bytes) -> int:
+    """Samples per pixel of the service's own OpenCV decode of ``data``."""
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), raster._IMREAD_FLAGS)
+    return 1 if decoded.ndim == 2 else decoded.shape[2]
+
+
 def test_header_samples_and_depth_as_opencv_decodes_them(grey8: np.ndarray) -> None:
     rgb16 = np.stack([grey8, grey8 + 1, grey8 + 2], axis=2).astype(np.uint16) * 257
-    assert png_header(_encode(".png", rgb16)) == RasterHeader(7, 5, 3, 2)
-    assert png_header(_encode(".png", np.dstack([rgb16, rgb16[:, :, :1]]))) == RasterHeader(
-        7, 5, 4, 2)
-    assert jpeg_header(_encode(".jpg", rgb16[:, :, :3].astype(np.uint8))) == RasterHeader(
-        7, 5, 3, 1)
-    # A tRNS chunk gives a grey PNG an alpha channel in OpenCV's hands.
+    rgba16 = np.dstack([rgb16, rgb16[:, :, :1]])
     plain = _encode(".png", grey8)
-    trns = struct.pack(">I", 2) + b"tRNS\x00\x00" + struct.pack(">I", zlib.crc32(b"tRNS\x00\x00"))
-    with_trns = plain[:33] + trns + plain[33:]
-    assert png_header(with_trns) == RasterHeader(7, 5, 4, 1)
-    assert decode_png(with_trns).pixels.shape == (5, 7)  # still decodes, as grey
+    trns = png_chunk(b"tRNS", b"\x00\x00")
+    uploads = {
+        "png rgb 16": (_encode(".png", rgb16), RasterHeader(7, 5, 3, 2)),
+        "png rgba 16 (alpha dropped)": (_encode(".png", rgba16), RasterHeader(7, 5, 3, 2)),
+        "png grey + tRNS": (plain[:33] + trns + plain[33:], RasterHeader(7, 5, 1, 1)),
+        "png grey + alpha (expanded to BGR)": (
+            _handmade_png(np.dstack([grey8, grey8]), 4, 8), RasterHeader(7, 5, 3, 1)),
+        "jpeg colour": (_encode(".jpg", rgb16[:, :, :3].astype(np.uint8)),
+                        RasterHeader(7, 5, 3, 1)),
+    }
+    for name, (data, expected) in uploads.items():
+        header = png_header(data) if name.startswith("png") else jpeg_header(data)
+        assert header == expected, name
+        assert header.samples == _samples(data), name
+
+
+@pytest.mark.parametrize("orientation", sorted(DISPLAYED))
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_the_exif_orientation_is_applied(orientation: int, big_endian: bool,
+                                         rng: np.random.Generator) -> None:
+    """PNG (eXIf chunk) and JPEG (APP1) uploads are decoded as viewers show them: the
+    stored pixels (the same file without the tag) turned as the tag says."""
+    grey = rng.integers(0, 256, size=(5, 7), dtype=np.uint8)
+    rgb = rng.integers(0, 256, size=(6, 4, 3), dtype=np.uint8)
+    tiff = orientation_tiff(orientation, big_endian=big_endian)
+    for stored, tagged, decoder in (
+        (_encode(".png", grey), png_with_exif, decode_png),
+        (_encode(".png", rgb), png_with_exif, decode_png),
+        (_encode(".jpg", np.kron(grey, np.ones((4, 4), np.uint8))), jpeg_with_exif,
+         decode_jpeg),
+    ):
+        image = decoder(tagged(stored, tiff))
+        np.testing.assert_array_equal(image.pixels, DISPLAYED[orientation](
+            decoder(stored).pixels))
+        assert image.meta == decoder(stored).meta
+
+
+@pytest.mark.parametrize("tiff", [
+    orientation_tiff(6)[:12],  # cut inside the IFD
+    orientation_tiff(0), orientation_tiff(9), orientation_tiff(65535),  # no orientation TIFF defines
+    b"II" + struct.pack("<HI", 42, 10**6),  # the IFD far beyond the data
+    b"II" + struct.pack("<HIH", 42, 8, 1) + struct.pack("<HHII", 0x0112, 3, 4, 10**6),
+    b"not a TIFF header", b"",
+], ids=["truncated", "orientation 0", "orientation 9", "orientation 65535", "IFD beyond",
+        "value beyond", "not TIFF", "empty"])
+def test_a_broken_or_meaningless_orientation_leaves_the_pixels_as_stored(
+        tiff: bytes, grey8: np.ndarray) -> None:
+    png = _encode(".png", grey8)
+    np.testing.assert_array_equal(decode_png(png_with_exif(png, tiff)).pixels,
+                                  decode_png(png).pixels)
+    jpeg = _encode(".jpg", grey8)
+    np.testing.assert_array_equal(decode_jpeg(jpeg_with_exif(jpeg, tiff)).pixels,
+                                  decode_jpeg(jpeg).pixels)
+
+
+def test_an_ifd_that_claims_more_entries_than_it_holds_still_turns(grey8: np.ndarray) -> None:
+    # The one entry there is read; the count's 65,534 missing ones are not looked for.
+    jpeg = _encode(".jpg", grey8)
+    np.testing.assert_array_equal(
+        decode_jpeg(jpeg_with_exif(jpeg, orientation_tiff(6, count=0xFFFF))).pixels,
+        DISPLAYED[6](decode_jpeg(jpeg).pixels))
 
 
 def test_truncated_png_is_invalid(grey8: np.ndarray) -> None:
@@ -175,7 +226,7 @@ def test_random_bytes_are_invalid(rng: np.random.Generator) -> None:
 
 
 def test_corrupt_png_after_valid_header_is_invalid(rng: np.random.Generator) -> None:
-    ihdr = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
     junk = rng.integers(0, 256, size=500, dtype=np.uint8).tobytes()
     with pytest.raises(InvalidImage, match=r"could not be decoded \(truncated or corrupt\)"):
         decode_png(raster.PNG_SIGNATURE + ihdr + junk)
@@ -183,7 +234,7 @@ def test_corrupt_png_after_valid_header_is_invalid(rng: np.random.Generator) -> 
 
 def test_png_without_ihdr_first_is_invalid() -> None:
     with pytest.raises(InvalidImage, match="IHDR"):
-        decode_png(raster.PNG_SIGNATURE + _png_chunk(b"IEND", b""))
+        decode_png(raster.PNG_SIGNATURE + png_chunk(b"IEND", b""))
 
 
 def test_huge_png_header_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +242,7 @@ def test_huge_png_header_refused_before_decoding(monkeypatch: pytest.MonkeyPatch
         raise AssertionError("cv2.imdecode called for an oversized image")
 
     monkeypatch.setattr(raster.cv2, "imdecode", must_not_decode)
-    bomb = raster.PNG_SIGNATURE + _png_chunk(
+    bomb = raster.PNG_SIGNATURE + png_chunk(
         b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
     )
     with pytest.raises(PayloadTooLarge, match=r"100000x100000 = 10000000000 pixels"):

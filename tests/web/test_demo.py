@@ -21,6 +21,7 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page as BrowserPage
 
 from service.outputs.render import _JET_RGB, ALPHA
+from tests.imaging.exif import jpeg_with_exif, orientation_tiff
 from tests.web.conftest import API_KEY, DATA, Page, Server, open_page
 
 PHANTOM_DCM = DATA / "dicom" / "phantom_nodule.dcm"
@@ -180,6 +181,24 @@ def test_dicom_header_and_image_as_the_network_saw_it(demo: Page) -> None:
         h, w = drawn.shape[:2]
         reference = cv2.resize(expected, (w, h), interpolation=cv2.INTER_LINEAR)
         assert np.abs(drawn[..., 0].astype(int) - reference).mean() < 2, name
+
+
+def test_a_photo_taken_sideways_is_drawn_upright(demo: Page) -> None:
+    """A JPEG stored a quarter turn anticlockwise with the EXIF orientation that turns it
+    back (6), as a phone saves a photo taken sideways: the service explains the picture
+    upright, so the browser's own decode of the file (which applies the orientation too)
+    fills the view in the picture's proportions and lands on the maps."""
+    upright = np.ascontiguousarray(cv2.imread(str(NODULE_PNG), cv2.IMREAD_GRAYSCALE)[:, 32:224])
+    stored = np.ascontiguousarray(np.rot90(upright, 1))
+    jpeg = cv2.imencode(".jpg", stored, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    upload(demo, name="sideways.jpg", data=jpeg_with_exif(jpeg, orientation_tiff(6)),
+           mime="image/jpeg")
+    demo.page.wait_for_selector("#results[data-timings*='sharp_ms']", timeout=30_000)
+    drawn = canvas(demo, "view-original")
+    h, w = drawn.shape[:2]
+    assert abs(w / h - 192 / 256) < 0.02, (w, h)
+    reference = cv2.resize(upright, (w, h), interpolation=cv2.INTER_LINEAR)
+    assert np.abs(drawn[..., 0].astype(int) - reference).mean() < 3
 
 
 def test_sliders_redraw_without_a_request(demo: Page, server: Server,
