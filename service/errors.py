@@ -57,6 +57,14 @@ class InvalidMultipart(BadInput):
     title = "Invalid multipart body"
 
 
+class InvalidContentEncoding(BadInput):
+    """Raised when a compressed request body is not what its Content-Encoding says: not
+    gzip or deflate data, truncated, followed by other bytes, or too many gzip members."""
+
+    code = "invalid_content_encoding"
+    title = "Invalid content encoding"
+
+
 class InvalidInferenceRequest(BadInput):
     """Raised when a KServe V1 or Open Inference Protocol V2 request body is malformed
     (not JSON, a missing or mistyped member, a tensor whose data does not fit its shape)."""

@@ -25,6 +25,7 @@ from service.config import Settings
 from service.errors import (
     BodyTimeout,
     EmptyBody,
+    InvalidContentEncoding,
     InvalidInferenceRequest,
     InvalidMultipart,
     PayloadTooLarge,
@@ -80,9 +81,12 @@ MAX_MEMBERS: Final[int] = 64
 
 
 async def read_inflated_body(request: Request, settings: Settings) -> bytes:
-    """:func:`read_body`, inflated as its Content-Encoding says (the inference protocols'
-    clients compress requests: tritonclient's request_compression_algorithm), in a worker
-    thread: inflating up to the upload limit takes long enough to hold the event loop."""
+    """:func:`read_body`, inflated as its Content-Encoding says, in a worker thread:
+    inflating up to the upload limit takes long enough to hold the event loop. Every
+    upload route reads its body so (the inference protocols' clients compress requests,
+    tritonclient's request_compression_algorithm; so may a proxy or an HTTP library); the
+    edge admits a compressed body at the upload limit's worth of bytes, what it may
+    inflate to (service.api.admission)."""
     body = await read_body(request, settings)
     return await anyio.to_thread.run_sync(inflate, body, request.headers.get("content-encoding"),
                                           settings.max_upload_bytes)
@@ -96,7 +100,7 @@ def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
 
     Raises:
         UnsupportedMediaType: an encoding other than gzip or deflate.
-        InvalidInferenceRequest: data that is not what the encoding says, or bytes after it.
+        InvalidContentEncoding: data that is not what the encoding says, or bytes after it.
         PayloadTooLarge: more than ``limit`` bytes inflated.
     """
     name = (encoding or "identity").strip().lower()
@@ -111,19 +115,19 @@ def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
         try:
             data = inflater.decompress(rest, limit - size + 1)
         except zlib.error as exc:
-            raise InvalidInferenceRequest(f"the body is not valid {name} data") from exc
+            raise InvalidContentEncoding(f"the body is not valid {name} data") from exc
         size += len(data)
         if size > limit or inflater.unconsumed_tail:
             raise PayloadTooLarge(f"the body inflates to more than the limit of {limit} bytes")
         if not inflater.eof:
-            raise InvalidInferenceRequest(f"the {name} body is truncated")
+            raise InvalidContentEncoding(f"the {name} body is truncated")
         parts.append(data)
         rest = inflater.unused_data
         if not rest:
             return b"".join(parts)
         if name != "gzip":
-            raise InvalidInferenceRequest(f"the body holds bytes after its {name} data")
-    raise InvalidInferenceRequest(f"the gzip body has more than {MAX_MEMBERS} members")
+            raise InvalidContentEncoding(f"the body holds bytes after its {name} data")
+    raise InvalidContentEncoding(f"the gzip body has more than {MAX_MEMBERS} members")
 
 
 @dataclass

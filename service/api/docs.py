@@ -83,7 +83,8 @@ def _problem(description: str) -> dict[str, Any]:
 # 413, 415; 422 frame_out_of_range, too_many_frames, dicom_not_accepted).
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: _problem("the image or body cannot be read (invalid_image, invalid_dicom, "
-                  "invalid_multipart, empty_body, invalid_inference_request); an Open "
+                  "invalid_multipart, empty_body, invalid_content_encoding: a gzip or "
+                  "deflate body that does not inflate, invalid_inference_request); an Open "
                   "Inference Protocol tensor that does not fit the model (tensor_mismatch) "
                   "or an output the request does not compute (output_not_computed)"),
     401: _problem("API keys are configured and the request has none or a wrong one"),
@@ -91,8 +92,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: _problem("no served model has that name (unknown_model), or that version"),
     413: _problem("the upload, its pixel count or the memory its decoding would take is "
                   "over the limit (payload_too_large, decode_budget_exceeded)"),
-    415: _problem("the bytes are not PNG, JPEG or DICOM, or the media type is not one of "
-                  "them (unsupported_media_type), DICOM without pixel data "
+    415: _problem("the bytes are not PNG, JPEG or DICOM, the media type is not one of "
+                  "them, or the Content-Encoding is not gzip or deflate "
+                  "(unsupported_media_type), DICOM without pixel data "
                   "(dicom_without_pixels), or a transfer syntax no decoder reads "
                   "(unsupported_transfer_syntax)"),
     422: _problem("a parameter is refused: a value outside the document's schema or an "

@@ -30,7 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 
-from service.api.body import read_body, read_form
+from service.api.body import read_form, read_inflated_body
 from service.config import Settings
 from service.errors import EmptyBody, InvalidParameter, RepeatedParameter, UnknownMethod
 from service.methods import METHODS, Target
@@ -316,10 +316,12 @@ async def read_upload(request: Request, settings: Settings, kind: type[PredictPa
 
     Raises:
         InvalidParameter, UnknownMethod: for unknown, repeated or bad parameters.
-        EmptyBody, InvalidMultipart, PayloadTooLarge: for unusable bodies.
+        EmptyBody, InvalidMultipart, InvalidContentEncoding, PayloadTooLarge: for unusable
+            bodies.
+        UnsupportedMediaType: a Content-Encoding other than gzip or deflate.
     """
     pairs = list(request.query_params.multi_items())
-    body = await read_body(request, settings)
+    body = await read_inflated_body(request, settings)
     content_type = request.headers.get("content-type")
     media_type = content_type.split(";")[0].strip().lower() if content_type else None
     if media_type == "multipart/form-data":

@@ -4,6 +4,7 @@ returns what it measured. The regression tests assert on these numbers;
 
 from __future__ import annotations
 
+import gzip
 import select
 import threading
 import time
@@ -41,15 +42,15 @@ def _multipart(data: bytes, boundary: str = "edge-test-boundary") -> tuple[bytes
         f"multipart/form-data; boundary={boundary}"
 
 
-def _upload(live: Live, body: bytes, content_type: str, start: threading.Barrier,
-            out: list[tuple[int, dict[str, str]]]) -> None:
+def _upload(live: Live, path: str, body: bytes, headers: dict[str, str],
+            start: threading.Barrier, out: list[tuple[int, dict[str, str]]]) -> None:
     """Send the headers, then the body in 1 MiB pieces, stopping as soon as the server
     answers (an early 503/413 closes the connection)."""
     try:
         with live.connect(timeout=120) as s:
             start.wait()
-            s.sendall(request_head("POST", "/predict", {
-                "content-type": content_type, "content-length": str(len(body))}))
+            s.sendall(request_head("POST", path, {**headers,
+                                                  "content-length": str(len(body))}))
             view = memoryview(body)
             for offset in range(0, len(body), MIB):
                 if select.select([s], [], [], 0)[0]:
@@ -65,16 +66,22 @@ def _upload(live: Live, body: bytes, content_type: str, start: threading.Barrier
 
 
 def concurrent_uploads(live: Live, *, clients: int = 16, size: int = 60 * MIB,
-                       multipart: bool = False) -> Uploads:
-    """``clients`` uploads of ``size`` bytes at once (not an image: each admitted one is
-    read whole, then refused 400), with the server's peak RSS while they run."""
+                       multipart: bool = False, gzipped: bool = False,
+                       path: str = "/predict") -> Uploads:
+    """``clients`` uploads of ``size`` bytes at once to ``path`` (not an image: each
+    admitted one is read whole, then refused 400), with the server's peak RSS while they
+    run; ``gzipped``: each sent as ``Content-Encoding: gzip`` (60 MB of zeros are 60 kB of
+    gzip)."""
     body, content_type = (_multipart(b"\0" * size) if multipart
                           else (b"\0" * size, "application/dicom"))
+    headers = {"content-type": content_type}
+    if gzipped:
+        body, headers["content-encoding"] = gzip.compress(body, compresslevel=1), "gzip"
     result = Uploads(rss_before_mib=live.memory_kib("VmRSS") / 1024)
     reset_peak(live)
     answers: list[tuple[int, dict[str, str]]] = []
     barrier = threading.Barrier(clients)
-    threads = [threading.Thread(target=_upload, args=(live, body, content_type, barrier,
+    threads = [threading.Thread(target=_upload, args=(live, path, body, headers, barrier,
                                                       answers)) for _ in range(clients)]
     begin = time.monotonic()
     for t in threads:

@@ -42,6 +42,22 @@ def test_concurrent_big_uploads_are_bounded_before_their_bodies(live: Live,
     assert result.growth_mib < 600, result
 
 
+def test_compressed_uploads_are_counted_at_what_they_may_inflate_to() -> None:
+    # 16 gzip uploads of 60 kB that inflate to 60 MB each, with room for 16 requests but
+    # 160 MiB in flight. Counted at their length, all 16 were admitted and inflated at once:
+    # the server grew by 1,632 MiB on /v2/models/demo-cxr/infer (1,657 on KServe V1's
+    # route; /predict did not inflate then). Counted at the 64 MiB upload cap: two at a
+    # time, +230 MiB.
+    with live_server(max_concurrency="1", max_queue="15",
+                     max_inflight_bytes=str(160 * attacks.MIB)) as server:
+        for path in ("/predict", "/v2/models/demo-cxr/infer"):
+            result = attacks.concurrent_uploads(server, clients=16, gzipped=True, path=path)
+            assert set(result.statuses) <= {400, 503}, (path, result.statuses)  # not images
+            assert result.statuses[503] >= 10, (path, result.statuses)
+            assert result.retry_after == result.statuses[503]
+            assert result.growth_mib < 400, (path, result)
+
+
 def test_many_empty_parts_do_not_stall_the_event_loop(live: Live) -> None:
     # 57 MB of empty parts: before, /healthz took 7.8 s (30 s and more here).
     result = attacks.empty_parts(live, size=57 * attacks.MIB)

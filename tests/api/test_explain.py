@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
+import zlib
 from pathlib import Path
 
 import cv2
@@ -246,6 +248,54 @@ def test_predict(client: TestClient, phantoms) -> None:  # type: ignore[no-untyp
     assert set(body) == {"model", "image", "predictions", "timings_ms"}
     assert body["model"] == {"name": "demo-cxr", "version": "1"}
     assert all(0 <= p["score"] <= 1 for p in body["predictions"])
+
+
+def _without_timings(answer: dict) -> dict:  # type: ignore[type-arg]
+    return {k: v for k, v in answer.items() if k != "timings_ms"}
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_upload_gets_the_plain_uploads_answer(client: TestClient,
+                                                           encoding: str) -> None:
+    """A raw DICOM body and a whole multipart form, each sent as Content-Encoding gzip or
+    deflate (a proxy's or an HTTP library's doing), are answered as sent plain."""
+    pack = gzip.compress if encoding == "gzip" else zlib.compress
+    dicom = (DATA / "dicom" / "phantom_nodule.dcm").read_bytes()
+    form = (b'--b\r\ncontent-disposition: form-data; name="methods"\r\n\r\ngradcam,crm\r\n'
+            b'--b\r\ncontent-disposition: form-data; name="file"; filename="n.png"\r\n'
+            b"content-type: image/png\r\n\r\n" + phantom_bytes("nodule.png") + b"\r\n--b--\r\n")
+    for path, body, content_type in (
+            ("/explain", dicom, "application/dicom"),
+            ("/predict", dicom, "application/dicom"),
+            ("/explain", form, "multipart/form-data; boundary=b")):
+        answers = [client.post(path, content=data, params={"heatmap": "npy"}
+                               if path == "/explain" else {},
+                               headers={"content-type": content_type, **headers})
+                   for data, headers in ((body, {}),
+                                         (pack(body), {"content-encoding": encoding}))]
+        assert [r.status_code for r in answers] == [200, 200], answers[1].text
+        assert _without_timings(answers[1].json()) == _without_timings(answers[0].json())
+
+
+def test_a_compressed_upload_that_does_not_inflate_is_refused(client: TestClient) -> None:
+    dicom = (DATA / "dicom" / "phantom_nodule.dcm").read_bytes()
+    packed = gzip.compress(dicom)
+    for body, encoding, status, code, detail in (
+            (b"not gzip at all", "gzip", 400, "invalid_content_encoding",
+             "the body is not valid gzip data"),
+            (packed[:-100], "gzip", 400, "invalid_content_encoding", "the gzip body is truncated"),
+            (zlib.compress(dicom) + b"more", "deflate", 400, "invalid_content_encoding",
+             "the body holds bytes after its deflate data"),
+            (packed, "br", 415, "unsupported_media_type",
+             "Content-Encoding 'br' is not gzip or deflate"),
+            # 64 MiB and one byte of zeros in 65 kB: inflating stops at the upload limit.
+            (gzip.compress(bytes(64 * 2**20 + 1), compresslevel=1), "gzip", 413,
+             "payload_too_large", "the body inflates to more than the limit of 67108864 bytes")):
+        r = client.post("/explain", content=body, headers={"content-type": "application/dicom",
+                                                           "content-encoding": encoding})
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert (r.json()["code"], r.json()["detail"]) == (code, detail)
 
 
 def test_an_upload_is_explained_as_viewers_show_it(client: TestClient) -> None:
