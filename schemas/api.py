@@ -122,6 +122,9 @@ class AcceptsInfo(BaseModel):
         description="Body Part Examined, when present, must be one of these")
     view_positions: list[str] = Field(
         description="View Position, when present, must be one of these")
+    presentation_intents: list[str] = Field(
+        description="Presentation Intent Type (DX, MG, IO images), when present, must be one "
+                    "of these: FOR PRESENTATION leaves out the raw FOR PROCESSING images")
 
 
 class CodeInfo(BaseModel):

@@ -192,8 +192,8 @@ class UnknownMethod(InvalidParameter):
 
 
 class DicomNotAccepted(InvalidParameter):
-    """Raised when a DICOM image is outside the model's accepted modalities, body parts or
-    view positions (model.toml ``[accepts]``)."""
+    """Raised when a DICOM image is outside the model's accepted modalities, body parts,
+    view positions or presentation intents (model.toml ``[accepts]``)."""
 
     code = "dicom_not_accepted"
     title = "DICOM image not accepted by the model"

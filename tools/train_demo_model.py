@@ -296,6 +296,8 @@ activation = "sigmoid"
 # dicom_not_accepted instead of scores the network was never trained to give.
 modalities = ["CR", "DX"]
 body_parts = ["CHEST"]
+# A DX "FOR PROCESSING" image holds the detector's raw values, not meant for display.
+presentation_intents = ["FOR PRESENTATION"]
 [codes]
 # The labels' SNOMED CT concepts (as pydicom's DICOM code dictionary has them): the
 # Structured Report's finding types. The model is still a synthetic demo, not for diagnosis.

@@ -63,7 +63,8 @@ ATTEMPTS = 5
 QUEUE_SIZE = 10_000
 
 # model.toml [accepts] keys -> the Orthanc tag each restricts; Modality must be present.
-RULE_TAGS = {"modalities": "0008-0060", "body_parts": "0018-0015", "view_positions": "0018-5101"}
+RULE_TAGS = {"modalities": "0008-0060", "body_parts": "0018-0015", "view_positions": "0018-5101",
+             "presentation_intents": "0008-0068"}
 
 _jobs: queue.Queue[str | None] = queue.Queue(maxsize=QUEUE_SIZE)
 _rules: dict[str, list[str]] | None = None

@@ -54,6 +54,7 @@ class Attribute(StrEnum):
     modalities = "Modality"
     body_parts = "BodyPartExamined"
     view_positions = "ViewPosition"
+    presentation_intents = "PresentationIntentType"
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,17 @@ class Accepts:
     ``modalities = ["CR", "DX"]``); an empty list accepts any value. Modality is Type 1, so
     a listed modality must be present. Body Part Examined (Type 3) and View Position
     (Type 2) are often left empty by modalities: an absent or empty value is accepted, a
-    present one must be listed. PNG and JPEG carry no such header and are not checked.
+    present one must be listed. So is Presentation Intent Type, which DX, mammography and
+    intra-oral images carry (Type 1) and CR does not: "FOR PROCESSING" marks the detector's
+    raw values, meant for image processing and not for display (PS3.3 C.8.11.1.1.1), which a
+    network trained on displayed radiographs has never seen. PNG and JPEG carry no such
+    header and are not checked.
     """
 
     modalities: frozenset[str] = frozenset()
     body_parts: frozenset[str] = frozenset()
     view_positions: frozenset[str] = frozenset()
+    presentation_intents: frozenset[str] = frozenset()
 
     def refusal(self, source: Dataset) -> str | None:
         """Why the header's image is not for this model; None when it is."""

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
@@ -50,7 +52,30 @@ def test_the_same_ct_slice_is_scored_by_a_model_without_rules(
 def test_the_rules_are_published(client: TestClient) -> None:
     info = client.get("/models/demo-cxr").json()
     assert info["accepts"] == {"modalities": ["CR", "DX"], "body_parts": ["CHEST"],
-                               "view_positions": []}
+                               "view_positions": [],
+                               "presentation_intents": ["FOR PRESENTATION"]}
+
+
+@pytest.mark.parametrize("route", ["/explain", "/predict"])
+def test_a_dx_for_processing_is_refused_the_same_for_presentation_answered(
+        client: TestClient, route: str) -> None:
+    """The raw detector values of a DX "FOR PROCESSING" image are not a radiograph as the
+    network was trained on them: refused from the header, whatever the pixels."""
+    ds = pydicom.dcmread(DATA / "dicom" / "phantom_nodule.dcm")
+    assert ds.PresentationIntentType == "FOR PRESENTATION"
+    assert client.post(route, content=_bytes(ds),
+                       headers={"content-type": "application/dicom"}).status_code == 200
+    ds.PresentationIntentType = "FOR PROCESSING"
+    r = client.post(route, content=_bytes(ds), headers={"content-type": "application/dicom"})
+    body = assert_problem(r, 422, "dicom_not_accepted")
+    assert body["detail"] == ("model demo-cxr is not for this image: PresentationIntentType "
+                              "is FOR PROCESSING; the model accepts FOR PRESENTATION")
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def test_an_image_not_for_the_model_is_refused_as_such_whatever_its_size(

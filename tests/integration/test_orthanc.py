@@ -257,3 +257,19 @@ def test_an_instance_outside_the_model_rules_is_skipped(orthanc: tuple[str, Path
     # Skipped before it was posted: the service never saw it, and the study holds only it.
     assert "dicom_not_accepted" not in service[1].read_text()
     assert len(get_json(f"{url}/studies/{stored['ParentStudy']}/series")) == 1
+
+    # A chest DX of the detector's raw values (FOR PROCESSING), in a study of its own.
+    raw = pydicom.dcmread(ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm")
+    raw.PresentationIntentType = "FOR PROCESSING"
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(raw, keyword, pydicom.uid.generate_uid())
+    raw.file_meta.MediaStorageSOPInstanceUID = raw.SOPInstanceUID
+    body = io.BytesIO()
+    raw.save_as(body, enforce_file_format=True)
+    stored = json.loads(request(f"{url}/instances", body.getvalue()))
+    line = f"instance {stored['ID']} skipped: outside the model's presentation_intents"
+    deadline = time.monotonic() + ROUND_TRIP_TIMEOUT_S
+    while line not in orthanc_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert line in orthanc_log.read_text(), orthanc_log.read_text()[-3000:]
+    assert len(get_json(f"{url}/studies/{stored['ParentStudy']}/series")) == 1

@@ -18,7 +18,8 @@ from service.models.spec import Accepts
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "models" / "demo-cxr"
-CHEST = Accepts(modalities=frozenset({"CR", "DX"}), body_parts=frozenset({"CHEST"}))
+CHEST = Accepts(modalities=frozenset({"CR", "DX"}), body_parts=frozenset({"CHEST"}),
+                presentation_intents=frozenset({"FOR PRESENTATION"}))
 
 
 def _header(name: str) -> Dataset:
@@ -50,6 +51,21 @@ def test_absent_modality_is_refused_absent_body_part_and_view_accepted() -> None
     del ds.Modality
     assert rules.refusal(ds) == "Modality is absent; the model accepts CR"
     assert Accepts().refusal(ds) is None  # no rules: anything goes
+
+
+def test_a_dx_for_processing_is_refused_for_presentation_and_cr_accepted() -> None:
+    """DX carries Presentation Intent Type (Type 1); its FOR PROCESSING images are the
+    detector's raw values. CR has no such attribute: accepted."""
+    ds = pydicom.dcmread(ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm",
+                         stop_before_pixels=True)
+    assert (ds.Modality, ds.PresentationIntentType) == ("DX", "FOR PRESENTATION")
+    assert CHEST.refusal(ds) is None
+    ds.PresentationIntentType = "FOR PROCESSING"
+    assert CHEST.refusal(ds) == ("PresentationIntentType is FOR PROCESSING; the model "
+                                 "accepts FOR PRESENTATION")
+    cr = _header("RG1_UNCR.dcm")
+    assert "PresentationIntentType" not in cr
+    assert CHEST.refusal(cr) is None
 
 
 def test_values_compare_as_code_strings_and_odd_ones_are_not_quoted() -> None:
@@ -88,7 +104,7 @@ def test_model_toml_values_are_upper_cased_and_absent_table_accepts_anything(
 @pytest.mark.parametrize(("table", "message"), [
     ('[accepts]\nmodality = ["CR"]\n',
      ("m/model.toml: [accepts] has unknown keys modality; known: modalities, body_parts, "
-      "view_positions")),
+      "view_positions, presentation_intents")),
     ('[accepts]\nmodalities = "CR"\n',
      "m/model.toml: accepts.modalities must be a list of code strings"),
     ('[accepts]\nbody_parts = ["CHEST", ""]\n',
