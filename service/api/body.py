@@ -104,6 +104,8 @@ def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
         PayloadTooLarge: more than ``limit`` bytes inflated.
     """
     name = (encoding or "identity").strip().lower()
+    if name == "x-gzip":  # "SHOULD" be taken as gzip (RFC 9110 section 8.4.1.3)
+        name = "gzip"
     if name == "identity":
         return body
     if name not in _ENCODINGS:

@@ -254,12 +254,13 @@ def _without_timings(answer: dict) -> dict:  # type: ignore[type-arg]
     return {k: v for k, v in answer.items() if k != "timings_ms"}
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate"])
 def test_a_compressed_upload_gets_the_plain_uploads_answer(client: TestClient,
                                                            encoding: str) -> None:
-    """A raw DICOM body and a whole multipart form, each sent as Content-Encoding gzip or
-    deflate (a proxy's or an HTTP library's doing), are answered as sent plain."""
-    pack = gzip.compress if encoding == "gzip" else zlib.compress
+    """A raw DICOM body and a whole multipart form, each sent as Content-Encoding gzip
+    (or x-gzip, its old name) or deflate (a proxy's or an HTTP library's doing), are
+    answered as sent plain."""
+    pack = zlib.compress if encoding == "deflate" else gzip.compress
     dicom = (DATA / "dicom" / "phantom_nodule.dcm").read_bytes()
     form = (b'--b\r\ncontent-disposition: form-data; name="methods"\r\n\r\ngradcam,crm\r\n'
             b'--b\r\ncontent-disposition: form-data; name="file"; filename="n.png"\r\n'
