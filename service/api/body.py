@@ -88,8 +88,21 @@ async def read_inflated_body(request: Request, settings: Settings) -> bytes:
     edge admits a compressed body at the upload limit's worth of bytes, what it may
     inflate to (service.api.admission)."""
     body = await read_body(request, settings)
-    return await anyio.to_thread.run_sync(inflate, body, request.headers.get("content-encoding"),
-                                          settings.max_upload_bytes)
+    encoding = _coding(request.headers.get("content-encoding"))
+    if encoding == "identity":
+        # Most uploads: no hop to a worker thread. With one for every upload, 2,000
+        # /predict from 16 clients (tests/api/test_load.py) ended at 403-405 MB of RSS
+        # against 373-382 without, and grew by up to 8.7 % against 2.6-4.2 % after the
+        # warm-up (most likely the worker threads' malloc arenas; not measured apart).
+        return body
+    return await anyio.to_thread.run_sync(inflate, body, encoding, settings.max_upload_bytes)
+
+
+def _coding(header: str | None) -> str:
+    """A Content-Encoding value as compared: lower case, "identity" when absent or empty,
+    and "x-gzip" as "gzip" (a recipient SHOULD take it so, RFC 9110 section 8.4.1.3)."""
+    name = (header or "").strip().lower() or "identity"
+    return "gzip" if name == "x-gzip" else name
 
 
 def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -103,9 +116,7 @@ def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
         InvalidContentEncoding: data that is not what the encoding says, or bytes after it.
         PayloadTooLarge: more than ``limit`` bytes inflated.
     """
-    name = (encoding or "identity").strip().lower()
-    if name == "x-gzip":  # "SHOULD" be taken as gzip (RFC 9110 section 8.4.1.3)
-        name = "gzip"
+    name = _coding(encoding)
     if name == "identity":
         return body
     if name not in _ENCODINGS:
