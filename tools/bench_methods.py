@@ -168,16 +168,15 @@ def profile_graphs(model: Path, threads: int, image: np.ndarray, rounds: int,
         runs = sorted((e for e in events if e.get("name") == "model_run"),
                       key=lambda e: e["ts"])
         first_end = runs[0]["ts"] + runs[0]["dur"]
-        per_node: dict[str, list[float]] = {}
-        op_of: dict[str, str] = {}
+        per_node: dict[tuple[str, str], list[float]] = {}  # (op type, node) → ms per run
         for e in events:
             if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
                     and e["ts"] >= first_end):
-                per_node.setdefault(e["name"], []).append(e["dur"] / 1e3)
-                op_of[e["name"]] = e["args"]["op_name"]
+                per_node.setdefault((e["args"]["op_name"], e["name"]), []).append(
+                    e["dur"] / 1e3)
         per_op: dict[str, list[float]] = {}
-        for node, values in per_node.items():
-            per_op.setdefault(op_of[node], []).append(statistics.median(values))
+        for (op, _), values in per_node.items():
+            per_op.setdefault(op, []).append(statistics.median(values))
         totals[name] = sum(sum(v) for v in per_op.values())
         run_ms = statistics.median(e["dur"] / 1e3 for e in runs[1:])
         print(f"  {name}: run {run_ms:.1f} ms, kernels {totals[name]:.1f} ms, between "

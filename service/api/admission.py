@@ -135,8 +135,8 @@ class Exchange:
         # A chunked body may grow up to the cap, and a compressed one inflates up to it
         # (service.api.body.inflate): those are counted at the cap. A 64 KB gzip body of
         # 64 MB counted at its length let every admitted upload hold 1,000 times its share.
-        encoding = self.headers.get(b"content-encoding", b"identity").strip().lower()
-        compressed = encoding not in (b"", b"identity")
+        encoding = self.headers.get(b"content-encoding", b"").decode("latin-1")
+        compressed = content_coding(encoding) != "identity"
         need = declared if declared is not None and not compressed else adm.max_upload
         if adm.requests >= adm.max_requests or adm.bytes + need > adm.max_bytes:
             raise Overloaded(
@@ -153,6 +153,13 @@ class Exchange:
             self.admission.requests -= 1
             self.admission.bytes -= self.reserved
             self.admitted = False
+
+
+def content_coding(header: str | None) -> str:
+    """A Content-Encoding value as compared: lower case, "identity" when absent or empty,
+    and "x-gzip" as "gzip" (a recipient SHOULD take it so, RFC 9110 section 8.4.1.3)."""
+    name = (header or "").strip().lower() or "identity"
+    return "gzip" if name == "x-gzip" else name
 
 
 def given_key(headers: Mapping[bytes, bytes]) -> bytes | None:

@@ -20,7 +20,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from service.api.admission import admit
+from service.api.admission import admit, content_coding
 from service.config import Settings
 from service.errors import (
     BodyTimeout,
@@ -88,7 +88,7 @@ async def read_inflated_body(request: Request, settings: Settings) -> bytes:
     edge admits a compressed body at the upload limit's worth of bytes, what it may
     inflate to (service.api.admission)."""
     body = await read_body(request, settings)
-    encoding = _coding(request.headers.get("content-encoding"))
+    encoding = content_coding(request.headers.get("content-encoding"))
     if encoding == "identity":
         # Most uploads: no hop to a worker thread. With one for every upload, 2,000
         # /predict from 16 clients (tests/api/test_load.py) ended at 403-405 MB of RSS
@@ -98,27 +98,18 @@ async def read_inflated_body(request: Request, settings: Settings) -> bytes:
     return await anyio.to_thread.run_sync(inflate, body, encoding, settings.max_upload_bytes)
 
 
-def _coding(header: str | None) -> str:
-    """A Content-Encoding value as compared: lower case, "identity" when absent or empty,
-    and "x-gzip" as "gzip" (a recipient SHOULD take it so, RFC 9110 section 8.4.1.3)."""
-    name = (header or "").strip().lower() or "identity"
-    return "gzip" if name == "x-gzip" else name
-
-
-def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body as it was before compression, at most ``limit`` bytes: a small compressed
-    body can inflate to any size, so inflating stops there. A gzip body may be several
-    members one after another (RFC 1952 section 2.2), as concatenated gzip files are; at
-    most MAX_MEMBERS of them.
+def inflate(body: bytes, name: str, limit: int) -> bytes:
+    """The body as it was before compression with the content coding ``name`` (as
+    :func:`service.api.admission.content_coding` gives it, not "identity"), at most
+    ``limit`` bytes: a small compressed body can inflate to any size, so inflating stops
+    there. A gzip body may be several members one after another (RFC 1952 section 2.2), as
+    concatenated gzip files are; at most MAX_MEMBERS of them.
 
     Raises:
         UnsupportedMediaType: an encoding other than gzip or deflate.
         InvalidContentEncoding: data that is not what the encoding says, or bytes after it.
         PayloadTooLarge: more than ``limit`` bytes inflated.
     """
-    name = _coding(encoding)
-    if name == "identity":
-        return body
     if name not in _ENCODINGS:
         raise UnsupportedMediaType(f"Content-Encoding {name[:20]!r} is not gzip or deflate")
     parts: list[bytes] = []
