@@ -366,8 +366,9 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                      help="DICOM window 'center,width', or 'none' for min-max scaling")
     exp.add_argument("--dicom", action="append", choices=list(DICOM_OUTPUTS),
                      help="also write DICOM objects in the source study (DICOM files "
-                          "only): sc, one Secondary Capture per map; sr, one Structured "
-                          "Report of the regions; repeat for both")
+                          "only): " + "; ".join(f"{name}, {output.summary}"
+                                                for name, output in DICOM_OUTPUTS.items())
+                          + "; repeat for several")
     exp.add_argument("--transfer-syntax", dest="transfer_syntax",
                      default=str(DEFAULT_SYNTAX.uid), choices=list(TRANSFER_SYNTAXES),
                      metavar="UID",

@@ -165,8 +165,9 @@ class Settings(BaseModel):
     # Results by C-STORE over DICOM TLS (verified against tls_ca, the host name checked).
     dicom_destination_tls: bool = False
     # Which DICOM objects are sent for each received image (sc: a Secondary Capture per
-    # explanation, one series per method; sr: one Structured Report), all from one /explain.
-    dicom_outputs: tuple[Literal["sc", "sr"], ...] = ("sc",)
+    # explanation, one series per method; sr: one Structured Report; gsps: one Grayscale
+    # Softcopy Presentation State), all from one /explain.
+    dicom_outputs: tuple[Literal["sc", "sr", "gsps"], ...] = ("sc",)
     # The transfer syntax of the captures' pixels sent on (one of
     # service.outputs.transfer_syntax's, e.g. 1.2.840.10008.1.2.4.80 for JPEG-LS lossless);
     # a C-STORE destination that takes only uncompressed ones gets them decompressed.

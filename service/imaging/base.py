@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
+
+
+class LinearWindow(NamedTuple):
+    """A VOI window with LINEAR_EXACT semantics (PS3.3 C.11.2.1.3.2): modality value v
+    shows as (v - center) / width + 0.5, clipped to 0..1."""
+
+    center: float
+    width: float
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,10 @@ class DecodedImage:
             a reduced resolution (JPEG 2000 for a small network input); None when
             ``pixels`` are the full image. ``width``/``height`` always give the original:
             maps, regions and points are in original pixel coordinates.
+        window: DICOM grey images only: the window that mapped the modality values to
+            ``pixels`` when it was not the file's own VOI LUT or window: the caller's
+            override, or min-max scaling as the window from the minimum to the maximum.
+            None: the file's VOI (or not a grey DICOM image).
     """
 
     pixels: np.ndarray
@@ -36,6 +48,7 @@ class DecodedImage:
     meta: dict[str, str | int] = field(default_factory=dict)
     source: Dataset | None = field(default=None, repr=False, compare=False)
     original_size: tuple[int, int] | None = None
+    window: LinearWindow | None = None
 
     @property
     def height(self) -> int:

@@ -56,7 +56,7 @@ from service.errors import (
     UnsupportedTransferSyntax,
 )
 from service.imaging import budget, j2k
-from service.imaging.base import DecodedImage
+from service.imaging.base import DecodedImage, LinearWindow
 from service.imaging.budget import DEFAULT_MAX_DECODE_BYTES
 from service.imaging.raster import DEFAULT_MAX_PIXELS, check_pixel_count, jpeg_header
 
@@ -289,13 +289,14 @@ def decode_dicom(
 
     try:
         if photometric in ("MONOCHROME1", "MONOCHROME2"):
-            pixels = _grey01(arr, ds, frame, window, invert=photometric == "MONOCHROME1")
+            pixels, applied = _grey01(arr, ds, frame, window,
+                                      invert=photometric == "MONOCHROME1")
         else:
             if isinstance(window, tuple):
                 raise InvalidParameter(
                     f"a window applies to MONOCHROME images only, not to {photometric}"
                 )
-            pixels = _colour01(arr, ds, photometric, header.bits_stored)
+            pixels, applied = _colour01(arr, ds, photometric, header.bits_stored), None
         meta = _meta(ds, header, frame)
         # Copying the header parses elements the decoding never touched (a corrupt VR in
         # the patient module shows up only here).
@@ -310,6 +311,7 @@ def decode_dicom(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32), format="dicom", meta=meta,
         source=source,
         original_size=(header.rows, header.columns) if reduced is not None else None,
+        window=applied,
     )
 
 
@@ -705,7 +707,7 @@ def _j2k_codestream(frame: bytes) -> tuple[bytes, tuple[int, int]]:
     return codestream, (max(xsiz - xosiz, 0), max(ysiz - yosiz, 0))
 
 
-def _frame_view(ds: Dataset, frame: int) -> Dataset:
+def frame_view(ds: Dataset, frame: int) -> Dataset:
     """The LUT-relevant attributes in effect for one frame.
 
     Enhanced multi-frame objects keep Rescale and Window values in the Shared and
@@ -722,6 +724,7 @@ def _frame_view(ds: Dataset, frame: int) -> Dataset:
         "PixelRepresentation",
         "RescaleSlope",
         "RescaleIntercept",
+        "RescaleType",
         "ModalityLUTSequence",
         "WindowCenter",
         "WindowWidth",
@@ -749,7 +752,8 @@ def _frame_view(ds: Dataset, frame: int) -> Dataset:
             continue
         item = group[0]
         for sequence, keywords in (
-            ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
+            ("PixelValueTransformationSequence",
+             ("RescaleSlope", "RescaleIntercept", "RescaleType")),
             ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
         ):
             if item.get(sequence):
@@ -784,19 +788,20 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
 
 def _grey01(
     stored: np.ndarray, ds: Dataset, frame: int, window: Window, *, invert: bool
-) -> np.ndarray:
-    """Grey stored values to 0..1 display pixels, MONOCHROME1 (``invert``) inverted last."""
-    view = _frame_view(ds, frame)
+) -> tuple[np.ndarray, LinearWindow | None]:
+    """Grey stored values to 0..1 display pixels, MONOCHROME1 (``invert``) inverted last,
+    and the linear window that mapped them when one did (see :func:`_monochrome01`)."""
+    view = frame_view(ds, frame)
     if _table_applies(stored):
         try:
             return _grey01_by_table(stored, ds, view, window, invert=invert)
         except IndexError:
             # The table also holds values the image lacks; a LUT shorter than its
             # descriptor fails on those alone, so let the image's own values decide.
-            view = _frame_view(ds, frame)
+            view = frame_view(ds, frame)
     padding = _padding_mask(ds, stored) if stored.ndim == 2 else None
-    pixels = _monochrome01(stored, view, window, padding)
-    return 1.0 - pixels if invert else pixels
+    pixels, applied = _monochrome01(stored, view, window, padding)
+    return (1.0 - pixels if invert else pixels), applied
 
 
 def _table_applies(stored: np.ndarray) -> bool:
@@ -818,7 +823,7 @@ _CHUNK_PIXELS: Final[int] = 1 << 17
 
 def _grey01_by_table(
     stored: np.ndarray, ds: Dataset, view: Dataset, window: Window, *, invert: bool
-) -> np.ndarray:
+) -> tuple[np.ndarray, LinearWindow | None]:
     """The per-pixel pipeline evaluated once per possible stored value, then looked up.
 
     Every step is elementwise except the scaling that depends on which values occur
@@ -830,7 +835,8 @@ def _grey01_by_table(
     # Entries for values the image lacks may overflow exp() (SIGMOID) or divide by zero;
     # they are never looked up, so their warnings would only be noise.
     with np.errstate(all="ignore"):
-        table = _monochrome01(every, view, window, _padding_mask(ds, every), _Occurring(stored))
+        table, applied = _monochrome01(every, view, window, _padding_mask(ds, every),
+                                       _Occurring(stored))
         if invert:
             table = 1.0 - table
     table = table.astype(np.float32)
@@ -840,7 +846,7 @@ def _grey01_by_table(
     for top in range(0, stored.shape[0], rows):
         # mode="clip": every index is in range, and "raise" would buffer the output.
         np.take(table, index[top : top + rows], out=pixels[top : top + rows], mode="clip")
-    return pixels
+    return pixels, applied
 
 
 def _index_dtype(dtype: np.dtype) -> np.dtype:
@@ -909,22 +915,28 @@ def _monochrome01(
     window: Window,
     padding: np.ndarray | None,
     occurring: _Occurring | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, LinearWindow | None]:
     """Modality LUT, then VOI (file, override or none), then 0..1 (before MONOCHROME1).
 
     ``occurring`` None: ``stored`` are the image's pixels; else ``stored`` is a table of
     every possible value and ``occurring`` says which of them the image holds.
+
+    Returns:
+        The 0..1 values, and the window that mapped the modality values to them when it
+        was not the file's own VOI: the caller's, or min-max as the window from min to max
+        (None for the file's VOI, and for an image of one value).
     """
     if view.get("ModalityLUTSequence"):
         stored = _clip_to_lut_input(stored, view.ModalityLUTSequence[0])
     values = apply_modality_lut(stored, view)
     if isinstance(window, tuple):
         center, width = window
-        return np.clip((values.astype(np.float64) - center) / width + 0.5, 0.0, 1.0)
+        return (np.clip((values.astype(np.float64) - center) / width + 0.5, 0.0, 1.0),
+                LinearWindow(center, width))
     if window is None:
         voi = _file_voi01(values, view, occurring)
         if voi is not None:
-            return voi
+            return voi, None
     return _min_max01(values, padding, occurring)
 
 
@@ -991,8 +1003,8 @@ def _first_number(view: Dataset, keyword: str) -> float | None:
 
 def _min_max01(
     values: np.ndarray, padding: np.ndarray | None, occurring: _Occurring | None = None
-) -> np.ndarray:
-    """Scale to 0..1 by min and max of the pixels that are not padding."""
+) -> tuple[np.ndarray, LinearWindow | None]:
+    """Scale to 0..1 by min and max of the pixels that are not padding; that window."""
     values = values.astype(np.float64)
     finite = np.isfinite(values)
     eligible = finite & ~padding if padding is not None else finite
@@ -1000,12 +1012,12 @@ def _min_max01(
     if bounds is None:
         bounds = _extremes(values, finite, occurring)
     if bounds is None:
-        return np.zeros(values.shape, dtype=np.float64)
+        return np.zeros(values.shape, dtype=np.float64), None
     low, high = bounds
     if high <= low:
-        return np.zeros(values.shape, dtype=np.float64)
+        return np.zeros(values.shape, dtype=np.float64), None
     scaled = (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) / (high - low)
-    return np.clip(scaled, 0.0, 1.0)
+    return np.clip(scaled, 0.0, 1.0), LinearWindow((low + high) / 2, high - low)
 
 
 def _extremes(

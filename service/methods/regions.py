@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -15,10 +15,19 @@ MAX_REGIONS = 10
 
 @dataclass(frozen=True)
 class Region:
-    """A box [x0, y0, x1, y1] in original-image pixels (x1, y1 exclusive) and its peak."""
+    """A box [x0, y0, x1, y1] in original-image pixels (x1, y1 exclusive), its peak, and
+    its outline.
+
+    ``outline`` is (N, 2) points (x, y) in original-image pixel coordinates with (0, 0) the
+    top-left corner of the top-left pixel (DICOM's, PS3.3 C.18.6.1.1): the centres of the
+    region's boundary cells on the grid it was found on, in order around it (the last
+    joins the first), N ≥ 1; cv2.fillPoly of them on that grid gives back the region's
+    cells, holes filled. None for a region made by hand.
+    """
 
     box: tuple[int, int, int, int]
     score: float
+    outline: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def regions(normalised: np.ndarray, threshold: float, scale_x: float,
@@ -42,7 +51,14 @@ def regions(normalised: np.ndarray, threshold: float, scale_x: float,
             int(np.ceil((x + w) * scale_x)),
             int(np.ceil((y + h) * scale_y)),
         )
-        found.append(Region(box, round(peak, 4)))
+        cells = (labels[y : y + h, x : x + w] == label).astype(np.uint8)
+        # findContours follows 8-connected foreground, as labelled: one outer contour.
+        contours, _ = cv2.findContours(cells, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                       offset=(x, y))
+        contour = max(contours, key=len)
+        centres = contour[:, 0, :].astype(np.float64) + 0.5
+        outline = centres * np.array([scale_x, scale_y])
+        found.append(Region(box, round(peak, 4), outline))
     found.sort(key=lambda r: -r.score)
     return found[:MAX_REGIONS]
 

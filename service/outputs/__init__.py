@@ -17,6 +17,7 @@ from typing import Final
 
 from service.outputs.base import DicomOutput, Output, Packaging
 from service.outputs.json_maps import JsonMaps
+from service.outputs.presentation_state import PresentationState
 from service.outputs.secondary_capture import SecondaryCaptures
 from service.outputs.several import SeveralObjects
 from service.outputs.structured_report import StructuredReport
@@ -27,6 +28,7 @@ DICOM_OUTPUTS: Final[MappingProxyType[str, DicomOutput]] = MappingProxyType({
     o.name: o for o in (
         SecondaryCaptures(),
         StructuredReport(),
+        PresentationState(),
     )
 })
 # --------------------------------------------------------------------------------------

@@ -279,9 +279,7 @@ def _secondary_capture(source: Dataset, meta: dict[str, str | int], rgb: np.ndar
         sc.PatientOrientation = []
     elif not one_letter_each:
         sc.PatientOrientation = list(orientation)
-    # Laterality is Type 2C (paired body parts): the source's R or L, else empty.
-    laterality = (_text(source, "Laterality", ["iso8859"]) or "").strip()
-    sc.Laterality = laterality if laterality in ("R", "L") else ""
+    sc.Laterality = _laterality(source)
     sc.ConversionType = "WSD"  # workstation: derived on a computer, not digitised
     # Burned In Annotation says whether the pixels identify the patient: the caption
     # never does.
@@ -376,6 +374,13 @@ def _uid(source: Dataset, keyword: str) -> str | None:
     if 0 < len(value) <= 64 and all(c.isdigit() or c == "." for c in value):
         return value
     return None
+
+
+def _laterality(source: Dataset) -> str:
+    """General Series' Laterality, Type 2C (paired body parts): the source's R or L, else
+    empty."""
+    laterality = (_text(source, "Laterality", ["iso8859"]) or "").strip()
+    return laterality if laterality in ("R", "L") else ""
 
 
 def _patient_orientation(source: Dataset) -> tuple[str, str] | None:

@@ -95,6 +95,7 @@ __all__ = [
     "StructuredReport",
     "is_reportable",
     "rectangle",
+    "series_description",
     "structured_report",
 ]
 
@@ -110,19 +111,19 @@ PEAK_SCORE: Final[Code] = Code("peak", SCHEME, "peak score")
 ALL_CLASSES: Final[Code] = Code("all", SCHEME, "all classes")
 NOT_FOR_DIAGNOSIS: Final[str] = "demo model, not for diagnosis"
 
-_SERIES_DESCRIPTION: Final[str] = f"{MANUFACTURER} findings"
 _LO: Final[int] = 64
 
 
-def _series_description(methods: Sequence[str], not_for_diagnosis: bool) -> str:
-    """``medexplain findings <methods>``, the demo warning last; the method list is what
+def series_description(kind: str, methods: Sequence[str], not_for_diagnosis: bool) -> str:
+    """``medexplain <kind> <methods>``, the demo warning last; the method list is what
     gets shortened when the whole would not fit LO's 64 characters."""
+    prefix = f"{MANUFACTURER} {kind}"
     suffix = f" - {NOT_FOR_DIAGNOSIS}" if not_for_diagnosis else ""
     listed = ",".join(dict.fromkeys(methods))
-    room = _LO - len(_SERIES_DESCRIPTION) - 1 - len(suffix)
+    room = _LO - len(prefix) - 1 - len(suffix)
     if len(listed) > room:
         listed = listed[: room - 3] + "..."
-    return _ascii(f"{_SERIES_DESCRIPTION} {listed}{suffix}")
+    return _ascii(f"{prefix} {listed}{suffix}")
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
         imaging_measurements=groups,
     )
     methods = [f.method for f in findings]
-    description = _series_description(methods, report.not_for_diagnosis)
+    description = series_description("findings", methods, report.not_for_diagnosis)
     # highdicom logs, at info level, the UIDs of the evidence it copies from (the
     # upload's); its modules' loggers take their level from this one.
     logging.getLogger("highdicom").setLevel(logging.WARNING)

@@ -59,7 +59,8 @@ export async function explain(file, params, signal) {
   return { blob, body: JSON.parse(await blob.text()) };
 }
 
-/** POST /explain for one DICOM object (a Secondary Capture or, with dicom=sr, an SR). */
+/** POST /explain for one DICOM object (a Secondary Capture, or the SR or presentation state
+ * that dicom=sr or dicom=gsps asks for). */
 export async function explainDicom(file, params) {
   const response = await call("/explain", { method: "POST", body: form(file, params),
                                             headers: { Accept: "application/dicom" } });

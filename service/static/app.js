@@ -341,9 +341,14 @@ function showResult() {
   summary.disabled = !methods.length;
   $("cards").replaceChildren(...maps.map(card));
   const dicom = body.image.format === "dicom";
+  // A grayscale presentation state references a grey image only.
+  const grey = dicom && /^MONOCHROME[12]$/.test(body.image.dicom?.photometric_interpretation ?? "");
   $("dl-sc").disabled = $("dl-sr").disabled = !dicom;
+  $("dl-gsps").disabled = !grey;
   $("dl-hint").textContent = dicom
-    ? "The Secondary Capture shows the selected map; the Structured Report holds every region at the current region threshold."
+    ? "The Secondary Capture shows the selected map; the Structured Report holds every region at the current region threshold; "
+      + (grey ? "the presentation state draws those regions and the fixations over the image itself in a DICOM viewer."
+              : "a presentation state needs a grey image.")
     : "DICOM downloads need a DICOM upload (they join its study).";
   $("results").hidden = false;
   layout();
@@ -580,18 +585,18 @@ const stem = () => (state.file ? state.file.name.replace(/\.[^.]*$/, "") : "imag
 async function downloadDicom(kind) {
   const result = state.result;
   if (!result || !state.file) return;
-  const button = $(kind === "sr" ? "dl-sr" : "dl-sc");
+  const button = $(`dl-${kind}`);
   button.disabled = true;
   hideError();
   try {
     const { model, target, window: voi, frame } = result.params;
     const base = { model, target, window: voi, frame, region_threshold: sliderValue("region-threshold") };
     let params, name;
-    if (kind === "sr") {
+    if (kind === "sr" || kind === "gsps") {  // one object of every map
       const methods = [...new Set(result.maps.map((m) => m.method))];
       const classes = [...new Set(result.maps.filter((m) => m.index != null).map((m) => m.index))];
-      params = { ...base, methods: methods.join(","), classes: classes.join(","), dicom: "sr" };
-      name = `${stem()}.sr.dcm`;
+      params = { ...base, methods: methods.join(","), classes: classes.join(","), dicom: kind };
+      name = `${stem()}.${kind}.dcm`;
     } else {
       const m = result.maps[state.selected];
       params = { ...base, methods: m.method, classes: m.index ?? "", dicom: "sc" };
@@ -642,6 +647,7 @@ $("summary-method").addEventListener("change", redraw);
 $("dl-json").addEventListener("click", () => state.blob && save(state.blob, `${stem()}.explain.json`));
 $("dl-sc").addEventListener("click", () => downloadDicom("sc"));
 $("dl-sr").addEventListener("click", () => downloadDicom("sr"));
+$("dl-gsps").addEventListener("click", () => downloadDicom("gsps"));
 let resizing = 0, laidOut = 0;
 new ResizeObserver(([entry]) => {  // a new width only: heights follow from it
   if (Math.round(entry.contentRect.width) === laidOut) return;

@@ -230,6 +230,8 @@ VARIANTS = [
     ("/explain", {}, None),
     ("/explain", {"methods": "gradcam,crm"}, 'multipart/related; type="application/dicom"'),
     ("/explain", {"methods": "gradcam"}, "application/dicom"),
+    ("/explain", {"methods": "fixations", "dicom": "sc,sr,gsps"},
+     'multipart/related; type="application/dicom"'),
     ("/explain", {"classes": "Fracture"}, None),
     ("/explain", {"frame": "7"}, None),
     ("/explain", {"window": "40,400", "methods": "nope"}, None),

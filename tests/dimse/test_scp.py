@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
     Comprehensive3DSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
     JPEGLSLossless,
     SecondaryCaptureImageStorage,
 )
@@ -71,10 +72,12 @@ def _app(settings: Settings) -> Iterator[tuple[TestClient, int]]:
 
 @pytest.fixture(scope="module")
 def by_cstore(pacs: tuple[str, int]) -> Iterator[tuple[TestClient, int]]:
-    """The service with its SCP on, SC and SR sent to Orthanc by C-STORE, one caller allowed."""
+    """The service with its SCP on, SC, SR and GSPS sent to Orthanc by C-STORE, one caller
+    allowed."""
     yield from _app(Settings(
         models=MODELS, threads=1, dicom_port=free_port(), dicom_allowed_callers=(SENDER,),
-        dicom_destination=f"{ORTHANC_AET}@127.0.0.1:{pacs[1]}", dicom_outputs=("sc", "sr"),
+        dicom_destination=f"{ORTHANC_AET}@127.0.0.1:{pacs[1]}",
+        dicom_outputs=("sc", "sr", "gsps"),
         dicom_query="methods=gradcam"))
 
 
@@ -135,7 +138,8 @@ def test_stored_radiographs_come_back_as_captures_and_a_report_in_theirstudy_ins
     before = explanations_computed(client)
     result = _storescu(port, [path for path, _ in sent])
     assert result.returncode == 0, result.stdout + result.stderr
-    # One explanation per image for its captures and its report (dicom=sc,sr).
+    # One explanation per image for its captures, its report and its presentation state
+    # (dicom=sc,sr,gsps).
     assert explanations_computed(client) - before == 2
     done = [r.getMessage() for r in caplog.records if r.name == "service.dimse.scp"]
     assert len(done) == 2 and all(
@@ -150,9 +154,12 @@ def test_stored_radiographs_come_back_as_captures_and_a_report_in_theirstudy_ins
         arrived = study_instances(pacs[0], source.StudyInstanceUID)
         captures = [d for d in arrived if d.SOPClassUID == SecondaryCaptureImageStorage]
         reports = [d for d in arrived if d.SOPClassUID == Comprehensive3DSRStorage]
+        states = [d for d in arrived
+                  if d.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage]
         # What an HTTP client gets for the same file and parameters, capture for capture.
         expected = _explained_over_http(client, path.read_bytes(), methods="gradcam")
-        assert len(captures) == len(expected) >= 1 and len(reports) == 1, path.name
+        assert len(captures) == len(expected) >= 1 and len(reports) == len(states) == 1, \
+            path.name
         captures.sort(key=lambda d: int(d.InstanceNumber))
         for got, want in zip(captures, expected, strict=True):
             assert got.StudyInstanceUID == source.StudyInstanceUID
@@ -167,6 +174,11 @@ def test_stored_radiographs_come_back_as_captures_and_a_report_in_theirstudy_ins
         assert report.SeriesNumber == 9913 + 20  # a gradcam-only report
         evidence = report.CurrentRequestedProcedureEvidenceSequence[0]
         assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+            .ReferencedSOPInstanceUID == source.SOPInstanceUID
+        (state,) = states
+        assert (state.StudyInstanceUID, state.Modality, state.SeriesNumber) == (
+            source.StudyInstanceUID, "PR", 9913 + 40)  # a gradcam-only presentation state
+        assert state.ReferencedSeriesSequence[0].ReferencedImageSequence[0] \
             .ReferencedSOPInstanceUID == source.SOPInstanceUID
 
 
@@ -218,7 +230,8 @@ def test_a_bad_file_gets_a_failure_status_and_the_scp_keeps_serving(
     responses = re.findall(r"Received Store Response \((.*)\)", output)
     assert responses == ["Error: CannotUnderstand", "Success"], output
     assert study_instances(pacs[0], source.StudyInstanceUID) == []
-    assert len(study_instances(pacs[0], good_source.StudyInstanceUID)) == 2  # capture and report
+    # Its capture, report and presentation state.
+    assert len(study_instances(pacs[0], good_source.StudyInstanceUID)) == 3
     assert client.get("/healthz").status_code == 200
     destination = f"{ORTHANC_AET}@127.0.0.1:{pacs[1]}"
     assert _scp_counts(client) - before == Counter({

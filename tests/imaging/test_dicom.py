@@ -209,6 +209,35 @@ def test_window_override_and_none() -> None:
     assert unwindowed.min() == 0.0 and unwindowed.max() == 1.0
 
 
+def test_the_image_says_which_window_mapped_it() -> None:
+    """``DecodedImage.window``: the caller's window, min-max as the window from min to max of
+    the modality values (a presentation state shows the image with it), None for the file's
+    own VOI and for colour."""
+    assert _decode("MR_small.dcm").window is None  # its own window
+    assert _decode("MR_small.dcm", window=(1000.0, 500.0)).window == (1000.0, 500.0)
+    stored = _stored("MR_small.dcm").astype(np.float64)
+    low, high = stored.min(), stored.max()
+    assert _decode("MR_small.dcm", window="none").window == ((low + high) / 2, high - low)
+    # CT_small has no window: min-max of the Hounsfield values (Rescale Intercept -1024).
+    hounsfield = _stored("CT_small.dcm") - 1024.0
+    image = _decode("CT_small.dcm")
+    assert image.window == ((hounsfield.min() + hounsfield.max()) / 2,
+                            hounsfield.max() - hounsfield.min())
+    center, width = image.window
+    np.testing.assert_allclose(image.pixels, np.clip((hounsfield - center) / width + 0.5, 0, 1),
+                               atol=TOL, rtol=0)
+    # The lookup-table path (a Modality LUT Sequence) says the same.
+    ds = _dataset("mlut_18.dcm")
+    item = ds.ModalityLUTSequence[0]
+    entries, first, _ = item.LUTDescriptor
+    values = np.asarray(item.LUTData, dtype=np.float64)[
+        np.clip(ds.pixel_array.astype(np.int64) - first, 0, entries - 1)]
+    assert _decode("mlut_18.dcm").window == ((values.min() + values.max()) / 2,
+                                             values.max() - values.min())
+    assert _decode("vlut_04.dcm").window is None  # its VOI LUT Sequence
+    assert _decode("SC_rgb.dcm").window is None
+
+
 def test_window_override_applies_to_modality_values() -> None:
     hounsfield = _stored("CT_small.dcm") - 1024.0
     pixels = _decode("CT_small.dcm", window=(40, 400)).pixels

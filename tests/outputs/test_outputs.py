@@ -42,7 +42,7 @@ def _result(demo: LoadedModel, image: DecodedImage, params: ExplainParams) -> pi
 
 
 def test_registry() -> None:
-    assert [o.value for o in DicomObject] == list(DICOM_OUTPUTS) == ["sc", "sr"]
+    assert [o.value for o in DicomObject] == list(DICOM_OUTPUTS) == ["sc", "sr", "gsps"]
     assert for_packaging(Packaging.JSON, ("sr",)) is JSON_OUTPUT
     for packaging in (Packaging.DICOM, Packaging.MULTIPART):
         for name, output in DICOM_OUTPUTS.items():
@@ -59,7 +59,7 @@ def test_registry() -> None:
     assert JSON_OUTPUT.packagings == {Packaging.JSON}
     # Only what draws on the image at its own resolution needs the full-resolution pixels.
     assert {name: o.full_resolution for name, o in DICOM_OUTPUTS.items()} == {
-        "sc": True, "sr": False}
+        "sc": True, "sr": False, "gsps": False}
     assert not JSON_OUTPUT.full_resolution
 
 
@@ -87,8 +87,9 @@ def test_one_secondary_capture_explains_the_first_method(demo: LoadedModel) -> N
     sc = DICOM_OUTPUTS["sc"]
     assert sc.options(params, demo, Packaging.DICOM).methods == ("crm",)
     assert sc.options(params, demo, Packaging.MULTIPART).methods == ("crm", "gradcam")
-    assert DICOM_OUTPUTS["sr"].options(params, demo, Packaging.DICOM).methods == (
-        "crm", "gradcam")
+    for one_object in ("sr", "gsps"):  # every explanation in one object
+        assert DICOM_OUTPUTS[one_object].options(params, demo, Packaging.DICOM).methods == (
+            "crm", "gradcam")
 
 
 def test_json_refuses_feature_size_for_pixel_maps(demo: LoadedModel) -> None:
@@ -122,18 +123,18 @@ def test_each_output_writes_its_answer(demo: LoadedModel, image: DecodedImage) -
 
 
 def test_several_objects_come_from_one_result(demo: LoadedModel, image: DecodedImage) -> None:
-    """dicom=sc,sr: the captures, then the report, each what its output alone writes from
-    the same result (the objects' own UIDs aside)."""
+    """dicom=sc,sr,gsps: the captures, the report, then the presentation state, each what
+    its output alone writes from the same result (the objects' own UIDs aside)."""
     params = ExplainParams(methods=("gradcam", "crm"), classes=("Nodule",))
-    several = for_packaging(Packaging.MULTIPART, ("sc", "sr"))
+    several = for_packaging(Packaging.MULTIPART, ("sc", "sr", "gsps"))
     assert several is not None
     assert several.options(params, demo, Packaging.MULTIPART) == params.options()
     result = _result(demo, image, params)
     parts = [pydicom.dcmread(io.BytesIO(p.data))
              for p in several.objects(result, params, Packaging.MULTIPART)]
-    alone = [pydicom.dcmread(io.BytesIO(p.data)) for name in ("sc", "sr")
+    alone = [pydicom.dcmread(io.BytesIO(p.data)) for name in ("sc", "sr", "gsps")
              for p in DICOM_OUTPUTS[name].objects(result, params, Packaging.MULTIPART)]
-    assert [d.Modality for d in parts] == ["OT", "OT", "SR"]
+    assert [d.Modality for d in parts] == ["OT", "OT", "SR", "PR"]
     for got, want in zip(parts, alone, strict=True):
         assert (got.SOPClassUID, got.SeriesNumber, got.SeriesDescription) == (
             want.SOPClassUID, want.SeriesNumber, want.SeriesDescription)
@@ -142,4 +143,7 @@ def test_several_objects_come_from_one_result(demo: LoadedModel, image: DecodedI
     for got, want in zip(parts[:2], alone[:2], strict=True):
         np.testing.assert_array_equal(got.pixel_array, want.pixel_array)
     assert sr_values(parts[2]) == sr_values(alone[2]) != []
+    graphics = [[list(o.GraphicData) for a in d.GraphicAnnotationSequence
+                 for o in a.get("GraphicObjectSequence", [])] for d in (parts[3], alone[3])]
+    assert graphics[0] == graphics[1] != []
 

@@ -109,6 +109,57 @@ def test_regions_boxes_in_original_pixels() -> None:
     assert regions(np.zeros((4, 4), np.float32), 0.5, 1, 1) == []
 
 
+def _outside(cells: np.ndarray) -> np.ndarray:
+    """The cells outside ``cells`` reachable from the border through other cells outside
+    (4-connected): what is neither a region nor one of its holes."""
+    height, width = cells.shape
+    free = np.pad((cells == 0).astype(np.uint8), 1, constant_values=1)
+    mask = np.zeros((height + 4, width + 4), np.uint8)
+    cv2.floodFill(free, mask, (0, 0), 2, flags=4)
+    return free[1:-1, 1:-1] == 2
+
+
+def test_region_outlines_give_back_their_cells() -> None:
+    rng = np.random.default_rng(7)
+    grid = cv2.GaussianBlur(rng.random((40, 50)).astype(np.float32), (0, 0), 2.0)
+    grid[5:15, 5:15] = 1.0
+    grid[8:12, 8:12] = 0.0  # a hole
+    grid[30, 3] = 1.0  # one cell
+    grid = (grid - grid.min()) / (grid.max() - grid.min())
+    scale = (3.0, 2.0)
+    found = regions(grid, 0.6, *scale)
+    assert len(found) >= 3
+    taken = np.zeros(grid.shape, bool)
+    for region in found:
+        assert region.outline is not None and region.outline.shape[1] == 2
+        # Cell centres: back on the grid, whole numbers.
+        cells_xy = region.outline / np.array(scale) - 0.5
+        np.testing.assert_allclose(cells_xy, np.round(cells_xy), atol=1e-9)
+        cells_xy = np.round(cells_xy).astype(np.int32)
+        x, y = cells_xy[0]
+        assert grid[y, x] > 0.6
+        # The region: the 8-connected cells above the cut that hold its first vertex.
+        above = (grid > 0.6).astype(np.uint8)
+        flood = np.zeros((grid.shape[0] + 2, grid.shape[1] + 2), np.uint8)
+        cv2.floodFill(above.copy(), flood, (int(x), int(y)), 2, flags=8 | (1 << 8))
+        cells = flood[1:-1, 1:-1].astype(bool)
+        assert not (cells & taken).any()
+        taken |= cells
+        filled = np.zeros(grid.shape, np.uint8)
+        cv2.fillPoly(filled, [cells_xy.reshape(-1, 1, 2)], 1)
+        np.testing.assert_array_equal(filled.astype(bool), cells | (~cells & ~_outside(cells)))
+        # The box holds the outline, within a cell of each edge.
+        x0, y0, x1, y1 = region.box
+        assert x0 <= region.outline[:, 0].min() <= x0 + scale[0]
+        assert x1 - scale[0] <= region.outline[:, 0].max() <= x1
+        assert y0 <= region.outline[:, 1].min() <= y0 + scale[1]
+        assert y1 - scale[1] <= region.outline[:, 1].max() <= y1
+    (one,) = [r for r in found if r.box == (9, 60, 12, 62)]
+    np.testing.assert_array_equal(one.outline, [[10.5, 61.0]])  # the cell's centre alone
+    holed = next(r for r in found if r.box[0] <= 15 <= r.box[2] and r.box[1] <= 10 <= r.box[3])
+    assert holed.outline is not None
+
+
 def test_diagonal_pixels_join_one_region() -> None:
     (region,) = regions(np.eye(4, dtype=np.float32), 0.5, 1, 1)
     assert region.box == (0, 0, 4, 4)

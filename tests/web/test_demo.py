@@ -330,7 +330,8 @@ def test_keyboard_labels_and_layout(demo: Page, screenshots: Path) -> None:
                     "dl-json"]:
         assert control in reached, (control, reached)
     assert sum(r.startswith("card-select") for r in reached) == 2
-    assert "dl-sc" not in reached and page.is_disabled("#dl-sc")  # DICOM uploads only
+    for dicom_only in ("dl-sc", "dl-sr", "dl-gsps"):
+        assert dicom_only not in reached and page.is_disabled(f"#{dicom_only}")
 
     # A card chosen from the keyboard is shown large.
     page.focus(".card[data-method=gradcam] button")
@@ -407,6 +408,18 @@ def test_downloads(demo: Page, server: Server) -> None:
                    + polylines(getattr(i, "ContentSequence", [])) for i in items)
 
     assert polylines(sr.ContentSequence) == sum(len(b) for b in cards(demo).values())
+
+    # The presentation state: the same regions, drawn over the source itself.
+    with page.expect_download() as got:
+        page.click("#dl-gsps")
+    gsps = pydicom.dcmread(got.value.path())
+    assert gsps.Modality == "PR" and gsps.StudyInstanceUID == source.StudyInstanceUID
+    assert gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0] \
+        .ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert got.value.suggested_filename == "phantom_nodule.gsps.dcm"
+    assert sum(o.GraphicType == "POLYLINE" for a in gsps.GraphicAnnotationSequence
+               for o in a.get("GraphicObjectSequence", [])) == sum(
+        len(b) for b in cards(demo).values())
 
     page.focus(".card[data-method=gradcam] button")
     page.keyboard.press("Enter")
