@@ -11,6 +11,7 @@ from service.methods.base import RawMap
 from service.methods.maps import normalise, resize, smooth
 
 MAX_REGIONS = 10
+_EDGE = 1e-9  # see regions(); maps.js uses the same
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,14 @@ def regions(normalised: np.ndarray, threshold: float, scale_x: float,
     for label in range(1, count):
         x, y, w, h = (int(v) for v in stats[label, :4])
         peak = float(normalised[labels == label].max())
+        # An edge that lands on a whole pixel may miss it by a rounding error (224 cells
+        # of 29 / 224 pixels end at 29.000000000000004): ceil would give 30, a pixel
+        # outside a 29-pixel image. _EDGE absorbs that, and no real fraction is that small.
         box = (
-            int(np.floor(x * scale_x)),
-            int(np.floor(y * scale_y)),
-            int(np.ceil((x + w) * scale_x)),
-            int(np.ceil((y + h) * scale_y)),
+            int(np.floor(x * scale_x + _EDGE)),
+            int(np.floor(y * scale_y + _EDGE)),
+            int(np.ceil((x + w) * scale_x - _EDGE)),
+            int(np.ceil((y + h) * scale_y - _EDGE)),
         )
         cells = (labels[y : y + h, x : x + w] == label).astype(np.uint8)
         # findContours follows 8-connected foreground, as labelled: one outer contour.

@@ -13,6 +13,7 @@
 export const INPUT_GRID_METHODS = new Set(["guided_backprop", "guided_gradcam", "fixations",
   "fixations_summed"]);
 export const MAX_REGIONS = 10;
+const EDGE = 1e-9;  // service/methods/regions.py: _EDGE
 
 /** base64 → bytes. */
 export function fromBase64(text) {
@@ -147,9 +148,9 @@ export function regions(strength, height, width, threshold, scaleX, scaleY) {
         }
       }
     }
-    found.push({
-      box: [Math.floor(x0 * scaleX), Math.floor(y0 * scaleY),
-            Math.ceil((x1 + 1) * scaleX), Math.ceil((y1 + 1) * scaleY)],
+    found.push({  // EDGE: an edge on a whole pixel, missed by a rounding error (regions.py)
+      box: [Math.floor(x0 * scaleX + EDGE), Math.floor(y0 * scaleY + EDGE),
+            Math.ceil((x1 + 1) * scaleX - EDGE), Math.ceil((y1 + 1) * scaleY - EDGE)],
       score: Math.round(peak * 1e4) / 1e4,
     });
   }

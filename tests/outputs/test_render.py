@@ -160,6 +160,20 @@ def test_region_outlines_give_back_their_cells() -> None:
     assert holed.outline is not None
 
 
+def test_boxes_end_at_the_image_edge() -> None:
+    # 224 cells of 29 / 224 pixels end at 29.000000000000004: the box ended at 30, a pixel
+    # outside the image (and a presentation state's polyline out of it).
+    grid = np.zeros((224, 224), np.float32)
+    grid[-3:, -3:] = 1.0
+    grid[:2, :2] = 1.0
+    for width in range(1, 600):
+        found = regions(grid, 0.5, width / 224, width / 224)
+        assert max(r.box[2] for r in found) == width, width
+        assert min(r.box[0] for r in found) == 0
+    (whole,) = regions(np.ones((7, 224), np.float32), 0.5, 58 / 224, 3.0)
+    assert whole.box == (0, 0, 58, 21)
+
+
 def test_diagonal_pixels_join_one_region() -> None:
     (region,) = regions(np.eye(4, dtype=np.float32), 0.5, 1, 1)
     assert region.box == (0, 0, 4, 4)
