@@ -138,20 +138,16 @@ def presentation_state(image: DecodedImage, maps: Sequence[Map], legends: Sequen
     assert source is not None
     header = _referenced(image)
     frames = referenced_frames(image)
+    coloured = [(m.method, legend, COLOURS[k % len(COLOURS)], _graphics(m, image))
+                for k, (m, legend) in enumerate(zip(maps, legends, strict=True))]
+    footer = _ascii(f"{MANUFACTURER} {__version__}  model {model} v{model_version}"
+                    + (f"  {NOT_FOR_DIAGNOSIS.upper()}" if not_for_diagnosis else ""))
     layers: list[GraphicLayer] = []
     annotations: list[GraphicAnnotation] = []
-    lines = [*legends, _ascii(f"{MANUFACTURER} {__version__}  model {model} v{model_version}"
-                              + (f"  {NOT_FOR_DIAGNOSIS.upper()}" if not_for_diagnosis else ""))]
-    for number, line in enumerate(lines, start=1):
-        colour = COLOURS[(number - 1) % len(COLOURS)] if number <= len(maps) else (255, 255, 255)
-        m = maps[number - 1] if number <= len(maps) else None
-        layer = GraphicLayer(
-            layer_name=_layer_name(number, m.method if m is not None else MANUFACTURER),
-            order=number,
-            description=line[:64],
-            display_color=_cielab(colour),
-        )
-        graphics = [] if m is None else _graphics(m, image)
+    for number, (name, line, colour, graphics) in enumerate(
+            [*coloured, (MANUFACTURER, footer, (255, 255, 255), [])], start=1):
+        layer = GraphicLayer(layer_name=_layer_name(number, name), order=number,
+                             description=line[:64], display_color=_cielab(colour))
         annotation = GraphicAnnotation(
             referenced_images=[header],
             graphic_layer=layer,
