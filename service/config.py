@@ -166,8 +166,8 @@ class Settings(BaseModel):
     dicom_destination_tls: bool = False
     # Which DICOM objects are sent for each received image (sc: a Secondary Capture per
     # explanation, one series per method; sr: one Structured Report; gsps: one Grayscale
-    # Softcopy Presentation State), all from one /explain.
-    dicom_outputs: tuple[Literal["sc", "sr", "gsps"], ...] = ("sc",)
+    # Softcopy Presentation State; seg: one Segmentation), all from one /explain.
+    dicom_outputs: tuple[Literal["sc", "sr", "gsps", "seg"], ...] = ("sc",)
     # The transfer syntax of the captures' pixels sent on (one of
     # service.outputs.transfer_syntax's, e.g. 1.2.840.10008.1.2.4.80 for JPEG-LS lossless);
     # a C-STORE destination that takes only uncompressed ones gets them decompressed.

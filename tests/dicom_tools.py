@@ -37,6 +37,22 @@ def dciodvfy(data: bytes, folder: Path, name: str = "object.dcm") -> str:
     return result.stdout + result.stderr
 
 
+def dciodvfy_errors(data: bytes, folder: Path, iod: str) -> list[str]:
+    """dciodvfy's Error lines on ``data``, checked to be read as the IOD named ``iod``."""
+    report = dciodvfy(data, folder, f"{iod}.dcm")
+    assert iod in report, report
+    return [line for line in report.splitlines() if line.startswith("Error")]
+
+
+def pydicom_data(name: str) -> Path:
+    """A file of pydicom-data, a pinned test dependency (never downloaded)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} is not in the installed pydicom-data"
+    return Path(path)
+
+
 def dcmdump(path: Path) -> subprocess.CompletedProcess[str] | None:
     """DCMTK's dump of ``path``, or None where DCMTK is not installed."""
     if shutil.which("dcmdump") is None:

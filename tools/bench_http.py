@@ -106,7 +106,8 @@ REQUESTS: list[Request] = [
 # --requests dicom: DICOM answers in each transfer syntax the service writes (the Accept
 # header's transfer-syntax parameter): one capture, and the captures of 4 methods x 2
 # classes, one per map, as multipart/related; then the same 8 maps as one Structured
-# Report and as one presentation state (no pixels: no transfer syntax to choose).
+# Report, one presentation state and one segmentation (no transfer syntax to choose: the
+# first two have no pixels, the last 1-bit frames written uncompressed).
 _SYNTAXES = {"explicit": "1.2.840.10008.1.2.1", "jpeg-ls": "1.2.840.10008.1.2.4.80",
              "j2k lossless": "1.2.840.10008.1.2.4.90", "rle": "1.2.840.10008.1.2.5",
              "baseline jpeg": "1.2.840.10008.1.2.4.50"}
@@ -121,7 +122,7 @@ DICOM_REQUESTS: list[Request] = [
     *(Request(f"8 maps, {name}", "/explain",
               {"methods": FOUR_METHODS, "classes": "0,1", "dicom": dicom},
               accept="application/dicom")
-      for name, dicom in (("1 SR", "sr"), ("1 GSPS", "gsps"))),
+      for name, dicom in (("1 SR", "sr"), ("1 GSPS", "gsps"), ("1 SEG", "seg"))),
 ]
 REQUEST_SETS = {"json": REQUESTS, "dicom": DICOM_REQUESTS}
 

@@ -3,8 +3,8 @@
 Every instance Orthanc stores is posted to medexplain's ``POST /explain`` with
 ``Accept: multipart/related; type="application/dicom"``; every object that comes back (a
 Secondary Capture per explanation, the Structured Report with ``dicom=sc,sr`` or
-``dicom=sr`` in the query, the presentation state with ``gsps`` among them; same study,
-new series) is stored into Orthanc. Instances that are Secondary Captures, or whose
+``dicom=sr`` in the query, the presentation state and the segmentation with ``gsps`` and
+``seg`` among them; same study, new series) is stored into Orthanc. Instances that are Secondary Captures, or whose
 Manufacturer is ``medexplain``, are skipped, so the bridge never explains its own output.
 Instances outside the model's accepted modalities / body parts / view positions (its
 ``accepts`` in ``GET /models/{name}``, read once) are skipped too, with the same rules as the

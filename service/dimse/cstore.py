@@ -24,9 +24,9 @@ from service.tls import client_context
 log = logging.getLogger(__name__)
 
 # What /explain's DICOM outputs write: Secondary Capture, Comprehensive 3D SR, Grayscale
-# Softcopy Presentation State.
+# Softcopy Presentation State, Segmentation.
 SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34",
-               "1.2.840.10008.5.1.4.1.1.11.1")
+               "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.66.4")
 # Every result can go uncompressed: Explicit VR Little Endian, and Implicit VR Little
 # Endian beside it because it is the one every SCP must accept (PS3.5 §10.1); pynetdicom
 # converts between the two. Results compressed (MEDEXPLAIN_DICOM_TRANSFER_SYNTAX) are

@@ -19,6 +19,7 @@ from service.outputs.base import DicomOutput, Output, Packaging
 from service.outputs.json_maps import JsonMaps
 from service.outputs.presentation_state import PresentationState
 from service.outputs.secondary_capture import SecondaryCaptures
+from service.outputs.segmentation import Segments
 from service.outputs.several import SeveralObjects
 from service.outputs.structured_report import StructuredReport
 
@@ -29,6 +30,7 @@ DICOM_OUTPUTS: Final[MappingProxyType[str, DicomOutput]] = MappingProxyType({
         SecondaryCaptures(),
         StructuredReport(),
         PresentationState(),
+        Segments(),
     )
 })
 # --------------------------------------------------------------------------------------

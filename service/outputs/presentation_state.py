@@ -68,7 +68,6 @@ from service.outputs.secondary_capture import (
     _ascii,
     _copy_patient_and_study,
     _laterality,
-    _uid,
     referenced_frames,
     series_number,
 )
@@ -77,6 +76,7 @@ from service.outputs.structured_report import (
     is_reportable,
     rectangle,
     series_description,
+    source_header,
 )
 from service.outputs.transfer_syntax import DEFAULT, TransferSyntax
 from service.pipeline import Map, Result
@@ -102,12 +102,6 @@ _LEGEND_TOP: Final[float] = 0.01
 _LEGEND_LINE: Final[float] = 0.035  # of the displayed area's height per line
 # Type 1 in the Presentation State Identification Module; CS, at most 16 characters.
 _CONTENT_LABEL: Final[str] = "MEDEXPLAIN"
-# Patient and study attributes highdicom would copy (and validate, logging values) from
-# the referenced image: given empty, copied afterwards without validation.
-_PATIENT_STUDY: Final[tuple[str, ...]] = (
-    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
-    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-)
 
 
 def is_presentable(image: DecodedImage) -> bool:
@@ -193,20 +187,9 @@ def presentation_state(image: DecodedImage, maps: Sequence[Map], legends: Sequen
 
 
 def _referenced(image: DecodedImage) -> Dataset:
-    """What highdicom reads of the source: its UIDs and size, patient and study attributes
-    empty, and no LUT attributes (for highdicom to copy none: see :func:`_display`)."""
-    source = image.source
-    assert source is not None
-    header = Dataset()
-    header.StudyInstanceUID = str(image.meta["StudyInstanceUID"])
-    header.SeriesInstanceUID = str(image.meta["SeriesInstanceUID"])
-    header.SOPInstanceUID = str(image.meta["SOPInstanceUID"])
-    header.SOPClassUID = _uid(source, "SOPClassUID")
-    header.Rows = image.height
-    header.Columns = image.width
-    header.SamplesPerPixel = 1
-    for keyword in _PATIENT_STUDY:
-        setattr(header, keyword, None)
+    """What highdicom reads of the source (:func:`source_header`), and no LUT attributes
+    (for highdicom to copy none: see :func:`_display`)."""
+    header = source_header(image)
     if is_attribute_in_iod("NumberOfFrames", header.SOPClassUID):
         # highdicom looks for the LUTs of a multi-frame class in its functional groups.
         header.SharedFunctionalGroupsSequence = [Dataset()]

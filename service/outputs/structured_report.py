@@ -94,8 +94,11 @@ __all__ = [
     "Report",
     "StructuredReport",
     "is_reportable",
+    "label_concept",
+    "local_scheme",
     "rectangle",
     "series_description",
+    "source_header",
     "structured_report",
 ]
 
@@ -185,7 +188,7 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
         raise ValueError("the image has no DICOM source study and series to join")
     source = image.source
     assert source is not None
-    evidence = _evidence(source, image.meta)
+    evidence = source_header(image)
     frames = referenced_frames(image)
     reference = SourceImageForRegion(
         referenced_sop_class_uid=evidence.SOPClassUID,
@@ -197,9 +200,7 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
     groups: list[PlanarROIMeasurementsAndQualitativeEvaluations
                  | MeasurementsAndQualitativeEvaluations] = []
     for finding in findings:
-        finding_type = (ALL_CLASSES if finding.label is None
-                        else _code(finding.label) if finding.code is None
-                        else Code(finding.code.value, finding.code.scheme, finding.code.meaning))
+        finding_type = label_concept(finding.label, finding.code)
         scores = [] if finding.score is None else [
             Measurement(name=SCORE, value=finding.score, unit=codes.UCUM.NoUnits,
                         algorithm_id=algorithm)]
@@ -267,12 +268,7 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
         series_description=description,
         is_complete=True,
     )
-    # Local coding schemes are identified in the SOP Common Module (PS3.3 C.12.1.1.1).
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = SCHEME
-    scheme.CodingSchemeName = "medexplain labels, methods and measurements"
-    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
-    sr.CodingSchemeIdentificationSequence = [scheme]
+    sr.CodingSchemeIdentificationSequence = [local_scheme()]
     _copy_patient_and_study(source, sr)
     buf = io.BytesIO()
     dcmwrite(buf, sr, enforce_file_format=True)
@@ -280,18 +276,43 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
     return buf.getvalue()
 
 
-def _evidence(source: Dataset, meta: dict[str, str | int]) -> Dataset:
-    """The source's UIDs only, with empty patient/study attributes for highdicom to copy."""
-    evidence = Dataset()
-    evidence.StudyInstanceUID = str(meta["StudyInstanceUID"])
-    evidence.SeriesInstanceUID = str(meta["SeriesInstanceUID"])
-    evidence.SOPInstanceUID = str(meta["SOPInstanceUID"])
-    evidence.SOPClassUID = _uid(source, "SOPClassUID")
+def source_header(image: DecodedImage) -> Dataset:
+    """The source as highdicom is shown it: its UIDs, size and one sample per pixel, with
+    the patient and study attributes highdicom copies present but empty (it validates
+    what it copies, logging invalid values; :func:`_copy_patient_and_study` copies them
+    afterwards without)."""
+    assert image.source is not None
+    header = Dataset()
+    header.StudyInstanceUID = str(image.meta["StudyInstanceUID"])
+    header.SeriesInstanceUID = str(image.meta["SeriesInstanceUID"])
+    header.SOPInstanceUID = str(image.meta["SOPInstanceUID"])
+    header.SOPClassUID = _uid(image.source, "SOPClassUID")
+    header.Rows = image.height
+    header.Columns = image.width
+    header.SamplesPerPixel = 1
     for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
                     "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
                     "ReferringPhysicianName"):
-        setattr(evidence, keyword, None)
-    return evidence
+        setattr(header, keyword, None)
+    return header
+
+
+def label_concept(label: str | None, code: LabelCode | None) -> Code:
+    """What a label means: its code from model.toml ``[codes]``, else the label in the
+    local scheme; ``all classes`` for a class-agnostic map."""
+    if label is None:
+        return ALL_CLASSES
+    return _code(label) if code is None else Code(code.value, code.scheme, code.meaning)
+
+
+def local_scheme() -> Dataset:
+    """The local coding scheme's item of the Coding Scheme Identification Sequence: local
+    schemes are identified in the SOP Common Module (PS3.3 C.12.1.1.1)."""
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "medexplain labels, methods and measurements"
+    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return scheme
 
 
 def _tracking(identifier: str) -> TrackingIdentifier:

@@ -14,7 +14,6 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
-from pydicom.data import get_testdata_file
 from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage
 
 from service.imaging import decode
@@ -31,7 +30,7 @@ from tests.api.conftest import (
     post_dicom,
     read_dicom,
 )
-from tests.dicom_tools import dciodvfy
+from tests.dicom_tools import dciodvfy_errors, pydicom_data
 
 DICOM = "application/dicom"
 MULTIPART = 'multipart/related; type="application/dicom"'
@@ -42,16 +41,8 @@ PARAMS = {"methods": "gradcam,crm_combined,fixations", "classes": "Nodule,Cardio
 _post, _read = post_dicom, read_dicom
 
 
-def _testdata(name: str) -> Path:
-    path = get_testdata_file(name, download=False)
-    assert path is not None, name
-    return Path(path)
-
-
 def _errors(data: bytes, folder: Path) -> list[str]:
-    report = dciodvfy(data, folder, "gsps.dcm")
-    assert "GrayscaleSoftcopyPresentationState" in report, report
-    return [line for line in report.splitlines() if line.startswith("Error")]
+    return dciodvfy_errors(data, folder, "GrayscaleSoftcopyPresentationState")
 
 
 def _rendered(source: Path, gsps: bytes | None, folder: Path, frame: int = 0) -> np.ndarray:
@@ -204,7 +195,7 @@ def test_a_viewer_shows_the_image_as_the_model_was_shown(client: TestClient, tmp
 
 def test_a_real_radiograph(client: TestClient, tmp_path: Path) -> None:
     # RG1_UNCR: a 1841×1955 MONOCHROME1 CR with its own window.
-    path = _testdata("RG1_UNCR.dcm")
+    path = pydicom_data("RG1_UNCR.dcm")
     data = path.read_bytes()
     r = _post(client, data, DICOM, dicom="gsps", methods="gradcam,fixations",
               classes="Nodule")
@@ -231,7 +222,7 @@ def test_a_real_radiograph(client: TestClient, tmp_path: Path) -> None:
 def test_the_display_pipeline_of_other_grey_images(tmp_path: Path, name: str,
                                                    frame: int) -> None:
     # Built without the model, which takes radiographs only.
-    path = _testdata(name)
+    path = pydicom_data(name)
     image = decode(path.read_bytes(), DICOM, frame=frame)
     cells = np.zeros((16, 16))
     cells[4:9, 5:11] = 1.0

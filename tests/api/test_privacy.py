@@ -230,7 +230,7 @@ VARIANTS = [
     ("/explain", {}, None),
     ("/explain", {"methods": "gradcam,crm"}, 'multipart/related; type="application/dicom"'),
     ("/explain", {"methods": "gradcam"}, "application/dicom"),
-    ("/explain", {"methods": "fixations", "dicom": "sc,sr,gsps"},
+    ("/explain", {"methods": "fixations", "dicom": "sc,sr,gsps,seg"},
      'multipart/related; type="application/dicom"'),
     ("/explain", {"classes": "Fracture"}, None),
     ("/explain", {"frame": "7"}, None),

@@ -28,6 +28,7 @@ from pydicom.uid import (
     GrayscaleSoftcopyPresentationStateStorage,
     JPEGLSLossless,
     SecondaryCaptureImageStorage,
+    SegmentationStorage,
 )
 
 from service.config import Settings
@@ -72,12 +73,12 @@ def _app(settings: Settings) -> Iterator[tuple[TestClient, int]]:
 
 @pytest.fixture(scope="module")
 def by_cstore(pacs: tuple[str, int]) -> Iterator[tuple[TestClient, int]]:
-    """The service with its SCP on, SC, SR and GSPS sent to Orthanc by C-STORE, one caller
-    allowed."""
+    """The service with its SCP on, SC, SR, GSPS and SEG sent to Orthanc by C-STORE, one
+    caller allowed."""
     yield from _app(Settings(
         models=MODELS, threads=1, dicom_port=free_port(), dicom_allowed_callers=(SENDER,),
         dicom_destination=f"{ORTHANC_AET}@127.0.0.1:{pacs[1]}",
-        dicom_outputs=("sc", "sr", "gsps"),
+        dicom_outputs=("sc", "sr", "gsps", "seg"),
         dicom_query="methods=gradcam"))
 
 
@@ -138,8 +139,8 @@ def test_stored_radiographs_come_back_as_captures_and_a_report_in_theirstudy_ins
     before = explanations_computed(client)
     result = _storescu(port, [path for path, _ in sent])
     assert result.returncode == 0, result.stdout + result.stderr
-    # One explanation per image for its captures, its report and its presentation state
-    # (dicom=sc,sr,gsps).
+    # One explanation per image for its captures, its report, its presentation state and
+    # its segmentation (dicom=sc,sr,gsps,seg).
     assert explanations_computed(client) - before == 2
     done = [r.getMessage() for r in caplog.records if r.name == "service.dimse.scp"]
     assert len(done) == 2 and all(
@@ -156,10 +157,11 @@ def test_stored_radiographs_come_back_as_captures_and_a_report_in_theirstudy_ins
         reports = [d for d in arrived if d.SOPClassUID == Comprehensive3DSRStorage]
         states = [d for d in arrived
                   if d.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage]
+        segmentations = [d for d in arrived if d.SOPClassUID == SegmentationStorage]
         # What an HTTP client gets for the same file and parameters, capture for capture.
         expected = _explained_over_http(client, path.read_bytes(), methods="gradcam")
-        assert len(captures) == len(expected) >= 1 and len(reports) == len(states) == 1, \
-            path.name
+        assert len(captures) == len(expected) >= 1, path.name
+        assert len(reports) == len(states) == len(segmentations) == 1, path.name
         captures.sort(key=lambda d: int(d.InstanceNumber))
         for got, want in zip(captures, expected, strict=True):
             assert got.StudyInstanceUID == source.StudyInstanceUID
@@ -180,6 +182,10 @@ def test_stored_radiographs_come_back_as_captures_and_a_report_in_theirstudy_ins
             source.StudyInstanceUID, "PR", 9913 + 40)  # a gradcam-only presentation state
         assert state.ReferencedSeriesSequence[0].ReferencedImageSequence[0] \
             .ReferencedSOPInstanceUID == source.SOPInstanceUID
+        (segmentation,) = segmentations
+        assert (segmentation.StudyInstanceUID, segmentation.Modality) == (
+            source.StudyInstanceUID, "SEG")
+        assert (segmentation.Rows, segmentation.Columns) == (source.Rows, source.Columns)
 
 
 def test_results_by_stow_rs_to_dicomweb(pacs: tuple[str, int], by_stow: tuple[TestClient, int],
@@ -230,8 +236,8 @@ def test_a_bad_file_gets_a_failure_status_and_the_scp_keeps_serving(
     responses = re.findall(r"Received Store Response \((.*)\)", output)
     assert responses == ["Error: CannotUnderstand", "Success"], output
     assert study_instances(pacs[0], source.StudyInstanceUID) == []
-    # Its capture, report and presentation state.
-    assert len(study_instances(pacs[0], good_source.StudyInstanceUID)) == 3
+    # Its capture, report, presentation state and segmentation.
+    assert len(study_instances(pacs[0], good_source.StudyInstanceUID)) == 4
     assert client.get("/healthz").status_code == 200
     destination = f"{ORTHANC_AET}@127.0.0.1:{pacs[1]}"
     assert _scp_counts(client) - before == Counter({

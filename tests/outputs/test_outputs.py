@@ -42,7 +42,8 @@ def _result(demo: LoadedModel, image: DecodedImage, params: ExplainParams) -> pi
 
 
 def test_registry() -> None:
-    assert [o.value for o in DicomObject] == list(DICOM_OUTPUTS) == ["sc", "sr", "gsps"]
+    assert [o.value for o in DicomObject] == list(DICOM_OUTPUTS) == [
+        "sc", "sr", "gsps", "seg"]
     assert for_packaging(Packaging.JSON, ("sr",)) is JSON_OUTPUT
     for packaging in (Packaging.DICOM, Packaging.MULTIPART):
         for name, output in DICOM_OUTPUTS.items():
@@ -59,7 +60,7 @@ def test_registry() -> None:
     assert JSON_OUTPUT.packagings == {Packaging.JSON}
     # Only what draws on the image at its own resolution needs the full-resolution pixels.
     assert {name: o.full_resolution for name, o in DICOM_OUTPUTS.items()} == {
-        "sc": True, "sr": False, "gsps": False}
+        "sc": True, "sr": False, "gsps": False, "seg": False}
     assert not JSON_OUTPUT.full_resolution
 
 
@@ -87,7 +88,7 @@ def test_one_secondary_capture_explains_the_first_method(demo: LoadedModel) -> N
     sc = DICOM_OUTPUTS["sc"]
     assert sc.options(params, demo, Packaging.DICOM).methods == ("crm",)
     assert sc.options(params, demo, Packaging.MULTIPART).methods == ("crm", "gradcam")
-    for one_object in ("sr", "gsps"):  # every explanation in one object
+    for one_object in ("sr", "gsps", "seg"):  # every explanation in one object
         assert DICOM_OUTPUTS[one_object].options(params, demo, Packaging.DICOM).methods == (
             "crm", "gradcam")
 
