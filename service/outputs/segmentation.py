@@ -1,6 +1,6 @@
 """A DICOM Segmentation (SEG) of the explanations' regions, in the source study.
 
-IHE AI Results encodes an AI's regions as SEG: masks on the source's own pixel grid that
+A SEG is DICOM's object for region masks: masks on the source's own pixel grid that
 viewers overlay and that other software can measure. One BINARY Segmentation per request,
 one segment per explanation (in the order of the answer): the cells of its regions on the
 network's input grid (:class:`~service.methods.regions.Region`: their outlines filled, so
