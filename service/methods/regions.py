@@ -22,8 +22,8 @@ class Region:
     ``outline`` is (N, 2) points (x, y) in original-image pixel coordinates with (0, 0) the
     top-left corner of the top-left pixel (DICOM's, PS3.3 C.18.6.1.1): the centres of the
     region's boundary cells on the grid it was found on, in order around it (the last
-    joins the first), N ≥ 1; cv2.fillPoly of them on that grid gives back the region's
-    cells, holes filled. None for a region made by hand.
+    joins the first), N ≥ 1; taken back to that grid (÷ scale − 0.5), cv2.fillPoly of
+    them gives back the region's cells, holes filled. None for a region made by hand.
     """
 
     box: tuple[int, int, int, int]
