@@ -184,11 +184,12 @@ def test_a_stored_radiograph_comes_back_explained(orthanc: tuple[str, Path],
 @pytest.fixture(scope="module")
 def orthanc_with_reports(service: tuple[str, Path],
                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """A second Orthanc whose bridge asks for the captures, in JPEG-LS, and the report."""
+    """A second Orthanc whose bridge asks for the captures, in JPEG-LS, the report, the
+    presentation state and the segmentation."""
     config = {"Name": "medexplain-test-sr", "DicomServerEnabled": False,
               "PythonScript": str(DEPLOY / "medexplain_bridge.py")}
     env = {**os.environ, "MEDEXPLAIN_URL": service[0], "PYTHONDONTWRITEBYTECODE": "1",
-           "MEDEXPLAIN_BRIDGE_QUERY": "methods=gradcam&dicom=sc,sr",
+           "MEDEXPLAIN_BRIDGE_QUERY": "methods=gradcam&dicom=sc,sr,gsps,seg",
            "MEDEXPLAIN_BRIDGE_TRANSFER_SYNTAX": JPEGLSLossless}
     with run_orthanc(tmp_path_factory.mktemp("orthanc-sr"), config, env) as running:
         yield running
@@ -205,8 +206,8 @@ def _explained_by_the_service(service_url: str, data: bytes) -> list[np.ndarray]
 
 def test_the_bridge_stores_captures_and_the_report(
         orthanc_with_reports: tuple[str, Path], service: tuple[str, Path]) -> None:
-    """dicom=sc,sr in the bridge's query: both kinds of object come back into the study,
-    from one request, and neither is explained in turn."""
+    """dicom=sc,sr,gsps,seg in the bridge's query: every kind of object comes back into the
+    study, from one request, and none is explained in turn (the segmentation has pixels)."""
     url, orthanc_log = orthanc_with_reports
     service_url = service[0]
     data = (ROOT / "tests" / "data" / "dicom" / "phantom_nodule.dcm").read_bytes()
@@ -215,11 +216,12 @@ def test_the_bridge_stores_captures_and_the_report(
     study = stored["ParentStudy"]
     deadline = time.monotonic() + ROUND_TRIP_TIMEOUT_S
     modalities: list[str] = []
-    while sorted(modalities) != ["DX", "OT", "SR"] and time.monotonic() < deadline:
+    kinds = ["DX", "OT", "PR", "SEG", "SR"]
+    while sorted(modalities) != kinds and time.monotonic() < deadline:
         time.sleep(0.25)
         modalities = [s["MainDicomTags"].get("Modality", "")
                       for s in get_json(f"{url}/studies/{study}/series")]
-    assert sorted(modalities) == ["DX", "OT", "SR"], orthanc_log.read_text()[-3000:]
+    assert sorted(modalities) == kinds, orthanc_log.read_text()[-3000:]
     (report_series,) = [s for s in get_json(f"{url}/studies/{study}/series")
                         if s["MainDicomTags"].get("Modality") == "SR"]
     (report_id,) = report_series["Instances"]
@@ -237,8 +239,8 @@ def test_the_bridge_stores_captures_and_the_report(
         decoded = np.load(io.BytesIO(request(f"{url}/instances/{instance}/numpy")))
         np.testing.assert_array_equal(decoded.reshape(expected.shape), expected)
     time.sleep(2)  # nothing more: the bridge skips its own objects
-    assert len(get_json(f"{url}/studies/{study}/series")) == 3
-    assert any("-> 2 object(s) stored: " in line and report_id in line
+    assert len(get_json(f"{url}/studies/{study}/series")) == len(kinds)
+    assert any("-> 4 object(s) stored: " in line and report_id in line
                for line in orthanc_log.read_text().splitlines()), orthanc_log.read_text()[-3000:]
 
 
