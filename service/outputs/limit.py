@@ -8,6 +8,9 @@ RSS), its eight maps as npy at size=original to 1.15 GB of JSON (3.9 GB peak RSS
 one request. With the limit, what a request holds is about the limit plus one map or
 capture being encoded.
 
+What an encoder holds that is not the answer (a segmentation's masks, a byte per pixel and
+map where the answer has a bit) counts too, for as long as it is held (:func:`held`).
+
 The limit is the route's, for the whole request (every instance of a KServe request
 together); :meth:`AnswerLimit.applied` carries it through the render in a context
 variable, so every encoder meets it without each being handed it. Outside one (the
@@ -22,7 +25,7 @@ from contextvars import ContextVar
 
 from service.errors import AnswerTooLarge
 
-__all__ = ["AnswerLimit", "spend"]
+__all__ = ["AnswerLimit", "held", "spend"]
 
 
 class AnswerLimit:
@@ -61,3 +64,23 @@ def spend(nbytes: int) -> None:
             "(MEDEXPLAIN_MAX_ANSWER_BYTES): ask for fewer methods or classes, size=model or "
             "heatmap=png, and for DICOM one capture (application/dicom) or a compressed "
             "transfer-syntax")
+
+
+@contextlib.contextmanager
+def held(nbytes: int) -> Iterator[None]:
+    """Count ``nbytes`` that an encoder holds while it writes, not in the answer (a
+    segmentation's masks, a byte per pixel and map where the answer has a bit), for as
+    long as the block runs: what the request holds stays within its limit.
+
+    Raises:
+        AnswerTooLarge: with them, the request would hold more than its limit.
+    """
+    limit = _CURRENT.get()
+    if limit is None:
+        yield
+        return
+    try:
+        spend(nbytes)  # counts them, then raises when past the limit
+        yield
+    finally:
+        limit.spent -= nbytes

@@ -45,7 +45,7 @@ from service.imaging.base import DecodedImage
 from service.methods.regions import Region
 from service.models.spec import LabelCode
 from service.outputs.base import DicomOutput, Encoded, Packaging, not_for_diagnosis
-from service.outputs.limit import spend
+from service.outputs.limit import held, spend
 from service.outputs.presentation_state import is_presentable
 from service.outputs.secondary_capture import (
     MANUFACTURER,
@@ -151,28 +151,30 @@ def segmentation(image: DecodedImage, maps: Sequence[Map], labels: Sequence[str 
     ) for number, (m, label, code) in enumerate(zip(maps, labels, label_codes, strict=True),
                                                 start=1)
         for concept in [label_concept(label, code)]]
-    masks = segment_masks([m.regions for m in maps], grid, (image.height, image.width))
     methods = [m.method for m in maps]
     description = series_description("segments", methods, not_for_diagnosis)
     # highdicom logs, at info and debug level, what it copies from the source.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
-    seg = Segmentation(
-        source_images=[_referenced(image)],
-        pixel_array=masks,
-        segmentation_type=SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=highdicom.UID(),
-        series_number=series_number(SERIES_BASE, methods),
-        sop_instance_uid=highdicom.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=_ascii(model)[:64],
-        software_versions=_ascii(f"{__version__} model {model_version}")[:64],
-        device_serial_number=MANUFACTURER,  # Type 1 in the Enhanced General Equipment
-        content_description=description,
-        series_description=description,
-    )
-    del masks
+    # The masks take a byte per pixel and map until highdicom has packed them to bits.
+    with held(image.height * image.width * len(maps)):
+        masks = segment_masks([m.regions for m in maps], grid, (image.height, image.width))
+        seg = Segmentation(
+            source_images=[_referenced(image)],
+            pixel_array=masks,
+            segmentation_type=SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=highdicom.UID(),
+            series_number=series_number(SERIES_BASE, methods),
+            sop_instance_uid=highdicom.UID(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=_ascii(model)[:64],
+            software_versions=_ascii(f"{__version__} model {model_version}")[:64],
+            device_serial_number=MANUFACTURER,  # Type 1 in the Enhanced General Equipment
+            content_description=description,
+            series_description=description,
+        )
+        del masks
     seg.CodingSchemeIdentificationSequence = [local_scheme()]
     orientation = _patient_orientation(source)
     seg.PatientOrientation = list(orientation) if orientation is not None else ""

@@ -14,7 +14,7 @@ from pydicom.uid import JPEGLSLossless
 from service.config import Settings
 from service.errors import AnswerTooLarge
 from service.main import create_app
-from service.outputs.limit import AnswerLimit, spend
+from service.outputs.limit import AnswerLimit, held, spend
 from tests.api.conftest import DATA, MODELS, assert_problem, multipart_items, phantom_bytes
 
 PHANTOM = (DATA / "dicom" / "phantom_nodule.dcm").read_bytes()
@@ -34,6 +34,39 @@ def test_spending_is_counted_per_limit_and_free_outside_one() -> None:
     spend(10**12)  # the block is over
     with limit.applied(), pytest.raises(AnswerTooLarge):  # a request's limit adds up
         spend(1)
+
+
+def test_what_an_encoder_holds_counts_while_it_holds_it() -> None:
+    with held(10**12):  # no limit applied: nothing is counted
+        pass
+    limit = AnswerLimit(100)
+    with limit.applied():
+        spend(30)
+        with held(70):
+            assert limit.spent == 100
+        assert limit.spent == 30  # given back
+        with pytest.raises(AnswerTooLarge), held(71):
+            pass
+        assert limit.spent == 30  # given back when refused too
+        spend(70)  # the answer itself may still reach the limit
+
+
+def test_a_segmentation_holds_a_byte_per_pixel_and_map() -> None:
+    # The phantom is 256 × 256: eight maps' masks hold 512 KiB while the SEG is written,
+    # which itself is 8 frames of 8 KiB at most (a bit per pixel).
+    params = {**EIGHT, "dicom": "seg"}
+    headers = {"content-type": "application/dicom", "accept": "application/dicom"}
+    for limit, status in ((256 << 10, 422), (768 << 10, 200)):
+        with TestClient(create_app(Settings(models=MODELS, threads=1,
+                                            max_answer_bytes=limit))) as client:
+            r = client.post("/explain", content=PHANTOM, params=params, headers=headers)
+            assert r.status_code == status, r.text
+            if status == 200:
+                assert len(r.content) < 256 << 10  # the answer alone would have fit
+            # The presentation state of the same maps holds no masks.
+            r = client.post("/explain", content=PHANTOM, params={**EIGHT, "dicom": "gsps"},
+                            headers=headers)
+            assert r.status_code == 200, r.text
 
 
 @pytest.fixture(scope="module")
