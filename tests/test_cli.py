@@ -47,10 +47,11 @@ def _without_timings(body: dict[str, Any]) -> dict[str, Any]:
 
 def test_explain_writes_the_http_answer(tmp_path: Path, http: TestClient) -> None:
     done = _medexplain("explain", str(DICOM), "--methods", "gradcam,crm", "--classes",
-                       "Nodule", "--dicom", "sc", "--dicom", "sr", "--out", str(tmp_path))
+                       "Nodule", "--dicom", "sc", "--dicom", "sr", "--dicom", "gsps",
+                       "--dicom", "seg", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     names = ["explanation.json", "01-gradcam-Nodule.png", "02-crm-Nodule.png", "sc-01.dcm",
-             "sc-02.dcm", "sr.dcm"]
+             "sc-02.dcm", "sr.dcm", "gsps.dcm", "seg.dcm"]
     assert done.stdout.split() == [str(tmp_path / n) for n in names]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
 
@@ -72,10 +73,14 @@ def test_explain_writes_the_http_answer(tmp_path: Path, http: TestClient) -> Non
         mine, theirs = pydicom.dcmread(tmp_path / name), pydicom.dcmread(_bytes(part))
         np.testing.assert_array_equal(mine.pixel_array, theirs.pixel_array)
         assert _stable(mine) == _stable(theirs)
-    report = http.post("/explain", content=DICOM.read_bytes(), headers={
-        **headers, "accept": "application/dicom"}, params={**params, "dicom": "sr"})
-    assert _stable(pydicom.dcmread(tmp_path / "sr.dcm")) == _stable(
-        pydicom.dcmread(_bytes(report.content)))
+    for one in ("sr", "gsps", "seg"):
+        answer = http.post("/explain", content=DICOM.read_bytes(), headers={
+            **headers, "accept": "application/dicom"}, params={**params, "dicom": one})
+        mine, theirs = pydicom.dcmread(tmp_path / f"{one}.dcm"), pydicom.dcmread(
+            _bytes(answer.content))
+        assert _stable(mine) == _stable(theirs), one
+        if one == "seg":
+            np.testing.assert_array_equal(mine.pixel_array, theirs.pixel_array)
 
 
 def test_explain_writes_captures_in_the_transfer_syntax_asked(tmp_path: Path) -> None:
