@@ -75,7 +75,11 @@ _REGISTRY: Final[Mapping[str, _Decoder]] = MappingProxyType(
     {
         "image/png": _png,
         "image/jpeg": _jpeg,
-        "image/jpg": _jpeg,  # not registered with IANA, but common
+        # Not registered with IANA, but sent: image/jpg by mistake, image/pjpeg (a
+        # progressive JPEG) and image/x-png by older browsers and Windows' registry.
+        "image/jpg": _jpeg,
+        "image/pjpeg": _jpeg,
+        "image/x-png": _png,
         "application/dicom": _dicom,
     }
 )

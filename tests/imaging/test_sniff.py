@@ -50,7 +50,8 @@ GIF = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01"
 
 
 def test_registry_lists_the_supported_types() -> None:
-    assert SUPPORTED_MEDIA_TYPES == ("image/png", "image/jpeg", "image/jpg", "application/dicom")
+    assert SUPPORTED_MEDIA_TYPES == ("image/png", "image/jpeg", "image/jpg", "image/pjpeg",
+                                     "image/x-png", "application/dicom")
 
 
 def test_sniff(png: bytes, jpeg: bytes, dcm: bytes) -> None:
@@ -93,8 +94,10 @@ def test_parameters_and_case_are_ignored(png: bytes) -> None:
     assert decode(png, " IMAGE/PNG ").format == "png"
 
 
-def test_image_jpg_alias(jpeg: bytes) -> None:
+def test_unregistered_aliases(jpeg: bytes, png: bytes) -> None:
     assert decode(jpeg, "image/jpg").format == "jpeg"
+    assert decode(jpeg, "image/pjpeg").format == "jpeg"
+    assert decode(png, "image/x-png").format == "png"
 
 
 @pytest.mark.parametrize(
