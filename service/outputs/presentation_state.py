@@ -30,7 +30,6 @@ Presentation State), not written here.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Final
@@ -53,7 +52,6 @@ from highdicom.pr import (
     TextObject,
 )
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.valuerep import format_number_as_ds
 
@@ -62,11 +60,9 @@ from service.imaging.base import DecodedImage
 from service.imaging.dicom import frame_view
 from service.methods.regions import Region
 from service.outputs.base import DicomOutput, Encoded, Packaging, not_for_diagnosis
-from service.outputs.limit import spend
 from service.outputs.secondary_capture import (
     MANUFACTURER,
     _ascii,
-    _copy_patient_and_study,
     _laterality,
     referenced_frames,
     series_number,
@@ -77,6 +73,7 @@ from service.outputs.structured_report import (
     rectangle,
     series_description,
     source_header,
+    written,
 )
 from service.outputs.transfer_syntax import DEFAULT, TransferSyntax
 from service.pipeline import Map, Result
@@ -179,11 +176,7 @@ def presentation_state(image: DecodedImage, maps: Sequence[Map], legends: Sequen
     gsps.update(_display(image, frame))
     gsps.SeriesDescription = series_description("regions", methods, not_for_diagnosis)
     gsps.Laterality = _laterality(source)
-    _copy_patient_and_study(source, gsps)
-    buf = io.BytesIO()
-    dcmwrite(buf, gsps, enforce_file_format=True)
-    spend(buf.tell())
-    return buf.getvalue()
+    return written(gsps, source)
 
 
 def _referenced(image: DecodedImage) -> Dataset:

@@ -21,7 +21,6 @@ The frames are 1 bit per pixel, Explicit VR Little Endian.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Final
@@ -37,7 +36,6 @@ from highdicom.seg import (
     SegmentDescription,
 )
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 
 from service import __version__
@@ -45,12 +43,11 @@ from service.imaging.base import DecodedImage
 from service.methods.regions import Region
 from service.models.spec import LabelCode
 from service.outputs.base import DicomOutput, Encoded, Packaging, not_for_diagnosis
-from service.outputs.limit import held, spend
+from service.outputs.limit import held
 from service.outputs.presentation_state import is_presentable
 from service.outputs.secondary_capture import (
     MANUFACTURER,
     _ascii,
-    _copy_patient_and_study,
     _laterality,
     _patient_orientation,
     _uid,
@@ -61,6 +58,7 @@ from service.outputs.structured_report import (
     local_scheme,
     series_description,
     source_header,
+    written,
 )
 from service.outputs.transfer_syntax import DEFAULT, TransferSyntax
 from service.pipeline import Map, Result
@@ -180,11 +178,7 @@ def segmentation(image: DecodedImage, maps: Sequence[Map], labels: Sequence[str 
     seg.PatientOrientation = list(orientation) if orientation is not None else ""
     if laterality := _laterality(source):  # Type 2C here: only for a paired body part
         seg.Laterality = laterality
-    _copy_patient_and_study(source, seg)
-    buf = io.BytesIO()
-    dcmwrite(buf, seg, enforce_file_format=True)
-    spend(buf.tell())
-    return buf.getvalue()
+    return written(seg, source)
 
 
 def _referenced(image: DecodedImage) -> Dataset:

@@ -100,6 +100,7 @@ __all__ = [
     "series_description",
     "source_header",
     "structured_report",
+    "written",
 ]
 
 SCHEME: Final[str] = "99MEDEXPLAIN"
@@ -269,9 +270,15 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
         is_complete=True,
     )
     sr.CodingSchemeIdentificationSequence = [local_scheme()]
-    _copy_patient_and_study(source, sr)
+    return written(sr, source)
+
+
+def written(dataset: Dataset, source: Dataset) -> bytes:
+    """A derived object joined to its source's patient and study (their attributes copied
+    as present) as a Part 10 file, counted against the answer's limit."""
+    _copy_patient_and_study(source, dataset)
     buf = io.BytesIO()
-    dcmwrite(buf, sr, enforce_file_format=True)
+    dcmwrite(buf, dataset, enforce_file_format=True)
     spend(buf.tell())
     return buf.getvalue()
 
