@@ -11,7 +11,8 @@ became of it (PS3.4 B.2.3):
 415 (no pixel data, ...)                modality or body part): taken, not explained
 400 (bad DICOM)             0xC000      Error: cannot understand
 406 (no valid Study or SOP  0xA900      Error: data set does not match SOP class (the
-Instance UID, ...)                      results have no study to join)
+Instance UID, ...)                      results have no study to join, or a configured
+                                        object cannot be made of the image)
 413, 503                    0xA700      Refused: out of resources (the sender may retry)
 anything else, a timeout    0x0110      processing failure
 or a failed delivery
