@@ -341,14 +341,16 @@ function showResult() {
   summary.disabled = !methods.length;
   $("cards").replaceChildren(...maps.map(card));
   const dicom = body.image.format === "dicom";
-  // A grayscale presentation state references a grey image only.
+  // A grayscale presentation state references a grey image only, and a segmentation is
+  // made of grey images too (of one frame and a class without a required Frame of
+  // Reference: the service's 406 says so for others).
   const grey = dicom && /^MONOCHROME[12]$/.test(body.image.dicom?.photometric_interpretation ?? "");
   $("dl-sc").disabled = $("dl-sr").disabled = !dicom;
-  $("dl-gsps").disabled = !grey;
+  $("dl-gsps").disabled = $("dl-seg").disabled = !grey;
   $("dl-hint").textContent = dicom
     ? "The Secondary Capture shows the selected map; the Structured Report holds every region at the current region threshold; "
-      + (grey ? "the presentation state draws those regions and the fixations over the image itself in a DICOM viewer."
-              : "a presentation state needs a grey image.")
+      + (grey ? "the presentation state draws those regions and the fixations over the image itself in a DICOM viewer, and the segmentation holds them as masks."
+              : "a presentation state or segmentation needs a grey image.")
     : "DICOM downloads need a DICOM upload (they join its study).";
   $("results").hidden = false;
   layout();
@@ -592,7 +594,7 @@ async function downloadDicom(kind) {
     const { model, target, window: voi, frame } = result.params;
     const base = { model, target, window: voi, frame, region_threshold: sliderValue("region-threshold") };
     let params, name;
-    if (kind === "sr" || kind === "gsps") {  // one object of every map
+    if (kind !== "sc") {  // one object of every map
       const methods = [...new Set(result.maps.map((m) => m.method))];
       const classes = [...new Set(result.maps.filter((m) => m.index != null).map((m) => m.index))];
       params = { ...base, methods: methods.join(","), classes: classes.join(","), dicom: kind };
@@ -648,6 +650,7 @@ $("dl-json").addEventListener("click", () => state.blob && save(state.blob, `${s
 $("dl-sc").addEventListener("click", () => downloadDicom("sc"));
 $("dl-sr").addEventListener("click", () => downloadDicom("sr"));
 $("dl-gsps").addEventListener("click", () => downloadDicom("gsps"));
+$("dl-seg").addEventListener("click", () => downloadDicom("seg"));
 let resizing = 0, laidOut = 0;
 new ResizeObserver(([entry]) => {  // a new width only: heights follow from it
   if (Math.round(entry.contentRect.width) === laidOut) return;

@@ -330,7 +330,7 @@ def test_keyboard_labels_and_layout(demo: Page, screenshots: Path) -> None:
                     "dl-json"]:
         assert control in reached, (control, reached)
     assert sum(r.startswith("card-select") for r in reached) == 2
-    for dicom_only in ("dl-sc", "dl-sr", "dl-gsps"):
+    for dicom_only in ("dl-sc", "dl-sr", "dl-gsps", "dl-seg"):
         assert dicom_only not in reached and page.is_disabled(f"#{dicom_only}")
 
     # A card chosen from the keyboard is shown large.
@@ -420,6 +420,12 @@ def test_downloads(demo: Page, server: Server) -> None:
     assert sum(o.GraphicType == "POLYLINE" for a in gsps.GraphicAnnotationSequence
                for o in a.get("GraphicObjectSequence", [])) == sum(
         len(b) for b in cards(demo).values())
+    with page.expect_download() as got:
+        page.click("#dl-seg")
+    seg = pydicom.dcmread(got.value.path())
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
+    assert len(seg.SegmentSequence) == len(cards(demo))
+    assert got.value.suggested_filename == "phantom_nodule.seg.dcm"
 
     page.focus(".card[data-method=gradcam] button")
     page.keyboard.press("Enter")
