@@ -58,6 +58,11 @@ class Output(ABC):
         """Whether this output can answer for the decoded upload."""
         return True
 
+    def lacking(self, image: DecodedImage) -> str:
+        """What this output needs that ``image`` is not, for the 406 (it does not accept
+        the image)."""
+        return self.needs
+
     def options(self, params: ExplainParams, model: Served,
                 packaging: Packaging) -> ExplainOptions:
         """What the pipeline computes for this output.

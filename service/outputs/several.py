@@ -37,6 +37,11 @@ class SeveralObjects(DicomOutput):
     def accepts(self, image: DecodedImage) -> bool:
         return all(o.accepts(image) for o in self.outputs)
 
+    def lacking(self, image: DecodedImage) -> str:
+        # Only the objects that cannot be made of this image: the others could be.
+        return "; ".join(f"dicom={o.name}: {o.needs}" for o in self.outputs
+                         if not o.accepts(image))
+
     def options(self, params: ExplainParams, model: Served,
                 packaging: Packaging) -> ExplainOptions:
         # Every output is asked (each may refuse a parameter); in multipart/related none

@@ -290,6 +290,10 @@ def test_gsps_needs_a_grey_dicom_image_of_a_current_class(client: TestClient) ->
     assert "MONOCHROME1 or MONOCHROME2" in str(body["detail"])
     assert _post(client, buf.getvalue(), DICOM, dicom="sc",
                  methods="gradcam").status_code == 200
+    # Asked with others, the 406 names only what cannot be made of this image.
+    detail = str(assert_problem(_post(client, buf.getvalue(), MULTIPART, dicom="sc,gsps",
+                                      methods="gradcam"), 406, "not_acceptable")["detail"])
+    assert "dicom=gsps: a grey" in detail and "dicom=sc" not in detail, detail
     # A retired SOP Class, which highdicom has no IOD of.
     ds = pydicom.dcmread(PHANTOM)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6"

@@ -196,8 +196,8 @@ async def _explain(request: Request, offers: list[Offer], settings: Settings,
                 raise UnsupportedMediaType(f"POST /explain/dicom takes DICOM uploads only; "
                                            f"this upload is {image.format} (POST /explain "
                                            "answers it in JSON)")
-            raise NotAcceptable(f"DICOM output needs {first.needs}; this upload is "
-                                f"{image.format}")
+            raise NotAcceptable(f"DICOM output needs {first.lacking(image)}; this upload "
+                                f"is {image.format}")
         output, used = chosen
         wanted = options if output is first else output.options(params, model, used.packaging)
         return output, used, pipeline.prepare(model, image, wanted, watch)
