@@ -64,15 +64,24 @@ DICOM_DESCRIPTION = (
     "peak score (UCUM 1), labels coded as model.toml [codes] says (GET /models/{name}: "
     "codes) or else, like methods, in 99MEDEXPLAIN, the model as algorithm "
     "identification; the whole body for application/dicom, the only part for "
-    "multipart/related. A comma list (dicom=sc,sr) answers multipart/related only: every "
-    "object named, in that order, from one computation of the explanations. DICOM output "
+    "multipart/related. With dicom=gsps, one Grayscale Softcopy Presentation State (Series "
+    "Number 9950, 9951 + the method's place) that shows the source image itself with a "
+    "graphic layer per explanation: its regions' outlines as closed POLYLINEs in PIXEL "
+    "units, CNN Fixations' points as POINTs (the JSON points + 0.5) and a legend line, the "
+    "VOI the network saw; grey sources only. With dicom=seg, one binary Segmentation "
+    "(Series Number 9970, 9971 + the method's place), a segment per explanation holding "
+    "its regions on the source's pixels; single-frame grey sources of a class without a "
+    "required Frame of Reference (CR, DX). A comma list (dicom=sc,sr) answers "
+    "multipart/related only: every object named, in that order, from one computation of "
+    "the explanations; a 406 names those that cannot be made of the upload. DICOM output "
     "needs a DICOM upload; heatmap and size do not apply to it. Objects are Explicit VR "
     "Little Endian unless the Accept header's transfer-syntax parameter (DICOMweb's) names "
     "another for the captures' pixels: "
     + ", ".join(f"{t.uid} ({t.uid.name}{', lossy' if t.lossy_method else ''})"
                 for t in TRANSFER_SYNTAXES.values() if t.compressed)
     + "; * is the default; a compressed answer (or part) names its syntax in its "
-    "Content-Type; the SR, without pixels, is always Explicit VR Little Endian.")
+    "Content-Type; the SR and the presentation state, without pixels, and the "
+    "segmentation's 1-bit frames are always Explicit VR Little Endian.")
 
 NOT_ACCEPTABLE: dict[str, Any] = {
     "model": Problem, "description": "the Accept header allows no representation "
