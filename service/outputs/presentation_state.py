@@ -143,7 +143,7 @@ def presentation_state(image: DecodedImage, maps: Sequence[Map], legends: Sequen
             referenced_images=[header],
             graphic_layer=layer,
             graphic_objects=graphics or None,
-            text_objects=[_legend(line, number)],
+            text_objects=[_legend(line, number, len(coloured) + 1)],
         )
         if frames > 1:
             # The header highdicom sees has one frame (its LUT attributes flattened for
@@ -218,7 +218,8 @@ def _display(image: DecodedImage, frame: int) -> Dataset:
         voi.WindowWidth = _ds(image.window.width + 1.0)
         voi.WindowCenterWidthExplanation = "medexplain: as the model was shown"
         voi.VOILUTFunction = "LINEAR"
-    elif view.get("VOILUTSequence") and "LUTData" in view.VOILUTSequence[0]:
+    elif view.get("VOILUTSequence") and "LUTDescriptor" in view.VOILUTSequence[0] \
+            and "LUTData" in view.VOILUTSequence[0]:  # as decode_dicom takes a table
         voi.VOILUTSequence = [view.VOILUTSequence[0]]
     elif "WindowCenter" in view and "WindowWidth" in view:
         voi.WindowCenter = _first(view.WindowCenter)
@@ -263,12 +264,15 @@ def _closed(region: Region) -> np.ndarray:
     return np.vstack([outline, outline[:1]])
 
 
-def _legend(line: str, number: int) -> TextObject:
-    top = _LEGEND_TOP + (number - 1) * _LEGEND_LINE
+def _legend(line: str, number: int, lines: int) -> TextObject:
+    """Line ``number`` of ``lines`` of the legend, top left; many lines share the height
+    (DISPLAY units end at 1)."""
+    height = min(_LEGEND_LINE, (1.0 - 2 * _LEGEND_TOP) / lines)
+    top = _LEGEND_TOP + (number - 1) * height
     return TextObject(
         text_value=line,
         units=AnnotationUnitsValues.DISPLAY,
-        bounding_box=(0.01, top, 0.99, min(top + _LEGEND_LINE, 1.0)),
+        bounding_box=(0.01, top, 0.99, top + height),
         text_justification=TextJustificationValues.LEFT,
     )
 

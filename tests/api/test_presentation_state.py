@@ -254,6 +254,25 @@ def test_the_display_pipeline_of_other_grey_images(tmp_path: Path, name: str,
     np.testing.assert_allclose(shown, image.pixels, atol=1 / 255 + 1e-6)  # DCMTK rounds its own way
 
 
+def test_a_legend_of_many_lines_stays_on_the_display(tmp_path: Path) -> None:
+    # A 14-label model asked for every method and class has 85 maps: their legend lines
+    # share the height (DISPLAY units end at 1; past it highdicom refused: a 500).
+    image = decode(PHANTOM.read_bytes(), DICOM)
+    cells = np.zeros((16, 16))
+    cells[4:9, 5:11] = 1.0
+    found = regions(cells, 0.5, image.width / 16, image.height / 16)
+    maps = [Map("gradcam", k % 4, cells, False, found) for k in range(85)]
+    data = presentation_state(image, maps, [f"gradcam {k}" for k in range(85)], model="m",
+                              model_version="1")
+    assert not _errors(data, tmp_path)
+    boxes = [(list(t.BoundingBoxTopLeftHandCorner), list(t.BoundingBoxBottomRightHandCorner))
+             for a in _read(data).GraphicAnnotationSequence for t in a.TextObjectSequence]
+    assert len(boxes) == 86
+    tops = [top[1] for top, _ in boxes]
+    assert tops == sorted(tops) and boxes[-1][1][1] <= 1.0
+    assert all(bottom[1] <= next_top + 1e-6 for (_, bottom), next_top in zip(boxes, tops[1:]))
+
+
 def test_colours_are_distinct_and_bright() -> None:
     assert len(set(COLOURS)) == len(COLOURS)
     assert all(max(c) == 255 for c in COLOURS)
