@@ -131,7 +131,7 @@ def presentation_state(image: DecodedImage, maps: Sequence[Map], legends: Sequen
     frames = referenced_frames(image)
     coloured = [(m.method, legend, COLOURS[k % len(COLOURS)], _graphics(m, image))
                 for k, (m, legend) in enumerate(zip(maps, legends, strict=True))]
-    footer = _ascii(f"{MANUFACTURER} {__version__}  model {model} v{model_version}"
+    footer = _ascii(f"{MANUFACTURER} {__version__}  model {model[:64]} v{model_version[:64]}"
                     + (f"  {NOT_FOR_DIAGNOSIS.upper()}" if not_for_diagnosis else ""))
     layers: list[GraphicLayer] = []
     annotations: list[GraphicAnnotation] = []
@@ -298,7 +298,7 @@ def _legend_line(m: Map, result: Result) -> str:
             + ("" if score is None else f"  score {score:.3f}")
             + f"  {regions} region{'s' if regions != 1 else ''}"
             + ("" if m.points is None else f", {len(m.points)} points"))
-    return _ascii(text)
+    return _ascii(text)[:1024]  # ST
 
 
 class PresentationState(DicomOutput):
