@@ -42,10 +42,13 @@ def regions(normalised: np.ndarray, threshold: float, scale_x: float,
     """
     mask = (normalised > threshold).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    peaks = [float(normalised[labels == label].max()) for label in range(1, count)]
+    # Largest peak first (a stable sort: ties in OpenCV's raster order); only the regions
+    # kept get an outline.
+    kept = sorted(range(1, count), key=lambda label: -round(peaks[label - 1], 4))
     found: list[Region] = []
-    for label in range(1, count):
+    for label in kept[:MAX_REGIONS]:
         x, y, w, h = (int(v) for v in stats[label, :4])
-        peak = float(normalised[labels == label].max())
         # An edge that lands on a whole pixel may miss it by a rounding error (224 cells
         # of 29 / 224 pixels end at 29.000000000000004): ceil would give 30, a pixel
         # outside a 29-pixel image. _EDGE absorbs that, and no real fraction is that small.
@@ -62,9 +65,8 @@ def regions(normalised: np.ndarray, threshold: float, scale_x: float,
         contour = max(contours, key=len)
         centres = contour[:, 0, :].astype(np.float64) + 0.5
         outline = centres * np.array([scale_x, scale_y])
-        found.append(Region(box, round(peak, 4), outline))
-    found.sort(key=lambda r: -r.score)
-    return found[:MAX_REGIONS]
+        found.append(Region(box, round(peaks[label - 1], 4), outline))
+    return found
 
 
 def map_regions(raw: RawMap, model_hw: tuple[int, int], image_hw: tuple[int, int],

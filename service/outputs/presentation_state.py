@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Final
 
 import cv2
-import highdicom
 import numpy as np
 from highdicom._standard_utils import is_attribute_in_iod
 from highdicom.color import CIELabColor
@@ -65,11 +64,11 @@ from service.outputs.secondary_capture import (
     _ascii,
     _laterality,
     referenced_frames,
-    series_number,
 )
 from service.outputs.structured_report import (
     NOT_FOR_DIAGNOSIS,
     is_reportable,
+    new_series,
     rectangle,
     series_description,
     source_header,
@@ -152,20 +151,15 @@ def presentation_state(image: DecodedImage, maps: Sequence[Map], legends: Sequen
         layers.append(layer)
         annotations.append(annotation)
     methods = [m.method for m in maps]
+    description = series_description("regions", methods, not_for_diagnosis)
     # highdicom logs, at info and debug level, what it copies from the referenced image.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
-        series_instance_uid=highdicom.UID(),
-        series_number=series_number(SERIES_BASE, methods),
-        sop_instance_uid=highdicom.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=_ascii(model)[:64],
-        software_versions=_ascii(f"{__version__} model {model_version}")[:64],
+        **new_series(SERIES_BASE, methods, model, model_version, __version__),
         device_serial_number=None,  # type: ignore[arg-type]  # Type 3: software has none
         content_label=_CONTENT_LABEL,
-        content_description=series_description("regions", methods, not_for_diagnosis),
+        content_description=description,
         graphic_annotations=annotations,
         graphic_layers=layers,
         presentation_lut_transformation=PresentationLUTTransformation(
@@ -174,7 +168,7 @@ def presentation_state(image: DecodedImage, maps: Sequence[Map], legends: Sequen
             else PresentationLUTShapeValues.IDENTITY),
     )
     gsps.update(_display(image, frame))
-    gsps.SeriesDescription = series_description("regions", methods, not_for_diagnosis)
+    gsps.SeriesDescription = description
     gsps.Laterality = _laterality(source)
     return written(gsps, source)
 

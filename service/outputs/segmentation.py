@@ -51,11 +51,11 @@ from service.outputs.secondary_capture import (
     _laterality,
     _patient_orientation,
     _uid,
-    series_number,
 )
 from service.outputs.structured_report import (
     label_concept,
     local_scheme,
+    new_series,
     series_description,
     source_header,
     written,
@@ -161,13 +161,7 @@ def segmentation(image: DecodedImage, maps: Sequence[Map], labels: Sequence[str 
             pixel_array=masks,
             segmentation_type=SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            series_instance_uid=highdicom.UID(),
-            series_number=series_number(SERIES_BASE, methods),
-            sop_instance_uid=highdicom.UID(),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=_ascii(model)[:64],
-            software_versions=_ascii(f"{__version__} model {model_version}")[:64],
+            **new_series(SERIES_BASE, methods, model, model_version, __version__),
             device_serial_number=MANUFACTURER,  # Type 1 in the Enhanced General Equipment
             content_description=description,
             series_description=description,

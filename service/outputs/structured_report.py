@@ -96,6 +96,7 @@ __all__ = [
     "is_reportable",
     "label_concept",
     "local_scheme",
+    "new_series",
     "rectangle",
     "series_description",
     "source_header",
@@ -259,18 +260,29 @@ def structured_report(image: DecodedImage, findings: Sequence[Finding], report: 
     sr = Comprehensive3DSR(
         evidence=[evidence],
         content=content,
-        series_instance_uid=highdicom.UID(),
-        series_number=series_number(SERIES_BASE, methods),
-        sop_instance_uid=highdicom.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=_lo(report.model),
-        software_versions=_lo(f"{report.software_version} model {report.model_version}"),
+        **new_series(SERIES_BASE, methods, report.model, report.model_version,
+                     report.software_version),
         series_description=description,
         is_complete=True,
     )
     sr.CodingSchemeIdentificationSequence = [local_scheme()]
     return written(sr, source)
+
+
+def new_series(base: int, methods: Sequence[str], model: str, model_version: str,
+               software_version: str) -> dict[str, object]:
+    """What every object derived with highdicom starts with: a new series (its number
+    from ``base`` and the methods, :func:`series_number`), its one instance, and the
+    equipment that made it (the service and the model)."""
+    return {
+        "series_instance_uid": highdicom.UID(),
+        "series_number": series_number(base, methods),
+        "sop_instance_uid": highdicom.UID(),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": _lo(model),
+        "software_versions": _lo(f"{software_version} model {model_version}"),
+    }
 
 
 def written(dataset: Dataset, source: Dataset) -> bytes:
